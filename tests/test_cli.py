@@ -1,0 +1,102 @@
+"""Plain mode through the installed console script, as a screen reader or script uses it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import SEED
+from tutor.content import LETTERS, Library
+
+SCRIPT = Path(sys.executable).with_name("quant-tutor")
+
+
+def qt(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(SCRIPT), *args], input=stdin, capture_output=True, text=True, timeout=60, env=os.environ.copy()
+    )
+
+
+def _answers(library: Library, right: int) -> list[str]:
+    questions = library.get(SEED).questions
+    return [
+        q.answer if i < right else LETTERS[(q.correct_index + 1) % len(q.choices)]
+        for i, q in enumerate(questions)
+    ]
+
+
+def test_lessons_json_and_read(library: Library) -> None:
+    result = qt("lessons", "--json")
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    assert rows[0] == {"id": SEED, "title": library.get(SEED).title, "minutes": 7}
+    assert len(rows) == 4
+    text = qt("read", SEED).stdout
+    assert text.startswith(library.get(SEED).title)
+    assert "What quantization cannot do" in text
+
+
+def test_plain_quiz_end_to_end(library: Library) -> None:
+    answers = _answers(library, right=7)
+    answers.insert(2, "zz")  # a bad line is explained, then the question is asked again
+    result = qt("quiz", SEED, "--plain", stdin="\n".join(answers) + "\n")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "Question 1 of 10:" in out and "Question 10 of 10:" in out
+    assert "'zz' is not a choice" in out
+    assert out.count("✓ Correct.") == 7 and out.count("✗ Not quite.") == 3
+    assert out.rstrip().endswith("Score: 7/10")
+
+    progress = json.loads(qt("progress", "--json").stdout)
+    assert progress[SEED]["best_score"] == 7 and progress[SEED]["attempts"] == 1
+
+
+def test_plain_quiz_stopped_early_resumes(library: Library) -> None:
+    answers = _answers(library, right=10)
+    first = qt("quiz", SEED, "--plain", stdin="\n".join(answers[:4]) + "\n")
+    assert first.returncode == 1
+    assert "Stopped after 4 of 10; your answers are saved" in first.stdout
+    second = qt("quiz", SEED, "--plain", stdin="\n".join(answers[4:]) + "\n")
+    assert "Resuming your unfinished quiz" in second.stdout
+    assert "Question 5 of 10:" in second.stdout and "Question 4 of 10:" not in second.stdout
+    assert second.stdout.rstrip().endswith("Score: 10/10")
+
+
+def test_clear_errors() -> None:
+    result = qt("read", "no-such-lesson")
+    assert result.returncode == 2
+    assert "no lesson 'no-such-lesson'" in result.stderr and "Traceback" not in result.stderr
+    assert qt("quiz", SEED).returncode == 2
+
+
+def test_schema_command() -> None:
+    schema = json.loads(qt("schema").stdout)
+    assert set(schema) == {"lesson.md front matter", "quiz.yaml"}
+
+
+def _modules_loaded_by(code: str) -> str:
+    """Run ``code`` in a fresh interpreter; it prints the modules it is asked about."""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def test_start_up_never_imports_heavy_libraries() -> None:
+    heavy = "{'torch', 'transformers', 'sentence_transformers', 'bitsandbytes'}"
+    code = (
+        "import sys, tui.entry, tui.app, tutor.cli, tutor.store, tutor.quiz, tutor.content; "
+        f"print(sorted({heavy} & set(sys.modules)))"
+    )
+    assert _modules_loaded_by(code) == "[]"
+
+
+def test_domain_never_imports_textual() -> None:
+    code = (
+        "import sys, pkgutil, importlib, tutor; "
+        "[importlib.import_module('tutor.' + m.name) for m in pkgutil.iter_modules(tutor.__path__)]; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('textual', 'tui')))"
+    )
+    assert _modules_loaded_by(code) == "[]"

@@ -1,0 +1,65 @@
+"""Quiz sessions: answering by number or letter, scoring, review and resume."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import SEED
+from tutor.content import LETTERS, Library
+from tutor.quiz import QuizError, QuizSession, parse_choice
+from tutor.store import Store
+
+
+def test_parse_choice(library: Library) -> None:
+    question = library.get(SEED).questions[0]
+    assert parse_choice("1", question) == "a"
+    assert parse_choice(" B\n", question) == "b"
+    for bad in ["0", "5", "e", "", "ab"]:
+        with pytest.raises(QuizError, match="not a choice"):
+            parse_choice(bad, question)
+
+
+def test_full_session_scores_and_reviews(library: Library, store: Store) -> None:
+    lesson = library.get(SEED)
+    session = QuizSession(lesson, store)
+    for number, question in enumerate(lesson.questions):
+        wrong = LETTERS[(question.correct_index + 1) % len(question.choices)]
+        feedback = session.answer(question.answer if number % 3 else wrong)
+        assert feedback.correct == bool(number % 3)
+    assert session.finished
+    assert session.score == 6
+    assert session.wrong_ids() == [lesson.questions[i].id for i in (0, 3, 6, 9)]
+    progress = store.lesson(SEED)
+    assert (progress.best_score, progress.last_score, progress.attempts) == (6, 6, 1)
+
+    review = QuizSession.review(lesson, store, session.wrong_ids())
+    assert review.total == 4
+    for question in review.questions:
+        review.answer(question.answer)
+    assert review.score == 4
+    assert store.lesson(SEED).attempts == 1, "a review is not a new attempt"
+
+
+def test_resume_continues_at_first_unanswered(library: Library, store: Store) -> None:
+    lesson = library.get(SEED)
+    session = QuizSession(lesson, store)
+    for question in lesson.questions[:3]:
+        session.answer(question.answer)
+    pending = store.open_attempt(SEED)
+    assert pending is not None
+    resumed = QuizSession(lesson, store, resume=pending)
+    assert resumed.attempt_id == session.attempt_id
+    assert resumed.index == 3 and resumed.score == 3
+
+
+def test_resuming_a_fully_answered_attempt_finishes_it(library: Library, store: Store) -> None:
+    lesson = library.get(SEED)
+    attempt = store.start_attempt(SEED, [q.id for q in lesson.questions])
+    for question in lesson.questions:  # every answer saved, then killed before the finish
+        store.record_answer(attempt, question.id, question.answer, True, 1.0)
+    pending = store.open_attempt(SEED)
+    assert pending is not None
+    session = QuizSession(lesson, store, resume=pending)
+    assert session.finished and session.score == 10
+    assert store.open_attempt(SEED) is None
+    assert store.lesson(SEED).best_score == 10

@@ -1,0 +1,191 @@
+"""The app driven with Pilot: lesson → practice → quiz → score → review, and what survives a restart."""
+
+from __future__ import annotations
+
+from textual.containers import VerticalScroll
+from textual.widgets import Checkbox, Markdown, TabbedContent, TextArea
+
+from tests.conftest import SEED
+from tui.app import QuantTutorApp
+from tui.screens.study import StudyScreen
+from tui.screens.too_small import TooSmallScreen
+from tui.widgets.lesson_view import LessonView
+from tui.widgets.plain import Plain
+from tui.widgets.quiz_view import QuizView
+from tutor.content import LETTERS, Library
+from tutor.store import Store
+
+SIZE = (80, 24)
+
+
+def _wrong(question) -> str:  # type: ignore[no-untyped-def]
+    return LETTERS[(question.correct_index + 1) % len(question.choices)]
+
+
+def _study(app: QuantTutorApp) -> StudyScreen:
+    assert isinstance(app.screen, StudyScreen)
+    return app.screen
+
+
+async def test_lesson_practice_quiz_score_review(library: Library, store: Store) -> None:
+    lesson = library.get(SEED)
+    app = QuantTutorApp(library, store)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        study = _study(app)
+        assert study.lesson.id == SEED
+        headings = [title for _level, title, _id in study.query_one(Markdown).table_of_contents]
+        assert "What quantization cannot do" in headings
+
+        # Practice: notes are saved as typed, literally; done is said in words.
+        await pilot.press("p")
+        await pilot.press("tab")
+        assert isinstance(app.focused, TextArea) and app.focused.id == "note-0"
+        await pilot.press(*"int8 [bold]sure[/bold]?")
+        assert store.lesson(SEED).notes[0] == "int8 [bold]sure[/bold]?"
+        await pilot.press("escape")
+        study.query_one("#done-0", Checkbox).value = True
+        await pilot.pause()
+        assert store.lesson(SEED).steps_done == frozenset({0})
+        assert "✓ Done" in str(study.query_one("#done-0", Checkbox).label)
+        assert "1/3 steps" in str(study.query_one("#status-bar", Plain).visual)
+
+        # Quiz: keys 1-4 and a-d, immediate feedback, a score at the end.
+        await pilot.press("q")
+        quiz = study.query_one(QuizView)
+        assert app.focused is quiz
+        await pilot.press("enter")
+        for number, question in enumerate(lesson.questions):
+            assert f"Question {number + 1} of 10" in str(study.query_one("#quiz-status", Plain).visual)
+            right = number % 4 != 0
+            letter = question.answer if right else _wrong(question)
+            await pilot.press(str(LETTERS.index(letter) + 1) if number % 2 else letter)
+            text = quiz.body_text
+            assert ("✓ Correct." in text) == right and ("✗ Not quite." in text) == (not right)
+            assert question.explanation in text and question.source in text
+            await pilot.press("enter")
+        assert "Score: 7/10" in quiz.body_text
+        assert store.lesson(SEED).best_score == 7
+        assert "best 7/10" in str(study.query_one("#status-bar", Plain).visual)
+
+        # Review my wrong answers, then retry just those.
+        await pilot.press("w")
+        review = quiz.body_text
+        wrong = [q for i, q in enumerate(lesson.questions) if i % 4 == 0]
+        assert review.count("✗ You answered") == len(wrong)
+        for question in wrong:
+            assert question.stem in review
+        await pilot.press("enter")
+        for question in wrong:
+            await pilot.press(question.answer, "enter")
+        assert f"Review score: {len(wrong)}/{len(wrong)}" in quiz.body_text
+        assert store.lesson(SEED).attempts == 1
+
+
+async def test_feedback_jumps_to_the_source_section(library: Library, store: Store) -> None:
+    lesson = library.get(SEED)
+    app = QuantTutorApp(library, store)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("q", "enter", lesson.questions[0].answer, "j")
+        await pilot.pause(0.2)
+        study = _study(app)
+        assert study.query_one(TabbedContent).active == "lesson"
+        scroll = study.query_one("#lesson-scroll", VerticalScroll)
+        assert scroll.scroll_y > 0, "the source section was scrolled into view"
+
+
+async def test_killed_mid_quiz_offers_resume(library: Library, store: Store) -> None:
+    lesson = library.get(SEED)
+    app = QuantTutorApp(library, store)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("q", "enter")
+        for question in lesson.questions[:3]:
+            await pilot.press(question.answer, "enter")
+    # A new app on the same store: nothing was lost, and the quiz offers to resume.
+    again = Store(store.path)
+    app2 = QuantTutorApp(library, again)
+    async with app2.run_test(size=SIZE) as pilot:
+        await pilot.press("q")
+        quiz = _study(app2).query_one(QuizView)
+        assert "unfinished quiz" in quiz.body_text and "3 of 10 answered" in quiz.body_text
+        await pilot.press("enter")
+        assert "Question 4 of 10" in str(_study(app2).query_one("#quiz-status", Plain).visual)
+    again.close()
+
+
+async def test_reading_position_and_lesson_are_remembered(library: Library, store: Store) -> None:
+    app = QuantTutorApp(library, store)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        scroll = _study(app).query_one("#lesson-scroll", VerticalScroll)
+        scroll.scroll_to(y=30, animate=False, immediate=True)
+        await pilot.pause(0.6)
+        await pilot.press("r", "enter")  # open the first related lesson
+        await pilot.pause()
+        assert _study(app).lesson.id == library.get(SEED).meta.related[0]
+    saved = store.lesson(SEED)
+    assert saved.scroll_y == 30 and 0 < saved.read_fraction < 1
+    assert store.last_lesson() == library.get(SEED).meta.related[0]
+
+    app2 = QuantTutorApp(library, store, lesson_id=SEED)
+    async with app2.run_test(size=SIZE) as pilot:
+        await pilot.pause(0.3)
+        assert _study(app2).query_one("#lesson-scroll", VerticalScroll).scroll_y == 30
+
+
+async def test_too_small_notice_and_quit(library: Library, store: Store) -> None:
+    app = QuantTutorApp(library, store)
+    async with app.run_test(size=(70, 20)) as pilot:
+        await pilot.pause()
+        assert isinstance(app.screen, TooSmallScreen)
+        assert "Terminal too small" in str(app.screen.query_one(Plain).visual)
+        await pilot.resize_terminal(80, 24)
+        await pilot.pause()
+        assert isinstance(app.screen, StudyScreen)
+        await pilot.resize_terminal(79, 24)
+        await pilot.pause()
+        await pilot.press("ctrl+q")
+    assert app.return_code == 0
+
+
+async def test_every_action_is_in_the_command_palette(library: Library, store: Store) -> None:
+    app = QuantTutorApp(library, store)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        titles = {c.title: c for c in app.get_system_commands(app.screen)}
+        for title in [
+            "Go to Lesson",
+            "Go to Practice",
+            "Go to Quiz",
+            "Go to Related",
+            "Go to Progress",
+            "Toggle key terms",
+            "Quiz: new attempt",
+            "Quiz: continue",
+            "Quiz: read the question's section",
+            "Practice: mark step 1 done / not done",
+            "Quit",
+        ]:
+            assert title in titles, title
+        for other in library.ordered():
+            assert f"Open lesson: {other.title}" in titles
+        titles["Go to Quiz"].callback()
+        await pilot.pause()
+        assert _study(app).query_one(TabbedContent).active == "quiz"
+        titles["Practice: mark step 2 done / not done"].callback()
+        await pilot.pause()
+        assert store.lesson(SEED).steps_done == frozenset({1})
+
+
+async def test_text_is_shown_literally(library: Library, store: Store) -> None:
+    store.save_note(SEED, 0, "\x1b[31mred\x1b[0m [bold]not bold[/bold]")
+    app = QuantTutorApp(library, store)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        widget = Plain("[b]x[/b] \x1b]0;title\x07y")
+        await _study(app).mount(widget)
+        assert str(widget.visual) == "[b]x[/b] y"
+        await pilot.press("p")
+        note = _study(app).query_one("#note-0", TextArea)
+        assert note.text == "\x1b[31mred\x1b[0m [bold]not bold[/bold]"  # the learner's text is kept exactly
+        assert isinstance(_study(app).query_one(LessonView), LessonView)

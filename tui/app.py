@@ -1,0 +1,150 @@
+"""The Textual app: a study screen per lesson, every action also in the command palette."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable
+from functools import partial
+from pathlib import Path
+
+from textual.app import App, SystemCommand
+from textual.events import Resize
+from textual.screen import Screen
+
+from tui.screens.study import TABS, StudyScreen
+from tui.screens.too_small import MIN_HEIGHT, MIN_WIDTH, TooSmallScreen
+from tui.widgets.practice_view import PracticeView
+from tui.widgets.quiz_view import QuizView
+from tutor.content import Library, load_library
+from tutor.store import Store, StoreError
+
+
+class QuantTutorApp(App[None]):
+    CSS_PATH = "app.tcss"
+    TITLE = "quant-tutor"
+
+    def __init__(self, library: Library, store: Store, lesson_id: str | None = None) -> None:
+        super().__init__()
+        self.library = library
+        self.store = store
+        first = next(iter(library.lessons))
+        wanted = lesson_id or store.last_lesson()
+        self.start_lesson = wanted if wanted in library.lessons else first
+
+    def on_mount(self) -> None:
+        self.push_screen(self._study(self.start_lesson))
+        if self.store.notice:
+            self.notify(self.store.notice, title="Progress store", severity="warning", timeout=20)
+        if self.library.errors:
+            first = self.library.errors[0]
+            self.notify(
+                f"{len(self.library.errors)} problem(s) in the lesson files; the other lessons work. "
+                f"First: {first}. The Progress tab lists them all.",
+                title="Content",
+                severity="error",
+                timeout=20,
+            )
+        self._check_size(self.size.width, self.size.height)
+
+    def _study(self, lesson_id: str) -> StudyScreen:
+        return StudyScreen(self.library.get(lesson_id), self.library, self.store)
+
+    @property
+    def study(self) -> StudyScreen | None:
+        return next((s for s in reversed(self.screen_stack) if isinstance(s, StudyScreen)), None)
+
+    async def open_lesson(self, lesson_id: str) -> None:
+        study = self.study
+        if study is not None:
+            study.save_reading()
+            if study.lesson.id == lesson_id:
+                return
+        await self.switch_screen(self._study(lesson_id))
+
+    async def action_quit(self) -> None:
+        study = self.study
+        if study is not None and study.is_mounted:
+            study.save_reading()
+        self.exit()
+
+    # --- too small -----------------------------------------------------------------
+
+    def on_resize(self, event: Resize) -> None:
+        self._check_size(event.size.width, event.size.height)
+
+    def _check_size(self, width: int, height: int) -> None:
+        small = width < MIN_WIDTH or height < MIN_HEIGHT
+        showing = isinstance(self.screen, TooSmallScreen)
+        if small and not showing:
+            self.push_screen(TooSmallScreen())
+        elif not small and showing:
+            self.pop_screen()
+
+    # --- command palette -----------------------------------------------------------
+
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        yield from super().get_system_commands(screen)
+        study = self.study
+        if study is None:
+            return
+        for tab, title in TABS.items():
+            yield SystemCommand(
+                f"Go to {title}", f"Show the {title.lower()} tab", partial(study.action_show_tab, tab)
+            )
+        yield SystemCommand("Toggle key terms", "Show or hide the key-terms panel", study.action_toggle_terms)
+        for lesson in self.library.ordered():
+            yield SystemCommand(
+                f"Open lesson: {lesson.title}", lesson.meta.summary, partial(self.open_lesson, lesson.id)
+            )
+        quiz = study.query_one(QuizView)
+        yield SystemCommand(
+            "Quiz: new attempt", "Start the quiz from question 1", partial(self._quiz, "new_attempt")
+        )
+        yield SystemCommand("Quiz: continue", "Start or resume the quiz", partial(self._quiz, "primary"))
+        if quiz.last_wrong:
+            yield SystemCommand(
+                "Quiz: review my wrong answers",
+                "Explanations for what you missed",
+                partial(self._quiz, "review"),
+            )
+        yield SystemCommand(
+            "Quiz: read the question's section",
+            "Jump to where the lesson teaches it",
+            partial(self._quiz, "jump"),
+        )
+        practice = study.query_one(PracticeView)
+        for index, step in enumerate(study.lesson.meta.practice):
+            yield SystemCommand(
+                f"Practice: mark step {index + 1} done / not done",
+                step.title,
+                partial(practice.toggle_done, index),
+            )
+
+    def _quiz(self, action: str) -> None:
+        study = self.study
+        if study is None:
+            return
+        study.action_show_tab("quiz")
+        getattr(study.query_one(QuizView), f"action_{action}")()
+
+
+def run_app(content: Path | None = None, lesson_id: str | None = None) -> int:
+    library = load_library(content)
+    if not library.lessons:
+        print("quant-tutor: no lesson could be loaded:", file=sys.stderr)
+        for error in library.errors:
+            print(f"  {error}", file=sys.stderr)
+        return 2
+    if lesson_id is not None and lesson_id not in library.lessons:
+        print(f"quant-tutor: no lesson {lesson_id!r}; known: {', '.join(library.lessons)}", file=sys.stderr)
+        return 2
+    try:
+        store = Store()
+    except StoreError as exc:
+        print(f"quant-tutor: {exc}", file=sys.stderr)
+        return 2
+    try:
+        QuantTutorApp(library, store, lesson_id).run()
+    finally:
+        store.close()
+    return 0

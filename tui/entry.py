@@ -1,0 +1,22 @@
+"""The ``quant-tutor`` console script: plain subcommands, or the Textual app."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from tutor import cli
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = cli.parse(argv)
+    if args.command is not None:
+        return cli.run(args)
+    # Imported only here so plain commands and --version never pay for textual.
+    from tui.app import run_app
+
+    return run_app(content=args.content, lesson_id=args.lesson)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Screens: the study screen with its tabs, and small modal screens."""

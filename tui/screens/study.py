@@ -1,0 +1,126 @@
+"""The study screen: one lesson, with tabs for reading, practice, quiz, related lessons and progress."""
+
+from __future__ import annotations
+
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.content import Content
+from textual.screen import Screen
+from textual.widgets import Footer, TabbedContent, TabPane
+
+from tui.messages import JumpToSection, OpenLesson, ProgressChanged
+from tui.widgets.lesson_view import LessonView
+from tui.widgets.plain import Plain
+from tui.widgets.practice_view import PracticeView
+from tui.widgets.progress_view import ProgressView
+from tui.widgets.quiz_view import QuizView
+from tui.widgets.related_view import RelatedView
+from tutor.content import Lesson, Library
+from tutor.store import Store
+
+TABS = {
+    "lesson": "Lesson",
+    "practice": "Practice",
+    "quiz": "Quiz",
+    "related": "Related",
+    "progress": "Progress",
+}
+TAB_KEYS = {"lesson": "l", "practice": "p", "quiz": "q", "related": "r", "progress": "g"}
+
+
+def tab_label(tab: str) -> Content:
+    """'Lesson (l)': the key is in the tab itself, so the footer keeps room for the tab's own keys."""
+    return Content.assemble(TABS[tab], (f" ({TAB_KEYS[tab]})", "dim"))
+
+
+class StudyScreen(Screen[None]):
+    BINDINGS = [
+        *[Binding(key, f"show_tab('{tab}')", TABS[tab], show=False) for tab, key in TAB_KEYS.items()],
+        Binding("k", "toggle_terms", "Key terms", show=False),
+    ]
+
+    def __init__(self, lesson: Lesson, library: Library, store: Store) -> None:
+        super().__init__()
+        self.lesson = lesson
+        self.library = library
+        self.store = store
+        self._pending_jump: str | None = None
+
+    def compose(self) -> ComposeResult:
+        yield Plain(id="status-bar")
+        with TabbedContent(initial="lesson", id="tabs"):
+            with TabPane(tab_label("lesson"), id="lesson"):
+                yield LessonView(self.lesson, self.store)
+            with TabPane(tab_label("practice"), id="practice"):
+                yield PracticeView(self.lesson, self.store)
+            with TabPane(tab_label("quiz"), id="quiz"):
+                yield QuizView(self.lesson, self.store)
+            with TabPane(tab_label("related"), id="related"):
+                yield RelatedView(self.lesson, self.library, self.store)
+            with TabPane(tab_label("progress"), id="progress"):
+                yield ProgressView(self.library, self.store)
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.store.touch_lesson(self.lesson.id)
+        self.update_status()
+        self.query_one("#lesson-scroll").focus()
+
+    def update_status(self) -> None:
+        p = self.store.lesson(self.lesson.id)
+        total = len(self.lesson.questions)
+        best = "quiz not taken" if p.best_score is None else f"best {p.best_score}/{total}"
+        steps = f"{len(p.steps_done)}/{len(self.lesson.meta.practice)} steps"
+        self.query_one("#status-bar", Plain).show(
+            f"{self.lesson.title} · read {round(p.read_fraction * 100)}% · {steps} · {best}"
+        )
+
+    # --- navigation ----------------------------------------------------------------
+
+    def action_show_tab(self, tab: str) -> None:
+        self.query_one(TabbedContent).active = tab
+        self._focus_tab(tab)
+
+    def _focus_tab(self, tab: str) -> None:
+        targets = {
+            "lesson": "#lesson-scroll",
+            "practice": "PracticeView",
+            "quiz": "QuizView",
+            "related": "#related-list",
+            "progress": "#progress-table",
+        }
+        self.query_one(targets[tab]).focus()
+        if tab == "progress":
+            self.query_one(ProgressView).refresh_rows()
+
+    def on_tabbed_content_tab_activated(self, event: TabbedContent.TabActivated) -> None:
+        if event.pane.id:
+            self._focus_tab(event.pane.id)
+        if event.pane.id == "lesson" and self._pending_jump is not None:
+            self.call_after_refresh(self._jump, self._pending_jump)
+            self._pending_jump = None
+
+    def action_toggle_terms(self) -> None:
+        self.query_one(LessonView).toggle_terms()
+
+    def on_jump_to_section(self, message: JumpToSection) -> None:
+        if self.query_one(TabbedContent).active == "lesson":
+            self._jump(message.heading)
+            return
+        # A hidden tab has no size: scroll once the lesson tab has been shown and laid out.
+        self._pending_jump = message.heading
+        self.action_show_tab("lesson")
+
+    def _jump(self, heading: str) -> None:
+        if not self.query_one(LessonView).jump_to(heading):
+            self.notify(f"The lesson has no section “{heading}”.", severity="warning")
+
+    def on_progress_changed(self, _message: ProgressChanged) -> None:
+        self.update_status()
+
+    def on_open_lesson(self, message: OpenLesson) -> None:
+        self.app.call_later(self.app.open_lesson, message.lesson_id)  # type: ignore[attr-defined]
+
+    def save_reading(self) -> None:
+        """Write the scroll position now (before leaving the lesson or quitting)."""
+        self.query_one(LessonView).save_position()

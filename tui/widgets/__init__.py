@@ -1,0 +1,1 @@
+"""Widgets of the study screen, one per tab, plus small shared pieces."""

@@ -1,0 +1,231 @@
+"""The ``quant-tutor`` command line: plain subcommands for screen readers and scripts.
+
+``tui.entry`` owns the console script: with no subcommand it launches the Textual
+app, otherwise it hands the parsed arguments to :func:`run` here. Nothing in this
+module imports textual, and heavy libraries load only inside the commands that
+need them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TextIO
+
+from tutor import __version__
+from tutor.content import LETTERS, Lesson, Library, json_schema, load_library, plain_text
+from tutor.store import Store, StoreError
+
+# Subcommands whose own argparse lives with the code they run (imported only then).
+DELEGATED = {
+    "bench": ("tutor.engine.bench", "Measure every precision side by side: memory, switch time, speed."),
+}
+
+
+class CliError(Exception):
+    """A problem the learner can fix; printed as one line, exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="quant-tutor",
+        description="Learn AI model quantization in your terminal. With no command, opens the app.",
+    )
+    parser.add_argument("--version", action="version", version=f"quant-tutor {__version__}")
+    parser.add_argument("--content", type=Path, help="lesson folder to use instead of the shipped one")
+    parser.add_argument("--lesson", help="open the app at this lesson id")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    lessons = sub.add_parser("lessons", help="list the lessons")
+    lessons.add_argument("--json", action="store_true", help="print a JSON list")
+
+    read = sub.add_parser("read", help="print a lesson as plain text")
+    read.add_argument("lesson", help="lesson id (see `quant-tutor lessons`)")
+
+    quiz = sub.add_parser("quiz", help="take a lesson's quiz")
+    quiz.add_argument("lesson", help="lesson id")
+    quiz.add_argument(
+        "--plain", action="store_true", help="questions on stdout, one answer letter per line on stdin"
+    )
+    quiz.add_argument("--restart", action="store_true", help="start over instead of resuming")
+
+    progress = sub.add_parser("progress", help="show progress per lesson")
+    progress.add_argument("--json", action="store_true", help="print JSON keyed by lesson id")
+
+    sub.add_parser("schema", help="print the JSON Schema of lesson.md front matter and quiz.yaml")
+
+    for name, (_, help_text) in DELEGATED.items():
+        delegated = sub.add_parser(name, help=help_text, add_help=False)
+        delegated.add_argument("rest", nargs=argparse.REMAINDER)
+    return parser
+
+
+def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def _library(args: argparse.Namespace, err: TextIO) -> Library:
+    library = load_library(args.content)
+    for error in library.errors:
+        print(f"quant-tutor: warning: {error}", file=err)
+    return library
+
+
+def _lesson(library: Library, lesson_id: str) -> Lesson:
+    try:
+        return library.get(lesson_id)
+    except KeyError as exc:
+        raise CliError(exc.args[0]) from None
+
+
+def _open_store(err: TextIO) -> Store:
+    try:
+        store = Store()
+    except StoreError as exc:
+        raise CliError(str(exc)) from None
+    if store.notice:
+        print(f"quant-tutor: {store.notice}", file=err)
+    return store
+
+
+def cmd_lessons(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    library = _library(args, err)
+    rows = [{"id": x.id, "title": x.title, "minutes": x.meta.minutes} for x in library.ordered()]
+    if args.json:
+        json.dump(rows, out, ensure_ascii=False, indent=2)
+        out.write("\n")
+    else:
+        for row in rows:
+            out.write(f"{row['id']}  ({row['minutes']} min)  {row['title']}\n")
+    return 0
+
+
+def cmd_read(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    out.write(plain_text(_lesson(_library(args, err), args.lesson)))
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    json.dump(json_schema(), out, indent=2, ensure_ascii=False)
+    out.write("\n")
+    return 0
+
+
+def cmd_progress(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    library = _library(args, err)
+    store = _open_store(err)
+    try:
+        rows = {}
+        for lesson in library.ordered():
+            p = store.lesson(lesson.id)
+            rows[lesson.id] = {
+                "title": lesson.title,
+                "read_percent": round(p.read_fraction * 100),
+                "steps_done": len(p.steps_done),
+                "steps_total": len(lesson.meta.practice),
+                "best_score": p.best_score,
+                "last_score": p.last_score,
+                "attempts": p.attempts,
+                "questions": len(lesson.questions),
+            }
+    finally:
+        store.close()
+    if args.json:
+        json.dump(rows, out, indent=2, ensure_ascii=False)
+        out.write("\n")
+        return 0
+    for lesson_id, row in rows.items():
+        best = "no attempts" if row["best_score"] is None else f"best {row['best_score']}/{row['questions']}"
+        out.write(
+            f"{lesson_id}: read {row['read_percent']}%, steps {row['steps_done']}/{row['steps_total']}, "
+            f"{best}, {row['attempts']} attempt(s)\n"
+        )
+    return 0
+
+
+def cmd_quiz(args: argparse.Namespace, out: TextIO, err: TextIO, read_line: Callable[[], str]) -> int:
+    from tutor.quiz import QuizError, QuizSession
+
+    if not args.plain:
+        raise CliError(
+            "the interactive quiz is in the app (run `quant-tutor`); add --plain for the text quiz"
+        )
+    lesson = _lesson(_library(args, err), args.lesson)
+    store = _open_store(err)
+    try:
+        pending = store.open_attempt(lesson.id)
+        if pending is not None and args.restart:
+            store.abandon_attempt(pending.attempt_id)
+            pending = None
+        session = QuizSession(lesson, store, resume=pending)
+        if pending is not None:
+            out.write(
+                f"Resuming your unfinished quiz from {pending.started_at} "
+                f"({len(session.results)} of {session.total} answered). Use --restart to start over.\n"
+            )
+        out.write(f"{lesson.title}: {session.total} questions. Answer with a letter (a-d) or number (1-4).\n")
+        while not session.finished:
+            question = session.current
+            out.write(f"\nQuestion {session.index + 1} of {session.total}: {question.stem}\n")
+            for letter, choice in zip(LETTERS, question.choices, strict=False):
+                out.write(f"  {letter}) {choice.text}\n")
+            out.write("Your answer: ")
+            out.flush()
+            line = read_line()
+            if not line:
+                out.write(
+                    f"\nStopped after {len(session.results)} of {session.total}; your answers are saved. "
+                    f"Run the same command to resume.\n"
+                )
+                return 1
+            try:
+                feedback = session.answer(line)
+            except QuizError as exc:
+                out.write(f"\n{exc}\n")
+                continue
+            right = question.choices[question.correct_index].text
+            if feedback.correct:
+                out.write(f"\n✓ Correct. {feedback.chosen_feedback}\n")
+            else:
+                out.write(f"\n✗ Not quite. {feedback.chosen_feedback}\n")
+                out.write(f"The answer is {feedback.correct_letter}) {right}\n")
+            out.write(f"Why: {question.explanation}\n(See the lesson section “{question.source}”.)\n")
+        out.write(f"\nScore: {session.score}/{session.total}\n")
+        return 0
+    finally:
+        store.close()
+
+
+def run(
+    args: argparse.Namespace,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+    read_line: Callable[[], str] | None = None,
+) -> int:
+    out = out or sys.stdout
+    err = err or sys.stderr
+    commands: dict[str, Callable[[argparse.Namespace, TextIO, TextIO], int]] = {
+        "lessons": cmd_lessons,
+        "read": cmd_read,
+        "schema": cmd_schema,
+        "progress": cmd_progress,
+        "quiz": lambda a, o, e: cmd_quiz(a, o, e, read_line or sys.stdin.readline),
+    }
+    try:
+        if args.command in DELEGATED:
+            import importlib
+
+            module = importlib.import_module(DELEGATED[args.command][0])
+            return int(module.main(list(args.rest)))
+        return commands[args.command](args, out, err)
+    except CliError as exc:
+        print(f"quant-tutor: {exc}", file=err)
+        return 2
+    except BrokenPipeError:
+        return 0
+    except KeyboardInterrupt:
+        print("\nquant-tutor: interrupted; everything answered so far is saved.", file=err)
+        return 130
