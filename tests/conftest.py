@@ -32,3 +32,34 @@ def store(home: Path) -> Iterator[Store]:
     store = Store()
     yield store
     store.close()
+
+
+# --- the real model and index, loaded once per test session (CPU) ---------------------
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cache dir holding the converted embedded checkpoint and the lesson index."""
+    return tmp_path_factory.mktemp("model-cache")
+
+
+@pytest.fixture(scope="session")
+def shared_engine(model_cache: Path):  # type: ignore[no-untyped-def]
+    from tutor.engine import Engine
+
+    return Engine.load(cache_dir=model_cache)
+
+
+@pytest.fixture(scope="session")
+def shared_retriever(model_cache: Path, library: Library):  # type: ignore[no-untyped-def]
+    from tutor.retrieval import Retriever
+
+    return Retriever.load(library, cache_dir=model_cache)
+
+
+@pytest.fixture
+def bf16_engine(shared_engine):  # type: ignore[no-untyped-def]
+    """The shared engine at bf16, put back to bf16 after the test."""
+    shared_engine.switch("bf16", wait=True)
+    yield shared_engine
+    shared_engine.switch("bf16", wait=True)

@@ -100,3 +100,9 @@ def test_domain_never_imports_textual() -> None:
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('textual', 'tui')))"
     )
     assert _modules_loaded_by(code) == "[]"
+
+
+def test_bench_options_reach_the_bench() -> None:
+    result = qt("bench", "--help")
+    assert result.returncode == 0 and "--tokens" in result.stdout and "--precisions" in result.stdout
+    assert "bench" in qt("--help").stdout

@@ -13,6 +13,7 @@ from textual.pilot import Pilot
 
 from tests.conftest import SEED
 from tui.app import QuantTutorApp
+from tui.tutor_runtime import TutorRuntime
 from tutor.content import Library
 from tutor.store import Store
 
@@ -25,14 +26,24 @@ def app(library: Library, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Qu
     monkeypatch.delenv("QUANT_TUTOR_HOME")
     monkeypatch.delenv("XDG_DATA_HOME", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
-    return QuantTutorApp(library, Store(), lesson_id=SEED)
+    return QuantTutorApp(library, Store(), lesson_id=SEED, tutor=UnloadedTutor(library))
+
+
+class UnloadedTutor(TutorRuntime):
+    """Keeps the tutor tab in its 'not loaded' state, so its layout snapshot is stable.
+
+    The real loading, streaming and switching are tested with the real model in test_chat.py.
+    """
+
+    def load(self, changed: Callable[[], None]) -> None:
+        return None
 
 
 async def _settle(pilot: Pilot[None]) -> None:
     await pilot.pause(0.3)
 
 
-@pytest.mark.parametrize("tab", ["l", "p", "q", "r", "g"])
+@pytest.mark.parametrize("tab", ["l", "p", "q", "r", "g", "t", "b"])
 def test_each_tab(snap_compare: Compare, app: QuantTutorApp, tab: str) -> None:
     assert snap_compare(app, press=[tab], run_before=_settle)
 

@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterable
+from contextlib import suppress
 from functools import partial
 from pathlib import Path
 
 from textual.app import App, SystemCommand
+from textual.css.query import NoMatches
 from textual.events import Resize
 from textual.screen import Screen
 
+from tui.messages import TutorStatus
 from tui.screens.study import TABS, StudyScreen
 from tui.screens.too_small import MIN_HEIGHT, MIN_WIDTH, TooSmallScreen
+from tui.tutor_runtime import TutorRuntime
+from tui.widgets.chat_view import PRECISION_KEYS, ChatView
 from tui.widgets.practice_view import PracticeView
 from tui.widgets.quiz_view import QuizView
 from tutor.content import Library, load_library
@@ -23,13 +28,22 @@ class QuantTutorApp(App[None]):
     CSS_PATH = "app.tcss"
     TITLE = "quant-tutor"
 
-    def __init__(self, library: Library, store: Store, lesson_id: str | None = None) -> None:
+    def __init__(
+        self,
+        library: Library,
+        store: Store,
+        lesson_id: str | None = None,
+        model: str | None = None,
+        device: str = "cpu",
+        tutor: TutorRuntime | None = None,
+    ) -> None:
         super().__init__()
         self.library = library
         self.store = store
         first = next(iter(library.lessons))
         wanted = lesson_id or store.last_lesson()
         self.start_lesson = wanted if wanted in library.lessons else first
+        self.tutor = tutor or TutorRuntime(library, model=model, device=device)
 
     def on_mount(self) -> None:
         self.push_screen(self._study(self.start_lesson))
@@ -47,7 +61,7 @@ class QuantTutorApp(App[None]):
         self._check_size(self.size.width, self.size.height)
 
     def _study(self, lesson_id: str) -> StudyScreen:
-        return StudyScreen(self.library.get(lesson_id), self.library, self.store)
+        return StudyScreen(self.library.get(lesson_id), self.library, self.store, self.tutor)
 
     @property
     def study(self) -> StudyScreen | None:
@@ -60,6 +74,24 @@ class QuantTutorApp(App[None]):
             if study.lesson.id == lesson_id:
                 return
         await self.switch_screen(self._study(lesson_id))
+
+    # --- the tutor's model ----------------------------------------------------------
+
+    def start_tutor(self) -> None:
+        """Load the model and index in the background, once; the UI never waits for it."""
+        if self.tutor.state in ("idle", "failed"):
+            self.run_worker(partial(self.tutor.load, self._tutor_changed), thread=True, group="tutor-load")
+
+    def _tutor_changed(self) -> None:
+        self.call_from_thread(self.post_message, TutorStatus())
+
+    def on_tutor_status(self, _message: TutorStatus) -> None:
+        study = self.study
+        if study is None or not study.is_mounted:
+            return
+        # A background load may finish while the app is closing: then there is nothing to update.
+        with suppress(NoMatches):
+            study.tutor_changed()
 
     async def action_quit(self) -> None:
         study = self.study
@@ -112,6 +144,22 @@ class QuantTutorApp(App[None]):
             "Jump to where the lesson teaches it",
             partial(self._quiz, "jump"),
         )
+        chat = study.query_one(ChatView)
+        for key, precision in PRECISION_KEYS.items():
+            yield SystemCommand(
+                f"Tutor: switch to {precision}",
+                f"Requantize the tutor's model live ({key.upper()})",
+                partial(self._chat, "switch", precision),
+            )
+        yield SystemCommand(
+            "Tutor: ask again at this precision",
+            "Re-run the last question (Ctrl+R)",
+            partial(self._chat, "ask_again"),
+        )
+        if chat.runtime.state == "idle":
+            yield SystemCommand(
+                "Tutor: load the model now", "Start loading in the background", self.start_tutor
+            )
         practice = study.query_one(PracticeView)
         for index, step in enumerate(study.lesson.meta.practice):
             yield SystemCommand(
@@ -119,6 +167,13 @@ class QuantTutorApp(App[None]):
                 step.title,
                 partial(practice.toggle_done, index),
             )
+
+    def _chat(self, action: str, *args: str) -> None:
+        study = self.study
+        if study is None:
+            return
+        study.action_show_tab("tutor")
+        getattr(study.query_one(ChatView), f"action_{action}")(*args)
 
     def _quiz(self, action: str) -> None:
         study = self.study
@@ -128,7 +183,9 @@ class QuantTutorApp(App[None]):
         getattr(study.query_one(QuizView), f"action_{action}")()
 
 
-def run_app(content: Path | None = None, lesson_id: str | None = None) -> int:
+def run_app(
+    content: Path | None = None, lesson_id: str | None = None, model: str | None = None, device: str = "cpu"
+) -> int:
     library = load_library(content)
     if not library.lessons:
         print("quant-tutor: no lesson could be loaded:", file=sys.stderr)
@@ -144,7 +201,7 @@ def run_app(content: Path | None = None, lesson_id: str | None = None) -> int:
         print(f"quant-tutor: {exc}", file=sys.stderr)
         return 2
     try:
-        QuantTutorApp(library, store, lesson_id).run()
+        QuantTutorApp(library, store, lesson_id, model=model, device=device).run()
     finally:
         store.close()
     return 0

@@ -15,7 +15,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Imported only here so plain commands and --version never pay for textual.
     from tui.app import run_app
 
-    return run_app(content=args.content, lesson_id=args.lesson)
+    return run_app(content=args.content, lesson_id=args.lesson, model=args.model, device=args.device)
 
 
 if __name__ == "__main__":

@@ -23,3 +23,24 @@ class OpenLesson(Message):
     def __init__(self, lesson_id: str) -> None:
         super().__init__()
         self.lesson_id = lesson_id
+
+
+class AskTutor(Message):
+    """Open the tutor tab with a question prefilled (from a practice step or quiz review)."""
+
+    def __init__(self, question: str, step: int | None = None) -> None:
+        super().__init__()
+        self.question = question
+        self.step = step
+
+
+class TutorStatus(Message):
+    """The tutor's model or index changed state (loading progress, ready, failed, switched)."""
+
+
+class ShowTab(Message):
+    """Switch the study screen to a tab (from a link in the lesson)."""
+
+    def __init__(self, tab: str) -> None:
+        super().__init__()
+        self.tab = tab

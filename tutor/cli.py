@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"quant-tutor {__version__}")
     parser.add_argument("--content", type=Path, help="lesson folder to use instead of the shipped one")
     parser.add_argument("--lesson", help="open the app at this lesson id")
+    parser.add_argument("--model", help="the tutor's model: local HF folder, .gguf file or hub id")
+    parser.add_argument("--device", default="cpu", help="where the tutor's model runs: cpu (default) or cuda")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     lessons = sub.add_parser("lessons", help="list the lessons")
@@ -57,14 +59,41 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("schema", help="print the JSON Schema of lesson.md front matter and quiz.yaml")
 
+    from tutor.cli_model import add_model_options
+
+    ask = sub.add_parser("ask", help="ask the tutor; it answers from the lessons with the local model")
+    ask.add_argument("question", nargs="?", help="the question (or use --questions)")
+    ask.add_argument("--questions", type=Path, help="a file with one question per line (model loaded once)")
+    ask.add_argument("--lesson", dest="ask_lesson", metavar="ID", help="prefer passages from this lesson")
+    ask.add_argument("--precision", default="bf16", help="bf16 (default), fp32, int8, nf4 or fp4")
+    ask.add_argument("--json", action="store_true", help="print JSON (an array with --questions)")
+    add_model_options(ask)
+
+    cliff = sub.add_parser(
+        "cliff", help="measure quality against bf16 at every precision: PPL, KL, top-1, QA"
+    )
+    cliff.add_argument(
+        "--precisions", default="bf16,int8,nf4,fp4", help="comma-separated (default: %(default)s)"
+    )
+    cliff.add_argument(
+        "--json", action="store_true", help='print {"rows", "weight_lab", "method", "machine"}'
+    )
+    cliff.add_argument("--window", type=int, default=256, help="tokens per window (default: %(default)s)")
+    cliff.add_argument("--windows", type=int, help="use only the first N windows (default: all lesson text)")
+    cliff.add_argument("--qa", type=int, default=12, help="QA questions answered per precision (0: skip)")
+    add_model_options(cliff)
+
     for name, (_, help_text) in DELEGATED.items():
-        delegated = sub.add_parser(name, help=help_text, add_help=False)
-        delegated.add_argument("rest", nargs=argparse.REMAINDER)
+        sub.add_parser(name, help=f"{help_text} (see `quant-tutor {name} --help`)", add_help=False)
     return parser
 
 
 def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    return build_parser().parse_args(argv)
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in DELEGATED:
+        # Their options are theirs: argparse.REMAINDER would refuse ones that start with '-'.
+        return argparse.Namespace(command=args[0], rest=args[1:])
+    return build_parser().parse_args(args)
 
 
 def _library(args: argparse.Namespace, err: TextIO) -> Library:
@@ -199,6 +228,12 @@ def cmd_quiz(args: argparse.Namespace, out: TextIO, err: TextIO, read_line: Call
         store.close()
 
 
+def cmd_model(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from tutor.cli_model import run_model_command
+
+    return run_model_command(args.command, args, _library(args, err), out)
+
+
 def run(
     args: argparse.Namespace,
     out: TextIO | None = None,
@@ -213,6 +248,8 @@ def run(
         "schema": cmd_schema,
         "progress": cmd_progress,
         "quiz": lambda a, o, e: cmd_quiz(a, o, e, read_line or sys.stdin.readline),
+        "ask": cmd_model,
+        "cliff": cmd_model,
     }
     try:
         if args.command in DELEGATED:

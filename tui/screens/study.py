@@ -8,7 +8,10 @@ from textual.content import Content
 from textual.screen import Screen
 from textual.widgets import Footer, TabbedContent, TabPane
 
-from tui.messages import JumpToSection, OpenLesson, ProgressChanged
+from tui.messages import AskTutor, JumpToSection, OpenLesson, ProgressChanged, ShowTab, TutorStatus
+from tui.tutor_runtime import TutorRuntime
+from tui.widgets.chat_view import ChatView
+from tui.widgets.lab_view import LabView
 from tui.widgets.lesson_view import LessonView
 from tui.widgets.plain import Plain
 from tui.widgets.practice_view import PracticeView
@@ -24,13 +27,23 @@ TABS = {
     "quiz": "Quiz",
     "related": "Related",
     "progress": "Progress",
+    "tutor": "Tutor",
+    "lab": "Lab",
 }
-TAB_KEYS = {"lesson": "l", "practice": "p", "quiz": "q", "related": "r", "progress": "g"}
+TAB_KEYS = {
+    "lesson": "l",
+    "practice": "p",
+    "quiz": "q",
+    "related": "r",
+    "progress": "g",
+    "tutor": "t",
+    "lab": "b",
+}
 
 
 def tab_label(tab: str) -> Content:
-    """'Lesson (l)': the key is in the tab itself, so the footer keeps room for the tab's own keys."""
-    return Content.assemble(TABS[tab], (f" ({TAB_KEYS[tab]})", "dim"))
+    """'l Lesson': the key is in the tab itself, so the footer keeps room for the tab's own keys."""
+    return Content.assemble((TAB_KEYS[tab], "underline"), " ", TABS[tab])
 
 
 class StudyScreen(Screen[None]):
@@ -39,8 +52,9 @@ class StudyScreen(Screen[None]):
         Binding("k", "toggle_terms", "Key terms", show=False),
     ]
 
-    def __init__(self, lesson: Lesson, library: Library, store: Store) -> None:
+    def __init__(self, lesson: Lesson, library: Library, store: Store, runtime: TutorRuntime) -> None:
         super().__init__()
+        self.runtime = runtime
         self.lesson = lesson
         self.library = library
         self.store = store
@@ -59,6 +73,10 @@ class StudyScreen(Screen[None]):
                 yield RelatedView(self.lesson, self.library, self.store)
             with TabPane(tab_label("progress"), id="progress"):
                 yield ProgressView(self.library, self.store)
+            with TabPane(tab_label("tutor"), id="tutor"):
+                yield ChatView(self.lesson, self.store, self.runtime)
+            with TabPane(tab_label("lab"), id="lab"):
+                yield LabView(self.lesson, self.runtime)
         yield Footer()
 
     def on_mount(self) -> None:
@@ -71,8 +89,9 @@ class StudyScreen(Screen[None]):
         total = len(self.lesson.questions)
         best = "quiz not taken" if p.best_score is None else f"best {p.best_score}/{total}"
         steps = f"{len(p.steps_done)}/{len(self.lesson.meta.practice)} steps"
+        tutor = f" · {self.runtime.badge()}" if self.runtime.state != "idle" else ""
         self.query_one("#status-bar", Plain).show(
-            f"{self.lesson.title} · read {round(p.read_fraction * 100)}% · {steps} · {best}"
+            f"{self.lesson.title} · read {round(p.read_fraction * 100)}% · {steps} · {best}{tutor}"
         )
 
     # --- navigation ----------------------------------------------------------------
@@ -88,10 +107,14 @@ class StudyScreen(Screen[None]):
             "quiz": "QuizView",
             "related": "#related-list",
             "progress": "#progress-table",
+            "tutor": "#chat-input",
+            "lab": "LabView",
         }
         self.query_one(targets[tab]).focus()
         if tab == "progress":
             self.query_one(ProgressView).refresh_rows()
+        if tab in ("tutor", "lab"):
+            self.app.start_tutor()  # type: ignore[attr-defined]
 
     def on_tabbed_content_tab_activated(self, event: TabbedContent.TabActivated) -> None:
         if event.pane.id:
@@ -117,6 +140,19 @@ class StudyScreen(Screen[None]):
 
     def on_progress_changed(self, _message: ProgressChanged) -> None:
         self.update_status()
+
+    def on_ask_tutor(self, message: AskTutor) -> None:
+        self.action_show_tab("tutor")
+        self.query_one(ChatView).prefill(message.question, message.step)
+
+    def tutor_changed(self) -> None:
+        self.update_status()
+        self.query_one(ChatView).update_badge()
+        self.query_one(LabView).post_message(TutorStatus())
+
+    def on_show_tab(self, message: ShowTab) -> None:
+        if message.tab in TABS:
+            self.action_show_tab(message.tab)
 
     def on_open_lesson(self, message: OpenLesson) -> None:
         self.app.call_later(self.app.open_lesson, message.lesson_id)  # type: ignore[attr-defined]

@@ -6,12 +6,13 @@ from textual.app import ComposeResult
 from textual.containers import Horizontal, VerticalScroll
 from textual.widgets import Markdown
 
-from tui.messages import ProgressChanged
+from tui.messages import ProgressChanged, ShowTab
 from tui.widgets.plain import Plain, literal
 from tutor.content import Lesson
 from tutor.store import Store
 from tutor.text import clean
 
+APP_LINK = "quant-tutor:"
 SAVE_DELAY_S = 0.4  # scrolling fires many events; write the position once it settles
 
 
@@ -76,6 +77,14 @@ class LessonView(Horizontal):
                 scroll.scroll_to_widget(markdown.query_one(f"#{block_id}"), top=True, animate=False)
                 return True
         return False
+
+    def on_markdown_link_clicked(self, event: Markdown.LinkClicked) -> None:
+        """Links of the form quant-tutor:TAB open that tab; other links are only named, never opened."""
+        event.stop()
+        if event.href.startswith(APP_LINK):
+            self.post_message(ShowTab(event.href.removeprefix(APP_LINK)))
+        else:
+            self.notify(f"Link: {event.href}", title="Not opened from the terminal app")
 
     def toggle_terms(self) -> None:
         panel = self.query_one("#key-terms")

@@ -5,9 +5,9 @@ from __future__ import annotations
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical, VerticalScroll
-from textual.widgets import Checkbox, TextArea
+from textual.widgets import Button, Checkbox, TextArea
 
-from tui.messages import ProgressChanged
+from tui.messages import AskTutor, ProgressChanged
 from tui.widgets.plain import Plain, literal
 from tutor.content import Lesson
 from tutor.store import Store
@@ -45,6 +45,13 @@ class PracticeView(VerticalScroll, can_focus=True):
                 notes = TextArea(progress.notes.get(index, ""), id=f"note-{index}", classes="step-notes")
                 notes.border_title = "Your notes"
                 yield notes
+                if step.tutor_question:
+                    yield Button(
+                        literal("Ask the tutor: ", step.tutor_question),
+                        id=f"ask-{index}",
+                        classes="ask-tutor",
+                        compact=True,
+                    )
                 done = index in progress.steps_done
                 yield Checkbox(done_label(done), value=done, id=f"done-{index}")
                 yield Plain("", id=f"saved-{index}", classes="saved")
@@ -63,6 +70,12 @@ class PracticeView(VerticalScroll, can_focus=True):
         self.store.set_step_done(self.lesson.id, step, event.value)
         event.checkbox.label = done_label(event.value)
         self.post_message(ProgressChanged())
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        step = self._step_of(event.button.id)
+        question = self.lesson.meta.practice[step].tutor_question
+        if question:
+            self.post_message(AskTutor(question, step))
 
     def action_leave_notes(self) -> None:
         """Escape leaves a note field so the letter keys switch tabs again."""

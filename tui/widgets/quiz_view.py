@@ -9,7 +9,7 @@ from textual.binding import Binding
 from textual.containers import VerticalScroll
 from textual.content import Content
 
-from tui.messages import JumpToSection, ProgressChanged
+from tui.messages import AskTutor, JumpToSection, ProgressChanged
 from tui.widgets.plain import Plain, literal
 from tutor.content import LETTERS, Lesson, Question
 from tutor.quiz import Feedback, QuizError, QuizSession
@@ -43,6 +43,7 @@ class QuizView(VerticalScroll, can_focus=True):
         Binding("n", "new_attempt", "New attempt"),
         Binding("w", "review", "Wrong answers"),
         Binding("j", "jump", "Read section"),
+        Binding("e", "explain", "Explain this"),
     ]
 
     def __init__(self, lesson: Lesson, store: Store, **kwargs: object) -> None:
@@ -53,6 +54,7 @@ class QuizView(VerticalScroll, can_focus=True):
         self.state = INTRO
         self.feedback: Feedback | None = None
         self.last_wrong: list[str] = []
+        self._explained = 0
 
     def compose(self):  # type: ignore[no-untyped-def]
         yield Plain(id="quiz-status", classes="quiz-status")
@@ -70,6 +72,7 @@ class QuizView(VerticalScroll, can_focus=True):
             "new_attempt": self.state in (INTRO, RESULTS, REVIEW),
             "review": self.state == RESULTS and bool(self.last_wrong),
             "jump": self.state in (ANSWERED, ASKING),
+            "explain": self.state == ANSWERED or (self.state == REVIEW and bool(self.last_wrong)),
         }
         return allowed.get(action, True)
 
@@ -111,6 +114,19 @@ class QuizView(VerticalScroll, can_focus=True):
             self.post_message(JumpToSection(self.feedback.question.source))
         elif self.session is not None and not self.session.finished:
             self.post_message(JumpToSection(self.session.current.source))
+
+    def action_explain(self) -> None:
+        """Ask the tutor about this question (in review, each wrong one in turn)."""
+        if self.state == ANSWERED and self.feedback is not None:
+            question = self.feedback.question
+        elif self.state == REVIEW and self.last_wrong:
+            by_id = {q.id: q for q in self.lesson.questions}
+            question = by_id[self.last_wrong[self._explained % len(self.last_wrong)]]
+            self._explained += 1
+        else:
+            return
+        right = question.choices[question.correct_index].text
+        self.post_message(AskTutor(f"{question.stem} Why is the answer “{right}”?"))
 
     # --- state ---------------------------------------------------------------------
 
@@ -194,7 +210,7 @@ class QuizView(VerticalScroll, can_focus=True):
                 "\n\n",
                 ("Why: ", "bold"),
                 question.explanation,
-                f"\n\nTaught in “{question.source}”. j: read that section    Enter: {next_hint}",
+                f"\n\nTaught in “{question.source}”. j: read it    e: ask the tutor    Enter: {next_hint}",
             )
         )
 
@@ -229,7 +245,9 @@ class QuizView(VerticalScroll, can_focus=True):
                 question.explanation,
                 f"\nTaught in “{question.source}”.\n\n",
             ]
-        parts.append("Enter: try just these again    n: take the whole quiz again")
+        parts.append(
+            "Enter: try just these again    n: take the whole quiz again    e: ask the tutor to explain"
+        )
         body.show(literal(*parts))
 
     @property

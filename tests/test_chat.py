@@ -1,0 +1,155 @@
+"""The tutor tab driven with Pilot on the real model (CPU): streaming, switching, cancelling, safety."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import SEED
+from tui.app import QuantTutorApp
+from tui.tutor_runtime import READY, TutorRuntime
+from tui.widgets.chat_view import ChatEntry, ChatView
+from tui.widgets.plain import Plain
+from tui.widgets.quiz_view import QuizView
+from tutor.content import Library
+from tutor.store import Store
+from tutor.tutor_chat import MAX_NEW_TOKENS
+
+pytestmark = pytest.mark.model
+SIZE = (100, 40)
+
+
+def _ready_runtime(library: Library, engine, retriever) -> TutorRuntime:  # type: ignore[no-untyped-def]
+    return TutorRuntime(library, state=READY, engine=engine, retriever=retriever)
+
+
+async def _until(pilot, condition, seconds: float = 400) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        await pilot.pause(0.2)
+
+
+def _text(widget: Plain) -> str:
+    return str(widget.visual)
+
+
+async def test_ask_streams_an_answer_with_citations_and_switches_live(  # type: ignore[no-untyped-def]
+    library: Library, store: Store, bf16_engine, shared_retriever
+) -> None:
+    app = QuantTutorApp(library, store, tutor=_ready_runtime(library, bf16_engine, shared_retriever))
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("t")
+        chat = app.screen.query_one(ChatView)
+        assert "tutor bf16" in _text(chat.query_one("#chat-badge", Plain))
+        streamed: list[str] = []
+        original = ChatEntry.add_text
+
+        async def spy(entry: ChatEntry, text: str) -> None:
+            streamed.append(text)
+            await original(entry, text)
+
+        ChatEntry.add_text = spy  # type: ignore[method-assign]
+        try:
+            await pilot.press(*"Is 4-bit good enough for a chatbot?", "enter")
+            entry = chat.query(ChatEntry).last()
+            await _until(pilot, lambda: entry.answer is not None)
+        finally:
+            ChatEntry.add_text = original  # type: ignore[method-assign]
+        answer = entry.answer
+        assert answer is not None and answer.grounded and answer.precision == "bf16"
+        assert len(streamed) > 1, "tokens arrived one by one"
+        assert answer.citations and answer.quote is not None
+        quote = _text(entry.query_one(".chat-quote", Plain))
+        assert "From the lesson" in quote and answer.quote.text in quote
+        assert answer.citations[0].section in _text(entry.query_one(".chat-passage", Plain))
+        checks = _text(entry.query_one(".chat-checks", Plain))
+        assert ("supported by the lesson" in checks) or ("not found in the lesson" in checks)
+        assert _text(entry.query_one(".chat-stats", Plain)).startswith("bf16 · TTFT")
+
+        # Switch mid-conversation: the conversation stays, the next reply is tagged int8.
+        await pilot.press("f6")
+        await _until(pilot, lambda: bf16_engine.precision == "int8" and app.tutor.switching is None)
+        await pilot.press("ctrl+r")
+        await _until(pilot, lambda: len(chat.query(ChatEntry)) == 2 and chat.query(ChatEntry).last().answer)
+        first, second = chat.query(ChatEntry)
+        assert first.answer is answer, "the first answer is still there"
+        assert second.answer is not None and second.answer.precision == "int8"
+        assert _text(second.query_one(".chat-stats", Plain)).startswith("int8 · TTFT")
+        assert "asked again at int8" in _text(second.query(Plain).first())
+        assert "tutor int8" in _text(chat.query_one("#chat-badge", Plain))
+
+
+async def test_escape_cancels_and_markup_is_literal(  # type: ignore[no-untyped-def]
+    library: Library, store: Store, bf16_engine, shared_retriever
+) -> None:
+    app = QuantTutorApp(library, store, tutor=_ready_runtime(library, bf16_engine, shared_retriever))
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("t")
+        chat = app.screen.query_one(ChatView)
+        question = "What does [bold]NF4[/bold] \x1b[31mquantization do?"
+        chat.query_one("#chat-input").value = question  # type: ignore[attr-defined]
+        await pilot.press("enter", "escape")
+        entry = chat.query(ChatEntry).last()
+        await _until(pilot, lambda: entry.answer is not None)
+        assert entry.answer is not None and entry.answer.stats["cancelled"] is True
+        assert entry.answer.stats["stop"] == "cancelled"
+        assert entry.answer.stats["tokens"] < MAX_NEW_TOKENS  # the engine's own test pins "within one token"
+        said = _text(entry.query(Plain).first())
+        assert "[bold]NF4[/bold]" in said and "\x1b" not in said and "[31m" not in said
+
+
+async def test_off_topic_is_declined_without_the_model(  # type: ignore[no-untyped-def]
+    library: Library, store: Store, bf16_engine, shared_retriever
+) -> None:
+    app = QuantTutorApp(library, store, tutor=_ready_runtime(library, bf16_engine, shared_retriever))
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("t", *"How long should I boil an egg?", "enter")
+        chat = app.screen.query_one(ChatView)
+        entry = chat.query(ChatEntry).last()
+        await _until(pilot, lambda: entry.answer is not None, 30)
+        assert entry.answer is not None and not entry.answer.grounded and entry.answer.generated == ""
+        assert "doesn't cover" in _text(entry.query_one(".chat-quote", Plain))
+
+
+async def test_practice_and_quiz_open_the_tutor_prefilled(  # type: ignore[no-untyped-def]
+    library: Library, store: Store, bf16_engine, shared_retriever
+) -> None:
+    lesson = library.get(SEED)
+    app = QuantTutorApp(library, store, tutor=_ready_runtime(library, bf16_engine, shared_retriever))
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("p")
+        await pilot.click("#ask-1")
+        chat = app.screen.query_one(ChatView)
+        box = chat.query_one("#chat-input")
+        assert box.value == lesson.meta.practice[1].tutor_question  # type: ignore[attr-defined]
+        assert app.focused is box
+        await pilot.press("escape", "q")
+        await pilot.press("enter", lesson.questions[0].answer, "e")
+        assert lesson.questions[0].stem in box.value  # type: ignore[attr-defined]
+
+
+async def test_lesson_and_quiz_respond_while_the_model_loads(
+    library: Library, store: Store, tmp_path: Path
+) -> None:
+    # A first launch: an empty cache, so the embedded checkpoint is converted (tens of seconds).
+    runtime = TutorRuntime(library, cache_dir=tmp_path / "cache")
+    app = QuantTutorApp(library, store, tutor=runtime)
+    lesson = library.get(SEED)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("t")
+        await _until(pilot, lambda: runtime.state == "loading", 10)
+        await pilot.press("escape", "q", "enter")  # Esc leaves the question box; q opens the quiz
+        states = []
+        for question in lesson.questions[:3]:
+            await pilot.press(question.answer)
+            states.append(runtime.state)
+            await pilot.press("enter")
+        quiz = app.screen.query_one(QuizView)
+        assert quiz.session is not None and quiz.session.score == 3
+        assert states[0] == "loading", "the quiz answered while the model was still loading"
+        await pilot.press("l")
+        await _until(pilot, lambda: runtime.ready, 120)
+        assert "tutor bf16" in _text(app.screen.query_one("#status-bar", Plain))

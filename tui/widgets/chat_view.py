@@ -1,0 +1,351 @@
+"""The tutor tab: questions answered from the lesson, the model's explanation streamed beside it.
+
+Every answer leads with the lesson's own sentence (quoted, always right), then the model's
+explanation labelled with the precision that wrote it, each sentence marked ✓ supported or
+? not found in the lesson, the cited passage, and the measured stats. The learner switches
+precision live (F5–F9) without losing the conversation.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING
+
+from textual import work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Vertical, VerticalScroll
+from textual.message import Message
+from textual.widgets import Input, Markdown, SelectionList
+
+from tui.messages import TutorStatus
+from tui.widgets.plain import Plain, literal
+from tutor.content import Lesson
+from tutor.store import Store
+from tutor.text import clean
+
+if TYPE_CHECKING:
+    from textual.widgets._markdown import MarkdownStream
+
+    from tui.tutor_runtime import TutorRuntime
+    from tutor.grounding import Prepared, TutorAnswer
+
+PRECISION_KEYS = {"f5": "bf16", "f6": "int8", "f7": "nf4", "f8": "fp4", "f9": "fp32"}
+DOUBT_STEP = 0  # practice step 1: "underline anything that sounds uncertain"
+
+
+class TokenStreamed(Message):
+    def __init__(self, entry: ChatEntry, text: str) -> None:
+        super().__init__()
+        self.entry = entry
+        self.text = text
+
+
+class ChatEntry(Vertical):
+    """One question and everything the tutor says about it."""
+
+    BINDINGS = [Binding("v", "reveal", "Reveal the check")]
+
+    def __init__(self, question: str, note: str, step: int | None) -> None:
+        super().__init__(classes="chat-entry")
+        self.question = question
+        self.note = note
+        self.step = step
+        self.answer: TutorAnswer | None = None
+        self._stream: MarkdownStream | None = None
+
+    def compose(self) -> ComposeResult:
+        yield Plain(literal(("You: ", "bold"), self.question, (f"  {self.note}" if self.note else "", "dim")))
+        yield Plain("Searching the lesson…", classes="chat-quote")
+        explanation = Markdown(classes="chat-model")
+        explanation.display = False
+        yield explanation
+        yield Plain(classes="chat-checks")
+        yield Plain(classes="chat-passage")
+        yield Plain(classes="chat-stats")
+
+    def show_prepared(self, prepared: Prepared, precision: str) -> None:
+        if prepared.question_cut:
+            self.notify(
+                f"Your question was cut to its first {len(prepared.question)} characters.", severity="warning"
+            )
+        quote = self.query_one(".chat-quote", Plain)
+        if not prepared.grounded:
+            quote.show(literal(("Tutor: ", "bold"), prepared.decline or ""))
+            return
+        if prepared.quote is not None:
+            quote.show(
+                literal(
+                    (f"From the lesson · {prepared.quote.section}\n", "bold"),
+                    f"“{prepared.quote.text}”",
+                )
+            )
+        if prepared.result.hits:
+            hit = prepared.result.hits[0]
+            others = ", ".join(h.section for h in prepared.result.hits[1:])
+            more = f"\nAlso cited: {others}" if others else ""
+            self.query_one(".chat-passage", Plain).show(
+                literal((f"Cited passage · {hit.lesson_title} › {hit.section}\n", "bold"), hit.text, more)
+            )
+        explanation = self.query_one(".chat-model", Markdown)
+        explanation.border_title = f"The model's explanation · {precision} · check it against the lesson"
+        explanation.display = True
+        self._stream = Markdown.get_stream(explanation)
+
+    async def add_text(self, text: str) -> None:
+        if self._stream is not None:
+            await self._stream.write(text)
+
+    async def finish(self, answer: TutorAnswer) -> None:
+        self.answer = answer
+        if self._stream is not None:
+            await self._stream.stop()
+            # The stream rendered tokens as they came; show the cleaned, final text.
+            await self.query_one(".chat-model", Markdown).update(answer.generated or "(no text)")
+        stats = answer.stats
+        if answer.grounded:
+            cancelled = " · cancelled" if stats.get("cancelled") else ""
+            self.query_one(".chat-stats", Plain).show(
+                f"{answer.precision} · TTFT {stats.get('ttft_s')} s · {stats.get('tokens')} tokens · "
+                f"{stats.get('tokens_per_s')} tok/s · weights {stats.get('weights_mib')} MiB{cancelled}"
+            )
+        if self.step == DOUBT_STEP and answer.sentences:
+            hint = Plain(
+                "Step 1: mark the sentences that sound uncertain or too broad (Space or Enter), "
+                "then press v to reveal the lesson's check.",
+                classes="chat-hint",
+            )
+            doubts = SelectionList[int](
+                *[(s.text, i) for i, s in enumerate(answer.sentences)], classes="doubts"
+            )
+            await self.mount(hint, doubts, before=self.query_one(".chat-passage"))
+            doubts.focus()
+        else:
+            self.reveal_checks()
+
+    def reveal_checks(self, marked: set[int] | None = None) -> None:
+        if self.answer is None or not self.answer.sentences:
+            return
+        parts: list[str | tuple[str, str]] = [("Checked against the lesson:", "bold")]
+        for index, check in enumerate(self.answer.sentences):
+            mine = ""
+            if marked is not None:
+                mine = "  (you doubted this)" if index in marked else "  (you trusted this)"
+            parts += [
+                f"\n{'✓' if check.supported else '?'} ",
+                (check.mark.split(" ", 1)[1], "italic"),
+                ": ",
+                check.text,
+                (mine, "dim"),
+            ]
+        self.query_one(".chat-checks", Plain).show(literal(*parts))
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        return bool(self.query(SelectionList)) if action == "reveal" else True
+
+    def action_reveal(self) -> None:
+        doubts = self.query(SelectionList)
+        if not doubts or self.answer is None:
+            return
+        marked = set(doubts.first().selected)
+        self.reveal_checks(marked)
+        self.post_message(DoubtsMarked(self, [self.answer.sentences[i].text for i in sorted(marked)]))
+        for widget in [*doubts, *self.query(".chat-hint")]:
+            widget.remove()
+
+
+class DoubtsMarked(Message):
+    def __init__(self, entry: ChatEntry, sentences: list[str]) -> None:
+        super().__init__()
+        self.entry = entry
+        self.sentences = sentences
+
+
+class ChatView(Vertical):
+    BINDINGS = [
+        Binding("escape", "cancel", "Cancel / leave"),
+        *[Binding(key, f"switch('{p}')", p, show=p != "fp32") for key, p in PRECISION_KEYS.items()],
+        Binding("ctrl+r", "ask_again", "Ask again"),
+        Binding("up", "history(-1)", "Previous question", show=False),
+        Binding("down", "history(1)", "Next question", show=False),
+    ]
+
+    def __init__(self, lesson: Lesson, store: Store, runtime: TutorRuntime, **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.lesson = lesson
+        self.store = store
+        self.runtime = runtime
+        self.history: list[str] = []
+        self._history_at = 0
+        self._pending: tuple[str, int | None] | None = None
+        self._step: int | None = None
+        self._cancel: threading.Event | None = None
+        self._replying = False
+        self.last: tuple[str, int | None] | None = None
+
+    def compose(self) -> ComposeResult:
+        yield Plain(id="chat-badge")
+        with VerticalScroll(id="chat-log"):
+            yield Plain(
+                f"Curious about “{self.lesson.title}”? Ask anything about this lesson. "
+                "I'll answer using just what you're reading — short, friendly, grounded. "
+                "The lesson's own sentence comes first; the small local model's explanation follows, "
+                "checked against the lesson.",
+                classes="chat-intro",
+            )
+        yield Input(
+            placeholder="Ask about this lesson… (Enter asks, ↑/↓ history)",
+            id="chat-input",
+        )
+
+    def on_mount(self) -> None:
+        self.update_badge()
+
+    # --- status --------------------------------------------------------------------
+
+    def update_badge(self) -> None:
+        runtime = self.runtime
+        keys = "  ".join(f"{k.upper()} {p}" for k, p in PRECISION_KEYS.items())
+        if runtime.ready:
+            text = f"{runtime.badge()} · switch: {keys}"
+        elif runtime.state == "failed":
+            text = f"The tutor's model could not load: {runtime.error}"
+        else:
+            doing = f" · {runtime.detail}" if runtime.detail else ""
+            text = f"{runtime.badge()}{doing} — the lesson and quiz work meanwhile"
+        self.query_one("#chat-badge", Plain).show(text)
+        if runtime.ready and self._pending is not None:
+            question, step = self._pending
+            self._pending = None
+            self.ask(question, step)
+
+    def on_tutor_status(self, _message: TutorStatus) -> None:
+        self.update_badge()
+
+    # --- asking --------------------------------------------------------------------
+
+    def prefill(self, question: str, step: int | None) -> None:
+        box = self.query_one("#chat-input", Input)
+        box.value = question
+        box.focus()
+        self._step = step
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        question = clean(event.value).strip()
+        if not question:
+            return
+        event.input.value = ""
+        if not self.history or self.history[-1] != question:
+            self.history.append(question)
+        self._history_at = len(self.history)
+        step, self._step = self._step, None
+        self.ask(question, step)
+
+    def ask(self, question: str, step: int | None = None, note: str = "") -> None:
+        self.last = (question, step)
+        if not self.runtime.ready:
+            if self.runtime.state == "failed":
+                self.notify(f"The tutor's model is unavailable: {self.runtime.error}", severity="error")
+                return
+            self._pending = (question, step)
+            self.notify("The model is still loading; your question will be answered when it is ready.")
+            return
+        entry = ChatEntry(question, note, step)
+        log = self.query_one("#chat-log", VerticalScroll)
+        log.mount(entry)
+        log.scroll_end(animate=False)
+        self._cancel = threading.Event()
+        self._replying = True
+        self._answer(entry, question, self._cancel)
+
+    @work(thread=True, group="reply")
+    def _answer(self, entry: ChatEntry, question: str, cancel: threading.Event) -> None:
+        from tutor.engine import EngineError
+        from tutor.tutor_chat import ask
+
+        engine, retriever = self.runtime.engine, self.runtime.retriever
+        assert engine is not None and retriever is not None
+        precision = engine.precision
+        try:
+            answer = ask(
+                question,
+                retriever,
+                engine,
+                self.lesson.id,
+                on_token=lambda event: self.post_message(TokenStreamed(entry, clean(event.text))),
+                cancel=cancel,
+                on_prepared=lambda prepared: self.app.call_from_thread(
+                    entry.show_prepared, prepared, precision
+                ),
+            )
+        except EngineError as exc:
+            self.app.call_from_thread(self.notify, f"The tutor could not answer: {exc}", severity="error")
+            return
+        finally:
+            self._replying = False
+        self.app.call_from_thread(entry.finish, answer)
+
+    async def on_token_streamed(self, message: TokenStreamed) -> None:
+        await message.entry.add_text(message.text)
+        self.query_one("#chat-log", VerticalScroll).scroll_end(animate=False)
+
+    def on_doubts_marked(self, message: DoubtsMarked) -> None:
+        self.store.save_marks(self.lesson.id, DOUBT_STEP, message.sentences)
+        self.notify(f"Saved {len(message.sentences)} doubted sentence(s) with your step 1 notes.")
+        self.query_one("#chat-input", Input).focus()
+
+    # --- actions -------------------------------------------------------------------
+
+    def action_cancel(self) -> None:
+        """Esc cancels a reply in flight; otherwise it leaves the input so letter keys switch tabs."""
+        if self._cancel is not None and not self._cancel.is_set() and self._replying:
+            self._cancel.set()
+            self.notify("Reply cancelled.")
+        else:
+            self.query_one("#chat-log", VerticalScroll).focus()
+
+    def action_ask_again(self) -> None:
+        if self.last is None:
+            self.notify("Ask a question first.")
+            return
+        question, step = self.last
+        precision = self.runtime.engine.precision if self.runtime.engine else "?"
+        self.ask(question, step, note=f"(asked again at {precision})")
+
+    def action_history(self, delta: int) -> None:
+        if not self.history:
+            return
+        self._history_at = max(0, min(len(self.history), self._history_at + delta))
+        box = self.query_one("#chat-input", Input)
+        box.value = self.history[self._history_at] if self._history_at < len(self.history) else ""
+        box.cursor_position = len(box.value)
+
+    def action_switch(self, precision: str) -> None:
+        engine = self.runtime.engine
+        if engine is None or not self.runtime.ready:
+            self.notify("The model is not loaded yet.")
+            return
+        if self.runtime.switching:
+            self.notify(f"Already switching to {self.runtime.switching}.")
+            return
+        if engine.precision == precision:
+            self.notify(f"Already at {precision}.")
+            return
+        self.runtime.switching = precision
+        self.update_badge()
+        self._switch(precision)
+
+    @work(thread=True, group="switch")
+    def _switch(self, precision: str) -> None:
+        from tutor.engine import EngineError
+
+        engine = self.runtime.engine
+        assert engine is not None
+        try:
+            report = engine.switch(precision, wait=True)  # a reply in flight finishes first
+            message, severity = report.describe(), "information"
+        except EngineError as exc:
+            message, severity = f"Switch to {precision} failed; still at {engine.precision}. {exc}", "error"
+        self.runtime.switching = None
+        self.app.call_from_thread(self.notify, message, title="Precision", severity=severity, timeout=8)
+        self.app.call_from_thread(self.app.post_message, TutorStatus())

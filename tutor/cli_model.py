@@ -1,0 +1,174 @@
+"""The command-line commands that load the model: ``ask`` and ``cliff``.
+
+Imported only when one of them runs, so the plain commands stay instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
+
+from tutor.content import Library
+
+if TYPE_CHECKING:
+    from tutor.engine import Engine
+    from tutor.engine.reports import LoadProgress
+    from tutor.retrieval import Retriever
+
+
+class ModelCommandError(Exception):
+    """A problem loading or using the model, said in one line."""
+
+
+def _progress_printer(err: TextIO) -> Any:
+    last = {"stage": ""}
+
+    def show(progress: LoadProgress) -> None:
+        if progress.stage != last["stage"] or progress.done == progress.total:
+            last["stage"] = progress.stage
+            err.write(f"  {progress.stage}: {progress.done}/{progress.total} {progress.message}\n")
+            err.flush()
+
+    return show
+
+
+def load_model(args: argparse.Namespace, err: TextIO) -> Engine:
+    from tutor.engine import Engine, EngineError
+
+    err.write("Loading the tutor's model (the first run converts the embedded checkpoint once)…\n")
+    try:
+        return Engine.load(args.model, device=args.device, progress=_progress_printer(err))
+    except EngineError as exc:
+        raise ModelCommandError(str(exc)) from None
+
+
+def load_retriever(library: Library, err: TextIO) -> Retriever:
+    from tutor.retrieval import Retriever
+
+    err.write("Loading the lesson index…\n")
+    return Retriever.load(library)
+
+
+def _switch(engine: Engine, precision: str) -> None:
+    from tutor.engine import EngineError
+
+    try:
+        engine.switch(precision, wait=True)
+    except EngineError as exc:
+        raise ModelCommandError(str(exc)) from None
+
+
+def _read_questions(path: Path) -> list[str]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ModelCommandError(f"cannot read questions file {path}: {exc}") from None
+    questions = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not questions:
+        raise ModelCommandError(f"{path} has no questions (one per line)")
+    return questions
+
+
+def _print_answer(answer: Any, out: TextIO) -> None:
+    out.write(f"Q: {answer.question}\n")
+    if not answer.grounded:
+        out.write(f"{answer.answer}\n\n")
+        return
+    quote = answer.quote
+    where = f" ({quote.section})" if quote else ""
+    out.write(f"From the lesson{where}: “{answer.answer}”\n")
+    out.write(f"Tutor ({answer.precision}): {answer.generated}\n")
+    for check in answer.sentences:
+        out.write(f"  {check.mark}: {check.text}\n")
+    stats = answer.stats
+    out.write(
+        f"  [{answer.precision} · TTFT {stats.get('ttft_s')} s · {stats.get('tokens')} tokens · "
+        f"{stats.get('tokens_per_s')} tok/s · weights {stats.get('weights_mib')} MiB]\n\n"
+    )
+
+
+def cmd_ask(args: argparse.Namespace, library: Library, out: TextIO, err: TextIO) -> int:
+    from tutor.tutor_chat import ask
+
+    if bool(args.question) == bool(args.questions):
+        raise ModelCommandError("give one QUESTION or --questions FILE")
+    if args.ask_lesson and args.ask_lesson not in library.lessons:
+        raise ModelCommandError(f"no lesson {args.ask_lesson!r}; known lessons: {', '.join(library.lessons)}")
+    questions = _read_questions(args.questions) if args.questions else [args.question]
+    retriever = load_retriever(library, err)
+    engine = load_model(args, err)
+    _switch(engine, args.precision)
+    answers = []
+
+    def cut_notice(prepared: Any) -> None:
+        if prepared.question_cut:
+            err.write(f"quant-tutor: question cut to {len(prepared.question)} characters\n")
+
+    for question in questions:
+        answer = ask(question, retriever, engine, args.ask_lesson, on_prepared=cut_notice)
+        answers.append(answer)
+        if not args.json:
+            _print_answer(answer, out)
+    if args.json:
+        data: Any = [a.as_dict() for a in answers]
+        json.dump(data if args.questions else data[0], out, indent=2, ensure_ascii=False)
+        out.write("\n")
+    return 0
+
+
+def cmd_cliff(args: argparse.Namespace, library: Library, out: TextIO, err: TextIO) -> int:
+    from tutor.engine import EngineError
+    from tutor.engine.precisions import parse_precisions
+    from tutor.lab import run_cliff
+
+    try:
+        precisions = parse_precisions(args.precisions)
+    except EngineError as exc:
+        raise ModelCommandError(str(exc)) from None
+    engine = load_model(args, err)
+    retriever = load_retriever(library, err) if args.qa else None
+
+    def progress(what: str, done: int, total: int) -> None:
+        err.write(f"\r  {what}: {done}/{total}")
+        err.flush()
+        if done == total:
+            err.write("\n")
+
+    result = run_cliff(
+        engine,
+        library,
+        precisions,
+        retriever=retriever,
+        qa_questions=args.qa,
+        max_windows=args.windows,
+        window=args.window,
+        progress=progress,
+    )
+    if args.json:
+        json.dump(result.as_dict(), out, indent=2)
+        out.write("\n")
+        return 0
+    from rich.console import Console
+
+    console = Console(file=out)
+    for table in result.tables():
+        console.print(table)
+    console.print(f"Method: {result.method}\nMachine: {result.machine}")
+    return 0
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="local HF folder, .gguf file or hub id (default: the embedded model)")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+
+
+def run_model_command(name: str, args: argparse.Namespace, library: Library, out: TextIO) -> int:
+    commands = {"ask": cmd_ask, "cliff": cmd_cliff}
+    try:
+        return commands[name](args, library, out, sys.stderr)
+    except ModelCommandError as exc:
+        print(f"quant-tutor: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,357 @@
+"""``quant-tutor bench``: measure every precision on this machine, one row each.
+
+For each precision, in the order given: ``switch_s`` is the first in-place switch to it (from
+the previous precision, nothing prepared), ``reswitch_s`` a switch back to it once prepared,
+``reload_s`` a fresh load from disk plus building that precision (what a switch would cost
+without in-place switching), then one greedy reply of ``--tokens`` tokens gives ``ttft_s``,
+``prefill_tok_s`` and ``decode_tok_s``. ``bound_tok_s`` is the measured memory read bandwidth
+divided by the bytes of weights read per token: the speed if decoding were purely
+bandwidth-bound. ``--plain`` adds ``plain_decode_tok_s``: transformers' own ``model.generate``
+on the same model, prompt and precision, for contrast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from tutor.engine.errors import EngineError
+from tutor.engine.precisions import parse_precisions
+from tutor.engine.reports import MIB
+
+if TYPE_CHECKING:
+    from tutor.engine.engine import Engine
+
+DEFAULT_PROMPT = "Explain in a few sentences what quantizing a neural network's weights to 4 bits does."
+COLUMNS = (
+    "precision",
+    "device",
+    "weights_mib",
+    "switch_s",
+    "reswitch_s",
+    "reload_s",
+    "ttft_s",
+    "prefill_tok_s",
+    "decode_tok_s",
+    "bound_tok_s",
+)
+
+
+def read_bandwidth_gbs(device: str = "cpu", mib: int = 512, repeats: int = 5) -> float:
+    """Measured memory read bandwidth in GB/s: the best of ``repeats`` sums over a ``mib`` MiB buffer."""
+    import torch
+
+    buffer = torch.ones(mib * MIB // 4, dtype=torch.float32, device=device)
+    cuda = buffer.device.type == "cuda"
+    best = float("inf")
+    with torch.inference_mode():
+        for _ in range(repeats + 1):
+            if cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            buffer.sum()
+            if cuda:
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - start)
+    del buffer
+    return mib * MIB / best / 1e9
+
+
+def bytes_read_per_token(engine: Engine) -> int:
+    """Weight bytes one decode step reads: every decoder weight once, plus the lm_head.
+
+    With tied embeddings the lm_head *is* the embedding table, so this equals the weights'
+    size; an untied embedding table is only looked up one row at a time and is left out.
+    """
+    weights = engine.weights()
+    model = engine.model
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if embed is not None and head is not None and embed.weight.data_ptr() != head.weight.data_ptr():
+        scale = 2 if engine.precision == "fp32" and embed.weight.element_size() == 2 else 1
+        return weights.weights_bytes - embed.weight.numel() * embed.weight.element_size() * scale
+    return weights.weights_bytes
+
+
+def plain_generate_tok_s(engine: Engine, prompt_ids: list[int], tokens: int) -> tuple[float, list[int]]:
+    """Decode tokens/s of transformers' ``model.generate`` (greedy) at the engine's precision."""
+    import torch
+
+    model = engine.model
+    if engine.precision == "fp32" and engine.decoder_kind == "fast":
+        raise EngineError("plain generate at fp32 needs --generic (the fast path keeps its own fp32 copies)")
+    ids = torch.tensor([prompt_ids], device=engine.torch_device)
+    mask = torch.ones_like(ids)
+    stamps: list[float] = []
+
+    class Clock:  # a streamer that only timestamps each new token
+        def put(self, value: Any) -> None:
+            stamps.append(time.perf_counter())
+
+        def end(self) -> None:
+            pass
+
+    with torch.inference_mode():
+        out = model.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=tokens,
+            min_new_tokens=tokens,
+            do_sample=False,
+            streamer=Clock(),
+            pad_token_id=engine.tokenizer.pad_token_id or 0,
+        )
+    new = out[0, len(prompt_ids) :].tolist()
+    # the streamer is fed the prompt first, then each new token
+    token_stamps = stamps[1:]
+    if len(token_stamps) < 2:
+        return float("nan"), new
+    return (len(token_stamps) - 1) / (token_stamps[-1] - token_stamps[0]), new
+
+
+def _threads() -> int:
+    import torch
+
+    return int(torch.get_num_threads())
+
+
+def _other(precision: str, order: Sequence[str]) -> str:
+    for candidate in (*order, "bf16", "int8"):
+        if candidate != precision:
+            return candidate
+    return "bf16"
+
+
+def bench_rows(
+    precisions: Sequence[str] = ("bf16", "int8", "nf4", "fp4"),
+    *,
+    tokens: int = 64,
+    device: str = "cpu",
+    model: str | None = None,
+    int8_threshold: float = 6.0,
+    double_quant: bool = False,
+    random_weights: bool = False,
+    reload: bool = True,
+    plain: bool = False,
+    fast: bool = True,
+    threads: int | None = None,
+    prompt: str = DEFAULT_PROMPT,
+    engine: Engine | None = None,
+    log: Callable[[str], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Measure each precision and return one dict per row (keys: ``COLUMNS`` and a few more)."""
+    from tutor.engine.engine import Engine
+
+    say = log or (lambda _msg: None)
+    options: dict[str, Any] = {
+        "device": device,
+        "int8_threshold": int8_threshold,
+        "double_quant": double_quant,
+        "fast": fast,
+        "random_weights": random_weights,
+        "threads": threads,
+    }
+    if random_weights:
+        import torch
+
+        # Random weights drive some activations subnormal, which real weights do not; CPUs
+        # handle subnormals in slow microcode (here bf16 decode fell from ~45 to ~1 tok/s).
+        # Flushing them keeps the timing about memory and kernels. Recorded in each row.
+        torch.set_flush_denormal(True)
+    if engine is None:
+        say("loading the model")
+        engine = Engine.load(model, **options)
+    say(f"measuring memory bandwidth on {engine.device}")
+    bandwidth = read_bandwidth_gbs(engine.device)
+    prompt_ids = engine.encode(prompt)
+    engine.generate(prompt_ids=prompt_ids, max_new_tokens=2)  # warm-up: first-call costs are not decode speed
+    rows: list[dict[str, Any]] = []
+    for precision in precisions:
+        say(f"{precision}: switching")
+        if engine.precision == precision:
+            engine.switch(_other(precision, precisions), wait=True)
+        engine.drop_prepared(precision)
+        first = engine.switch(precision, wait=True)
+        engine.switch(first.previous, wait=True)
+        again = engine.switch(precision, wait=True)
+        say(f"{precision}: generating {tokens} tokens")
+        engine.generate(prompt_ids=prompt_ids, max_new_tokens=2)
+        reply = engine.generate(prompt_ids=prompt_ids, max_new_tokens=tokens)
+        stats = reply.stats
+        per_token = bytes_read_per_token(engine)
+        row: dict[str, Any] = {
+            "precision": precision,
+            "device": engine.device,
+            "weights_mib": first.weights.weights_mib,
+            "switch_s": round(first.seconds, 3),
+            "reswitch_s": round(again.seconds, 4),
+            "reload_s": None,
+            "ttft_s": stats.ttft_s,
+            "prefill_tok_s": stats.prefill_tok_s,
+            "decode_tok_s": stats.decode_tok_s,
+            "bound_tok_s": round(bandwidth * 1e9 / per_token, 1),
+            "checkpoint": str(engine.checkpoint.path),
+            "tokens": stats.tokens,
+            "prompt_tokens": stats.prompt_tokens,
+            "bandwidth_gbs": round(bandwidth, 1),
+            "read_mib_per_token": round(per_token / MIB, 1),
+            "quantized_modules": first.weights.quantized_modules,
+            "kept_16bit": ", ".join(first.weights.kept_modules),
+            "decoder": stats.decoder,
+            "peak_rss_mib": stats.peak_rss_mib,
+            "cuda_peak_mib": stats.cuda_peak_mib,
+            "switched_from": first.previous,
+            "threads": _threads(),
+            "random_weights": random_weights,
+        }
+        if plain:
+            say(f"{precision}: plain model.generate for contrast")
+            try:
+                rate, plain_tokens = plain_generate_tok_s(engine, prompt_ids, tokens)
+            except EngineError:  # fp32 on the fast path lives outside the transformers model
+                row["plain_decode_tok_s"] = row["same_tokens_as_plain"] = None
+            else:
+                row["plain_decode_tok_s"] = round(rate, 2)
+                row["same_tokens_as_plain"] = plain_tokens[: len(reply.tokens)] == reply.tokens
+        if reload:
+            say(f"{precision}: reloading from disk for contrast")
+            started = time.perf_counter()
+            fresh = Engine.load(engine.checkpoint.path, precision=precision, **options)
+            row["reload_s"] = round(time.perf_counter() - started, 3)
+            fresh.close()
+            del fresh
+        rows.append(row)
+    return rows
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3f}" if value < 1 else f"{value:.2f}" if value < 100 else f"{value:.1f}"
+    return str(value)
+
+
+HEADERS = {
+    "precision": "prec",
+    "device": "dev",
+    "weights_mib": "weights\nMiB",
+    "switch_s": "switch\ns",
+    "reswitch_s": "resw\ns",
+    "reload_s": "reload\ns",
+    "ttft_s": "ttft\ns",
+    "prefill_tok_s": "prefill\ntok/s",
+    "decode_tok_s": "decode\ntok/s",
+    "bound_tok_s": "bound\ntok/s",
+    "plain_decode_tok_s": "plain\ntok/s",
+}
+
+
+def render_table(rows: list[dict[str, Any]]) -> Any:
+    from rich import box
+    from rich.table import Table
+
+    extra = [c for c in ("plain_decode_tok_s",) if any(c in r for r in rows)]
+    table = Table(
+        title="quant-tutor bench",
+        caption=_caption(rows),
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        collapse_padding=True,
+    )
+    for column in (*COLUMNS, *extra):
+        header = HEADERS[column]
+        table.add_column(
+            header,
+            justify="left" if column in ("precision", "device") else "right",
+            min_width=max(len(part) for part in header.split("\n")),
+            no_wrap=True,
+        )
+    for row in rows:
+        table.add_row(*(_fmt(row.get(c)) for c in (*COLUMNS, *extra)))
+    return table
+
+
+def _caption(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return ""
+    first = rows[0]
+    return (
+        "switch: first in-place switch from the row above; resw: switching to it again once prepared; "
+        "reload: fresh load from disk + quantize; bound: read bandwidth / weight bytes per token. "
+        f"Checkpoint {first['checkpoint']}; {first['prompt_tokens']}-token prompt, {first['tokens']} new "
+        f"tokens, greedy, {first.get('threads')} threads; read bandwidth {first['bandwidth_gbs']} GB/s; "
+        "kept in 16-bit when quantized: "
+        f"{next((r['kept_16bit'] for r in rows if r['kept_16bit']), '-')}"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="quant-tutor bench",
+        description="Measure memory, switch time and speed of each precision on this machine.",
+    )
+    parser.add_argument(
+        "--precisions", default="bf16,int8,nf4,fp4", help="comma-separated (default: %(default)s)"
+    )
+    parser.add_argument("--tokens", type=int, default=64, help="new tokens per reply (default: %(default)s)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
+    parser.add_argument("--json", action="store_true", help="print a JSON array instead of a table")
+    parser.add_argument(
+        "--model", default=None, help="local folder, .gguf file or hub id (default: embedded)"
+    )
+    parser.add_argument(
+        "--threshold", type=float, default=6.0, help="LLM.int8 outlier threshold (default: 6.0)"
+    )
+    parser.add_argument("--double-quant", action="store_true", help="4-bit: also quantize the absmax scales")
+    parser.add_argument("--random-weights", action="store_true", help="same architecture, random weights")
+    parser.add_argument("--no-reload", action="store_true", help="skip the reload-from-disk contrast")
+    parser.add_argument("--plain", action="store_true", help="also time transformers' model.generate")
+    parser.add_argument(
+        "--generic", action="store_true", help="use the generic decode loop, not the fast one"
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="the user message to answer")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rich.console import Console
+
+    args = build_parser().parse_args(argv)
+    err = Console(stderr=True)
+    if args.tokens < 2:
+        err.print("--tokens must be at least 2 (decode speed needs two tokens)")
+        return 2
+    try:
+        precisions = parse_precisions(args.precisions)
+        rows = bench_rows(
+            precisions,
+            tokens=args.tokens,
+            device=args.device,
+            model=args.model,
+            int8_threshold=args.threshold,
+            double_quant=args.double_quant,
+            random_weights=args.random_weights,
+            reload=not args.no_reload,
+            plain=args.plain,
+            fast=not args.generic,
+            threads=args.threads,
+            prompt=args.prompt,
+            log=None if args.json else (lambda msg: err.print(f"[dim]{msg}[/dim]")),
+        )
+    except EngineError as exc:
+        err.print(f"quant-tutor bench: {exc}")
+        return 1
+    if args.json:
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+    else:
+        Console().print(render_table(rows))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

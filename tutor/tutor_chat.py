@@ -1,0 +1,101 @@
+"""The tutor: retrieval and grounding wired to the model engine.
+
+Used by ``quant-tutor ask`` and by the TUI's chat, so both answer the same way: the
+lesson's own sentence first, then the model's short explanation at the engine's current
+precision, checked sentence by sentence against the cited passages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from tutor import grounding
+from tutor.retrieval import sentences
+
+if TYPE_CHECKING:
+    import threading
+
+    from tutor.engine import Engine
+    from tutor.engine.reports import ReplyStats, TokenEvent
+    from tutor.retrieval import Retriever
+
+MAX_NEW_TOKENS = 96  # three short sentences; a 135M model rambles past that
+MAX_SENTENCES = 3
+_ENDINGS = (".", "!", "?", "”", '"', ")")
+
+
+def complete_sentences(text: str) -> list[str]:
+    """The distinct finished sentences of ``text``, in order (a small model repeats itself)."""
+    kept: list[str] = []
+    for sentence in sentences(text):
+        if sentence.rstrip().endswith(_ENDINGS) and sentence not in kept:
+            kept.append(sentence)
+    return kept
+
+
+def tidy(text: str, max_sentences: int = MAX_SENTENCES) -> str:
+    """At most ``max_sentences`` distinct finished sentences; a lone unfinished one is kept as is."""
+    done = complete_sentences(text)
+    return " ".join(done[:max_sentences]) if done else text.strip()
+
+
+def stats_dict(stats: ReplyStats) -> dict[str, Any]:
+    """The reply stats the tutor shows and ``ask --json`` prints."""
+    return {
+        "ttft_s": None if stats.ttft_s is None else round(stats.ttft_s, 3),
+        "tokens": stats.tokens,
+        "tokens_per_s": None if stats.decode_tok_s is None else round(stats.decode_tok_s, 1),
+        "weights_mib": stats.weights_mib,
+        "precision": stats.precision,
+        "device": stats.device,
+        "peak_rss_mib": stats.peak_rss_mib,
+        "cancelled": stats.cancelled,
+    }
+
+
+def ask(
+    question: str,
+    retriever: Retriever,
+    engine: Engine,
+    lesson_id: str | None = None,
+    on_token: Callable[[TokenEvent], None] | None = None,
+    cancel: threading.Event | None = None,
+    on_prepared: Callable[[grounding.Prepared], None] | None = None,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    max_sentences: int = MAX_SENTENCES,
+) -> grounding.TutorAnswer:
+    """Answer ``question`` from the lessons; the model runs only when they cover it.
+
+    ``on_prepared`` sees the retrieval result (quote, citations or the decline) before the
+    model starts, so a screen can show the lesson's sentence while the explanation streams.
+    """
+    prepared = grounding.prepare(question, retriever, lesson_id)
+    if on_prepared is not None:
+        on_prepared(prepared)
+    if not prepared.grounded:
+        return grounding.finish(prepared, "", {}, retriever.embed, engine.precision)
+    pieces: list[str] = []
+
+    def token(event: TokenEvent) -> None:
+        pieces.append(event.text)
+        if on_token is not None:
+            on_token(event)
+
+    def stop() -> bool:
+        # Stop once the answer has its sentences, instead of letting the model repeat them.
+        return (cancel is not None and cancel.is_set()) or len(
+            complete_sentences("".join(pieces))
+        ) >= max_sentences
+
+    reply = engine.generate(
+        prepared.messages, max_new_tokens=max_new_tokens, on_token=token, cancel=stop, wait=True
+    )
+    stats = stats_dict(reply.stats)
+    stats["cancelled"] = cancel is not None and cancel.is_set()
+    stats["stop"] = (
+        "cancelled"
+        if stats["cancelled"]
+        else ("sentences" if reply.stats.cancelled else reply.stats.stop_reason)
+    )
+    return grounding.finish(prepared, tidy(reply.text, max_sentences), stats, retriever.embed)

@@ -1,0 +1,113 @@
+"""The weight lab: one real weight matrix quantized to 8, 4, 3 and 2 bits, and what it costs.
+
+For each scheme the matrix is quantized and dequantized with per-block scales, then
+compared with the original: the relative RMS error of the weights, and the relative
+RMS error of the layer's output on real activations (the inputs that layer saw while
+the model read the lesson). NF4 and FP4 use bitsandbytes' own quantizer, so the lab
+shows exactly what the tutor's nf4/fp4 precisions do to that layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+BLOCK = 64  # weights per scale, as bitsandbytes' 4-bit default
+
+
+@dataclass(frozen=True)
+class LabRow:
+    scheme: str
+    bits: int
+    bits_per_weight: float  # including the per-block scale (and minimum) storage
+    weight_rel_rms: float
+    output_rel_rms: float
+    method: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _blocks(w: torch.Tensor) -> torch.Tensor:
+    flat = w.float().reshape(-1)
+    pad = (-flat.numel()) % BLOCK
+    if pad:
+        import torch
+
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    return flat.reshape(-1, BLOCK)
+
+
+def _unblocks(blocks: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return blocks.reshape(-1)[: like.numel()].reshape(like.shape)
+
+
+def absmax_int8(w: torch.Tensor) -> torch.Tensor:
+    """Symmetric int8 with one absmax scale per block (levels -127..127)."""
+    blocks = _blocks(w)
+    scale = blocks.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127
+    return _unblocks((blocks / scale).round().clamp(-127, 127) * scale, w)
+
+
+def round_to_nearest(bits: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Asymmetric round-to-nearest with a scale and a minimum per block (2**bits levels)."""
+    levels = 2**bits - 1
+
+    def quantize(w: torch.Tensor) -> torch.Tensor:
+        blocks = _blocks(w)
+        low = blocks.amin(dim=1, keepdim=True)
+        scale = (blocks.amax(dim=1, keepdim=True) - low).clamp_min(1e-12) / levels
+        return _unblocks(((blocks - low) / scale).round().clamp(0, levels) * scale + low, w)
+
+    return quantize
+
+
+def bnb_4bit(quant_type: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    def quantize(w: torch.Tensor) -> torch.Tensor:
+        import bitsandbytes.functional as bnbf
+
+        packed, state = bnbf.quantize_4bit(w.contiguous(), blocksize=BLOCK, quant_type=quant_type)
+        return bnbf.dequantize_4bit(packed, state).to(w.dtype)
+
+    return quantize
+
+
+# (name, bits, bits per weight with scale storage, quantizer, method); fp32 absmax for int8/bnb,
+# an fp16 scale and minimum for the round-to-nearest schemes.
+SCHEMES: list[tuple[str, int, float, Callable[[torch.Tensor], torch.Tensor], str]] = [
+    ("int8 absmax", 8, 8 + 32 / BLOCK, absmax_int8, f"symmetric, one fp32 absmax per {BLOCK}"),
+    ("nf4", 4, 4 + 32 / BLOCK, bnb_4bit("nf4"), f"bitsandbytes NF4, absmax per {BLOCK}"),
+    ("fp4", 4, 4 + 32 / BLOCK, bnb_4bit("fp4"), f"bitsandbytes FP4, absmax per {BLOCK}"),
+    ("int4 rtn", 4, 4 + 32 / BLOCK, round_to_nearest(4), f"round-to-nearest, fp16 scale+min per {BLOCK}"),
+    ("int3 rtn", 3, 3 + 32 / BLOCK, round_to_nearest(3), f"round-to-nearest, fp16 scale+min per {BLOCK}"),
+    ("int2 rtn", 2, 2 + 32 / BLOCK, round_to_nearest(2), f"round-to-nearest, fp16 scale+min per {BLOCK}"),
+]
+
+
+def _rel_rms(reference: torch.Tensor, approx: torch.Tensor) -> float:
+    ref = reference.float()
+    return float((approx.float() - ref).norm() / ref.norm().clamp_min(1e-12))
+
+
+def run_lab(weight: torch.Tensor, activations: torch.Tensor) -> list[LabRow]:
+    """Quantize ``weight`` (out × in) every way; ``activations`` (n × in) are real inputs to it."""
+    x = activations.float().reshape(-1, weight.shape[1])
+    reference = x @ weight.float().T
+    rows = []
+    for name, bits, bpw, quantize, method in SCHEMES:
+        approx = quantize(weight)
+        rows.append(
+            LabRow(
+                name,
+                bits,
+                round(bpw, 2),
+                _rel_rms(weight, approx),
+                _rel_rms(reference, x @ approx.float().T),
+                method,
+            )
+        )
+    return rows
