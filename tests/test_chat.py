@@ -174,3 +174,24 @@ def test_supported_share_per_precision(  # type: ignore[no-untyped-def]
         shares[precision] = sum(r.supported for r in results) / sentences
     with capsys.disabled():
         print("\nsupported share of generated sentences:", {p: f"{s:.0%}" for p, s in shares.items()})
+
+
+async def test_step_one_doubts_are_marked_then_revealed_and_saved(  # type: ignore[no-untyped-def]
+    library: Library, store: Store, bf16_engine, shared_retriever
+) -> None:
+    from textual.widgets import SelectionList
+
+    app = QuantTutorApp(library, store, tutor=_ready_runtime(library, bf16_engine, shared_retriever))
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("p")
+        await pilot.click("#ask-0")
+        await pilot.press("enter")
+        chat = app.screen.query_one(ChatView)
+        entry = chat.query(ChatEntry).last()
+        await _until(pilot, lambda: entry.answer is not None and bool(entry.query(SelectionList)))
+        assert entry.answer is not None and entry.answer.sentences
+        assert _text(entry.query_one(".chat-checks", Plain)) == "", "the check stays hidden until revealed"
+        await pilot.press("space", "v")
+        checks = _text(entry.query_one(".chat-checks", Plain))
+        assert "(you doubted this)" in checks
+        assert store.marks(SEED, 0) == [entry.answer.sentences[0].text]

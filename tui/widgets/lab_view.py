@@ -166,9 +166,11 @@ class LabView(VerticalScroll, can_focus=True):
         xs = list(range(1, len(rows) + 1))
         reference = rows[0].weights_mib or 1.0
         # Distinct marker characters, so the series differ without colour.
-        plt.plot(xs, [r.kl_mean for r in rows], label="mean KL (●)", marker="●")
-        plt.plot(xs, [r.ppl_ratio - 1 for r in rows], label="PPL ratio − 1 (▲)", marker="▲")
-        plt.plot(xs, [r.weights_mib / reference for r in rows], label="weights ÷ bf16 (■)", marker="■")
+        plt.scatter(xs, [r.kl_mean for r in rows], label="mean KL (●)", marker="●")
+        plt.scatter(xs, [r.ppl_ratio - 1 for r in rows], label="PPL ratio − 1 (▲)", marker="▲")
+        plt.scatter(xs, [r.weights_mib / reference for r in rows], label="weights ÷ bf16 (■)", marker="■")
+        plt.xlim(0.5, len(rows) + 0.5)
+        plt.ylim(0, 1.2)
         plt.xticks(xs, [r.precision for r in rows])
         plt.title("Quality lost and memory kept, by precision")
         chart.refresh()
