@@ -6,7 +6,6 @@ tutor tab first opens, and every chat shares the one engine and index.
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -64,6 +63,7 @@ class TutorRuntime:
         changed()
         try:
             from tutor.engine import Engine, EngineError
+            from tutor.engine.memory import cpu_count
             from tutor.retrieval import Retriever
 
             self.detail = "indexing the lessons"
@@ -76,7 +76,7 @@ class TutorRuntime:
                 changed()
 
             # One core stays free for the interface: with every core decoding, a redraw stalls the reply.
-            threads = max(1, (os.cpu_count() or 2) - 1)
+            threads = max(1, cpu_count() - 1)
             self.engine = Engine.load(
                 self.model, device=self.device, progress=progress, cache_dir=self.cache_dir, threads=threads
             )

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import platform
 from importlib import metadata
+
+from tutor.engine.memory import cpu_count
 
 
 def _cpu_model() -> str:
@@ -28,8 +29,7 @@ def _version(package: str) -> str:
 
 
 def describe(device: str = "cpu") -> str:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    where = f"{_cpu_model()}, {cores} cores"
+    where = f"{_cpu_model()}, {cpu_count()} cores"
     if device.startswith("cuda"):
         import torch
 

@@ -15,16 +15,16 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
-import tempfile
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from tutor.content import Library, plain_text
+from tutor.files import write_atomic
 from tutor.paths import cache_dir
 
 if TYPE_CHECKING:
@@ -167,12 +167,8 @@ def _cache_file(key: dict[str, Any], folder: Path | None) -> Path:
     return (folder or cache_dir()) / "cliff" / f"{key['precision']}-{digest}.json"
 
 
-def _write_atomic(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        json.dump(data, handle)
-    os.replace(tmp, path)
+def _write_json(data: dict[str, Any], handle: IO[bytes]) -> None:
+    handle.write(json.dumps(data).encode())
 
 
 def quality_rows(
@@ -235,5 +231,6 @@ def quality_rows(
                 row.groundedness = sum(a.supported for a in mine) / sentences if sentences else None
                 row.qa_questions = len(mine)
             cached[precision] = row.as_dict()
-            _write_atomic(_cache_file({**base, "precision": precision}, folder), cached[precision])
+            path = _cache_file({**base, "precision": precision}, folder)
+            write_atomic(path, partial(_write_json, cached[precision]))
     return [QualityRow(**cached[p]) for p in precisions]

@@ -26,7 +26,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -37,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tutor.content import Library, Section
+from tutor.files import write_atomic
 from tutor.text import clean
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -428,19 +428,6 @@ def index_key(chunks: Sequence[Chunk], model_name: str) -> str:
     return digest.hexdigest()
 
 
-def _write_atomic(path: Path, write: Callable[[Any], None]) -> None:
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-
-
 @dataclass
 class Retriever:
     """The loaded embedding model plus the lessons' chunk index; :meth:`search` answers queries."""
@@ -680,9 +667,9 @@ def _write_index(
             ],
         }
         # The vectors first: the JSON is what marks the pair as complete.
-        _write_atomic(vectors_path, lambda handle: np.save(handle, vectors, allow_pickle=False))
+        write_atomic(vectors_path, lambda handle: np.save(handle, vectors, allow_pickle=False))
         payload = json.dumps(meta, ensure_ascii=False, indent=1).encode("utf-8")
-        _write_atomic(meta_path, lambda handle: handle.write(payload))
+        write_atomic(meta_path, lambda handle: handle.write(payload))
         for stale in index_dir.glob("chunks-*"):
             if stale not in (vectors_path, meta_path) and stale.suffix in (".npy", ".json"):
                 stale.unlink(missing_ok=True)
