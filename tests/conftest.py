@@ -63,3 +63,40 @@ def bf16_engine(shared_engine):  # type: ignore[no-untyped-def]
     shared_engine.switch("bf16", wait=True)
     yield shared_engine
     shared_engine.switch("bf16", wait=True)
+
+
+# --- the real engine process (what the app talks to), started once per test session ---------
+
+
+@pytest.fixture(scope="session")
+def engine_process(model_cache: Path):  # type: ignore[no-untyped-def]
+    import time
+
+    from tutor.engine.process import EngineProcess
+
+    process = EngineProcess(cache_dir=model_cache)
+    client = process.start()
+    deadline = time.monotonic() + 600
+    try:
+        while (state := client.status()["state"]) != "ready":
+            assert state != "failed", client.status()["error"]
+            assert time.monotonic() < deadline, "the engine process did not get ready"
+            time.sleep(0.2)
+    finally:
+        client.close()
+    yield process
+    process.stop()
+
+
+@pytest.fixture
+def engine_runtime(library: Library, engine_process):  # type: ignore[no-untyped-def]
+    """A tutor runtime attached to the shared engine process, ready, at bf16."""
+    from tui.tutor_runtime import TutorRuntime
+
+    runtime = TutorRuntime(library, process=engine_process, keep_engine=True)
+    runtime.load(lambda: None)
+    assert runtime.ready, runtime.error
+    if runtime.client is not None and runtime.client.status()["precision"] != "bf16":
+        runtime.client.switch("bf16")
+    yield runtime
+    runtime.stop()

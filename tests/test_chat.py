@@ -9,20 +9,15 @@ import pytest
 
 from tests.conftest import SEED
 from tui.app import QuantTutorApp
-from tui.tutor_runtime import READY, TutorRuntime
+from tui.tutor_runtime import TutorRuntime, TutorState
 from tui.widgets.chat_view import ChatEntry, ChatView
 from tui.widgets.plain import Plain
 from tui.widgets.quiz_view import QuizView
 from tutor.content import Library
 from tutor.store import Store
-from tutor.tutor_chat import MAX_NEW_TOKENS
 
 pytestmark = pytest.mark.model
 SIZE = (100, 40)
-
-
-def _ready_runtime(library: Library, engine, retriever) -> TutorRuntime:  # type: ignore[no-untyped-def]
-    return TutorRuntime(library, state=READY, engine=engine, retriever=retriever)
 
 
 async def _until(pilot, condition, seconds: float = 400) -> None:  # type: ignore[no-untyped-def]
@@ -37,30 +32,30 @@ def _text(widget: Plain) -> str:
 
 
 async def test_ask_streams_an_answer_with_citations_and_switches_live(  # type: ignore[no-untyped-def]
-    library: Library, store: Store, bf16_engine, shared_retriever
+    library: Library, store: Store, engine_runtime
 ) -> None:
-    app = QuantTutorApp(library, store, tutor=_ready_runtime(library, bf16_engine, shared_retriever))
+    app = QuantTutorApp(library, store, tutor=engine_runtime)
     async with app.run_test(size=SIZE) as pilot:
         await pilot.press("t")
         chat = app.screen.query_one(ChatView)
         assert "tutor bf16" in _text(chat.query_one("#chat-badge", Plain))
         streamed: list[str] = []
-        original = ChatEntry.add_text
+        original = ChatEntry.set_text
 
-        async def spy(entry: ChatEntry, text: str) -> None:
+        def spy(entry: ChatEntry, text: str) -> None:
             streamed.append(text)
-            await original(entry, text)
+            original(entry, text)
 
-        ChatEntry.add_text = spy  # type: ignore[method-assign]
+        ChatEntry.set_text = spy  # type: ignore[method-assign]
         try:
             await pilot.press(*"Is 4-bit good enough for a chatbot?", "enter")
             entry = chat.query(ChatEntry).last()
             await _until(pilot, lambda: entry.answer is not None)
         finally:
-            ChatEntry.add_text = original  # type: ignore[method-assign]
+            ChatEntry.set_text = original  # type: ignore[method-assign]
         answer = entry.answer
         assert answer is not None and answer.grounded and answer.precision == "bf16"
-        assert len(streamed) > 1, "tokens arrived one by one"
+        assert len(streamed) > 1, "the reply was drawn as it streamed, not only at the end"
         assert answer.citations and answer.quote is not None
         quote = _text(entry.query_one(".chat-quote", Plain))
         assert "From the lesson" in quote and answer.quote.text in quote
@@ -71,7 +66,7 @@ async def test_ask_streams_an_answer_with_citations_and_switches_live(  # type: 
 
         # Switch mid-conversation: the conversation stays, the next reply is tagged int8.
         await pilot.press("f6")
-        await _until(pilot, lambda: bf16_engine.precision == "int8" and app.tutor.switching is None)
+        await _until(pilot, lambda: app.tutor.precision == "int8" and app.tutor.switching is None)
         await pilot.press("ctrl+r")
         await _until(pilot, lambda: len(chat.query(ChatEntry)) == 2 and chat.query(ChatEntry).last().answer)
         first, second = chat.query(ChatEntry)
@@ -82,29 +77,40 @@ async def test_ask_streams_an_answer_with_citations_and_switches_live(  # type: 
         assert "tutor int8" in _text(chat.query_one("#chat-badge", Plain))
 
 
-async def test_escape_cancels_and_markup_is_literal(  # type: ignore[no-untyped-def]
-    library: Library, store: Store, bf16_engine, shared_retriever
+async def test_escape_cancels_through_the_engine_and_markup_is_literal(  # type: ignore[no-untyped-def]
+    library: Library, store: Store, engine_runtime
 ) -> None:
-    app = QuantTutorApp(library, store, tutor=_ready_runtime(library, bf16_engine, shared_retriever))
+    question = "What does [bold]NF4[/bold] \x1b[31mquantization do?"
+    app = QuantTutorApp(library, store, tutor=engine_runtime)
     async with app.run_test(size=SIZE) as pilot:
         await pilot.press("t")
         chat = app.screen.query_one(ChatView)
-        question = "What does [bold]NF4[/bold] \x1b[31mquantization do?"
-        chat.query_one("#chat-input").value = question  # type: ignore[attr-defined]
-        await pilot.press("enter", "escape")
-        entry = chat.query(ChatEntry).last()
-        await _until(pilot, lambda: entry.answer is not None)
-        assert entry.answer is not None and entry.answer.stats["cancelled"] is True
-        assert entry.answer.stats["stop"] == "cancelled"
-        assert entry.answer.stats["tokens"] < MAX_NEW_TOKENS  # the engine's own test pins "within one token"
-        said = _text(entry.query(Plain).first())
+        box = chat.query_one("#chat-input")
+        box.value = question  # type: ignore[attr-defined]
+        await pilot.press("enter")
+        whole = chat.query(ChatEntry).last()
+        await _until(pilot, lambda: whole.answer is not None)
+        assert whole.answer is not None and whole.answer.stats["stop"] != "cancelled"
+
+        box.value = question  # type: ignore[attr-defined]
+        await pilot.press("enter")
+        cut = chat.query(ChatEntry).last()
+        # Esc once the first words are on screen: the cancel travels to the engine process.
+        await _until(pilot, lambda: bool(_text(cut.query_one(".chat-model", Plain)).strip()))
+        await pilot.press("escape")
+        await _until(pilot, lambda: cut.answer is not None)
+        assert cut.answer is not None
+        assert cut.answer.stats["stop"] == "cancelled", "the engine itself says it stopped on the cancel"
+        assert cut.answer.stats["tokens"] < whole.answer.stats["tokens"], "the same greedy reply, cut short"
+        assert "cancelled" in _text(cut.query_one(".chat-stats", Plain))
+        said = _text(cut.query(Plain).first())
         assert "[bold]NF4[/bold]" in said and "\x1b" not in said and "[31m" not in said
 
 
 async def test_off_topic_is_declined_without_the_model(  # type: ignore[no-untyped-def]
-    library: Library, store: Store, bf16_engine, shared_retriever
+    library: Library, store: Store, engine_runtime
 ) -> None:
-    app = QuantTutorApp(library, store, tutor=_ready_runtime(library, bf16_engine, shared_retriever))
+    app = QuantTutorApp(library, store, tutor=engine_runtime)
     async with app.run_test(size=SIZE) as pilot:
         await pilot.press("t", *"How long should I boil an egg?", "enter")
         chat = app.screen.query_one(ChatView)
@@ -115,10 +121,10 @@ async def test_off_topic_is_declined_without_the_model(  # type: ignore[no-untyp
 
 
 async def test_practice_and_quiz_open_the_tutor_prefilled(  # type: ignore[no-untyped-def]
-    library: Library, store: Store, bf16_engine, shared_retriever
+    library: Library, store: Store, engine_runtime
 ) -> None:
     lesson = library.get(SEED)
-    app = QuantTutorApp(library, store, tutor=_ready_runtime(library, bf16_engine, shared_retriever))
+    app = QuantTutorApp(library, store, tutor=engine_runtime)
     async with app.run_test(size=SIZE) as pilot:
         await pilot.press("p")
         await pilot.click("#ask-1")
@@ -140,7 +146,7 @@ async def test_lesson_and_quiz_respond_while_the_model_loads(
     lesson = library.get(SEED)
     async with app.run_test(size=SIZE) as pilot:
         await pilot.press("t")
-        await _until(pilot, lambda: runtime.state == "loading", 10)
+        await _until(pilot, lambda: runtime.state is TutorState.LOADING, 10)
         await pilot.press("escape", "q", "enter")  # Esc leaves the question box; q opens the quiz
         states = []
         for question in lesson.questions[:3]:
@@ -149,10 +155,11 @@ async def test_lesson_and_quiz_respond_while_the_model_loads(
             await pilot.press("enter")
         quiz = app.screen.query_one(QuizView)
         assert quiz.session is not None and quiz.session.score == 3
-        assert states[0] == "loading", "the quiz answered while the model was still loading"
+        assert states[0] is TutorState.LOADING, "the quiz answered while the model was still loading"
         await pilot.press("l")
         await _until(pilot, lambda: runtime.ready, 120)
         assert "tutor bf16" in _text(app.screen.query_one("#status-bar", Plain))
+    runtime.stop()
 
 
 def test_supported_share_per_precision(  # type: ignore[no-untyped-def]
@@ -177,11 +184,11 @@ def test_supported_share_per_precision(  # type: ignore[no-untyped-def]
 
 
 async def test_step_one_doubts_are_marked_then_revealed_and_saved(  # type: ignore[no-untyped-def]
-    library: Library, store: Store, bf16_engine, shared_retriever
+    library: Library, store: Store, engine_runtime
 ) -> None:
     from textual.widgets import SelectionList
 
-    app = QuantTutorApp(library, store, tutor=_ready_runtime(library, bf16_engine, shared_retriever))
+    app = QuantTutorApp(library, store, tutor=engine_runtime)
     async with app.run_test(size=SIZE) as pilot:
         await pilot.press("p")
         await pilot.click("#ask-0")

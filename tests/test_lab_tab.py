@@ -1,4 +1,4 @@
-"""The Lab tab on the real model: a measured result shown as table, chart and method; compare."""
+"""The Lab tab on the real engine process: live rows, Esc stops, a measured result shown whole; compare."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from textual.widgets import DataTable
 from textual_plotext import PlotextPlot
 
 from tui.app import QuantTutorApp
-from tui.tutor_runtime import READY, TutorRuntime
 from tui.widgets.lab_view import LAB_PRECISIONS, LabView
 from tui.widgets.plain import Plain
 from tutor.content import Library
@@ -20,17 +19,45 @@ from tutor.store import Store
 pytestmark = pytest.mark.model
 
 
-async def test_lab_shows_measurements_and_compares(  # type: ignore[no-untyped-def]
-    library: Library, store: Store, bf16_engine, shared_retriever, tmp_path: Path
+async def _until(pilot, condition, seconds: float = 300) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        await pilot.pause(0.2)
+
+
+async def test_m_measures_live_and_escape_stops(  # type: ignore[no-untyped-def]
+    library: Library, store: Store, engine_runtime
 ) -> None:
-    result = run_cliff(bf16_engine, library, LAB_PRECISIONS, max_windows=1, window=128, folder=tmp_path)
-    assert [r.precision for r in result.rows] == LAB_PRECISIONS
-    runtime = TutorRuntime(library, state=READY, engine=bf16_engine, retriever=shared_retriever)
-    app = QuantTutorApp(library, store, tutor=runtime)
+    app = QuantTutorApp(library, store, tutor=engine_runtime)
     async with app.run_test(size=(100, 40)) as pilot:
         await pilot.press("b")
         lab = app.screen.query_one(LabView)
-        lab._show(result)
+        lab.focus()
+        await pilot.press("m")
+        status = lab.query_one("#lab-status", Plain)
+        await _until(pilot, lambda: "Measuring (quick)" in str(status.visual))
+        assert "Press m" not in str(status.visual)
+        table = lab.query_one("#lab-table", DataTable)
+        # The reference row arrives on its own, before the measurement is over.
+        await _until(pilot, lambda: table.row_count >= 1)
+        assert lab.measuring and table.get_row_at(0)[0] == "bf16"
+        await pilot.press("escape")
+        await _until(pilot, lambda: not lab.measuring, 60)
+        assert "stopped" in str(status.visual)
+        assert not lab.query_one("#lab-progress").display
+
+
+async def test_lab_shows_a_result_and_compares(  # type: ignore[no-untyped-def]
+    library: Library, store: Store, bf16_engine, engine_runtime, tmp_path: Path
+) -> None:
+    result = run_cliff(bf16_engine, library, LAB_PRECISIONS, max_windows=1, window=128, folder=tmp_path)
+    assert [r.precision for r in result.rows] == LAB_PRECISIONS
+    app = QuantTutorApp(library, store, tutor=engine_runtime)
+    async with app.run_test(size=(100, 40)) as pilot:
+        await pilot.press("b")
+        lab = app.screen.query_one(LabView)
+        lab._show(result.as_dict())
         await pilot.pause()
         table = lab.query_one("#lab-table", DataTable)
         assert table.row_count == 4
@@ -40,12 +67,8 @@ async def test_lab_shows_measurements_and_compares(  # type: ignore[no-untyped-d
         assert "second half" in method and "Machine:" in method and "Q4_1" in method
 
         await pilot.press("c", *"Is int8 near-lossless?", "enter")
-        deadline = time.monotonic() + 400
-        while "waiting" in str(lab.query_one("#col-fp4 Plain", Plain).visual):
-            assert time.monotonic() < deadline
-            await pilot.pause(0.3)
+        await _until(pilot, lambda: "waiting" not in str(lab.query_one("#col-fp4 Plain", Plain).visual))
         columns = [str(lab.query_one(f"#col-{p} Plain", Plain).visual) for p in LAB_PRECISIONS]
         assert columns[0].startswith("bf16 (reference)") and "«" not in columns[0]
         assert all("TTFT" in column for column in columns)
-        await pilot.pause(0.5)
-        assert bf16_engine.precision == "bf16", "compare puts the precision back"
+        assert engine_runtime.precision == "bf16", "each compared answer named its own precision"

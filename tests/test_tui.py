@@ -189,3 +189,35 @@ async def test_text_is_shown_literally(library: Library, store: Store) -> None:
         note = _study(app).query_one("#note-0", TextArea)
         assert note.text == "\x1b[31mred\x1b[0m [bold]not bold[/bold]"  # the learner's text is kept exactly
         assert isinstance(_study(app).query_one(LessonView), LessonView)
+
+
+async def test_model_text_is_inert(library: Library, store: Store) -> None:
+    """Markup, an OSC 8 hyperlink, ANSI colour and a Markdown link from the model stay plain text."""
+    from tui.widgets.chat_view import ChatEntry, ChatView
+
+    app = QuantTutorApp(library, store)
+    async with app.run_test(size=(100, 40)) as pilot:
+        await pilot.press("t")
+        chat = _study(app).query_one(ChatView)
+        entry = ChatEntry("q", "", None)
+        await chat.query_one("#chat-log").mount(entry)
+        prepared = {
+            "question": "q",
+            "question_cut": False,
+            "grounded": True,
+            "decline": None,
+            "quote": {"text": "[i]quoted[/i]", "section": "S", "lesson": SEED, "title": "T"},
+            "citations": [{"title": "T", "section": "S", "text": "[link=https://x.test]passage[/link]"}],
+        }
+        entry.show_prepared(prepared, "bf16")
+        evil = (
+            "[bold]Bold?[/bold] \x1b]8;;https://evil.test\x1b\\click\x1b]8;;\x1b\\ "
+            "\x1b[31mred\x1b[0m [a link](https://evil.test)"
+        )
+        entry.set_text(evil)
+        await pilot.pause()
+        shown = entry.query_one(".chat-model", Plain).visual
+        assert str(shown) == "[bold]Bold?[/bold] click red [a link](https://evil.test)"
+        assert not any(span.style for span in shown.spans), "no style or link was applied"
+        assert "[i]quoted[/i]" in str(entry.query_one(".chat-quote", Plain).visual)
+        assert "[link=https://x.test]passage[/link]" in str(entry.query_one(".chat-passage", Plain).visual)

@@ -16,7 +16,7 @@ from textual.screen import Screen
 from tui.messages import TutorStatus
 from tui.screens.study import TABS, StudyScreen
 from tui.screens.too_small import MIN_HEIGHT, MIN_WIDTH, TooSmallScreen
-from tui.tutor_runtime import TutorRuntime
+from tui.tutor_runtime import TutorRuntime, TutorState
 from tui.widgets.chat_view import PRECISION_KEYS, ChatView
 from tui.widgets.practice_view import PracticeView
 from tui.widgets.quiz_view import QuizView
@@ -36,6 +36,7 @@ class QuantTutorApp(App[None]):
         model: str | None = None,
         device: str = "cpu",
         tutor: TutorRuntime | None = None,
+        start_engine: bool = False,
     ) -> None:
         super().__init__()
         self.library = library
@@ -44,6 +45,7 @@ class QuantTutorApp(App[None]):
         wanted = lesson_id or store.last_lesson()
         self.start_lesson = wanted if wanted in library.lessons else first
         self.tutor = tutor or TutorRuntime(library, model=model, device=device)
+        self.start_engine = start_engine
 
     def on_mount(self) -> None:
         self.push_screen(self._study(self.start_lesson))
@@ -59,6 +61,15 @@ class QuantTutorApp(App[None]):
                 timeout=20,
             )
         self._check_size(self.size.width, self.size.height)
+        self.set_interval(1.0, self._check_engine)
+        if self.start_engine:
+            # Loading starts once the lesson is drawn, so the tutor is ready by the time it is opened.
+            self.call_after_refresh(self.start_tutor)
+
+    def _check_engine(self) -> None:
+        """Notice an engine that died while idle (no I/O: a look at the child's exit status)."""
+        if self.tutor.engine_died():
+            self.post_message(TutorStatus())
 
     def _study(self, lesson_id: str) -> StudyScreen:
         return StudyScreen(self.library.get(lesson_id), self.library, self.store, self.tutor)
@@ -79,7 +90,7 @@ class QuantTutorApp(App[None]):
 
     def start_tutor(self) -> None:
         """Load the model and index in the background, once; the UI never waits for it."""
-        if self.tutor.state in ("idle", "failed"):
+        if self.tutor.state in (TutorState.IDLE, TutorState.FAILED, TutorState.STOPPED):
             self.run_worker(partial(self.tutor.load, self._tutor_changed), thread=True, group="tutor-load")
 
     def _tutor_changed(self) -> None:
@@ -156,7 +167,7 @@ class QuantTutorApp(App[None]):
             "Re-run the last question (Ctrl+R)",
             partial(self._chat, "ask_again"),
         )
-        if chat.runtime.state == "idle":
+        if chat.runtime.state is TutorState.IDLE:
             yield SystemCommand(
                 "Tutor: load the model now", "Start loading in the background", self.start_tutor
             )
@@ -200,8 +211,10 @@ def run_app(
     except StoreError as exc:
         print(f"quant-tutor: {exc}", file=sys.stderr)
         return 2
+    app = QuantTutorApp(library, store, lesson_id, model=model, device=device, start_engine=True)
     try:
-        QuantTutorApp(library, store, lesson_id, model=model, device=device).run()
+        app.run()
     finally:
+        app.tutor.stop()
         store.close()
     return 0

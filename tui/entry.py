@@ -10,6 +10,11 @@ from tutor import cli
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = cli.parse(argv)
+    if args.command == "bench" and "--app" in args.rest:
+        # It drives the Textual app, which the domain's own bench may not import.
+        from tui.app_bench import main as bench_app
+
+        return bench_app([a for a in args.rest if a != "--app"])
     if args.command is not None:
         return cli.run(args)
     # Imported only here so plain commands and --version never pay for textual.

@@ -1,25 +1,33 @@
-"""The tutor's model and lesson index, loaded once per app in a background thread.
+"""The app's handle on its engine process: start it, follow its loading, notice when it dies.
 
-Lessons, practice and quiz never wait for this: the study screen asks for it when the
-tutor tab first opens, and every chat shares the one engine and index.
+The model, the lesson index and every measurement live in a child process (see
+``tutor.engine.process``); this side holds only a client, so the UI never imports torch and
+a reply never takes turns with the renderer for one interpreter. Lessons, practice and quiz
+never wait for it: the study screen starts it when the tutor or lab tab first opens.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from tutor.content import Library
+from tutor.engine.client import EngineClient, EngineGone, EngineRefused
+from tutor.engine.process import EngineProcess, EngineStartError
 
-if TYPE_CHECKING:
-    from tutor.engine import Engine
-    from tutor.engine.reports import LoadProgress
-    from tutor.retrieval import Retriever
+POLL_S = 0.2  # how often loading progress is read while the engine loads
 
-LOADING, READY, FAILED, IDLE = "loading", "ready", "failed", "idle"
+
+class TutorState(Enum):
+    IDLE = "idle"  # not started yet
+    LOADING = "loading"  # the process is starting or loading the model
+    READY = "ready"
+    FAILED = "failed"  # the model could not load; the message says why
+    STOPPED = "stopped"  # the engine process died; the next question restarts it
 
 
 @dataclass
@@ -28,61 +36,116 @@ class TutorRuntime:
     model: str | None = None
     device: str = "cpu"
     cache_dir: Path | None = None  # None: tutor.paths.cache_dir()
-    state: str = IDLE
+    threads: int | None = None
+    state: TutorState = TutorState.IDLE
     detail: str = ""
     fraction: float = 0.0
     error: str = ""
-    engine: Engine | None = None
-    retriever: Retriever | None = None
-    switching: str | None = None  # precision a switch is building right now
+    precision: str = "bf16"  # what the learner chose: every question runs at it
+    weights_mib: float | None = None  # of ``precision``, as the engine measured it
+    switching: str | None = None  # the precision a switch is building right now
+    process: EngineProcess | None = None
+    client: EngineClient | None = None
+    keep_engine: bool = False  # the process is someone else's (a test's shared engine): never stop it
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def ready(self) -> bool:
-        return self.state == READY and self.engine is not None and self.retriever is not None
+        return self.state is TutorState.READY and self.client is not None
 
     def badge(self) -> str:
         """The header badge: precision and weights memory, or what is happening."""
         if self.ready:
-            assert self.engine is not None
-            weights = self.engine.weights()
-            text = f"tutor {self.engine.precision} · {weights.weights_mib:.0f} MiB"
+            weights = "" if self.weights_mib is None else f" · {self.weights_mib:.0f} MiB"
+            text = f"tutor {self.precision}{weights}"
             return f"{text} · switching to {self.switching}…" if self.switching else text
-        if self.state == LOADING:
+        if self.state is TutorState.LOADING:
             return f"tutor loading {round(self.fraction * 100)}%"
-        if self.state == FAILED:
+        if self.state is TutorState.FAILED:
             return "tutor unavailable"
+        if self.state is TutorState.STOPPED:
+            return "tutor stopped"
         return "tutor not loaded"
 
     def load(self, changed: Callable[[], None]) -> None:
-        """Load index then model (blocking: run in a thread); ``changed`` is called on each step."""
+        """Start the engine process and follow it until the model is ready (blocking: a worker runs it).
+
+        ``changed`` is called whenever what the learner sees would change.
+        """
         with self._lock:
-            if self.state in (LOADING, READY):
+            if self.state in (TutorState.LOADING, TutorState.READY):
                 return
-            self.state, self.error = LOADING, ""
+            self.state, self.error, self.detail, self.fraction = (
+                TutorState.LOADING,
+                "",
+                "starting the engine",
+                0.0,
+            )
         changed()
         try:
-            from tutor.engine import Engine, EngineError
-            from tutor.engine.memory import cpu_count
-            from tutor.retrieval import Retriever
-
-            self.detail = "indexing the lessons"
-            changed()
-            self.retriever = Retriever.load(self.library, cache_dir=self.cache_dir)
-
-            def progress(step: LoadProgress) -> None:
-                self.detail = f"{step.stage}: {step.message}".strip(": ")
-                self.fraction = step.fraction
-                changed()
-
-            # One core stays free for the interface: with every core decoding, a redraw stalls the reply.
-            threads = max(1, cpu_count() - 1)
-            self.engine = Engine.load(
-                self.model, device=self.device, progress=progress, cache_dir=self.cache_dir, threads=threads
-            )
-            self.state, self.detail, self.fraction = READY, "", 1.0
-        except EngineError as exc:
-            self.state, self.error = FAILED, str(exc)
-        except Exception as exc:
-            self.state, self.error = FAILED, f"{type(exc).__name__}: {exc}"
+            client = self._start()
+            self._follow(client, changed)
+        except (EngineStartError, EngineGone, EngineRefused) as exc:
+            self.state, self.error = TutorState.FAILED, str(exc)
         changed()
+
+    def _start(self) -> EngineClient:
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+        if self.process is None:
+            self.process = EngineProcess(
+                model=self.model,
+                device=self.device,
+                content=self.library.root,
+                cache_dir=self.cache_dir,
+                threads=self.threads,
+            )
+        return self.process.connect() if self.process.alive() else self.process.start()
+
+    def _follow(self, client: EngineClient, changed: Callable[[], None]) -> None:
+        shown: tuple[str, str, int] | None = None
+        while True:
+            status = client.status()
+            if status["state"] == "failed":
+                client.close()
+                self.state, self.error = TutorState.FAILED, status["error"]
+                return
+            if status["state"] == "ready":
+                break
+            self.detail, self.fraction = status["detail"], status["fraction"]
+            now = (status["stage"], self.detail, round(self.fraction * 100))
+            if now != shown:
+                shown = now
+                changed()
+            time.sleep(POLL_S)
+        if status.get("precision") != self.precision:
+            # A restarted engine comes back at bf16; the learner's choice stands.
+            status = {**status, "weights_mib": client.switch(self.precision)["weights_mib"]}
+        self.weights_mib = status.get("weights_mib")
+        self.client, self.state, self.detail, self.fraction = client, TutorState.READY, "", 1.0
+
+    def engine_died(self) -> bool:
+        """True (and the state says so) when the engine process is gone; cheap, no I/O."""
+        if self.state is not TutorState.READY or self.process is None or self.process.alive():
+            return False
+        self.lost()
+        return True
+
+    def lost(self, why: str = "") -> None:
+        """The engine stopped answering: say how, and let the next question restart it."""
+        how = self.process.exit_description() if self.process is not None else "stopped"
+        self.state = TutorState.STOPPED
+        self.error = why or f"the engine process {how}"
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+
+    def stop(self) -> None:
+        """Stop the engine process (the app is quitting)."""
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+        if self.process is not None and not self.keep_engine:
+            self.process.stop()
+        self.state = TutorState.IDLE

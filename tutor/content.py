@@ -153,6 +153,7 @@ class ContentError:
 class Library:
     lessons: dict[str, Lesson] = field(default_factory=dict)
     errors: list[ContentError] = field(default_factory=list)
+    root: Path | None = None  # the folder it was read from (the engine process reads it again)
 
     def ordered(self) -> list[Lesson]:
         return list(self.lessons.values())
@@ -306,7 +307,7 @@ def load_lesson(folder: Path) -> Lesson:
 def load_library(root: Path | None = None) -> Library:
     """Every lesson under ``root``; broken ones are reported, never fatal."""
     root = root or default_content_dir()
-    library = Library()
+    library = Library(root=root)
     if not root.is_dir():
         library.errors.append(ContentError(root, None, "", "content folder not found"))
         return library

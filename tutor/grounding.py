@@ -75,7 +75,16 @@ class Quote:
     score: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
-        return {"text": self.text, "lesson": self.lesson_id, "section": self.section}
+        return {
+            "text": self.text,
+            "lesson": self.lesson_id,
+            "section": self.section,
+            "title": self.lesson_title,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Quote:
+        return cls(data["text"], data["lesson"], data["section"], data.get("title", ""))
 
 
 @dataclass(frozen=True)
@@ -93,6 +102,10 @@ class SentenceCheck:
 
     def as_dict(self) -> dict[str, Any]:
         return {"text": self.text, "supported": self.supported, "score": round(self.score, 3)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SentenceCheck:
+        return cls(data["text"], bool(data["supported"]), float(data["score"]))
 
 
 @dataclass(frozen=True)
@@ -115,7 +128,19 @@ class Citation:
             "text": self.text,
             "score": round(self.score, 3),
             "anchor": self.anchor,
+            "title": self.lesson_title,
         }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Citation:
+        return cls(
+            data["lesson"],
+            data["section"],
+            data["text"],
+            data["score"],
+            data["anchor"],
+            data.get("title", ""),
+        )
 
 
 STAT_KEYS = ("ttft_s", "tokens", "tokens_per_s", "weights_mib")
@@ -157,7 +182,28 @@ class TutorAnswer:
             "see_also": [
                 {"lesson": c.lesson_id, "section": c.section, "title": c.lesson_title} for c in self.see_also
             ],
+            "lesson_id": self.lesson_id,
         }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TutorAnswer:
+        """The answer as the engine process sent it (``as_dict``'s inverse, for the app)."""
+        return cls(
+            question=data["question"],
+            answer=data["answer"],
+            grounded=data["grounded"],
+            generated=data["generated"],
+            precision=data["precision"],
+            citations=[Citation.from_dict(c) for c in data["citations"]],
+            sentences=[SentenceCheck.from_dict(s) for s in data["sentences"]],
+            stats=dict(data["stats"]),
+            quote=Quote.from_dict(data["quote"]) if data["quote"] else None,
+            see_also=[
+                Citation(c["lesson"], c["section"], "", 0.0, lesson_title=c["title"])
+                for c in data["see_also"]
+            ],
+            lesson_id=data.get("lesson_id"),
+        )
 
 
 # --- the prompt ---------------------------------------------------------------------

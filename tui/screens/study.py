@@ -9,7 +9,7 @@ from textual.screen import Screen
 from textual.widgets import Footer, TabbedContent, TabPane
 
 from tui.messages import AskTutor, JumpToSection, OpenLesson, ProgressChanged, ShowTab, TutorStatus
-from tui.tutor_runtime import TutorRuntime
+from tui.tutor_runtime import TutorRuntime, TutorState
 from tui.widgets.chat_view import ChatView
 from tui.widgets.lab_view import LabView
 from tui.widgets.lesson_view import LessonView
@@ -56,6 +56,7 @@ class StudyScreen(Screen[None]):
         super().__init__()
         self.runtime = runtime
         self.lesson = lesson
+        self._progress_text = lesson.title
         self.library = library
         self.store = store
         self._pending_jump: str | None = None
@@ -85,14 +86,18 @@ class StudyScreen(Screen[None]):
         self.query_one("#lesson-scroll").focus()
 
     def update_status(self) -> None:
+        """Re-read the learner's progress (after a save) and redraw the header."""
         p = self.store.lesson(self.lesson.id)
         total = len(self.lesson.questions)
         best = "quiz not taken" if p.best_score is None else f"best {p.best_score}/{total}"
         steps = f"{len(p.steps_done)}/{len(self.lesson.meta.practice)} steps"
-        tutor = f" · {self.runtime.badge()}" if self.runtime.state != "idle" else ""
-        self.query_one("#status-bar", Plain).show(
-            f"{self.lesson.title} · read {round(p.read_fraction * 100)}% · {steps} · {best}{tutor}"
-        )
+        self._progress_text = f"{self.lesson.title} · read {round(p.read_fraction * 100)}% · {steps} · {best}"
+        self._draw_status()
+
+    def _draw_status(self) -> None:
+        # The tutor's badge changes often while it loads; it never costs a database read.
+        tutor = f" · {self.runtime.badge()}" if self.runtime.state is not TutorState.IDLE else ""
+        self.query_one("#status-bar", Plain).show(f"{self._progress_text}{tutor}")
 
     # --- navigation ----------------------------------------------------------------
 
@@ -117,6 +122,8 @@ class StudyScreen(Screen[None]):
             self.app.start_tutor()  # type: ignore[attr-defined]
 
     def on_tabbed_content_tab_activated(self, event: TabbedContent.TabActivated) -> None:
+        if event.pane.id != "lab":
+            self.query_one(LabView).stop_measuring()  # leaving the Lab cancels its measurement
         if event.pane.id:
             self._focus_tab(event.pane.id)
         if event.pane.id == "lesson" and self._pending_jump is not None:
@@ -146,7 +153,7 @@ class StudyScreen(Screen[None]):
         self.query_one(ChatView).prefill(message.question, message.step)
 
     def tutor_changed(self) -> None:
-        self.update_status()
+        self._draw_status()
         self.query_one(ChatView).update_badge()
         self.query_one(LabView).post_message(TutorStatus())
 

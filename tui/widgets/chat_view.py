@@ -8,30 +8,33 @@ precision live (F5–F9) without losing the conversation.
 
 from __future__ import annotations
 
-import threading
-from typing import TYPE_CHECKING
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
 
 from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical, VerticalScroll
 from textual.message import Message
-from textual.widgets import Input, Markdown, SelectionList
+from textual.widgets import Input, SelectionList
 
 from tui.messages import TutorStatus
+from tui.tutor_runtime import TutorState
 from tui.widgets.plain import Plain, literal
 from tutor.content import Lesson
+from tutor.engine.client import EngineGone, EngineRefused
 from tutor.store import Store
 from tutor.text import clean
 
 if TYPE_CHECKING:
-    from textual.widgets._markdown import MarkdownStream
-
     from tui.tutor_runtime import TutorRuntime
-    from tutor.grounding import Prepared, TutorAnswer
+    from tutor.grounding import TutorAnswer
 
 PRECISION_KEYS = {"f5": "bf16", "f6": "int8", "f7": "nf4", "f8": "fp4", "f9": "fp32"}
 DOUBT_STEP = 0  # practice step 1: "underline anything that sounds uncertain"
+# Streamed text is drawn at most this often: a redraw per token would take the engine's cores.
+FLUSH_S = 0.08
 
 
 class TokenStreamed(Message):
@@ -52,59 +55,76 @@ class ChatEntry(Vertical):
         self.note = note
         self.step = step
         self.answer: TutorAnswer | None = None
-        self._stream: MarkdownStream | None = None
 
     def compose(self) -> ComposeResult:
         yield Plain(literal(("You: ", "bold"), self.question, (f"  {self.note}" if self.note else "", "dim")))
         yield Plain("Searching the lesson…", classes="chat-quote")
-        explanation = Markdown(classes="chat-model")
+        explanation = Plain(classes="chat-model")
         explanation.display = False
         yield explanation
         yield Plain(classes="chat-checks")
         yield Plain(classes="chat-passage")
         yield Plain(classes="chat-stats")
 
-    def show_prepared(self, prepared: Prepared, precision: str) -> None:
-        if prepared.question_cut:
+    def waiting(self, job: str) -> None:
+        self.query_one(".chat-quote", Plain).show(
+            f"Waiting for the engine (busy with {job or 'another job'})…"
+        )
+
+    def show_prepared(self, prepared: dict[str, Any], precision: str) -> None:
+        """The lesson's side, before the model runs: the quote and the cited passage, or the decline."""
+        if prepared["question_cut"]:
             self.notify(
-                f"Your question was cut to its first {len(prepared.question)} characters.", severity="warning"
+                f"Your question was cut to its first {len(prepared['question'])} characters.",
+                severity="warning",
             )
         quote = self.query_one(".chat-quote", Plain)
-        if not prepared.grounded:
-            quote.show(literal(("Tutor: ", "bold"), prepared.decline or ""))
+        if not prepared["grounded"]:
+            quote.show(literal(("Tutor: ", "bold"), prepared["decline"] or ""))
             return
-        if prepared.quote is not None:
+        if prepared["quote"] is not None:
             quote.show(
                 literal(
-                    (f"From the lesson · {prepared.quote.section}\n", "bold"),
-                    f"“{prepared.quote.text}”",
+                    (f"From the lesson · {prepared['quote']['section']}\n", "bold"),
+                    f"“{prepared['quote']['text']}”",
                 )
             )
-        if prepared.result.hits:
-            hit = prepared.result.hits[0]
-            others = ", ".join(h.section for h in prepared.result.hits[1:])
+        citations = prepared["citations"]
+        if citations:
+            first = citations[0]
+            others = ", ".join(c["section"] for c in citations[1:])
             more = f"\nAlso cited: {others}" if others else ""
             self.query_one(".chat-passage", Plain).show(
-                literal((f"Cited passage · {hit.lesson_title} › {hit.section}\n", "bold"), hit.text, more)
+                literal(
+                    (f"Cited passage · {first['title']} › {first['section']}\n", "bold"), first["text"], more
+                )
             )
-        explanation = self.query_one(".chat-model", Markdown)
+        explanation = self.query_one(".chat-model", Plain)
         explanation.border_title = f"The model's explanation · {precision} · check it against the lesson"
         explanation.display = True
-        self._stream = Markdown.get_stream(explanation)
 
-    async def add_text(self, text: str) -> None:
-        if self._stream is not None:
-            await self._stream.write(text)
+    def set_text(self, text: str) -> None:
+        """The model's text so far, shown literally (never as Markdown or markup)."""
+        self.query_one(".chat-model", Plain).show(text)
+
+    def mark_cut(self, text: str, reason: str) -> None:
+        """The engine died mid-reply: keep what arrived and say that it was cut, and why."""
+        self.set_text(text or "(nothing arrived)")
+        self.query_one(".chat-stats", Plain).show(
+            literal(("✗ reply cut: ", "bold"), f"{reason}. Ask again: the engine restarts.")
+        )
+
+    def failed(self, message: str) -> None:
+        self.query_one(".chat-stats", Plain).show(literal(("✗ no answer: ", "bold"), message))
 
     async def finish(self, answer: TutorAnswer) -> None:
         self.answer = answer
-        if self._stream is not None:
-            await self._stream.stop()
-            # The stream rendered tokens as they came; show the cleaned, final text.
-            await self.query_one(".chat-model", Markdown).update(answer.generated or "(no text)")
+        if answer.grounded:
+            # The stream showed tokens as they came; show the cleaned, final text.
+            self.set_text(answer.generated or "(no text)")
         stats = answer.stats
         if answer.grounded:
-            cancelled = " · cancelled" if stats.get("cancelled") else ""
+            cancelled = " · cancelled" if stats.get("stop") == "cancelled" else ""
             self.query_one(".chat-stats", Plain).show(
                 f"{answer.precision} · TTFT {stats.get('ttft_s')} s · {stats.get('tokens')} tokens · "
                 f"{stats.get('tokens_per_s')} tok/s · weights {stats.get('weights_mib')} MiB{cancelled}"
@@ -179,8 +199,7 @@ class ChatView(Vertical):
         self._history_at = 0
         self._pending: tuple[str, int | None] | None = None
         self._step: int | None = None
-        self._cancel: threading.Event | None = None
-        self._replying = False
+        self._request: str | None = None  # the reply in flight, by its request id
         self.last: tuple[str, int | None] | None = None
 
     def compose(self) -> ComposeResult:
@@ -208,8 +227,10 @@ class ChatView(Vertical):
         keys = "  ".join(f"{k.upper()} {p}" for k, p in PRECISION_KEYS.items())
         if runtime.ready:
             text = f"{runtime.badge()} · switch: {keys}"
-        elif runtime.state == "failed":
+        elif runtime.state is TutorState.FAILED:
             text = f"The tutor's model could not load: {runtime.error}"
+        elif runtime.state is TutorState.STOPPED:
+            text = f"The tutor's engine stopped ({runtime.error}); your next question restarts it."
         else:
             doing = f" · {runtime.detail}" if runtime.detail else ""
             text = f"{runtime.badge()}{doing} — the lesson and quiz work meanwhile"
@@ -243,51 +264,66 @@ class ChatView(Vertical):
 
     def ask(self, question: str, step: int | None = None, note: str = "") -> None:
         self.last = (question, step)
+        if self.runtime.engine_died():
+            self.app.post_message(TutorStatus())
         if not self.runtime.ready:
-            if self.runtime.state == "failed":
+            if self.runtime.state is TutorState.FAILED:
                 self.notify(f"The tutor's model is unavailable: {self.runtime.error}", severity="error")
                 return
             self._pending = (question, step)
-            self.notify("The model is still loading; your question will be answered when it is ready.")
+            if self.runtime.state is TutorState.STOPPED:
+                self.notify("Restarting the tutor's engine; your question will be answered when it is back.")
+            else:
+                self.notify("The model is still loading; your question will be answered when it is ready.")
+            self.app.start_tutor()  # type: ignore[attr-defined]
             return
         entry = ChatEntry(question, note, step)
         log = self.query_one("#chat-log", VerticalScroll)
         log.mount(entry)
         log.scroll_end(animate=False)
-        self._cancel = threading.Event()
-        self._replying = True
-        self._answer(entry, question, self._cancel)
+        self._request = uuid.uuid4().hex
+        self._answer(entry, question, self._request, self.runtime.precision)
 
     @work(thread=True, group="reply")
-    def _answer(self, entry: ChatEntry, question: str, cancel: threading.Event) -> None:
-        from tutor.engine import EngineError
-        from tutor.tutor_chat import ask
+    def _answer(self, entry: ChatEntry, question: str, request_id: str, precision: str) -> None:
+        from tutor.grounding import TutorAnswer
 
-        engine, retriever = self.runtime.engine, self.runtime.retriever
-        assert engine is not None and retriever is not None
-        precision = engine.precision
+        client = self.runtime.client
+        assert client is not None
+        pieces: list[str] = []
+        flushed = 0.0
         try:
-            answer = ask(
-                question,
-                retriever,
-                engine,
-                self.lesson.id,
-                on_token=lambda event: self.post_message(TokenStreamed(entry, clean(event.text))),
-                cancel=cancel,
-                on_prepared=lambda prepared: self.app.call_from_thread(
-                    entry.show_prepared, prepared, precision
-                ),
-            )
-        except EngineError as exc:
-            self.app.call_from_thread(self.notify, f"The tutor could not answer: {exc}", severity="error")
-            return
+            for event in client.ask(
+                question, lesson_id=self.lesson.id, precision=precision, request_id=request_id
+            ):
+                if event.name == "token":
+                    pieces.append(clean(event.data["text"]))
+                    if time.monotonic() - flushed >= FLUSH_S:
+                        flushed = time.monotonic()
+                        self.post_message(TokenStreamed(entry, "".join(pieces)))
+                elif event.name == "prepared":
+                    self.app.call_from_thread(entry.show_prepared, event.data, precision)
+                elif event.name == "waiting":
+                    self.app.call_from_thread(entry.waiting, event.data["job"])
+                elif event.name == "answer":
+                    self.app.call_from_thread(entry.finish, TutorAnswer.from_dict(event.data))
+                elif event.name == "error":
+                    self.app.call_from_thread(entry.failed, event.data["message"])
+        except EngineGone as exc:
+            if not self.runtime.engine_died():
+                self.runtime.lost(str(exc))
+            self.app.call_from_thread(entry.mark_cut, "".join(pieces), self.runtime.error)
+            self.app.call_from_thread(self.app.post_message, TutorStatus())
+        except EngineRefused as exc:
+            self.app.call_from_thread(entry.failed, str(exc))
         finally:
-            self._replying = False
-        self.app.call_from_thread(entry.finish, answer)
+            if self._request == request_id:
+                self._request = None
 
-    async def on_token_streamed(self, message: TokenStreamed) -> None:
-        await message.entry.add_text(message.text)
-        self.query_one("#chat-log", VerticalScroll).scroll_end(animate=False)
+    def on_token_streamed(self, message: TokenStreamed) -> None:
+        if message.entry.answer is None:  # a late batch must not overwrite the final text
+            message.entry.set_text(message.text)
+            self.query_one("#chat-log", VerticalScroll).scroll_end(animate=False)
 
     def on_doubts_marked(self, message: DoubtsMarked) -> None:
         self.store.save_marks(self.lesson.id, DOUBT_STEP, message.sentences)
@@ -298,19 +334,28 @@ class ChatView(Vertical):
 
     def action_cancel(self) -> None:
         """Esc cancels a reply in flight; otherwise it leaves the input so letter keys switch tabs."""
-        if self._cancel is not None and not self._cancel.is_set() and self._replying:
-            self._cancel.set()
+        if self._request is not None:
+            self._send_cancel(self._request)
+            self._request = None
             self.notify("Reply cancelled.")
         else:
             self.query_one("#chat-log", VerticalScroll).focus()
+
+    @work(thread=True, group="cancel")
+    def _send_cancel(self, request_id: str) -> None:
+        client = self.runtime.client
+        if client is not None:
+            try:
+                client.cancel(request_id)
+            except (EngineGone, EngineRefused) as exc:
+                self.app.call_from_thread(self.notify, f"Could not cancel: {exc}", severity="warning")
 
     def action_ask_again(self) -> None:
         if self.last is None:
             self.notify("Ask a question first.")
             return
         question, step = self.last
-        precision = self.runtime.engine.precision if self.runtime.engine else "?"
-        self.ask(question, step, note=f"(asked again at {precision})")
+        self.ask(question, step, note=f"(asked again at {self.runtime.precision})")
 
     def action_history(self, delta: int) -> None:
         if not self.history:
@@ -321,14 +366,13 @@ class ChatView(Vertical):
         box.cursor_position = len(box.value)
 
     def action_switch(self, precision: str) -> None:
-        engine = self.runtime.engine
-        if engine is None or not self.runtime.ready:
+        if not self.runtime.ready:
             self.notify("The model is not loaded yet.")
             return
         if self.runtime.switching:
             self.notify(f"Already switching to {self.runtime.switching}.")
             return
-        if engine.precision == precision:
+        if self.runtime.precision == precision:
             self.notify(f"Already at {precision}.")
             return
         self.runtime.switching = precision
@@ -337,15 +381,19 @@ class ChatView(Vertical):
 
     @work(thread=True, group="switch")
     def _switch(self, precision: str) -> None:
-        from tutor.engine import EngineError
-
-        engine = self.runtime.engine
-        assert engine is not None
+        runtime = self.runtime
+        client = runtime.client
+        assert client is not None
         try:
-            report = engine.switch(precision, wait=True)  # a reply in flight finishes first
-            message, severity = report.describe(), "information"
-        except EngineError as exc:
-            message, severity = f"Switch to {precision} failed; still at {engine.precision}. {exc}", "error"
-        self.runtime.switching = None
+            report = client.switch(precision)  # the engine builds it now; a reply in flight finishes first
+            runtime.precision, runtime.weights_mib = precision, report["weights_mib"]
+            message, severity = report["describe"], "information"
+        except EngineRefused as exc:
+            message, severity = f"Switch to {precision} failed; still at {runtime.precision}. {exc}", "error"
+        except EngineGone as exc:
+            if not runtime.engine_died():
+                runtime.lost(str(exc))
+            message, severity = f"Switch to {precision} failed: {runtime.error}", "error"
+        runtime.switching = None
         self.app.call_from_thread(self.notify, message, title="Precision", severity=severity, timeout=8)
         self.app.call_from_thread(self.app.post_message, TutorStatus())

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import threading
+import uuid
+from typing import TYPE_CHECKING, Any
 
 from textual import work
 from textual.app import ComposeResult
@@ -15,33 +17,41 @@ from tui.messages import TutorStatus
 from tui.widgets.plain import Plain, literal
 from tutor.content import Lesson
 from tutor.diff import departures
+from tutor.engine.client import EngineGone, EngineRefused
+from tutor.measure import QualityRow
 
 if TYPE_CHECKING:
     from tui.tutor_runtime import TutorRuntime
     from tutor.grounding import TutorAnswer
-    from tutor.lab import CliffResult
 
 LAB_PRECISIONS = ["bf16", "int8", "nf4", "fp4"]
-LAB_QA_QUESTIONS = 8  # the same default as `quant-tutor cliff`, so both share the cache
 
 
 class LabView(VerticalScroll, can_focus=True):
     BINDINGS = [
-        Binding("m", "measure", "Measure"),
+        Binding("m", "measure('quick')", "Quick measure"),
+        Binding("M", "measure('full')", "Full measure"),
         Binding("c", "compare", "Compare a question"),
+        Binding("escape", "stop", "Stop measuring", show=False),
     ]
 
     def __init__(self, lesson: Lesson, runtime: TutorRuntime, **kwargs: object) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
         self.lesson = lesson
         self.runtime = runtime
-        self.result: CliffResult | None = None
-        self._measuring = False
+        self.rows: list[QualityRow] = []
+        self.result: dict[str, Any] | None = None
+        self._stop: threading.Event | None = None  # set: the measurement in flight should stop
+
+    @property
+    def measuring(self) -> bool:
+        return self._stop is not None
 
     def compose(self) -> ComposeResult:
         yield Plain(
-            "The quality cliff on the tutor's own model, measured on this machine: m measures "
-            "(cached after the first run), c answers one question at every precision side by side.",
+            "The quality cliff on the tutor's own model, measured on this machine: m measures quickly "
+            "(a few windows and questions), M measures fully (as `quant-tutor cliff`), Esc stops; both "
+            "are cached. c answers one question at every precision side by side.",
             id="lab-intro",
         )
         yield ProgressBar(id="lab-progress", show_eta=False)
@@ -72,16 +82,21 @@ class LabView(VerticalScroll, can_focus=True):
         self.query_one("#lab-question").display = False
         self._status()
 
-    def _status(self) -> None:
+    def _status(self, text: str | None = None) -> None:
         runtime = self.runtime
-        if not runtime.ready:
+        if text is not None:
+            pass
+        elif self.measuring:
+            return  # the progress handler owns the line while measuring
+        elif not runtime.ready:
             text = f"The lab needs the tutor's model: {runtime.badge()} {runtime.detail}".rstrip()
         elif self.result is None:
             text = (
-                "Press m to measure perplexity, KL divergence and top-1 agreement for bf16, int8, nf4, fp4."
+                "Press m for a quick measure (or M for the full one) of perplexity, KL divergence, "
+                "top-1 agreement and QA for bf16, int8, nf4, fp4."
             )
         else:
-            text = "Measured. c: compare answers across precisions."
+            text = "Measured. m / M: measure again (cached) · c: compare answers across precisions."
         self.query_one("#lab-status", Plain).show(text)
 
     def on_tutor_status(self, _message: TutorStatus) -> None:
@@ -89,87 +104,107 @@ class LabView(VerticalScroll, can_focus=True):
 
     # --- measuring -----------------------------------------------------------------
 
-    def action_measure(self) -> None:
+    def action_measure(self, plan: str) -> None:
         if not self.runtime.ready:
             self.app.start_tutor()  # type: ignore[attr-defined]
             self.notify("Loading the tutor's model first; press m again when it is ready.")
             return
-        if self._measuring:
+        if self.measuring:
+            self.notify("Already measuring; Esc stops it.")
             return
-        self._measuring = True
+        self._stop = threading.Event()
+        self.rows, self.result = [], None
+        self.query_one("#lab-table", DataTable).clear()
         bar = self.query_one("#lab-progress", ProgressBar)
         bar.display = True
         bar.update(total=None, progress=0)
-        self.query_one("#lab-status", Plain).show(
-            "Measuring (the first run takes a few minutes; later runs are cached)…"
-        )
-        self._measure()
+        self._status(f"Measuring ({plan}): starting… (Esc stops)")
+        self._measure(plan, self._stop)
+
+    def action_stop(self) -> None:
+        if self.measuring:
+            self.stop_measuring()
+        else:
+            self.screen.focus_next()
+
+    def stop_measuring(self) -> None:
+        """Stop the measurement in flight (Esc, or the learner left the tab)."""
+        if self._stop is not None:
+            self._stop.set()
 
     @work(thread=True, exclusive=True, group="lab")
-    def _measure(self) -> None:
-        from tutor.lab import run_cliff
-
-        engine, retriever = self.runtime.engine, self.runtime.retriever
-        assert engine is not None
-
-        def progress(what: str, done: int, total: int) -> None:
-            self.app.call_from_thread(self._progress, what, done, total)
-
+    def _measure(self, plan: str, stop: threading.Event) -> None:
+        client = self.runtime.client
+        assert client is not None
+        outcome = "Measuring stopped."
         try:
-            result = run_cliff(
-                engine,
-                self.runtime.library,
-                LAB_PRECISIONS,
-                retriever=retriever,
-                qa_questions=LAB_QA_QUESTIONS,
-                progress=progress,
-            )
-        except Exception as exc:
-            self.app.call_from_thread(self._failed, f"{type(exc).__name__}: {exc}")
-            return
-        self.app.call_from_thread(self._show, result)
+            events = client.cliff(plan, LAB_PRECISIONS, request_id=uuid.uuid4().hex)
+            try:
+                for event in events:
+                    if stop.is_set():
+                        break  # closing the stream cancels the measurement in the engine
+                    if event.name == "progress":
+                        self.app.call_from_thread(self._progress, plan, event.data)
+                    elif event.name == "row":
+                        self.app.call_from_thread(self._row, event.data)
+                    elif event.name == "result":
+                        self.app.call_from_thread(self._show, event.data)
+                        outcome = ""
+                    elif event.name == "error":
+                        outcome = f"Measuring failed: {event.data['message']}"
+            finally:
+                events.close()  # type: ignore[attr-defined]
+        except (EngineGone, EngineRefused) as exc:
+            outcome = f"Measuring failed: {exc}"
+        self.app.call_from_thread(self._done, outcome)
 
-    def _progress(self, what: str, done: int, total: int) -> None:
-        self.query_one("#lab-progress", ProgressBar).update(total=total, progress=done)
-        self.query_one("#lab-status", Plain).show(f"Measuring: {what} {done}/{total}")
+    def _progress(self, plan: str, data: dict[str, Any]) -> None:
+        self.query_one("#lab-progress", ProgressBar).update(total=data["total"], progress=data["done"])
+        self._status(f"Measuring ({plan}): {data['phase']} {data['done']}/{data['total']} (Esc stops)")
 
-    def _failed(self, message: str) -> None:
-        self._measuring = False
+    def _row(self, data: dict[str, Any]) -> None:
+        row = QualityRow(**data)
+        self.rows.append(row)
+        self.query_one("#lab-table", DataTable).add_row(*row.cells())
+        self._chart(self.rows)
+
+    def _done(self, outcome: str) -> None:
+        self._stop = None
         self.query_one("#lab-progress").display = False
-        self.query_one("#lab-status", Plain).show(f"Measuring failed: {message}")
+        self._status(outcome or None)
 
-    def _show(self, result: CliffResult) -> None:
-        self._measuring = False
+    def _show(self, result: dict[str, Any]) -> None:
         self.result = result
-        self.query_one("#lab-progress").display = False
-        table = self.query_one("#lab-table", DataTable)
-        table.clear()
-        for r in result.rows:
-            table.add_row(*r.cells())
-        self._chart(result)
-        lab = "  ".join(f"{w.scheme} {w.output_rel_rms:.3f}" for w in result.weight_lab)
+        rows = [QualityRow(**r) for r in result["rows"]]
+        if [r.precision for r in rows] != [r.precision for r in self.rows]:
+            table = self.query_one("#lab-table", DataTable)
+            table.clear()
+            for r in rows:
+                table.add_row(*r.cells())
+        self.rows = rows
+        self._chart(rows)
+        lab = "  ".join(f"{w['scheme']} {w['output_rel_rms']:.3f}" for w in result["weight_lab"])
+        layer = result["weight_lab"][0]["layer"] if result["weight_lab"] else ""
         self.query_one("#lab-weights", Plain).show(
-            literal((f"Weight lab · {result.layer} · output error (rel. RMS): ", "bold"), lab)
+            literal((f"Weight lab · {layer} · output error (rel. RMS): ", "bold"), lab)
         )
         self.query_one("#lab-method", Plain).show(
-            f"Method: {result.method}.\nMachine: {result.machine}.\n" + "\n".join(result.notes)
+            f"Method: {result['method']}.\nMachine: {result['machine']}.\n" + "\n".join(result["notes"])
         )
-        self._status()
 
-    def _chart(self, result: CliffResult) -> None:
+    def _chart(self, rows: list[QualityRow]) -> None:
         chart = self.query_one("#lab-chart", PlotextPlot)
         chart.display = True
         plt = chart.plt
         plt.clear_data()
         plt.clear_figure()
-        rows = result.rows
         xs = list(range(1, len(rows) + 1))
         reference = rows[0].weights_mib or 1.0
         # Distinct marker characters, so the series differ without colour.
         plt.scatter(xs, [r.kl_mean for r in rows], label="mean KL (●)", marker="●")
         plt.scatter(xs, [r.ppl_ratio - 1 for r in rows], label="PPL ratio − 1 (▲)", marker="▲")
         plt.scatter(xs, [r.weights_mib / reference for r in rows], label="weights ÷ bf16 (■)", marker="■")
-        plt.xlim(0.5, len(rows) + 0.5)
+        plt.xlim(0.5, len(LAB_PRECISIONS) + 0.5)
         plt.ylim(0, 1.2)
         plt.xticks(xs, [r.precision for r in rows])
         plt.title("Quality lost and memory kept, by precision")
@@ -202,25 +237,26 @@ class LabView(VerticalScroll, can_focus=True):
             )
         self._compare(question)
 
-    @work(thread=True, exclusive=True, group="lab")
+    @work(thread=True, exclusive=True, group="compare")
     def _compare(self, question: str) -> None:
-        from tutor.engine import EngineError
-        from tutor.tutor_chat import ask
+        from tutor.grounding import TutorAnswer
 
-        engine, retriever = self.runtime.engine, self.runtime.retriever
-        assert engine is not None and retriever is not None
-        start = engine.precision
+        client = self.runtime.client
+        assert client is not None
         answers: dict[str, TutorAnswer] = {}
         try:
-            for precision in LAB_PRECISIONS:
-                engine.switch(precision, wait=True)
-                answers[precision] = ask(question, retriever, engine, self.lesson.id)
+            for precision in LAB_PRECISIONS:  # each question names its precision: nothing to switch back
+                events = client.ask(
+                    question, lesson_id=self.lesson.id, precision=precision, request_id=uuid.uuid4().hex
+                )
+                for event in events:
+                    if event.name == "answer":
+                        answers[precision] = TutorAnswer.from_dict(event.data)
+                    elif event.name == "error":
+                        raise EngineRefused(event.data["message"])
                 self.app.call_from_thread(self._column, precision, answers)
-        except EngineError as exc:
+        except (EngineGone, EngineRefused) as exc:
             self.app.call_from_thread(self.notify, f"Compare stopped: {exc}", severity="error")
-        finally:
-            engine.switch(start, wait=True)
-            self.app.call_from_thread(self.app.post_message, TutorStatus())
 
     def _column(self, precision: str, answers: dict[str, TutorAnswer]) -> None:
         answer = answers[precision]

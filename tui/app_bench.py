@@ -1,0 +1,218 @@
+"""``quant-tutor bench --app``: the Tutor tab's speed against ``quant-tutor ask``, side by side.
+
+The CLI side runs ``quant-tutor ask --questions FILE --precision P --json`` (the model in the
+command's own process). The app side drives the real app headless with Pilot, with its engine
+process, asking the same questions at the same precisions. Both decode greedily, so each
+question yields the same tokens on both sides; the table shows decode tok/s (decode tokens ÷
+decode time, as the reply's stats line) and TTFT from each, their ratio, and how long a key
+press took to be handled and drawn while a reply streamed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from tui.app import QuantTutorApp
+from tui.tutor_runtime import TutorRuntime, TutorState
+from tui.widgets.chat_view import ChatEntry, ChatView
+from tutor.content import load_library
+from tutor.machine import describe
+from tutor.store import Store
+
+QUESTIONS = [
+    "What does KL divergence measure?",
+    "Is 4-bit good enough for a chatbot?",
+    "Why is int8 called near-lossless?",
+]
+
+
+def cli_stats(questions: list[str], precision: str) -> list[dict[str, Any]]:
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as handle:
+        handle.write("\n".join(questions) + "\n")
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tui.entry",
+            "ask",
+            "--questions",
+            handle.name,
+            "--precision",
+            precision,
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    Path(handle.name).unlink()
+    return [answer["stats"] for answer in json.loads(done.stdout)]
+
+
+async def _until(pilot: Any, condition: Any, seconds: float = 600) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError("the app did not get there in time")
+        await pilot.pause(0.02)
+
+
+async def app_stats(
+    questions: list[str], precisions: list[str], threads: int | None
+) -> tuple[dict[str, list[dict[str, Any]]], float, list[float]]:
+    """Per precision the reply stats of each question, the seconds until the tutor was ready,
+    and the key-press latencies measured while replies streamed."""
+    library = load_library()
+    store = Store()
+    runtime = TutorRuntime(library, threads=threads)
+    app = QuantTutorApp(library, store, tutor=runtime)
+    results: dict[str, list[dict[str, Any]]] = {}
+    keys: list[float] = []
+    try:
+        async with app.run_test(size=(110, 40)) as pilot:
+            started = time.monotonic()
+            await pilot.press("t")
+            await _until(pilot, lambda: runtime.ready or runtime.state is TutorState.FAILED)
+            if not runtime.ready:
+                raise RuntimeError(f"the tutor could not load: {runtime.error}")
+            ready_s = time.monotonic() - started
+            chat = app.screen.query_one(ChatView)
+            for precision in precisions:
+                if runtime.precision != precision:
+                    chat.action_switch(precision)
+                    await _until(pilot, lambda: runtime.switching is None)
+                results[precision] = []
+                for question in questions:
+                    await pilot.press("t")
+                    chat.query_one("#chat-input").focus()
+                    chat.query_one("#chat-input").value = question  # type: ignore[attr-defined]
+                    await pilot.press("enter")
+                    await pilot.pause(0.05)
+                    entry = chat.query(ChatEntry).last()
+                    model = entry.query_one(".chat-model")
+                    await _until(
+                        pilot, lambda e=entry, m=model: e.answer is not None or bool(str(m.visual).strip())
+                    )
+                    if entry.answer is None:
+                        # Mid-reply: switch to the lesson and back; time each key until drawn.
+                        for key in ("l", "t"):
+                            pressed = time.monotonic()
+                            await pilot.press(key)
+                            keys.append(time.monotonic() - pressed)
+                    await _until(pilot, lambda e=entry: e.answer is not None)
+                    assert entry.answer is not None
+                    results[precision].append(entry.answer.stats)
+    finally:
+        runtime.stop()
+        store.close()
+    return results, ready_s, keys
+
+
+def _mean(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.fmean(present) if present else None
+
+
+def _cell(value: float | None, digits: int = 1) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="quant-tutor bench --app",
+        description="The Tutor tab's decode speed and TTFT against `quant-tutor ask`, same questions.",
+    )
+    parser.add_argument("--precisions", default="bf16,nf4", help="comma-separated (default: %(default)s)")
+    parser.add_argument("--threads", type=int, help="the app engine's torch threads (default: one per core)")
+    parser.add_argument("--json", action="store_true", help="print the measurements as JSON")
+    args = parser.parse_args(argv)
+    precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
+    err = sys.stderr
+    cli: dict[str, list[dict[str, Any]]] = {}
+    for precision in precisions:
+        err.write(f"CLI: quant-tutor ask at {precision}…\n")
+        cli[precision] = cli_stats(QUESTIONS, precision)
+    err.write("App: driving the Tutor tab headless…\n")
+    app, ready_s, keys = asyncio.run(app_stats(QUESTIONS, precisions, args.threads))
+    rows = []
+    for precision in precisions:
+        for question, mine, theirs in zip(QUESTIONS, app[precision], cli[precision], strict=True):
+            rows.append(
+                {
+                    "precision": precision,
+                    "question": question,
+                    "tokens": (mine["tokens"], theirs["tokens"]),
+                    "app_tok_s": mine["tokens_per_s"],
+                    "cli_tok_s": theirs["tokens_per_s"],
+                    "app_ttft_s": mine["ttft_s"],
+                    "cli_ttft_s": theirs["ttft_s"],
+                }
+            )
+    summary = {
+        "machine": describe("cpu"),
+        "app_ready_s": round(ready_s, 2),
+        "key_ms_median": None if not keys else round(1000 * statistics.median(keys), 1),
+        "key_ms_max": None if not keys else round(1000 * max(keys), 1),
+        "rows": rows,
+    }
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    table = Table(title="Tutor tab vs `quant-tutor ask` (same questions, greedy)")
+    for column in [
+        "precision",
+        "question",
+        "tokens app/CLI",
+        "app tok/s",
+        "CLI tok/s",
+        "app ÷ CLI",
+        "app TTFT s",
+        "CLI TTFT s",
+    ]:
+        table.add_column(column, justify="left" if column in ("precision", "question") else "right")
+    for row in rows:
+        ratio = None if not (row["app_tok_s"] and row["cli_tok_s"]) else row["app_tok_s"] / row["cli_tok_s"]
+        table.add_row(
+            row["precision"],
+            row["question"],
+            "{}/{}".format(*row["tokens"]),
+            _cell(row["app_tok_s"]),
+            _cell(row["cli_tok_s"]),
+            _cell(ratio, 2),
+            _cell(row["app_ttft_s"], 3),
+            _cell(row["cli_ttft_s"], 3),
+        )
+    for precision in precisions:
+        mine = [r for r in rows if r["precision"] == precision]
+        app_mean, cli_mean = _mean([r["app_tok_s"] for r in mine]), _mean([r["cli_tok_s"] for r in mine])
+        table.add_row(
+            precision,
+            "mean",
+            "",
+            _cell(app_mean),
+            _cell(cli_mean),
+            _cell(None if not (app_mean and cli_mean) else app_mean / cli_mean, 2),
+            _cell(_mean([r["app_ttft_s"] for r in mine]), 3),
+            _cell(_mean([r["cli_ttft_s"] for r in mine]), 3),
+        )
+    console = Console()
+    console.print(table)
+    console.print(
+        f"App: tutor ready {summary['app_ready_s']} s after the Tutor tab opened (warm cache); "
+        f"a key press during a reply handled and drawn in {summary['key_ms_median']} ms median, "
+        f"{summary['key_ms_max']} ms at most ({len(keys)} presses)."
+    )
+    console.print(f"Machine: {summary['machine']}")
+    return 0

@@ -1,0 +1,262 @@
+"""What the engine process holds: the model, the lesson index, and one job at a time on them.
+
+A job (a tutor answer, a chat completion, a switch, a Lab measurement) names the precision it
+runs at; the host switches and runs it under one lock, so no other job changes the precision
+in between and the precision a reply reports is the one that wrote it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tutor.content import Library
+from tutor.engine.errors import EngineError
+from tutor.engine.precisions import check_precision
+from tutor.engine.protocol import MODEL_NAME
+
+if TYPE_CHECKING:
+    from tutor.engine import Engine, Reply, TokenEvent
+    from tutor.engine.reports import LoadProgress
+    from tutor.grounding import Prepared, TutorAnswer
+    from tutor.retrieval import Retriever
+
+STARTING, LOADING, READY, FAILED = "starting", "loading", "ready", "failed"
+Emit = Callable[[str, Any], None]
+
+
+class NotReadyError(Exception):
+    """The model is still loading (or failed to): the request can't run yet."""
+
+
+class Cancelled(Exception):
+    """The job was cancelled while it waited for the engine."""
+
+
+@dataclass
+class EngineHost:
+    library: Library
+    model: str | None = None
+    device: str = "cpu"
+    cache_dir: Path | None = None
+    threads: int | None = None
+    state: str = STARTING
+    stage: str = ""
+    detail: str = ""
+    fraction: float = 0.0
+    error: str = ""
+    load_seconds: float | None = None
+    engine: Engine | None = None
+    retriever: Retriever | None = None
+    job: str = ""  # what holds the engine now, for the "waiting for …" notice
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _cancels: dict[str, threading.Event] = field(default_factory=dict)
+
+    # --- loading ---------------------------------------------------------------------
+
+    def load(self) -> None:
+        """Load the lesson index, then the model (blocking; the server runs it in a thread)."""
+        started = time.perf_counter()
+        self.state = LOADING
+        try:
+            from tutor.engine import Engine
+            from tutor.retrieval import Retriever
+
+            def index_progress(message: str, fraction: float) -> None:
+                self.stage, self.detail, self.fraction = "index", message, 0.1 * fraction
+
+            self.retriever = Retriever.load(self.library, progress=index_progress, cache_dir=self.cache_dir)
+
+            def model_progress(step: LoadProgress) -> None:
+                # Conversion (first run only) and loading share the bar after the index's tenth.
+                share = 0.6 if step.stage == "convert" else 0.3
+                base = 0.1 if step.stage == "convert" else 0.7
+                self.stage, self.detail = step.stage, step.message
+                self.fraction = base + share * step.fraction
+
+            self.engine = Engine.load(
+                self.model,
+                device=self.device,
+                progress=model_progress,
+                cache_dir=self.cache_dir,
+                threads=self.threads,
+            )
+            self.load_seconds = round(time.perf_counter() - started, 2)
+            self.state, self.stage, self.detail, self.fraction = READY, "", "", 1.0
+        except EngineError as exc:
+            self.state, self.error = FAILED, str(exc)
+        except Exception as exc:
+            self.state, self.error = FAILED, f"{type(exc).__name__}: {exc}"
+
+    @property
+    def model_name(self) -> str:
+        if self.model is None:
+            return MODEL_NAME
+        return Path(str(self.model)).name.removesuffix(".gguf").lower() or MODEL_NAME
+
+    def status(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "state": self.state,
+            "stage": self.stage,
+            "detail": self.detail,
+            "fraction": round(self.fraction, 3),
+            "error": self.error,
+            "model": self.model_name,
+            "device": self.device,
+            "load_seconds": self.load_seconds,
+            "job": self.job,
+        }
+        engine = self.engine
+        if self.state == READY and engine is not None:
+            data["precision"] = engine.precision
+            data["weights_mib"] = engine.weights().weights_mib
+            data["prepared"] = list(engine.prepared())
+            data["memory"] = engine.memory()
+        return data
+
+    def _ready(self) -> tuple[Engine, Retriever]:
+        if self.state != READY or self.engine is None or self.retriever is None:
+            raise NotReadyError(self.error or f"the model is {self.state}: {self.detail}".rstrip(": "))
+        return self.engine, self.retriever
+
+    # --- one job at a time -------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _job(self, what: str, cancel: threading.Event, emit: Emit | None = None) -> Iterator[None]:
+        if not self._lock.acquire(blocking=False):
+            if emit is not None:
+                emit("waiting", {"job": self.job})
+            while not self._lock.acquire(timeout=0.1):
+                if cancel.is_set():
+                    raise Cancelled(f"cancelled while waiting for: {self.job}")
+        self.job = what
+        try:
+            yield
+        finally:
+            self.job = ""
+            self._lock.release()
+
+    @contextlib.contextmanager
+    def tracked(self, request_id: str | None, cancel: threading.Event) -> Iterator[None]:
+        """Make one request's cancel flag findable by its id (``/qt/cancel``) while it runs."""
+        if request_id:
+            self._cancels[request_id] = cancel
+        try:
+            yield
+        finally:
+            if request_id:
+                self._cancels.pop(request_id, None)
+
+    def cancel(self, request_id: str) -> bool:
+        flag = self._cancels.get(request_id)
+        if flag is not None:
+            flag.set()
+        return flag is not None
+
+    # --- jobs -------------------------------------------------------------------------
+
+    def switch(self, precision: str) -> dict[str, Any]:
+        engine, _ = self._ready()
+        precision = check_precision(precision)
+        with self._job(f"switching to {precision}", threading.Event()):
+            report = engine.switch(precision, wait=True)
+        return {**report.as_dict(), "describe": report.describe(), "weights_mib": report.weights.weights_mib}
+
+    def ask(
+        self,
+        question: str,
+        lesson_id: str | None,
+        precision: str | None,
+        cancel: threading.Event,
+        emit: Emit,
+    ) -> TutorAnswer:
+        from tutor.tutor_chat import ask
+
+        engine, retriever = self._ready()
+        precision = check_precision(precision or engine.precision)
+
+        def prepared(p: Prepared) -> None:
+            emit("prepared", prepared_dict(p))
+
+        def token(event: TokenEvent) -> None:
+            emit("token", {"text": event.text})
+
+        with self._job(f"answering at {precision}", cancel, emit):
+            engine.switch(precision, wait=True)
+            return ask(
+                question, retriever, engine, lesson_id, on_token=token, cancel=cancel, on_prepared=prepared
+            )
+
+    def chat(
+        self,
+        messages: Sequence[dict[str, str]],
+        precision: str | None,
+        *,
+        max_tokens: int,
+        temperature: float | None,
+        top_p: float | None,
+        seed: int | None,
+        cancel: threading.Event,
+        on_token: Callable[[TokenEvent], None],
+    ) -> Reply:
+        engine, _ = self._ready()
+        precision = check_precision(precision or engine.precision)
+        sample = bool(temperature)
+        with self._job(f"a chat completion at {precision}", cancel):
+            engine.switch(precision, wait=True)
+            return engine.generate(
+                list(messages),
+                max_new_tokens=max_tokens,
+                on_token=on_token,
+                cancel=cancel,
+                sample=sample,
+                temperature=temperature or 1.0,
+                top_p=1.0 if top_p is None else top_p,
+                seed=seed,
+                wait=True,
+            )
+
+    def cliff(
+        self, plan: str, precisions: Sequence[str], cancel: threading.Event, emit: Emit
+    ) -> dict[str, Any]:
+        from tutor.lab import PLANS, run_cliff
+
+        engine, retriever = self._ready()
+        if plan not in PLANS:
+            raise ValueError(f"unknown plan {plan!r}; use one of {', '.join(PLANS)}")
+        wanted = [check_precision(p) for p in precisions]
+        with self._job(f"the Lab's {plan} measurement", cancel, emit):
+            start = engine.precision
+            try:
+                result = run_cliff(
+                    engine,
+                    self.library,
+                    wanted,
+                    retriever=retriever,
+                    plan=PLANS[plan],
+                    progress=lambda phase, done, total: emit(
+                        "progress", {"phase": phase, "done": done, "total": total}
+                    ),
+                    on_row=lambda row: emit("row", row.as_dict()),
+                    cancel=cancel,
+                )
+            finally:
+                engine.switch(start, wait=True)
+        return result.as_dict()
+
+
+def prepared_dict(prepared: Prepared) -> dict[str, Any]:
+    """What the learner sees before the model runs: the quote and citations, or the decline."""
+    return {
+        "question": prepared.question,
+        "question_cut": prepared.question_cut,
+        "grounded": prepared.grounded,
+        "decline": prepared.decline,
+        "quote": prepared.quote.as_dict() if prepared.quote else None,
+        "citations": [c.as_dict() for c in prepared.citations],
+    }

@@ -1,0 +1,421 @@
+"""The engine process: the model behind an OpenAI-compatible HTTP API (see ``tutor.engine.protocol``).
+
+``quant-tutor serve`` runs it on loopback TCP for any OpenAI client; the app starts its own
+on a Unix socket in a private folder and stops it when it quits (``tutor.engine.process``).
+Starlette serves the routes and uvicorn the socket; each job runs in a thread of its own
+while the event loop streams its events.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import secrets
+import socket
+import sys
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tutor.engine.errors import EngineError
+from tutor.engine.host import Cancelled, EngineHost, NotReadyError
+from tutor.engine.precisions import PRECISIONS
+from tutor.engine.protocol import DEFAULT_PORT, TOKEN_ENV, model_id, precision_of, sse
+
+if TYPE_CHECKING:
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import Response
+
+KEEPALIVE_S = 1.0  # an idle stream sends a comment this often, so a closed client is noticed
+Work = Callable[[Callable[[str | None, Any], None], threading.Event], None]
+
+
+def _error(status: int, message: str, kind: str = "invalid_request_error") -> Response:
+    from starlette.responses import JSONResponse
+
+    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
+
+
+def _failure(exc: BaseException) -> Response:
+    if isinstance(exc, NotReadyError):
+        return _error(503, f"The model is not ready: {exc}", "not_ready")
+    if isinstance(exc, ValueError | EngineError):
+        return _error(400, str(exc))
+    return _error(500, f"{type(exc).__name__}: {exc}", "server_error")
+
+
+def _streamed(host: EngineHost, request_id: str | None, work: Work) -> Response:
+    """Run ``work(emit, cancel)`` in a thread and stream what it emits as server-sent events.
+
+    A client that goes away (closed stream, dead process) sets ``cancel``; the job stops at
+    its next check (a reply: before its next token).
+    """
+    from starlette.responses import StreamingResponse
+
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[tuple[str | None, Any] | None] = asyncio.Queue()
+    cancel = threading.Event()
+
+    def emit(event: str | None, data: Any) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is gone: the server is shutting down
+            loop.call_soon_threadsafe(queue.put_nowait, (event, data))
+
+    def run() -> None:
+        try:
+            with host.tracked(request_id, cancel):
+                work(emit, cancel)
+        except Cancelled as exc:
+            emit("error", {"message": str(exc), "cancelled": True})
+        except (ValueError, EngineError, NotReadyError) as exc:
+            emit("error", {"message": str(exc)})
+        except Exception as exc:
+            emit("error", {"message": f"{type(exc).__name__}: {exc}"})
+        finally:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(queue.put_nowait, None)
+
+    async def events() -> AsyncIterator[bytes]:
+        try:
+            while True:
+                try:
+                    item = await asyncio.wait_for(queue.get(), KEEPALIVE_S)
+                except TimeoutError:
+                    yield b": keep-alive\n\n"
+                    continue
+                if item is None:
+                    return
+                yield sse(*item)
+        finally:
+            cancel.set()
+
+    threading.Thread(target=run, name=f"job-{request_id or 'anon'}", daemon=True).start()
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def build_app(host: EngineHost, token: str) -> Starlette:
+    from starlette.applications import Starlette
+    from starlette.concurrency import run_in_threadpool
+    from starlette.middleware import Middleware
+    from starlette.middleware.base import BaseHTTPMiddleware
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    expected = f"Bearer {token}"
+
+    async def authorize(request: Request, call_next: Callable[[Request], Any]) -> Response:
+        given = request.headers.get("authorization", "")
+        if not secrets.compare_digest(given.encode(), expected.encode()):
+            return _error(
+                401, "Missing or wrong API key (Authorization: Bearer <token>).", "authentication_error"
+            )
+        response: Response = await call_next(request)
+        return response
+
+    async def body(request: Request) -> dict[str, Any]:
+        try:
+            data = await request.json()
+        except ValueError as exc:
+            raise ValueError(f"the request body is not JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise ValueError("the request body must be a JSON object")
+        return data
+
+    async def models(_request: Request) -> Response:
+        name = host.model_name
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": [
+                    {"id": model_id(name, p), "object": "model", "created": 0, "owned_by": "quant-tutor"}
+                    for p in PRECISIONS
+                ],
+            }
+        )
+
+    async def status(_request: Request) -> Response:
+        return JSONResponse(host.status())
+
+    async def switch(request: Request) -> Response:
+        try:
+            data = await body(request)
+            report = await run_in_threadpool(host.switch, str(data.get("precision", "")))
+        except Exception as exc:
+            return _failure(exc)
+        return JSONResponse(report)
+
+    async def cancel(request: Request) -> Response:
+        try:
+            data = await body(request)
+        except ValueError as exc:
+            return _error(400, str(exc))
+        return JSONResponse({"cancelled": host.cancel(str(data.get("request_id", "")))})
+
+    async def ask(request: Request) -> Response:
+        try:
+            data = await body(request)
+            question = data.get("question")
+            if not isinstance(question, str) or not question.strip():
+                raise ValueError("'question' must be a non-empty string")
+            lesson_id = data.get("lesson_id")
+            precision = data.get("precision")
+        except ValueError as exc:
+            return _error(400, str(exc))
+
+        def work(emit: Callable[[str | None, Any], None], flag: threading.Event) -> None:
+            answer = host.ask(question, lesson_id, precision, flag, emit)
+            emit("answer", answer.as_dict())
+
+        return _streamed(host, data.get("request_id"), work)
+
+    async def cliff(request: Request) -> Response:
+        try:
+            data = await body(request)
+            plan = str(data.get("plan", "quick"))
+            precisions = [str(p) for p in data.get("precisions") or ["bf16", "int8", "nf4", "fp4"]]
+        except ValueError as exc:
+            return _error(400, str(exc))
+
+        def work(emit: Callable[[str | None, Any], None], flag: threading.Event) -> None:
+            emit("result", host.cliff(plan, precisions, flag, emit))
+
+        return _streamed(host, data.get("request_id"), work)
+
+    async def chat_completions(request: Request) -> Response:
+        try:
+            data = await body(request)
+            messages = _messages(data.get("messages"))
+            engine = host.engine
+            precision = precision_of(data.get("model"), engine.precision if engine else "bf16")
+            max_tokens = int(data.get("max_completion_tokens") or data.get("max_tokens") or 256)
+            temperature = data.get("temperature")
+            top_p = data.get("top_p")
+            seed = data.get("seed")
+        except (ValueError, TypeError) as exc:
+            return _error(400, str(exc))
+        completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        created = int(time.time())
+        name = model_id(host.model_name, precision)
+
+        def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> dict[str, Any]:
+            return {
+                "id": completion_id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": name,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+                **extra,
+            }
+
+        def generate(on_token: Callable[[Any], None], flag: threading.Event) -> Any:
+            return host.chat(
+                messages,
+                precision,
+                max_tokens=max_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                seed=seed,
+                cancel=flag,
+                on_token=on_token,
+            )
+
+        if not data.get("stream"):
+            try:
+                reply = await run_in_threadpool(generate, lambda _event: None, threading.Event())
+            except Exception as exc:
+                return _failure(exc)
+            return JSONResponse(
+                {
+                    "id": completion_id,
+                    "object": "chat.completion",
+                    "created": created,
+                    "model": name,
+                    "choices": [
+                        {
+                            "index": 0,
+                            "message": {"role": "assistant", "content": reply.text},
+                            "finish_reason": _finish_reason(reply.stats.stop_reason),
+                        }
+                    ],
+                    "usage": _usage(reply),
+                    "x_stats": reply.stats.as_dict(),
+                }
+            )
+
+        def work(emit: Callable[[str | None, Any], None], flag: threading.Event) -> None:
+            emit(None, chunk({"role": "assistant", "content": ""}))
+            reply = generate(lambda event: emit(None, chunk({"content": event.text})), flag)
+            emit(
+                None,
+                chunk(
+                    {},
+                    _finish_reason(reply.stats.stop_reason),
+                    usage=_usage(reply),
+                    x_stats=reply.stats.as_dict(),
+                ),
+            )
+            emit(None, "[DONE]")
+
+        return _streamed(host, completion_id, work)
+
+    routes = [
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/qt/status", status, methods=["GET"]),
+        Route("/qt/precision", switch, methods=["POST"]),
+        Route("/qt/cancel", cancel, methods=["POST"]),
+        Route("/qt/ask", ask, methods=["POST"]),
+        Route("/qt/cliff", cliff, methods=["POST"]),
+    ]
+    return Starlette(routes=routes, middleware=[Middleware(BaseHTTPMiddleware, dispatch=authorize)])
+
+
+def _messages(value: Any) -> list[dict[str, str]]:
+    if not isinstance(value, list) or not value:
+        raise ValueError("'messages' must be a non-empty list of {role, content}")
+    messages = []
+    for i, message in enumerate(value):
+        if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant"):
+            raise ValueError(f"messages[{i}] needs a role of system, user or assistant")
+        content = message.get("content")
+        if isinstance(content, list):  # content parts: keep the text ones
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        if not isinstance(content, str):
+            raise ValueError(f"messages[{i}].content must be text")
+        messages.append({"role": message["role"], "content": content})
+    return messages
+
+
+def _finish_reason(stop_reason: str) -> str:
+    return "length" if stop_reason == "max_tokens" else "stop"
+
+
+def _usage(reply: Any) -> dict[str, int]:
+    prompt = reply.stats.prompt_tokens
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": reply.stats.tokens,
+        "total_tokens": prompt + reply.stats.tokens,
+    }
+
+
+# --- the socket and the process ------------------------------------------------------------
+
+
+class ServeError(Exception):
+    """The engine can't listen where it was asked to; said in one line."""
+
+
+def unix_socket(path: Path) -> socket.socket:
+    """A listening Unix socket at ``path``, readable by this user only; a stale one is replaced."""
+    if path.exists():
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            path.unlink()  # nobody listens: a socket left by an engine that died
+        else:
+            raise ServeError(f"another engine is already listening on {path}")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        sock.bind(str(path))
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+    return sock
+
+
+def tcp_socket(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ServeError(
+            f"cannot listen on {host}:{port} ({exc.strerror or exc}); is another `quant-tutor serve` "
+            "running? Choose another --port (0 picks a free one)."
+        ) from None
+    return sock
+
+
+def _watch_parent(server: Any) -> None:
+    """Exit when the app that started us goes away (its end of our stdin closes), even on kill -9."""
+    with contextlib.suppress(OSError):
+        while sys.stdin.buffer.read(4096):
+            pass
+    server.should_exit = True
+    time.sleep(5)
+    os._exit(0)  # a job that ignores the shutdown must not keep the process alive
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="quant-tutor serve",
+        description="Run the tutor's model as an OpenAI-compatible server (one model id per precision).",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    parser.add_argument(
+        "--port", type=int, default=DEFAULT_PORT, help="port (default: %(default)s; 0: any free)"
+    )
+    parser.add_argument("--uds", type=Path, help="listen on this Unix socket instead of TCP (mode 0600)")
+    parser.add_argument("--model", help="local HF folder, .gguf file or hub id (default: the embedded model)")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--threads", type=int, help="torch threads (default: one per core)")
+    parser.add_argument("--content", type=Path, help="lesson folder to index instead of the shipped one")
+    parser.add_argument("--cache-dir", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--watch-stdin", action="store_true", help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    import uvicorn
+
+    from tutor.content import load_library
+
+    args = build_parser().parse_args(argv)
+    library = load_library(args.content)
+    if not library.lessons:
+        print("quant-tutor serve: no lesson could be loaded", file=sys.stderr)
+        return 2
+    token = os.environ.get(TOKEN_ENV) or secrets.token_urlsafe(24)
+    try:
+        sock = unix_socket(args.uds) if args.uds else tcp_socket(args.host, args.port)
+    except ServeError as exc:
+        print(f"quant-tutor serve: {exc}", file=sys.stderr)
+        return 2
+    host = EngineHost(
+        library, model=args.model, device=args.device, cache_dir=args.cache_dir, threads=args.threads
+    )
+    threading.Thread(target=host.load, name="load", daemon=True).start()
+    config = uvicorn.Config(
+        build_app(host, token), log_level="warning", lifespan="off", timeout_graceful_shutdown=2
+    )
+    server = uvicorn.Server(config)
+    if args.watch_stdin:
+        threading.Thread(target=_watch_parent, args=(server,), name="parent", daemon=True).start()
+    if not args.uds:
+        address, port = sock.getsockname()[:2]
+        print(f"quant-tutor engine: http://{address}:{port}/v1", flush=True)
+        if not os.environ.get(TOKEN_ENV):
+            print(f"API key (random for this launch): {token}", flush=True)
+        print("Models: " + ", ".join(model_id(host.model_name, p) for p in PRECISIONS), flush=True)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+        if args.uds:
+            with contextlib.suppress(OSError):
+                args.uds.unlink()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
