@@ -63,3 +63,18 @@ def test_resuming_a_fully_answered_attempt_finishes_it(library: Library, store: 
     assert session.finished and session.score == 10
     assert store.open_attempt(SEED) is None
     assert store.lesson(SEED).best_score == 10
+
+
+def test_times_are_said_in_words_in_local_time() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from tutor.text import when
+
+    now = datetime.now().astimezone()
+    stamp = now.replace(hour=9, minute=54, second=0, microsecond=0)
+    iso = stamp.astimezone(UTC).isoformat()  # stored in UTC, said in local time
+    assert when(iso, now) == "today at 09:54"
+    assert when((stamp - timedelta(days=1)).astimezone(UTC).isoformat(), now) == "yesterday at 09:54"
+    older = stamp.replace(year=now.year - 1, month=1, day=3)
+    assert when(older.astimezone(UTC).isoformat(), now) == f"on 3 Jan {now.year - 1} at 09:54"
+    assert when("not a time") == "not a time"

@@ -18,6 +18,7 @@ from typing import TextIO
 from tutor import __version__
 from tutor.content import LETTERS, Lesson, Library, json_schema, load_library, plain_text
 from tutor.store import Store, StoreError
+from tutor.text import when
 
 # Subcommands whose own argparse lives with the code they run (imported only then).
 DELEGATED = {
@@ -193,7 +194,7 @@ def cmd_quiz(args: argparse.Namespace, out: TextIO, err: TextIO, read_line: Call
         session = QuizSession(lesson, store, resume=pending)
         if pending is not None:
             out.write(
-                f"Resuming your unfinished quiz from {pending.started_at} "
+                f"Resuming your unfinished quiz started {when(pending.started_at)} "
                 f"({len(session.results)} of {session.total} answered). Use --restart to start over.\n"
             )
         out.write(f"{lesson.title}: {session.total} questions. Answer with a letter (a-d) or number (1-4).\n")

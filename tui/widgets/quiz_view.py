@@ -14,6 +14,7 @@ from tui.widgets.plain import Plain, literal
 from tutor.content import LETTERS, Lesson, Question
 from tutor.quiz import Feedback, QuizError, QuizSession
 from tutor.store import Store
+from tutor.text import when
 
 INTRO, ASKING, ANSWERED, RESULTS, REVIEW = "intro", "asking", "answered", "results", "review"
 
@@ -156,7 +157,7 @@ class QuizView(VerticalScroll, can_focus=True):
             status.show(f"Quiz · {total} questions · {best} · {progress.attempts} attempt(s)")
             if pending is not None:
                 body.show(
-                    f"You have an unfinished quiz from {pending.started_at} "
+                    f"You have an unfinished quiz started {when(pending.started_at)} "
                     f"({len(pending.answers)} of {len(pending.question_ids)} answered).\n\n"
                     "Enter: continue where you left off    n: start over"
                 )
