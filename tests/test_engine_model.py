@@ -3,6 +3,13 @@
 They share the session's engine (``shared_engine`` in conftest.py: one conversion of the
 embedded GGUF, one load); every test leaves it back at bf16. Few tokens per reply; no timing
 assertions (speed is for ``quant-tutor bench``).
+
+Numerics: floats are compared bit for bit only where the same weights go through the same
+kernels (a reply against an earlier reply of the same engine, bf16 after a round trip).
+Where the kernels differ (the fast decoder against transformers' modules, a batched window
+pass against cached decoding) the guarantee is a bounded logit difference, and the same
+greedy token wherever the reference is not near a tie; ``tests/numerics.py`` checks that and
+explains its tolerances (``TOLERANCES``, per precision) and the measurements behind them.
 """
 
 from __future__ import annotations
@@ -13,6 +20,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.numerics import (
+    TOLERANCES,
+    Trace,
+    compare_decodes,
+    compare_logits,
+    engine_logits_along,
+    engine_trace,
+    reference_trace,
+)
 from tutor.engine import (
     EngineBusyError,
     ModelLoadError,
@@ -20,10 +36,17 @@ from tutor.engine import (
     SwitchError,
     TokenEvent,
 )
+from tutor.engine.bench import DEFAULT_PROMPT as BENCH_PROMPT
 
 pytestmark = pytest.mark.model
 
 PROMPT = "What does quantization do to a neural network?"
+PROMPTS = {"chat": PROMPT, "bench": BENCH_PROMPT}
+# Tokens compared with model.generate per precision and prompt: 16 where decoding is quick (the
+# issue's flip was at token 15); 8 for bitsandbytes, whose CPU kernels decode about 7 tokens/s
+# on a 2-core AVX2 machine, twice per case (reference and engine), to keep each case a few
+# seconds. Every compared position checks all 49152 logits.
+COMPARED_TOKENS = {"fp32": 16, "bf16": 16, "int8": 8, "nf4": 8, "fp4": 8}
 
 
 # ``shared_engine`` (the engine, loaded once per session) and ``model_cache`` (the session's
@@ -43,6 +66,21 @@ def engine(shared_engine):  # type: ignore[no-untyped-def]
 def bf16_tokens(shared_engine) -> list[int]:  # type: ignore[no-untyped-def]
     shared_engine.switch("bf16", wait=True)
     return shared_engine.generate(PROMPT, max_new_tokens=12).tokens
+
+
+@pytest.fixture(scope="module")
+def generic_engine(shared_engine):  # type: ignore[no-untyped-def]
+    """A second engine on the generic transformers decode loop (its own model, at bf16).
+
+    Also the fp32 reference: on the fast path the shared engine's fp32 lives in the decoder's
+    own copies while its transformers model stays bf16, whereas here ``switch("fp32")`` turns
+    the transformers model itself into fp32.
+    """
+    from tutor.engine import Engine
+
+    generic = Engine.load(shared_engine.checkpoint.path, fast=False, prepared_limit_bytes=0)
+    yield generic
+    generic.close()
 
 
 @pytest.fixture
@@ -75,23 +113,42 @@ def test_conversion_happens_once_and_is_reused(
     assert weights.stat().st_mtime_ns == stamp
 
 
-def test_engine_greedy_equals_plain_generate(engine) -> None:  # type: ignore[no-untyped-def]
-    import torch
+@pytest.mark.parametrize(
+    ("precision", "prompt"),
+    [(p, name) for p in ("bf16", "fp32", "int8", "nf4", "fp4") for name in PROMPTS],
+)
+def test_engine_greedy_matches_plain_generate(engine, generic_engine, precision: str, prompt: str) -> None:  # type: ignore[no-untyped-def]
+    """The engine's greedy reply against transformers' ``model.generate`` at the same precision.
 
-    ids = engine.encode(PROMPT)
-    n = 16
-    with torch.inference_mode():
-        out = engine.model.generate(
-            torch.tensor([ids]),
-            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-            max_new_tokens=n,
-            do_sample=False,
-        )
-    plain = [t for t in out[0, len(ids) :].tolist() if t not in engine.stop_ids]
-    reply = engine.generate(prompt_ids=ids, max_new_tokens=n)
-    assert engine.decoder_kind == "fast"
-    assert reply.tokens == plain
-    assert reply.text == engine.tokenizer.decode(plain, skip_special_tokens=True)
+    Different kernels (oneDNN pre-packed and fused q|k|v, gate|up where the CPU allows, against
+    transformers' modules), so not bit for bit: within ``TOLERANCES[precision]`` (see
+    tests/numerics.py). The reference is the transformers model at that precision: the
+    engine's own model at bf16, int8, nf4 and fp4 (for the last three with the precision's
+    bitsandbytes modules swapped in: the very quantized weights the fast decoder runs, unfused),
+    and the generic engine's model upcast to fp32 at fp32.
+    """
+    ids = engine.encode(PROMPTS[prompt])
+    engine.switch(precision)
+    if precision == "fp32":
+        generic_engine.switch("fp32")
+        reference_model = generic_engine.model
+    else:
+        reference_model = engine.model
+    try:
+        reference = reference_trace(reference_model, ids, COMPARED_TOKENS[precision])
+    finally:
+        generic_engine.switch("bf16")
+    reply, decoded = engine_trace(engine, ids, COMPARED_TOKENS[precision])
+    assert engine.decoder_kind == "fast" and reply.stats.precision == precision
+    assert reply.text == engine.tokenizer.decode(reply.tokens, skip_special_tokens=True)
+    result = compare_decodes(
+        reference,
+        decoded,
+        TOLERANCES[precision],
+        f"{precision} engine vs model.generate, {prompt} prompt",
+        along_reference=lambda: engine_logits_along(engine, ids, reference.tokens),
+    )
+    print(result.describe())
 
 
 @pytest.mark.parametrize("precision", ["fp32", "int8", "nf4", "fp4"])
@@ -131,6 +188,17 @@ def test_weights_mib_ordered_fp32_bf16_int8_nf4(engine) -> None:  # type: ignore
 
 
 def test_round_trip_gives_back_the_first_bf16_tokens(engine, bf16_tokens: list[int]) -> None:  # type: ignore[no-untyped-def]
+    """bf16 after bf16 -> int8 -> nf4 -> bf16 is the first bf16 bit for bit: tokens and logits.
+
+    Exact because that is guaranteed here: the same master weights through the same kernels in
+    the same process. That holds for the prepared bf16 kept aside (a reference swap) and for
+    bf16 rebuilt from the masters after dropping it.
+    """
+    import torch
+
+    ids = engine.encode(PROMPT)
+    first, before = engine_trace(engine, ids, 12)
+    assert first.tokens == bf16_tokens
     master = engine.model.model.layers[3].self_attn.q_proj
     weight = master.weight.detach().clone()
     engine.switch("int8")
@@ -140,7 +208,16 @@ def test_round_trip_gives_back_the_first_bf16_tokens(engine, bf16_tokens: list[i
     assert back.from_cache
     assert engine.model.model.layers[3].self_attn.q_proj is master
     assert master.weight.equal(weight)
-    assert engine.generate(PROMPT, max_new_tokens=12).tokens == bf16_tokens
+    reply, after = engine_trace(engine, ids, 12)
+    assert reply.tokens == bf16_tokens and torch.equal(after.logits, before.logits)
+    engine.switch("nf4")
+    engine.drop_prepared("bf16")
+    assert not engine.is_prepared("bf16")
+    rebuilt = engine.switch("bf16")
+    assert not rebuilt.from_cache
+    assert master.weight.equal(weight)
+    reply, after = engine_trace(engine, ids, 12)
+    assert reply.tokens == bf16_tokens and torch.equal(after.logits, before.logits)
 
 
 def test_reswitch_to_prepared_precision_is_a_swap(engine) -> None:  # type: ignore[no-untyped-def]
@@ -295,39 +372,73 @@ def test_seeded_sampling_is_reproducible(engine) -> None:  # type: ignore[no-unt
 
 
 def test_window_logits_agree_with_greedy_decoding(engine, bf16_tokens: list[int]) -> None:  # type: ignore[no-untyped-def]
+    """A window pass (T x K matmuls, no KV cache) against cached decoding (1 x K matmuls).
+
+    Different kernels, so within ``TOLERANCES["bf16"]``, not bit for bit. So are two copies of
+    one window in a batch: their rows land in different GEMM blocks (a tail block may take
+    another micro-kernel), so they are compared within the tolerance too.
+    """
     prompt = engine.encode(PROMPT)
     window = prompt + bf16_tokens
     logits = engine.window_logits([window, window], start=len(prompt) - 1)
     assert logits.shape == (2, len(window) - len(prompt) + 1, engine.model.config.vocab_size)
-    predicted = logits[0, :-1].argmax(-1).tolist()
-    agree = sum(p == t for p, t in zip(predicted, bf16_tokens, strict=True))
-    assert agree >= len(bf16_tokens) - 1  # batched prefill vs cached decode: equal up to rare near-ties
-    assert logits[0].equal(logits[1])
+    tol = TOLERANCES["bf16"]
+    reply, decoded = engine_trace(engine, prompt, len(bf16_tokens))
+    assert reply.tokens == bf16_tokens  # the same engine and kernels as the fixture's reply: exact
+    rows = len(decoded.tokens)  # a stop token the reply ended on has its row in the window too
+    compare_logits(decoded, logits[0, :rows], tol, "window pass vs cached decoding")
+    first = Trace(logits[0].argmax(-1).tolist(), logits[0])
+    compare_logits(first, logits[1], tol, "second copy of the window in the batch")
     engine.switch("nf4")
     quantized = engine.window_logprobs([window], start=len(prompt) - 1)
     assert quantized.shape[1:] == logits.shape[1:]
-    assert not quantized[0].equal(logits[0].log_softmax(-1))
+    # nf4 moves the scores far more than any kernel difference may (measured: 9 and more)
+    assert float((quantized[0] - logits[0].log_softmax(-1)).abs().max()) > TOLERANCES["nf4"].logit
 
 
-def test_generic_decode_loop_matches_the_fast_one(shared_engine, bf16_tokens: list[int]) -> None:  # type: ignore[no-untyped-def]
+def test_generic_decode_loop_matches_the_fast_one(engine, generic_engine, bf16_tokens: list[int]) -> None:  # type: ignore[no-untyped-def]
+    """The generic loop (transformers' modules and KV caches) against the fast decoder.
+
+    Different kernels, so within ``TOLERANCES["bf16"]`` (tests/numerics.py), not bit for bit:
+    the fast decoder's reply and logits are the reference; the generic engine's own greedy
+    reply (a ``DynamicCache``) and a ``StaticCache`` session fed the fast reply's tokens are
+    checked against them.
+    """
     import torch
 
-    from tutor.engine import Engine
     from tutor.engine.decoder import GenericSession
 
-    generic = Engine.load(shared_engine.checkpoint.path, fast=False, prepared_limit_bytes=0)
-    assert generic.decoder_kind == "generic"
-    assert generic.generate(PROMPT, max_new_tokens=12).tokens == bf16_tokens
+    generic = generic_engine
+    assert generic.decoder_kind == "generic" and generic.precision == "bf16"
+    tol = TOLERANCES["bf16"]
     ids = generic.encode(PROMPT)
-    session = GenericSession(generic.model, torch.device("cpu"), len(ids) + 6, static=True)
+    fast_reply, fast = engine_trace(engine, ids, len(bf16_tokens))
+    assert fast_reply.tokens == bf16_tokens  # the same engine and kernels as the fixture's: exact
+    reply, decoded = engine_trace(generic, ids, len(bf16_tokens))
+    assert reply.stats.decoder == "generic"
+    compare_decodes(
+        fast,
+        decoded,
+        tol,
+        "generic decode loop vs the fast one",
+        along_reference=lambda: engine_logits_along(generic, ids, fast.tokens),
+    )
+    steps = min(6, len(bf16_tokens))
+    session = GenericSession(generic.model, torch.device("cpu"), len(ids) + steps, static=True)
     with torch.inference_mode():
-        tokens = [int(session.prefill(ids).argmax())]
-        for _ in range(5):
-            tokens.append(int(session.step(tokens[-1]).argmax()))
-    assert tokens == bf16_tokens[:6]
+        rows = [session.prefill(ids)] + [session.step(t) for t in bf16_tokens[: steps - 1]]
+    static = torch.stack([row.float() for row in rows])
+    compare_logits(
+        Trace(bf16_tokens[:steps], fast.logits[:steps]),
+        static,
+        tol,
+        "StaticCache session vs the fast decoder",
+    )
     generic.switch("nf4")
-    assert len(generic.generate(PROMPT, max_new_tokens=3).tokens) == 3
-    generic.close()
+    try:
+        assert len(generic.generate(PROMPT, max_new_tokens=3).tokens) == 3
+    finally:
+        generic.switch("bf16")
 
 
 def test_bench_rows_and_cli(
