@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import shutil
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -12,19 +15,63 @@ from tests.conftest import ROOT, SEED
 from tutor import measure
 from tutor.content import Library, load_library
 from tutor.diff import departures
-from tutor.lab import weight_lab
+from tutor.lab import FULL, QUICK, Cancelled, Plan, run_cliff, weight_lab
+from tutor.measure import QualityRow
 from tutor.weight_lab import run_lab
 
 pytestmark = pytest.mark.model
 WINDOW = 128
+TINY = Plan("tiny", windows=2, qa_questions=1, window=WINDOW, max_new_tokens=6)
 
 
-def test_reference_against_itself_is_identical(bf16_engine, library: Library) -> None:  # type: ignore[no-untyped-def]
+def test_tally_matches_a_separate_pass(bf16_engine, library: Library) -> None:  # type: ignore[no-untyped-def]
+    """The tallied figures against log-probs computed apart, window by window, with plain formulas."""
     windows = measure.lesson_windows(bf16_engine.tokenizer, library, WINDOW)[:2]
-    tally = measure.score_windows(bf16_engine, windows, ["bf16"])["bf16"]
-    assert tally.tokens == 2 * (WINDOW - WINDOW // 2 - 1)
-    assert abs(tally.kl / tally.tokens) < 1e-6
-    assert tally.same_top == tally.tokens
+    tallies = measure.score_windows(bf16_engine, windows, ["bf16", "int8"])
+    half = WINDOW // 2
+    ids = torch.tensor(windows)
+    targets = ids[:, half + 1 :]
+    reference = bf16_engine.window_logprobs(ids, start=half, batch_size=1)[:, :-1]
+    again = bf16_engine.window_logprobs(ids, start=half, batch_size=2)[:, :-1]
+    bf16_engine.switch("int8", wait=True)
+    int8 = bf16_engine.window_logprobs(ids, start=half, batch_size=1)[:, :-1]
+    bf16_engine.switch("bf16", wait=True)
+    tokens = targets.numel()
+    assert tallies["bf16"].tokens == tallies["int8"].tokens == tokens == 2 * (WINDOW - half - 1)
+
+    def nll(logprobs: torch.Tensor) -> float:
+        return -float(logprobs.gather(-1, targets.unsqueeze(-1)).double().sum()) / tokens
+
+    def kl(p: torch.Tensor, q: torch.Tensor) -> float:
+        p, q = p.double(), q.double()
+        return float((p.exp() * (p - q)).sum(-1).mean())
+
+    def top1(p: torch.Tensor, q: torch.Tensor) -> float:
+        return float((p.argmax(-1) == q.argmax(-1)).double().mean())
+
+    # The reference the tally used is the bf16 model: a separate bf16 pass (other batching) agrees.
+    assert tallies["bf16"].nll / tokens == pytest.approx(nll(reference), rel=2e-3)
+    assert kl(reference, again) < 1e-3 and top1(reference, again) > 0.98
+    # KL, top-1 agreement and NLL of int8 against that separate reference, by plain formulas.
+    assert kl(reference, int8) > 1e-3, "int8 differs from bf16 measurably"
+    assert tallies["int8"].kl / tokens == pytest.approx(kl(reference, int8), rel=0.05, abs=1e-3)
+    assert tallies["int8"].same_top / tokens == pytest.approx(top1(reference, int8), abs=0.02)
+    assert tallies["int8"].nll / tokens == pytest.approx(nll(int8), rel=2e-3)
+    assert bf16_engine.precision == "bf16", "scoring leaves the reference installed"
+
+
+def test_both_orders_measure_the_same(bf16_engine, library: Library, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Reference held for all windows (precision by precision) or one batch at a time: same rows."""
+    kwargs: dict[str, Any] = {"window": WINDOW, "max_windows": 3, "batch_size": 2}
+    held = measure.quality_rows(bf16_engine, library, ["bf16", "nf4"], folder=tmp_path / "a", **kwargs)
+    batched = measure.quality_rows(
+        bf16_engine, library, ["bf16", "nf4"], folder=tmp_path / "b", hold_bytes=0, **kwargs
+    )
+    for a, b in zip(held, batched, strict=True):
+        assert a.tokens_scored == b.tokens_scored == 3 * (WINDOW - WINDOW // 2 - 1)
+        assert a.perplexity == pytest.approx(b.perplexity, rel=1e-6)
+        assert a.kl_mean == pytest.approx(b.kl_mean, rel=1e-5, abs=1e-9)
+        assert a.top1_agreement == b.top1_agreement
 
 
 def test_int8_drifts_less_than_4bit(bf16_engine, library: Library) -> None:  # type: ignore[no-untyped-def]
@@ -61,13 +108,13 @@ def test_results_are_cached_and_invalidated_by_content(  # type: ignore[no-untyp
     bf16_engine, library: Library, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: list[list[str]] = []
-    real = measure.score_windows
+    real = measure._scores
 
     def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
         calls.append(list(args[2]))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(measure, "score_windows", counting)
+    monkeypatch.setattr(measure, "_scores", counting)
     first = measure.quality_rows(
         bf16_engine, library, ["bf16", "int8"], window=WINDOW, max_windows=1, folder=tmp_path
     )
@@ -87,6 +134,111 @@ def test_results_are_cached_and_invalidated_by_content(  # type: ignore[no-untyp
         bf16_engine, load_library(content), ["bf16", "int8"], window=WINDOW, max_windows=1, folder=tmp_path
     )
     assert len(calls) == 2, "changed lesson text is measured again"
+
+
+def test_rows_arrive_live_then_come_from_the_cache(  # type: ignore[no-untyped-def]
+    bf16_engine, library: Library, shared_retriever, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bf16_engine.switch("nf4", wait=True)  # the learner's precision, put back afterwards
+    events: list[tuple[str, object]] = []
+
+    def progress(phase: str, done: int, total: int) -> None:
+        assert 0 <= done <= total
+        events.append(("progress", phase))
+
+    def on_row(row: QualityRow) -> None:
+        events.append(("row", row.precision))
+
+    result = run_cliff(
+        bf16_engine,
+        library,
+        ["nf4"],
+        plan=TINY,
+        retriever=shared_retriever,
+        folder=tmp_path,
+        progress=progress,
+        on_row=on_row,
+    )
+    rows = [what for kind, what in events if kind == "row"]
+    assert rows == ["bf16", "nf4"] == [r.precision for r in result.rows]
+    phases = [what for kind, what in events if kind == "progress"]
+    assert set(phases) == {"windows", "qa bf16", "qa nf4", "weight lab"}
+    # Each row arrives as soon as it is final: before the next precision's work starts.
+    assert events.index(("row", "bf16")) < events.index(("progress", "qa nf4"))
+    assert events.index(("row", "nf4")) < events.index(("progress", "weight lab"))
+    assert events[-1] == ("progress", "weight lab")
+    assert all(r.qa_questions == 1 and r.tokens_scored == 2 * (WINDOW - WINDOW // 2 - 1) for r in result.rows)
+    assert result.rows[0].qa_token_f1 == 1.0 and result.plan == "tiny"
+    assert "2 of the" in result.method and "QA on 1 evaluation question" in result.method
+    assert bf16_engine.precision == "nf4", "the engine is left at the precision it had"
+
+    def no_compute(*_args, **_kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("cached rows are not computed again")
+
+    monkeypatch.setattr(bf16_engine, "window_logits", no_compute)
+    monkeypatch.setattr(bf16_engine, "generate", no_compute)
+    emitted: list[QualityRow] = []
+    started = time.perf_counter()
+    cached = run_cliff(
+        bf16_engine,
+        library,
+        ["nf4"],
+        plan=TINY,
+        retriever=shared_retriever,
+        folder=tmp_path,
+        on_row=emitted.append,
+    )
+    assert time.perf_counter() - started < 10
+    assert emitted == cached.rows == result.rows and cached.weight_lab == result.weight_lab
+
+
+def test_cancel_raises_and_caches_nothing(bf16_engine, library: Library, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    stop = threading.Event()
+
+    def progress(phase: str, done: int, _total: int) -> None:
+        if phase == "windows" and done >= 1:
+            stop.set()
+
+    with pytest.raises(Cancelled):
+        measure.quality_rows(
+            bf16_engine,
+            library,
+            ["bf16", "int8"],
+            window=WINDOW,
+            max_windows=4,
+            batch_size=1,
+            hold_bytes=0,
+            folder=tmp_path,
+            progress=progress,
+            cancel=stop,
+        )
+    assert not list(tmp_path.rglob("*.json")), "nothing partial is cached"
+
+    phases: list[str] = []
+    bf16_engine.switch("int8", wait=True)
+    with pytest.raises(Cancelled):
+        run_cliff(
+            bf16_engine,
+            library,
+            ["int8"],
+            plan=TINY,
+            retriever=object(),  # type: ignore[arg-type]  # never asked: cancelled first
+            folder=tmp_path,
+            progress=lambda phase, _done, _total: phases.append(phase),
+            cancel=lambda: "qa bf16" in phases,
+        )
+    assert "qa bf16" in phases and "qa int8" not in phases
+    assert not list(tmp_path.rglob("*.json")), "a row without its QA is not cached"
+    assert bf16_engine.precision == "int8", "the engine is put back after a cancel"
+
+
+def test_plans() -> None:
+    assert FULL.windows is None and FULL.qa_questions == 8
+    assert QUICK.windows is not None and 4 <= QUICK.windows <= 6 and 2 <= QUICK.qa_questions <= 3
+    assert measure.pick_windows(53, spread=6) == [4, 13, 22, 30, 39, 48]
+    assert measure.pick_windows(53, first=2) == [0, 1] and measure.pick_windows(5, spread=9) == list(range(5))
+    text = measure.method_text(256, windows=6, of_windows=53, tokens=762, qa_questions=3, max_new_tokens=64)
+    assert "6 of the 53 lesson windows" in text and "762 tokens" in text and "3 evaluation questions" in text
 
 
 def test_token_f1_and_departures() -> None:

@@ -122,14 +122,18 @@ def cmd_ask(args: argparse.Namespace, library: Library, out: TextIO, err: TextIO
 def cmd_cliff(args: argparse.Namespace, library: Library, out: TextIO, err: TextIO) -> int:
     from tutor.engine import EngineError
     from tutor.engine.precisions import parse_precisions
-    from tutor.lab import run_cliff
+    from tutor.lab import FULL, QUICK, run_cliff
+    from tutor.measure import QualityRow
 
     try:
         precisions = parse_precisions(args.precisions)
     except EngineError as exc:
         raise ModelCommandError(str(exc)) from None
+    plan = QUICK if getattr(args, "quick", False) else FULL
+    qa = plan.qa_questions if getattr(args, "qa", None) is None else args.qa
     engine = load_model(args, err)
-    retriever = load_retriever(library, err) if args.qa else None
+    retriever = load_retriever(library, err) if qa else None
+    err.write(f"Measuring the {plan.name} plan (cached results are reused)…\n")
 
     def progress(what: str, done: int, total: int) -> None:
         err.write(f"\r  {what}: {done}/{total}")
@@ -137,15 +141,25 @@ def cmd_cliff(args: argparse.Namespace, library: Library, out: TextIO, err: Text
         if done == total:
             err.write("\n")
 
+    def on_row(row: QualityRow) -> None:
+        cells = row.cells()
+        err.write(
+            f"  {cells[0]}: PPL {cells[2]} (×{cells[3]}), KL {cells[4]}, same top token {cells[5]}, "
+            f"QA F1 {cells[6]}, grounded {cells[7]}\n"
+        )
+        err.flush()
+
     result = run_cliff(
         engine,
         library,
         precisions,
+        plan=plan,
         retriever=retriever,
-        qa_questions=args.qa,
+        qa_questions=qa,
         max_windows=args.windows,
         window=args.window,
         progress=progress,
+        on_row=on_row,
     )
     if args.json:
         json.dump(result.as_dict(), out, indent=2)

@@ -3,14 +3,24 @@
 ``run_cliff`` gathers three measurements: quality of every precision against bf16 on the
 lesson text (:mod:`tutor.measure`), QA agreement and groundedness on the tutor's evaluation
 questions, and the weight lab (:mod:`tutor.weight_lab`) on one real layer.
+
+Two plans, shared by ``quant-tutor cliff`` (FULL; ``--quick``: QUICK) and the Lab tab
+(``m``: QUICK, ``M``: FULL), so each plan's results are measured once and cached for both.
+Rows arrive live (``on_row``), ``progress(phase, done, total)`` names the phase ("windows",
+"qa <precision>", "weight lab"), and ``cancel`` stops it between batches and questions
+(``Cancelled``), caching only finished rows.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import yaml
 
@@ -19,12 +29,21 @@ from tutor.machine import describe
 from tutor.measure import (
     REFERENCE,
     WINDOW,
+    Cancel,
+    Cancelled,
+    OnRow,
     Progress,
     QAResult,
     QualityRow,
+    cache_file,
+    check_cancel,
+    content_hash,
+    is_cancelled,
     lesson_windows,
     method_text,
+    pick_windows,
     quality_rows,
+    write_json,
 )
 from tutor.weight_lab import LabRow, run_lab
 
@@ -32,7 +51,29 @@ if TYPE_CHECKING:
     from tutor.engine import Engine
     from tutor.retrieval import Retriever
 
+__all__ = ["FULL", "PLANS", "QUICK", "Cancelled", "CliffResult", "Plan", "run_cliff"]
+
 QA_SET = default_content_dir().parent / "tests" / "eval_questions.yaml"
+QA_MAX_NEW_TOKENS = 96  # the tutor's own cap (tutor.tutor_chat.MAX_NEW_TOKENS)
+WEIGHT_LAB_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How much of the measurement to make: which windows, how many QA questions."""
+
+    name: str
+    windows: int | None  # lesson windows scored, spread evenly over all lesson text; None: all
+    qa_questions: int  # evaluation questions answered at every precision (with a retriever)
+    window: int = WINDOW  # tokens per window
+    max_new_tokens: int = QA_MAX_NEW_TOKENS  # cap on each QA answer, the same at every precision
+
+
+# QUICK: a first look (a few windows spread over all lessons, three questions, answers capped
+# shorter); FULL: the whole measurement (all lesson text, eight questions, the tutor's own cap).
+QUICK = Plan("quick", windows=6, qa_questions=3, max_new_tokens=64)
+FULL = Plan("full", windows=None, qa_questions=8)
+PLANS = {plan.name: plan for plan in (QUICK, FULL)}
 
 
 @dataclass
@@ -43,9 +84,11 @@ class CliffResult:
     method: str
     machine: str
     notes: list[str] = field(default_factory=list)
+    plan: str = FULL.name
 
     def as_dict(self) -> dict[str, Any]:
         return {
+            "plan": self.plan,
             "rows": [r.as_dict() for r in self.rows],
             "weight_lab": [{"layer": self.layer, **r.as_dict()} for r in self.weight_lab],
             "method": self.method,
@@ -89,18 +132,47 @@ def load_qa_questions(limit: int, path: Path = QA_SET) -> list[tuple[str, str]]:
     return [(item["question"], item["lesson"]) for item in items[::step][:limit]]
 
 
+class _CancelFlag:
+    """``cancel`` (an Event or a callable) as the Event-like object ``ask`` polls per token."""
+
+    def __init__(self, cancel: Cancel) -> None:
+        self._cancel = cancel
+
+    def is_set(self) -> bool:
+        return is_cancelled(self._cancel)
+
+
 def qa_answers(
-    engine: Engine, retriever: Retriever, questions: Sequence[tuple[str, str]], precision: str
+    engine: Engine,
+    retriever: Retriever,
+    questions: Sequence[tuple[str, str]],
+    precision: str,
+    *,
+    max_new_tokens: int = QA_MAX_NEW_TOKENS,
+    progress: Progress | None = None,
+    cancel: Cancel = None,
 ) -> list[QAResult]:
+    """The tutor's answers to ``questions`` at ``precision`` (``progress`` phase "qa <precision>").
+
+    Raises Cancelled between questions, or within one token of an answer, once ``cancel`` is set.
+    """
     from tutor.tutor_chat import ask
 
+    phase = f"qa {precision}"
+    stop = None if cancel is None else cast("threading.Event", _CancelFlag(cancel))
     engine.switch(precision, wait=True)
+    if progress is not None:
+        progress(phase, 0, len(questions))
     results = []
-    for question, lesson_id in questions:
-        answer = ask(question, retriever, engine, lesson_id)
+    for done, (question, lesson_id) in enumerate(questions, 1):
+        check_cancel(cancel)
+        answer = ask(question, retriever, engine, lesson_id, cancel=stop, max_new_tokens=max_new_tokens)
+        check_cancel(cancel)  # a cancelled answer is cut short: not a measurement
         results.append(
             QAResult(answer.generated, sum(s.supported for s in answer.sentences), len(answer.sentences))
         )
+        if progress is not None:
+            progress(phase, done, len(questions))
     return results
 
 
@@ -111,22 +183,64 @@ def lab_layer(engine: Engine) -> tuple[str, Any]:
     return f"model.layers.{index}.mlp.down_proj", layers[index].mlp.down_proj
 
 
-def weight_lab(engine: Engine, library: Library, window: int = WINDOW) -> tuple[str, list[LabRow]]:
-    """Quantize one real weight matrix every way; its inputs come from the model reading a lesson."""
+class _Captured(Exception):
+    """Raised by the weight lab's hook: the layer's input is in hand, the rest of the pass is not needed."""
+
+
+def weight_lab(
+    engine: Engine, library: Library, window: int = WINDOW, *, folder: Path | None = None
+) -> tuple[str, list[LabRow]]:
+    """Quantize one real weight matrix every way; its inputs come from the model reading a lesson.
+
+    The model reads the first lesson window at the reference precision, only up to that layer
+    (a forward pre-hook takes the layer's input and stops the pass). Cached like the rows
+    (under ``folder``, default the cache dir), per model, device, lesson text and window.
+    """
     import torch
 
     engine.switch(REFERENCE, wait=True)
     name, layer = lab_layer(engine)
+    key = {
+        "model": str(engine.checkpoint.path),
+        "device": engine.device,
+        "content": content_hash(library),
+        "window": window,
+        "layer": name,
+        "version": WEIGHT_LAB_VERSION,
+    }
+    path = cache_file(key, folder, "weight-lab")
+    with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return data["layer"], [LabRow(**row) for row in data["rows"]]
     captured: list[torch.Tensor] = []
-    hook = layer.register_forward_hook(lambda _module, inputs, _output: captured.append(inputs[0].detach()))
+
+    def grab(_module: Any, inputs: tuple[torch.Tensor, ...]) -> None:
+        captured.append(inputs[0].detach())
+        raise _Captured
+
+    hook = layer.register_forward_pre_hook(grab)
     try:
         ids = torch.tensor([lesson_windows(engine.tokenizer, library, window)[0]])
-        with torch.inference_mode():
+        with torch.inference_mode(), contextlib.suppress(_Captured):
             engine.model(input_ids=ids.to(engine.torch_device), use_cache=False)
     finally:
         hook.remove()
     weight = layer.weight.detach().cpu()
-    return name, run_lab(weight, captured[0].reshape(-1, weight.shape[1]).cpu())
+    rows = run_lab(weight, captured[0].reshape(-1, weight.shape[1]).cpu())
+    write_json(path, {"layer": name, "rows": [r.as_dict() for r in rows]})
+    return name, rows
+
+
+def _qa_label(questions: Sequence[tuple[str, str]], max_new_tokens: int) -> str:
+    digest = hashlib.sha256(json.dumps(list(questions)).encode()).hexdigest()[:12]
+    return f"{QA_SET.name}:{len(questions)}:{digest}:tokens={max_new_tokens}"
+
+
+NOTES = [
+    "The embedded SmolLM2-135M-Instruct was distributed as a Q4_1 GGUF; its bf16 reconstruction is the "
+    "reference, so every figure measures loss relative to that already-4-bit-sourced model.",
+    "The tied 49152×576 embedding / lm_head stays in 16-bit at every precision (as transformers does).",
+]
 
 
 def run_cliff(
@@ -134,35 +248,79 @@ def run_cliff(
     library: Library,
     precisions: Sequence[str],
     *,
+    plan: Plan = FULL,
     retriever: Retriever | None = None,
-    qa_questions: int = 0,
+    qa_questions: int | None = None,
     max_windows: int | None = None,
-    window: int = WINDOW,
+    window: int | None = None,
     folder: Path | None = None,
     progress: Progress | None = None,
+    on_row: OnRow | None = None,
+    cancel: Cancel = None,
 ) -> CliffResult:
-    questions = load_qa_questions(qa_questions) if retriever is not None else []
+    """Measure ``precisions`` (the reference always first) by ``plan``; cached rows are reused.
+
+    ``qa_questions`` / ``window`` override the plan's; ``max_windows`` scores the first N windows
+    instead of the plan's selection. QA runs only with a ``retriever``. ``on_row(row)`` gets each
+    row as soon as it is final (cached ones at once, then bf16 first); ``progress(phase, done,
+    total)`` reports "windows" (window passes), "qa <precision>" (questions) and "weight lab";
+    ``cancel`` (a threading.Event or a callable) raises Cancelled between batches and questions.
+    The engine is left at the precision it had.
+    """
+    window = plan.window if window is None else window
+    count = plan.qa_questions if qa_questions is None else qa_questions
+    questions = load_qa_questions(count) if retriever is not None else []
     qa = None
     if retriever is not None and questions:
+        found = retriever
 
         def qa(precision: str) -> list[QAResult]:
-            return qa_answers(engine, retriever, questions, precision)
+            return qa_answers(
+                engine,
+                found,
+                questions,
+                precision,
+                max_new_tokens=plan.max_new_tokens,
+                progress=progress,
+                cancel=cancel,
+            )
 
-    rows = quality_rows(
-        engine,
-        library,
-        list(dict.fromkeys([REFERENCE, *precisions])),
-        window=window,
-        max_windows=max_windows,
-        qa=qa,
-        qa_label=f"{QA_SET.name}:{len(questions)}",
-        folder=folder,
-        progress=progress,
+    total = len(lesson_windows(engine.tokenizer, library, window))
+    spread = None if max_windows is not None else plan.windows
+    picked = pick_windows(total, first=max_windows, spread=spread)
+    previous = engine.precision
+    try:
+        rows = quality_rows(
+            engine,
+            library,
+            list(dict.fromkeys([REFERENCE, *precisions])),
+            window=window,
+            max_windows=max_windows,
+            spread=spread,
+            qa=qa,
+            qa_label=_qa_label(questions, plan.max_new_tokens),
+            folder=folder,
+            progress=progress,
+            on_row=on_row,
+            cancel=cancel,
+        )
+        check_cancel(cancel)
+        if progress is not None:
+            progress("weight lab", 0, 1)
+        layer, lab = weight_lab(engine, library, window, folder=folder)
+        if progress is not None:
+            progress("weight lab", 1, 1)
+    finally:
+        with contextlib.suppress(Exception):
+            engine.switch(previous, wait=True)
+    method = method_text(
+        window,
+        windows=len(picked),
+        of_windows=total,
+        tokens=rows[0].tokens_scored if rows else None,
+        qa_questions=len(questions),
+        max_new_tokens=plan.max_new_tokens,
     )
-    layer, lab = weight_lab(engine, library, window)
-    notes = [
-        "The embedded SmolLM2-135M-Instruct was distributed as a Q4_1 GGUF; its bf16 reconstruction is the "
-        "reference, so every figure measures loss relative to that already-4-bit-sourced model.",
-        "The tied 49152×576 embedding / lm_head stays in 16-bit at every precision (as transformers does).",
-    ]
-    return CliffResult(rows, lab, layer, method_text(window), describe(engine.device), notes)
+    custom = max_windows is not None or window != plan.window or count != plan.qa_questions
+    name = f"{plan.name} (custom)" if custom else plan.name
+    return CliffResult(rows, lab, layer, method, describe(engine.device), list(NOTES), name)

@@ -7,7 +7,16 @@ window of context. Per precision: perplexity (exp of the mean negative log-likel
 its ratio to the reference's, the mean KL divergence KL(reference ‖ precision) of the
 next-token distributions, and the share of positions where both pick the same top token.
 Windows are identical for every precision. Results are cached per (model, precision,
-content, method).
+content, windows, QA set, method).
+
+How the work is ordered (``quality_rows``): windows are read in batches, one forward pass
+per batch and precision (one per window for int8, whose outlier columns depend on the
+batch). When the reference's distributions for every selected window fit in ``hold_bytes`` (a
+quick measure: a few windows), the reference is read once and kept, and each other
+precision is then scored and its QA answered in turn, so each row is ready as soon as its
+own work is done. Otherwise (all lesson text) the windows are scored batch-major, holding
+only one batch's reference distributions at a time, then the QA set is answered precision by
+precision, each row ready after its answers.
 """
 
 from __future__ import annotations
@@ -16,8 +25,9 @@ import hashlib
 import json
 import math
 import re
+import threading
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -34,17 +44,63 @@ if TYPE_CHECKING:
 
 REFERENCE = "bf16"
 WINDOW = 256
-METHOD_VERSION = 1
-Progress = Callable[[str, int, int], None]  # (what, done, total)
+METHOD_VERSION = 2  # 2: windows read in batches, QA settings and question texts in the key
+BATCH = 4  # windows per forward pass
+HOLD_BYTES = 320 * 1024**2  # reference distributions that may be held to score precision by precision
+Progress = Callable[[str, int, int], None]  # (phase, done, total)
+Cancel = threading.Event | Callable[[], bool] | None
 
 
-def method_text(window: int = WINDOW) -> str:
+class Cancelled(Exception):
+    """The measurement was cancelled; rows not finished were not cached."""
+
+
+def is_cancelled(cancel: Cancel) -> bool:
+    if cancel is None:
+        return False
+    if isinstance(cancel, threading.Event):
+        return cancel.is_set()
+    return bool(cancel())
+
+
+def check_cancel(cancel: Cancel) -> None:
+    if is_cancelled(cancel):
+        raise Cancelled("The quality measurement was cancelled; unfinished rows were not cached.")
+
+
+def method_text(
+    window: int = WINDOW,
+    *,
+    windows: int | None = None,
+    of_windows: int | None = None,
+    tokens: int | None = None,
+    qa_questions: int = 0,
+    max_new_tokens: int | None = None,
+) -> str:
+    """What was measured; with ``windows`` etc. given, the counts of this measurement."""
+    if windows is None:
+        what = f"all lesson text in windows of {window} tokens, second half of each scored"
+    else:
+        if of_windows is None or windows >= of_windows:
+            which = f"all {windows} lesson windows of {window} tokens"
+        else:
+            which = f"{windows} of the {of_windows} lesson windows of {window} tokens, evenly spread"
+        what = which + ", second half of each scored"
+        if tokens is not None:
+            what += f" ({tokens:,} tokens per precision)"
+    qa = (
+        f"QA on {qa_questions} evaluation question{'s' if qa_questions != 1 else ''}, answered by the "
+        "tutor (greedy, at most 3 sentences"
+        + (f" / {max_new_tokens} new tokens" if max_new_tokens is not None else "")
+        + f" at every precision): token F1 of each answer against the {REFERENCE} answer, and "
+        "groundedness = share of generated sentences the support check marks supported"
+        if qa_questions
+        else "no QA"
+    )
     return (
-        f"all lesson text in windows of {window} tokens, second half of each scored (llama.cpp "
-        f"perplexity --kl-divergence style); PPL = exp(mean NLL); KL = mean KL({REFERENCE} ‖ precision) "
-        "over the next-token distributions; same top token = argmax agreement with "
-        f"{REFERENCE}; QA: token F1 of each answer against the {REFERENCE} answer, and groundedness = "
-        "share of generated sentences the support check marks supported"
+        f"{what} (llama.cpp perplexity --kl-divergence style); PPL = exp(mean NLL); KL = mean "
+        f"KL({REFERENCE} ‖ precision) over the next-token distributions; same top token = argmax "
+        f"agreement with {REFERENCE}; {qa}"
     )
 
 
@@ -87,6 +143,9 @@ class QualityRow:
         ]
 
 
+OnRow = Callable[[QualityRow], None]
+
+
 def content_hash(library: Library) -> str:
     digest = hashlib.sha256()
     for lesson in library.ordered():
@@ -103,6 +162,47 @@ def lesson_windows(tokenizer: Any, library: Library, window: int = WINDOW) -> li
     return [ids[i : i + window] for i in range(0, len(ids) - window + 1, window)]
 
 
+def pick_windows(total: int, *, first: int | None = None, spread: int | None = None) -> list[int]:
+    """Indices of the windows to score out of ``total``.
+
+    ``first``: the first N; else ``spread``: N spread evenly over all lesson text (each the
+    middle window of its stretch); else all of them.
+    """
+    if first is not None:
+        return list(range(max(0, min(first, total))))
+    if spread is None or spread >= total:
+        return list(range(total))
+    if spread <= 0:
+        return []
+    return [(2 * i + 1) * total // (2 * spread) for i in range(spread)]
+
+
+@dataclass
+class _Reference:
+    """One window's reference distributions, as the tally needs them (``n`` scored positions)."""
+
+    logprobs: torch.Tensor  # (n, vocab)
+    probs: torch.Tensor  # (n, vocab)
+    top: torch.Tensor  # (n,) the reference's top token
+    nll: float  # the reference's own negative log-likelihood of the targets, summed
+
+    @classmethod
+    def from_logits(cls, logits: torch.Tensor, targets: torch.Tensor) -> _Reference:
+        """From ``(n, vocab)`` logits, normalized in place (the tensor becomes ``logprobs``)."""
+        logprobs = _log_softmax_(logits)
+        return cls(
+            logprobs=logprobs,
+            probs=logprobs.exp(),
+            top=logprobs.argmax(-1),
+            nll=-float(logprobs.gather(-1, targets.unsqueeze(-1)).sum()),
+        )
+
+
+def _log_softmax_(logits: torch.Tensor) -> torch.Tensor:
+    """``log_softmax`` over the last dimension, in place (one window's temporary at most)."""
+    return logits.sub_(logits.logsumexp(-1, keepdim=True))
+
+
 @dataclass
 class _Tally:
     nll: float = 0.0
@@ -110,11 +210,132 @@ class _Tally:
     same_top: int = 0
     tokens: int = 0
 
-    def add(self, logprobs: torch.Tensor, targets: torch.Tensor, reference: torch.Tensor) -> None:
+    def add(self, logits: torch.Tensor, targets: torch.Tensor, reference: _Reference) -> None:
+        """Add one window: ``logits`` ``(n, vocab)`` at this precision, consumed (changed in place).
+
+        KL(p ‖ q) = Σ p (log p - log q) is summed from the elementwise differences, so a
+        small divergence is not lost in the rounding of two large sums.
+        """
+        logprobs = _log_softmax_(logits)
         self.nll -= float(logprobs.gather(-1, targets.unsqueeze(-1)).sum())
-        self.kl += float((reference.exp() * (reference - logprobs)).sum())
-        self.same_top += int((logprobs.argmax(-1) == reference.argmax(-1)).sum())
+        self.same_top += int((logprobs.argmax(-1) == reference.top).sum())
+        difference = logprobs.sub_(reference.logprobs)  # log q - log p, in place
+        self.kl -= float((reference.probs.unsqueeze(1) @ difference.unsqueeze(2)).sum())
         self.tokens += targets.numel()
+
+    def add_reference(self, reference: _Reference, tokens: int) -> None:
+        """The reference against itself: KL 0 and every top token shared, by definition."""
+        self.nll += reference.nll
+        self.same_top += tokens
+        self.tokens += tokens
+
+
+def _vocab(engine: Engine) -> int:
+    head = engine.model.get_output_embeddings()
+    return int(head.weight.shape[0]) if head is not None else int(engine.model.config.vocab_size)
+
+
+def batch_invariant(engine: Engine, precision: str) -> bool:
+    """Whether reading windows together gives each the same result as reading it alone.
+
+    Not for LLM.int8 with its outlier threshold: bitsandbytes picks the outlier columns (kept
+    in 16-bit) over every row of the input, so in a batch one window's outliers would change
+    another's result (and flatter int8). Those read one window per pass, as the tutor reads
+    a prompt.
+    """
+    return not (precision == "int8" and engine.int8_threshold > 0)
+
+
+def _batch_logits(engine: Engine, batch: Any, half: int, together: bool = True) -> torch.Tensor:
+    """``(B, T - half - 1, vocab)`` logits of the positions that have a target, float32.
+
+    One forward pass for the whole batch when ``together``, else one per window.
+    """
+    per_pass = int(batch.shape[0]) if together else 1
+    return engine.window_logits(batch, start=half, batch_size=per_pass)[:, :-1]
+
+
+def _scores(
+    engine: Engine,
+    windows: Sequence[Sequence[int]],
+    precisions: Sequence[str],
+    *,
+    batch_size: int = BATCH,
+    hold_bytes: int = HOLD_BYTES,
+    progress: Progress | None = None,
+    cancel: Cancel = None,
+) -> Iterator[tuple[str, _Tally]]:
+    """Yield ``(precision, tally)`` for the reference and then each precision, as each is final.
+
+    When the reference's distributions for all ``windows`` fit in ``hold_bytes`` they are read
+    once and kept, and the generator yields each precision right after scoring it (the caller
+    may use the engine between yields, e.g. to answer that precision's QA set); otherwise the
+    windows are scored batch-major, holding one batch's reference at a time, and everything is
+    yielded at the end. ``progress("windows", done, total)`` counts window passes (a window
+    read at one precision). Leaves the reference installed.
+    """
+    import torch
+
+    order = [REFERENCE, *[p for p in dict.fromkeys(precisions) if p != REFERENCE]]
+    if not windows:
+        raise ValueError("no lesson windows to score (the lessons are shorter than one window)")
+    length = len(windows[0])
+    half = length // 2
+    ids = torch.tensor([list(w) for w in windows], dtype=torch.long)
+    targets = ids[:, half + 1 :]
+    step = max(1, batch_size)
+    batches = [slice(first, first + step) for first in range(0, len(windows), step)]
+    total, done = len(windows) * len(order), 0
+
+    def advance(count: int) -> None:
+        nonlocal done
+        done += count
+        if progress is not None:
+            progress("windows", done, total)
+
+    def read(precision: str, part: slice) -> torch.Tensor:
+        check_cancel(cancel)
+        engine.switch(precision, wait=True)
+        return _batch_logits(engine, ids[part], half, batch_invariant(engine, precision))
+
+    def read_reference(part: slice, tally: _Tally) -> list[_Reference]:
+        logits = read(REFERENCE, part)
+        found = [_Reference.from_logits(row, t) for row, t in zip(logits, targets[part], strict=True)]
+        del logits
+        for reference, t in zip(found, targets[part], strict=True):
+            tally.add_reference(reference, t.numel())
+        advance(len(found))
+        return found
+
+    def score(precision: str, part: slice, references: list[_Reference], tally: _Tally) -> None:
+        logits = read(precision, part)
+        for row, t, reference in zip(logits, targets[part], references, strict=True):
+            tally.add(row, t, reference)
+        del logits
+        advance(len(references))
+
+    held_bytes = len(windows) * (length - half - 1) * _vocab(engine) * 8  # log-probs and probs
+    if progress is not None:
+        progress("windows", 0, total)
+    if held_bytes <= hold_bytes:
+        tally = _Tally()
+        held = [read_reference(part, tally) for part in batches]
+        yield REFERENCE, tally
+        for precision in order[1:]:
+            tally = _Tally()
+            for part, references in zip(batches, held, strict=True):
+                score(precision, part, references, tally)
+            engine.switch(REFERENCE, wait=True)
+            yield precision, tally
+        return
+    tallies = {p: _Tally() for p in order}
+    for part in batches:
+        references = read_reference(part, tallies[REFERENCE])
+        for precision in order[1:]:
+            score(precision, part, references, tallies[precision])
+        del references
+    engine.switch(REFERENCE, wait=True)
+    yield from tallies.items()
 
 
 def score_windows(
@@ -122,32 +343,22 @@ def score_windows(
     windows: Sequence[Sequence[int]],
     precisions: Sequence[str],
     progress: Progress | None = None,
+    *,
+    batch_size: int = BATCH,
+    cancel: Cancel = None,
 ) -> dict[str, _Tally]:
-    """Tally PPL, KL and top-1 agreement of every precision against the reference, window by window.
+    """Tally PPL, KL and top-1 agreement of every precision against the reference.
 
-    Window-major, so only one window's reference distributions are held at a time; the
-    engine keeps prepared precisions, so switching back and forth is a reference swap.
+    Batch-major: only one batch's reference distributions are held at a time; the engine
+    keeps prepared precisions, so switching back and forth is a reference swap. Leaves the
+    reference installed. Raises Cancelled between batches when ``cancel`` is set.
     """
-    import torch
-
-    tallies = {p: _Tally() for p in precisions}
-    for done, window in enumerate(windows):
-        ids = torch.tensor([list(window)])
-        half = len(window) // 2
-        targets = ids[0, half + 1 :]
-        engine.switch(REFERENCE, wait=True)
-        reference = engine.window_logprobs(ids, start=half)[0, :-1]
-        for precision in precisions:
-            if precision == REFERENCE:
-                logprobs = reference
-            else:
-                engine.switch(precision, wait=True)
-                logprobs = engine.window_logprobs(ids, start=half)[0, :-1]
-            tallies[precision].add(logprobs, targets, reference)
-        if progress is not None:
-            progress("windows", done + 1, len(windows))
-    engine.switch(REFERENCE, wait=True)
-    return tallies
+    tallies = dict(
+        _scores(
+            engine, windows, precisions, batch_size=batch_size, hold_bytes=0, progress=progress, cancel=cancel
+        )
+    )
+    return {p: tallies[p] for p in precisions}
 
 
 def token_f1(answer: str, reference: str) -> float:
@@ -162,13 +373,28 @@ def token_f1(answer: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def _cache_file(key: dict[str, Any], folder: Path | None) -> Path:
+def cache_file(key: dict[str, Any], folder: Path | None, name: str) -> Path:
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-    return (folder or cache_dir()) / "cliff" / f"{key['precision']}-{digest}.json"
+    return (folder or cache_dir()) / "cliff" / f"{name}-{digest}.json"
+
+
+def _cache_file(key: dict[str, Any], folder: Path | None) -> Path:
+    return cache_file(key, folder, key["precision"])
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    write_atomic(path, partial(_write_json, data))
 
 
 def _write_json(data: dict[str, Any], handle: IO[bytes]) -> None:
     handle.write(json.dumps(data).encode())
+
+
+def _read_row(path: Path) -> QualityRow | None:
+    try:
+        return QualityRow(**json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError):
+        return None  # absent or unreadable: measured again (and rewritten)
 
 
 def quality_rows(
@@ -178,41 +404,66 @@ def quality_rows(
     *,
     window: int = WINDOW,
     max_windows: int | None = None,
+    spread: int | None = None,
     qa: Callable[[str], list[QAResult]] | None = None,
     qa_label: str = "",
     folder: Path | None = None,
     progress: Progress | None = None,
+    on_row: OnRow | None = None,
+    cancel: Cancel = None,
+    batch_size: int = BATCH,
+    hold_bytes: int = HOLD_BYTES,
 ) -> list[QualityRow]:
     """One row per precision, from the cache where the same measurement was made before.
 
-    ``qa(precision)`` (optional) answers the QA set at that precision, in a fixed order;
-    ``qa_label`` names that set in the cache key.
+    Windows: the first ``max_windows`` of all lesson text, or ``spread`` of them evenly spread
+    over it, or all. ``qa(precision)`` (optional) answers the QA set at that precision, in a
+    fixed order; ``qa_label`` names that set (and its settings) in the cache key.
+    ``on_row(row)`` gets each row as soon as it is final: cached rows at once, then the
+    reference first, then the others in the order given. ``cancel`` (an Event or a callable)
+    raises Cancelled between batches and questions; only finished rows are ever cached.
     """
-    windows = lesson_windows(engine.tokenizer, library, window)[:max_windows]
+    windows = lesson_windows(engine.tokenizer, library, window)
+    of_windows = len(windows)
+    picked = pick_windows(of_windows, first=max_windows, spread=spread)
+    windows = [windows[i] for i in picked]
     base = {
         "model": str(engine.checkpoint.path),
         "device": engine.device,
         "content": content_hash(library),
         "window": window,
-        "windows": len(windows),
+        "windows": picked if len(picked) < of_windows else len(picked),
         "qa": qa_label if qa is not None else "",
         "version": METHOD_VERSION,
     }
-    cached: dict[str, dict[str, Any]] = {}
-    for precision in precisions:
-        path = _cache_file({**base, "precision": precision}, folder)
-        if path.exists():
-            cached[precision] = json.loads(path.read_text(encoding="utf-8"))
-    missing = [p for p in precisions if p not in cached]
+    rows: dict[str, QualityRow] = {}
+    for precision in dict.fromkeys(precisions):
+        row = _read_row(_cache_file({**base, "precision": precision}, folder))
+        if row is not None:
+            rows[precision] = row
+            if on_row is not None:
+                on_row(row)
+    missing = [p for p in dict.fromkeys(precisions) if p not in rows]
     if missing:
-        tallies = score_windows(
-            engine, windows, [REFERENCE, *[p for p in missing if p != REFERENCE]], progress
-        )
-        reference_ppl = math.exp(tallies[REFERENCE].nll / tallies[REFERENCE].tokens)
-        answers = {p: qa(p) for p in [REFERENCE, *missing]} if qa is not None else {}
-        for precision in missing:
-            tally = tallies[precision]
+        check_cancel(cancel)
+        reference_ppl = math.nan
+        reference_answers: list[QAResult] = []
+        for precision, tally in _scores(
+            engine,
+            windows,
+            missing,
+            batch_size=batch_size,
+            hold_bytes=hold_bytes,
+            progress=progress,
+            cancel=cancel,
+        ):
             ppl = math.exp(tally.nll / tally.tokens)
+            answers = qa(precision) if qa is not None else []
+            check_cancel(cancel)
+            if precision == REFERENCE:
+                reference_ppl, reference_answers = ppl, answers
+                if precision not in missing:
+                    continue
             row = QualityRow(
                 precision=precision,
                 weights_mib=engine.weights(precision).weights_mib,
@@ -223,14 +474,14 @@ def quality_rows(
                 tokens_scored=tally.tokens,
             )
             if answers:
-                mine, reference = answers[precision], answers[REFERENCE]
                 row.qa_token_f1 = sum(
-                    token_f1(a.text, b.text) for a, b in zip(mine, reference, strict=True)
-                ) / len(mine)
-                sentences = sum(a.sentences for a in mine)
-                row.groundedness = sum(a.supported for a in mine) / sentences if sentences else None
-                row.qa_questions = len(mine)
-            cached[precision] = row.as_dict()
-            path = _cache_file({**base, "precision": precision}, folder)
-            write_atomic(path, partial(_write_json, cached[precision]))
-    return [QualityRow(**cached[p]) for p in precisions]
+                    token_f1(a.text, b.text) for a, b in zip(answers, reference_answers, strict=True)
+                ) / len(answers)
+                sentences = sum(a.sentences for a in answers)
+                row.groundedness = sum(a.supported for a in answers) / sentences if sentences else None
+                row.qa_questions = len(answers)
+            write_json(_cache_file({**base, "precision": precision}, folder), row.as_dict())
+            rows[precision] = row
+            if on_row is not None:
+                on_row(row)
+    return [rows[p] for p in precisions]
