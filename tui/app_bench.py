@@ -107,6 +107,7 @@ async def app_stats(
                     )
                     if entry.answer is None:
                         # Mid-reply: switch to the lesson and back; time each key until drawn.
+                        app.screen.focus_next()  # off the question box, so letters switch tabs
                         for key in ("l", "t"):
                             pressed = time.monotonic()
                             await pilot.press(key)

@@ -82,7 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cliff.add_argument("--window", type=int, default=256, help="tokens per window (default: %(default)s)")
     cliff.add_argument("--windows", type=int, help="use only the first N windows (default: all lesson text)")
-    cliff.add_argument("--qa", type=int, default=12, help="QA questions answered per precision (0: skip)")
+    cliff.add_argument(
+        "--qa", type=int, help="QA questions answered per precision (0: skip; default: the plan's, 8 or 3)"
+    )
+    cliff.add_argument(
+        "--quick", action="store_true", help="the Lab's quick plan: a few windows and questions"
+    )
     add_model_options(cliff)
 
     for name, (_, help_text) in DELEGATED.items():
