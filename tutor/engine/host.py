@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +57,8 @@ class EngineHost:
     job: str = ""  # what holds the engine now, for the "waiting for …" notice
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _cancels: dict[str, threading.Event] = field(default_factory=dict)
+    # Ids cancelled before their request arrived (Esc right after Enter): honoured when it does.
+    _early: deque[str] = field(default_factory=lambda: deque(maxlen=64))
 
     # --- loading ---------------------------------------------------------------------
 
@@ -146,6 +149,8 @@ class EngineHost:
         """Make one request's cancel flag findable by its id (``/qt/cancel``) while it runs."""
         if request_id:
             self._cancels[request_id] = cancel
+            if request_id in self._early:
+                cancel.set()
         try:
             yield
         finally:
@@ -153,10 +158,13 @@ class EngineHost:
                 self._cancels.pop(request_id, None)
 
     def cancel(self, request_id: str) -> bool:
+        """Stop that request; one not seen yet is stopped as soon as it arrives."""
         flag = self._cancels.get(request_id)
-        if flag is not None:
-            flag.set()
-        return flag is not None
+        if flag is None:
+            self._early.append(request_id)
+            return False
+        flag.set()
+        return True
 
     # --- jobs -------------------------------------------------------------------------
 

@@ -330,6 +330,7 @@ def unix_socket(path: Path) -> socket.socket:
     finally:
         os.umask(old)
     os.chmod(path, 0o600)
+    sock.listen(128)  # clients may connect (and queue) before the server loop starts
     return sock
 
 
@@ -343,6 +344,7 @@ def tcp_socket(host: str, port: int) -> socket.socket:
             f"cannot listen on {host}:{port} ({exc.strerror or exc}); is another `quant-tutor serve` "
             "running? Choose another --port (0 picks a free one)."
         ) from None
+    sock.listen(128)  # clients may connect (and queue) as soon as the address is printed
     return sock
 
 
