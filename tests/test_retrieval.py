@@ -16,7 +16,7 @@ from tests.conftest import ROOT, SEED
 from tutor.content import Library, load_library
 from tutor.retrieval import Retriever, SearchResult, content_tokens, library_chunks, slug, tokenize
 
-EVAL_FILE = ROOT / "tests" / "eval_questions.yaml"
+EVAL_FILE = ROOT / "content" / "eval_questions.yaml"
 
 
 @pytest.fixture(scope="session")

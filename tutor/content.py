@@ -9,6 +9,7 @@ each naming the file, the field and the line.
 
 from __future__ import annotations
 
+import importlib.resources
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -173,7 +174,8 @@ class ContentFileError(Exception):
 
 
 def default_content_dir() -> Path:
-    return Path(__file__).resolve().parent.parent / "content"
+    """The shipped lessons: ``content/`` in a checkout, ``tutor/lessons`` in an installed wheel."""
+    return Path(str(importlib.resources.files("tutor.lessons")))
 
 
 # --- YAML with line numbers ------------------------------------------------------

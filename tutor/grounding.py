@@ -43,7 +43,7 @@ MAX_QUESTION_CHARS = 500
 PASSAGE_TOKEN_BUDGET = 700
 CHARS_PER_TOKEN = 4
 
-# Support check, tuned on the `claims` in tests/eval_questions.yaml: a generated sentence
+# Support check, tuned on the `claims` in content/eval_questions.yaml: a generated sentence
 # is supported when SUPPORT_COSINE_WEIGHT * cosine + (1 - weight) * overlap reaches
 # SUPPORT_THRESHOLD, where cosine is its best embedding similarity to a passage sentence
 # of the same polarity (both negated or both not) and overlap the share of its content

