@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
+import pytest
+from rich.terminal_theme import SVG_EXPORT_THEME
 from textual.containers import VerticalScroll
 from textual.widgets import Checkbox, Markdown, TabbedContent, TextArea
+from textual.widgets._markdown import MarkdownParagraph, MarkdownTable
 
 from tests.conftest import SEED
 from tui.app import QuantTutorApp
@@ -94,25 +99,6 @@ async def test_feedback_jumps_to_the_source_section(library: Library, store: Sto
         assert scroll.scroll_y > 0, "the source section was scrolled into view"
 
 
-async def test_killed_mid_quiz_offers_resume(library: Library, store: Store) -> None:
-    lesson = library.get(SEED)
-    app = QuantTutorApp(library, store)
-    async with app.run_test(size=SIZE) as pilot:
-        await pilot.press("q", "enter")
-        for question in lesson.questions[:3]:
-            await pilot.press(question.answer, "enter")
-    # A new app on the same store: nothing was lost, and the quiz offers to resume.
-    again = Store(store.path)
-    app2 = QuantTutorApp(library, again)
-    async with app2.run_test(size=SIZE) as pilot:
-        await pilot.press("q")
-        quiz = _study(app2).query_one(QuizView)
-        assert "unfinished quiz" in quiz.body_text and "3 of 10 answered" in quiz.body_text
-        await pilot.press("enter")
-        assert "Question 4 of 10" in str(_study(app2).query_one("#quiz-status", Plain).visual)
-    again.close()
-
-
 async def test_reading_position_and_lesson_are_remembered(library: Library, store: Store) -> None:
     app = QuantTutorApp(library, store)
     async with app.run_test(size=SIZE) as pilot:
@@ -191,6 +177,9 @@ async def test_text_is_shown_literally(library: Library, store: Store) -> None:
         assert isinstance(_study(app).query_one(LessonView), LessonView)
 
 
+PASSAGE = "[link=https://x.test]passage[/link]\n\n| bits | levels |\n|---|---|\n| 4 | 16 |"
+
+
 async def test_model_text_is_inert(library: Library, store: Store) -> None:
     """Markup, an OSC 8 hyperlink, ANSI colour and a Markdown link from the model stay plain text."""
     from tui.widgets.chat_view import ChatEntry, ChatView
@@ -207,7 +196,13 @@ async def test_model_text_is_inert(library: Library, store: Store) -> None:
             "grounded": True,
             "decline": None,
             "quote": {"text": "[i]quoted[/i]", "section": "S", "lesson": SEED, "title": "T"},
-            "citations": [{"title": "T", "section": "S", "text": "[link=https://x.test]passage[/link]"}],
+            "citations": [
+                {
+                    "title": "T",
+                    "section": "S",
+                    "text": PASSAGE,
+                }
+            ],
         }
         entry.show_prepared(prepared, "bf16")
         evil = (
@@ -220,4 +215,43 @@ async def test_model_text_is_inert(library: Library, store: Store) -> None:
         assert str(shown) == "[bold]Bold?[/bold] click red [a link](https://evil.test)"
         assert not any(span.style for span in shown.spans), "no style or link was applied"
         assert "[i]quoted[/i]" in str(entry.query_one(".chat-quote", Plain).visual)
-        assert "[link=https://x.test]passage[/link]" in str(entry.query_one(".chat-passage", Plain).visual)
+        passage = entry.query_one(".chat-passage-text", Markdown)
+        await pilot.pause()
+        assert passage.source == PASSAGE and passage.query(MarkdownTable), "its table is drawn as a table"
+        assert "[link=https://x.test]passage[/link]" in str(passage.query_one(MarkdownParagraph)._content)
+        assert not passage._open_links, "a link in it would not open"
+
+
+async def test_k_hides_and_shows_the_key_terms(library: Library, store: Store) -> None:
+    app = QuantTutorApp(library, store)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await pilot.pause()
+        panel = _study(app).query_one("#key-terms")
+        lesson = _study(app).query_one("#lesson-scroll")
+        wide = lesson.size.width
+        assert panel.display and panel.size.width > 0
+        await pilot.press("k")
+        assert not panel.display and lesson.size.width > wide, "the lesson takes the freed width"
+        await pilot.press("k")
+        assert panel.display and lesson.size.width == wide
+
+
+async def test_no_color_draws_in_monochrome_and_says_right_and_wrong_in_words(
+    library: Library, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("NO_COLOR", "1")
+    lesson = library.get(SEED)
+    app = QuantTutorApp(library, store)
+    async with app.run_test(size=SIZE) as pilot:
+        assert app.no_color
+        first, second = lesson.questions[:2]
+        await pilot.press("q", "enter", _wrong(first))
+        quiz = _study(app).query_one(QuizView)
+        assert "✗ Not quite." in quiz.body_text and f"The answer is {first.answer})" in quiz.body_text
+        await pilot.press("enter", second.answer)
+        assert "✓ Correct." in quiz.body_text
+        # What is drawn has no hue: every colour on screen is a grey (the monochrome filter).
+        svg = re.sub(r"<circle[^>]*>", "", app.export_screenshot())  # the window frame's three dots
+        colours = set(re.findall(r"#([0-9a-f]{6})\b", svg, re.IGNORECASE))
+        colours.discard(SVG_EXPORT_THEME.foreground_color.hex[1:])  # the SVG's own default, not the app's
+        assert colours and all(c[0:2] == c[2:4] == c[4:6] for c in colours), colours

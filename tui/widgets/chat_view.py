@@ -17,7 +17,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical, VerticalScroll
 from textual.message import Message
-from textual.widgets import Input, SelectionList
+from textual.widgets import Input, Markdown, SelectionList
 
 from tui.messages import TutorStatus
 from tui.tutor_runtime import TutorState
@@ -95,10 +95,11 @@ class ChatEntry(Vertical):
             others = ", ".join(c["section"] for c in citations[1:])
             more = f"\nAlso cited: {others}" if others else ""
             self.query_one(".chat-passage", Plain).show(
-                literal(
-                    (f"Cited passage · {first['title']} › {first['section']}\n", "bold"), first["text"], more
-                )
+                literal((f"Cited passage · {first['title']} › {first['section']}", "bold"), more)
             )
+            # Lesson text, drawn as the Lesson tab draws it (tables as tables); no link opens.
+            passage = Markdown(clean(first["text"]), open_links=False, classes="chat-passage-text")
+            self.mount(passage, after=self.query_one(".chat-passage"))
         explanation = self.query_one(".chat-model", Plain)
         explanation.border_title = f"The model's explanation · {precision} · check it against the lesson"
         explanation.display = True
