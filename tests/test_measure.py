@@ -60,13 +60,28 @@ def test_tally_matches_a_separate_pass(bf16_engine, library: Library) -> None:  
     assert bf16_engine.precision == "bf16", "scoring leaves the reference installed"
 
 
-def test_both_orders_measure_the_same(bf16_engine, library: Library, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    """Reference held for all windows (precision by precision) or one batch at a time: same rows."""
+def test_both_orders_measure_the_same_under_a_tight_memory_bound(  # type: ignore[no-untyped-def]
+    bf16_engine, library: Library, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reference held for all windows (precision by precision) or one batch at a time: same rows.
+
+    With no room for prepared precisions (a GPU's bound holds about one beside the masters),
+    every switch drops the others: rows still carry their own precision's weights, and the
+    batch-major order, which switches once per batch, pins what it reads instead of rebuilding it.
+    """
+    monkeypatch.setattr(bf16_engine._manager, "limit_bytes", 0)
+    built: list[str] = []
+    monkeypatch.setattr(bf16_engine._manager, "build_hook", built.append)
     kwargs: dict[str, Any] = {"window": WINDOW, "max_windows": 3, "batch_size": 2}
     held = measure.quality_rows(bf16_engine, library, ["bf16", "nf4"], folder=tmp_path / "a", **kwargs)
+    assert not bf16_engine._manager.is_prepared("nf4"), "the bound dropped nf4 after its row"
+    built.clear()
     batched = measure.quality_rows(
         bf16_engine, library, ["bf16", "nf4"], folder=tmp_path / "b", hold_bytes=0, **kwargs
     )
+    assert built == ["nf4"], "two batches, one build: nf4 stayed prepared between them"
+    assert [r.weights_mib for r in held] == [r.weights_mib for r in batched]
+    assert held[0].weights_mib > 2 * held[1].weights_mib
     for a, b in zip(held, batched, strict=True):
         assert a.tokens_scored == b.tokens_scored == 3 * (WINDOW - WINDOW // 2 - 1)
         assert a.perplexity == pytest.approx(b.perplexity, rel=1e-6)

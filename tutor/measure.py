@@ -209,6 +209,9 @@ class _Tally:
     kl: float = 0.0
     same_top: int = 0
     tokens: int = 0
+    # Read while the precision is installed: by the time its row is written, a GPU engine's
+    # memory bound may have dropped that precision again.
+    weights_mib: float = math.nan
 
     def add(self, logits: torch.Tensor, targets: torch.Tensor, reference: _Reference) -> None:
         """Add one window: ``logits`` ``(n, vocab)`` at this precision, consumed (changed in place).
@@ -293,13 +296,14 @@ def _scores(
         if progress is not None:
             progress("windows", done, total)
 
-    def read(precision: str, part: slice) -> torch.Tensor:
+    def read(precision: str, part: slice, tally: _Tally) -> torch.Tensor:
         check_cancel(cancel)
         engine.switch(precision, wait=True)
+        tally.weights_mib = engine.weights(precision).weights_mib
         return _batch_logits(engine, ids[part], half, batch_invariant(engine, precision))
 
     def read_reference(part: slice, tally: _Tally) -> list[_Reference]:
-        logits = read(REFERENCE, part)
+        logits = read(REFERENCE, part, tally)
         found = [_Reference.from_logits(row, t) for row, t in zip(logits, targets[part], strict=True)]
         del logits
         for reference, t in zip(found, targets[part], strict=True):
@@ -308,7 +312,7 @@ def _scores(
         return found
 
     def score(precision: str, part: slice, references: list[_Reference], tally: _Tally) -> None:
-        logits = read(precision, part)
+        logits = read(precision, part, tally)
         for row, t, reference in zip(logits, targets[part], references, strict=True):
             tally.add(row, t, reference)
         del logits
@@ -329,11 +333,13 @@ def _scores(
             yield precision, tally
         return
     tallies = {p: _Tally() for p in order}
-    for part in batches:
-        references = read_reference(part, tallies[REFERENCE])
-        for precision in order[1:]:
-            score(precision, part, references, tallies[precision])
-        del references
+    # Batch-major switches among all of them once per batch: the memory bound must not drop one.
+    with engine.pinned(order):
+        for part in batches:
+            references = read_reference(part, tallies[REFERENCE])
+            for precision in order[1:]:
+                score(precision, part, references, tallies[precision])
+            del references
     engine.switch(REFERENCE, wait=True)
     yield from tallies.items()
 
@@ -466,7 +472,7 @@ def quality_rows(
                     continue
             row = QualityRow(
                 precision=precision,
-                weights_mib=engine.weights(precision).weights_mib,
+                weights_mib=tally.weights_mib,
                 perplexity=ppl,
                 ppl_ratio=ppl / reference_ppl,
                 kl_mean=max(0.0, tally.kl / tally.tokens),

@@ -6,7 +6,7 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Generator, Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -68,14 +68,13 @@ def _device(name: str) -> torch.device:
 def default_limit_bytes(master_bytes: int, device: torch.device) -> int:
     """How much the prepared precisions may hold (beyond the masters), by default.
 
-    CPU: 2.5x the masters but at least 1 GiB (for this model every precision fits, fp32
-    included), capped at a quarter of the free RAM. GPU: 1x the masters, capped at a quarter of
-    free GPU memory, so a large model never keeps every precision at once.
+    2.5x the masters but at least 1 GiB (for this model every precision fits, fp32 included),
+    capped at a quarter of the memory still free on the device (RAM, or the GPU's), so a large
+    model never keeps every precision at once.
     """
     from tutor.engine.memory import available_bytes
 
-    wanted = max(2.5 * master_bytes, 1024**3) if device.type == "cpu" else float(master_bytes)
-    return int(min(wanted, 0.25 * available_bytes(str(device))))
+    return int(min(max(2.5 * master_bytes, 1024**3), 0.25 * available_bytes(str(device))))
 
 
 class ReplyStream:
@@ -413,6 +412,21 @@ class Engine:
             from_cache=held,
             prepared_bytes=self._manager.prepared_bytes(),
         )
+
+    @contextlib.contextmanager
+    def pinned(self, precisions: Iterable[str]) -> Iterator[None]:
+        """Keep ``precisions`` prepared inside, over the memory bound if need be.
+
+        A measurement switches among its precisions once per batch of windows; were the bound
+        to drop one, each batch would rebuild it.
+        """
+        manager = self._manager
+        before = manager.pinned
+        manager.pinned = before | {check_precision(p) for p in precisions}
+        try:
+            yield
+        finally:
+            manager.pinned = before
 
     def drop_prepared(self, precision: str) -> bool:
         """Forget a prepared precision (never the current one); the next switch rebuilds it."""

@@ -139,7 +139,7 @@ def run_tokens(
     first_at: float | None = None
     last_at = started
     if context.cuda:
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.reset_peak_memory_stats(context.device)
     with torch.inference_mode():
         if is_cancelled(cancel):
             stop_reason = "cancelled"
@@ -181,7 +181,9 @@ def run_tokens(
         weights_mib=context.weights_mib,
         rss_mib=round(rss_bytes() / MIB, 1),
         peak_rss_mib=round(peak_rss_bytes() / MIB, 1),
-        cuda_peak_mib=round(torch.cuda.max_memory_allocated() / MIB, 1) if context.cuda else None,
+        cuda_peak_mib=(
+            round(torch.cuda.max_memory_allocated(context.device) / MIB, 1) if context.cuda else None
+        ),
         cancelled=stop_reason == "cancelled",
         stop_reason=stop_reason,
         sampling=sampling.describe(picker.seed),

@@ -94,6 +94,7 @@ class PrecisionManager:
         self._lock = threading.RLock()  # guards _prepared and installs
         self._build_lock = threading.Lock()  # one build at a time
         self.last_evicted: list[str] = []
+        self.pinned: frozenset[str] = frozenset()  # never evicted (Engine.pinned)
         self.build_hook: Callable[[str], None] | None = None  # tests use it to inject failures
         self._prepared["bf16"] = self._build("bf16")
 
@@ -256,12 +257,12 @@ class PrecisionManager:
         return f"Could not switch to {precision} ({why}); still running at {self.active}."
 
     def _enforce_limit(self, keep: set[str]) -> None:
-        """Drop least-recently-used prepared precisions (never those in ``keep``) over the limit."""
+        """Drop least-recently-used prepared precisions (never those in ``keep`` or pinned) over the limit."""
         self.last_evicted = []
         for name in list(self._prepared):
             if self.prepared_bytes() <= self.limit_bytes:
                 break
-            if name in keep:
+            if name in keep or name in self.pinned:
                 continue
             del self._prepared[name]
             self.last_evicted.append(name)

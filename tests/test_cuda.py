@@ -1,0 +1,82 @@
+"""The engine on a CUDA GPU: every precision, its memory statistics, and a measurement.
+
+These run where ``torch.cuda.is_available()`` and skip cleanly everywhere else (CI and the
+2-core development machine have no GPU). On a GPU the memory bound for prepared precisions is
+the device's own, so a measurement there must not lose a precision it is still reading.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tutor import measure
+from tutor.content import Library
+
+torch = pytest.importorskip("torch")
+pytestmark = [
+    pytest.mark.model,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here"),
+]
+
+PROMPT = "What does quantization do to a neural network?"
+PRECISIONS = ["bf16", "fp32", "int8", "nf4", "fp4"]
+
+
+@pytest.fixture(scope="module")
+def cuda_engine(model_cache: Path):  # type: ignore[no-untyped-def]
+    from tutor.engine import Engine
+
+    engine = Engine.load(cache_dir=model_cache, device="cuda")
+    yield engine
+    engine.close()
+
+
+def test_each_precision_generates_on_the_gpu_with_its_own_memory_figures(cuda_engine) -> None:  # type: ignore[no-untyped-def]
+    sizes = {}
+    for precision in PRECISIONS:
+        report = cuda_engine.switch(precision, wait=True)
+        reply = cuda_engine.generate(PROMPT, max_new_tokens=8)
+        stats = reply.stats
+        assert stats.precision == precision and stats.device.startswith("cuda")
+        assert stats.tokens == 8 and reply.text.strip()
+        assert stats.cuda_peak_mib is not None and stats.cuda_peak_mib > 0
+        assert stats.weights_mib == report.weights.weights_mib
+        sizes[precision] = report.weights.weights_mib
+    assert sizes["fp32"] > sizes["bf16"] > sizes["int8"] > sizes["nf4"] == sizes["fp4"]
+    memory = cuda_engine.memory()
+    assert memory["cuda_allocated_mib"] is not None and memory["cuda_allocated_mib"] > 0
+    cuda_engine.switch("bf16", wait=True)
+
+
+def test_bf16_on_the_gpu_agrees_with_the_cpu(cuda_engine, shared_engine) -> None:  # type: ignore[no-untyped-def]
+    """Other kernels, same function: greedy tokens agree until a near-tie, logits within bounds."""
+    from tests.numerics import TOLERANCES, compare_decodes, engine_logits_along, engine_trace
+
+    shared_engine.switch("bf16", wait=True)
+    cuda_engine.switch("bf16", wait=True)
+    ids = shared_engine.encode(PROMPT)
+    _, cpu = engine_trace(shared_engine, ids, 16)
+    _, gpu = engine_trace(cuda_engine, ids, 16)
+    result = compare_decodes(
+        cpu,
+        gpu,
+        TOLERANCES["bf16"],
+        "bf16 cuda vs cpu",
+        along_reference=lambda: engine_logits_along(cuda_engine, ids, cpu.tokens),
+    )
+    print(result.describe())
+
+
+def test_a_measurement_keeps_every_precision_it_reads(  # type: ignore[no-untyped-def]
+    cuda_engine, library: Library, tmp_path: Path
+) -> None:
+    # hold_bytes=0: batch-major, the order that switches among all five once per batch
+    kwargs = {"window": 128, "max_windows": 4, "batch_size": 2, "hold_bytes": 0, "folder": tmp_path}
+    rows = measure.quality_rows(cuda_engine, library, PRECISIONS, **kwargs)
+    assert [r.precision for r in rows] == PRECISIONS
+    assert rows[0].kl_mean == 0 and rows[0].top1_agreement == 1
+    for row in rows[1:]:
+        assert row.weights_mib > 0 and row.kl_mean >= 0 and 0 < row.top1_agreement <= 1
+    assert cuda_engine.precision == "bf16"
