@@ -250,7 +250,7 @@ def test_tiled_layout_equals_bitsandbytes_cpu_repacking(quant_type: str) -> None
 
 @pytest.mark.parametrize("precision", ["int8", "nf4", "fp4"])
 @pytest.mark.parametrize("tiled", [True, False])
-def test_fused_groups_compute_exactly_the_separate_modules(
+def test_fused_groups_compute_the_separate_modules(
     precision: str, tiled: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import torch
@@ -270,10 +270,13 @@ def test_fused_groups_compute_exactly_the_separate_modules(
     separate = quantize.build_all(precision, masters)
     assert list(fused.fused) == [("q", "k", "v")] and not separate.fused
     x = torch.randn(3, 128, generator=gen).to(torch.bfloat16) * 4  # outliers above 6.0 for int8
+    # One wide matmul against three narrow ones: the same sums, but a GEMM may block a wider
+    # output differently, so they agree to bf16 rounding, not necessarily bit for bit.
     with torch.inference_mode():
         outputs = {name: separate.modules[name](x) for name in masters}
         for name in masters:
-            assert fused.modules[name](x).equal(outputs[name]), name
-        assert fused.fused[("q", "k", "v")](x).equal(torch.cat([outputs[n] for n in "qkv"], dim=-1))
+            torch.testing.assert_close(fused.modules[name](x), outputs[name], msg=name)
+        wide = fused.fused[("q", "k", "v")](x)
+        torch.testing.assert_close(wide, torch.cat([outputs[n] for n in "qkv"], dim=-1))
     sizes = [quantize.can_fuse(precision, [masters[n] for n in "qkv"], double_quant=True)]
     assert sizes == [precision == "int8"]  # double quant's scale blocks span the whole weight
