@@ -18,6 +18,7 @@ top of that:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -91,8 +92,45 @@ class PlainLinear:
         return [t for t in (self.weight, self.bias) if t is not None]
 
 
+# From this many rows (tokens in one pass) on, a CPU without native bf16 matmul computes a bf16
+# linear faster as an fp32 GEMM on upcast copies. Measured on a 2-core AVX2 EPYC, 576 -> 1536:
+# 1 row 0.13 ms bf16 vs 0.29 ms upcast; 16 rows 1.8 vs 0.64 ms; 256 rows 26 vs 3.6 ms; the
+# 49152-row lm_head over 256 rows 851 vs 223 ms. Decoding (one row) keeps the bf16 kernel.
+UPCAST_ROWS = 8
+
+
+@functools.cache
+def bf16_matmul_is_emulated() -> bool:
+    """True on CPUs without AVX-512 BF16 / AMX, where oneDNN has no bf16 matmul of its own."""
+    try:
+        return not torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    except (AttributeError, RuntimeError):  # pragma: no cover - builds without oneDNN
+        return True
+
+
+def dense_weight(module: nn.Module) -> torch.Tensor | None:
+    """The bf16 weight ``module`` multiplies by: a master's own, or a 4-bit one dequantized as
+    bitsandbytes' CPU path does (to the quant state's dtype); None for others (int8 multiplies
+    in integers)."""
+    if type(module) is nn.Linear:
+        return module.weight
+    import bitsandbytes as bnb
+
+    if isinstance(module, bnb.nn.Linear4bit):
+        state = getattr(module.weight, "quant_state", None)
+        if state is None or getattr(state, "packing_format_for_cpu", False):
+            return None
+        return bnb.functional.dequantize_4bit(module.weight.data, state)
+    return None
+
+
 class ModuleLinear:
-    """A module called as is: the bf16 master or a bitsandbytes module (no copy held)."""
+    """A module called as is: the bf16 master or a bitsandbytes module (no copy held).
+
+    Many rows in bf16 on a CPU that only emulates bf16 matmul: the same weights (dequantized
+    as the module would) and the same rounding of the output to bf16, with the sums done by an
+    fp32 GEMM. Only the order of the fp32 sums differs from the module's own call.
+    """
 
     __slots__ = ("module",)
 
@@ -100,6 +138,11 @@ class ModuleLinear:
         self.module = module
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        upcast = x.dtype is torch.bfloat16 and x.shape[0] >= UPCAST_ROWS and x.device.type == "cpu"
+        if upcast and bf16_matmul_is_emulated() and (weight := dense_weight(self.module)) is not None:
+            bias = getattr(self.module, "bias", None)
+            out = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
+            return out.to(x.dtype)
         return self.module(x)
 
     def tensors(self) -> list[torch.Tensor]:
