@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from tui.tutor_runtime import TutorRuntime
 from tutor.content import Library, load_library
 from tutor.store import Store
 
@@ -32,6 +33,18 @@ def store(home: Path) -> Iterator[Store]:
     store = Store()
     yield store
     store.close()
+
+
+class UnloadedTutor(TutorRuntime):
+    """A tutor runtime that never starts its engine: the Tutor and Lab tabs stay "not loaded".
+
+    For tests of layout and text that open those tabs without the model (opening them starts
+    the real engine otherwise). The real loading, streaming and switching are tested with the
+    real engine process in test_chat.py.
+    """
+
+    def load(self, changed: Callable[[], None]) -> None:
+        return None
 
 
 # --- the real model and index, loaded once per test session (CPU) ---------------------

@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 from textual.pilot import Pilot
 
-from tests.conftest import SEED
+from tests.conftest import SEED, UnloadedTutor
 from tui.app import QuantTutorApp
-from tui.tutor_runtime import TutorRuntime
 from tutor.content import Library
 from tutor.store import Store
 
@@ -27,16 +26,6 @@ def app(library: Library, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Qu
     monkeypatch.delenv("XDG_DATA_HOME", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
     return QuantTutorApp(library, Store(), lesson_id=SEED, tutor=UnloadedTutor(library))
-
-
-class UnloadedTutor(TutorRuntime):
-    """Keeps the tutor tab in its 'not loaded' state, so its layout snapshot is stable.
-
-    The real loading, streaming and switching are tested with the real model in test_chat.py.
-    """
-
-    def load(self, changed: Callable[[], None]) -> None:
-        return None
 
 
 async def _settle(pilot: Pilot[None]) -> None:

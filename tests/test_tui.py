@@ -10,7 +10,7 @@ from textual.containers import VerticalScroll
 from textual.widgets import Checkbox, Markdown, TabbedContent, TextArea
 from textual.widgets._markdown import MarkdownParagraph, MarkdownTable
 
-from tests.conftest import SEED
+from tests.conftest import SEED, UnloadedTutor
 from tui.app import QuantTutorApp
 from tui.screens.study import StudyScreen
 from tui.screens.too_small import TooSmallScreen
@@ -184,7 +184,7 @@ async def test_model_text_is_inert(library: Library, store: Store) -> None:
     """Markup, an OSC 8 hyperlink, ANSI colour and a Markdown link from the model stay plain text."""
     from tui.widgets.chat_view import ChatEntry, ChatView
 
-    app = QuantTutorApp(library, store)
+    app = QuantTutorApp(library, store, tutor=UnloadedTutor(library))
     async with app.run_test(size=(100, 40)) as pilot:
         await pilot.press("t")
         chat = _study(app).query_one(ChatView)

@@ -35,7 +35,13 @@ class AskTutor(Message):
 
 
 class TutorStatus(Message):
-    """The tutor's model or index changed state (loading progress, ready, failed, switched)."""
+    """The tutor's model or index changed state (loading progress, ready, failed, switched).
+
+    Posted to the app, which tells the study screen. It must not bubble: a copy reaching the
+    app from a widget would start the round again, forever.
+    """
+
+    bubble = False
 
 
 class ShowTab(Message):

@@ -125,12 +125,21 @@ class TutorRuntime:
         self.weights_mib = status.get("weights_mib")
         self.client, self.state, self.detail, self.fraction = client, TutorState.READY, "", 1.0
 
-    def engine_died(self) -> bool:
-        """True (and the state says so) when the engine process is gone; cheap, no I/O."""
-        if self.state is not TutorState.READY or self.process is None or self.process.alive():
+    def engine_died(self, settle_s: float = 0.0) -> bool:
+        """True (and the state says so) when the engine process is gone; no I/O.
+
+        ``settle_s``: after a broken connection the child may still be on its way out; waiting
+        a moment lets the learner read how it ended (killed by SIGKILL) rather than a socket error.
+        """
+        if self.state is not TutorState.READY or self.process is None or self.process.alive(settle_s):
             return False
         self.lost()
         return True
+
+    def connection_lost(self, why: str) -> None:
+        """A request to the engine broke: say how the process ended, or ``why`` if it runs on."""
+        if not self.engine_died(settle_s=1.0):
+            self.lost(why)
 
     def lost(self, why: str = "") -> None:
         """The engine stopped answering: say how, and let the next question restart it."""

@@ -8,7 +8,7 @@ from textual.content import Content
 from textual.screen import Screen
 from textual.widgets import Footer, TabbedContent, TabPane
 
-from tui.messages import AskTutor, JumpToSection, OpenLesson, ProgressChanged, ShowTab, TutorStatus
+from tui.messages import AskTutor, JumpToSection, OpenLesson, ProgressChanged, ShowTab
 from tui.tutor_runtime import TutorRuntime, TutorState
 from tui.widgets.chat_view import ChatView
 from tui.widgets.lab_view import LabView
@@ -155,7 +155,7 @@ class StudyScreen(Screen[None]):
     def tutor_changed(self) -> None:
         self._draw_status()
         self.query_one(ChatView).update_badge()
-        self.query_one(LabView).post_message(TutorStatus())
+        self.query_one(LabView).tutor_changed()
 
     def on_show_tab(self, message: ShowTab) -> None:
         if message.tab in TABS:

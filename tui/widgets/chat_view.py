@@ -241,9 +241,6 @@ class ChatView(Vertical):
             self._pending = None
             self.ask(question, step)
 
-    def on_tutor_status(self, _message: TutorStatus) -> None:
-        self.update_badge()
-
     # --- asking --------------------------------------------------------------------
 
     def prefill(self, question: str, step: int | None) -> None:
@@ -311,8 +308,7 @@ class ChatView(Vertical):
                 elif event.name == "error":
                     self.app.call_from_thread(entry.failed, event.data["message"])
         except EngineGone as exc:
-            if not self.runtime.engine_died():
-                self.runtime.lost(str(exc))
+            self.runtime.connection_lost(str(exc))
             self.app.call_from_thread(entry.mark_cut, "".join(pieces), self.runtime.error)
             self.app.call_from_thread(self.app.post_message, TutorStatus())
         except EngineRefused as exc:
@@ -392,8 +388,7 @@ class ChatView(Vertical):
         except EngineRefused as exc:
             message, severity = f"Switch to {precision} failed; still at {runtime.precision}. {exc}", "error"
         except EngineGone as exc:
-            if not runtime.engine_died():
-                runtime.lost(str(exc))
+            runtime.connection_lost(str(exc))
             message, severity = f"Switch to {precision} failed: {runtime.error}", "error"
         runtime.switching = None
         self.app.call_from_thread(self.notify, message, title="Precision", severity=severity, timeout=8)

@@ -99,7 +99,7 @@ class LabView(VerticalScroll, can_focus=True):
             text = "Measured. m / M: measure again (cached) · c: compare answers across precisions."
         self.query_one("#lab-status", Plain).show(text)
 
-    def on_tutor_status(self, _message: TutorStatus) -> None:
+    def tutor_changed(self) -> None:
         self._status()
 
     # --- measuring -----------------------------------------------------------------
@@ -154,9 +154,17 @@ class LabView(VerticalScroll, can_focus=True):
                         outcome = f"Measuring failed: {event.data['message']}"
             finally:
                 events.close()  # type: ignore[attr-defined]
-        except (EngineGone, EngineRefused) as exc:
+        except EngineGone as exc:
+            self._engine_gone(str(exc))
+            outcome = f"Measuring stopped: {self.runtime.error}. Press m again: the engine restarts."
+        except EngineRefused as exc:
             outcome = f"Measuring failed: {exc}"
         self.app.call_from_thread(self._done, outcome)
+
+    def _engine_gone(self, why: str) -> None:
+        """From a worker: the engine broke off; the header and Tutor tab say so too."""
+        self.runtime.connection_lost(why)
+        self.app.call_from_thread(self.app.post_message, TutorStatus())
 
     def _progress(self, plan: str, data: dict[str, Any]) -> None:
         self.query_one("#lab-progress", ProgressBar).update(total=data["total"], progress=data["done"])
@@ -255,7 +263,10 @@ class LabView(VerticalScroll, can_focus=True):
                     elif event.name == "error":
                         raise EngineRefused(event.data["message"])
                 self.app.call_from_thread(self._column, precision, answers)
-        except (EngineGone, EngineRefused) as exc:
+        except EngineGone as exc:
+            self._engine_gone(str(exc))
+            self.app.call_from_thread(self.notify, f"Compare stopped: {self.runtime.error}", severity="error")
+        except EngineRefused as exc:
             self.app.call_from_thread(self.notify, f"Compare stopped: {exc}", severity="error")
 
     def _column(self, precision: str, answers: dict[str, TutorAnswer]) -> None:

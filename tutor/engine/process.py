@@ -99,8 +99,13 @@ class EngineProcess:
     def pid(self) -> int | None:
         return None if self.popen is None else self.popen.pid
 
-    def alive(self) -> bool:
-        return self.popen is not None and self.popen.poll() is None
+    def alive(self, settle_s: float = 0.0) -> bool:
+        """Whether the child runs; ``settle_s`` waits that long for one that may be exiting."""
+        if self.popen is None:
+            return False
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.popen.wait(settle_s)
+        return self.popen.poll() is None
 
     def exit_description(self) -> str:
         code = None if self.popen is None else self.popen.poll()
