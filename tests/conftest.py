@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from textual.pilot import Pilot
 
 from tui.tutor_runtime import TutorRuntime
 from tutor.content import Library, load_library
@@ -33,6 +36,19 @@ def store(home: Path) -> Iterator[Store]:
     store = Store()
     yield store
     store.close()
+
+
+async def until(pilot: Pilot[None], condition: Callable[[], object], seconds: float = 300) -> None:
+    """Wait for ``condition`` in a running app, then let its screen settle once.
+
+    Plain sleeps while waiting: a Pilot pause waits for the screen each time, which keeps the
+    app rendering and takes cores from the engine process the test is waiting on.
+    """
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        await asyncio.sleep(0.05)
+    await pilot.pause()
 
 
 class UnloadedTutor(TutorRuntime):

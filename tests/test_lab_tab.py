@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
 from textual.widgets import DataTable
 from textual_plotext import PlotextPlot
 
+from tests.conftest import until
 from tui.app import QuantTutorApp
 from tui.widgets.lab_view import LAB_PRECISIONS, LabView
 from tui.widgets.plain import Plain
@@ -17,13 +17,6 @@ from tutor.lab import run_cliff
 from tutor.store import Store
 
 pytestmark = pytest.mark.model
-
-
-async def _until(pilot, condition, seconds: float = 300) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "timed out waiting"
-        await pilot.pause(0.2)
 
 
 async def test_m_measures_live_and_escape_stops(  # type: ignore[no-untyped-def]
@@ -36,14 +29,14 @@ async def test_m_measures_live_and_escape_stops(  # type: ignore[no-untyped-def]
         lab.focus()
         await pilot.press("m")
         status = lab.query_one("#lab-status", Plain)
-        await _until(pilot, lambda: "Measuring (quick)" in str(status.visual))
+        await until(pilot, lambda: "Measuring (quick)" in str(status.visual))
         assert "Press m" not in str(status.visual)
         table = lab.query_one("#lab-table", DataTable)
         # The reference row arrives on its own, before the measurement is over.
-        await _until(pilot, lambda: table.row_count >= 1)
+        await until(pilot, lambda: table.row_count >= 1)
         assert lab.measuring and table.get_row_at(0)[0] == "bf16"
         await pilot.press("escape")
-        await _until(pilot, lambda: not lab.measuring, 60)
+        await until(pilot, lambda: not lab.measuring, 60)
         assert "stopped" in str(status.visual)
         assert not lab.query_one("#lab-progress").display
 
@@ -66,8 +59,8 @@ async def test_lab_shows_a_result_and_compares(  # type: ignore[no-untyped-def]
         method = str(lab.query_one("#lab-method", Plain).visual)
         assert "second half" in method and "Machine:" in method and "Q4_1" in method
 
-        await pilot.press("c", *"Is int8 near-lossless?", "enter")
-        await _until(pilot, lambda: "waiting" not in str(lab.query_one("#col-fp4 Plain", Plain).visual))
+        await pilot.press("c", *"What does KL divergence measure?", "enter")  # short answers
+        await until(pilot, lambda: "waiting" not in str(lab.query_one("#col-fp4 Plain", Plain).visual))
         columns = [str(lab.query_one(f"#col-{p} Plain", Plain).visual) for p in LAB_PRECISIONS]
         assert columns[0].startswith("bf16 (reference)") and "«" not in columns[0]
         assert all("TTFT" in column for column in columns)
