@@ -160,7 +160,8 @@ async def until(pilot, condition, seconds=300):
     loop = asyncio.get_running_loop(); deadline = loop.time() + seconds
     while not condition():
         assert loop.time() < deadline, "timed out"
-        await pilot.pause(0.1)
+        await asyncio.sleep(0.05)
+    await pilot.pause()
 
 async def main():
     library = load_library(); store = Store()
