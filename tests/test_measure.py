@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import threading
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -164,16 +165,10 @@ def test_rows_arrive_live_then_come_from_the_cache(  # type: ignore[no-untyped-d
     def on_row(row: QualityRow) -> None:
         events.append(("row", row.precision))
 
-    result = run_cliff(
-        bf16_engine,
-        library,
-        ["nf4"],
-        plan=TINY,
-        retriever=shared_retriever,
-        folder=tmp_path,
-        progress=progress,
-        on_row=on_row,
+    cliff = partial(
+        run_cliff, bf16_engine, library, ["nf4"], plan=TINY, retriever=shared_retriever, folder=tmp_path
     )
+    result = cliff(progress=progress, on_row=on_row)
     rows = [what for kind, what in events if kind == "row"]
     assert rows == ["bf16", "nf4"] == [r.precision for r in result.rows]
     phases = [what for kind, what in events if kind == "progress"]
@@ -194,15 +189,7 @@ def test_rows_arrive_live_then_come_from_the_cache(  # type: ignore[no-untyped-d
     monkeypatch.setattr(bf16_engine, "generate", no_compute)
     emitted: list[QualityRow] = []
     started = time.perf_counter()
-    cached = run_cliff(
-        bf16_engine,
-        library,
-        ["nf4"],
-        plan=TINY,
-        retriever=shared_retriever,
-        folder=tmp_path,
-        on_row=emitted.append,
-    )
+    cached = cliff(on_row=emitted.append)
     assert time.perf_counter() - started < 10
     assert emitted == cached.rows == result.rows and cached.weight_lab == result.weight_lab
 

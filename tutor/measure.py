@@ -25,7 +25,6 @@ import hashlib
 import json
 import math
 import re
-import threading
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -34,6 +33,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from tutor.content import Library, plain_text
+from tutor.engine.generate import Cancel, is_cancelled
 from tutor.files import write_atomic
 from tutor.paths import cache_dir
 
@@ -50,19 +50,10 @@ METHOD_VERSION = 2  # 2: windows read in batches, QA settings and question texts
 BATCH = 2
 HOLD_BYTES = 320 * 1024**2  # reference distributions that may be held to score precision by precision
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
-Cancel = threading.Event | Callable[[], bool] | None
 
 
 class Cancelled(Exception):
     """The measurement was cancelled; rows not finished were not cached."""
-
-
-def is_cancelled(cancel: Cancel) -> bool:
-    if cancel is None:
-        return False
-    if isinstance(cancel, threading.Event):
-        return cancel.is_set()
-    return bool(cancel())
 
 
 def check_cancel(cancel: Cancel) -> None:
