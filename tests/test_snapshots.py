@@ -29,6 +29,9 @@ def app(library: Library, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Qu
 
 
 async def _settle(pilot: Pilot[None]) -> None:
+    # A cursor caught mid-blink would make the picture depend on the machine's speed.
+    for field in pilot.app.query("Input, TextArea"):
+        field.cursor_blink = False  # type: ignore[attr-defined]
     await pilot.pause(0.3)
 
 

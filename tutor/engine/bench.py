@@ -144,7 +144,7 @@ def bench_rows(
     log: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Measure each precision and return one dict per row (keys: ``COLUMNS`` and a few more)."""
-    from tutor.engine.engine import Engine
+    from tutor.engine.engine import Engine, preload_bitsandbytes
 
     say = log or (lambda _msg: None)
     options: dict[str, Any] = {
@@ -165,6 +165,7 @@ def bench_rows(
     if engine is None:
         say("loading the model")
         engine = Engine.load(model, **options)
+    preload_bitsandbytes()  # a switch's time is quantizing, not a one-off import
     say(f"measuring memory bandwidth on {engine.device}")
     bandwidth = read_bandwidth_gbs(engine.device)
     prompt_ids = engine.encode(prompt)

@@ -233,7 +233,6 @@ class Engine:
 
         if progress is not None:
             progress(LoadProgress("load", 2, 3, "preparing the bf16 weights"))
-        _preload_bitsandbytes()
         decoder = FastDecoder(hf_model, device) if fast and fast_path_problem(hf_model) is None else None
         master_bytes = sum(
             m.weight.numel() * m.weight.element_size()
@@ -633,8 +632,9 @@ class Engine:
                 self._manager.drop(name)
 
 
-def _preload_bitsandbytes() -> None:
-    """Import bitsandbytes now (1-2 s), so the learner's first switch only pays for quantizing.
+def preload_bitsandbytes() -> None:
+    """Import bitsandbytes (1-2 s) once the model is ready, so the learner's first switch only
+    pays for quantizing.
 
     A missing or broken install is not an error here: quantized precisions then fail to switch,
     with the reason, and bf16 / fp32 keep working.

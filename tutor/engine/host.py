@@ -63,38 +63,47 @@ class EngineHost:
     # --- loading ---------------------------------------------------------------------
 
     def load(self) -> None:
-        """Load the lesson index, then the model (blocking; the server runs it in a thread)."""
+        """Load the lesson index, then the model, then warm bitsandbytes (blocking; the server
+        runs it in a thread).
+
+        One after the other: most of each is imports, and importing transformers from two threads
+        at once saved about a second here but failed one start in seven (an import deadlock).
+        """
         started = time.perf_counter()
         self.state = LOADING
         try:
-            from tutor.engine import Engine
             from tutor.retrieval import Retriever
 
             def index_progress(message: str, fraction: float) -> None:
                 self.stage, self.detail, self.fraction = "index", message, 0.1 * fraction
 
             self.retriever = Retriever.load(self.library, progress=index_progress, cache_dir=self.cache_dir)
-
-            def model_progress(step: LoadProgress) -> None:
-                # Conversion (first run only) and loading share the bar after the index's tenth.
-                share = 0.6 if step.stage == "convert" else 0.3
-                base = 0.1 if step.stage == "convert" else 0.7
-                self.stage, self.detail = step.stage, step.message
-                self.fraction = base + share * step.fraction
-
-            self.engine = Engine.load(
-                self.model,
-                device=self.device,
-                progress=model_progress,
-                cache_dir=self.cache_dir,
-                threads=self.threads,
-            )
+            self.engine = self._load_model()
             self.load_seconds = round(time.perf_counter() - started, 2)
             self.state, self.stage, self.detail, self.fraction = READY, "", "", 1.0
         except EngineError as exc:
             self.state, self.error = FAILED, str(exc)
         except Exception as exc:
             self.state, self.error = FAILED, f"{type(exc).__name__}: {exc}"
+        else:
+            from tutor.engine.engine import preload_bitsandbytes
+
+            # After ready, not before: the first question does not wait for it, and a switch
+            # asked for later pays only for quantizing.
+            preload_bitsandbytes()
+
+    def _load_model(self) -> Engine:
+        from tutor.engine import Engine
+
+        def progress(step: LoadProgress) -> None:
+            # Conversion (first run only) and loading share the bar after the index's tenth.
+            share, base = (0.6, 0.1) if step.stage == "convert" else (0.3, 0.7)
+            self.stage, self.detail = step.stage, step.message
+            self.fraction = base + share * step.fraction
+
+        return Engine.load(
+            self.model, device=self.device, progress=progress, cache_dir=self.cache_dir, threads=self.threads
+        )
 
     @property
     def model_name(self) -> str:
