@@ -129,3 +129,19 @@ def engine_runtime(library: Library, engine_process):  # type: ignore[no-untyped
         runtime.client.switch("bf16")
     yield runtime
     runtime.stop()
+
+
+# --- figures a test measured, printed at the end of the run (the evaluation sets) -----------
+
+FIGURES = pytest.StashKey[list[str]]()
+
+
+def report_figures(config: pytest.Config, text: str) -> None:
+    """Print ``text`` in the run's summary, passed or not (pytest hides a passing test's output)."""
+    config.stash.setdefault(FIGURES, []).append(text)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
+    for text in config.stash.get(FIGURES, []):
+        terminalreporter.write_sep("-", "measured")
+        terminalreporter.write_line(text)

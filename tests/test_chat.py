@@ -54,7 +54,8 @@ async def test_ask_streams_an_answer_with_citations_and_switches_live(  # type: 
         assert "From the lesson" in quote and answer.quote.text in quote
         assert answer.citations[0].section in _text(entry.query_one(".chat-passage", Plain))
         checks = _text(entry.query_one(".chat-checks", Plain))
-        assert ("supported by the lesson" in checks) or ("not found in the lesson" in checks)
+        marks = ("✓ supported by the lesson", "? not found in the lesson", "✗ contradicts the lesson")
+        assert all(check.mark in checks for check in answer.sentences) and any(m in checks for m in marks)
         assert _text(entry.query_one(".chat-stats", Plain)).startswith("bf16 · TTFT")
 
         # Switch mid-conversation: the conversation stays, the next reply is tagged fp32 (the

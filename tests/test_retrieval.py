@@ -1,119 +1,32 @@
-"""Retrieval: stable chunk anchors, the on-disk index cache, and the evaluation set's figures."""
+"""Retrieval: stable chunk anchors (body and front matter), the on-disk index cache, search."""
 
 from __future__ import annotations
 
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pytest
-import yaml
 
 from tests.conftest import ROOT, SEED
 from tutor.content import Library, load_library
-from tutor.retrieval import Retriever, SearchResult, content_tokens, library_chunks, slug, tokenize
-
-EVAL_FILE = ROOT / "content" / "eval_questions.yaml"
+from tutor.retrieval import (
+    FRONT_MATTER,
+    PRACTICE,
+    Retriever,
+    SearchResult,
+    content_tokens,
+    library_chunks,
+    slug,
+    tokenize,
+)
 
 
 @pytest.fixture(scope="session")
 def retriever(shared_retriever: Retriever) -> Retriever:
     """conftest's session retriever: loaded once, its index in a session temp dir."""
     return shared_retriever
-
-
-@pytest.fixture(scope="session")
-def eval_set() -> dict[str, Any]:
-    data: dict[str, Any] = yaml.safe_load(EVAL_FILE.read_text(encoding="utf-8"))
-    return data
-
-
-def golds(item: dict[str, Any]) -> set[tuple[str, str]]:
-    return {(item["lesson"], item["section"])} | {(g["lesson"], g["section"]) for g in item.get("also", [])}
-
-
-@dataclass
-class Figures:
-    on_lesson: int = 0
-    hit_with_lesson: int = 0
-    hit_without_lesson: int = 0
-    wrongly_declined: int = 0
-    off_topic: int = 0
-    declined: int = 0
-    misses: list[str] = field(default_factory=list)
-    leaks: list[str] = field(default_factory=list)
-
-    def report(self) -> str:
-        return (
-            f"retrieval eval: {self.on_lesson} on-lesson questions, {self.off_topic} off-topic\n"
-            f"  hit@3 asked from the lesson:   {self.hit_with_lesson / self.on_lesson:.3f}\n"
-            f"  hit@3 asked with no lesson:    {self.hit_without_lesson / self.on_lesson:.3f}\n"
-            f"  on-topic wrongly declined:     {self.wrongly_declined / self.on_lesson:.3f}\n"
-            f"  off-topic declined:            {self.declined / self.off_topic:.3f}\n"
-            f"  misses: {self.misses}\n  off-topic answered: {self.leaks}"
-        )
-
-
-@pytest.fixture(scope="module")
-def figures(retriever: Retriever, eval_set: dict[str, Any]) -> Figures:
-    result = Figures()
-    for item in eval_set["on_lesson"]:
-        result.on_lesson += 1
-        asked_here = retriever.search(item["question"], k=3, lesson_id=item["lesson"])
-        asked_anywhere = retriever.search(item["question"], k=3)
-        here = {(h.lesson_id, h.section) for h in asked_here.closest}
-        anywhere = {(h.lesson_id, h.section) for h in asked_anywhere.closest}
-        result.hit_with_lesson += bool(golds(item) & here)
-        result.hit_without_lesson += bool(golds(item) & anywhere)
-        result.wrongly_declined += not asked_here.covered
-        if not golds(item) & here or not asked_here.covered:
-            result.misses.append(item["question"])
-    for question in eval_set["off_topic"]:
-        result.off_topic += 1
-        declined = not retriever.search(question).covered
-        result.declined += declined
-        if not declined:
-            result.leaks.append(question)
-    print("\n" + result.report())
-    return result
-
-
-# --- the evaluation set -----------------------------------------------------------------
-
-
-def test_eval_set_is_well_formed(eval_set: dict[str, Any], library: Library) -> None:
-    on, off = eval_set["on_lesson"], eval_set["off_topic"]
-    assert len(on) >= 40 and len(off) >= 15
-    per_lesson = {lesson_id: sum(q["lesson"] == lesson_id for q in on) for lesson_id in library.lessons}
-    assert all(count >= 5 for count in per_lesson.values()), per_lesson
-    assert max(per_lesson, key=lambda lesson_id: per_lesson[lesson_id]) == SEED
-    for item in on:
-        for lesson_id, section in golds(item):
-            found = library.get(lesson_id).section(section)
-            assert found is not None and found.heading == section, (lesson_id, section)
-        # Learners' words, not the heading copied.
-        if len(item["section"].split()) >= 3:
-            assert item["section"].casefold() not in item["question"].casefold()
-    assert len({q["question"] for q in on}) == len(on)
-    for claim in eval_set["claims"]:
-        assert library.get(claim["lesson"]).section(claim["section"]) is not None
-    assert {c["supported"] for c in eval_set["claims"]} == {True, False}
-
-
-def test_hit_at_3(figures: Figures) -> None:
-    assert figures.hit_with_lesson / figures.on_lesson >= 0.9, figures.report()
-    assert figures.hit_without_lesson / figures.on_lesson >= 0.9, figures.report()
-
-
-def test_off_topic_declined(figures: Figures) -> None:
-    assert figures.declined / figures.off_topic >= 0.9, figures.report()
-
-
-def test_on_topic_rarely_declined(figures: Figures) -> None:
-    assert figures.wrongly_declined / figures.on_lesson <= 0.1, figures.report()
 
 
 # --- chunks and anchors -------------------------------------------------------------------
@@ -135,11 +48,17 @@ def test_chunks_have_stable_unique_anchors(library: Library) -> None:
     for chunk in chunks:
         assert chunk.anchor == f"{chunk.lesson_id}#{slug(chunk.section)}/{chunk.paragraph}"
         assert chunk.text.strip()
-        assert chunk.text.split("\n\n")[0] in library.get(chunk.lesson_id).body
-    # Every section with text is covered, and nothing else.
+        if chunk.section not in FRONT_MATTER:
+            assert chunk.text.split("\n\n")[0] in library.get(chunk.lesson_id).body
+    # Every section with text is covered, and the front matter's parts, and nothing else.
     for lesson in library.ordered():
         with_text = {s.heading for s in lesson.sections if s.body}
-        assert {c.section for c in chunks if c.lesson_id == lesson.id} == with_text
+        assert {c.section for c in chunks if c.lesson_id == lesson.id} == with_text | set(FRONT_MATTER)
+        mine = [c for c in chunks if c.lesson_id == lesson.id]
+        assert [c.text for c in mine if c.section == PRACTICE] == [
+            f"**Step {i}, {step.title}**: {step.prompt}" for i, step in enumerate(lesson.meta.practice, 1)
+        ]
+        assert sum(c.section == "Key terms" for c in mine) == len(lesson.meta.key_terms)
 
 
 def test_tables_and_code_stay_whole(library: Library) -> None:
@@ -192,6 +111,13 @@ def test_current_lesson_is_preferred(retriever: Retriever) -> None:
         result = retriever.search(question, lesson_id=lesson_id)
         assert result.hits[0].lesson_id == lesson_id
         assert result.hits[0].section.startswith("FP16 and BF16")
+
+
+def test_practice_steps_are_never_found_by_similarity(retriever: Retriever) -> None:
+    # Step 1 of the seed lesson asks the learner to "explain quantization in plain language".
+    result = retriever.search("Explain quantization in plain language.", lesson_id=SEED)
+    assert result.covered and PRACTICE not in {h.section for h in result.closest}
+    assert [h.section for h in retriever.section_hits(SEED, PRACTICE)] == [PRACTICE] * 3
 
 
 def test_declines_and_points_to_the_closest(retriever: Retriever) -> None:

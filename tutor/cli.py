@@ -90,6 +90,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_model_options(cliff)
 
+    evaluate = sub.add_parser(
+        "eval", help="score retrieval, the quote and the support check on the evaluation sets (no model)"
+    )
+    evaluate.add_argument(
+        "sets", nargs="*", default=["tuning", "heldout"], metavar="SET",
+        help="tuning, heldout, or a YAML file in their layout (default: both shipped sets)",
+    )  # fmt: skip
+    evaluate.add_argument("--json", action="store_true", help="print the figures as JSON, one object per set")
+    evaluate.add_argument("--details", action="store_true", help="also list every miss")
+    evaluate.add_argument(
+        "--generate", type=int, default=0, metavar="N",
+        help="also ask N questions of each set at every precision and check the model's sentences",
+    )  # fmt: skip
+    evaluate.add_argument(
+        "--precisions", default="bf16,int8,nf4,fp4", help="with --generate (default: %(default)s)"
+    )
+    add_model_options(evaluate)
+
     for name, (_, help_text) in DELEGATED.items():
         sub.add_parser(name, help=f"{help_text} (see `quant-tutor {name} --help`)", add_help=False)
     return parser
@@ -257,6 +275,7 @@ def run(
         "quiz": lambda a, o, e: cmd_quiz(a, o, e, read_line or sys.stdin.readline),
         "ask": cmd_model,
         "cliff": cmd_model,
+        "eval": cmd_model,
     }
     try:
         if args.command in DELEGATED:

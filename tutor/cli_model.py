@@ -174,13 +174,52 @@ def cmd_cliff(args: argparse.Namespace, library: Library, out: TextIO, err: Text
     return 0
 
 
+def cmd_eval(args: argparse.Namespace, library: Library, out: TextIO, err: TextIO) -> int:
+    from tutor.engine.errors import EngineError
+    from tutor.engine.precisions import parse_precisions
+    from tutor.evaluation import EvalSetError, answers_table, evaluate, evaluate_answers, load_eval_set
+
+    try:
+        sets = [load_eval_set(name) for name in args.sets]
+    except EvalSetError as exc:
+        raise ModelCommandError(str(exc)) from None
+    try:
+        precisions = parse_precisions(args.precisions) if args.generate else []
+    except EngineError as exc:
+        raise ModelCommandError(f"--precisions: {exc}") from None
+    retriever = load_retriever(library, err)
+    engine = load_model(args, err) if args.generate else None
+    results = []
+    for eval_set in sets:
+        try:
+            figures = evaluate(retriever, eval_set)
+        except KeyError as exc:  # a claim naming a section no lesson has
+            raise ModelCommandError(f"{eval_set.name}: {exc.args[0]}") from None
+        result = figures.as_dict()
+        if not args.json:
+            out.write(figures.report() + "\n")
+            if args.details:
+                out.write(figures.details() + "\n")
+        if engine is not None:
+            err.write(f"{eval_set.name}: asking {args.generate} questions at {', '.join(precisions)}…\n")
+            rows = evaluate_answers(engine, retriever, eval_set, precisions, args.generate)
+            result["answers"] = [row.as_dict() for row in rows]
+            if not args.json:
+                out.write(answers_table(eval_set.name, rows) + "\n")
+        results.append(result)
+    if args.json:
+        json.dump(results, out, indent=2)
+        out.write("\n")
+    return 0
+
+
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="local HF folder, .gguf file or hub id (default: the embedded model)")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
 
 
 def run_model_command(name: str, args: argparse.Namespace, library: Library, out: TextIO) -> int:
-    commands = {"ask": cmd_ask, "cliff": cmd_cliff}
+    commands = {"ask": cmd_ask, "cliff": cmd_cliff, "eval": cmd_eval}
     try:
         return commands[name](args, library, out, sys.stderr)
     except ModelCommandError as exc:

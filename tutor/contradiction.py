@@ -1,0 +1,179 @@
+"""Whether a sentence says the opposite of a close lesson sentence, and how.
+
+The support check (``tutor.grounding.check_support``) asks this of the passage sentences that
+are close to a generated sentence in meaning; a sentence that is close *and* differs in one of
+these ways contradicts the lesson rather than merely being absent from it:
+
+- an antonym: "a higher number is better" against "lower is better";
+- a number: "about 28 GB" against "about 7 GB" (the same unit, a different value);
+- swapped roles: "FP4 usually preserves quality better than NF4" against the reverse.
+
+Negation ("can" against "cannot") is judged by polarity in ``tutor.grounding``.
+"""
+
+from __future__ import annotations
+
+import re
+
+# Pairs of words that say opposite things about the same subject. Kept small and specific to
+# the lessons' claims; each pair works both ways.
+ANTONYMS: tuple[tuple[str, str], ...] = (
+    ("lossless", "lossy"),
+    ("faster", "slower"),
+    ("fast", "slow"),
+    ("more", "less"),
+    ("more", "fewer"),
+    ("smaller", "larger"),
+    ("smaller", "bigger"),
+    ("small", "large"),
+    ("better", "worse"),
+    ("best", "worst"),
+    ("higher", "lower"),
+    ("high", "low"),
+    ("increase", "decrease"),
+    ("increases", "decreases"),
+    ("gains", "loses"),
+    ("keep", "lose"),
+    ("keeps", "loses"),
+    ("easier", "harder"),
+    ("cheaper", "costlier"),
+    ("above", "below"),
+    ("most", "least"),
+    ("before", "after"),
+    ("tolerate", "suffer"),
+    ("up", "down"),
+    ("multiplies", "divides"),
+    ("multiplied", "divided"),
+)
+_OPPOSITE: dict[str, set[str]] = {}
+for _a, _b in ANTONYMS:
+    _OPPOSITE.setdefault(_a, set()).add(_b)
+    _OPPOSITE.setdefault(_b, set()).add(_a)
+
+_WORD = re.compile(r"[a-z]+")
+# A number with the unit or noun after it: "7 GB", "4 bits", "8.5 bits", "1,024 samples".
+_QUANTITY = re.compile(r"(\d+(?:[.,]\d+)*)\s*(%|[a-zA-Z]+)")
+# Names whose order carries a claim: quant types and formats (NF4, Q4_K_M, int8, LLM.int8()),
+# model sizes (8B, 70B) and capitalised method names (AWQ, GPTQ).
+_NAME = re.compile(
+    r"\b(?:[A-Za-z]+\d+[A-Za-z0-9_]*|\d+(?:\.\d+)?B|[A-Z]{2,}[A-Za-z0-9]*|(?i:smaller|bigger|larger|small|large|big)"
+    r" (?:models?|ones?))\b"
+)
+
+
+def words(text: str) -> set[str]:
+    return set(_WORD.findall(text.casefold()))
+
+
+def antonym(sentence: str, evidence: str) -> str | None:
+    """The opposed pair ("higher" / "lower") when one side has a word the other has the
+    opposite of, and neither has both."""
+    said, lesson = words(sentence), words(evidence)
+    for word in sorted(said - lesson):
+        for opposite in sorted(_OPPOSITE.get(word, ())):
+            if opposite in lesson and opposite not in said:
+                return f"{word} / {opposite}"
+    return None
+
+
+# Units of one quantity: the same value in another of them is another amount ("128 KB" / "128 MB").
+_SIZES = frozenset({"kb", "mb", "gb", "tb"})
+
+
+def quantities(text: str) -> dict[str, set[str]]:
+    """Numbers by the unit that follows them: {"gb": {"7", "28"}}. A model size ("8B") names a
+    model rather than measuring something, so it is left out."""
+    out: dict[str, set[str]] = {}
+    for value, unit in _QUANTITY.findall(text):
+        unit = unit.casefold()
+        unit = unit[:-1] if len(unit) > 2 and unit.endswith("s") else unit
+        if unit != "b":
+            out.setdefault(unit, set()).add(value.replace(",", ""))
+    return out
+
+
+def number_clash(sentence: str, evidence: str) -> str | None:
+    """A value the sentence gives in a unit the lesson sentence also uses, with other values;
+    or the lesson's value in another size unit. Sentences about models of different sizes
+    ("8B", "70B") are about different things."""
+    sizes, their_sizes = _model_sizes(sentence), _model_sizes(evidence)
+    if sizes and their_sizes and not sizes & their_sizes:
+        return None
+    lesson = quantities(evidence)
+    for unit, values in quantities(sentence).items():
+        theirs = lesson.get(unit)
+        if theirs and not values & theirs:
+            return f"{sorted(values)[0]} {unit} / {sorted(theirs)[0]} {unit}"
+        if unit in _SIZES and not theirs:
+            for other in _SIZES & lesson.keys():
+                if values & lesson[other]:
+                    return f"{sorted(values & lesson[other])[0]} {unit} / {other}"
+    return None
+
+
+def _model_sizes(text: str) -> set[str]:
+    return {m.casefold() for m in re.findall(r"\b\d+(?:\.\d+)?B\b", text)}
+
+
+def names(text: str) -> list[str]:
+    """The names in ``text`` in order, once each; "larger models" and "large ones" are both "large"."""
+    seen: list[str] = []
+    for match in _NAME.finditer(text):
+        key = _name_key(match.group(0))
+        if key not in seen:
+            seen.append(key)
+    return seen
+
+
+def _name_key(name: str) -> str:
+    first = name.casefold().split()[0]
+    return _SIZE_WORDS.get(first, first) if " " in name else name.casefold()
+
+
+_SIZE_WORDS = {"smaller": "small", "larger": "large", "bigger": "large", "big": "large"}
+
+
+_COMPARISON = re.compile(
+    r"\b(?:better|worse|more|less|fewer|faster|slower|smaller|larger|bigger|higher|lower|beats?|"
+    r"outperforms?|preserves?|keeps?|suffers?|tolerates?|wins?)\b",
+    re.IGNORECASE,
+)
+_LOSER = re.compile(r"\b(?:than|over)\b", re.IGNORECASE)
+
+
+def roles(text: str) -> tuple[str | None, str | None]:
+    """(winner, loser) of the first comparison in ``text``: the first name before the compared
+    word, and the first name after it (after "than" / "over" when there is one)."""
+    spans = [m.span() for m in _NAME.finditer(text)]
+    found = next(
+        (m for m in _COMPARISON.finditer(text) if not any(a <= m.start() < b for a, b in spans)), None
+    )
+    if found is None:
+        return None, None
+    clause = re.split(r"[,;:]|\band\b|\bbut\b|\bwhile\b", text[: found.start()])[-1]
+    before = names(clause)
+    rest = text[found.end() :]
+    loser_at = _LOSER.search(rest)
+    after = names(rest[loser_at.end() if loser_at else 0 :])
+    return (before[0] if before else None), (after[0] if after else None)
+
+
+def swapped(sentence: str, evidence: str) -> str | None:
+    """A comparison the lesson makes one way round and the sentence the other."""
+    mine, theirs = roles(sentence), roles(evidence)
+    winner, loser = mine
+    if winner is None or theirs[0] is None:
+        return None
+    if winner == theirs[1] or (loser is not None and loser == theirs[0] and winner != theirs[0]):
+        return f"{winner} / {loser or theirs[0]} swapped"
+    return None
+
+
+def contradiction(sentence: str, evidence: str) -> str | None:
+    """How ``sentence`` says the opposite of ``evidence`` (a close lesson sentence), or None."""
+    tests = ((number_clash, "a different number"), (swapped, "swapped roles"), (antonym, "the opposite word"))
+    for test, label in tests:
+        found = test(sentence, evidence)
+        if found:
+            return f"{label}: {found}"
+    return None
