@@ -177,7 +177,7 @@ def engine_trace(engine: Any, prompt_ids: Sequence[int], max_new_tokens: int) ->
 
     rows: list[torch.Tensor] = []
     make_session = engine._session
-    engine._session = lambda max_len: _Recording(make_session(max_len), rows)
+    engine._session = lambda max_len, contrast=None: _Recording(make_session(max_len, contrast), rows)
     try:
         reply = engine.generate(prompt_ids=list(prompt_ids), max_new_tokens=max_new_tokens)
     finally:

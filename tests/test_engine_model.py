@@ -441,6 +441,45 @@ def test_generic_decode_loop_matches_the_fast_one(engine, generic_engine, bf16_t
         generic.switch("bf16")
 
 
+def test_context_aware_decoding_is_one_batch_of_both_prompts(engine, generic_engine) -> None:  # type: ignore[no-untyped-def]
+    """Context-aware decoding: the prompt with the passages and the one without, left-padded into
+    one batch, give ``(1 + alpha) * with - alpha * without`` of the two run alone (within the bf16
+    tolerance: batched and masked attention is another kernel), on the fast and generic paths."""
+    import torch
+
+    from tutor.engine.decoder import FastContrastSession, FastSession, mix_contrast
+
+    tol = TOLERANCES["bf16"]
+    passages = "Passages:\n[1] NF4 and FP4: NF4 usually preserves quality better than FP4.\n\n"
+    question = "Question: Which 4-bit type keeps quality better?"
+    with_passages = [{"role": "user", "content": passages + question}]
+    without = [{"role": "user", "content": question}]
+    ids, plain = engine.encode(with_passages), engine.encode(without)
+    assert len(ids) > len(plain) + 10  # the plain row is padded
+    weights = engine._manager.current().weights
+    with torch.inference_mode():
+        alone = [FastSession(engine._decoder, weights, len(row) + 4) for row in (ids, plain)]
+        contrast = FastContrastSession(engine._decoder, weights, len(ids) + 4, plain, 1.0)
+        expected = mix_contrast(alone[0].prefill(ids), alone[1].prefill(plain), 1.0)
+        got = contrast.prefill(ids)
+        token = int(expected.argmax())
+        steps = [(mix_contrast(alone[0].step(token), alone[1].step(token), 1.0), contrast.step(token))]
+    for want, have in [(expected, got), *steps]:
+        # (1 + alpha) and alpha scale each side's rounding: twice the bound for alpha 1.
+        assert (want - have).abs().max().item() <= 3 * tol.logit
+        top2 = want.topk(2).values
+        if top2[0] - top2[1] > 3 * tol.margin:
+            assert int(want.argmax()) == int(have.argmax())
+
+    plain_reply = engine.generate(with_passages, max_new_tokens=6)
+    same = engine.generate(with_passages, max_new_tokens=6, contrast=without, alpha=0.0)
+    assert same.tokens == plain_reply.tokens and same.stats.decoder == plain_reply.stats.decoder == "fast"
+    held = engine.generate(with_passages, max_new_tokens=6, contrast=without, alpha=1.0)
+    assert held.stats.decoder == "fast+cad" and len(held.tokens) >= 1
+    generic = generic_engine.generate(with_passages, max_new_tokens=6, contrast=without, alpha=1.0)
+    assert generic.stats.decoder == "cad" and len(generic.tokens) >= 1
+
+
 def test_bench_rows_and_cli(
     shared_engine, engine_home: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:  # type: ignore[no-untyped-def]

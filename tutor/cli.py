@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--precisions", default="bf16,int8,nf4,fp4", help="with --generate (default: %(default)s)"
     )
+    evaluate.add_argument(
+        "--alphas", help="with --generate: context-aware decoding alphas to compare, e.g. 0,0.5,1"
+    )
     add_model_options(evaluate)
 
     for name, (_, help_text) in DELEGATED.items():

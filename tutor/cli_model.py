@@ -187,6 +187,10 @@ def cmd_eval(args: argparse.Namespace, library: Library, out: TextIO, err: TextI
         precisions = parse_precisions(args.precisions) if args.generate else []
     except EngineError as exc:
         raise ModelCommandError(f"--precisions: {exc}") from None
+    try:
+        alphas = [float(a) for a in args.alphas.split(",")] if args.alphas else None
+    except ValueError:
+        raise ModelCommandError(f"--alphas: expected numbers such as 0,0.5,1, not {args.alphas!r}") from None
     retriever = load_retriever(library, err)
     engine = load_model(args, err) if args.generate else None
     results = []
@@ -202,7 +206,7 @@ def cmd_eval(args: argparse.Namespace, library: Library, out: TextIO, err: TextI
                 out.write(figures.details() + "\n")
         if engine is not None:
             err.write(f"{eval_set.name}: asking {args.generate} questions at {', '.join(precisions)}…\n")
-            rows = evaluate_answers(engine, retriever, eval_set, precisions, args.generate)
+            rows = evaluate_answers(engine, retriever, eval_set, precisions, args.generate, alphas)
             result["answers"] = [row.as_dict() for row in rows]
             if not args.json:
                 out.write(answers_table(eval_set.name, rows) + "\n")

@@ -284,6 +284,7 @@ class AnswerFigures:
     """The model's answers at one precision to the same questions: how its sentences check."""
 
     precision: str
+    alpha: float = 0.0  # context-aware decoding's alpha (0: plain)
     answers: int = 0
     sentences: int = 0
     verdicts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(VERDICTS, 0))
@@ -297,6 +298,7 @@ class AnswerFigures:
         speeds = sorted(self.decode_tok_s)
         return {
             "precision": self.precision,
+            "alpha": self.alpha,
             "answers": self.answers,
             "sentences": self.sentences,
             **{f"{v}_share": self.share(v) for v in VERDICTS},
@@ -312,18 +314,24 @@ def spread(items: Sequence[OnLesson], count: int) -> list[OnLesson]:
 
 
 def evaluate_answers(
-    engine: Any, retriever: Retriever, eval_set: EvalSet, precisions: Sequence[str], count: int
+    engine: Any,
+    retriever: Retriever,
+    eval_set: EvalSet,
+    precisions: Sequence[str],
+    count: int,
+    alphas: Sequence[float] | None = None,
 ) -> list[AnswerFigures]:
-    """Ask ``count`` of the set's on-lesson questions at each precision and check every answer."""
-    from tutor.tutor_chat import ask
+    """Ask ``count`` of the set's on-lesson questions at each precision (and each context-aware
+    decoding alpha) and check every answer."""
+    from tutor.tutor_chat import CAD_ALPHA, ask
 
     questions = spread(eval_set.on_lesson, count)
     rows = []
-    for precision in precisions:
+    for precision, alpha in ((p, a) for p in precisions for a in (alphas or [CAD_ALPHA])):
         engine.switch(precision, wait=True)
-        row = AnswerFigures(precision)
+        row = AnswerFigures(precision, alpha)
         for item in questions:
-            answer = ask(item.question, retriever, engine, item.lesson)
+            answer = ask(item.question, retriever, engine, item.lesson, alpha=alpha)
             if not answer.grounded:
                 continue
             row.answers += 1
@@ -340,8 +348,8 @@ def evaluate_answers(
 def answers_table(name: str, rows: Sequence[AnswerFigures]) -> str:
     lines = [
         f"{name}: the model's answers, checked sentence by sentence",
-        f"  {'precision':<10}{'answers':>8}{'sentences':>10}{'✓ supported':>13}{'? not found':>13}"
-        f"{'✗ contradicts':>15}{'key fact said':>15}{'decode tok/s':>14}",
+        f"  {'precision':<10}{'alpha':>6}{'answers':>8}{'sentences':>10}{'✓ supported':>13}"
+        f"{'? not found':>13}{'✗ contradicts':>15}{'key fact said':>15}{'decode tok/s':>14}",
     ]
     for row in rows:
         d = row.as_dict()
@@ -350,8 +358,8 @@ def answers_table(name: str, rows: Sequence[AnswerFigures]) -> str:
             return "—" if value is None else format(value, digits)
 
         lines.append(
-            f"  {row.precision:<10}{row.answers:>8}{row.sentences:>10}{show(d['supported_share']):>13}"
-            f"{show(d['not_found_share']):>13}{show(d['contradicts_share']):>15}"
+            f"  {row.precision:<10}{row.alpha:>6.2g}{row.answers:>8}{row.sentences:>10}"
+            f"{show(d['supported_share']):>13}{show(d['not_found_share']):>13}{show(d['contradicts_share']):>15}"
             f"{show(d['key_fact_said']):>15}{show(d['median_decode_tok_s'], '.1f'):>14}"
         )
     return "\n".join(lines)

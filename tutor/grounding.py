@@ -277,6 +277,20 @@ def build_messages(
     ]
 
 
+def contrast_messages(messages: Messages) -> Messages:
+    """The same request without the passages: the "without context" side of context-aware
+    decoding (the rules and the question, nothing to ground them)."""
+    out = []
+    for message in messages:
+        content = message["content"]
+        if message["role"] == "user" and "\n\nQuestion: " in content:
+            content = "Question: " + content.split("\n\nQuestion: ", 1)[1]
+        elif message["role"] == "system" and "\n\nPassages:\n" in content:
+            content = content.split("\n\nPassages:\n", 1)[0]
+        out.append({"role": message["role"], "content": content})
+    return out
+
+
 def limit_question(text: str) -> tuple[str, bool]:
     """The question cleaned of control characters and cut to MAX_QUESTION_CHARS; True if cut."""
     text = " ".join(clean(text).split())

@@ -22,6 +22,12 @@ if TYPE_CHECKING:
 
 MAX_NEW_TOKENS = 96  # three short sentences; a 135M model rambles past that
 MAX_SENTENCES = 3
+# Context-aware decoding's alpha for the tutor's answers (0: plain decoding). Measured on ten
+# held-out questions (README, "How well the tutor answers"): at bf16 the share of the model's
+# sentences the lesson supports went from 0.16 (alpha 0) to 0.54 (0.5) and 0.68 (1), at nf4
+# from 0.33 to 0.53 and 0.45; decoding costs about 0.63x the tokens/s at bf16. The issue asks
+# for bf16 "as faithful to the passage as decoding can make it": 1.
+CAD_ALPHA = 1.0
 _ENDINGS = (".", "!", "?", "”", '"', ")")
 
 
@@ -64,6 +70,7 @@ def ask(
     on_prepared: Callable[[grounding.Prepared], None] | None = None,
     max_new_tokens: int = MAX_NEW_TOKENS,
     max_sentences: int = MAX_SENTENCES,
+    alpha: float = CAD_ALPHA,
 ) -> grounding.TutorAnswer:
     """Answer ``question`` from the lessons; the model runs only when they cover it.
 
@@ -89,7 +96,13 @@ def ask(
         ) >= max_sentences
 
     reply = engine.generate(
-        prepared.messages, max_new_tokens=max_new_tokens, on_token=token, cancel=stop, wait=True
+        prepared.messages,
+        max_new_tokens=max_new_tokens,
+        on_token=token,
+        cancel=stop,
+        wait=True,
+        contrast=grounding.contrast_messages(prepared.messages) if alpha > 0 else None,
+        alpha=alpha,
     )
     stats = stats_dict(reply.stats)
     stats["cancelled"] = cancel is not None and cancel.is_set()

@@ -438,8 +438,14 @@ class FastDecoder:
         *,
         last_only: bool = True,
         keep_from: int = 0,
+        pad: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits for ``ids`` (``(batch, T)``), continuing ``cache`` (or without one).
+
+        ``pad`` (one count per row) marks that many leading positions of each row as padding
+        that no other position attends to: rows of different prompt lengths, left-padded to
+        one length, decode as one batch. RoPE scores depend only on the distance between two
+        positions, so a row shifted right by its padding gives the same logits as alone.
 
         Returns ``(batch, vocab)`` for the last position when ``last_only``, else
         ``(batch, T - keep_from, vocab)`` for positions ``keep_from`` on; in the precision's
@@ -461,6 +467,7 @@ class FastDecoder:
         sin = sin_table[start:end].view(1, steps, 1, dim)
         x = F.embedding(ids, self.embed).to(act).view(batch * steps, self.hidden)
         causal = steps > 1
+        mask = None if pad is None else _pad_mask(pad, start, end)
         gqa = heads != kv_heads
         for index, lw in enumerate(weights.layers):
             h = self._rms(x, lw.ln1, self.eps)
@@ -482,7 +489,7 @@ class FastDecoder:
                 k = layer_cache[0, :, :, :end]
                 v = layer_cache[1, :, :, :end]
             attn = F.scaled_dot_product_attention(
-                q, k, v, is_causal=causal, scale=self.scaling, enable_gqa=gqa
+                q, k, v, attn_mask=mask, is_causal=causal and mask is None, scale=self.scaling, enable_gqa=gqa
             )
             attn = attn.transpose(1, 2).reshape(batch * steps, q_width)
             x = x + lw.o(attn)
@@ -503,6 +510,70 @@ class FastDecoder:
         x = self._rms(x, weights.norm, self.eps)
         logits = weights.head(x)
         return logits if last_only else logits.view(batch, steps - keep_from, -1)
+
+
+def _pad_mask(pad: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """``(batch, 1, end - start, end)``: causal, blind to each row's padding. A padding position
+    still sees itself, so its (unused) output stays finite instead of NaN."""
+    keys = torch.arange(end, device=pad.device)
+    queries = torch.arange(start, end, device=pad.device)
+    allowed = (keys[None, None, :] <= queries[None, :, None]) & (keys[None, None, :] >= pad[:, None, None])
+    return (allowed | (keys[None, None, :] == queries[None, :, None]))[:, None]
+
+
+def mix_contrast(logits: torch.Tensor, plain: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Context-aware decoding (Shi et al., 2023): ``(1 + alpha) * with - alpha * without``, in fp32."""
+    return (1 + alpha) * logits.float() - alpha * plain.float()
+
+
+class FastContrastSession:
+    """Context-aware decoding on the fast decoder: the prompt with the passages and the one
+    without them run as one batch of two (one pass per token), left-padded to one length."""
+
+    kind = "fast+cad"
+
+    def __init__(
+        self, decoder: FastDecoder, weights: DecoderWeights, max_len: int, plain_ids: list[int], alpha: float
+    ) -> None:
+        self.decoder, self.weights, self.alpha = decoder, weights, alpha
+        self.plain_ids = plain_ids
+        self.max_len = max_len
+        self.cache: KVCache | None = None
+        self.pad: torch.Tensor | None = None
+        self._tokens = torch.zeros(2, 1, dtype=torch.long, device=decoder.device)
+
+    def prefill(self, ids: list[int]) -> torch.Tensor:
+        length = max(len(ids), len(self.plain_ids))
+        rows = [[0] * (length - len(row)) + row for row in (ids, self.plain_ids)]
+        device = self.decoder.device
+        self.pad = torch.tensor([length - len(ids), length - len(self.plain_ids)], device=device)
+        extra = max(0, len(self.plain_ids) - len(ids))  # the cache is sized for the longer prompt
+        self.cache = self.decoder.new_cache(self.max_len + extra, self.weights.act_dtype, batch=2)
+        tensor = torch.tensor(rows, dtype=torch.long, device=device)
+        logits = self.decoder.forward(self.weights, tensor, self.cache, pad=self.pad)
+        return mix_contrast(logits[0], logits[1], self.alpha)
+
+    def step(self, token: int) -> torch.Tensor:
+        self._tokens.fill_(token)
+        logits = self.decoder.forward(self.weights, self._tokens, self.cache, pad=self.pad)
+        return mix_contrast(logits[0], logits[1], self.alpha)
+
+
+class PairContrastSession:
+    """Context-aware decoding on any decoder: two sessions, two passes per token."""
+
+    kind = "cad"
+
+    def __init__(self, with_passages: Any, without: Any, plain_ids: list[int], alpha: float) -> None:
+        self.sessions, self.plain_ids, self.alpha = (with_passages, without), plain_ids, alpha
+
+    def prefill(self, ids: list[int]) -> torch.Tensor:
+        first, second = self.sessions
+        return mix_contrast(first.prefill(ids), second.prefill(self.plain_ids), self.alpha)
+
+    def step(self, token: int) -> torch.Tensor:
+        first, second = self.sessions
+        return mix_contrast(first.step(token), second.step(token), self.alpha)
 
 
 class FastSession:

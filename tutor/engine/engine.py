@@ -451,14 +451,27 @@ class Engine:
             encoded = encoded["input_ids"]
         return [int(t) for t in encoded]
 
-    def _session(self, max_len: int) -> Session:
-        from tutor.engine.decoder import FastSession, GenericSession
+    def _session(self, max_len: int, contrast: tuple[list[int], float] | None = None) -> Session:
+        """A decoding session; with ``contrast`` (the prompt without the passages, alpha), one
+        that decodes context-aware (``tutor.engine.decoder.mix_contrast``)."""
+        from tutor.engine.decoder import FastContrastSession, FastSession, GenericSession, PairContrastSession
 
         if self._decoder is not None:
             weights = self._manager.current().weights
             assert weights is not None
+            if contrast is not None:
+                return FastContrastSession(self._decoder, weights, max_len, *contrast)
             return FastSession(self._decoder, weights, max_len)
-        return GenericSession(self.model, self.torch_device, max_len, static=self.torch_device.type == "cuda")
+        static = self.torch_device.type == "cuda"
+        if contrast is not None:
+            plain_ids, alpha = contrast
+            return PairContrastSession(
+                GenericSession(self.model, self.torch_device, max_len, static=static),
+                GenericSession(self.model, self.torch_device, len(plain_ids) + max_len, static=static),
+                plain_ids,
+                alpha,
+            )
+        return GenericSession(self.model, self.torch_device, max_len, static=static)
 
     # ------------------------------------------------------------------ generating
 
@@ -473,6 +486,8 @@ class Engine:
         system: str | None,
         raw: bool,
         wait: bool | float,
+        contrast: Messages | None = None,
+        alpha: float = 0.0,
     ) -> Generator[TokenEvent, None, Reply]:
         started = time.perf_counter()
         with self._exclusive(wait):
@@ -489,8 +504,11 @@ class Engine:
                     f"The prompt has {len(ids)} tokens; this model reads at most {self.max_positions}."
                 )
             budget = max(0, min(int(max_new_tokens), room))
+            plain = None
+            if contrast is not None and alpha > 0:
+                plain = (self.encode(contrast, system=system, raw=raw), float(alpha))
             context = RunContext(
-                session=self._session(len(ids) + max(budget, 1)),
+                session=self._session(len(ids) + max(budget, 1), plain),
                 precision=self.precision,
                 device=self.device,
                 weights_mib=self.weights().weights_mib,
@@ -524,12 +542,16 @@ class Engine:
         system: str | None = None,
         raw: bool = False,
         wait: bool | float = False,
+        contrast: Messages | None = None,
+        alpha: float = 0.0,
     ) -> Reply:
         """Generate a reply to ``messages`` (or to ready ``prompt_ids``), calling ``on_token`` per token.
 
         Greedy by default; ``sample=True`` samples (seeded by ``seed``). ``cancel`` (an Event or a
         callable) stops the reply before the next token. Raises EngineBusyError if another reply
-        or a switch holds the engine (``wait=True`` waits instead).
+        or a switch holds the engine (``wait=True`` waits instead). ``contrast`` (the same
+        conversation without its context) and ``alpha`` > 0 decode context-aware: each token's
+        logits are ``(1 + alpha) * with - alpha * without``, both computed in one batch.
         """
         sampling = Sampling(sample, temperature, top_p, top_k, seed)
         events = self._run(
@@ -541,6 +563,8 @@ class Engine:
             system=system,
             raw=raw,
             wait=wait,
+            contrast=contrast,
+            alpha=alpha,
         )
         while True:
             try:
