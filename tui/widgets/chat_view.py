@@ -210,7 +210,7 @@ class ChatView(Vertical):
             yield Plain(
                 f"Curious about “{self.lesson.title}”? Ask anything about this lesson. "
                 "I'll answer using just what you're reading — short, friendly, grounded. "
-                "The lesson's own sentence comes first; the small local model's explanation follows, "
+                "The lesson's own words come first; the small local model's explanation follows, "
                 "checked against the lesson.",
                 classes="chat-intro",
             )

@@ -439,13 +439,16 @@ class FastDecoder:
         last_only: bool = True,
         keep_from: int = 0,
         pad: torch.Tensor | None = None,
+        rope_from: int = 0,
     ) -> torch.Tensor:
         """Logits for ``ids`` (``(batch, T)``), continuing ``cache`` (or without one).
 
         ``pad`` (one count per row) marks that many leading positions of each row as padding
-        that no other position attends to: rows of different prompt lengths, left-padded to
-        one length, decode as one batch. RoPE scores depend only on the distance between two
-        positions, so a row shifted right by its padding gives the same logits as alone.
+        that no other position attends to: rows of different prompt lengths, right-aligned to one
+        length, decode as one batch. RoPE scores depend only on the distance
+        between two positions, so a row shifted right by its padding gives the same logits as
+        alone. ``rope_from`` rotates as if the cache's first slot were that position (a row
+        prefilled on its own into a cache view that starts after its padding).
 
         Returns ``(batch, vocab)`` for the last position when ``last_only``, else
         ``(batch, T - keep_from, vocab)`` for positions ``keep_from`` on; in the precision's
@@ -462,9 +465,9 @@ class FastDecoder:
         act = weights.act_dtype
         heads, kv_heads, dim = self.n_heads, self.n_kv, self.head_dim
         q_width = heads * dim
-        cos_table, sin_table = self._rope_tables(end, act)
-        cos = cos_table[start:end].view(1, steps, 1, dim)
-        sin = sin_table[start:end].view(1, steps, 1, dim)
+        cos_table, sin_table = self._rope_tables(rope_from + end, act)
+        cos = cos_table[rope_from + start : rope_from + end].view(1, steps, 1, dim)
+        sin = sin_table[rope_from + start : rope_from + end].view(1, steps, 1, dim)
         x = F.embedding(ids, self.embed).to(act).view(batch * steps, self.hidden)
         causal = steps > 1
         mask = None if pad is None else _pad_mask(pad, start, end)
@@ -513,8 +516,8 @@ class FastDecoder:
 
 
 def _pad_mask(pad: torch.Tensor, start: int, end: int) -> torch.Tensor:
-    """``(batch, 1, end - start, end)``: causal, blind to each row's padding. A padding position
-    still sees itself, so its (unused) output stays finite instead of NaN."""
+    """``(batch, 1, end - start, end)``: causal, blind to each row's padding (a padding position
+    sees only itself, so a padding query's unused output stays finite)."""
     keys = torch.arange(end, device=pad.device)
     queries = torch.arange(start, end, device=pad.device)
     allowed = (keys[None, None, :] <= queries[None, :, None]) & (keys[None, None, :] >= pad[:, None, None])
@@ -528,7 +531,10 @@ def mix_contrast(logits: torch.Tensor, plain: torch.Tensor, alpha: float) -> tor
 
 class FastContrastSession:
     """Context-aware decoding on the fast decoder: the prompt with the passages and the one
-    without them run as one batch of two (one pass per token), left-padded to one length."""
+    without them decode as one batch of two (one pass per token).
+
+    Each prompt is prefilled on its own (no pass over padding), into its row of one KV cache,
+    the shorter one right-aligned after zeroed padding slots that the mask hides."""
 
     kind = "fast+cad"
 
@@ -543,14 +549,20 @@ class FastContrastSession:
         self._tokens = torch.zeros(2, 1, dtype=torch.long, device=decoder.device)
 
     def prefill(self, ids: list[int]) -> torch.Tensor:
-        length = max(len(ids), len(self.plain_ids))
-        rows = [[0] * (length - len(row)) + row for row in (ids, self.plain_ids)]
+        rows = (ids, self.plain_ids)
+        length = max(len(row) for row in rows)
         device = self.decoder.device
-        self.pad = torch.tensor([length - len(ids), length - len(self.plain_ids)], device=device)
+        pads = [length - len(row) for row in rows]
+        self.pad = torch.tensor(pads, device=device)
         extra = max(0, len(self.plain_ids) - len(ids))  # the cache is sized for the longer prompt
         self.cache = self.decoder.new_cache(self.max_len + extra, self.weights.act_dtype, batch=2)
-        tensor = torch.tensor(rows, dtype=torch.long, device=device)
-        logits = self.decoder.forward(self.weights, tensor, self.cache, pad=self.pad)
+        logits = []
+        for index, (row, pad) in enumerate(zip(rows, pads, strict=True)):
+            self.cache.data[:, :, index, :, :pad].zero_()  # hidden by the mask; zeros, not garbage
+            view = KVCache(self.cache.data[:, :, index : index + 1, :, pad:])
+            tensor = torch.tensor([row], dtype=torch.long, device=device)
+            logits.append(self.decoder.forward(self.weights, tensor, view, rope_from=pad)[0])
+        self.cache.length = length
         return mix_contrast(logits[0], logits[1], self.alpha)
 
     def step(self, token: int) -> torch.Tensor:
