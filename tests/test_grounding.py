@@ -16,6 +16,7 @@ from tutor.grounding import (
     answer,
     build_messages,
     check_support,
+    contrast_messages,
     decline_message,
     finish,
     limit_question,
@@ -26,6 +27,7 @@ from tutor.grounding import (
 from tutor.intent import lesson_part, question_type
 from tutor.quote import best_quote, leans_back, spans
 from tutor.retrieval import KEY_TERMS, PRACTICE, PREMISE, SUMMARY, Hit, Retriever, SearchResult
+from tutor.tutor_chat import tidy
 
 STATS = {"ttft_s": 0.2, "tokens": 12, "tokens_per_s": 30.0, "weights_mib": 256.0}
 
@@ -122,6 +124,21 @@ def test_build_messages_cuts_long_passages_at_sentences() -> None:
     for line in messages[1]["content"].splitlines():
         if line.startswith("["):
             assert line.endswith("length."), line[-40:]
+
+
+def test_the_contrast_prompt_is_the_request_without_its_passages() -> None:
+    for style in ("user", "system"):
+        messages = build_messages("Is int8 lossless?", [hit("int8 is near-lossless.")], style=style)
+        plain = contrast_messages(messages)
+        assert [m["role"] for m in plain] == [m["role"] for m in messages]
+        assert "Passages" not in json.dumps(plain) and "Passages" in json.dumps(messages)
+        assert plain[-1]["content"].endswith("Is int8 lossless?")
+        assert plain[0]["content"].startswith("You are a friendly tutor.")
+
+
+def test_tidy_drops_echoed_passage_numbers() -> None:
+    said = "[4] QLoRA trains adapters on a frozen NF4 model. NF4 keeps quality [1] better. A[0] stays. And"
+    assert tidy(said) == "QLoRA trains adapters on a frozen NF4 model. NF4 keeps quality better. A[0] stays."
 
 
 def test_limit_question() -> None:

@@ -7,6 +7,7 @@ precision, checked sentence by sentence against the cited passages.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -40,8 +41,15 @@ def complete_sentences(text: str) -> list[str]:
     return kept
 
 
+# The prompt numbers its passages "[1] Section: …"; held to them, the model sometimes echoes a
+# number ("[4] QLoRA trains…", one that names no passage), which says nothing to the learner.
+_PASSAGE_NUMBER = re.compile(r"(?:^|(?<=\s))\[\d{1,2}\]\s*")
+
+
 def tidy(text: str, max_sentences: int = MAX_SENTENCES) -> str:
-    """At most ``max_sentences`` distinct finished sentences; a lone unfinished one is kept as is."""
+    """At most ``max_sentences`` distinct finished sentences, without echoed passage numbers; a
+    lone unfinished one is kept as is."""
+    text = _PASSAGE_NUMBER.sub("", text)
     done = complete_sentences(text)
     return " ".join(done[:max_sentences]) if done else text.strip()
 
