@@ -145,6 +145,15 @@ def contains_key_fact(quote: str, key_fact: Sequence[str]) -> bool:
     return all(_normal(phrase) in said for phrase in key_fact)
 
 
+def share(part: int, whole: int) -> float | None:
+    """``part / whole`` to three places; None when there is nothing to divide."""
+    return round(part / whole, 3) if whole else None
+
+
+def show(value: float | None, digits: str = ".3f") -> str:
+    return "—" if value is None else format(value, digits)
+
+
 @dataclass
 class Figures:
     name: str
@@ -164,30 +173,26 @@ class Figures:
     unquoted: list[str] = field(default_factory=list)
     wrong_claims: list[str] = field(default_factory=list)
 
-    @staticmethod
-    def _share(part: int, whole: int) -> float | None:
-        return round(part / whole, 3) if whole else None
-
     @property
     def hit_at_3(self) -> float | None:
-        return self._share(self.hits, self.on_lesson)
+        return share(self.hits, self.on_lesson)
 
     @property
     def wrongly_declined_share(self) -> float | None:
-        return self._share(self.wrongly_declined, self.on_lesson)
+        return share(self.wrongly_declined, self.on_lesson)
 
     @property
     def off_topic_declined(self) -> float | None:
-        return self._share(self.declined, self.off_topic)
+        return share(self.declined, self.off_topic)
 
     @property
     def key_fact_share(self) -> float | None:
-        return self._share(self.key_fact_quoted, self.with_key_fact)
+        return share(self.key_fact_quoted, self.with_key_fact)
 
     def recall(self, verdict: Verdict) -> float | None:
         """Of the claims whose true verdict is ``verdict``, the share the check gave it."""
         row = self.confusion[verdict]
-        return self._share(row[verdict], sum(row.values()))
+        return share(row[verdict], sum(row.values()))
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -204,8 +209,6 @@ class Figures:
         }
 
     def report(self) -> str:
-        def show(value: float | None) -> str:
-            return "—" if value is None else f"{value:.3f}"
 
         claims = sum(sum(row.values()) for row in self.confusion.values())
         lines = [
@@ -291,8 +294,8 @@ class AnswerFigures:
     key_fact_said: int = 0  # answers whose generated text holds the question's key fact
     decode_tok_s: list[float] = field(default_factory=list)
 
-    def share(self, verdict: Verdict) -> float | None:
-        return round(self.verdicts[verdict] / self.sentences, 3) if self.sentences else None
+    def verdict_share(self, verdict: Verdict) -> float | None:
+        return share(self.verdicts[verdict], self.sentences)
 
     def as_dict(self) -> dict[str, Any]:
         speeds = sorted(self.decode_tok_s)
@@ -301,8 +304,8 @@ class AnswerFigures:
             "alpha": self.alpha,
             "answers": self.answers,
             "sentences": self.sentences,
-            **{f"{v}_share": self.share(v) for v in VERDICTS},
-            "key_fact_said": round(self.key_fact_said / self.answers, 3) if self.answers else None,
+            **{f"{v}_share": self.verdict_share(v) for v in VERDICTS},
+            "key_fact_said": share(self.key_fact_said, self.answers),
             "median_decode_tok_s": speeds[len(speeds) // 2] if speeds else None,
         }
 
@@ -353,13 +356,10 @@ def answers_table(name: str, rows: Sequence[AnswerFigures]) -> str:
     ]
     for row in rows:
         d = row.as_dict()
-
-        def show(value: Any, digits: str = ".2f") -> str:
-            return "—" if value is None else format(value, digits)
-
         lines.append(
             f"  {row.precision:<10}{row.alpha:>6.2g}{row.answers:>8}{row.sentences:>10}"
-            f"{show(d['supported_share']):>13}{show(d['not_found_share']):>13}{show(d['contradicts_share']):>15}"
-            f"{show(d['key_fact_said']):>15}{show(d['median_decode_tok_s'], '.1f'):>14}"
+            f"{show(d['supported_share'], '.2f'):>13}{show(d['not_found_share'], '.2f'):>13}"
+            f"{show(d['contradicts_share'], '.2f'):>15}{show(d['key_fact_said'], '.2f'):>15}"
+            f"{show(d['median_decode_tok_s'], '.1f'):>14}"
         )
     return "\n".join(lines)
