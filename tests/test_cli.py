@@ -36,7 +36,10 @@ def test_lessons_json_and_read(library: Library) -> None:
     assert len(rows) == 4
     text = qt("read", SEED).stdout
     assert text.startswith(library.get(SEED).title)
-    assert "What quantization cannot do" in text
+    assert "What quantization cannot do\n===========================\n" in text, "headings are underlined"
+    assert "## " not in text and "|---" not in text and "**" not in text, "no Markdown syntax is left"
+    assert "FP32                       32                        about 28 GB" in text, "tables are columns"
+    assert "open the Precision lab (key b)" in text, "a link reads as its words"
 
 
 def test_plain_quiz_end_to_end(library: Library) -> None:
