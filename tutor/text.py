@@ -43,5 +43,5 @@ def when(timestamp: str, now: datetime | None = None) -> str:
 
 
 def plural(count: int, word: str, many: str | None = None) -> str:
-    """"1 attempt", "0 attempts", "2 wrong answers": the count with the word in the right number."""
+    """The count with the word in the right number: "1 attempt", "0 attempts", "2 wrong answers"."""
     return f"{count} {word if count == 1 else (many or word + 's')}"
