@@ -43,9 +43,9 @@ def choice_keys(question: Question) -> str:
     return f"1–{count} or a–{LETTERS[count - 1]}"
 
 
-def not_a_choice(question: Question) -> str:
-    """Why a key did not answer: said the same way in the app and in plain mode."""
-    return f"This question has {len(question.choices)} choices: answer {choice_keys(question)}."
+def not_a_choice(question: Question, verb: str = "answer") -> str:
+    """Why a key did not answer, said the same way in plain mode ("answer") and the app ("press")."""
+    return f"This question has {len(question.choices)} choices: {verb} {choice_keys(question)}."
 
 
 def choice_text(question: Question, letter: str) -> str:
