@@ -152,3 +152,42 @@ async def test_keys_that_do_nothing_say_why(library: Library, store: Store) -> N
         assert said[1] == "Answer first: press 1–4 or a–d."
         assert said[2:] == ["This question has 3 choices: press 1–3 or a–c."] * 3
         assert _study(app).query_one(QuizView).state == "asking"
+
+
+def _row_text(widget: Plain) -> str:
+    """What the terminal shows on the widget's first row."""
+    return widget.render_line(0).text.rstrip()
+
+
+async def test_header_cuts_a_long_title_with_an_ellipsis_and_keeps_the_figures(
+    library: Library, store: Store
+) -> None:
+    lesson = max(library.ordered(), key=lambda x: len(x.title))
+    store.set_step_done(lesson.id, 0, True)
+    app = QuantTutorApp(library, store, lesson_id=lesson.id)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        study = _study(app)
+        title = _row_text(study.query_one("#status-title", Plain))
+        figures = _row_text(study.query_one("#status-progress", Plain))
+        assert len(lesson.title) + len(figures) > 78, "the header does not fit whole at 80 columns"
+        assert title.endswith("…") and lesson.title.startswith(title[:-1]), title
+        assert figures == " · read 0% · 1/3 steps · quiz not taken", "the figures are never cut"
+        assert study.status_text == lesson.title + figures
+        await pilot.resize_terminal(140, 24)
+        await pilot.pause()
+        assert _row_text(study.query_one("#status-title", Plain)) == lesson.title, "whole when it fits"
+
+
+async def test_progress_table_uses_the_width_it_has(library: Library, store: Store) -> None:
+    app = QuantTutorApp(library, store)
+    async with app.run_test(size=(100, 24)) as pilot:
+        await pilot.press("g")
+        await pilot.pause()
+        table = _study(app).query_one("#progress-table")
+        rows = [table.render_line(y).text for y in range(1, 1 + len(library.lessons))]
+        titles = [lesson.title for lesson in library.ordered()]
+        for row, title in zip(rows, titles, strict=True):
+            shown = row.split("  ")[0].strip()
+            assert shown == title or (shown.endswith("…") and title.startswith(shown[:-1])), row
+        assert "Quantization Tradeoffs (Q4 Vs Q8) For Hermes " in "".join(rows), "cut only when it must be"
