@@ -191,3 +191,23 @@ async def test_progress_table_uses_the_width_it_has(library: Library, store: Sto
             shown = row.split("  ")[0].strip()
             assert shown == title or (shown.endswith("…") and title.startswith(shown[:-1])), row
         assert "Quantization Tradeoffs (Q4 Vs Q8) For Hermes " in "".join(rows), "cut only when it must be"
+
+
+async def test_reading_counts_what_stayed_on_screen_not_a_jump_to_the_end(
+    library: Library, store: Store
+) -> None:
+    app = QuantTutorApp(library, store)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause(1.7)  # the top of the lesson, on screen long enough to read
+        top = store.lesson(SEED).read_fraction
+        assert 0 < top < 0.3
+        await pilot.press("end")
+        await pilot.pause(0.3)
+        await pilot.press("p")  # gone before it could be read
+        await pilot.pause(1.7)
+        assert store.lesson(SEED).read_fraction == top, "End alone reads nothing"
+        await pilot.press("l")
+        await pilot.pause(1.7)
+        after = store.lesson(SEED).read_fraction
+        assert top < after < 0.6, "the end counts once it stayed on screen, the middle still unread"
+        assert f"read {round(after * 100)}%" in _study(app).status_text

@@ -106,7 +106,7 @@ async def test_reading_position_and_lesson_are_remembered(library: Library, stor
         await pilot.pause()
         scroll = _study(app).query_one("#lesson-scroll", VerticalScroll)
         scroll.scroll_to(y=30, animate=False, immediate=True)
-        await pilot.pause(0.6)
+        await pilot.pause(1.7)  # long enough to read what is on screen
         await pilot.press("r", "enter")  # open the first related lesson
         await pilot.pause()
         assert _study(app).lesson.id == library.get(SEED).meta.related[0]
@@ -235,6 +235,11 @@ async def test_k_hides_and_shows_the_key_terms(library: Library, store: Store) -
         assert not panel.display and lesson.size.width > wide, "the lesson takes the freed width"
         await pilot.press("k")
         assert panel.display and lesson.size.width == wide
+        await pilot.press("k")
+    again = QuantTutorApp(library, store)
+    async with again.run_test(size=(100, 30)) as pilot:
+        await pilot.pause()
+        assert not _study(again).query_one("#key-terms").display, "hidden stays hidden after a restart"
 
 
 async def test_no_color_draws_in_monochrome_and_says_right_and_wrong_in_words(
