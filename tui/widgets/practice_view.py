@@ -27,7 +27,7 @@ def done_label(done: bool) -> str:
 class DoneBox(Checkbox):
     """A step's done box, whose keys the footer names (Checkbox hides them)."""
 
-    BINDINGS = [Binding("enter,space", "toggle_button", "Done / not done", show=True)]
+    BINDINGS = [Binding("space,enter", "toggle_button", "Done / not done", show=True)]
 
 
 class PracticeView(VerticalScroll, can_focus=True):
