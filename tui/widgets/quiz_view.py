@@ -6,6 +6,7 @@ Right and wrong are always said with ✓/✗ and words, never by colour alone.
 from __future__ import annotations
 
 from textual import events
+from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import VerticalScroll
 from textual.content import Content
@@ -71,7 +72,7 @@ class QuizView(VerticalScroll, can_focus=True):
         self.wrong: list[WrongAnswer] = []  # of the last finished attempt, read from the store
         self._explained = 0
 
-    def compose(self):  # type: ignore[no-untyped-def]
+    def compose(self) -> ComposeResult:
         yield Plain(id="quiz-status", classes="quiz-status")
         yield Plain(id="quiz-body")
         yield Plain(id="quiz-keys", classes="quiz-keys")
