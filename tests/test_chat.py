@@ -168,7 +168,7 @@ async def test_lesson_and_quiz_respond_while_the_model_loads(
         assert states[0] is TutorState.LOADING, "the quiz answered while the model was still loading"
         await pilot.press("l")
         if runtime.state is TutorState.LOADING:
-            assert "tutor loading" in _text(app.screen.query_one("#status-bar", Plain))
+            assert "tutor loading" in _text(app.screen.query_one("#status-progress", Plain))
     runtime.stop()  # mid-load: the engine process goes with it (readiness: the other tests)
 
 

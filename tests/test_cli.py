@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import pty
+import select
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from tests.conftest import SEED
@@ -36,7 +39,10 @@ def test_lessons_json_and_read(library: Library) -> None:
     assert len(rows) == 4
     text = qt("read", SEED).stdout
     assert text.startswith(library.get(SEED).title)
-    assert "What quantization cannot do" in text
+    assert "What quantization cannot do\n===========================\n" in text, "headings are underlined"
+    assert "## " not in text and "|---" not in text and "**" not in text, "no Markdown syntax is left"
+    assert "FP32                       32                        about 28 GB" in text, "tables are columns"
+    assert "open the Precision lab (key b)" in text, "a link reads as its words"
 
 
 def test_plain_quiz_end_to_end(library: Library) -> None:
@@ -48,7 +54,12 @@ def test_plain_quiz_end_to_end(library: Library) -> None:
     assert "Question 1 of 10:" in out and "Question 10 of 10:" in out
     assert "'zz' is not a choice" in out
     assert out.count("✓ Correct.") == 7 and out.count("✗ Not quite.") == 3
-    assert out.rstrip().endswith("Score: 7/10")
+    first = library.get(SEED).questions[0]
+    assert f"Your answer (1–4 or a–d): {first.answer}\nYou chose {first.answer}) " in out, (
+        "piped answers echoed"
+    )
+    assert out.count("Question 3 of 10:") == 1, "a bad line asks for the answer again, not the whole question"
+    assert "\nScore: 7/10\n" in out and out.rstrip().endswith(f"quant-tutor quiz {SEED} --plain --review")
 
     progress = json.loads(qt("progress", "--json").stdout)
     assert progress[SEED]["best_score"] == 7 and progress[SEED]["attempts"] == 1
@@ -63,6 +74,15 @@ def test_plain_quiz_stopped_early_resumes(library: Library) -> None:
     assert "Resuming your unfinished quiz" in second.stdout
     assert "Question 5 of 10:" in second.stdout and "Question 4 of 10:" not in second.stdout
     assert second.stdout.rstrip().endswith("Score: 10/10")
+    assert (
+        "Your last finished attempt had no wrong answers." in qt("quiz", SEED, "--plain", "--review").stdout
+    )
+
+
+def test_progress_in_words() -> None:
+    assert f"{SEED}: read 0%, steps 0/3, quiz not taken" in qt("progress").stdout
+    qt("quiz", SEED, "--plain", stdin="a\n" * 10)
+    assert "over 1 attempt\n" in qt("progress").stdout
 
 
 def test_clear_errors() -> None:
@@ -106,3 +126,55 @@ def test_bench_options_reach_the_bench() -> None:
     result = qt("bench", "--help")
     assert result.returncode == 0 and "--tokens" in result.stdout and "--precisions" in result.stdout
     assert "bench" in qt("--help").stdout
+
+
+def _pty_run(args: list[str], answers: list[str]) -> str:
+    """Run the console script in a pseudo-terminal, typing each answer once its prompt shows;
+    what the terminal showed (its own echo of the typed keys included) comes back."""
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [str(SCRIPT), *args], stdin=slave, stdout=slave, stderr=slave, env=os.environ.copy()
+    )
+    os.close(slave)
+    screen = b""
+    pending = list(answers)
+    deadline = time.monotonic() + 30
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.2)
+            if ready:
+                try:
+                    chunk = os.read(master, 65536)
+                except OSError:  # the child closed its side
+                    break
+                if not chunk:
+                    break
+                screen += chunk
+            if pending and screen.count(b"Your answer (") > len(answers) - len(pending):  # a new prompt
+                os.write(master, pending.pop(0).encode() + b"\r")
+            if proc.poll() is not None and not ready:
+                break
+    finally:
+        os.close(master)
+        proc.wait(timeout=10)
+    return screen.decode().replace("\r\n", "\n")
+
+
+def test_plain_quiz_in_a_terminal_echoes_the_answer_then_reviews_it(library: Library) -> None:
+    lesson = library.get(SEED)
+    answers = _answers(library, right=8)
+    shown = _pty_run(["quiz", SEED, "--plain"], ["9", *answers])
+    first = lesson.questions[0]
+    assert "Your answer (1–4 or a–d): 9\n'9' is not a choice. This question has 4 choices" in shown
+    right = first.choices[first.correct_index].text
+    assert f"Your answer (1–4 or a–d): {first.answer}\nYou chose {first.answer}) {right}\n" in shown, (
+        "the terminal's echo, once, then the choice in words"
+    )
+    assert "Score: 8/10" in shown
+
+    review = _pty_run(["quiz", SEED, "--plain", "--review"], [])
+    assert "Your last finished attempt: 2 wrong answers." in review
+    for question, answer in zip(lesson.questions[8:], answers[8:], strict=True):
+        assert question.stem in review
+        assert f"✗ You answered {answer}) {question.choices['abcd'.index(answer)].text}" in review
+        assert f"✓ The answer is {question.answer}) " in review

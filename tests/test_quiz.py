@@ -78,3 +78,28 @@ def test_times_are_said_in_words_in_local_time() -> None:
     older = stamp.replace(year=now.year - 1, month=1, day=3)
     assert when(older.astimezone(UTC).isoformat(), now) == f"on 3 Jan {now.year - 1} at 09:54"
     assert when("not a time") == "not a time"
+
+
+def test_three_choice_questions_say_their_own_keys(library: Library) -> None:
+    from tutor.quiz import choice_keys
+
+    question = library.get(SEED).questions[0]
+    three = question.model_copy(update={"choices": question.choices[:3]})
+    assert choice_keys(question) == "1–4 or a–d" and choice_keys(three) == "1–3 or a–c"
+    with pytest.raises(QuizError, match="This question has 3 choices: answer 1–3 or a–c"):
+        parse_choice("d", three)
+
+
+def test_last_wrong_answers_come_back_from_the_log(library: Library, store: Store) -> None:
+    from tutor.quiz import last_wrong_answers
+
+    lesson = library.get(SEED)
+    assert last_wrong_answers(lesson, store) == []
+    session = QuizSession(lesson, store)
+    for number, question in enumerate(lesson.questions):
+        session.answer(question.answer if number % 4 else LETTERS[(question.correct_index + 1) % 4])
+    QuizSession(lesson, store).answer(lesson.questions[0].answer)  # unfinished: not the one reviewed
+    with Store(store.path) as reopened:  # read back from the file, as after a restart
+        wrong = last_wrong_answers(lesson, reopened)
+    assert [w.question.id for w in wrong] == session.wrong_ids()
+    assert [w.chosen for w in wrong] == [LETTERS[(w.question.correct_index + 1) % 4] for w in wrong]

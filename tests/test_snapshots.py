@@ -13,6 +13,7 @@ from textual.pilot import Pilot
 
 from tests.conftest import SEED, UnloadedTutor
 from tui.app import QuantTutorApp
+from tui.widgets import lesson_view
 from tutor.content import Library
 from tutor.store import Store
 
@@ -25,6 +26,8 @@ def app(library: Library, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Qu
     monkeypatch.delenv("QUANT_TUTOR_HOME")
     monkeypatch.delenv("XDG_DATA_HOME", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
+    # The header's "read N%" grows after 1.5 s on screen: on a busy machine a snapshot could catch it.
+    monkeypatch.setattr(lesson_view, "READ_DWELL_S", 3600.0)
     return QuantTutorApp(library, Store(), lesson_id=SEED, tutor=UnloadedTutor(library))
 
 

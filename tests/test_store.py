@@ -714,3 +714,58 @@ def test_closed_store_raises_store_error(db: Path) -> None:
     s.close()  # idempotent
     with pytest.raises(StoreError, match="closed"):
         s.lesson("x")
+
+
+def test_version_1_database_upgrades_keeping_its_data(db: Path) -> None:
+    """A progress file written before settings and read parts existed opens with everything kept."""
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.execute("BEGIN")
+    store_module.MIGRATIONS[0](conn)
+    conn.execute("PRAGMA user_version = 1")
+    conn.execute("INSERT INTO lessons (lesson_id, read_fraction, scroll_y) VALUES ('old', 0.4, 12)")
+    conn.execute("COMMIT")
+    conn.close()
+    with Store(db) as s:
+        assert s.moved_aside is None and s.schema_version == SCHEMA_VERSION
+        assert s.lesson("old").read_fraction == pytest.approx(0.4) and s.lesson("old").scroll_y == 12
+        assert s.mark_read("old", [0], of=10) == pytest.approx(0.4), "a figure reached before is kept"
+        assert s.setting("key_terms_shown", True) is True
+
+
+def test_read_parts_add_up_across_sessions(store: Store) -> None:
+    assert store.mark_read("lesson", [0, 1], of=10) == pytest.approx(0.2)
+    assert store.mark_read("lesson", [1, 2, 99, -1], of=10) == pytest.approx(0.3), "out of range ignored"
+    assert store.lesson("lesson").read_fraction == pytest.approx(0.3)
+    store.save_reading("lesson", 50.0)  # the scroll position alone leaves the fraction as it was
+    assert store.lesson("lesson").read_fraction == pytest.approx(0.3)
+
+
+def test_settings_are_remembered(db: Path) -> None:
+    with Store(db) as s:
+        assert s.setting("key_terms_shown", True) is True
+        s.save_setting("key_terms_shown", False)
+    with Store(db) as s:
+        assert s.setting("key_terms_shown", True) is False
+
+
+def test_last_finished_attempt(store: Store) -> None:
+    assert store.last_finished_attempt("lesson") is None
+    first = store.start_attempt("lesson", ["q1", "q2"])
+    store.record_answer(first, "q1", "b", False, 1.0)
+    store.record_answer(first, "q2", "a", True, 1.0)
+    store.finish_attempt(first)
+    store.start_attempt("lesson", ["q1", "q2"])  # open, not finished: not the one to review
+    last = store.last_finished_attempt("lesson")
+    assert last is not None and last.attempt_id == first and last.score == 1
+
+
+def test_cannot_create_the_data_folder_names_quant_tutor_home(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("QUANT_TUTOR_HOME", str(blocker / "home"))
+    with pytest.raises(StoreError, match="QUANT_TUTOR_HOME"):
+        Store()
+    with pytest.raises(StoreError, match="QUANT_TUTOR_HOME"):
+        Store(blocker / "sub" / "progress.sqlite3")

@@ -53,7 +53,7 @@ async def test_lesson_practice_quiz_score_review(library: Library, store: Store)
         await pilot.pause()
         assert store.lesson(SEED).steps_done == frozenset({0})
         assert "✓ Done" in str(study.query_one("#done-0", Checkbox).label)
-        assert "1/3 steps" in str(study.query_one("#status-bar", Plain).visual)
+        assert "1/3 steps" in study.status_text
 
         # Quiz: keys 1-4 and a-d, immediate feedback, a score at the end.
         await pilot.press("q")
@@ -69,9 +69,10 @@ async def test_lesson_practice_quiz_score_review(library: Library, store: Store)
             assert ("✓ Correct." in text) == right and ("✗ Not quite." in text) == (not right)
             assert question.explanation in text and question.source in text
             await pilot.press("enter")
-        assert "Score: 7/10" in quiz.body_text
+        status = study.query_one("#quiz-status", Plain)
+        assert str(status.visual) == "Score: 7/10 · best 7/10" and "Score" not in quiz.body_text, "said once"
         assert store.lesson(SEED).best_score == 7
-        assert "best 7/10" in str(study.query_one("#status-bar", Plain).visual)
+        assert "best 7/10" in study.status_text
 
         # Review my wrong answers, then retry just those.
         await pilot.press("w")
@@ -83,7 +84,7 @@ async def test_lesson_practice_quiz_score_review(library: Library, store: Store)
         await pilot.press("enter")
         for question in wrong:
             await pilot.press(question.answer, "enter")
-        assert f"Review score: {len(wrong)}/{len(wrong)}" in quiz.body_text
+        assert f"Review score: {len(wrong)}/{len(wrong)}" in str(status.visual)
         assert store.lesson(SEED).attempts == 1
 
 
@@ -105,7 +106,7 @@ async def test_reading_position_and_lesson_are_remembered(library: Library, stor
         await pilot.pause()
         scroll = _study(app).query_one("#lesson-scroll", VerticalScroll)
         scroll.scroll_to(y=30, animate=False, immediate=True)
-        await pilot.pause(0.6)
+        await pilot.pause(1.7)  # long enough to read what is on screen
         await pilot.press("r", "enter")  # open the first related lesson
         await pilot.pause()
         assert _study(app).lesson.id == library.get(SEED).meta.related[0]
@@ -234,6 +235,11 @@ async def test_k_hides_and_shows_the_key_terms(library: Library, store: Store) -
         assert not panel.display and lesson.size.width > wide, "the lesson takes the freed width"
         await pilot.press("k")
         assert panel.display and lesson.size.width == wide
+        await pilot.press("k")
+    again = QuantTutorApp(library, store)
+    async with again.run_test(size=(100, 30)) as pilot:
+        await pilot.pause()
+        assert not _study(again).query_one("#key-terms").display, "hidden stays hidden after a restart"
 
 
 async def test_no_color_draws_in_monochrome_and_says_right_and_wrong_in_words(

@@ -22,6 +22,7 @@ from tui.widgets.practice_view import PracticeView
 from tui.widgets.quiz_view import QuizView
 from tutor.content import Library, load_library
 from tutor.store import Store, StoreError
+from tutor.text import plural
 
 
 class QuantTutorApp(App[None]):
@@ -54,7 +55,7 @@ class QuantTutorApp(App[None]):
         if self.library.errors:
             first = self.library.errors[0]
             self.notify(
-                f"{len(self.library.errors)} problem(s) in the lesson files; the other lessons work. "
+                f"{plural(len(self.library.errors), 'problem')} in the lesson files; the other lessons work. "
                 f"First: {first}. The Progress tab lists them all.",
                 title="Content",
                 severity="error",
@@ -139,17 +140,15 @@ class QuantTutorApp(App[None]):
             yield SystemCommand(
                 f"Open lesson: {lesson.title}", lesson.meta.summary, partial(self.open_lesson, lesson.id)
             )
-        quiz = study.query_one(QuizView)
         yield SystemCommand(
             "Quiz: new attempt", "Start the quiz from question 1", partial(self._quiz, "new_attempt")
         )
         yield SystemCommand("Quiz: continue", "Start or resume the quiz", partial(self._quiz, "primary"))
-        if quiz.last_wrong:
-            yield SystemCommand(
-                "Quiz: review my wrong answers",
-                "Explanations for what you missed",
-                partial(self._quiz, "review"),
-            )
+        yield SystemCommand(
+            "Quiz: review my wrong answers",
+            "Your last finished attempt's misses, with explanations (w)",
+            partial(self._quiz, "review"),
+        )
         yield SystemCommand(
             "Quiz: read the question's section",
             "Jump to where the lesson teaches it",

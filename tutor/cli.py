@@ -13,12 +13,12 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from tutor import __version__
 from tutor.content import LETTERS, Lesson, Library, json_schema, load_library, plain_text
 from tutor.store import Store, StoreError
-from tutor.text import when
+from tutor.text import plural, when
 
 # Subcommands whose own argparse lives with the code they run (imported only then).
 DELEGATED = {
@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--plain", action="store_true", help="questions on stdout, one answer letter per line on stdin"
     )
     quiz.add_argument("--restart", action="store_true", help="start over instead of resuming")
+    quiz.add_argument(
+        "--review", action="store_true", help="show the wrong answers of your last finished attempt and stop"
+    )
 
     progress = sub.add_parser("progress", help="show progress per lesson")
     progress.add_argument("--json", action="store_true", help="print JSON keyed by lesson id")
@@ -175,7 +178,7 @@ def cmd_progress(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     library = _library(args, err)
     store = _open_store(err)
     try:
-        rows = {}
+        rows: dict[str, dict[str, Any]] = {}
         for lesson in library.ordered():
             p = store.lesson(lesson.id)
             rows[lesson.id] = {
@@ -195,17 +198,17 @@ def cmd_progress(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         out.write("\n")
         return 0
     for lesson_id, row in rows.items():
-        best = "no attempts" if row["best_score"] is None else f"best {row['best_score']}/{row['questions']}"
-        out.write(
-            f"{lesson_id}: read {row['read_percent']}%, steps {row['steps_done']}/{row['steps_total']}, "
-            f"{best}, {row['attempts']} attempt(s)\n"
+        quiz = (
+            "quiz not taken"
+            if row["best_score"] is None
+            else f"best {row['best_score']}/{row['questions']} over {plural(row['attempts'], 'attempt')}"
         )
+        steps = f"{row['steps_done']}/{row['steps_total']}"
+        out.write(f"{lesson_id}: read {row['read_percent']}%, steps {steps}, {quiz}\n")
     return 0
 
 
 def cmd_quiz(args: argparse.Namespace, out: TextIO, err: TextIO, read_line: Callable[[], str]) -> int:
-    from tutor.quiz import QuizError, QuizSession
-
     if not args.plain:
         raise CliError(
             "the interactive quiz is in the app (run `quant-tutor`); add --plain for the text quiz"
@@ -213,23 +216,60 @@ def cmd_quiz(args: argparse.Namespace, out: TextIO, err: TextIO, read_line: Call
     lesson = _lesson(_library(args, err), args.lesson)
     store = _open_store(err)
     try:
-        pending = store.open_attempt(lesson.id)
-        if pending is not None and args.restart:
-            store.abandon_attempt(pending.attempt_id)
-            pending = None
-        session = QuizSession(lesson, store, resume=pending)
-        if pending is not None:
-            out.write(
-                f"Resuming your unfinished quiz started {when(pending.started_at)} "
-                f"({len(session.results)} of {session.total} answered). Use --restart to start over.\n"
-            )
-        out.write(f"{lesson.title}: {session.total} questions. Answer with a letter (a-d) or number (1-4).\n")
-        while not session.finished:
-            question = session.current
-            out.write(f"\nQuestion {session.index + 1} of {session.total}: {question.stem}\n")
-            for letter, choice in zip(LETTERS, question.choices, strict=False):
-                out.write(f"  {letter}) {choice.text}\n")
-            out.write("Your answer: ")
+        if args.review:
+            return _review(lesson, store, out)
+        return _plain_quiz(args, lesson, store, out, read_line)
+    finally:
+        store.close()
+
+
+def _review(lesson: Lesson, store: Store, out: TextIO) -> int:
+    from tutor.quiz import choice_text, last_wrong_answers
+
+    if store.last_finished_attempt(lesson.id) is None:
+        out.write(f"No finished attempt at {lesson.title} yet: take the quiz first.\n")
+        return 0
+    wrong = last_wrong_answers(lesson, store)
+    if not wrong:
+        out.write("Your last finished attempt had no wrong answers.\n")
+        return 0
+    out.write(f"Your last finished attempt: {plural(len(wrong), 'wrong answer')}.\n")
+    for number, item in enumerate(wrong, 1):
+        question = item.question
+        out.write(
+            f"\n{number}. {question.stem}\n"
+            f"✗ You answered {choice_text(question, item.chosen)}\n"
+            f"✓ The answer is {choice_text(question, question.answer)}\n"
+            f"Why: {question.explanation}\n(See the lesson section “{question.source}”.)\n"
+        )
+    return 0
+
+
+def _plain_quiz(
+    args: argparse.Namespace, lesson: Lesson, store: Store, out: TextIO, read_line: Callable[[], str]
+) -> int:
+    from tutor.quiz import QuizError, QuizSession, choice_keys, choice_text
+
+    pending = store.open_attempt(lesson.id)
+    if pending is not None and args.restart:
+        store.abandon_attempt(pending.attempt_id)
+        pending = None
+    session = QuizSession(lesson, store, resume=pending)
+    if pending is not None:
+        out.write(
+            f"Resuming your unfinished quiz started {when(pending.started_at)} "
+            f"({len(session.results)} of {session.total} answered). Use --restart to start over.\n"
+        )
+    out.write(f"{lesson.title}: {session.total} questions. Answer each with its letter or number.\n")
+    # Piped answers are not echoed by a terminal: write each one after its prompt, as typed.
+    echo = not _is_terminal(read_line)
+    while not session.finished:
+        question = session.current
+        out.write(f"\nQuestion {session.index + 1} of {session.total}: {question.stem}\n")
+        for letter in LETTERS[: len(question.choices)]:
+            out.write(f"  {choice_text(question, letter)}\n")
+        while True:
+            out.write(f"Your answer ({choice_keys(question)}): ")
             out.flush()
             line = read_line()
             if not line:
@@ -238,22 +278,29 @@ def cmd_quiz(args: argparse.Namespace, out: TextIO, err: TextIO, read_line: Call
                     f"Run the same command to resume.\n"
                 )
                 return 1
+            if echo:
+                out.write(line if line.endswith("\n") else line + "\n")
             try:
                 feedback = session.answer(line)
+                break
             except QuizError as exc:
-                out.write(f"\n{exc}\n")
-                continue
-            right = question.choices[question.correct_index].text
-            if feedback.correct:
-                out.write(f"\n✓ Correct. {feedback.chosen_feedback}\n")
-            else:
-                out.write(f"\n✗ Not quite. {feedback.chosen_feedback}\n")
-                out.write(f"The answer is {feedback.correct_letter}) {right}\n")
-            out.write(f"Why: {question.explanation}\n(See the lesson section “{question.source}”.)\n")
-        out.write(f"\nScore: {session.score}/{session.total}\n")
-        return 0
-    finally:
-        store.close()
+                out.write(f"{exc}\n")  # the prompt again, not the whole question
+        out.write(f"You chose {choice_text(question, feedback.chosen)}\n")
+        if feedback.correct:
+            out.write(f"✓ Correct. {feedback.chosen_feedback}\n")
+        else:
+            out.write(f"✗ Not quite. {feedback.chosen_feedback}\n")
+            out.write(f"The answer is {choice_text(question, question.answer)}\n")
+        out.write(f"Why: {question.explanation}\n(See the lesson section “{question.source}”.)\n")
+    out.write(f"\nScore: {session.score}/{session.total}\n")
+    if session.wrong_ids():
+        out.write(f"See what you missed: quant-tutor quiz {lesson.id} --plain --review\n")
+    return 0
+
+
+def _is_terminal(read_line: Callable[[], str]) -> bool:
+    """Whether answers come from a terminal (which echoes them itself)."""
+    return read_line == sys.stdin.readline and sys.stdin.isatty()
 
 
 def cmd_model(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:

@@ -37,6 +37,22 @@ class QuizError(ValueError):
     pass
 
 
+def choice_keys(question: Question) -> str:
+    """The keys that answer this question: "1–4 or a–d", "1–3 or a–c"."""
+    count = len(question.choices)
+    return f"1–{count} or a–{LETTERS[count - 1]}"
+
+
+def not_a_choice(question: Question, verb: str = "answer") -> str:
+    """Why a key did not answer, said the same way in plain mode ("answer") and the app ("press")."""
+    return f"This question has {len(question.choices)} choices: {verb} {choice_keys(question)}."
+
+
+def choice_text(question: Question, letter: str) -> str:
+    """A choice as the learner saw it: "b) About half the memory"."""
+    return f"{letter}) {question.choices[LETTERS.index(letter)].text}"
+
+
 def parse_choice(key: str, question: Question) -> str:
     """Map '1'-'4' or 'a'-'d' (any case) to a choice letter, or raise QuizError."""
     key = key.strip().lower()
@@ -45,8 +61,30 @@ def parse_choice(key: str, question: Question) -> str:
         return LETTERS[int(key) - 1]
     if len(key) == 1 and key in LETTERS[:count]:
         return key
-    valid = f"1-{count} or a-{LETTERS[count - 1]}"
-    raise QuizError(f"{key!r} is not a choice for this question; answer {valid}")
+    raise QuizError(f"{key!r} is not a choice. {not_a_choice(question)}")
+
+
+@dataclass(frozen=True)
+class WrongAnswer:
+    """A question the learner got wrong, and the choice they gave."""
+
+    question: Question
+    chosen: str
+
+
+def last_wrong_answers(lesson: Lesson, store: Store) -> list[WrongAnswer]:
+    """The wrong answers of the lesson's last finished attempt, read back from the answers log
+    (so they can be reviewed after a restart), in the order the attempt asked them."""
+    attempt = store.last_finished_attempt(lesson.id)
+    if attempt is None:
+        return []
+    latest = {record.question_id: record for record in store.attempt_answers(attempt.attempt_id)}
+    by_id = {q.id: q for q in lesson.questions}
+    return [
+        WrongAnswer(by_id[qid], latest[qid].choice)
+        for qid in attempt.question_ids
+        if qid in by_id and qid in latest and not latest[qid].correct
+    ]
 
 
 class QuizSession:

@@ -39,7 +39,7 @@ import sqlite3
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -215,6 +215,13 @@ _SCHEMA_V1 = (
 # MIGRATIONS[i] upgrades user_version i to i + 1. Append; never edit a shipped step.
 MIGRATIONS: list[Migration] = [
     _sql_step(*_SCHEMA_V1),
+    _sql_step(
+        # The learner's settings (the key-terms panel shown or hidden, ...), values as JSON.
+        "CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL, updated_at TEXT NOT NULL)",
+        # Which parts of the lesson were on screen long enough to read (JSON array of indexes);
+        # read_fraction keeps the most ever reached, so older figures stay.
+        "ALTER TABLE lessons ADD COLUMN parts_read TEXT NOT NULL DEFAULT '[]'",
+    ),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -300,7 +307,7 @@ class Store:
             try:
                 path = default_path()
             except OSError as exc:
-                raise StoreError(f"Cannot create the quant-tutor data folder: {exc}") from exc
+                raise StoreError(f"Cannot create the quant-tutor data folder: {exc}. {_ACCESS_HINT}") from exc
         self.path = Path(path)
         self._conn: sqlite3.Connection | None = self._open()
 
@@ -311,7 +318,7 @@ class Store:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StoreError(
-                f"Cannot create the folder for the progress database {self.path}: {exc}"
+                f"Cannot create the folder for the progress database {self.path}: {exc}. {_ACCESS_HINT}"
             ) from exc
         with self._opening_lock():
             return self._open_locked()
@@ -637,8 +644,7 @@ class Store:
 
     def _attempt_row(self, conn: sqlite3.Connection, attempt_id: int) -> AttemptInfo:
         row = conn.execute(
-            "SELECT attempt_id, lesson_id, kind, question_ids, started_at, finished_at, abandoned_at, score "
-            "FROM attempts WHERE attempt_id = ?",
+            f"SELECT {_ATTEMPT_COLUMNS} FROM attempts WHERE attempt_id = ?",
             (attempt_id,),
         ).fetchone()
         if row is None:
@@ -725,8 +731,8 @@ class Store:
         """The latest unfinished, unabandoned attempt at this lesson, for "resume?"."""
         with self._read() as conn:
             row = conn.execute(
-                "SELECT attempt_id, lesson_id, kind, question_ids, started_at, finished_at, abandoned_at, "
-                "score FROM attempts WHERE lesson_id = ? AND finished_at IS NULL AND abandoned_at IS NULL "
+                f"SELECT {_ATTEMPT_COLUMNS} FROM attempts "
+                "WHERE lesson_id = ? AND finished_at IS NULL AND abandoned_at IS NULL "
                 "ORDER BY attempt_id DESC LIMIT 1",
                 (lesson_id,),
             ).fetchone()
@@ -768,6 +774,16 @@ class Store:
             self._attempt_row(conn, attempt_id)
             return self._answers_of(conn, attempt_id)
 
+    def last_finished_attempt(self, lesson_id: str) -> AttemptInfo | None:
+        """The attempt (full or review) at this lesson finished most recently, or None."""
+        with self._use() as conn:
+            row = conn.execute(
+                f"SELECT {_ATTEMPT_COLUMNS} FROM attempts WHERE lesson_id = ? AND finished_at IS NOT NULL "
+                "ORDER BY finished_at DESC, attempt_id DESC LIMIT 1",
+                (lesson_id,),
+            ).fetchone()
+        return None if row is None else _attempt_info(row)
+
     def attempt(self, attempt_id: int) -> AttemptInfo:
         """One attempt's state (open, finished with score, or abandoned)."""
         with self._use() as conn:
@@ -775,10 +791,7 @@ class Store:
 
     def attempts(self, lesson_id: str | None = None) -> list[AttemptInfo]:
         """Every attempt, oldest first; all lessons, or one."""
-        sql = (
-            "SELECT attempt_id, lesson_id, kind, question_ids, started_at, finished_at, abandoned_at, score "
-            "FROM attempts"
-        )
+        sql = f"SELECT {_ATTEMPT_COLUMNS} FROM attempts"
         with self._use() as conn:
             if lesson_id is None:
                 rows = conn.execute(sql + " ORDER BY attempt_id").fetchall()
@@ -826,7 +839,7 @@ class Store:
             ).fetchone()
         return [] if row is None else list(json.loads(row[0]))
 
-    def save_reading(self, lesson_id: str, scroll_y: float, fraction: float) -> None:
+    def save_reading(self, lesson_id: str, scroll_y: float, fraction: float = 0.0) -> None:
         """Remember the scroll offset; the read fraction only ever grows (clamped to 0..1)."""
         with self._write() as conn:
             conn.execute(
@@ -834,6 +847,41 @@ class Store:
                 "ON CONFLICT (lesson_id) DO UPDATE SET scroll_y = excluded.scroll_y, "
                 "read_fraction = max(read_fraction, excluded.read_fraction)",
                 (lesson_id, _finite(scroll_y, 0.0, math.inf), _finite(fraction, 0.0, 1.0)),
+            )
+
+    def mark_read(self, lesson_id: str, parts: Iterable[int], of: int) -> float:
+        """Add lesson parts the learner had on screen long enough to read; the read fraction
+        becomes the share of the ``of`` parts read so far (it never shrinks). Returns it."""
+        with self._write() as conn:
+            row = conn.execute("SELECT parts_read FROM lessons WHERE lesson_id = ?", (lesson_id,)).fetchone()
+            known = set(json.loads(row[0])) if row is not None else set()
+            seen = sorted(known | {int(p) for p in parts if 0 <= int(p) < of})
+            fraction = _finite(len(seen) / of, 0.0, 1.0) if of > 0 else 0.0
+            conn.execute(
+                "INSERT INTO lessons (lesson_id, parts_read, read_fraction) VALUES (?, ?, ?) "
+                "ON CONFLICT (lesson_id) DO UPDATE SET parts_read = excluded.parts_read, "
+                "read_fraction = max(read_fraction, excluded.read_fraction)",
+                (lesson_id, json.dumps(seen), fraction),
+            )
+            return float(
+                conn.execute(
+                    "SELECT read_fraction FROM lessons WHERE lesson_id = ?", (lesson_id,)
+                ).fetchone()[0]
+            )
+
+    def setting(self, key: str, default: Any = None) -> Any:
+        """One of the learner's settings (as saved by :meth:`save_setting`), or ``default``."""
+        with self._use() as conn:
+            row = conn.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
+        return default if row is None else json.loads(row[0])
+
+    def save_setting(self, key: str, value: Any) -> None:
+        """Remember a setting across restarts; ``value`` must be JSON-serialisable."""
+        with self._write() as conn:
+            conn.execute(
+                "INSERT INTO settings (key, value, updated_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+                (key, json.dumps(value), _now()),
             )
 
     def touch_lesson(self, lesson_id: str) -> None:
@@ -915,6 +963,7 @@ class Store:
 
 
 _ANSWER_COLUMNS = "attempt_id, lesson_id, question_id, choice, correct, seconds, answered_at"
+_ATTEMPT_COLUMNS = "attempt_id, lesson_id, kind, question_ids, started_at, finished_at, abandoned_at, score"
 
 
 def _answer(row: tuple[Any, ...]) -> AnswerRecord:

@@ -40,3 +40,8 @@ def when(timestamp: str, now: datetime | None = None) -> str:
         return f"yesterday at {clock}"
     day = f"{local.day} {local.strftime('%b')}"
     return f"on {day} at {clock}" if local.year == today.year else f"on {day} {local.year} at {clock}"
+
+
+def plural(count: int, word: str, many: str | None = None) -> str:
+    """The count with the word in the right number: "1 attempt", "0 attempts", "2 wrong answers"."""
+    return f"{count} {word if count == 1 else (many or word + 's')}"

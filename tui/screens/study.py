@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from textual.app import ComposeResult
 from textual.binding import Binding
+from textual.containers import Horizontal
 from textual.content import Content
 from textual.screen import Screen
 from textual.widgets import Footer, TabbedContent, TabPane
@@ -13,7 +14,7 @@ from tui.tutor_runtime import TutorRuntime, TutorState
 from tui.widgets.chat_view import ChatView
 from tui.widgets.lab_view import LabView
 from tui.widgets.lesson_view import LessonView
-from tui.widgets.plain import Plain
+from tui.widgets.plain import Plain, literal
 from tui.widgets.practice_view import PracticeView
 from tui.widgets.progress_view import ProgressView
 from tui.widgets.quiz_view import QuizView
@@ -56,13 +57,16 @@ class StudyScreen(Screen[None]):
         super().__init__()
         self.runtime = runtime
         self.lesson = lesson
-        self._progress_text = lesson.title
+        self._progress_text = ""
         self.library = library
         self.store = store
         self._pending_jump: str | None = None
 
     def compose(self) -> ComposeResult:
-        yield Plain(id="status-bar")
+        # The title gives way (…) to the progress figures, which are always shown whole.
+        with Horizontal(id="status-bar"):
+            yield Plain(literal(self.lesson.title), id="status-title")
+            yield Plain(id="status-progress")
         with TabbedContent(initial="lesson", id="tabs"):
             with TabPane(tab_label("lesson"), id="lesson"):
                 yield LessonView(self.lesson, self.store)
@@ -91,13 +95,18 @@ class StudyScreen(Screen[None]):
         total = len(self.lesson.questions)
         best = "quiz not taken" if p.best_score is None else f"best {p.best_score}/{total}"
         steps = f"{len(p.steps_done)}/{len(self.lesson.meta.practice)} steps"
-        self._progress_text = f"{self.lesson.title} · read {round(p.read_fraction * 100)}% · {steps} · {best}"
+        self._progress_text = f"read {round(p.read_fraction * 100)}% · {steps} · {best}"
         self._draw_status()
 
     def _draw_status(self) -> None:
         # The tutor's badge changes often while it loads; it never costs a database read.
         tutor = f" · {self.runtime.badge()}" if self.runtime.state is not TutorState.IDLE else ""
-        self.query_one("#status-bar", Plain).show(f"{self._progress_text}{tutor}")
+        self.query_one("#status-progress", Plain).show(f" · {self._progress_text}{tutor}")
+
+    @property
+    def status_text(self) -> str:
+        """The header as written (before the title is cut to fit), for tests and screen readers."""
+        return self.lesson.title + str(self.query_one("#status-progress", Plain).visual)
 
     # --- navigation ----------------------------------------------------------------
 

@@ -25,7 +25,7 @@ from tui.widgets.plain import Plain, literal
 from tutor.content import Lesson
 from tutor.engine.client import EngineGone, EngineRefused
 from tutor.store import Store
-from tutor.text import clean
+from tutor.text import clean, plural
 
 if TYPE_CHECKING:
     from tui.tutor_runtime import TutorRuntime
@@ -325,7 +325,7 @@ class ChatView(Vertical):
 
     def on_doubts_marked(self, message: DoubtsMarked) -> None:
         self.store.save_marks(self.lesson.id, DOUBT_STEP, message.sentences)
-        self.notify(f"Saved {len(message.sentences)} doubted sentence(s) with your step 1 notes.")
+        self.notify(f"Saved {plural(len(message.sentences), 'doubted sentence')} with your step 1 notes.")
         self.query_one("#chat-input", Input).focus()
 
     # --- actions -------------------------------------------------------------------

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 from textual.app import ComposeResult
 from textual.containers import Horizontal, VerticalScroll
+from textual.timer import Timer
 from textual.widgets import Markdown
 
 from tui.messages import ProgressChanged, ShowTab
@@ -14,6 +17,9 @@ from tutor.text import clean
 
 APP_LINK = "quant-tutor:"
 SAVE_DELAY_S = 0.4  # scrolling fires many events; write the position once it settles
+READ_DWELL_S = 1.5  # a part counts as read once it has been on screen this long (End is not reading)
+READ_PARTS = 40  # the lesson is counted in this many equal slices of its height
+KEY_TERMS_SETTING = "key_terms_shown"
 
 
 class LessonView(Horizontal):
@@ -21,7 +27,8 @@ class LessonView(Horizontal):
         super().__init__(**kwargs)  # type: ignore[arg-type]
         self.lesson = lesson
         self.store = store
-        self._save_timer = None
+        self._save_timer: Timer | None = None
+        self._read_timer: Timer | None = None
         self._restored = False
 
     def compose(self) -> ComposeResult:
@@ -31,7 +38,8 @@ class LessonView(Horizontal):
             yield Plain(f"{meta.track} · about {meta.minutes} min read", classes="lesson-meta")
             yield Plain(literal(("The premise  ", "bold"), meta.premise), classes="premise")
             yield Markdown(id="lesson-md", open_links=False)
-        with VerticalScroll(id="key-terms"):
+        with VerticalScroll(id="key-terms") as terms:
+            terms.display = bool(self.store.setting(KEY_TERMS_SETTING, True))
             yield Plain(literal(("Key terms", "bold")), classes="panel-title")
             for term in meta.key_terms:
                 yield Plain(literal((term.term, "bold"), "\n", term.definition), classes="key-term")
@@ -47,13 +55,37 @@ class LessonView(Horizontal):
         scroll = self.query_one("#lesson-scroll", VerticalScroll)
         scroll.scroll_to(y=y, animate=False, immediate=True)
         self._restored = True
+        self._start_reading_clock()
 
-    def read_fraction(self) -> float:
+    def visible_parts(self) -> range:
+        """The slices of the lesson whose middle is on screen now."""
         scroll = self.query_one("#lesson-scroll", VerticalScroll)
         total = scroll.virtual_size.height
-        if total <= 0:
-            return 0.0
-        return min(1.0, (scroll.scroll_y + scroll.size.height) / total)
+        if total <= 0 or scroll.size.height <= 0:
+            return range(0)
+        part = total / READ_PARTS
+        top, bottom = scroll.scroll_y, scroll.scroll_y + scroll.size.height
+        first = max(0, math.ceil(top / part - 0.5))
+        last = min(READ_PARTS, math.ceil(bottom / part - 0.5))
+        return range(first, last)
+
+    def _start_reading_clock(self) -> None:
+        """Count what is on screen once it has stayed there READ_DWELL_S (restarted by every move)."""
+        if self._read_timer is not None:
+            self._read_timer.stop()
+        if self.display and self.is_on_screen:
+            self._read_timer = self.set_timer(READ_DWELL_S, self._count_read)
+
+    def _count_read(self) -> None:
+        if not self.is_on_screen:  # another tab took over while the clock ran
+            return
+        before = self.store.lesson(self.lesson.id).read_fraction
+        if self.store.mark_read(self.lesson.id, self.visible_parts(), READ_PARTS) != before:
+            self.post_message(ProgressChanged())
+
+    def on_show(self) -> None:
+        if self._restored:
+            self._start_reading_clock()
 
     def _scrolled(self, _y: float) -> None:
         if not self._restored:
@@ -61,11 +93,11 @@ class LessonView(Horizontal):
         if self._save_timer is not None:
             self._save_timer.stop()
         self._save_timer = self.set_timer(SAVE_DELAY_S, self.save_position)
+        self._start_reading_clock()
 
     def save_position(self) -> None:
         scroll = self.query_one("#lesson-scroll", VerticalScroll)
-        self.store.save_reading(self.lesson.id, scroll.scroll_y, self.read_fraction())
-        self.post_message(ProgressChanged())
+        self.store.save_reading(self.lesson.id, scroll.scroll_y)
 
     def jump_to(self, heading: str) -> bool:
         """Scroll the section with this heading to the top; False if there is none."""
@@ -87,5 +119,7 @@ class LessonView(Horizontal):
             self.notify(f"Link: {event.href}", title="Not opened from the terminal app")
 
     def toggle_terms(self) -> None:
+        """Show or hide the key terms, remembered across restarts."""
         panel = self.query_one("#key-terms")
         panel.display = not panel.display
+        self.store.save_setting(KEY_TERMS_SETTING, panel.display)

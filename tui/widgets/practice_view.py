@@ -24,6 +24,12 @@ def done_label(done: bool) -> str:
     return "✓ Done" if done else "Not done yet"
 
 
+class DoneBox(Checkbox):
+    """A step's done box, whose keys the footer names (Checkbox hides them)."""
+
+    BINDINGS = [Binding("space,enter", "toggle_button", "Done / not done", show=True)]
+
+
 class PracticeView(VerticalScroll, can_focus=True):
     BINDINGS = [
         Binding("tab", "focus_next", "Write notes", show=True),
@@ -46,14 +52,11 @@ class PracticeView(VerticalScroll, can_focus=True):
                 notes.border_title = "Your notes"
                 yield notes
                 if step.tutor_question:
-                    yield Button(
-                        literal("Ask the tutor: ", step.tutor_question),
-                        id=f"ask-{index}",
-                        classes="ask-tutor",
-                        compact=True,
-                    )
+                    # The question in full as text: a one-line button would cut it mid-sentence.
+                    yield Plain(literal(("The tutor can start you off: ", "italic"), step.tutor_question))
+                    yield Button("Ask the tutor", id=f"ask-{index}", classes="ask-tutor", compact=True)
                 done = index in progress.steps_done
-                yield Checkbox(done_label(done), value=done, id=f"done-{index}")
+                yield DoneBox(done_label(done), value=done, id=f"done-{index}")
                 yield Plain("", id=f"saved-{index}", classes="saved")
 
     @staticmethod
@@ -78,8 +81,15 @@ class PracticeView(VerticalScroll, can_focus=True):
             self.post_message(AskTutor(question, step))
 
     def action_leave_notes(self) -> None:
-        """Escape leaves a note field so the letter keys switch tabs again."""
-        self.focus()
+        """Escape leaves a note field for that step's done box: the letter keys switch tabs
+        again, and Tab and Enter go on from where the learner was, not from step 1."""
+        focused = self.app.focused
+        ancestors = focused.ancestors_with_self if focused is not None else []
+        step = next((node for node in ancestors if node.has_class("step")), None)
+        if step is None:
+            self.focus()
+            return
+        self.query_one(f"#done-{self._step_of(step.id)}", DoneBox).focus()
 
     def toggle_done(self, step: int) -> None:
         box = self.query_one(f"#done-{step}", Checkbox)

@@ -24,6 +24,11 @@ def display_path(path: Path) -> str:
         return str(path)
 
 
+FIGURE_COLUMNS = ("Read", "Steps", "Best", "Tries")
+FIGURE_WIDTH = 5
+MIN_TITLE_WIDTH = 20
+
+
 class ProgressView(Vertical):
     def __init__(self, library: Library, store: Store, **kwargs: object) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
@@ -40,9 +45,18 @@ class ProgressView(Vertical):
 
     def on_mount(self) -> None:
         table = self.query_one(DataTable)
-        for label, width in [("Lesson", 40), ("Read", 5), ("Steps", 5), ("Best", 5), ("Tries", 5)]:
-            table.add_column(label, width=width)
+        table.add_column("Lesson", width=MIN_TITLE_WIDTH, key="lesson")
+        for label in FIGURE_COLUMNS:
+            table.add_column(label, width=FIGURE_WIDTH)
         self.refresh_rows()
+
+    def on_resize(self) -> None:
+        """The lesson column takes the width the figures leave; a title cut there ends in …."""
+        table = self.query_one(DataTable)
+        figures = len(FIGURE_COLUMNS) * (FIGURE_WIDTH + 2 * table.cell_padding)
+        spare = table.scrollable_content_region.width - figures - 2 * table.cell_padding
+        table.columns["lesson"].width = max(MIN_TITLE_WIDTH, spare)  # type: ignore[index]
+        table.refresh()
 
     def refresh_rows(self) -> None:
         table = self.query_one(DataTable)
@@ -52,7 +66,7 @@ class ProgressView(Vertical):
             best = "—" if p.best_score is None else f"{p.best_score}/{len(lesson.questions)}"
             steps = f"{len(p.steps_done)}/{len(lesson.meta.practice)}"
             table.add_row(
-                Text(clean(lesson.title)),
+                Text(clean(lesson.title), no_wrap=True, overflow="ellipsis"),
                 f"{round(p.read_fraction * 100)}%",
                 steps,
                 best,
