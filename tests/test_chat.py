@@ -137,7 +137,8 @@ async def test_practice_and_quiz_open_the_tutor_prefilled(  # type: ignore[no-un
     app = QuantTutorApp(library, store, tutor=engine_runtime)
     async with app.run_test(size=SIZE) as pilot:
         await pilot.press("p")
-        await pilot.click("#ask-1")
+        app.screen.query_one("#ask-1").focus()  # below step 2's question, maybe off screen
+        await pilot.press("enter")
         chat = app.screen.query_one(ChatView)
         box = chat.query_one("#chat-input")
         assert box.value == lesson.meta.practice[1].tutor_question  # type: ignore[attr-defined]
