@@ -25,6 +25,10 @@ if TYPE_CHECKING:
     from tutor.grounding import TutorAnswer
 
 LAB_PRECISIONS = ["bf16", "int8", "nf4", "fp4"]
+# Compared answers stop after two sentences (the chat's stop after three): four columns side by
+# side read as one comparison, and on a CPU without AVX-512 the three quantized answers take a
+# third less waiting.
+COMPARE_SENTENCES = 2
 
 
 class LabView(VerticalScroll, can_focus=True):
@@ -50,8 +54,9 @@ class LabView(VerticalScroll, can_focus=True):
     def compose(self) -> ComposeResult:
         yield Plain(
             "The quality cliff on the tutor's own model, measured on this machine: m measures quickly "
-            "(a few windows and questions), M measures fully (as `quant-tutor cliff`), Esc stops; both "
-            "are cached. c answers one question at every precision side by side.",
+            "(a few windows of lesson text, no QA), M measures fully with the tutor's answers (as "
+            "`quant-tutor cliff`, minutes), Esc stops; both are cached. c answers one question at "
+            "every precision side by side (two sentences each).",
             id="lab-intro",
         )
         yield ProgressBar(id="lab-progress", show_eta=False)
@@ -92,8 +97,8 @@ class LabView(VerticalScroll, can_focus=True):
             text = f"The lab needs the tutor's model: {runtime.badge()} {runtime.detail}".rstrip()
         elif self.result is None:
             text = (
-                "Press m for a quick measure (or M for the full one) of perplexity, KL divergence, "
-                "top-1 agreement and QA for bf16, int8, nf4, fp4."
+                "Press m for a quick measure of perplexity, KL divergence and top-1 agreement for "
+                "bf16, int8, nf4, fp4, or M for the full one with QA on the tutor's answers."
             )
         else:
             text = "Measured. m / M: measure again (cached) · c: compare answers across precisions."
@@ -255,7 +260,11 @@ class LabView(VerticalScroll, can_focus=True):
         try:
             for precision in LAB_PRECISIONS:  # each question names its precision: nothing to switch back
                 events = client.ask(
-                    question, lesson_id=self.lesson.id, precision=precision, request_id=uuid.uuid4().hex
+                    question,
+                    lesson_id=self.lesson.id,
+                    precision=precision,
+                    request_id=uuid.uuid4().hex,
+                    max_sentences=COMPARE_SENTENCES,
                 )
                 for event in events:
                     if event.name == "answer":

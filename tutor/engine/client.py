@@ -74,7 +74,13 @@ class EngineClient:
             yield from parse_sse(response.iter_lines())
 
     def ask(
-        self, question: str, *, lesson_id: str | None, precision: str | None, request_id: str
+        self,
+        question: str,
+        *,
+        lesson_id: str | None,
+        precision: str | None,
+        request_id: str,
+        max_sentences: int | None = None,
     ) -> Iterator[Event]:
         """``waiting``, ``prepared``, ``token``… then ``answer`` (or ``error``)."""
         payload = {
@@ -82,6 +88,7 @@ class EngineClient:
             "lesson_id": lesson_id,
             "precision": precision,
             "request_id": request_id,
+            "max_sentences": max_sentences,
         }
         return self._stream("/qt/ask", payload)
 

@@ -191,6 +191,8 @@ class EngineHost:
         precision: str | None,
         cancel: threading.Event,
         emit: Emit,
+        *,
+        max_sentences: int,
     ) -> TutorAnswer:
         from tutor.tutor_chat import ask
 
@@ -206,7 +208,14 @@ class EngineHost:
         with self._job(f"answering at {precision}", cancel, emit):
             engine.switch(precision, wait=True)
             return ask(
-                question, retriever, engine, lesson_id, on_token=token, cancel=cancel, on_prepared=prepared
+                question,
+                retriever,
+                engine,
+                lesson_id,
+                on_token=token,
+                cancel=cancel,
+                on_prepared=prepared,
+                max_sentences=max_sentences,
             )
 
     def chat(

@@ -26,6 +26,7 @@ from tutor.engine.errors import EngineError
 from tutor.engine.host import Cancelled, EngineHost, NotReadyError
 from tutor.engine.precisions import PRECISIONS
 from tutor.engine.protocol import DEFAULT_PORT, TOKEN_ENV, model_id, precision_of, sse
+from tutor.tutor_chat import MAX_SENTENCES
 
 if TYPE_CHECKING:
     from starlette.applications import Starlette
@@ -164,11 +165,14 @@ def build_app(host: EngineHost, token: str) -> Starlette:
                 raise ValueError("'question' must be a non-empty string")
             lesson_id = data.get("lesson_id")
             precision = data.get("precision")
+            sentences = data.get("max_sentences") or MAX_SENTENCES
+            if not isinstance(sentences, int) or not 1 <= sentences <= MAX_SENTENCES:
+                raise ValueError(f"'max_sentences' must be a whole number from 1 to {MAX_SENTENCES}")
         except ValueError as exc:
             return _error(400, str(exc))
 
         def work(emit: Callable[[str | None, Any], None], flag: threading.Event) -> None:
-            answer = host.ask(question, lesson_id, precision, flag, emit)
+            answer = host.ask(question, lesson_id, precision, flag, emit, max_sentences=sentences)
             emit("answer", answer.as_dict())
 
         return _streamed(host, data.get("request_id"), work)
