@@ -16,9 +16,10 @@ with named events, ``event: <name>`` then ``data: <json>``):
 - ``GET  /qt/status``: loading state and progress, precision, weights, memory.
 - ``POST /qt/precision`` ``{"precision"}``: prepare and switch; returns the switch report.
 - ``POST /qt/ask`` ``{"question", "lesson_id", "precision", "request_id", "max_sentences"}``
-  (the last optional, 1 to 3, default 3): the tutor's grounded answer, streamed: ``waiting`` (another job holds the engine), ``prepared``
-  (quote, citations or the decline), ``token`` (``{"text"}``), then ``answer`` (the whole
-  answer with its support check and stats) or ``error``.
+  (the last optional, 1 to 3, default 3): the tutor's grounded answer, streamed: ``waiting``
+  (another job holds the engine), ``prepared`` (quote, citations or the decline), ``token``
+  (``{"text"}``), then ``answer`` (the whole answer with its support check and stats) or
+  ``error``.
 - ``POST /qt/cancel`` ``{"request_id"}``: stop that reply; it still ends with ``answer``,
   whose stats say ``stop: "cancelled"``.
 - ``POST /qt/cliff`` ``{"plan", "precisions", "request_id"}``: the Lab's measurement,
