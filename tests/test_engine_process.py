@@ -130,6 +130,12 @@ def test_openai_client_streams_from_quant_tutor_serve(model_cache: Path) -> None
 
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=url, api_key="wrong").models.list()
+        bad = httpx.post(
+            url[:-3] + "/qt/ask",
+            json={"question": "What is NF4?", "max_sentences": 9},
+            headers={"Authorization": f"Bearer {key}"},
+        )
+        assert bad.status_code == 400 and "'max_sentences' must be a whole number from 1 to 3" in bad.text
 
         # A second server on the same port says so in one line, no traceback.
         port = url.rsplit(":", 1)[1].split("/")[0]
