@@ -89,12 +89,14 @@ async def test_sigkill_mid_quiz_keeps_the_answers_and_resumes_at_question_4(
         os.write(master, b"q")
         time.sleep(0.5)
         os.write(master, b"\r")
+        _until("question 1", lambda: b"Question 1 of 10" in screen)
         lesson = library.get(SEED)
         for done, question in enumerate(lesson.questions[:3]):
             os.write(master, question.answer.encode())
-            time.sleep(0.2)
-            os.write(master, b"\r")
+            # Enter only once the answer is in: an Enter that overtakes it is "answer first".
             _until(f"answer {done + 1} to be saved", lambda n=done + 1: _answered(db) == n)
+            os.write(master, b"\r")
+            _until(f"question {done + 2}", lambda n=done + 2: f"Question {n} of 10".encode() in screen)
         engine = psutil.Process(app.pid).children(recursive=True)
         app.send_signal(signal.SIGKILL)
         assert app.wait(timeout=10) == -signal.SIGKILL
