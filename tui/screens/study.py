@@ -132,7 +132,7 @@ class StudyScreen(Screen[None]):
 
     def on_tabbed_content_tab_activated(self, event: TabbedContent.TabActivated) -> None:
         if event.pane.id != "lab":
-            self.query_one(LabView).stop_measuring()  # leaving the Lab cancels its measurement
+            self.query_one(LabView).stop_jobs()  # leaving the Lab cancels its measurement and compare
         if event.pane.id:
             self._focus_tab(event.pane.id)
         if event.pane.id == "lesson" and self._pending_jump is not None:

@@ -36,7 +36,7 @@ class LabView(VerticalScroll, can_focus=True):
         Binding("m", "measure('quick')", "Quick measure"),
         Binding("M", "measure('full')", "Full measure"),
         Binding("c", "compare", "Compare a question"),
-        Binding("escape", "stop", "Stop measuring", show=False),
+        Binding("escape", "stop", "Stop", show=False),
     ]
 
     def __init__(self, lesson: Lesson, runtime: TutorRuntime, **kwargs: object) -> None:
@@ -46,6 +46,7 @@ class LabView(VerticalScroll, can_focus=True):
         self.rows: list[QualityRow] = []
         self.result: dict[str, Any] | None = None
         self._stop: threading.Event | None = None  # set: the measurement in flight should stop
+        self._compare_stop: threading.Event | None = None  # set: the compare in flight should stop
 
     @property
     def measuring(self) -> bool:
@@ -127,15 +128,17 @@ class LabView(VerticalScroll, can_focus=True):
         self._measure(plan, self._stop)
 
     def action_stop(self) -> None:
-        if self.measuring:
-            self.stop_measuring()
+        if self.measuring or self._compare_stop is not None:
+            self.stop_jobs()
         else:
             self.screen.focus_next()
 
-    def stop_measuring(self) -> None:
-        """Stop the measurement in flight (Esc, or the learner left the tab)."""
-        if self._stop is not None:
-            self._stop.set()
+    def stop_jobs(self) -> None:
+        """Stop the measurement and the compare in flight (Esc, or the learner left the tab):
+        the engine is free for the chat again within a token."""
+        for flag in (self._stop, self._compare_stop):
+            if flag is not None:
+                flag.set()
 
     @work(thread=True, exclusive=True, group="lab")
     def _measure(self, plan: str, stop: threading.Event) -> None:
@@ -238,6 +241,9 @@ class LabView(VerticalScroll, can_focus=True):
             self.app.start_tutor()  # type: ignore[attr-defined]
             self.notify("The tutor's model is still loading; try again when it is ready.")
             return
+        if self._compare_stop is not None:
+            self.notify("Already comparing; Esc stops it.")
+            return
         columns = self.query_one("#lab-compare", Horizontal)
         columns.remove_children()
         for precision in LAB_PRECISIONS:
@@ -248,10 +254,11 @@ class LabView(VerticalScroll, can_focus=True):
                     classes="lab-column",
                 )
             )
-        self._compare(question)
+        self._compare_stop = threading.Event()
+        self._compare(question, self._compare_stop)
 
     @work(thread=True, exclusive=True, group="compare")
-    def _compare(self, question: str) -> None:
+    def _compare(self, question: str, stop: threading.Event) -> None:
         from tutor.grounding import TutorAnswer
 
         client = self.runtime.client
@@ -266,17 +273,30 @@ class LabView(VerticalScroll, can_focus=True):
                     request_id=uuid.uuid4().hex,
                     max_sentences=COMPARE_SENTENCES,
                 )
-                for event in events:
-                    if event.name == "answer":
-                        answers[precision] = TutorAnswer.from_dict(event.data)
-                    elif event.name == "error":
-                        raise EngineRefused(event.data["message"])
+                try:
+                    for event in events:
+                        if stop.is_set():
+                            break  # closing the stream cancels the answer in the engine
+                        if event.name == "answer":
+                            answers[precision] = TutorAnswer.from_dict(event.data)
+                        elif event.name == "error":
+                            raise EngineRefused(event.data["message"])
+                finally:
+                    events.close()  # type: ignore[attr-defined]
+                if stop.is_set():
+                    break
                 self.app.call_from_thread(self._column, precision, answers)
         except EngineGone as exc:
             self._engine_gone(str(exc))
             self.app.call_from_thread(self.notify, f"Compare stopped: {self.runtime.error}", severity="error")
         except EngineRefused as exc:
             self.app.call_from_thread(self.notify, f"Compare stopped: {exc}", severity="error")
+        self.app.call_from_thread(self._compare_done, [p for p in LAB_PRECISIONS if p not in answers])
+
+    def _compare_done(self, unanswered: list[str]) -> None:
+        self._compare_stop = None
+        for precision in unanswered:
+            self.query_one(f"#col-{precision} Plain", Plain).show(f"{precision}: stopped")
 
     def _column(self, precision: str, answers: dict[str, TutorAnswer]) -> None:
         answer = answers[precision]
