@@ -144,7 +144,7 @@ async def test_every_action_is_in_the_command_palette(library: Library, store: S
             "Go to Lesson",
             "Go to Practice",
             "Go to Quiz",
-            "Go to Related",
+            "Go to Library",
             "Go to Progress",
             "Toggle key terms",
             "Quiz: new attempt",
