@@ -31,12 +31,14 @@ def by_track(entries: Iterable[LessonEntry]) -> list[tuple[str, list[LessonEntry
     return sorted(groups.items(), key=lambda group: group[0].casefold())
 
 
+MARK_WIDTH = len(f"quiz {QUIZ_LENGTH}/{QUIZ_LENGTH}")
+
+
 def progress_mark(summary: LessonSummary | None) -> str:
-    """A lesson's progress in a few words, for lists (never only a colour)."""
-    if summary is None:
-        return "not started"
-    if summary.best_score is not None:
-        return f"quiz best {summary.best_score}/{QUIZ_LENGTH}"
-    if summary.read_fraction > 0 or summary.steps_done:
+    """A lesson's progress in a word or two (at most MARK_WIDTH characters), for lists: the best
+    quiz score, else how much was read, else "new". Words, never only a colour."""
+    if summary is not None and summary.best_score is not None:
+        return f"quiz {summary.best_score}/{QUIZ_LENGTH}"
+    if summary is not None and (summary.read_fraction > 0 or summary.steps_done):
         return f"read {round(summary.read_fraction * 100)}%"
-    return "not started"
+    return "new"

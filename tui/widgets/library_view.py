@@ -16,7 +16,7 @@ from textual.widgets.option_list import Option
 from tui.messages import OpenLesson
 from tui.widgets.plain import Plain, literal
 from tutor.content import Lesson, LessonEntry, Library
-from tutor.finder import LessonFinder, by_track, progress_mark
+from tutor.finder import MARK_WIDTH, LessonFinder, by_track, progress_mark
 from tutor.store import LessonSummary, Store
 from tutor.text import plural
 
@@ -41,11 +41,9 @@ class LibraryView(Vertical):
         self._shown = PAGE
 
     def compose(self) -> ComposeResult:
-        yield Plain(
-            f"Type to search {plural(len(self.library.lessons), 'lesson')} by title, track or summary; "
-            "↓ or Esc to the list, / to search again, Enter opens.",
-            classes="hint",
-        )
+        count = plural(len(self.library.lessons), "lesson")
+        keys = "↓ list · / search · Enter opens"
+        yield Plain(f"Search {count} by title, track or summary · {keys}", classes="hint")
         yield Input(placeholder="Search the library", id="library-search")
         yield OptionList(id="library-list")
         yield Plain(id="library-detail", classes="hint")
@@ -96,9 +94,9 @@ class LibraryView(Vertical):
         return [header, *(self._row(entry, prefix) for entry in entries)]
 
     def _row(self, entry: LessonEntry, prefix: str) -> Option:
-        mark = progress_mark(self._summaries.get(entry.id))
+        mark = progress_mark(self._summaries.get(entry.id)).ljust(MARK_WIDTH)
         current = "  (open now)" if entry.id == self.lesson.id else ""
-        return Option(literal(f"  {entry.title}{current}", (f"  · {mark}", "dim")), id=prefix + entry.id)
+        return Option(literal((f" {mark} ", "dim"), f"{entry.title}{current}"), id=prefix + entry.id)
 
     @on(OptionList.OptionHighlighted, "#library-list")
     def _describe(self, event: OptionList.OptionHighlighted) -> None:
