@@ -171,3 +171,23 @@ async def test_library_search_shows_content_text_literally(tmp_path: Path, home:
         [row] = [o for o in listing.options if not o.disabled]  # type: ignore[attr-defined]
         assert "[bold]x[/bold]" in str(row.prompt)
     store.close()
+
+
+async def test_palette_opens_a_lesson_among_hundreds(generated: Path, home: Path) -> None:
+    library = load_library(generated)
+    store = Store()
+    wanted = next(e for e in library.lessons.values() if e.title.endswith("(part 211)"))
+    app = QuantTutorApp(library, store, tutor=UnloadedTutor(library))
+    async with app.run_test(size=(100, 30)) as pilot:
+        await pilot.press("ctrl+p", *"part 211")
+        for _ in range(100):  # the palette searches in a worker
+            await pilot.pause(0.05)
+            if app.screen.query("CommandList") and app.screen.query_one("CommandList").option_count:
+                break
+        await pilot.press("enter")
+        for _ in range(40):
+            await pilot.pause(0.05)
+            if app.study is not None and app.study.lesson.id == wanted.id:
+                break
+        assert app.study is not None and app.study.lesson.id == wanted.id
+    store.close()

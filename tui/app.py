@@ -13,6 +13,7 @@ from textual.css.query import NoMatches
 from textual.events import Resize
 from textual.screen import Screen
 
+from tui.commands import LessonCommands
 from tui.messages import TutorStatus
 from tui.screens.study import TABS, StudyScreen
 from tui.screens.too_small import MIN_HEIGHT, MIN_WIDTH, TooSmallScreen
@@ -21,6 +22,7 @@ from tui.widgets.chat_view import PRECISION_KEYS, ChatView
 from tui.widgets.practice_view import PracticeView
 from tui.widgets.quiz_view import QuizView
 from tutor.content import ContentFileError, Library, load_library
+from tutor.finder import LessonFinder
 from tutor.store import Store, StoreError
 from tutor.text import plural
 
@@ -28,6 +30,7 @@ from tutor.text import plural
 class QuantTutorApp(App[None]):
     CSS_PATH = "app.tcss"
     TITLE = "quant-tutor"
+    COMMANDS = App.COMMANDS | {LessonCommands}  # "Open lesson: …", searched in the library index
 
     def __init__(
         self,
@@ -47,6 +50,7 @@ class QuantTutorApp(App[None]):
         self.start_lesson = wanted if wanted in library.lessons else first
         self.tutor = tutor or TutorRuntime(library, model=model, device=device)
         self.start_engine = start_engine
+        self.lesson_finder: LessonFinder | None = None  # built the first time the palette searches
 
     def on_mount(self) -> None:
         self.push_screen(self._first_study())
@@ -154,9 +158,6 @@ class QuantTutorApp(App[None]):
                 f"Go to {title}", f"Show the {title.lower()} tab", partial(study.action_show_tab, tab)
             )
         yield SystemCommand("Toggle key terms", "Show or hide the key-terms panel", study.action_toggle_terms)
-        for entry in self.library.lessons.values():
-            open_it = partial(self.open_lesson, entry.id)
-            yield SystemCommand(f"Open lesson: {entry.title}", entry.summary, open_it)
         yield SystemCommand(
             "Quiz: new attempt", "Start the quiz from question 1", partial(self._quiz, "new_attempt")
         )
