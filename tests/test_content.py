@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, SEED
-from tutor.content import QUIZ_LENGTH, Library, load_library, plain_text
+from tutor.content import QUIZ_LENGTH, Library, load_library, plain_text, validate_library
 
 RELATED = ["hermes-q4-vs-q8", "gguf-awq-gptq-decision", "fp16-q8-q6-q5-q4"]
 
@@ -89,7 +89,7 @@ def test_quiz_errors_point_at_the_question(tmp_path: Path) -> None:
     quiz = root / SEED / "quiz.yaml"
     first_answer = next(line for line in quiz.read_text().splitlines() if line.strip().startswith("answer:"))
     _break(root, SEED, "quiz.yaml", first_answer, first_answer.split(":")[0] + ": e")
-    library = load_library(root)
+    library = validate_library(root)
     assert SEED not in library.lessons
     [error] = [e for e in library.errors if e.file == quiz]
     assert error.field == "questions.0.answer"
@@ -104,7 +104,7 @@ def test_source_must_be_a_heading(tmp_path: Path, library: Library) -> None:
     hits = [i for i, line in enumerate(lines) if line.strip().startswith("source:")]
     lines[hits[2]] = lines[hits[2]].replace(source, "No Such Section")
     quiz.write_text("\n".join(lines) + "\n")
-    errors = [e for e in load_library(root).errors if e.file == quiz]
+    errors = [e for e in validate_library(root).errors if e.file == quiz]
     assert [e.field for e in errors] == ["questions.2.source"]
     assert errors[0].line == hits[2] + 1
     assert "No Such Section" in errors[0].message
@@ -119,7 +119,7 @@ def test_invalid_yaml_and_wrong_count(tmp_path: Path) -> None:
     quiz = root / "fp16-q8-q6-q5-q4" / "quiz.yaml"
     data = quiz.read_text()
     quiz.write_text(data[: data.rindex("\n  - id:")] + "\n")
-    library = load_library(root)
+    library = validate_library(root)
     assert list(library.lessons) == [SEED, "hermes-q4-vs-q8"]
     by_file = {e.file: e for e in library.errors}
     assert "not valid YAML" in by_file[lesson].message and by_file[lesson].line is not None

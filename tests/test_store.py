@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from tutor import store as store_module
-from tutor.store import SCHEMA_VERSION, AnswerRecord, LessonProgress, Store, StoreError
+from tutor.store import SCHEMA_VERSION, AnswerRecord, LessonProgress, LessonSummary, Store, StoreError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -769,3 +769,52 @@ def test_cannot_create_the_data_folder_names_quant_tutor_home(
         Store()
     with pytest.raises(StoreError, match="QUANT_TUTOR_HOME"):
         Store(blocker / "sub" / "progress.sqlite3")
+
+
+def test_summaries_agree_with_each_lesson_and_use_the_new_indexes(store: Store, db: Path) -> None:
+    """One grouped read for every lesson (the Progress and Library tabs of a big library) gives
+    the figures the per-lesson read gives."""
+    for number in range(60):
+        lesson_id = f"lesson-{number}"
+        store.mark_read(lesson_id, range(number % 5), of=4)
+        if number % 3 == 0:
+            store.set_step_done(lesson_id, 0, True)
+        for score in range(number % 4):  # up to 3 finished attempts, scoring 0, 1, 2
+            attempt = store.start_attempt(lesson_id, ["q1", "q2"])
+            for question in ("q1", "q2")[:score]:
+                store.record_answer(attempt, question, "a", True, 1.0)
+            store.finish_attempt(attempt)
+    summaries = store.summaries()
+    for lesson_id, progress in store.all_progress().items():
+        summary = summaries[lesson_id]
+        assert summary.read_fraction == pytest.approx(progress.read_fraction)
+        assert summary.steps_done == len(progress.steps_done)
+        assert (summary.best_score, summary.last_score, summary.attempts) == (
+            progress.best_score,
+            progress.last_score,
+            progress.attempts,
+        )
+    conn = sqlite3.connect(db)
+    names = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    conn.close()
+    assert {"attempts_finished", "lessons_by_open_seq"} <= names
+
+
+def test_version_2_database_upgrades_to_the_indexes_keeping_its_data(db: Path) -> None:
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.execute("BEGIN")
+    store_module.MIGRATIONS[0](conn)
+    store_module.MIGRATIONS[1](conn)
+    conn.execute("PRAGMA user_version = 2")
+    conn.execute("INSERT INTO lessons (lesson_id, read_fraction, open_seq) VALUES ('old', 0.5, 3)")
+    conn.execute(
+        "INSERT INTO attempts (lesson_id, kind, question_ids, started_at, finished_at, score) "
+        "VALUES ('old', 'full', '[]', 't0', 't1', 7)"
+    )
+    conn.execute("COMMIT")
+    conn.close()
+    with Store(db) as s:
+        assert s.schema_version == SCHEMA_VERSION == 3
+        assert s.last_lesson() == "old"
+        expected = LessonSummary(read_fraction=0.5, best_score=7, last_score=7, attempts=1)
+        assert s.summaries()["old"] == expected

@@ -12,6 +12,7 @@ from textual.widgets._markdown import MarkdownParagraph, MarkdownTable
 
 from tests.conftest import SEED, UnloadedTutor
 from tui.app import QuantTutorApp
+from tui.commands import LessonCommands
 from tui.screens.study import StudyScreen
 from tui.screens.too_small import TooSmallScreen
 from tui.widgets.lesson_view import LessonView
@@ -144,7 +145,7 @@ async def test_every_action_is_in_the_command_palette(library: Library, store: S
             "Go to Lesson",
             "Go to Practice",
             "Go to Quiz",
-            "Go to Related",
+            "Go to Library",
             "Go to Progress",
             "Toggle key terms",
             "Quiz: new attempt",
@@ -154,8 +155,12 @@ async def test_every_action_is_in_the_command_palette(library: Library, store: S
             "Quit",
         ]:
             assert title in titles, title
-        for other in library.ordered():
-            assert f"Open lesson: {other.title}" in titles
+        lessons = LessonCommands(app.screen)
+        for other in library.lessons.values():  # searched in the library index, not listed one by one
+            hits = [hit async for hit in lessons.search(f"open lesson {other.title}")]
+            assert hits and hits[0].text == f"Open lesson: {other.title}"
+        related = [hit.text async for hit in lessons.discover()]
+        assert related == [f"Open lesson: {library.lessons[i].title}" for i in library.get(SEED).meta.related]
         titles["Go to Quiz"].callback()
         await pilot.pause()
         assert _study(app).query_one(TabbedContent).active == "quiz"

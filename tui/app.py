@@ -13,6 +13,7 @@ from textual.css.query import NoMatches
 from textual.events import Resize
 from textual.screen import Screen
 
+from tui.commands import LessonCommands
 from tui.messages import TutorStatus
 from tui.screens.study import TABS, StudyScreen
 from tui.screens.too_small import MIN_HEIGHT, MIN_WIDTH, TooSmallScreen
@@ -20,7 +21,8 @@ from tui.tutor_runtime import TutorRuntime, TutorState
 from tui.widgets.chat_view import PRECISION_KEYS, ChatView
 from tui.widgets.practice_view import PracticeView
 from tui.widgets.quiz_view import QuizView
-from tutor.content import Library, load_library
+from tutor.content import ContentFileError, Library, load_library
+from tutor.finder import LessonFinder
 from tutor.store import Store, StoreError
 from tutor.text import plural
 
@@ -28,6 +30,7 @@ from tutor.text import plural
 class QuantTutorApp(App[None]):
     CSS_PATH = "app.tcss"
     TITLE = "quant-tutor"
+    COMMANDS = App.COMMANDS | {LessonCommands}  # "Open lesson: …", searched in the library index
 
     def __init__(
         self,
@@ -47,9 +50,10 @@ class QuantTutorApp(App[None]):
         self.start_lesson = wanted if wanted in library.lessons else first
         self.tutor = tutor or TutorRuntime(library, model=model, device=device)
         self.start_engine = start_engine
+        self.lesson_finder: LessonFinder | None = None  # built the first time the palette searches
 
     def on_mount(self) -> None:
-        self.push_screen(self._study(self.start_lesson))
+        self.push_screen(self._first_study())
         if self.store.notice:
             self.notify(self.store.notice, title="Progress store", severity="warning", timeout=20)
         if self.library.errors:
@@ -73,7 +77,20 @@ class QuantTutorApp(App[None]):
             self.post_message(TutorStatus())
 
     def _study(self, lesson_id: str) -> StudyScreen:
+        """The lesson's screen; raises ContentFileError for a lesson whose body or quiz is broken
+        (the index checks only front matter: the rest is parsed when a lesson is opened)."""
         return StudyScreen(self.library.get(lesson_id), self.library, self.store, self.tutor)
+
+    def _first_study(self) -> StudyScreen:
+        """The start lesson's screen or, if it is broken, the first lesson after it that opens."""
+        ids = list(self.library.lessons)
+        start = ids.index(self.start_lesson)
+        for lesson_id in ids[start:] + ids[:start]:
+            try:
+                return self._study(lesson_id)
+            except ContentFileError:
+                continue
+        raise ContentFileError(self.library.errors)
 
     @property
     def study(self) -> StudyScreen | None:
@@ -85,7 +102,12 @@ class QuantTutorApp(App[None]):
             study.save_reading()
             if study.lesson.id == lesson_id:
                 return
-        await self.switch_screen(self._study(lesson_id))
+        try:
+            screen = self._study(lesson_id)
+        except ContentFileError as exc:
+            self.notify(f"This lesson cannot be opened: {exc}", title="Content", severity="error", timeout=20)
+            return
+        await self.switch_screen(screen)
 
     # --- the tutor's model ----------------------------------------------------------
 
@@ -136,10 +158,6 @@ class QuantTutorApp(App[None]):
                 f"Go to {title}", f"Show the {title.lower()} tab", partial(study.action_show_tab, tab)
             )
         yield SystemCommand("Toggle key terms", "Show or hide the key-terms panel", study.action_toggle_terms)
-        for lesson in self.library.ordered():
-            yield SystemCommand(
-                f"Open lesson: {lesson.title}", lesson.meta.summary, partial(self.open_lesson, lesson.id)
-            )
         yield SystemCommand(
             "Quiz: new attempt", "Start the quiz from question 1", partial(self._quiz, "new_attempt")
         )

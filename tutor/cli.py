@@ -16,8 +16,18 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from tutor import __version__
-from tutor.content import LETTERS, Lesson, Library, json_schema, load_library, plain_text
-from tutor.store import Store, StoreError
+from tutor.content import (
+    LETTERS,
+    QUIZ_LENGTH,
+    ContentFileError,
+    Lesson,
+    Library,
+    json_schema,
+    load_library,
+    plain_text,
+    validate_library,
+)
+from tutor.store import LessonSummary, Store, StoreError
 from tutor.text import plural, when
 
 # Subcommands whose own argparse lives with the code they run (imported only then).
@@ -63,6 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     progress.add_argument("--json", action="store_true", help="print JSON keyed by lesson id")
 
     sub.add_parser("schema", help="print the JSON Schema of lesson.md front matter and quiz.yaml")
+
+    validate = sub.add_parser(
+        "validate", help="check every lesson whole (front matter, body, quiz, related ids); exit 1 on errors"
+    )
+    validate.add_argument(
+        "folder", nargs="?", type=Path, help="the lesson folder (default: --content, or the shipped lessons)"
+    )
 
     from tutor.cli_model import add_model_options
 
@@ -139,6 +156,8 @@ def _lesson(library: Library, lesson_id: str) -> Lesson:
         return library.get(lesson_id)
     except KeyError as exc:
         raise CliError(exc.args[0]) from None
+    except ContentFileError as exc:
+        raise CliError(f"lesson {lesson_id!r} cannot be opened:\n{exc}") from None
 
 
 def _open_store(err: TextIO) -> Store:
@@ -153,7 +172,7 @@ def _open_store(err: TextIO) -> Store:
 
 def cmd_lessons(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     library = _library(args, err)
-    rows = [{"id": x.id, "title": x.title, "minutes": x.meta.minutes} for x in library.ordered()]
+    rows = [{"id": x.id, "title": x.title, "minutes": x.minutes} for x in library.lessons.values()]
     if args.json:
         json.dump(rows, out, ensure_ascii=False, indent=2)
         out.write("\n")
@@ -174,25 +193,37 @@ def cmd_schema(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return 0
 
 
+def cmd_validate(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    library = validate_library(args.folder or args.content)
+    for error in library.errors:
+        print(error, file=err)
+    if library.errors:
+        print(f"{plural(len(library.errors), 'problem')} in {library.root}", file=err)
+        return 1
+    out.write(f"{plural(len(library.lessons), 'lesson')} in {library.root}: all valid\n")
+    return 0
+
+
 def cmd_progress(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     library = _library(args, err)
     store = _open_store(err)
     try:
-        rows: dict[str, dict[str, Any]] = {}
-        for lesson in library.ordered():
-            p = store.lesson(lesson.id)
-            rows[lesson.id] = {
-                "title": lesson.title,
-                "read_percent": round(p.read_fraction * 100),
-                "steps_done": len(p.steps_done),
-                "steps_total": len(lesson.meta.practice),
-                "best_score": p.best_score,
-                "last_score": p.last_score,
-                "attempts": p.attempts,
-                "questions": len(lesson.questions),
-            }
+        summaries = store.summaries()
     finally:
         store.close()
+    rows: dict[str, dict[str, Any]] = {}
+    for entry in library.lessons.values():
+        p = summaries.get(entry.id, LessonSummary())
+        rows[entry.id] = {
+            "title": entry.title,
+            "read_percent": round(p.read_fraction * 100),
+            "steps_done": p.steps_done,
+            "steps_total": entry.steps,
+            "best_score": p.best_score,
+            "last_score": p.last_score,
+            "attempts": p.attempts,
+            "questions": QUIZ_LENGTH,
+        }
     if args.json:
         json.dump(rows, out, indent=2, ensure_ascii=False)
         out.write("\n")
@@ -321,6 +352,7 @@ def run(
         "lessons": cmd_lessons,
         "read": cmd_read,
         "schema": cmd_schema,
+        "validate": cmd_validate,
         "progress": cmd_progress,
         "quiz": lambda a, o, e: cmd_quiz(a, o, e, read_line or sys.stdin.readline),
         "ask": cmd_model,

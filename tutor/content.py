@@ -9,7 +9,10 @@ each naming the file, the field and the line.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import importlib.resources
+import os
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -18,6 +21,8 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tutor.files import write_atomic
 
 LETTERS = "abcd"
 QUIZ_LENGTH = 10
@@ -150,21 +155,69 @@ class ContentError:
         return f"{where}: {self.field}: {self.message}" if self.field else f"{where}: {self.message}"
 
 
+class LessonEntry(_Strict):
+    """What lists show about a lesson, taken from its front matter alone: the library index's row."""
+
+    id: str
+    title: str
+    track: str
+    minutes: int
+    summary: str
+    related: tuple[str, ...]
+    steps: int  # practice steps
+
+    @classmethod
+    def of(cls, meta: LessonMeta) -> LessonEntry:
+        return cls(
+            id=meta.id,
+            title=meta.title,
+            track=meta.track,
+            minutes=meta.minutes,
+            summary=meta.summary,
+            related=tuple(meta.related),
+            steps=len(meta.practice),
+        )
+
+
 @dataclass
 class Library:
-    lessons: dict[str, Lesson] = field(default_factory=dict)
+    """The lessons under one folder.
+
+    ``lessons`` is the catalogue (front matter only, in display order) and is all that start-up
+    reads; a lesson's body and quiz are parsed when :meth:`get` first asks for it.
+    """
+
+    lessons: dict[str, LessonEntry] = field(default_factory=dict)
     errors: list[ContentError] = field(default_factory=list)
     root: Path | None = None  # the folder it was read from (the engine process reads it again)
-
-    def ordered(self) -> list[Lesson]:
-        return list(self.lessons.values())
+    _opened: dict[str, Lesson] = field(default_factory=dict, repr=False)
 
     def get(self, lesson_id: str) -> Lesson:
-        try:
-            return self.lessons[lesson_id]
-        except KeyError:
+        """The whole lesson, parsed on first use; a broken one raises :class:`ContentFileError`
+        (and its errors join :attr:`errors`)."""
+        if lesson_id not in self.lessons:
             known = ", ".join(self.lessons) or "none"
-            raise KeyError(f"no lesson {lesson_id!r}; known lessons: {known}") from None
+            raise KeyError(f"no lesson {lesson_id!r}; known lessons: {known}")
+        lesson = self._opened.get(lesson_id)
+        if lesson is None:
+            assert self.root is not None, "a library with lessons was read from a folder"
+            try:
+                lesson = load_lesson(self.root / lesson_id)
+            except ContentFileError as exc:
+                self.errors.extend(e for e in exc.errors if e not in self.errors)
+                raise
+            self._opened[lesson_id] = lesson
+        return lesson
+
+    def ordered(self) -> list[Lesson]:
+        """Every lesson, whole, in catalogue order (parsing all of them); broken ones are left out."""
+        lessons = []
+        for lesson_id in self.lessons:
+            try:
+                lessons.append(self.get(lesson_id))
+            except ContentFileError:
+                continue
+        return lessons
 
 
 class ContentFileError(Exception):
@@ -178,11 +231,16 @@ def default_content_dir() -> Path:
     return Path(str(importlib.resources.files("tutor.lessons")))
 
 
-# --- YAML with line numbers ------------------------------------------------------
+# --- YAML, with line numbers only for a file that failed ---------------------------
+
+# libyaml's loader is many times faster than PyYAML's pure-Python one where it is built in.
+_LOADER: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
-def _node_line(node: yaml.Node, path: Iterable[str | int]) -> int | None:
+def _node_line(node: yaml.Node | None, path: Iterable[str | int]) -> int | None:
     """1-based line of the YAML node at ``path`` (the deepest one that exists)."""
+    if node is None:
+        return None
     line = node.start_mark.line + 1
     for key in path:
         child: yaml.Node | None = None
@@ -197,19 +255,24 @@ def _node_line(node: yaml.Node, path: Iterable[str | int]) -> int | None:
     return line
 
 
-def _parse_yaml(text: str, file: Path, line_offset: int) -> tuple[Any, yaml.Node | None]:
+def _line_in(text: str, path: Iterable[str | int], line_offset: int) -> int | None:
+    """The file line of the field at ``path``: a second, node-building pass over text that
+    already parsed, so only a file with an error pays for it."""
+    line = _node_line(yaml.compose(text, Loader=_LOADER), path)
+    return line + line_offset if line else None
+
+
+def _parse_yaml(text: str, file: Path, line_offset: int) -> Any:
     try:
-        node = yaml.compose(text)
-        data = yaml.safe_load(text)
+        return yaml.load(text, Loader=_LOADER)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 + line_offset if mark is not None else None
         problem = getattr(exc, "problem", None) or str(exc)
         raise ContentFileError([ContentError(file, line, "", f"not valid YAML: {problem}")]) from None
-    return data, node
 
 
-def _validate(model: type[BaseModel], data: Any, node: yaml.Node | None, file: Path, line_offset: int) -> Any:
+def _validate(model: type[BaseModel], data: Any, text: str, file: Path, line_offset: int) -> Any:
     if not isinstance(data, dict):
         raise ContentFileError([ContentError(file, 1 + line_offset, "", "expected a YAML mapping of fields")])
     try:
@@ -218,15 +281,8 @@ def _validate(model: type[BaseModel], data: Any, node: yaml.Node | None, file: P
         errors = []
         for err in exc.errors():
             loc = [p for p in err["loc"] if isinstance(p, (str, int))]
-            line = _node_line(node, loc) if node is not None else None
-            errors.append(
-                ContentError(
-                    file,
-                    line + line_offset if line else None,
-                    ".".join(str(p) for p in loc),
-                    err["msg"],
-                )
-            )
+            field_name = ".".join(str(p) for p in loc)
+            errors.append(ContentError(file, _line_in(text, loc, line_offset), field_name, err["msg"]))
         raise ContentFileError(errors) from None
 
 
@@ -259,78 +315,205 @@ def parse_sections(body: str, first_line: int) -> tuple[Section, ...]:
     return tuple(Section(h, level, line, "\n".join(text).strip()) for h, level, line, text in found)
 
 
-def load_lesson(folder: Path) -> Lesson:
-    lesson_file = folder / "lesson.md"
-    quiz_file = folder / "quiz.yaml"
-    errors: list[ContentError] = []
+def _read(file: Path) -> str:
     try:
-        text = lesson_file.read_text(encoding="utf-8")
+        return file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise ContentFileError([ContentError(lesson_file, None, "", f"cannot read: {exc}")]) from None
-    front, body, body_line = split_front_matter(text, lesson_file)
-    data, node = _parse_yaml(front, lesson_file, 1)
-    meta: LessonMeta = _validate(LessonMeta, data, node, lesson_file, 1)
-    if meta.id != folder.name:
-        id_line = _node_line(node, ["id"]) if node is not None else None
-        errors.append(
-            ContentError(
-                lesson_file,
-                id_line + 1 if id_line else None,
-                "id",
-                f"id {meta.id!r} must match the folder name {folder.name!r}",
-            )
-        )
-    sections = parse_sections(body, body_line)
-    if not sections:
-        errors.append(ContentError(lesson_file, body_line, "body", "the lesson has no '## ' sections"))
+        raise ContentFileError([ContentError(file, None, "", f"cannot read: {exc}")]) from None
 
-    try:
-        quiz_text = quiz_file.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ContentFileError([*errors, ContentError(quiz_file, None, "", f"cannot read: {exc}")]) from None
-    quiz_data, quiz_node = _parse_yaml(quiz_text, quiz_file, 0)
-    quiz: QuizFile = _validate(QuizFile, quiz_data, quiz_node, quiz_file, 0)
-    headings = {s.heading.casefold() for s in sections}
-    for index, question in enumerate(quiz.questions):
-        if question.source.casefold() not in headings:
-            errors.append(
-                ContentError(
-                    quiz_file,
-                    _node_line(quiz_node, ["questions", index, "source"]) if quiz_node else None,
-                    f"questions.{index}.source",
-                    f"{question.source!r} is not a section heading of {lesson_file.name}",
-                )
-            )
+
+def read_front_matter(folder: Path) -> tuple[LessonMeta, str, int]:
+    """The validated front matter of ``folder/lesson.md``, its (unparsed) body and the body's line."""
+    lesson_file = folder / "lesson.md"
+    front, body, body_line = split_front_matter(_read(lesson_file), lesson_file)
+    meta: LessonMeta = _validate(LessonMeta, _parse_yaml(front, lesson_file, 1), front, lesson_file, 1)
+    if meta.id != folder.name:
+        message = f"id {meta.id!r} must match the folder name {folder.name!r}"
+        raise ContentFileError([ContentError(lesson_file, _line_in(front, ["id"], 1), "id", message)])
+    return meta, body, body_line
+
+
+def _read_quiz(quiz_file: Path, headings: set[str], lesson_name: str) -> tuple[Question, ...]:
+    """The quiz, every question's ``source`` checked against the lesson's headings (casefolded)."""
+    text = _read(quiz_file)
+    quiz: QuizFile = _validate(QuizFile, _parse_yaml(text, quiz_file, 0), text, quiz_file, 0)
+    errors = [
+        ContentError(
+            quiz_file,
+            _line_in(text, ["questions", index, "source"], 0),
+            f"questions.{index}.source",
+            f"{question.source!r} is not a section heading of {lesson_name}",
+        )
+        for index, question in enumerate(quiz.questions)
+        if question.source.casefold() not in headings
+    ]
     if errors:
         raise ContentFileError(errors)
-    return Lesson(meta, body, sections, tuple(quiz.questions), folder)
+    return tuple(quiz.questions)
 
 
-def load_library(root: Path | None = None) -> Library:
-    """Every lesson under ``root``; broken ones are reported, never fatal."""
-    root = root or default_content_dir()
-    library = Library(root=root)
-    if not root.is_dir():
-        library.errors.append(ContentError(root, None, "", "content folder not found"))
-        return library
-    for folder in sorted(p for p in root.iterdir() if p.is_dir() and (p / "lesson.md").exists()):
-        try:
-            lesson = load_lesson(folder)
-        except ContentFileError as exc:
-            library.errors.extend(exc.errors)
-            continue
-        library.lessons[lesson.id] = lesson
+def load_lesson(folder: Path) -> Lesson:
+    """The whole lesson: front matter, sections and quiz, each checked."""
+    meta, body, body_line = read_front_matter(folder)
+    sections = parse_sections(body, body_line)
+    errors: list[ContentError] = []
+    if not sections:
+        errors.append(
+            ContentError(folder / "lesson.md", body_line, "body", "the lesson has no '## ' sections")
+        )
+    try:
+        questions = _read_quiz(folder / "quiz.yaml", {s.heading.casefold() for s in sections}, "lesson.md")
+    except ContentFileError as exc:
+        errors += exc.errors
+    if errors:
+        raise ContentFileError(errors)
+    return Lesson(meta, body, sections, questions, folder)
+
+
+# --- the library index: the catalogue, cached per content folder --------------------
+
+INDEX_FORMAT = 1  # bump when LessonEntry or what the index checks changes
+
+
+class _IndexedError(_Strict):
+    file: str
+    line: int | None
+    field: str
+    message: str
+
+
+class _IndexedFolder(_Strict):
+    """One lesson folder as the index last saw it: its lesson.md's (mtime_ns, size) then, and
+    either the catalogue entry or what was wrong with the front matter."""
+
+    stamp: tuple[int, int]
+    entry: LessonEntry | None = None
+    errors: tuple[_IndexedError, ...] = ()
+
+
+class _LibraryIndex(_Strict):
+    format: int
+    version: str
+    root: str
+    folders: dict[str, _IndexedFolder]
+
+
+def index_path(root: Path) -> Path:
+    """Where the index of ``root`` is cached: one file per content folder in the user cache dir."""
+    from tutor.paths import cache_dir
+
+    key = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:20]
+    return cache_dir() / "library" / f"{key}.json"
+
+
+def _stamps(root: Path) -> dict[str, tuple[int, int]]:
+    """Every lesson folder's name and its lesson.md's (mtime_ns, size): one stat per lesson."""
+    stamps = {}
+    with os.scandir(root) as found:
+        for item in found:
+            if not item.is_dir():
+                continue
+            try:
+                stat = os.stat(os.path.join(item.path, "lesson.md"))
+            except OSError:
+                continue  # not a lesson folder
+            stamps[item.name] = (stat.st_mtime_ns, stat.st_size)
+    return stamps
+
+
+def _index_folder(folder: Path, stamp: tuple[int, int]) -> _IndexedFolder:
+    try:
+        meta, _body, _line = read_front_matter(folder)
+    except ContentFileError as exc:
+        errors = tuple(
+            _IndexedError(file=str(e.file), line=e.line, field=e.field, message=e.message) for e in exc.errors
+        )
+        return _IndexedFolder(stamp=stamp, errors=errors)
+    return _IndexedFolder(stamp=stamp, entry=LessonEntry.of(meta))
+
+
+def _read_index(path: Path, root: Path) -> dict[str, _IndexedFolder]:
+    """The cached folders, or nothing when the file is missing, unreadable, corrupt or stale:
+    the index is a cache, rebuilt rather than trusted."""
+    from tutor import __version__
+
+    try:
+        index = _LibraryIndex.model_validate_json(path.read_bytes())
+    except (OSError, ValidationError):
+        return {}
+    if index.format != INDEX_FORMAT or index.version != __version__ or index.root != str(root.resolve()):
+        return {}
+    return index.folders
+
+
+def _write_index(path: Path, root: Path, folders: dict[str, _IndexedFolder]) -> None:
+    from tutor import __version__
+
+    index = _LibraryIndex(format=INDEX_FORMAT, version=__version__, root=str(root.resolve()), folders=folders)
+    data = index.model_dump_json().encode()
+    with contextlib.suppress(OSError):  # an index that cannot be written costs the next start a rebuild
+        write_atomic(path, lambda handle: handle.write(data))
+
+
+def _refreshed(root: Path, path: Path) -> dict[str, _IndexedFolder]:
+    """The index of ``root``, re-reading only the lesson.md files whose stamp changed."""
+    cached = _read_index(path, root)
+    folders = {}
+    for name, stamp in sorted(_stamps(root).items()):
+        hit = cached.get(name)
+        folders[name] = hit if hit is not None and hit.stamp == stamp else _index_folder(root / name, stamp)
+    if folders != cached:
+        _write_index(path, root, folders)
+    return folders
+
+
+def _missing_related(
+    entries: dict[str, LessonEntry], errors: list[ContentError], root: Path
+) -> list[ContentError]:
+    """A related id that names no lesson, unless that lesson is there but broken (already reported)."""
+    broken = {e.file.parent.name for e in errors}
+    return [
+        ContentError(root / entry.id / "lesson.md", None, "related", f"no lesson {related!r}")
+        for entry in entries.values()
+        for related in entry.related
+        if related not in entries and related not in broken
+    ]
+
+
+def _library(root: Path, entries: Iterable[LessonEntry], errors: list[ContentError]) -> Library:
     # Shortest first: the 7-minute seed lesson opens, its longer follow-ups come after.
-    ordered = sorted(library.lessons.values(), key=lambda lesson: (lesson.meta.minutes, lesson.id))
-    library.lessons = {lesson.id: lesson for lesson in ordered}
-    for lesson in library.lessons.values():
-        for related in lesson.meta.related:
-            if related not in library.lessons and not any(
-                e.file.parent.name == related for e in library.errors
-            ):
-                library.errors.append(
-                    ContentError(lesson.folder / "lesson.md", None, "related", f"no lesson {related!r}")
-                )
+    ordered = {e.id: e for e in sorted(entries, key=lambda e: (e.minutes, e.id))}
+    return Library(lessons=ordered, errors=errors + _missing_related(ordered, errors, root), root=root)
+
+
+def load_library(root: Path | None = None, index: Path | None = None) -> Library:
+    """The catalogue of every lesson under ``root`` from its cached index (``index``, by default
+    in the user cache dir), refreshed for the folders that changed. Front-matter problems are
+    reported, never fatal; bodies and quizzes are checked when a lesson is opened."""
+    root = root or default_content_dir()
+    if not root.is_dir():
+        return Library(errors=[ContentError(root, None, "", "content folder not found")], root=root)
+    folders = _refreshed(root, index or index_path(root))
+    errors = [
+        ContentError(Path(e.file), e.line, e.field, e.message) for f in folders.values() for e in f.errors
+    ]
+    return _library(root, (f.entry for f in folders.values() if f.entry is not None), errors)
+
+
+def validate_library(root: Path | None = None) -> Library:
+    """Every lesson under ``root`` parsed and checked whole (front matter, body, quiz, related
+    ids), without the index: what ``quant-tutor validate`` runs for authors and CI."""
+    root = root or default_content_dir()
+    if not root.is_dir():
+        return Library(errors=[ContentError(root, None, "", "content folder not found")], root=root)
+    lessons, errors = [], []
+    for name in sorted(_stamps(root)):
+        try:
+            lessons.append(load_lesson(root / name))
+        except ContentFileError as exc:
+            errors += exc.errors
+    library = _library(root, (LessonEntry.of(lesson.meta) for lesson in lessons), errors)
+    library._opened.update((lesson.id, lesson) for lesson in lessons)
     return library
 
 

@@ -137,6 +137,17 @@ class LessonProgress:
     marks: dict[int, tuple[str, ...]] = field(default_factory=dict)  # step index -> doubted sentences
 
 
+@dataclass(frozen=True)
+class LessonSummary:
+    """What a list of every lesson shows about one: :meth:`Store.summaries` reads them all at once."""
+
+    read_fraction: float = 0.0
+    steps_done: int = 0
+    best_score: int | None = None  # over finished full attempts
+    last_score: int | None = None
+    attempts: int = 0  # finished full attempts
+
+
 # --- schema ------------------------------------------------------------------------------
 
 Migration = Callable[[sqlite3.Connection], None]
@@ -221,6 +232,13 @@ MIGRATIONS: list[Migration] = [
         # Which parts of the lesson were on screen long enough to read (JSON array of indexes);
         # read_fraction keeps the most ever reached, so older figures stay.
         "ALTER TABLE lessons ADD COLUMN parts_read TEXT NOT NULL DEFAULT '[]'",
+    ),
+    _sql_step(
+        # A library of 1,600 lessons: every lesson's best and last score, and the last lesson
+        # opened, read from an index instead of a scan of the whole table each time.
+        "CREATE INDEX attempts_finished ON attempts (lesson_id, kind, finished_at, attempt_id) "
+        "WHERE finished_at IS NOT NULL",
+        "CREATE INDEX lessons_by_open_seq ON lessons (open_seq)",
     ),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -953,6 +971,39 @@ class Store:
             ]
             return {lesson_id: self._lesson(conn, lesson_id) for lesson_id in ids}
 
+    def summaries(self) -> dict[str, LessonSummary]:
+        """Every lesson the store knows anything about, summarised, in four grouped queries
+        whatever the number of lessons (the Progress tab, ``progress --json``, the Library)."""
+        with self._read() as conn:
+            read = dict(conn.execute("SELECT lesson_id, read_fraction FROM lessons"))
+            steps = dict(
+                conn.execute("SELECT lesson_id, count(*) FROM steps WHERE done = 1 GROUP BY lesson_id")
+            )
+            scores = {
+                lesson_id: (int(count), int(best))
+                for lesson_id, count, best in conn.execute(
+                    "SELECT lesson_id, count(*), max(score) FROM attempts "
+                    f"WHERE {_FINISHED_FULL} GROUP BY lesson_id"
+                )
+            }
+            last = dict(
+                conn.execute(
+                    "SELECT lesson_id, score FROM (SELECT lesson_id, score, row_number() OVER "
+                    "(PARTITION BY lesson_id ORDER BY finished_at DESC, attempt_id DESC) AS newest "
+                    f"FROM attempts WHERE {_FINISHED_FULL}) WHERE newest = 1"
+                )
+            )
+        return {
+            lesson_id: LessonSummary(
+                read_fraction=float(read.get(lesson_id, 0.0)),
+                steps_done=int(steps.get(lesson_id, 0)),
+                best_score=scores[lesson_id][1] if lesson_id in scores else None,
+                last_score=None if last.get(lesson_id) is None else int(last[lesson_id]),
+                attempts=scores.get(lesson_id, (0, 0))[0],
+            )
+            for lesson_id in sorted(read.keys() | steps.keys() | scores.keys())
+        }
+
     def last_lesson(self) -> str | None:
         """The lesson opened most recently (by :meth:`touch_lesson`), or None."""
         with self._use() as conn:
@@ -962,6 +1013,7 @@ class Store:
         return None if row is None else str(row[0])
 
 
+_FINISHED_FULL = "kind = 'full' AND finished_at IS NOT NULL"
 _ANSWER_COLUMNS = "attempt_id, lesson_id, question_id, choice, correct, seconds, answered_at"
 _ATTEMPT_COLUMNS = "attempt_id, lesson_id, kind, question_ids, started_at, finished_at, abandoned_at, score"
 

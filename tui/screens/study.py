@@ -1,4 +1,4 @@
-"""The study screen: one lesson, with tabs for reading, practice, quiz, related lessons and progress."""
+"""The study screen: one lesson, with tabs for reading, practice, quiz, the library and progress."""
 
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ from tui.tutor_runtime import TutorRuntime, TutorState
 from tui.widgets.chat_view import ChatView
 from tui.widgets.lab_view import LabView
 from tui.widgets.lesson_view import LessonView
+from tui.widgets.library_view import LibraryView
 from tui.widgets.plain import Plain, literal
 from tui.widgets.practice_view import PracticeView
 from tui.widgets.progress_view import ProgressView
 from tui.widgets.quiz_view import QuizView
-from tui.widgets.related_view import RelatedView
 from tutor.content import Lesson, Library
 from tutor.store import Store
 
@@ -26,7 +26,7 @@ TABS = {
     "lesson": "Lesson",
     "practice": "Practice",
     "quiz": "Quiz",
-    "related": "Related",
+    "library": "Library",
     "progress": "Progress",
     "tutor": "Tutor",
     "lab": "Lab",
@@ -35,7 +35,7 @@ TAB_KEYS = {
     "lesson": "l",
     "practice": "p",
     "quiz": "q",
-    "related": "r",
+    "library": "r",
     "progress": "g",
     "tutor": "t",
     "lab": "b",
@@ -74,8 +74,8 @@ class StudyScreen(Screen[None]):
                 yield PracticeView(self.lesson, self.store)
             with TabPane(tab_label("quiz"), id="quiz"):
                 yield QuizView(self.lesson, self.store)
-            with TabPane(tab_label("related"), id="related"):
-                yield RelatedView(self.lesson, self.library, self.store)
+            with TabPane(tab_label("library"), id="library"):
+                yield LibraryView(self.lesson, self.library, self.store)
             with TabPane(tab_label("progress"), id="progress"):
                 yield ProgressView(self.library, self.store)
             with TabPane(tab_label("tutor"), id="tutor"):
@@ -119,14 +119,17 @@ class StudyScreen(Screen[None]):
             "lesson": "#lesson-scroll",
             "practice": "PracticeView",
             "quiz": "QuizView",
-            "related": "#related-list",
+            "library": "#library-search",
             "progress": "#progress-table",
             "tutor": "#chat-input",
             "lab": "LabView",
         }
         self.query_one(targets[tab]).focus()
+        # Both list the whole library: they are filled when shown, never at start-up.
         if tab == "progress":
             self.query_one(ProgressView).refresh_rows()
+        if tab == "library":
+            self.query_one(LibraryView).refresh_list()
         if tab in ("tutor", "lab"):
             self.app.start_tutor()  # type: ignore[attr-defined]
 

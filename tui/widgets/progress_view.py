@@ -11,8 +11,8 @@ from textual.widgets import DataTable
 
 from tui.messages import OpenLesson
 from tui.widgets.plain import Plain
-from tutor.content import Library
-from tutor.store import Store
+from tutor.content import QUIZ_LENGTH, Library
+from tutor.store import LessonSummary, Store
 from tutor.text import clean
 
 
@@ -40,15 +40,15 @@ class ProgressView(Vertical):
         yield table
         yield Plain("Enter on a row opens that lesson.", classes="hint")
         yield Plain(f"Progress is saved as you go in {display_path(self.store.path)}", classes="hint")
-        for error in self.library.errors:
-            yield Plain(f"Could not load: {error}", classes="content-error")
+        yield Plain(classes="content-error")
 
     def on_mount(self) -> None:
+        # Only the columns: the rows (one per lesson, thousands in a big library) are read when
+        # the tab is shown, so start-up never waits for them.
         table = self.query_one(DataTable)
         table.add_column("Lesson", width=MIN_TITLE_WIDTH, key="lesson")
         for label in FIGURE_COLUMNS:
             table.add_column(label, width=FIGURE_WIDTH)
-        self.refresh_rows()
 
     def on_resize(self) -> None:
         """The lesson column takes the width the figures leave; a title cut there ends in …."""
@@ -59,20 +59,23 @@ class ProgressView(Vertical):
         table.refresh()
 
     def refresh_rows(self) -> None:
+        """Every lesson's row from one grouped read of the store; the table draws only the rows
+        on screen. Lessons found broken since start-up (on opening them) are listed below."""
+        summaries = self.store.summaries()
         table = self.query_one(DataTable)
         table.clear()
-        for lesson in self.library.ordered():
-            p = self.store.lesson(lesson.id)
-            best = "—" if p.best_score is None else f"{p.best_score}/{len(lesson.questions)}"
-            steps = f"{len(p.steps_done)}/{len(lesson.meta.practice)}"
+        for entry in self.library.lessons.values():
+            p = summaries.get(entry.id, LessonSummary())
             table.add_row(
-                Text(clean(lesson.title), no_wrap=True, overflow="ellipsis"),
+                Text(clean(entry.title), no_wrap=True, overflow="ellipsis"),
                 f"{round(p.read_fraction * 100)}%",
-                steps,
-                best,
+                f"{p.steps_done}/{entry.steps}",
+                "—" if p.best_score is None else f"{p.best_score}/{QUIZ_LENGTH}",
                 str(p.attempts),
-                key=lesson.id,
+                key=entry.id,
             )
+        errors = "\n".join(f"Could not load: {error}" for error in self.library.errors)
+        self.query_one(".content-error", Plain).show(errors)
 
     def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
         if event.row_key.value:
