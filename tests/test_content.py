@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, SEED
-from tutor.content import QUIZ_LENGTH, Library, load_library, plain_text, validate_library
+from tutor.content import QUIZ_LENGTH, Library, load_library, parse_sections, plain_text, validate_library
 
 RELATED = ["hermes-q4-vs-q8", "gguf-awq-gptq-decision", "fp16-q8-q6-q5-q4"]
 
@@ -143,3 +143,10 @@ def test_schema_is_json_schema() -> None:
     schema = json.loads(json.dumps(json_schema()))
     assert schema["quiz.yaml"]["properties"]["questions"]["minItems"] == QUIZ_LENGTH
     assert "key_terms" in schema["lesson.md front matter"]["required"]
+
+
+def test_sections_split_at_level_two_and_three_headings_only() -> None:
+    body = "# Title\nintro\n## Why\nbecause\n#### Aside\nstill why\n### How\nlike so"
+    sections = parse_sections(body, 1)
+    assert [(s.heading, s.level) for s in sections] == [("Why", 2), ("How", 3)]
+    assert "#### Aside" in sections[0].body

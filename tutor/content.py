@@ -536,7 +536,7 @@ def plain_text(lesson: Lesson) -> str:
     return "\n".join(out) + "\n"
 
 
-_HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$")
+_ANY_HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$")  # sections are ## and ### only: _HEADING
 _TABLE_RULE = re.compile(r"^\|?\s*:?-{3,}:?\s*(\|\s*:?-{3,}:?\s*)*\|?$")
 _LINK = re.compile(r"\[([^\]]+)\]\(([^)\s]+)\)")
 _EMPHASIS = re.compile(r"(\*\*|__|\*|`)(.+?)\1")
@@ -584,7 +584,7 @@ def markdown_as_plain(markdown: str) -> str:
         if table:
             out += _table(table)
             table = []
-        heading = _HEADING.match(line)
+        heading = _ANY_HEADING.match(line)
         if heading:
             marks, title = heading.groups()
             out += _underlined(_inline(title), "=" if len(marks) <= 2 else "-")
