@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run test lint clean
+.PHONY: install run test lint clean bench-library
 
 install: $(STAMP)
 
@@ -31,6 +31,10 @@ lint: install
 
 test: lint
 	$(VENV)/bin/pytest
+
+# Start-up, first paint and memory with 4 and with 1,600 generated lessons (README: "A library").
+bench-library: install
+	$(PY) -m tui.library_bench --lessons 1600
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from textual.widgets import TextArea
 
-from tests.conftest import SEED
+from tests.conftest import SEED, until
 from tui.app import QuantTutorApp
 from tui.screens.confirm import ConfirmDiscard
 from tui.screens.study import StudyScreen
@@ -198,19 +198,20 @@ async def test_progress_table_uses_the_width_it_has(library: Library, store: Sto
 async def test_reading_counts_what_stayed_on_screen_not_a_jump_to_the_end(
     library: Library, store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(lesson_view, "READ_DWELL_S", 0.5)  # the rule, on a shorter clock
+    monkeypatch.setattr(lesson_view, "READ_DWELL_S", 1.0)  # the rule, on a shorter clock
     app = QuantTutorApp(library, store)
     async with app.run_test(size=SIZE) as pilot:
-        await pilot.pause(0.7)  # the top of the lesson, on screen long enough to read
+        # The top of the lesson, on screen long enough to read (waited for: start-up varies).
+        await until(pilot, lambda: store.lesson(SEED).read_fraction > 0, 20)
         top = store.lesson(SEED).read_fraction
-        assert 0 < top < 0.3
+        assert top < 0.3
         await pilot.press("end")
         await pilot.pause(0.1)
         await pilot.press("p")  # gone before it could be read
-        await pilot.pause(0.7)
+        await pilot.pause(1.3)
         assert store.lesson(SEED).read_fraction == top, "End alone reads nothing"
         await pilot.press("l")
-        await pilot.pause(0.7)
+        await until(pilot, lambda: store.lesson(SEED).read_fraction > top, 20)
         after = store.lesson(SEED).read_fraction
         assert top < after < 0.6, "the end counts once it stayed on screen, the middle still unread"
         assert f"read {round(after * 100)}%" in _study(app).status_text
