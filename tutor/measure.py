@@ -32,7 +32,7 @@ from functools import partial
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from tutor.content import Library, plain_text
+from tutor.content import Lesson, Library
 from tutor.engine.generate import Cancel, is_cancelled
 from tutor.files import write_atomic
 from tutor.paths import cache_dir
@@ -143,15 +143,25 @@ def content_hash(library: Library) -> str:
     digest = hashlib.sha256()
     for lesson in library.ordered():
         digest.update(lesson.id.encode())
-        digest.update(plain_text(lesson).encode())
+        digest.update(lesson_text(lesson).encode())
     return digest.hexdigest()[:16]
+
+
+def lesson_text(lesson: Lesson) -> str:
+    """The text the cliff is measured on: the lesson as its author wrote it (Markdown source),
+    not as ``read`` lays it out, so a change of presentation does not move the figures."""
+    meta = lesson.meta
+    out = [meta.title, f"{meta.track} · about {meta.minutes} min read", "", "The premise", meta.premise, ""]
+    out += [lesson.body.strip(), "", "Key terms", *(f"- {t.term}: {t.definition}" for t in meta.key_terms)]
+    out += ["", "Practice", *(f"{i}. {s.title}: {s.prompt}" for i, s in enumerate(meta.practice, 1))]
+    return "\n".join(out) + "\n"
 
 
 def lesson_windows(tokenizer: Any, library: Library, window: int = WINDOW) -> list[list[int]]:
     """Fixed windows of ``window`` tokens over all lesson text (the last partial one dropped)."""
     ids: list[int] = []
     for lesson in library.ordered():
-        ids += tokenizer(plain_text(lesson), add_special_tokens=False)["input_ids"]
+        ids += tokenizer(lesson_text(lesson), add_special_tokens=False)["input_ids"]
     return [ids[i : i + window] for i in range(0, len(ids) - window + 1, window)]
 
 
