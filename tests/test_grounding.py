@@ -139,6 +139,7 @@ def test_the_contrast_prompt_is_the_request_without_its_passages() -> None:
 def test_tidy_drops_echoed_passage_numbers() -> None:
     said = "[4] QLoRA trains adapters on a frozen NF4 model. NF4 keeps quality [1] better. A[0] stays. And"
     assert tidy(said) == "QLoRA trains adapters on a frozen NF4 model. NF4 keeps quality better. A[0] stays."
+    assert tidy("[Passage 4] Key terms: KL compares.") == "Key terms: KL compares."
 
 
 def test_limit_question() -> None:

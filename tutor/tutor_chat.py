@@ -42,8 +42,8 @@ def complete_sentences(text: str) -> list[str]:
 
 
 # The prompt numbers its passages "[1] Section: …"; held to them, the model sometimes echoes a
-# number ("[4] QLoRA trains…", one that names no passage), which says nothing to the learner.
-_PASSAGE_NUMBER = re.compile(r"(?:^|(?<=\s))\[\d{1,2}\]\s*")
+# number ("[4] QLoRA trains…", "[Passage 4] Key terms…"), which says nothing to the learner.
+_PASSAGE_NUMBER = re.compile(r"(?:^|(?<=\s))\[(?:passage )?\d{1,2}\]\s*", re.IGNORECASE)
 
 
 def tidy(text: str, max_sentences: int = MAX_SENTENCES) -> str:
