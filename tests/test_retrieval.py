@@ -155,6 +155,7 @@ def test_index_is_cached_and_rebuilt_when_a_lesson_changes(tmp_path: Path) -> No
 
     second = Retriever.load(load_library(content), cache_dir=cache)
     assert second.from_cache and second.embedded == 0 and second.key == first.key
+    assert second.model is None, "with the index on disk the model waits for the first question"
     assert {p.name: p.stat().st_mtime_ns for p in (cache / "index").iterdir()} == mtimes
     assert (second.vectors == first.vectors).all()
     query = "Why do quantized models feel faster?"

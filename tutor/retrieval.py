@@ -459,8 +459,9 @@ class Retriever:
 
     library: Library
     chunks: list[Chunk]
-    model: Any  # SentenceTransformer
+    model: Any  # SentenceTransformer; None until the first text is embedded (or warm())
     key: str
+    model_path: Path | None = None
     vectors: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32), repr=False)
     from_cache: bool = False  # True when the vectors came from disk instead of being embedded now
     build_s: float = 0.0
@@ -492,14 +493,17 @@ class Retriever:
 
             cache_dir = default_cache_dir()
         index_dir = cache_dir / "index"
-        report("Loading the embedding model", 0.0)
-        model = load_model(model_path)
-        retriever = cls(library, chunks, model, key)
+        # With the index on disk the model is needed only for questions: it loads on the first
+        # one or on warm() (the engine calls it right after it says ready), which takes
+        # sentence-transformers' imports (about 2 s here) off the learner's wait.
+        retriever = cls(library, chunks, None, key, model_path)
         vectors = _read_index(index_dir, key, chunks)
         if vectors is not None:
             retriever.from_cache = True
             report("Index loaded from cache", 1.0)
         else:
+            report("Loading the embedding model", 0.0)
+            retriever.warm()
             texts = [c.embed_text() for c in chunks]
             # Batches of similar length waste less work on padding.
             order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
@@ -523,6 +527,12 @@ class Retriever:
         retriever.build_s = time.perf_counter() - started
         return retriever
 
+    def warm(self) -> None:
+        """Load the embedding model now, if it is not loaded yet."""
+        with self._lock:
+            if self.model is None:
+                self.model = load_model(self.model_path)
+
     def embed(self, texts: Sequence[str], remember: bool = True) -> np.ndarray:
         """Unit-length float32 embeddings, one row per text.
 
@@ -537,6 +547,8 @@ class Retriever:
         fresh: dict[str, np.ndarray] = {}
         if missing:
             self.embedded += len(missing)
+            if self.model is None:
+                self.model = load_model(self.model_path)
             encoded = self.model.encode(
                 missing,
                 batch_size=BATCH_SIZE,

@@ -88,8 +88,9 @@ class EngineHost:
         else:
             from tutor.engine.engine import preload_bitsandbytes
 
-            # After ready, not before: the first question does not wait for it, and a switch
+            # After ready, not before: the first question does not wait for them, and a switch
             # asked for later pays only for quantizing.
+            self.retriever.warm()
             preload_bitsandbytes()
 
     def _load_model(self) -> Engine:
