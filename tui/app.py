@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterable
 from contextlib import suppress
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 
 from textual.app import App, SystemCommand
@@ -50,7 +50,12 @@ class QuantTutorApp(App[None]):
         self.start_lesson = wanted if wanted in library.lessons else first
         self.tutor = tutor or TutorRuntime(library, model=model, device=device)
         self.start_engine = start_engine
-        self.lesson_finder: LessonFinder | None = None  # built the first time the palette searches
+
+    @cached_property
+    def lesson_finder(self) -> LessonFinder:
+        """One search over the library index for the palette and the Library tab, built the first
+        time either searches (the index does not change while the app runs)."""
+        return LessonFinder(self.library.lessons.values())
 
     def on_mount(self) -> None:
         self.push_screen(self._first_study())

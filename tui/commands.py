@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING
 from textual.command import DiscoveryHit, Hit, Hits, Provider
 
 from tutor.content import LessonEntry
-from tutor.finder import LessonFinder
 
 if TYPE_CHECKING:
     from tui.app import QuantTutorApp
@@ -27,13 +26,6 @@ class LessonCommands(Provider):
     @property
     def _app(self) -> QuantTutorApp:
         return self.app  # type: ignore[return-value]
-
-    def _finder(self) -> LessonFinder:
-        # Built once per app: the library index does not change while the app runs.
-        app = self._app
-        if app.lesson_finder is None:
-            app.lesson_finder = LessonFinder(app.library.lessons.values())
-        return app.lesson_finder
 
     async def discover(self) -> Hits:
         study = self._app.study
@@ -50,7 +42,7 @@ class LessonCommands(Provider):
         if not words:
             return
         matcher = self.matcher(" ".join(words))
-        for rank, entry in enumerate(self._finder().find(" ".join(words))[:MAX_HITS]):
+        for rank, entry in enumerate(self._app.lesson_finder.find(" ".join(words))[:MAX_HITS]):
             name = PREFIX + entry.title
             # Every word matched somewhere (title, track or summary); the title's own fuzzy
             # score orders the hits, and the library's order breaks ties.

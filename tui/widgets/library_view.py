@@ -16,7 +16,7 @@ from textual.widgets.option_list import Option
 from tui.messages import OpenLesson
 from tui.widgets.plain import Plain, literal
 from tutor.content import Lesson, LessonEntry, Library
-from tutor.finder import MARK_WIDTH, LessonFinder, by_track, progress_mark
+from tutor.finder import MARK_WIDTH, by_track, progress_mark
 from tutor.store import LessonSummary, Store
 from tutor.text import plural
 
@@ -36,7 +36,6 @@ class LibraryView(Vertical):
         self.lesson = lesson
         self.library = library
         self.store = store
-        self._finder: LessonFinder | None = None
         self._summaries: dict[str, LessonSummary] = {}
         self._shown = PAGE
 
@@ -50,8 +49,6 @@ class LibraryView(Vertical):
 
     def refresh_list(self) -> None:
         """Re-read the progress marks and redraw (the tab was shown)."""
-        if self._finder is None:
-            self._finder = LessonFinder(self.library.lessons.values())
         self._summaries = self.store.summaries()
         self._fill()
 
@@ -63,9 +60,8 @@ class LibraryView(Vertical):
     def _fill(self, highlight_from: int = 0) -> None:
         """List the related lessons (when not searching), then the first ``_shown`` matches by
         track, then "show more"; highlight the first lesson at or after ``highlight_from``."""
-        assert self._finder is not None, "refresh_list() runs when the tab is first shown"
         query = self.query_one("#library-search", Input).value
-        found = self._finder.find(query)
+        found = self.app.lesson_finder.find(query)  # type: ignore[attr-defined]
         options: list[Option] = []
         if not query.strip():
             related = [self.library.lessons[i] for i in self.lesson.meta.related if i in self.library.lessons]
