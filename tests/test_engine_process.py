@@ -72,13 +72,69 @@ def test_two_apps_get_two_private_engines(tmp_path: Path) -> None:
     assert not any(folder is not None and folder.exists() for folder in folders), "stop cleans up"
 
 
-# --- `quant-tutor serve` with the openai package ------------------------------------------------
+# --- the openai package against the engine, and `quant-tutor serve` on a port ---------------
+
+MODEL_IDS = [f"smollm2-135m-instruct:{p}" for p in ("fp32", "bf16", "int8", "nf4", "fp4")]
 
 
 @pytest.mark.model
-def test_openai_client_streams_from_quant_tutor_serve(model_cache: Path) -> None:
+def test_openai_client_streams_from_the_engine(engine_process: EngineProcess) -> None:
+    """The `openai` package, unchanged, over the engine's socket (the app's own engine: the same
+    server as `quant-tutor serve`, which the next test starts on a port)."""
     import openai
 
+    transport = httpx.HTTPTransport(uds=str(engine_process.socket_path))
+
+    def over_the_socket(key: str) -> openai.OpenAI:
+        http = httpx.Client(transport=transport)
+        return openai.OpenAI(base_url="http://engine/v1", api_key=key, http_client=http)
+
+    client = over_the_socket(engine_process.token)
+    assert [m.id for m in client.models.list()] == MODEL_IDS
+    # The model id picks the precision: fp32 here (no quantizing, the fastest decode on any CPU).
+    stream = client.chat.completions.create(
+        model="smollm2-135m-instruct:fp32",
+        messages=[{"role": "user", "content": "What is 4-bit quantization?"}],
+        max_tokens=24,
+        stream=True,
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert len(chunks) > 3 and text.strip()
+    last = chunks[-1]
+    assert last.usage is not None and last.usage.completion_tokens <= 24
+    assert last.model_extra is not None and last.model_extra["x_stats"]["precision"] == "fp32"
+
+    # Closing a stream early cancels the reply: the engine is free again at once.
+    early = client.chat.completions.create(
+        model="smollm2-135m-instruct:bf16",
+        messages=[{"role": "user", "content": "Tell me a long story."}],
+        max_tokens=200,
+        stream=True,
+    )
+    next(iter(early))
+    early.close()
+    started = time.monotonic()
+    reply = client.chat.completions.create(
+        model="smollm2-135m-instruct:bf16", messages=[{"role": "user", "content": "Hi"}], max_tokens=4
+    )
+    assert reply.choices[0].message.content and time.monotonic() - started < 20
+    assert reply.model_extra is not None and reply.model_extra["x_stats"]["precision"] == "bf16"
+
+    with pytest.raises(openai.AuthenticationError):
+        over_the_socket("wrong").models.list()
+    raw = httpx.Client(transport=transport, base_url="http://engine")
+    bad = raw.post(
+        "/qt/ask",
+        json={"question": "What is NF4?", "max_sentences": 9},
+        headers={"Authorization": f"Bearer {engine_process.token}"},
+    )
+    assert bad.status_code == 400 and "'max_sentences' must be a whole number from 1 to 3" in bad.text
+
+
+def test_quant_tutor_serve_listens_on_a_port_with_a_key(model_cache: Path) -> None:
+    """`quant-tutor serve` prints its URL and key and answers at once (the model loads behind);
+    a second server on the same port says so in one line, no traceback."""
     server = subprocess.Popen(
         [sys.executable, "-m", "tui.entry", "serve", "--port", "0", "--cache-dir", str(model_cache)],
         stdout=subprocess.PIPE,
@@ -90,54 +146,9 @@ def test_openai_client_streams_from_quant_tutor_serve(model_cache: Path) -> None
         url = server.stdout.readline().split()[-1]
         key = server.stdout.readline().split()[-1]
         assert url.startswith("http://127.0.0.1:") and url.endswith("/v1")
-        deadline = time.monotonic() + 300
-        while httpx.get(url[:-3] + "/qt/status", headers={"Authorization": f"Bearer {key}"}).json()[
-            "state"
-        ] != "ready":
-            assert time.monotonic() < deadline and server.poll() is None
-            time.sleep(0.2)
-
-        client = openai.OpenAI(base_url=url, api_key=key)
-        ids = [m.id for m in client.models.list()]
-        assert ids == [f"smollm2-135m-instruct:{p}" for p in ("fp32", "bf16", "int8", "nf4", "fp4")]
-        stream = client.chat.completions.create(
-            model="smollm2-135m-instruct:nf4",
-            messages=[{"role": "user", "content": "What is 4-bit quantization?"}],
-            max_tokens=24,
-            stream=True,
-        )
-        chunks = list(stream)
-        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-        assert len(chunks) > 3 and text.strip()
-        last = chunks[-1]
-        assert last.usage is not None and last.usage.completion_tokens <= 24
-        assert last.model_extra is not None and last.model_extra["x_stats"]["precision"] == "nf4"
-
-        # Closing a stream early cancels the reply: the engine is free again at once.
-        early = client.chat.completions.create(
-            model="smollm2-135m-instruct:bf16",
-            messages=[{"role": "user", "content": "Tell me a long story."}],
-            max_tokens=200,
-            stream=True,
-        )
-        next(iter(early))
-        early.close()
-        started = time.monotonic()
-        reply = client.chat.completions.create(
-            model="smollm2-135m-instruct:bf16", messages=[{"role": "user", "content": "Hi"}], max_tokens=4
-        )
-        assert reply.choices[0].message.content and time.monotonic() - started < 20
-
-        with pytest.raises(openai.AuthenticationError):
-            openai.OpenAI(base_url=url, api_key="wrong").models.list()
-        bad = httpx.post(
-            url[:-3] + "/qt/ask",
-            json={"question": "What is NF4?", "max_sentences": 9},
-            headers={"Authorization": f"Bearer {key}"},
-        )
-        assert bad.status_code == 400 and "'max_sentences' must be a whole number from 1 to 3" in bad.text
-
-        # A second server on the same port says so in one line, no traceback.
+        listed = httpx.get(url + "/models", headers={"Authorization": f"Bearer {key}"}, timeout=30)
+        assert [m["id"] for m in listed.json()["data"]] == MODEL_IDS
+        assert httpx.get(url + "/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
         port = url.rsplit(":", 1)[1].split("/")[0]
         taken = subprocess.run(
             [sys.executable, "-m", "tui.entry", "serve", "--port", port],

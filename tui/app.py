@@ -121,6 +121,10 @@ class QuantTutorApp(App[None]):
         if self.tutor.state in (TutorState.IDLE, TutorState.FAILED, TutorState.STOPPED):
             self.run_worker(partial(self.tutor.load, self._tutor_changed), thread=True, group="tutor-load")
 
+    def cancel_failed(self, why: str) -> None:
+        """From a thread: the engine could not be told to stop (it is gone or refused)."""
+        self.call_from_thread(self.notify, f"Could not cancel: {why}", severity="warning")
+
     def _tutor_changed(self) -> None:
         self.call_from_thread(self.post_message, TutorStatus())
 

@@ -125,6 +125,26 @@ class TutorRuntime:
         self.weights_mib = status.get("weights_mib")
         self.client, self.state, self.detail, self.fraction = client, TutorState.READY, "", 1.0
 
+    def cancel(self, request_id: str, failed: Callable[[str], None]) -> None:
+        """Tell the engine to stop ``request_id`` from a thread of its own, so Esc never waits on
+        the socket; ``failed(reason)`` is called from that thread if the engine could not be told.
+
+        A reader loop that closes its stream notices only at the stream's next event; while the
+        engine quantizes a precision or waits for another job no event comes, so each Esc says
+        so to the engine directly (a request it has not seen yet is stopped when it arrives).
+        """
+        client = self.client
+        if client is None:
+            return
+
+        def send() -> None:
+            try:
+                client.cancel(request_id)
+            except (EngineGone, EngineRefused) as exc:
+                failed(str(exc))
+
+        threading.Thread(target=send, name="cancel", daemon=True).start()
+
     def engine_died(self, settle_s: float = 0.0) -> bool:
         """True (and the state says so) when the engine process is gone; no I/O.
 

@@ -333,20 +333,11 @@ class ChatView(Vertical):
     def action_cancel(self) -> None:
         """Esc cancels a reply in flight; otherwise it leaves the input so letter keys switch tabs."""
         if self._request is not None:
-            self._send_cancel(self._request)
+            self.runtime.cancel(self._request, self.app.cancel_failed)  # type: ignore[attr-defined]
             self._request = None
             self.notify("Reply cancelled.")
         else:
             self.query_one("#chat-log", VerticalScroll).focus()
-
-    @work(thread=True, group="cancel")
-    def _send_cancel(self, request_id: str) -> None:
-        client = self.runtime.client
-        if client is not None:
-            try:
-                client.cancel(request_id)
-            except (EngineGone, EngineRefused) as exc:
-                self.app.call_from_thread(self.notify, f"Could not cancel: {exc}", severity="warning")
 
     def action_ask_again(self) -> None:
         if self.last is None:

@@ -47,6 +47,7 @@ class LabView(VerticalScroll, can_focus=True):
         self.result: dict[str, Any] | None = None
         self._stop: threading.Event | None = None  # set: the measurement in flight should stop
         self._compare_stop: threading.Event | None = None  # set: the compare in flight should stop
+        self._requests: dict[str, str] = {}  # "measure" / "compare": the request id in flight
 
     @property
     def measuring(self) -> bool:
@@ -139,6 +140,8 @@ class LabView(VerticalScroll, can_focus=True):
         for flag in (self._stop, self._compare_stop):
             if flag is not None:
                 flag.set()
+        for request_id in list(self._requests.values()):
+            self.runtime.cancel(request_id, self.app.cancel_failed)  # type: ignore[attr-defined]
 
     @work(thread=True, exclusive=True, group="lab")
     def _measure(self, plan: str, stop: threading.Event) -> None:
@@ -146,7 +149,8 @@ class LabView(VerticalScroll, can_focus=True):
         assert client is not None
         outcome = "Measuring stopped."
         try:
-            events = client.cliff(plan, LAB_PRECISIONS, request_id=uuid.uuid4().hex)
+            request_id = self._requests["measure"] = uuid.uuid4().hex
+            events = client.cliff(plan, LAB_PRECISIONS, request_id=request_id)
             try:
                 for event in events:
                     if stop.is_set():
@@ -167,6 +171,7 @@ class LabView(VerticalScroll, can_focus=True):
             outcome = f"Measuring stopped: {self.runtime.error}. Press m again: the engine restarts."
         except EngineRefused as exc:
             outcome = f"Measuring failed: {exc}"
+        self._requests.pop("measure", None)
         self.app.call_from_thread(self._done, outcome)
 
     def _engine_gone(self, why: str) -> None:
@@ -266,11 +271,14 @@ class LabView(VerticalScroll, can_focus=True):
         answers: dict[str, TutorAnswer] = {}
         try:
             for precision in LAB_PRECISIONS:  # each question names its precision: nothing to switch back
+                request_id = self._requests["compare"] = uuid.uuid4().hex
+                if stop.is_set():
+                    break
                 events = client.ask(
                     question,
                     lesson_id=self.lesson.id,
                     precision=precision,
-                    request_id=uuid.uuid4().hex,
+                    request_id=request_id,
                     max_sentences=COMPARE_SENTENCES,
                 )
                 try:
@@ -291,6 +299,7 @@ class LabView(VerticalScroll, can_focus=True):
             self.app.call_from_thread(self.notify, f"Compare stopped: {self.runtime.error}", severity="error")
         except EngineRefused as exc:
             self.app.call_from_thread(self.notify, f"Compare stopped: {exc}", severity="error")
+        self._requests.pop("compare", None)
         self.app.call_from_thread(self._compare_done, [p for p in LAB_PRECISIONS if p not in answers])
 
     def _compare_done(self, unanswered: list[str]) -> None:
