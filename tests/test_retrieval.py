@@ -7,9 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.conftest import ROOT, SEED
+from tutor import retrieval
 from tutor.content import Library, load_library
 from tutor.retrieval import (
     FRONT_MATTER,
@@ -189,3 +191,14 @@ def test_importing_the_domain_does_not_import_torch() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+def test_the_memo_starts_over_without_losing_the_texts_of_the_call(
+    shared_retriever: Retriever, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(retrieval, "MEMO_SIZE", 3)
+    first = shared_retriever.embed(["alpha one", "beta two"])
+    # One text remembered, two new: the memo overflows and starts over mid-call.
+    again = shared_retriever.embed(["alpha one", "gamma three", "delta four"])
+    assert again.shape == (3, first.shape[1])
+    assert np.allclose(again[0], first[0], atol=1e-6)

@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from tutor.content import default_content_dir
-from tutor.grounding import MARKS, Verdict, check_support, prepare
+from tutor.grounding import MARKS, Verdict, check_support, evidence_units, prepare
+from tutor.quote import spans
 
 if TYPE_CHECKING:  # pragma: no cover
     from tutor.retrieval import Retriever
@@ -243,6 +244,7 @@ class Figures:
 def evaluate(retriever: Retriever, eval_set: EvalSet) -> Figures:
     """Retrieval, the quote and the claims' verdicts on one set (no language model)."""
     figures = Figures(eval_set.name)
+    _embed_up_front(retriever, eval_set)
     for item in eval_set.on_lesson:
         figures.on_lesson += 1
         prepared = prepare(item.question, retriever, item.lesson)
@@ -277,6 +279,23 @@ def evaluate(retriever: Retriever, eval_set: EvalSet) -> Figures:
                 f" against: {check.evidence})"
             )
     return figures
+
+
+def _embed_up_front(retriever: Retriever, eval_set: EvalSet) -> None:
+    """Embed, in one call, the texts :func:`evaluate` will compare: the set's questions and
+    claims, and every quotable span and evidence unit of the lessons it names.
+
+    The tutor embeds a handful of texts per question; in large length-sorted batches the same
+    texts take about a third of the time on a CPU, and the retriever remembers them.
+    """
+    lessons = {item.lesson for item in eval_set.on_lesson} | {claim.lesson for claim in eval_set.claims}
+    sections = dict.fromkeys((c.lesson_id, c.section) for c in retriever.chunks if c.lesson_id in lessons)
+    texts = [item.question for item in eval_set.on_lesson] + list(eval_set.off_topic)
+    texts += [claim.text for claim in eval_set.claims]
+    for lesson_id, section in sections:
+        hits = retriever.section_hits(lesson_id, section)
+        texts += [span.text for span in spans(hits)] + evidence_units(hits)
+    retriever.embed(sorted(set(texts), key=len))
 
 
 # --- what the model writes, per precision -------------------------------------------------

@@ -360,7 +360,7 @@ def _numbers(text: str) -> set[str]:
 _CLAUSE = re.compile(r"\s*(?:;|:|,\s+(?:but|and|so|while|which|whereas)\b)\s*")
 
 
-def _evidence_units(hits: Sequence[Hit]) -> list[str]:
+def evidence_units(hits: Sequence[Hit]) -> list[str]:
     """The passages' sentences, plus their clauses (so "X is not tuned, and Y is" yields a
     positive "Y is" as well as the negated whole)."""
     units: list[str] = []
@@ -394,7 +394,7 @@ def check_support(generated_text: str, hits: Sequence[Hit], embed: Embedder) -> 
     said = sentences(generated_text)
     if not said:
         return []
-    evidence = _evidence_units(hits)
+    evidence = evidence_units(hits)
     if not evidence:
         return [SentenceCheck(clean(s), False, 0.0, "", "no passage") for s in said]
     passage_tokens = {t for unit in evidence for t in content_tokens(unit)}

@@ -557,14 +557,16 @@ class Retriever:
                 show_progress_bar=False,
             )
             fresh = dict(zip(missing, np.asarray(encoded, dtype=np.float32), strict=True))
-            if remember:
-                if len(self._memo) + len(fresh) > MEMO_SIZE:
-                    self._memo.clear()
-                self._memo.update(fresh)
         if not texts:
             dim = self.vectors.shape[1] if self.vectors.ndim == 2 and self.vectors.shape[1] else 384
             return np.zeros((0, dim), np.float32)
-        return np.vstack([fresh[t] if t in fresh else self._memo[t] for t in texts]).astype(np.float32)
+        # Read before remembering: starting the memo over must not lose this call's own texts.
+        out = np.vstack([fresh[t] if t in fresh else self._memo[t] for t in texts]).astype(np.float32)
+        if remember and fresh:
+            if len(self._memo) + len(fresh) > MEMO_SIZE:
+                self._memo.clear()
+            self._memo.update(fresh)
+        return out
 
     def search(self, query: str, k: int = 3, lesson_id: str | None = None) -> SearchResult:
         started = time.perf_counter()
