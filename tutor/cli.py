@@ -27,6 +27,7 @@ from tutor.content import (
     plain_text,
     validate_library,
 )
+from tutor.engine.precisions import MEASURED
 from tutor.store import LessonSummary, Store, StoreError
 from tutor.text import plural, when
 
@@ -95,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
         "cliff", help="measure quality against bf16 at every precision: PPL, KL, top-1, QA"
     )
     cliff.add_argument(
-        "--precisions", default="bf16,int8,nf4,fp4", help="comma-separated (default: %(default)s)"
+        "--precisions", default=",".join(MEASURED), help="comma-separated (default: %(default)s)"
     )
     cliff.add_argument(
         "--json", action="store_true", help='print {"rows", "weight_lab", "method", "machine"}'
@@ -124,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also ask N questions of each set at every precision and check the model's sentences",
     )  # fmt: skip
     evaluate.add_argument(
-        "--precisions", default="bf16,int8,nf4,fp4", help="with --generate (default: %(default)s)"
+        "--precisions", default=",".join(MEASURED), help="with --generate (default: %(default)s)"
     )
     evaluate.add_argument(
         "--alphas", help="with --generate: context-aware decoding alphas to compare, e.g. 0,0.5,1"

@@ -18,13 +18,14 @@ from tui.widgets.plain import Plain, literal
 from tutor.content import Lesson
 from tutor.diff import departures
 from tutor.engine.client import EngineGone, EngineRefused
+from tutor.engine.precisions import MEASURED
 from tutor.measure import QualityRow
 
 if TYPE_CHECKING:
     from tui.tutor_runtime import TutorRuntime
     from tutor.grounding import TutorAnswer
 
-LAB_PRECISIONS = ["bf16", "int8", "nf4", "fp4"]
+LAB_PRECISIONS = list(MEASURED)
 # Compared answers stop after two sentences (the chat's stop after three): four columns side by
 # side read as one comparison, and on a CPU without AVX-512 the three quantized answers take a
 # third less waiting.
@@ -100,7 +101,7 @@ class LabView(VerticalScroll, can_focus=True):
         elif self.result is None:
             text = (
                 "Press m for a quick measure of perplexity, KL divergence and top-1 agreement for "
-                "bf16, int8, nf4, fp4, or M for the full one with QA on the tutor's answers."
+                f"{', '.join(LAB_PRECISIONS)}, or M for the full one with QA on the tutor's answers."
             )
         else:
             text = "Measured. m / M: measure again (cached) · c: compare answers across precisions."

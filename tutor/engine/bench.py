@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from tutor.engine.errors import EngineError
-from tutor.engine.precisions import parse_precisions
+from tutor.engine.precisions import MEASURED, parse_precisions
 from tutor.engine.reports import MIB
 
 if TYPE_CHECKING:
@@ -127,7 +127,7 @@ def _other(precision: str, order: Sequence[str]) -> str:
 
 
 def bench_rows(
-    precisions: Sequence[str] = ("bf16", "int8", "nf4", "fp4"),
+    precisions: Sequence[str] = MEASURED,
     *,
     tokens: int = 64,
     device: str = "cpu",

@@ -47,6 +47,9 @@ PRECISIONS: dict[str, PrecisionInfo] = {
 
 DEFAULT_PRECISION = "bf16"
 QUANTIZED = tuple(name for name, info in PRECISIONS.items() if info.quantized)
+# What the Lab, `cliff`, `bench` and `eval --generate` measure: the reference, then each
+# quantized precision (fp32 only upcasts the reference, so it has nothing to show).
+MEASURED = (DEFAULT_PRECISION, *QUANTIZED)
 
 
 def check_precision(name: str) -> str:

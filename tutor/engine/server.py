@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from tutor.engine.errors import EngineError
 from tutor.engine.host import Cancelled, EngineHost, NotReadyError
-from tutor.engine.precisions import PRECISIONS
+from tutor.engine.precisions import MEASURED, PRECISIONS
 from tutor.engine.protocol import DEFAULT_PORT, TOKEN_ENV, model_id, precision_of, sse
 from tutor.tutor_chat import MAX_SENTENCES
 
@@ -181,7 +181,7 @@ def build_app(host: EngineHost, token: str) -> Starlette:
         try:
             data = await body(request)
             plan = str(data.get("plan", "quick"))
-            precisions = [str(p) for p in data.get("precisions") or ["bf16", "int8", "nf4", "fp4"]]
+            precisions = [str(p) for p in data.get("precisions") or MEASURED]
         except ValueError as exc:
             return _error(400, str(exc))
 
