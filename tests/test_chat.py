@@ -85,7 +85,7 @@ async def test_escape_cancels_through_the_engine_and_markup_is_literal(  # type:
         await pilot.press("enter")
         whole = chat.query(ChatEntry).last()
         await until(pilot, lambda: whole.answer is not None)
-        assert whole.answer is not None and whole.answer.stats["stop"] != "cancelled"
+        assert whole.answer is not None and not whole.answer.stats.cancelled
 
         box.value = question  # type: ignore[attr-defined]
         # Esc at once: the cancel travels to the engine process, even ahead of the question.
@@ -93,8 +93,8 @@ async def test_escape_cancels_through_the_engine_and_markup_is_literal(  # type:
         cut = chat.query(ChatEntry).last()
         await until(pilot, lambda: cut.answer is not None)
         assert cut.answer is not None
-        assert cut.answer.stats["stop"] == "cancelled", "the engine itself says it stopped on the cancel"
-        assert cut.answer.stats["tokens"] < whole.answer.stats["tokens"], "the same greedy reply, cut short"
+        assert cut.answer.stats.stop == "cancelled", "the engine itself says it stopped on the cancel"
+        assert cut.answer.stats.tokens < whole.answer.stats.tokens, "the same greedy reply, cut short"
         assert "cancelled" in _text(cut.query_one(".chat-stats", Plain))
         said = _text(cut.query(Plain).first())
         assert "[bold]NF4[/bold]" in said and "\x1b" not in said and "[31m" not in said

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import pytest
 
 from tests.conftest import SEED
+from tutor.answer_stats import AnswerStats
 from tutor.grounding import (
     DECLINE,
     MAX_QUESTION_CHARS,
@@ -29,7 +29,7 @@ from tutor.quote import best_quote, leans_back, spans
 from tutor.retrieval import KEY_TERMS, PRACTICE, PREMISE, SUMMARY, Hit, Retriever, SearchResult
 from tutor.tutor_chat import tidy
 
-STATS = {"ttft_s": 0.2, "tokens": 12, "tokens_per_s": 30.0, "weights_mib": 256.0}
+STATS = AnswerStats(ttft_s=0.2, tokens=12, tokens_per_s=30.0, weights_mib=256.0, stop="eos")
 
 
 @pytest.fixture(scope="session")
@@ -45,9 +45,9 @@ class FakeModel:
         self.reply = reply
         self.calls: list[Messages] = []
 
-    def __call__(self, messages: Messages) -> tuple[str, dict[str, Any]]:
+    def __call__(self, messages: Messages) -> tuple[str, AnswerStats]:
         self.calls.append(messages)
-        return self.reply, dict(STATS)
+        return self.reply, STATS
 
 
 def hit(text: str, section: str = "What quantization does well", lesson: str = SEED) -> Hit:
@@ -234,10 +234,11 @@ def test_prepare_then_finish_for_streaming(retriever: Retriever) -> None:
     done = finish(
         prepared,
         "Double quantization saves about 0.37 bits per weight.",
-        {"precision": "bf16"},
+        STATS,
         retriever.embed,
+        "bf16",
     )
-    assert done.precision == "bf16" and "precision" not in done.stats
+    assert done.precision == "bf16" and done.stats.tokens == 12 and done.stats.retrieval_ms is not None
     assert [s.supported for s in done.sentences] == [True]
 
 
@@ -329,3 +330,13 @@ def test_unrelated_and_contradicting_sentences_are_not_supported(retriever: Retr
         assert check.as_dict()["verdict"] == verdict
     assert check_support("", well, retriever.embed) == []
     assert [c.supported for c in check_support("int8 is fine.", [], retriever.embed)] == [False]
+
+
+def test_answer_stats_read_the_same_everywhere_and_survive_the_wire() -> None:
+    cut = AnswerStats(ttft_s=0.31, tokens=42, tokens_per_s=24.1, weights_mib=256.6, stop="cancelled")
+    assert cut.describe("bf16") == "bf16 · TTFT 0.31 s · 42 tokens · 24.1 tok/s · weights 256.6 MiB · cancelled"
+    assert STATS.describe() == "TTFT 0.2 s · 12 tokens · 30 tok/s · weights 256 MiB"
+    assert AnswerStats().describe("nf4") == "nf4 · TTFT – s · 0 tokens · – tok/s · weights – MiB"
+    data = json.loads(json.dumps(cut.as_dict()))
+    assert data["cancelled"] is True and data["stop"] == "cancelled"
+    assert AnswerStats.from_dict({**data, "added_later": 1}) == cut

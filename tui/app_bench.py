@@ -122,7 +122,7 @@ async def app_stats(
                             keys.append(time.monotonic() - pressed)
                     await _until(lambda e=entry: e.answer is not None)
                     assert entry.answer is not None
-                    results[precision].append(entry.answer.stats)
+                    results[precision].append(entry.answer.stats.as_dict())
     finally:
         runtime.stop()
         store.close()

@@ -83,11 +83,7 @@ def _print_answer(answer: Any, out: TextIO) -> None:
     out.write(f"Tutor ({answer.precision}): {answer.generated}\n")
     for check in answer.sentences:
         out.write(f"  {check.mark}: {check.text}\n")
-    stats = answer.stats
-    out.write(
-        f"  [{answer.precision} · TTFT {stats.get('ttft_s')} s · {stats.get('tokens')} tokens · "
-        f"{stats.get('tokens_per_s')} tok/s · weights {stats.get('weights_mib')} MiB]\n\n"
-    )
+    out.write(f"  [{answer.stats.describe(answer.precision)}]\n\n")
 
 
 def cmd_ask(args: argparse.Namespace, library: Library, out: TextIO, err: TextIO) -> int:

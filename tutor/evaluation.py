@@ -361,8 +361,8 @@ def evaluate_answers(
             for check in answer.sentences:
                 row.verdicts[check.verdict] += 1
             row.key_fact_said += bool(item.key_fact) and contains_key_fact(answer.generated, item.key_fact)
-            if answer.stats.get("tokens_per_s"):
-                row.decode_tok_s.append(float(answer.stats["tokens_per_s"]))
+            if answer.stats.tokens_per_s:
+                row.decode_tok_s.append(answer.stats.tokens_per_s)
         rows.append(row)
     return rows
 

@@ -23,11 +23,12 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from tutor.answer_stats import AnswerStats
 from tutor.contradiction import contradiction
 from tutor.intent import LessonPart, lesson_part
 from tutor.quote import Quote, best_quote, overlap
@@ -38,7 +39,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from tutor.retrieval import Retriever
 
 Messages = list[dict[str, str]]
-Generate = Callable[[Messages], tuple[str, dict[str, Any]]]
+Generate = Callable[[Messages], tuple[str, AnswerStats]]
 
 DECLINE = "The lesson doesn't cover that."
 MAX_QUESTION_CHARS = 500
@@ -152,9 +153,6 @@ class Citation:
         )
 
 
-STAT_KEYS = ("ttft_s", "tokens", "tokens_per_s", "weights_mib")
-
-
 @dataclass
 class TutorAnswer:
     """One answer: the quote first, then the model's text and its support check."""
@@ -166,7 +164,7 @@ class TutorAnswer:
     precision: str | None = None
     citations: list[Citation] = field(default_factory=list)
     sentences: list[SentenceCheck] = field(default_factory=list)
-    stats: dict[str, Any] = field(default_factory=dict)
+    stats: AnswerStats = field(default_factory=AnswerStats)
     quote: Quote | None = None
     see_also: list[Citation] = field(default_factory=list)  # closest sections when declined
     lesson_id: str | None = None
@@ -186,7 +184,7 @@ class TutorAnswer:
             "grounded": self.grounded,
             "citations": [c.as_dict() for c in self.citations],
             "sentences": [s.as_dict() for s in self.sentences],
-            "stats": {**{key: None for key in STAT_KEYS}, **self.stats},
+            "stats": self.stats.as_dict(),
             "quote": self.quote.as_dict() if self.quote else None,
             "see_also": [
                 {"lesson": c.lesson_id, "section": c.section, "title": c.lesson_title} for c in self.see_also
@@ -205,7 +203,7 @@ class TutorAnswer:
             precision=data["precision"],
             citations=[Citation.from_dict(c) for c in data["citations"]],
             sentences=[SentenceCheck.from_dict(s) for s in data["sentences"]],
-            stats=dict(data["stats"]),
+            stats=AnswerStats.from_dict(data["stats"]),
             quote=Quote.from_dict(data["quote"]) if data["quote"] else None,
             see_also=[
                 Citation(c["lesson"], c["section"], "", 0.0, lesson_title=c["title"])
@@ -517,15 +515,13 @@ def with_part(result: SearchResult, hit: Hit, k: int) -> SearchResult:
 def finish(
     prepared: Prepared,
     generated: str,
-    stats: dict[str, Any] | None,
+    stats: AnswerStats,
     embed: Embedder,
-    precision: str | None = None,
+    precision: str | None,
 ) -> TutorAnswer:
-    """The answer once the model has written ``generated`` (or "" when no model ran)."""
-    stats = dict(stats or {})
-    reported = stats.pop("precision", None)
-    precision = precision or reported
-    stats["retrieval_ms"] = round(prepared.result.elapsed_ms, 1)
+    """The answer once the model has written ``generated`` (or "" when no model ran) at
+    ``precision``."""
+    stats = replace(stats, retrieval_ms=round(prepared.result.elapsed_ms, 1))
     if not prepared.grounded:
         return TutorAnswer(
             question=prepared.question,
@@ -566,6 +562,6 @@ def answer(
     otherwise generate from the passages and check the result."""
     prepared = prepare(question, retriever, lesson_id, k, max_sentences, style)
     if not prepared.grounded or generate is None:
-        return finish(prepared, "", {}, retriever.embed, precision)
+        return finish(prepared, "", AnswerStats(), retriever.embed, precision)
     text, stats = generate(prepared.messages)
     return finish(prepared, text, stats, retriever.embed, precision)

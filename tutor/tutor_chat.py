@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from tutor import grounding
+from tutor.answer_stats import AnswerStats
 from tutor.retrieval import sentences
 
 if TYPE_CHECKING:
     import threading
 
     from tutor.engine import Engine
-    from tutor.engine.reports import ReplyStats, TokenEvent
+    from tutor.engine.reports import TokenEvent
     from tutor.retrieval import Retriever
 
 MAX_NEW_TOKENS = 96  # three short sentences; a 135M model rambles past that
@@ -54,20 +55,6 @@ def tidy(text: str, max_sentences: int = MAX_SENTENCES) -> str:
     return " ".join(done[:max_sentences]) if done else text.strip()
 
 
-def stats_dict(stats: ReplyStats) -> dict[str, Any]:
-    """The reply stats the tutor shows and ``ask --json`` prints."""
-    return {
-        "ttft_s": None if stats.ttft_s is None else round(stats.ttft_s, 3),
-        "tokens": stats.tokens,
-        "tokens_per_s": None if stats.decode_tok_s is None else round(stats.decode_tok_s, 1),
-        "weights_mib": stats.weights_mib,
-        "precision": stats.precision,
-        "device": stats.device,
-        "peak_rss_mib": stats.peak_rss_mib,
-        "cancelled": stats.cancelled,
-    }
-
-
 def ask(
     question: str,
     retriever: Retriever,
@@ -89,7 +76,7 @@ def ask(
     if on_prepared is not None:
         on_prepared(prepared)
     if not prepared.grounded:
-        return grounding.finish(prepared, "", {}, retriever.embed, engine.precision)
+        return grounding.finish(prepared, "", AnswerStats(), retriever.embed, engine.precision)
     pieces: list[str] = []
 
     def token(event: TokenEvent) -> None:
@@ -112,11 +99,10 @@ def ask(
         contrast=grounding.contrast_messages(prepared.messages) if alpha > 0 else None,
         alpha=alpha,
     )
-    stats = stats_dict(reply.stats)
-    stats["cancelled"] = cancel is not None and cancel.is_set()
-    stats["stop"] = (
-        "cancelled"
-        if stats["cancelled"]
-        else ("sentences" if reply.stats.cancelled else reply.stats.stop_reason)
-    )
-    return grounding.finish(prepared, tidy(reply.text, max_sentences), stats, retriever.embed)
+    if cancel is not None and cancel.is_set():
+        why = "cancelled"
+    else:  # the engine's own cancel here is the sentence count's stop()
+        why = "sentences" if reply.stats.cancelled else reply.stats.stop_reason
+    stats = AnswerStats.from_reply(reply.stats, why)
+    text = tidy(reply.text, max_sentences)
+    return grounding.finish(prepared, text, stats, retriever.embed, reply.stats.precision)

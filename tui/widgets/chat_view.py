@@ -123,13 +123,8 @@ class ChatEntry(Vertical):
         if answer.grounded:
             # The stream showed tokens as they came; show the cleaned, final text.
             self.set_text(answer.generated or "(no text)")
-        stats = answer.stats
         if answer.grounded:
-            cancelled = " · cancelled" if stats.get("stop") == "cancelled" else ""
-            self.query_one(".chat-stats", Plain).show(
-                f"{answer.precision} · TTFT {stats.get('ttft_s')} s · {stats.get('tokens')} tokens · "
-                f"{stats.get('tokens_per_s')} tok/s · weights {stats.get('weights_mib')} MiB{cancelled}"
-            )
+            self.query_one(".chat-stats", Plain).show(answer.stats.describe(answer.precision))
         if self.step == DOUBT_STEP and answer.sentences:
             hint = Plain(
                 "Step 1: mark the sentences that sound uncertain or too broad (Space or Enter), "

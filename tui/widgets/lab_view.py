@@ -311,12 +311,8 @@ class LabView(VerticalScroll, can_focus=True):
     def _column(self, precision: str, answers: dict[str, TutorAnswer]) -> None:
         answer = answers[precision]
         reference = answers[LAB_PRECISIONS[0]].generated
-        stats = answer.stats
         head = f"{precision}{' (reference)' if precision == LAB_PRECISIONS[0] else ''}\n"
-        info = (
-            f"TTFT {stats.get('ttft_s')} s · {stats.get('tokens_per_s')} tok/s · "
-            f"{stats.get('weights_mib')} MiB\n"
-        )
+        info = answer.stats.describe() + "\n"
         if not answer.grounded:
             body: list[str | tuple[str, str]] = [answer.answer]
         else:
