@@ -548,3 +548,13 @@ def test_damaged_cache_is_detected_and_rebuilt(
     rebuilt = ckpt.resolve_checkpoint(cache_dir=cache)
     assert rebuilt.converted_now and rebuilt.path == copy and ckpt.is_complete(copy)
     assert written and written[0] != copy and not written[0].exists()  # written aside, renamed into place
+
+
+def test_a_prefix_opens_the_reply_and_the_model_continues_after_it(engine) -> None:  # type: ignore[no-untyped-def]
+    opening = "Quantization stores each weight in fewer bits."
+    plain = engine.encode(PROMPT)
+    ids = engine.encode(PROMPT, prefix=opening)
+    assert ids[: len(plain)] == plain and engine.tokenizer.decode(ids[len(plain) :]) == opening
+    reply = engine.generate(PROMPT, prefix=opening, max_new_tokens=6)
+    assert reply.tokens == engine.generate(prompt_ids=ids, max_new_tokens=6).tokens
+    assert reply.stats.prompt_tokens == len(ids) and opening not in reply.text

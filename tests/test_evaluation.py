@@ -102,4 +102,4 @@ def test_the_models_answers_are_checked_sentence_by_sentence(  # type: ignore[no
     assert row.sentences == sum(row.verdicts.values()) > 0 and row.decode_tok_s
     table = answers_table("eval_heldout", rows)
     assert "✗ contradicts" in table
-    assert table.splitlines()[-1].split()[:4] == ["bf16", "1", "1", str(row.sentences)]
+    assert table.splitlines()[-1].split()[:5] == ["bf16", "1", "plain", "1", str(row.sentences)]

@@ -334,7 +334,8 @@ def test_unrelated_and_contradicting_sentences_are_not_supported(retriever: Retr
 
 def test_answer_stats_read_the_same_everywhere_and_survive_the_wire() -> None:
     cut = AnswerStats(ttft_s=0.31, tokens=42, tokens_per_s=24.1, weights_mib=256.6, stop="cancelled")
-    assert cut.describe("bf16") == "bf16 · TTFT 0.31 s · 42 tokens · 24.1 tok/s · weights 256.6 MiB · cancelled"
+    line = "bf16 · TTFT 0.31 s · 42 tokens · 24.1 tok/s · weights 256.6 MiB · cancelled"
+    assert cut.describe("bf16") == line
     assert STATS.describe() == "TTFT 0.2 s · 12 tokens · 30 tok/s · weights 256 MiB"
     assert AnswerStats().describe("nf4") == "nf4 · TTFT – s · 0 tokens · – tok/s · weights – MiB"
     data = json.loads(json.dumps(cut.as_dict()))

@@ -130,6 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--alphas", help="with --generate: context-aware decoding alphas to compare, e.g. 0,0.5,1"
     )
+    evaluate.add_argument(
+        "--openings", choices=["plain", "quote", "both"],
+        help="with --generate: the model starts from nothing (plain), continues after the quote, or both "
+        "(default: the tutor's own)",
+    )  # fmt: skip
     add_model_options(evaluate)
 
     for name, (_, help_text) in DELEGATED.items():

@@ -202,7 +202,8 @@ def cmd_eval(args: argparse.Namespace, library: Library, out: TextIO, err: TextI
                 out.write(figures.details() + "\n")
         if engine is not None:
             err.write(f"{eval_set.name}: asking {args.generate} questions at {', '.join(precisions)}…\n")
-            rows = evaluate_answers(engine, retriever, eval_set, precisions, args.generate, alphas)
+            openings = {None: None, "plain": [False], "quote": [True], "both": [False, True]}[args.openings]
+            rows = evaluate_answers(engine, retriever, eval_set, precisions, args.generate, alphas, openings)
             result["answers"] = [row.as_dict() for row in rows]
             if not args.json:
                 out.write(answers_table(eval_set.name, rows) + "\n")

@@ -307,11 +307,16 @@ class AnswerFigures:
 
     precision: str
     alpha: float = 0.0  # context-aware decoding's alpha (0: plain)
+    answer_first: bool = False  # the model continued after the quote
     answers: int = 0
     sentences: int = 0
     verdicts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(VERDICTS, 0))
     key_fact_said: int = 0  # answers whose generated text holds the question's key fact
     decode_tok_s: list[float] = field(default_factory=list)
+
+    @property
+    def opening(self) -> str:
+        return "quote" if self.answer_first else "plain"
 
     def verdict_share(self, verdict: Verdict) -> float | None:
         return share(self.verdicts[verdict], self.sentences)
@@ -321,6 +326,7 @@ class AnswerFigures:
         return {
             "precision": self.precision,
             "alpha": self.alpha,
+            "opening": self.opening,
             "answers": self.answers,
             "sentences": self.sentences,
             **{f"{v}_share": self.verdict_share(v) for v in VERDICTS},
@@ -342,41 +348,44 @@ def evaluate_answers(
     precisions: Sequence[str],
     count: int,
     alphas: Sequence[float] | None = None,
+    openings: Sequence[bool] | None = None,
 ) -> list[AnswerFigures]:
     """Ask ``count`` of the set's on-lesson questions at each precision (and each context-aware
-    decoding alpha) and check every answer."""
-    from tutor.tutor_chat import CAD_ALPHA, ask
+    decoding alpha, each opening: plain or answer-first) and check every answer."""
+    from tutor.tutor_chat import ANSWER_FIRST, CAD_ALPHA, ask
 
     questions = spread(eval_set.on_lesson, count)
     rows = []
-    for precision, alpha in ((p, a) for p in precisions for a in (alphas or [CAD_ALPHA])):
+    for precision in precisions:
         engine.switch(precision, wait=True)
-        row = AnswerFigures(precision, alpha)
-        for item in questions:
-            answer = ask(item.question, retriever, engine, item.lesson, alpha=alpha)
-            if not answer.grounded:
-                continue
-            row.answers += 1
-            row.sentences += len(answer.sentences)
-            for check in answer.sentences:
-                row.verdicts[check.verdict] += 1
-            row.key_fact_said += bool(item.key_fact) and contains_key_fact(answer.generated, item.key_fact)
-            if answer.stats.tokens_per_s:
-                row.decode_tok_s.append(answer.stats.tokens_per_s)
-        rows.append(row)
+        for alpha, first in ((a, f) for a in (alphas or [CAD_ALPHA]) for f in (openings or [ANSWER_FIRST])):
+            row = AnswerFigures(precision, alpha, first)
+            for item in questions:
+                answer = ask(item.question, retriever, engine, item.lesson, alpha=alpha, answer_first=first)
+                if not answer.grounded:
+                    continue
+                row.answers += 1
+                row.sentences += len(answer.sentences)
+                for check in answer.sentences:
+                    row.verdicts[check.verdict] += 1
+                said = answer.generated
+                row.key_fact_said += bool(item.key_fact) and contains_key_fact(said, item.key_fact)
+                if answer.stats.tokens_per_s:
+                    row.decode_tok_s.append(answer.stats.tokens_per_s)
+            rows.append(row)
     return rows
 
 
 def answers_table(name: str, rows: Sequence[AnswerFigures]) -> str:
     lines = [
         f"{name}: the model's answers, checked sentence by sentence",
-        f"  {'precision':<10}{'alpha':>6}{'answers':>8}{'sentences':>10}{'✓ supported':>13}"
+        f"  {'precision':<10}{'alpha':>6}{'opens':>7}{'answers':>8}{'sentences':>10}{'✓ supported':>13}"
         f"{'? not found':>13}{'✗ contradicts':>15}{'key fact said':>15}{'decode tok/s':>14}",
     ]
     for row in rows:
         d = row.as_dict()
         lines.append(
-            f"  {row.precision:<10}{row.alpha:>6.2g}{row.answers:>8}{row.sentences:>10}"
+            f"  {row.precision:<10}{row.alpha:>6.2g}{row.opening:>7}{row.answers:>8}{row.sentences:>10}"
             f"{show(d['supported_share'], '.2f'):>13}{show(d['not_found_share'], '.2f'):>13}"
             f"{show(d['contradicts_share'], '.2f'):>15}{show(d['key_fact_said'], '.2f'):>15}"
             f"{show(d['median_decode_tok_s'], '.1f'):>14}"

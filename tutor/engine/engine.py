@@ -433,10 +433,16 @@ class Engine:
 
     # ------------------------------------------------------------------ prompts
 
-    def encode(self, messages: Messages, *, system: str | None = None, raw: bool = False) -> list[int]:
+    def encode(
+        self, messages: Messages, *, system: str | None = None, raw: bool = False, prefix: str = ""
+    ) -> list[int]:
         """Token ids for a chat (``messages``: a user message string or role/content dicts).
 
-        ``raw=True`` encodes a string as plain text with no chat template (continuation)."""
+        ``raw=True`` encodes a string as plain text with no chat template (continuation).
+        ``prefix`` opens the assistant's turn: the model continues after it."""
+        if prefix:
+            start = self.tokenizer(prefix, add_special_tokens=False)["input_ids"]
+            return self.encode(messages, system=system, raw=raw) + [int(t) for t in start]
         if raw:
             if not isinstance(messages, str):
                 raise TypeError("raw=True takes a string")
@@ -488,13 +494,14 @@ class Engine:
         wait: bool | float,
         contrast: Messages | None = None,
         alpha: float = 0.0,
+        prefix: str = "",
     ) -> Generator[TokenEvent, None, Reply]:
         started = time.perf_counter()
         with self._exclusive(wait):
             if prompt_ids is None:
                 if messages is None:
                     raise TypeError("give messages or prompt_ids")
-                prompt_ids = self.encode(messages, system=system, raw=raw)
+                prompt_ids = self.encode(messages, system=system, raw=raw, prefix=prefix)
             ids = [int(t) for t in prompt_ids]
             if not ids:
                 raise PromptTooLongError("The prompt is empty.")
@@ -506,7 +513,7 @@ class Engine:
             budget = max(0, min(int(max_new_tokens), room))
             plain = None
             if contrast is not None and alpha > 0:
-                plain = (self.encode(contrast, system=system, raw=raw), float(alpha))
+                plain = (self.encode(contrast, system=system, raw=raw, prefix=prefix), float(alpha))
             context = RunContext(
                 session=self._session(len(ids) + max(budget, 1), plain),
                 precision=self.precision,
@@ -544,6 +551,7 @@ class Engine:
         wait: bool | float = False,
         contrast: Messages | None = None,
         alpha: float = 0.0,
+        prefix: str = "",
     ) -> Reply:
         """Generate a reply to ``messages`` (or to ready ``prompt_ids``), calling ``on_token`` per token.
 
@@ -552,6 +560,7 @@ class Engine:
         or a switch holds the engine (``wait=True`` waits instead). ``contrast`` (the same
         conversation without its context) and ``alpha`` > 0 decode context-aware: each token's
         logits are ``(1 + alpha) * with - alpha * without``, both computed in one batch.
+        ``prefix`` opens the reply (in both prompts); the reply is what the model adds after it.
         """
         sampling = Sampling(sample, temperature, top_p, top_k, seed)
         events = self._run(
@@ -565,6 +574,7 @@ class Engine:
             wait=wait,
             contrast=contrast,
             alpha=alpha,
+            prefix=prefix,
         )
         while True:
             try:
