@@ -32,7 +32,8 @@ lint: install
 test: lint
 	$(VENV)/bin/pytest
 
-# Start-up, first paint and memory with 4 and with 1,600 generated lessons (README: "A library").
+# Start-up, first paint, memory and the first tutor answer with 4 and with 1,600 generated lessons
+# (README: "A library").
 bench-library: install
 	$(PY) -m tui.library_bench --lessons 1600
 

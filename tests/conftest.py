@@ -59,7 +59,7 @@ class UnloadedTutor(TutorRuntime):
     real engine process in test_chat.py.
     """
 
-    def load(self, changed: Callable[[], None]) -> None:
+    def load(self, changed: Callable[[], None], lesson_id: str | None = None) -> None:
         return None
 
 

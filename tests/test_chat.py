@@ -24,6 +24,14 @@ def _text(widget: Plain) -> str:
     return str(widget.visual)
 
 
+def test_with_four_lessons_every_one_is_searched_at_ready(engine_runtime) -> None:  # type: ignore[no-untyped-def]
+    status = engine_runtime.client.status()
+    assert status["index"] == {"lessons": 4, "total": 4, "done": True, "error": ""}
+    changes: list[None] = []
+    engine_runtime.follow_index(lambda: changes.append(None))  # nothing to follow: returns at once
+    assert engine_runtime.indexing is None and changes == []
+
+
 async def test_ask_streams_an_answer_with_citations_and_switches_live(  # type: ignore[no-untyped-def]
     library: Library, store: Store, engine_runtime
 ) -> None:

@@ -1,12 +1,14 @@
 """A generated library of hundreds of lessons: start-up reads the cached index only, the index
-follows a changed lesson, a broken lesson still names its file and line, and the Library tab
-finds a lesson among them."""
+follows a changed lesson, a broken lesson still names its file and line, the Library tab
+finds a lesson among them, and the tutor's first question embeds only its lesson and the
+related ones (the rest are indexed in the background)."""
 
 from __future__ import annotations
 
 import json
 import re
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,8 @@ from tests.conftest import UnloadedTutor
 from tui.app import QuantTutorApp
 from tui.widgets.library_view import LibraryView
 from tutor import cli, content
-from tutor.content import ContentFileError, index_path, load_library
+from tutor.content import ContentFileError, Library, index_path, load_library
+from tutor.retrieval import Retriever, lesson_and_related
 from tutor.sample_library import TRACKS, generate_library
 from tutor.store import Store
 
@@ -191,3 +194,69 @@ async def test_palette_opens_a_lesson_among_hundreds(generated: Path, home: Path
                 break
         assert app.study is not None and app.study.lesson.id == wanted.id
     store.close()
+
+
+# --- the tutor's index: lazy, per lesson -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def index_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One cache for the tests below: lessons one test embedded, the next reads."""
+    return tmp_path_factory.mktemp("index-cache")
+
+
+def _nth(library: Library, number: int) -> str:
+    """The id of the generated lesson written number-th (the catalogue orders by minutes)."""
+    return next(i for i in library.lessons if i.endswith(f"-{number:04d}"))
+
+
+def test_a_question_embeds_its_lesson_and_related_ones_not_the_library(
+    generated: Path, index_cache: Path
+) -> None:
+    library = load_library(generated)
+    lesson = _nth(library, 1)
+    first = lesson_and_related(library, lesson)
+    assert first == [lesson, _nth(library, 2), _nth(library, 3)]
+
+    retriever = Retriever.load(library, cache_dir=index_cache, lessons=first)
+    assert sorted(retriever.embedded_lessons) == sorted(first) == sorted(retriever.searched)
+    assert sorted(p.name.split(".")[0] for p in (index_cache / "index").iterdir()) == sorted(first)
+    assert retriever.coverage() == {"lessons": 3, "total": COUNT, "done": False}
+
+    result = retriever.search("Is 4-bit good enough for a chatbot?", lesson_id=lesson)
+    assert result.covered and {h.lesson_id for h in result.hits} <= set(first)
+    assert not retriever.search("What's a good recipe for banana bread?", lesson_id=lesson).covered
+
+    # A question from lesson 0 embeds lesson 0 alone: its related ones (1 and 2) are searched already.
+    zero = _nth(library, 0)
+    assert retriever.search("How much memory does 4-bit save?", lesson_id=zero).covered
+    assert retriever.embedded_lessons[3:] == [zero] and zero in retriever.searched
+    assert len(retriever.searched) == 4
+
+
+def test_the_background_pass_indexes_every_other_lesson(
+    generated: Path, index_cache: Path, tmp_path: Path
+) -> None:
+    library = load_library(generated)
+    ids = [_nth(library, n) for n in range(6)]
+    root = tmp_path / "content"
+    for lesson_id in ids:
+        shutil.copytree(generated / lesson_id, root / lesson_id)
+    broken = root / ids[5] / "lesson.md"  # no sections: it can't be opened, nor searched
+    broken.write_text(broken.read_text().replace("\n## ", "\n#### "))
+    small = load_library(root)
+
+    retriever = Retriever.load(small, cache_dir=index_cache, lessons=lesson_and_related(small, ids[0]))
+    assert retriever.searched == set(ids[:3])
+    pauses: list[bool] = []
+    background = threading.Thread(target=retriever.index_rest, kwargs={"pause": lambda: pauses.append(True)})
+    background.start()
+    background.join(timeout=300)
+    assert not background.is_alive()
+    assert pauses, "the pass lets a question go first between batches"
+    assert retriever.searched == set(ids[:5])
+    assert retriever.coverage() == {"lessons": 5, "total": 5, "done": True}
+    assert {c.lesson_id for c in retriever.chunks} == set(ids[:5])
+    assert len(retriever.vectors) == len(retriever.chunks)
+    assert retriever.search("Is 4-bit good enough for a chatbot?").covered
+    assert not retriever.search("What's a good recipe for banana bread?").covered

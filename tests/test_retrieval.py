@@ -1,4 +1,4 @@
-"""Retrieval: stable chunk anchors (body and front matter), the on-disk index cache, search."""
+"""Retrieval: stable chunk anchors (body and front matter), the per-lesson index cache, search."""
 
 from __future__ import annotations
 
@@ -16,10 +16,11 @@ from tutor.content import Library, load_library
 from tutor.retrieval import (
     FRONT_MATTER,
     PRACTICE,
+    Chunk,
     Retriever,
     SearchResult,
     content_tokens,
-    library_chunks,
+    lesson_chunks,
     slug,
     tokenize,
 )
@@ -32,6 +33,10 @@ def retriever(shared_retriever: Retriever) -> Retriever:
 
 
 # --- chunks and anchors -------------------------------------------------------------------
+
+
+def library_chunks(library: Library) -> list[Chunk]:
+    return [c for lesson in library.ordered() for c in lesson_chunks(lesson)]
 
 
 def test_tokenizer_keeps_quant_names() -> None:
@@ -140,40 +145,48 @@ def test_query_text_is_cleaned(retriever: Retriever) -> None:
 # --- the on-disk index ----------------------------------------------------------------------
 
 
-def test_index_is_cached_and_rebuilt_when_a_lesson_changes(tmp_path: Path) -> None:
+def test_index_is_cached_per_lesson_and_rebuilt_for_a_changed_lesson_only(tmp_path: Path) -> None:
     content = tmp_path / "content"
-    shutil.copytree(ROOT / "content" / SEED, content / SEED)  # one lesson keeps the test quick
+    other = "hermes-q4-vs-q8"  # two lessons keep the test quick
+    for lesson_id in (SEED, other):
+        shutil.copytree(ROOT / "content" / lesson_id, content / lesson_id)
     cache = tmp_path / "cache"
+    index = cache / "index"
     messages: list[tuple[str, float]] = []
 
     first = Retriever.load(
         load_library(content), progress=lambda m, f: messages.append((m, f)), cache_dir=cache
     )
-    assert not first.from_cache and first.embedded == len(first.chunks)
+    assert first.embedded == len(first.chunks) and sorted(first.embedded_lessons) == sorted([SEED, other])
     assert messages and messages[-1][1] == 1.0
-    files = sorted(p.name for p in (cache / "index").iterdir())
-    assert len(files) == 2 and {Path(f).suffix for f in files} == {".npy", ".json"}
-    mtimes = {p.name: p.stat().st_mtime_ns for p in (cache / "index").iterdir()}
+    files = {p.name.split(".")[0]: p for p in index.iterdir()}
+    assert sorted(files) == sorted([SEED, other]) and {p.suffix for p in files.values()} == {".npz"}
+    mtimes = {p.name: p.stat().st_mtime_ns for p in index.iterdir()}
 
     second = Retriever.load(load_library(content), cache_dir=cache)
-    assert second.from_cache and second.embedded == 0 and second.key == first.key
+    assert second.embedded == 0 and second.embedded_lessons == []
     assert second.model is None, "with the index on disk the model waits for the first question"
-    assert {p.name: p.stat().st_mtime_ns for p in (cache / "index").iterdir()} == mtimes
-    assert (second.vectors == first.vectors).all()
+    assert {p.name: p.stat().st_mtime_ns for p in index.iterdir()} == mtimes
+    assert second.chunks == first.chunks and (second.vectors == first.vectors).all()
     query = "Why do quantized models feel faster?"
     assert [h.anchor for h in second.search(query).hits] == [h.anchor for h in first.search(query).hits]
 
+    # An edited lesson is embedded again, alone; its stale file goes, the other lesson's stays.
     lesson = content / SEED / "lesson.md"
     lesson.write_text(lesson.read_text(encoding="utf-8").replace("huge collection", "vast collection"))
     third = Retriever.load(load_library(content), cache_dir=cache)
-    assert not third.from_cache and third.key != first.key
-    assert len(list((cache / "index").iterdir())) == 2  # the stale pair is gone, no temp files left
+    assert third.embedded_lessons == [SEED]
+    assert third.embedded == sum(c.lesson_id == SEED for c in third.chunks)
+    assert any("vast collection" in c.text for c in third.chunks)
+    now = {p.name: p.stat().st_mtime_ns for p in index.iterdir()}
+    assert len(now) == 2 and now[files[other].name] == mtimes[files[other].name]  # no temp files left
 
-    # A damaged cache file is not trusted: the index is rebuilt.
-    for npy in (cache / "index").glob("*.npy"):
-        npy.write_bytes(b"not numpy")
+    # A damaged file is not trusted: that lesson is embedded again.
+    files[other].write_bytes(b"not numpy")
     fourth = Retriever.load(load_library(content), cache_dir=cache)
-    assert not fourth.from_cache and fourth.embedded == len(fourth.chunks)
+    assert fourth.embedded_lessons == [other]
+    assert fourth.embedded == sum(c.lesson_id == other for c in fourth.chunks)
+    assert np.allclose(fourth.vectors, third.vectors, atol=1e-5)  # batched with other passages before
 
 
 def test_embed_returns_unit_vectors(retriever: Retriever) -> None:

@@ -119,7 +119,13 @@ class QuantTutorApp(App[None]):
     def start_tutor(self) -> None:
         """Load the model and index in the background, once; the UI never waits for it."""
         if self.tutor.state in (TutorState.IDLE, TutorState.FAILED, TutorState.STOPPED):
-            self.run_worker(partial(self.tutor.load, self._tutor_changed), thread=True, group="tutor-load")
+            study = self.study
+            lesson_id = study.lesson.id if study is not None else self.start_lesson
+            self.run_worker(partial(self._load_tutor, lesson_id), thread=True, group="tutor-load")
+
+    def _load_tutor(self, lesson_id: str) -> None:
+        self.tutor.load(self._tutor_changed, lesson_id)
+        self.tutor.follow_index(self._tutor_changed)
 
     def cancel_failed(self, why: str) -> None:
         """From a thread: the engine could not be told to stop (it is gone or refused)."""

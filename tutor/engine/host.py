@@ -42,6 +42,7 @@ class Cancelled(Exception):
 @dataclass
 class EngineHost:
     library: Library
+    lesson: str | None = None  # the lesson the learner has open: indexed, with its related ones, first
     model: str | None = None
     device: str = "cpu"
     cache_dir: Path | None = None
@@ -51,20 +52,25 @@ class EngineHost:
     detail: str = ""
     fraction: float = 0.0
     error: str = ""
+    index_error: str = ""  # why the background indexing stopped (the lessons indexed stay searched)
     load_seconds: float | None = None
     engine: Engine | None = None
     retriever: Retriever | None = None
     job: str = ""  # what holds the engine now, for the "waiting for …" notice
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _idle: threading.Event = field(default_factory=threading.Event)  # set while no job runs
     _cancels: dict[str, threading.Event] = field(default_factory=dict)
     # Ids cancelled before their request arrived (Esc right after Enter): honoured when it does.
     _early: deque[str] = field(default_factory=lambda: deque(maxlen=64))
 
+    def __post_init__(self) -> None:
+        self._idle.set()
+
     # --- loading ---------------------------------------------------------------------
 
     def load(self) -> None:
-        """Load the lesson index, then the model, then warm bitsandbytes (blocking; the server
-        runs it in a thread).
+        """Index the learner's lesson and its related ones, load the model, then warm bitsandbytes
+        and index the other lessons (blocking; the server runs it in a thread).
 
         One after the other: most of each is imports, and importing transformers from two threads
         at once saved about a second here but failed one start in seven (an import deadlock).
@@ -72,12 +78,17 @@ class EngineHost:
         started = time.perf_counter()
         self.state = LOADING
         try:
-            from tutor.retrieval import Retriever
+            from tutor.retrieval import Retriever, lesson_and_related
 
             def index_progress(message: str, fraction: float) -> None:
                 self.stage, self.detail, self.fraction = "index", message, 0.1 * fraction
 
-            self.retriever = Retriever.load(self.library, progress=index_progress, cache_dir=self.cache_dir)
+            self.retriever = Retriever.load(
+                self.library,
+                progress=index_progress,
+                cache_dir=self.cache_dir,
+                lessons=lesson_and_related(self.library, self.lesson),
+            )
             self.engine = self._load_model()
             self.load_seconds = round(time.perf_counter() - started, 2)
             self.state, self.stage, self.detail, self.fraction = READY, "", "", 1.0
@@ -92,6 +103,11 @@ class EngineHost:
             # asked for later pays only for quantizing.
             self.retriever.warm()
             preload_bitsandbytes()
+            # A job (a question, a switch, a measurement) pauses the pass: it is the learner's wait.
+            try:
+                self.retriever.index_rest(pause=self._idle.wait)
+            except Exception as exc:
+                self.index_error = f"{type(exc).__name__}: {exc}"
 
     def _load_model(self) -> Engine:
         from tutor.engine import Engine
@@ -123,6 +139,10 @@ class EngineHost:
             "device": self.device,
             "load_seconds": self.load_seconds,
             "job": self.job,
+            # Lessons searched so far while the others are indexed in the background.
+            "index": None
+            if self.retriever is None
+            else {**self.retriever.coverage(), "error": self.index_error},
         }
         engine = self.engine
         if self.state == READY and engine is not None:
@@ -148,10 +168,12 @@ class EngineHost:
                 if cancel.is_set():
                     raise Cancelled(f"cancelled while waiting for: {self.job}")
         self.job = what
+        self._idle.clear()
         try:
             yield
         finally:
             self.job = ""
+            self._idle.set()
             self._lock.release()
 
     @contextlib.contextmanager

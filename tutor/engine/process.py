@@ -36,6 +36,7 @@ class EngineProcess:
     model: str | None = None
     device: str = "cpu"
     content: Path | None = None
+    lesson: str | None = None  # the lesson the learner has open (its passages are indexed first)
     cache_dir: Path | None = None
     threads: int | None = None
     folder: Path | None = None
@@ -48,6 +49,7 @@ class EngineProcess:
             ("--model", self.model),
             ("--device", self.device),
             ("--content", self.content),
+            ("--lesson", self.lesson),
             ("--cache-dir", self.cache_dir),
             ("--threads", self.threads),
         ]:

@@ -376,6 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--threads", type=int, help="torch threads (default: one per core)")
     parser.add_argument("--content", type=Path, help="lesson folder to index instead of the shipped one")
+    parser.add_argument(
+        "--lesson", help="index this lesson and its related ones before the others (default: the first)"
+    )
     parser.add_argument("--cache-dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--watch-stdin", action="store_true", help=argparse.SUPPRESS)
     return parser
@@ -398,7 +401,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"quant-tutor serve: {exc}", file=sys.stderr)
         return 2
     host = EngineHost(
-        library, model=args.model, device=args.device, cache_dir=args.cache_dir, threads=args.threads
+        library,
+        lesson=args.lesson,
+        model=args.model,
+        device=args.device,
+        cache_dir=args.cache_dir,
+        threads=args.threads,
     )
     threading.Thread(target=host.load, name="load", daemon=True).start()
     config = uvicorn.Config(
