@@ -41,15 +41,16 @@ def test_a_wheel_installed_elsewhere_ships_every_lesson(library: Library, tmp_pa
     assert "tutor/lessons/eval_questions.yaml" in shipped, "the Lab's QA set is not in the wheel"
 
     venv = tmp_path / "venv"
-    made = run(sys.executable, "-m", "venv", venv)
+    made = run(sys.executable, "-m", "venv", "--without-pip", venv)  # this pip installs into it
     assert made.returncode == 0, made.stderr
     python = venv / "bin" / "python"
     site = Path(run(python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))").stdout.strip())
     # Only the folder: its .pth files (this checkout's editable install among them) are not read.
     (site / "borrowed-dependencies.pth").write_text(sysconfig.get_path("purelib") + "\n")
-    installed = run(python, "-m", "pip", "install", "--no-deps", "-q", wheel)
+    pip = (sys.executable, "-m", "pip", "--python", python)
+    installed = run(*pip, "install", "--no-deps", "-q", wheel)
     assert installed.returncode == 0, installed.stderr
-    checked = run(python, "-m", "pip", "check")
+    checked = run(*pip, "check")
     assert "quant-tutor" not in checked.stdout, checked.stdout
 
     app = venv / "bin" / "quant-tutor"
