@@ -558,3 +558,12 @@ def test_a_prefix_opens_the_reply_and_the_model_continues_after_it(engine) -> No
     reply = engine.generate(PROMPT, prefix=opening, max_new_tokens=6)
     assert reply.tokens == engine.generate(prompt_ids=ids, max_new_tokens=6).tokens
     assert reply.stats.prompt_tokens == len(ids) and opening not in reply.text
+
+
+def test_profile_breaks_a_decoded_token_down_by_kind(engine) -> None:  # type: ignore[no-untyped-def]
+    from tutor.engine.decode_profile import COLUMNS, profile_decode
+
+    profiled = profile_decode(engine, engine.encode(PROMPT), 6)
+    shares = profiled["ms_per_token"]
+    assert profiled["precision"] == "bf16" and profiled["tokens"] == 5 and list(shares) == COLUMNS
+    assert shares["dense matmul"] > 0 and shares["bnb kernels"] == 0 and all(v >= 0 for v in shares.values())

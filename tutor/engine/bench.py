@@ -20,6 +20,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from tutor.engine.decode_profile import COLUMNS as PROFILE_COLUMNS
+from tutor.engine.decode_profile import profile_decode
 from tutor.engine.errors import EngineError
 from tutor.engine.precisions import MEASURED, parse_precisions
 from tutor.engine.reports import MIB
@@ -140,6 +142,7 @@ def bench_rows(
     fast: bool = True,
     threads: int | None = None,
     prompt: str = DEFAULT_PROMPT,
+    profile: bool = False,
     engine: Engine | None = None,
     log: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
@@ -221,6 +224,9 @@ def bench_rows(
                 # is reported, not required.
                 pairs = zip(plain_tokens, reply.tokens, strict=False)
                 row["first_token_unlike_plain"] = next((i for i, (a, b) in enumerate(pairs) if a != b), None)
+        if profile:
+            say(f"{precision}: profiling {tokens} tokens")
+            row["profile_ms_per_token"] = profile_decode(engine, prompt_ids, tokens)["ms_per_token"]
         if reload:
             say(f"{precision}: reloading from disk for contrast")
             started = time.perf_counter()
@@ -280,6 +286,39 @@ def render_table(rows: list[dict[str, Any]]) -> Any:
     return table
 
 
+def render_profile(rows: list[dict[str, Any]]) -> Any:
+    """Milliseconds per decoded token by kind of work, one row per precision (``--profile``)."""
+    from rich import box
+    from rich.table import Table
+
+    table = Table(
+        title="Where a decoded token's time goes (ms per token, under torch.profiler)",
+        caption="Operators' own CPU time by kind (bnb: bitsandbytes' quantized kernels); outside ops: "
+        "the rest of the wall time (Python between operators, the decode loop). The profiler slows "
+        "operators a little, so its total is above the bare decode time (1000 / decode tok/s).",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        collapse_padding=True,
+    )
+    table.add_column("prec", no_wrap=True)
+    short = {"attention": "attn", "sampling": "sample", "profiled total": "profiled\ntotal"}
+    for kind in (*PROFILE_COLUMNS, "profiled total", "bare"):
+        header = short.get(kind, kind.replace(" ", "\n"))
+        table.add_column(header, justify="right", no_wrap=True, min_width=max(map(len, header.split("\n"))))
+    for row in rows:
+        shares = row.get("profile_ms_per_token")
+        if not shares:
+            continue
+        rate = row.get("decode_tok_s")
+        table.add_row(
+            row["precision"],
+            *(f"{shares[kind]:.2f}" for kind in PROFILE_COLUMNS),
+            f"{sum(shares.values()):.2f}",
+            "-" if not rate else f"{1000 / rate:.2f}",
+        )
+    return table
+
+
 def _caption(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return ""
@@ -300,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Measure memory, switch time and speed of each precision on this machine.",
     )
     parser.add_argument(
-        "--precisions", default="bf16,int8,nf4,fp4", help="comma-separated (default: %(default)s)"
+        "--precisions", default=",".join(MEASURED), help="comma-separated (default: %(default)s)"
     )
     parser.add_argument("--tokens", type=int, default=64, help="new tokens per reply (default: %(default)s)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
@@ -320,6 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="the user message to answer")
+    parser.add_argument(
+        "--profile", action="store_true", help="also break each decoded token's time down by kind of work"
+    )
     return parser
 
 
@@ -346,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
             fast=not args.generic,
             threads=args.threads,
             prompt=args.prompt,
+            profile=args.profile,
             log=None if args.json else (lambda msg: err.print(f"[dim]{msg}[/dim]")),
         )
     except EngineError as exc:
@@ -355,6 +398,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
     else:
         Console().print(render_table(rows))
+        if args.profile:
+            Console().print(render_profile(rows))
     return 0
 
 
