@@ -164,6 +164,12 @@ async def test_every_action_is_in_the_command_palette(library: Library, store: S
         titles["Go to Quiz"].callback()
         await pilot.pause()
         assert _study(app).query_one(TabbedContent).active == "quiz"
+        titles["Go to Lesson"].callback()
+        await pilot.pause()
+        titles["Quiz: continue"].callback()  # shows the quiz tab, then starts the quiz there
+        await pilot.pause()
+        assert _study(app).query_one(TabbedContent).active == "quiz"
+        assert _study(app).query_one(QuizView).session is not None
         titles["Practice: mark step 2 done / not done"].callback()
         await pilot.pause()
         assert store.lesson(SEED).steps_done == frozenset({1})

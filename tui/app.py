@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import suppress
 from functools import cached_property, partial
 from pathlib import Path
@@ -174,30 +174,34 @@ class QuantTutorApp(App[None]):
             )
         yield SystemCommand("Toggle key terms", "Show or hide the key-terms panel", study.action_toggle_terms)
         yield SystemCommand(
-            "Quiz: new attempt", "Start the quiz from question 1", partial(self._quiz, "new_attempt")
+            "Quiz: new attempt",
+            "Start the quiz from question 1",
+            partial(self._quiz, QuizView.action_new_attempt),
         )
-        yield SystemCommand("Quiz: continue", "Start or resume the quiz", partial(self._quiz, "primary"))
+        yield SystemCommand(
+            "Quiz: continue", "Start or resume the quiz", partial(self._quiz, QuizView.action_primary)
+        )
         yield SystemCommand(
             "Quiz: review my wrong answers",
             "Your last finished attempt's misses, with explanations (w)",
-            partial(self._quiz, "review"),
+            partial(self._quiz, QuizView.action_review),
         )
         yield SystemCommand(
             "Quiz: read the question's section",
             "Jump to where the lesson teaches it",
-            partial(self._quiz, "jump"),
+            partial(self._quiz, QuizView.action_jump),
         )
         chat = study.query_one(ChatView)
         for key, precision in PRECISION_KEYS.items():
             yield SystemCommand(
                 f"Tutor: switch to {precision}",
                 f"Requantize the tutor's model live ({key.upper()})",
-                partial(self._chat, "switch", precision),
+                partial(self._chat, partial(ChatView.action_switch, precision=precision)),
             )
         yield SystemCommand(
             "Tutor: ask again at this precision",
             "Re-run the last question (Ctrl+R)",
-            partial(self._chat, "ask_again"),
+            partial(self._chat, ChatView.action_ask_again),
         )
         if chat.runtime.state is TutorState.IDLE:
             yield SystemCommand(
@@ -211,19 +215,19 @@ class QuantTutorApp(App[None]):
                 partial(practice.toggle_done, index),
             )
 
-    def _chat(self, action: str, *args: str) -> None:
+    def _chat(self, action: Callable[[ChatView], object]) -> None:
+        """A palette command of the Tutor tab: show the tab, then run ``action`` on its chat."""
         study = self.study
-        if study is None:
-            return
-        study.action_show_tab("tutor")
-        getattr(study.query_one(ChatView), f"action_{action}")(*args)
+        if study is not None:
+            study.action_show_tab("tutor")
+            action(study.query_one(ChatView))
 
-    def _quiz(self, action: str) -> None:
+    def _quiz(self, action: Callable[[QuizView], object]) -> None:
+        """A palette command of the Quiz tab: show the tab, then run ``action`` on its quiz."""
         study = self.study
-        if study is None:
-            return
-        study.action_show_tab("quiz")
-        getattr(study.query_one(QuizView), f"action_{action}")()
+        if study is not None:
+            study.action_show_tab("quiz")
+            action(study.query_one(QuizView))
 
 
 def run_app(
