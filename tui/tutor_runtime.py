@@ -158,8 +158,9 @@ class TutorRuntime:
                 index = client.status().get("index")
             except (EngineGone, EngineRefused):
                 index = None  # the chat notices a dead engine on its own
-            busy = index is not None and not index["done"] and not index["error"]
-            now = (index["lessons"], index["total"]) if busy and index is not None else None
+            now = None
+            if index is not None and not index["done"] and not index["error"]:
+                now = (index["lessons"], index["total"])
             if now != self.indexing:
                 self.indexing = now
                 changed()

@@ -31,7 +31,7 @@ class AnswerStats:
         return self.stop == "cancelled"
 
     @classmethod
-    def from_reply(cls, stats: ReplyStats, stop: str, retrieval_ms: float | None = None) -> AnswerStats:
+    def from_reply(cls, stats: ReplyStats, stop: str) -> AnswerStats:
         return cls(
             ttft_s=None if stats.ttft_s is None else round(stats.ttft_s, 3),
             tokens=stats.tokens,
@@ -40,7 +40,6 @@ class AnswerStats:
             device=stats.device,
             peak_rss_mib=stats.peak_rss_mib,
             stop=stop,
-            retrieval_ms=retrieval_ms,
         )
 
     def as_dict(self) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -521,7 +521,7 @@ def finish(
 ) -> TutorAnswer:
     """The answer once the model has written ``generated`` (or "" when no model ran) at
     ``precision``."""
-    stats = replace(stats, retrieval_ms=round(prepared.result.elapsed_ms, 1))
+    stats = dataclasses.replace(stats, retrieval_ms=round(prepared.result.elapsed_ms, 1))
     if not prepared.grounded:
         return TutorAnswer(
             question=prepared.question,

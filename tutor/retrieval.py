@@ -520,7 +520,6 @@ class Retriever:
     model_name: str
     model: Any = None  # SentenceTransformer; None until the first text is embedded (or warm())
     model_path: Path | None = None
-    build_s: float = 0.0  # load()'s time
     embedded: int = 0  # texts run through the model by this retriever (passages plus queries)
     embedded_lessons: list[str] = field(default_factory=list)  # lessons embedded here, not read from disk
     _indexed: dict[str, IndexedLesson] = field(default_factory=dict, repr=False)
@@ -542,7 +541,6 @@ class Retriever:
     ) -> Retriever:
         """The retriever with ``lessons`` indexed (every lesson by default), each read from the
         cache when its text is unchanged and embedded otherwise."""
-        started = time.perf_counter()
         if cache_dir is None:
             from tutor.paths import cache_dir as default_cache_dir
 
@@ -554,7 +552,6 @@ class Retriever:
         retriever.include(list(library.lessons) if lessons is None else lessons, progress)
         if not retriever._indexed and not retriever.pending():
             raise ValueError("no lesson text to index")
-        retriever.build_s = time.perf_counter() - started
         return retriever
 
     @property

@@ -272,9 +272,9 @@ class LabView(VerticalScroll, can_focus=True):
         answers: dict[str, TutorAnswer] = {}
         try:
             for precision in LAB_PRECISIONS:  # each question names its precision: nothing to switch back
-                request_id = self._requests["compare"] = uuid.uuid4().hex
                 if stop.is_set():
                     break
+                request_id = self._requests["compare"] = uuid.uuid4().hex
                 events = client.ask(
                     question,
                     lesson_id=self.lesson.id,
