@@ -66,18 +66,21 @@ async def test_ask_streams_an_answer_with_citations_and_switches_live(  # type: 
         assert all(check.mark in checks for check in answer.sentences) and any(m in checks for m in marks)
         assert _text(entry.query_one(".chat-stats", Plain)).startswith("bf16 · TTFT")
 
-        # Switch mid-conversation: the conversation stays, the next reply is tagged fp32 (the
-        # precision that decodes fastest on any CPU; the Lab's compare asks at the others).
+        # Switch mid-conversation: the conversation stays, the next reply is tagged with the new
+        # precision: F9 fp32, then F10 nf4-bf16 (nf4's weights in 16-bit storage, which decodes
+        # at bf16's pace on any CPU; the Lab's compare asks at the others).
         await pilot.press("f9")
         await until(pilot, lambda: app.tutor.precision == "fp32" and app.tutor.switching is None)
+        await pilot.press("f10")
+        await until(pilot, lambda: app.tutor.precision == "nf4-bf16" and app.tutor.switching is None)
         await pilot.press("ctrl+r")
         await until(pilot, lambda: len(chat.query(ChatEntry)) == 2 and chat.query(ChatEntry).last().answer)
         first, second = chat.query(ChatEntry)
         assert first.answer is answer, "the first answer is still there"
-        assert second.answer is not None and second.answer.precision == "fp32"
-        assert _text(second.query_one(".chat-stats", Plain)).startswith("fp32 · TTFT")
-        assert "asked again at fp32" in _text(second.query(Plain).first())
-        assert "tutor fp32" in _text(chat.query_one("#chat-badge", Plain))
+        assert second.answer is not None and second.answer.precision == "nf4-bf16"
+        assert _text(second.query_one(".chat-stats", Plain)).startswith("nf4-bf16 · TTFT")
+        assert "asked again at nf4-bf16" in _text(second.query(Plain).first())
+        assert "tutor nf4-bf16" in _text(chat.query_one("#chat-badge", Plain))
 
 
 async def test_escape_cancels_through_the_engine_and_markup_is_literal(  # type: ignore[no-untyped-def]

@@ -187,6 +187,35 @@ def test_weights_mib_ordered_fp32_bf16_int8_nf4(engine) -> None:  # type: ignore
     assert 250 < sizes["bf16"] < 265  # 134.5M parameters in bf16, tied embedding counted once
 
 
+def test_nf4_restored_to_bf16_costs_bf16_memory_and_keeps_nf4s_loss(engine, bf16_tokens: list[int]) -> None:  # type: ignore[no-untyped-def]
+    """No way back: nf4's weights widened to bf16 storage compute what nf4 computes.
+
+    Within ``TOLERANCES["nf4"]`` of nf4 (the same weight values, summed by another kernel) and
+    farther than that from bf16, at bf16's weight memory; the layers are plain Linear again,
+    and not the masters.
+    """
+    from torch import nn
+
+    window = engine.encode(PROMPT) + bf16_tokens
+    start = len(window) - len(bf16_tokens) - 1
+
+    def logits(precision: str) -> tuple[Trace, float]:
+        report = engine.switch(precision)
+        row = engine.window_logits([window], start=start)[0].float()
+        return Trace(row.argmax(-1).tolist(), row), report.weights.weights_mib
+
+    nf4, nf4_mib = logits("nf4")
+    restored, restored_mib = logits("nf4-bf16")
+    layer = engine.model.model.layers[0].mlp.down_proj
+    assert type(layer) is nn.Linear and layer.weight.dtype == engine.model.dtype
+    bf16, bf16_mib = logits("bf16")
+    assert layer is not engine.model.model.layers[0].mlp.down_proj  # the master is back
+    compare_logits(nf4, restored.logits, TOLERANCES["nf4"], "nf4-bf16 vs nf4")
+    assert float((restored.logits - bf16.logits).abs().max()) > TOLERANCES["nf4"].logit
+    assert abs(restored_mib - bf16_mib) <= 0.02 * bf16_mib
+    assert nf4_mib < 0.6 * restored_mib
+
+
 def test_round_trip_gives_back_the_first_bf16_tokens(engine, bf16_tokens: list[int]) -> None:  # type: ignore[no-untyped-def]
     """bf16 after bf16 -> int8 -> nf4 -> bf16 is the first bf16 bit for bit: tokens and logits.
 

@@ -58,6 +58,10 @@ async def test_lab_shows_a_result_and_compares(  # type: ignore[no-untyped-def]
         assert lab.query_one(PlotextPlot).display
         method = str(lab.query_one("#lab-method", Plain).visual)
         assert "second half" in method and "Machine:" in method and "Q4_1" in method
+        section = lab.query_one("#lab-no-way-back")
+        assert section.query_one(DataTable).get_row_at(2)[0] == "NF4→bf16"
+        assert "brings nothing back" in str(section.query(Plain).last().visual)
+        assert "NF4→bf16: the NF4 weights dequantized" in method
 
         # The reference answered, then Esc while int8 answers: the rest say so and the engine is
         # free at once.

@@ -172,7 +172,7 @@ def test_rows_arrive_live_then_come_from_the_cache(  # type: ignore[no-untyped-d
     rows = [what for kind, what in events if kind == "row"]
     assert rows == ["bf16", "nf4"] == [r.precision for r in result.rows]
     phases = [what for kind, what in events if kind == "progress"]
-    assert set(phases) == {"windows", "qa bf16", "qa nf4", "weight lab"}
+    assert set(phases) == {"windows", "qa bf16", "qa nf4", "qa nf4-bf16", "weight lab"}
     # Each row arrives as soon as it is final: before the next precision's work starts.
     assert events.index(("row", "bf16")) < events.index(("progress", "qa nf4"))
     assert events.index(("row", "nf4")) < events.index(("progress", "weight lab"))
@@ -181,6 +181,16 @@ def test_rows_arrive_live_then_come_from_the_cache(  # type: ignore[no-untyped-d
     assert result.rows[0].qa_token_f1 == 1.0 and result.plan == "tiny"
     assert "2 of the" in result.method and "QA on 1 evaluation question" in result.method
     assert bf16_engine.precision == "nf4", "the engine is left at the precision it had"
+    # No way back: nf4's weights in bf16 storage hold bf16's memory and nf4's loss (issue 12's
+    # bounds: MiB within 2 % of bf16, KL within 5 % of nf4).
+    (section,) = result.sections
+    reference, four, restored = (QualityRow(**r) for r in section.rows)
+    assert [reference.precision, four.precision, restored.precision] == ["bf16", "nf4", "nf4-bf16"]
+    assert four == result.rows[1], "the cliff's own nf4 row"
+    assert abs(restored.weights_mib - reference.weights_mib) <= 0.02 * reference.weights_mib
+    assert abs(restored.kl_mean - four.kl_mean) <= 0.05 * four.kl_mean and four.kl_mean > 0.01
+    assert "keeps nf4's loss" in section.reading
+    assert result.as_dict()["no_way_back"]["rows"][2]["precision"] == "nf4-bf16"
 
     def no_compute(*_args, **_kwargs):  # type: ignore[no-untyped-def]
         raise AssertionError("cached rows are not computed again")
@@ -192,6 +202,7 @@ def test_rows_arrive_live_then_come_from_the_cache(  # type: ignore[no-untyped-d
     cached = cliff(on_row=emitted.append)
     assert time.perf_counter() - started < 10
     assert emitted == cached.rows == result.rows and cached.weight_lab == result.weight_lab
+    assert cached.sections == result.sections
 
 
 def test_cancel_raises_and_caches_nothing(bf16_engine, library: Library, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

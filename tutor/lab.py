@@ -2,7 +2,8 @@
 
 ``run_cliff`` gathers three measurements: quality of every precision against bf16 on the
 lesson text (:mod:`tutor.measure`), QA agreement and groundedness on the tutor's evaluation
-questions, and the weight lab (:mod:`tutor.weight_lab`) on one real layer.
+questions, and the weight lab (:mod:`tutor.weight_lab`) on one real layer; then the sections
+that test one lesson claim each (:mod:`tutor.lab_sections`).
 
 Two plans, shared by ``quant-tutor cliff`` (FULL; ``--quick``: QUICK) and the Lab tab
 (``m``: QUICK, ``M``: FULL), so each plan's results are measured once and cached for both.
@@ -25,6 +26,8 @@ from typing import TYPE_CHECKING, Any, cast
 import yaml
 
 from tutor.content import Library, default_content_dir
+from tutor.engine.precisions import NO_WAY_BACK
+from tutor.lab_sections import Section, no_way_back
 from tutor.machine import describe
 from tutor.measure import (
     REFERENCE,
@@ -87,6 +90,7 @@ class CliffResult:
     machine: str
     notes: list[str] = field(default_factory=list)
     plan: str = FULL.name
+    sections: list[Section] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -96,6 +100,8 @@ class CliffResult:
             "method": self.method,
             "machine": self.machine,
             "notes": self.notes,
+            "sections": [s.key for s in self.sections],
+            **{s.key: s.as_dict() for s in self.sections},
         }
 
     def tables(self) -> list[Any]:
@@ -122,7 +128,7 @@ class CliffResult:
             lab.add_row(
                 w.scheme, f"{w.bits_per_weight:.2f}", f"{w.weight_rel_rms:.4f}", f"{w.output_rel_rms:.4f}"
             )
-        return [quality, lab]
+        return [quality, lab, *(s.table() for s in self.sections)]
 
 
 def load_qa_questions(limit: int, path: Path = QA_SET) -> list[tuple[str, str]]:
@@ -291,11 +297,17 @@ def run_cliff(
     spread = None if max_windows is not None else plan.windows
     picked = pick_windows(total, first=max_windows, spread=spread)
     previous = engine.precision
+    shown = list(dict.fromkeys([REFERENCE, *precisions]))
+
+    def shown_row(row: QualityRow) -> None:  # the sections' own rows arrive with the result
+        if on_row is not None and row.precision in shown:
+            on_row(row)
+
     try:
         rows = quality_rows(
             engine,
             library,
-            list(dict.fromkeys([REFERENCE, *precisions])),
+            list(dict.fromkeys([*shown, *NO_WAY_BACK])),
             window=window,
             max_windows=max_windows,
             spread=spread,
@@ -303,7 +315,7 @@ def run_cliff(
             qa_label=_qa_label(questions, plan.max_new_tokens),
             folder=folder,
             progress=progress,
-            on_row=on_row,
+            on_row=shown_row,
             cancel=cancel,
         )
         check_cancel(cancel)
@@ -325,4 +337,13 @@ def run_cliff(
     )
     custom = max_windows is not None or window != plan.window or count != plan.qa_questions
     name = f"{plan.name} (custom)" if custom else plan.name
-    return CliffResult(rows, lab, layer, method, describe(engine.device), list(NOTES), name)
+    return CliffResult(
+        [r for r in rows if r.precision in shown],
+        lab,
+        layer,
+        method,
+        describe(engine.device),
+        list(NOTES),
+        name,
+        [no_way_back([r for r in rows if r.precision in NO_WAY_BACK])],
+    )

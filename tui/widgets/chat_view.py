@@ -3,7 +3,7 @@
 Every answer leads with the lesson's own words (quoted, always right), then the model's
 explanation labelled with the precision that wrote it, each sentence marked ✓ supported,
 ? not found in the lesson, or ✗ contradicts it, the cited passage, and the measured stats.
-The learner switches precision live (F5–F9) without losing the conversation.
+The learner switches precision live (F5–F10) without losing the conversation.
 """
 
 from __future__ import annotations
@@ -31,7 +31,10 @@ if TYPE_CHECKING:
     from tui.tutor_runtime import TutorRuntime
     from tutor.grounding import TutorAnswer
 
-PRECISION_KEYS = {"f5": "bf16", "f6": "int8", "f7": "nf4", "f8": "fp4", "f9": "fp32"}
+# fp32 and nf4-bf16 (nf4's weights stored in 16 bits: "no way back") are for trying, not for
+# every day: their keys work but stay off the footer.
+PRECISION_KEYS = {"f5": "bf16", "f6": "int8", "f7": "nf4", "f8": "fp4", "f9": "fp32", "f10": "nf4-bf16"}
+EVERYDAY = ("bf16", "int8", "nf4", "fp4")
 DOUBT_STEP = 0  # practice step 1: "underline anything that sounds uncertain"
 # Streamed text is drawn at most this often: a redraw per token would take the engine's cores.
 FLUSH_S = 0.08
@@ -181,7 +184,7 @@ class DoubtsMarked(Message):
 class ChatView(Vertical):
     BINDINGS = [
         Binding("escape", "cancel", "Cancel / leave"),
-        *[Binding(key, f"switch('{p}')", p, show=p != "fp32") for key, p in PRECISION_KEYS.items()],
+        *[Binding(key, f"switch('{p}')", p, show=p in EVERYDAY) for key, p in PRECISION_KEYS.items()],
         Binding("ctrl+r", "ask_again", "Ask again"),
         Binding("up", "history(-1)", "Previous question", show=False),
         Binding("down", "history(1)", "Next question", show=False),

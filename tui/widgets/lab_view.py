@@ -19,6 +19,7 @@ from tutor.content import Lesson
 from tutor.diff import departures
 from tutor.engine.client import EngineGone, EngineRefused
 from tutor.engine.precisions import MEASURED
+from tutor.lab_sections import Section
 from tutor.measure import QualityRow
 
 if TYPE_CHECKING:
@@ -68,6 +69,7 @@ class LabView(VerticalScroll, can_focus=True):
         yield table
         yield PlotextPlot(id="lab-chart")
         yield Plain(id="lab-weights")
+        yield Vertical(id="lab-sections")
         yield Plain(id="lab-method", classes="hint")
         yield Input(placeholder="Question to answer at every precision (Enter)", id="lab-question")
         yield Horizontal(id="lab-compare")
@@ -123,6 +125,7 @@ class LabView(VerticalScroll, can_focus=True):
         self._stop = threading.Event()
         self.rows, self.result = [], None
         self.query_one("#lab-table", DataTable).clear()
+        self.query_one("#lab-sections", Vertical).remove_children()
         bar = self.query_one("#lab-progress", ProgressBar)
         bar.display = True
         bar.update(total=None, progress=0)
@@ -210,8 +213,31 @@ class LabView(VerticalScroll, can_focus=True):
         self.query_one("#lab-weights", Plain).show(
             literal((f"Weight lab · {layer} · output error (rel. RMS): ", "bold"), lab)
         )
-        self.query_one("#lab-method", Plain).show(
-            f"Method: {result['method']}.\nMachine: {result['machine']}.\n" + "\n".join(result["notes"])
+        sections = [Section.from_dict(result[key]) for key in result.get("sections", [])]
+        holder = self.query_one("#lab-sections", Vertical)
+        holder.remove_children()
+        holder.mount_all(self._section(section) for section in sections)
+        machine = f"Machine: {result['machine']}."
+        lines = [f"Method: {result['method']}.", *(s.method for s in sections), machine]
+        self.query_one("#lab-method", Plain).show("\n".join([*lines, *result["notes"]]))
+
+    def _section(self, section: Section) -> Vertical:
+        """One lesson claim: its title, its table, a bar chart and the one-line reading."""
+        table: DataTable[str] = DataTable(cursor_type="none", classes="lab-section-table")
+        table.add_columns(*section.columns)
+        table.add_rows(section.cells)
+        chart = PlotextPlot(classes="lab-section-chart")
+        plt = chart.plt
+        for name, values in section.chart.series.items():
+            plt.bar(section.chart.labels, values, label=name, marker="█", width=0.3)
+        plt.title(section.chart.title)
+        return Vertical(
+            Plain(literal((section.title, "bold")), classes="lab-section-title"),
+            table,
+            chart,
+            Plain(section.reading, classes="lab-section-reading"),
+            id=f"lab-{section.key.replace('_', '-')}",
+            classes="lab-section",
         )
 
     def _chart(self, rows: list[QualityRow]) -> None:

@@ -143,17 +143,20 @@ class PrecisionManager:
 
         scale = 4 // self.master_dtype.itemsize if precision == "fp32" else 1
         kept_bytes = self._kept_bytes * scale
-        if modules is None:
+        seen: set[int] = set()
+        if modules is None or not PRECISIONS[precision].quantized:
+            dense = self.master_bytes * scale if modules is None else sum(
+                module_bytes(m, seen) for m in modules.values()
+            )
             return WeightsReport(
                 precision=precision,
-                weights_bytes=kept_bytes + self.master_bytes * scale,
+                weights_bytes=kept_bytes + dense,
                 quantized_modules=0,
                 quantized_bytes=0,
                 linear_modules=len(self.masters),
                 kept_modules=(),
                 kept_bytes=kept_bytes,
             )
-        seen: set[int] = set()
         quantized_bytes = sum(module_bytes(m, seen) for m in modules.values())
         return WeightsReport(
             precision=precision,
@@ -198,17 +201,22 @@ class PrecisionManager:
         weights = None
         extra = 0
         act = self.act_dtype(precision)
-        if PRECISIONS[precision].quantized:
+        info = PRECISIONS[precision]
+        if info.quantized or info.restored_from is not None:
+            via = info.restored_from or precision
             built = quantize.build_all(
-                precision,
+                via,
                 self.masters,
-                groups=self.decoder.fusion_groups() if self.decoder is not None else (),
+                # restored layers are plain Linear again: the decoder fuses those itself
+                groups=self.decoder.fusion_groups() if self.decoder is not None and info.quantized else (),
                 workers=self.workers if self.device.type == "cpu" else 1,
                 int8_threshold=self.int8_threshold,
                 double_quant=self.double_quant,
-                compute_dtype=act,
+                compute_dtype=self.act_dtype(via),
             )
             modules, fused = built.modules, built.fused
+            if info.restored_from is not None:
+                modules = {name: quantize.restored(m, act) for name, m in modules.items()}
             from tutor.engine.memory import module_bytes
 
             seen: set[int] = set()

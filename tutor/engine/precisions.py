@@ -14,6 +14,8 @@ class PrecisionInfo:
     label: str
     method: str
     quantized: bool
+    # A precision that went through another and back to 16-bit storage ("no way back").
+    restored_from: str | None = None
 
 
 PRECISIONS: dict[str, PrecisionInfo] = {
@@ -43,18 +45,28 @@ PRECISIONS: dict[str, PrecisionInfo] = {
         "bitsandbytes Linear4bit, 4-bit float codes in blocks of 64 with an absmax each, bf16 compute",
         True,
     ),
+    "nf4-bf16": PrecisionInfo(
+        "nf4-bf16",
+        16,
+        "NF4→bf16",
+        "the NF4 weights dequantized into bf16 storage: 16-bit memory, the information of 4 bits",
+        False,
+        restored_from="nf4",
+    ),
 }
 
 DEFAULT_PRECISION = "bf16"
 QUANTIZED = tuple(name for name, info in PRECISIONS.items() if info.quantized)
 # What the Lab, `cliff`, `bench` and `eval --generate` measure: the reference, then each
-# quantized precision (fp32 only upcasts the reference, so it has nothing to show).
+# quantized precision (fp32 only upcasts the reference, so it has nothing to show; nf4-bf16 has
+# its own section, "no way back").
 MEASURED = (DEFAULT_PRECISION, *QUANTIZED)
+NO_WAY_BACK = (DEFAULT_PRECISION, "nf4", "nf4-bf16")
 
 
 def check_precision(name: str) -> str:
-    """Normalise a precision name ("BF16", " nf4") or raise UnsupportedPrecisionError."""
-    key = name.strip().lower()
+    """Normalise a precision name ("BF16", " nf4", "nf4→bf16") or raise UnsupportedPrecisionError."""
+    key = name.strip().lower().replace("→", "-")
     if key not in PRECISIONS:
         known = ", ".join(PRECISIONS)
         raise UnsupportedPrecisionError(f"Unknown precision {name!r}; choose one of: {known}.")

@@ -26,7 +26,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
     import torch
@@ -363,6 +363,35 @@ def build_quantized(
         compute_dtype=dtype,
     )
     return _warm_up(module, master.in_features, dtype, master.weight.device)
+
+
+def restored(module: nn.Module, dtype: torch.dtype) -> nn.Linear:
+    """A plain Linear in ``dtype`` holding the weights a quantized ``module`` computes with.
+
+    4-bit codes in bitsandbytes' plain layout are decoded as its own CPU path decodes them.
+    Otherwise (int8, the AVX-512 tiled layout) the module is asked: its output for each unit
+    input vector is one column of the weight it applies, whatever kernel this machine uses.
+    Bias (if any) is its output for zeros.
+    """
+    import torch
+    from torch import nn
+
+    from tutor.engine.decoder import dense_weight
+
+    rows, cols = cast(int, module.out_features), cast(int, module.in_features)
+    device = next(module.parameters()).device
+    with torch.inference_mode():
+        zero = module(torch.zeros(1, cols, dtype=dtype, device=device)).float()
+        decoded = dense_weight(module)
+        if decoded is not None:
+            weight = decoded.float()
+        else:
+            weight = (module(torch.eye(cols, dtype=dtype, device=device)).float() - zero).T
+    plain = nn.Linear(cols, rows, bias=getattr(module, "bias", None) is not None, device=device, dtype=dtype)
+    plain.weight = nn.Parameter(weight.to(dtype).contiguous(), requires_grad=False)
+    if plain.bias is not None:
+        plain.bias = nn.Parameter(zero[0].to(dtype), requires_grad=False)
+    return plain.eval()
 
 
 def can_fuse(precision: str, masters: Sequence[nn.Linear], double_quant: bool) -> bool:

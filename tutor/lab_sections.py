@@ -1,0 +1,94 @@
+"""The Lab's sections beyond the cliff table: one lesson claim each, measured on the tutor's model.
+
+A section is plain data (figures, their table, a chart and a one-line reading), so the CLI
+prints it, ``cliff --json`` carries it under its key and the Lab tab draws it, all the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from tutor.engine.precisions import NO_WAY_BACK, PRECISIONS
+from tutor.measure import REFERENCE, QualityRow
+
+# How close two KL figures must be to call them "the same loss" in a reading (relative).
+SAME_KL = 0.05
+
+
+@dataclass(frozen=True)
+class Chart:
+    """Bars (one per label) for each named series."""
+
+    title: str
+    labels: list[str]
+    series: dict[str, list[float]]
+
+
+@dataclass(frozen=True)
+class Section:
+    key: str  # its key in ``cliff --json``
+    title: str
+    reading: str  # what the figures say, in one line
+    method: str
+    columns: list[str]
+    cells: list[list[str]]  # the table as shown
+    rows: list[dict[str, Any]]  # the figures, each with its precision id
+    chart: Chart
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Section:
+        return cls(**{**data, "chart": Chart(**data["chart"])})
+
+    def table(self) -> Any:
+        from rich.table import Table
+
+        table = Table(title=self.title, caption=self.reading)
+        for i, column in enumerate(self.columns):
+            table.add_column(column, justify="left" if i == 0 else "right")
+        for cells in self.cells:
+            table.add_row(*cells)
+        return table
+
+
+def label(precision: str) -> str:
+    return PRECISIONS[precision].label if PRECISIONS[precision].restored_from else precision
+
+
+def no_way_back(rows: Sequence[QualityRow]) -> Section:
+    """bf16 from its masters, nf4, and nf4's weights widened back to bf16 storage."""
+    by = {row.precision: row for row in rows}
+    reference, four, restored = (by[p] for p in NO_WAY_BACK)
+    same = abs(restored.kl_mean - four.kl_mean) <= SAME_KL * max(four.kl_mean, 1e-12)
+    kept = "keeps nf4's loss" if same else "does not keep nf4's loss exactly"
+    reading = (
+        f"{label(restored.precision)} takes {restored.weights_mib:.0f} MiB like {REFERENCE} "
+        f"({reference.weights_mib:.0f}) but {kept}: KL {restored.kl_mean:.4f} against nf4's "
+        f"{four.kl_mean:.4f} and {reference.kl_mean:.4f} for {REFERENCE} from its masters. Wider "
+        f"storage brings nothing back; only the bf16 masters do."
+    )
+    return Section(
+        key="no_way_back",
+        title="No way back: 4-bit weights stored in 16 bits again",
+        reading=reading,
+        method=(
+            f"{label(restored.precision)}: {PRECISIONS[restored.precision].method}. The same windows "
+            f"and measures as the cliff table."
+        ),
+        columns=["precision", "weights MiB", "PPL", "mean KL", "same top token"],
+        cells=[
+            [label(r.precision), f"{r.weights_mib:.0f}", f"{r.perplexity:.2f}", f"{r.kl_mean:.4f}",
+             f"{r.top1_agreement:.1%}"]
+            for r in (reference, four, restored)
+        ],
+        rows=[r.as_dict() for r in (reference, four, restored)],
+        chart=Chart(
+            title="Mean KL against bf16 (bars) at the memory each holds",
+            labels=[f"{label(r.precision)} {r.weights_mib:.0f} MiB" for r in (reference, four, restored)],
+            series={"mean KL": [r.kl_mean for r in (reference, four, restored)]},
+        ),
+    )
