@@ -29,8 +29,11 @@ lint: install
 	$(VENV)/bin/mypy tutor
 	$(VENV)/bin/lint-imports
 
+# Two workers, each test file on one of them (its fixtures load once there): about 1.5x faster than
+# one on a 2-core machine, whose single worker leaves a core idle while it waits on an engine process.
+TEST_WORKERS ?= 2
 test: lint
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest -n $(TEST_WORKERS) --dist loadfile
 
 # Start-up, first paint, memory and the first tutor answer with 4 and with 1,600 generated lessons
 # (README: "A library").

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -12,9 +13,16 @@ from textual.pilot import Pilot
 
 from tui.tutor_runtime import TutorRuntime
 from tutor.content import Library, load_library
+from tutor.engine.memory import cpu_count
 from tutor.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# Under pytest-xdist (make test) each worker gets its share of the cores for torch, here and in
+# the engine processes it starts: two workers at torch's default of one thread per core would
+# oversubscribe the machine, and torch's spinning threads then slow each other down many times.
+if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cpu_count() // workers)))
 SEED = "quantization-8bit-4bit"
 
 

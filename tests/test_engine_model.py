@@ -216,6 +216,18 @@ def test_nf4_restored_to_bf16_costs_bf16_memory_and_keeps_nf4s_loss(engine, bf16
     assert nf4_mib < 0.6 * restored_mib
 
 
+def test_batched_greedy_continuation_is_generates(engine, bf16_tokens: list[int]) -> None:  # type: ignore[no-untyped-def]
+    """One prompt through ``continue_greedy`` runs the same kernels as ``generate``: the same
+    tokens. Prompts of one length decode as one batch, each cut before its stop token."""
+    ids = engine.encode(PROMPT)
+    assert engine.continue_greedy([ids], len(bf16_tokens)) == [bf16_tokens]
+    other = engine.encode("What does quantization do to a model's memory?")
+    n = min(len(ids), len(other))
+    rows = engine.continue_greedy([ids[:n], other[:n]], 40)
+    assert len(rows) == 2 and all(0 < len(row) <= 40 for row in rows)
+    assert not any(token in engine.stop_ids for row in rows for token in row)
+
+
 def test_round_trip_gives_back_the_first_bf16_tokens(engine, bf16_tokens: list[int]) -> None:  # type: ignore[no-untyped-def]
     """bf16 after bf16 -> int8 -> nf4 -> bf16 is the first bf16 bit for bit: tokens and logits.
 

@@ -13,7 +13,7 @@ from tui.app import QuantTutorApp
 from tui.widgets.lab_view import LAB_PRECISIONS, LabView
 from tui.widgets.plain import Plain
 from tutor.content import Library
-from tutor.lab import run_cliff
+from tutor.lab import Plan, run_cliff
 from tutor.store import Store
 
 pytestmark = pytest.mark.model
@@ -44,7 +44,10 @@ async def test_m_measures_live_and_escape_stops(  # type: ignore[no-untyped-def]
 async def test_lab_shows_a_result_and_compares(  # type: ignore[no-untyped-def]
     library: Library, store: Store, bf16_engine, engine_runtime, tmp_path: Path
 ) -> None:
-    result = run_cliff(bf16_engine, library, LAB_PRECISIONS, max_windows=1, window=128, folder=tmp_path)
+    small = Plan("small", windows=None, qa_questions=0, quiz_questions=1, continuations=1, long_tokens=8)
+    result = run_cliff(
+        bf16_engine, library, LAB_PRECISIONS, plan=small, max_windows=1, window=128, folder=tmp_path
+    )
     assert [r.precision for r in result.rows] == LAB_PRECISIONS
     app = QuantTutorApp(library, store, tutor=engine_runtime)
     async with app.run_test(size=(100, 40)) as pilot:
@@ -62,6 +65,9 @@ async def test_lab_shows_a_result_and_compares(  # type: ignore[no-untyped-def]
         assert section.query_one(DataTable).get_row_at(2)[0] == "NF4→bf16"
         assert "brings nothing back" in str(section.query(Plain).last().visual)
         assert "NF4→bf16: the NF4 weights dequantized" in method
+        hard = lab.query_one("#lab-easy-hard")
+        assert [hard.query_one(DataTable).get_row_at(i)[0] for i in range(4)] == LAB_PRECISIONS
+        assert hard.query_one(PlotextPlot).display and "Easy vs hard: 1 quiz question as" in method
 
         # The reference answered, then Esc while int8 answers: the rest say so and the engine is
         # free at once.

@@ -16,13 +16,23 @@ from tests.conftest import ROOT, SEED
 from tutor import measure
 from tutor.content import Library, load_library
 from tutor.diff import departures
+from tutor.easy_hard import EasyHardRow
 from tutor.lab import FULL, QUICK, Cancelled, Plan, run_cliff, weight_lab
 from tutor.measure import QualityRow
 from tutor.weight_lab import run_lab
 
 pytestmark = pytest.mark.model
 WINDOW = 128
-TINY = Plan("tiny", windows=2, qa_questions=1, window=WINDOW, max_new_tokens=6)
+TINY = Plan(
+    "tiny",
+    windows=2,
+    qa_questions=1,
+    window=WINDOW,
+    max_new_tokens=6,
+    quiz_questions=4,
+    continuations=2,
+    long_tokens=16,
+)
 
 
 def test_tally_matches_a_separate_pass(bf16_engine, library: Library) -> None:  # type: ignore[no-untyped-def]
@@ -172,18 +182,18 @@ def test_rows_arrive_live_then_come_from_the_cache(  # type: ignore[no-untyped-d
     rows = [what for kind, what in events if kind == "row"]
     assert rows == ["bf16", "nf4"] == [r.precision for r in result.rows]
     phases = [what for kind, what in events if kind == "progress"]
-    assert set(phases) == {"windows", "qa bf16", "qa nf4", "qa nf4-bf16", "weight lab"}
+    assert set(phases) == {"windows", "qa bf16", "qa nf4", "qa nf4-bf16", "weight lab", "easy vs hard"}
     # Each row arrives as soon as it is final: before the next precision's work starts.
     assert events.index(("row", "bf16")) < events.index(("progress", "qa nf4"))
     assert events.index(("row", "nf4")) < events.index(("progress", "weight lab"))
-    assert events[-1] == ("progress", "weight lab")
+    assert events[-1] == ("progress", "easy vs hard")
     assert all(r.qa_questions == 1 and r.tokens_scored == 2 * (WINDOW - WINDOW // 2 - 1) for r in result.rows)
     assert result.rows[0].qa_token_f1 == 1.0 and result.plan == "tiny"
     assert "2 of the" in result.method and "QA on 1 evaluation question" in result.method
     assert bf16_engine.precision == "nf4", "the engine is left at the precision it had"
     # No way back: nf4's weights in bf16 storage hold bf16's memory and nf4's loss (issue 12's
     # bounds: MiB within 2 % of bf16, KL within 5 % of nf4).
-    (section,) = result.sections
+    section, easy_hard = result.sections
     reference, four, restored = (QualityRow(**r) for r in section.rows)
     assert [reference.precision, four.precision, restored.precision] == ["bf16", "nf4", "nf4-bf16"]
     assert four == result.rows[1], "the cliff's own nf4 row"
@@ -191,6 +201,15 @@ def test_rows_arrive_live_then_come_from_the_cache(  # type: ignore[no-untyped-d
     assert abs(restored.kl_mean - four.kl_mean) <= 0.05 * four.kl_mean and four.kl_mean > 0.01
     assert "keeps nf4's loss" in section.reading
     assert result.as_dict()["no_way_back"]["rows"][2]["precision"] == "nf4-bf16"
+    # Easy vs hard: the shares fall (or stay) as continuations grow; bf16 read along its own
+    # greedy continuation agrees with it (an off-by-one in the alignment would not).
+    hard = [EasyHardRow.from_dict(r) for r in easy_hard.rows]
+    assert [r.precision for r in hard] == ["bf16", "nf4"] and easy_hard.key == "easy_hard"
+    for row in hard:
+        assert row.questions == 4 and row.continuations == 2 and len(row.identical) == 16
+        assert all(1 >= a >= b >= 0 for a, b in zip(row.identical, row.identical[1:], strict=False))
+    assert hard[0].same_after(16) == 1 and hard[0].quiz_agreement == 1
+    assert "Same quiz pick as bf16: nf4" in easy_hard.reading
 
     def no_compute(*_args, **_kwargs):  # type: ignore[no-untyped-def]
         raise AssertionError("cached rows are not computed again")

@@ -106,9 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     cliff.add_argument(
         "--qa", type=int, help="QA questions answered per precision (0: skip; default: the plan's, 8 or 3)"
     )
-    cliff.add_argument(
-        "--quick", action="store_true", help="the Lab's quick plan: a few windows, no QA"
-    )
+    cliff.add_argument("--quick", action="store_true", help="the Lab's quick plan: a few windows, no QA")
     add_model_options(cliff)
 
     evaluate = sub.add_parser(

@@ -8,7 +8,7 @@ that test one lesson claim each (:mod:`tutor.lab_sections`).
 Two plans, shared by ``quant-tutor cliff`` (FULL; ``--quick``: QUICK) and the Lab tab
 (``m``: QUICK, ``M``: FULL), so each plan's results are measured once and cached for both.
 Rows arrive live (``on_row``), ``progress(phase, done, total)`` names the phase ("windows",
-"qa <precision>", "weight lab"), and ``cancel`` stops it between batches and questions
+"qa <precision>", "weight lab", "easy vs hard"), and ``cancel`` stops it between batches and questions
 (``Cancelled``), caching only finished rows.
 """
 
@@ -18,7 +18,7 @@ import contextlib
 import hashlib
 import json
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -26,8 +26,9 @@ from typing import TYPE_CHECKING, Any, cast
 import yaml
 
 from tutor.content import Library, default_content_dir
+from tutor.easy_hard import LONG, easy_hard_rows
 from tutor.engine.precisions import NO_WAY_BACK
-from tutor.lab_sections import Section, no_way_back
+from tutor.lab_sections import Section, easy_hard, no_way_back
 from tutor.machine import describe
 from tutor.measure import (
     REFERENCE,
@@ -70,13 +71,18 @@ class Plan:
     qa_questions: int  # evaluation questions answered at every precision (with a retriever)
     window: int = WINDOW  # tokens per window
     max_new_tokens: int = QA_MAX_NEW_TOKENS  # cap on each QA answer, the same at every precision
+    quiz_questions: int = 40  # easy vs hard: one-letter quiz answers (all the lessons' questions)
+    continuations: int = 12  # easy vs hard: long greedy continuations of lesson text
+    long_tokens: int = LONG  # easy vs hard: tokens per continuation
 
 
-# QUICK: a first look in well under a minute: a few windows spread over all lessons and no QA,
-# because the answers are what is slow (bitsandbytes decodes int8 and 4-bit at 6-7 tok/s on a CPU
-# without AVX-512; three answers per precision took the quick plan from 39 s to 171 s here).
-# FULL: the whole measurement (all lesson text, eight questions, the tutor's own cap).
-QUICK = Plan("quick", windows=6, qa_questions=0)
+# QUICK: a first look: the table in well under a minute (a few windows spread over all lessons and
+# no QA, because the answers are what is slow: bitsandbytes decodes int8 and 4-bit at 6-7 tok/s on
+# a CPU without AVX-512; three answers per precision took the quick plan from 39 s to 171 s here),
+# then the sections on a few quiz questions and continuations.
+# FULL: the whole measurement (all lesson text, eight questions, the tutor's own cap, every quiz
+# question, twelve continuations).
+QUICK = Plan("quick", windows=6, qa_questions=0, quiz_questions=12, continuations=4)
 FULL = Plan("full", windows=None, qa_questions=8)
 PLANS = {plan.name: plan for plan in (QUICK, FULL)}
 
@@ -264,14 +270,17 @@ def run_cliff(
     folder: Path | None = None,
     progress: Progress | None = None,
     on_row: OnRow | None = None,
+    on_section: Callable[[Section], None] | None = None,
     cancel: Cancel = None,
 ) -> CliffResult:
     """Measure ``precisions`` (the reference always first) by ``plan``; cached rows are reused.
 
     ``qa_questions`` / ``window`` override the plan's; ``max_windows`` scores the first N windows
     instead of the plan's selection. QA runs only with a ``retriever``. ``on_row(row)`` gets each
-    row as soon as it is final (cached ones at once, then bf16 first); ``progress(phase, done,
-    total)`` reports "windows" (window passes), "qa <precision>" (questions) and "weight lab";
+    row as soon as it is final (cached ones at once, then bf16 first), ``on_section(section)``
+    each lesson-claim section as soon as it is measured; ``progress(phase, done,
+    total)`` reports "windows" (window passes), "qa <precision>" (questions), "weight lab" and
+    "easy vs hard" (precisions);
     ``cancel`` (a threading.Event or a callable) raises Cancelled between batches and questions.
     The engine is left at the precision it had.
     """
@@ -324,6 +333,23 @@ def run_cliff(
         layer, lab = weight_lab(engine, library, window, folder=folder)
         if progress is not None:
             progress("weight lab", 1, 1)
+        sections = [no_way_back([r for r in rows if r.precision in NO_WAY_BACK])]
+        if on_section is not None:
+            on_section(sections[-1])
+        hard = easy_hard_rows(
+            engine,
+            library,
+            shown,
+            questions=plan.quiz_questions,
+            continuations=plan.continuations,
+            long=plan.long_tokens,
+            folder=folder,
+            progress=progress,
+            cancel=cancel,
+        )
+        sections.append(easy_hard(hard))
+        if on_section is not None:
+            on_section(sections[-1])
     finally:
         with contextlib.suppress(Exception):
             engine.switch(previous, wait=True)
@@ -345,5 +371,5 @@ def run_cliff(
         describe(engine.device),
         list(NOTES),
         name,
-        [no_way_back([r for r in rows if r.precision in NO_WAY_BACK])],
+        sections,
     )

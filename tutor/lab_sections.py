@@ -10,8 +10,10 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from tutor.easy_hard import PROMPT_TOKENS, TIE, EasyHardRow
 from tutor.engine.precisions import NO_WAY_BACK, PRECISIONS
 from tutor.measure import REFERENCE, QualityRow
+from tutor.text import plural
 
 # How close two KL figures must be to call them "the same loss" in a reading (relative).
 SAME_KL = 0.05
@@ -19,11 +21,14 @@ SAME_KL = 0.05
 
 @dataclass(frozen=True)
 class Chart:
-    """Bars (one per label) for each named series."""
+    """Bars (one per label) for each named series, or lines (``kind="line"``: each series over
+    x = 1, 2, …, named by ``x_label``)."""
 
     title: str
     labels: list[str]
     series: dict[str, list[float]]
+    kind: str = "bar"
+    x_label: str = ""
 
 
 @dataclass(frozen=True)
@@ -81,8 +86,13 @@ def no_way_back(rows: Sequence[QualityRow]) -> Section:
         ),
         columns=["precision", "weights MiB", "PPL", "mean KL", "same top token"],
         cells=[
-            [label(r.precision), f"{r.weights_mib:.0f}", f"{r.perplexity:.2f}", f"{r.kl_mean:.4f}",
-             f"{r.top1_agreement:.1%}"]
+            [
+                label(r.precision),
+                f"{r.weights_mib:.0f}",
+                f"{r.perplexity:.2f}",
+                f"{r.kl_mean:.4f}",
+                f"{r.top1_agreement:.1%}",
+            ]
             for r in (reference, four, restored)
         ],
         rows=[r.as_dict() for r in (reference, four, restored)],
@@ -90,5 +100,56 @@ def no_way_back(rows: Sequence[QualityRow]) -> Section:
             title="Mean KL against bf16 (bars) at the memory each holds",
             labels=[f"{label(r.precision)} {r.weights_mib:.0f} MiB" for r in (reference, four, restored)],
             series={"mean KL": [r.kl_mean for r in (reference, four, restored)]},
+        ),
+    )
+
+
+def easy_hard(rows: Sequence[EasyHardRow]) -> Section:
+    """Quiz questions as a classification against long greedy continuations, per precision."""
+    first = rows[0]
+    short, long = first.checkpoints
+    quantized = [r for r in rows if r.precision != REFERENCE]
+    picks = ", ".join(f"{r.precision} {r.quiz_agreement:.0%}" for r in quantized)
+    kept = ", ".join(f"{r.precision} {r.same_after(long):.0%}" for r in quantized)
+    reading = (
+        f"Same quiz pick as {REFERENCE}: {picks}; the same {long}-token continuation: {kept}. A short "
+        f"answer has one chance to differ, a long one a chance at every token."
+    )
+    return Section(
+        key="easy_hard",
+        title="Easy vs hard: a short classification against a long continuation",
+        reading=reading,
+        method=(
+            f"Easy vs hard: {plural(first.questions, 'quiz question')} as a classification (the choice whose "
+            f"text is most likely after the question, by mean log-probability per token); "
+            f"{plural(first.continuations, 'lesson-text prompt')} of {PROMPT_TOKENS} tokens that {REFERENCE} "
+            f"continues greedily for {long} tokens, a continuation counted identical after k tokens "
+            f"when the precision's top token is {REFERENCE}'s at each (or one {REFERENCE} ranks within "
+            f"{TIE} logits of it, a near-tie another kernel may flip)."
+        ),
+        columns=[
+            "precision",
+            f"same pick as {REFERENCE}",
+            "pick right",
+            f"same {short} tokens",
+            f"same {long} tokens",
+        ],
+        cells=[
+            [
+                r.precision,
+                f"{r.quiz_agreement:.0%}",
+                f"{r.quiz_accuracy:.0%}",
+                f"{r.same_after(short):.0%}",
+                f"{r.same_after(long):.0%}",
+            ]
+            for r in rows
+        ],
+        rows=[r.as_dict() for r in rows],
+        chart=Chart(
+            title=f"Continuations still identical to {REFERENCE}'s after k tokens",
+            labels=[],
+            series={r.precision: r.identical for r in rows},
+            kind="line",
+            x_label="k (tokens)",
         ),
     )

@@ -391,11 +391,11 @@ def _cache_file(key: dict[str, Any], folder: Path | None) -> Path:
     return cache_file(key, folder, key["precision"])
 
 
-def write_json(path: Path, data: dict[str, Any]) -> None:
+def write_json(path: Path, data: Any) -> None:
     write_atomic(path, partial(_write_json, data))
 
 
-def _write_json(data: dict[str, Any], handle: IO[bytes]) -> None:
+def _write_json(data: Any, handle: IO[bytes]) -> None:
     handle.write(json.dumps(data).encode())
 
 

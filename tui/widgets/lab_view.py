@@ -31,6 +31,11 @@ LAB_PRECISIONS = list(MEASURED)
 # side read as one comparison, and on a CPU without AVX-512 the three quantized answers take a
 # third less waiting.
 COMPARE_SENTENCES = 2
+MARKERS = "●▲■◆✚"
+
+
+def section_id(section: Section) -> str:
+    return f"lab-{section.key.replace('_', '-')}"
 
 
 class LabView(VerticalScroll, can_focus=True):
@@ -59,8 +64,9 @@ class LabView(VerticalScroll, can_focus=True):
         yield Plain(
             "The quality cliff on the tutor's own model, measured on this machine: m measures quickly "
             "(a few windows of lesson text, no QA), M measures fully with the tutor's answers (as "
-            "`quant-tutor cliff`, minutes), Esc stops; both are cached. c answers one question at "
-            "every precision side by side (two sentences each).",
+            "`quant-tutor cliff`, minutes), Esc stops; both are cached. After the table come the "
+            "lesson's claims as experiments: no way back from 4 bits, easy vs hard tasks. c answers "
+            "one question at every precision side by side (two sentences each).",
             id="lab-intro",
         )
         yield ProgressBar(id="lab-progress", show_eta=False)
@@ -163,6 +169,8 @@ class LabView(VerticalScroll, can_focus=True):
                         self.app.call_from_thread(self._progress, plan, event.data)
                     elif event.name == "row":
                         self.app.call_from_thread(self._row, event.data)
+                    elif event.name == "section":
+                        self.app.call_from_thread(self._show_section, Section.from_dict(event.data))
                     elif event.name == "result":
                         self.app.call_from_thread(self._show, event.data)
                         outcome = ""
@@ -214,12 +222,16 @@ class LabView(VerticalScroll, can_focus=True):
             literal((f"Weight lab · {layer} · output error (rel. RMS): ", "bold"), lab)
         )
         sections = [Section.from_dict(result[key]) for key in result.get("sections", [])]
-        holder = self.query_one("#lab-sections", Vertical)
-        holder.remove_children()
-        holder.mount_all(self._section(section) for section in sections)
+        for section in sections:
+            self._show_section(section)
         machine = f"Machine: {result['machine']}."
         lines = [f"Method: {result['method']}.", *(s.method for s in sections), machine]
         self.query_one("#lab-method", Plain).show("\n".join([*lines, *result["notes"]]))
+
+    def _show_section(self, section: Section) -> None:
+        """Draw a section as it arrives (live, or with a cached result), once."""
+        if not self.query(f"#{section_id(section)}"):
+            self.query_one("#lab-sections", Vertical).mount(self._section(section))
 
     def _section(self, section: Section) -> Vertical:
         """One lesson claim: its title, its table, a bar chart and the one-line reading."""
@@ -228,15 +240,24 @@ class LabView(VerticalScroll, can_focus=True):
         table.add_rows(section.cells)
         chart = PlotextPlot(classes="lab-section-chart")
         plt = chart.plt
-        for name, values in section.chart.series.items():
-            plt.bar(section.chart.labels, values, label=name, marker="█", width=0.3)
-        plt.title(section.chart.title)
+        spec = section.chart
+        for (name, values), marker in zip(spec.series.items(), MARKERS, strict=False):
+            if spec.kind == "line":  # distinct markers, so the series differ without colour
+                plt.plot(list(range(1, len(values) + 1)), values, label=f"{name} ({marker})", marker=marker)
+            else:
+                plt.bar(spec.labels, values, label=name, marker="█", width=0.3)
+        if spec.kind == "line":
+            longest = max((len(v) for v in spec.series.values()), default=1)
+            plt.xticks([1, *range(longest // 4, longest + 1, max(1, longest // 4))])
+            plt.ylim(0, 1.05)
+            plt.xlabel(spec.x_label)
+        plt.title(spec.title)
         return Vertical(
             Plain(literal((section.title, "bold")), classes="lab-section-title"),
             table,
             chart,
             Plain(section.reading, classes="lab-section-reading"),
-            id=f"lab-{section.key.replace('_', '-')}",
+            id=section_id(section),
             classes="lab-section",
         )
 

@@ -292,6 +292,7 @@ class EngineHost:
                         "progress", {"phase": phase, "done": done, "total": total}
                     ),
                     on_row=lambda row: emit("row", row.as_dict()),
+                    on_section=lambda section: emit("section", section.as_dict()),
                     cancel=cancel,
                 )
             finally:

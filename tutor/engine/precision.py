@@ -145,8 +145,10 @@ class PrecisionManager:
         kept_bytes = self._kept_bytes * scale
         seen: set[int] = set()
         if modules is None or not PRECISIONS[precision].quantized:
-            dense = self.master_bytes * scale if modules is None else sum(
-                module_bytes(m, seen) for m in modules.values()
+            dense = (
+                self.master_bytes * scale
+                if modules is None
+                else sum(module_bytes(m, seen) for m in modules.values())
             )
             return WeightsReport(
                 precision=precision,
