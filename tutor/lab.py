@@ -82,7 +82,7 @@ class Plan:
 # then the sections on a few quiz questions and continuations.
 # FULL: the whole measurement (all lesson text, eight questions, the tutor's own cap, every quiz
 # question, twelve continuations).
-QUICK = Plan("quick", windows=6, qa_questions=0, quiz_questions=12, continuations=4)
+QUICK = Plan("quick", windows=6, qa_questions=0, quiz_questions=8, continuations=4)
 FULL = Plan("full", windows=None, qa_questions=8)
 PLANS = {plan.name: plan for plan in (QUICK, FULL)}
 
