@@ -44,7 +44,9 @@ async def test_m_measures_live_and_escape_stops(  # type: ignore[no-untyped-def]
 async def test_lab_shows_a_result_and_compares(  # type: ignore[no-untyped-def]
     library: Library, store: Store, bf16_engine, engine_runtime, tmp_path: Path
 ) -> None:
-    small = Plan("small", windows=None, qa_questions=0, quiz_questions=1, continuations=1, long_tokens=8)
+    small = Plan(
+        "small", windows=None, qa_questions=0, quiz_questions=1, continuations=1, long_tokens=8, contexts=(8,)
+    )
     result = run_cliff(
         bf16_engine, library, LAB_PRECISIONS, plan=small, max_windows=1, window=128, folder=tmp_path
     )
@@ -68,6 +70,10 @@ async def test_lab_shows_a_result_and_compares(  # type: ignore[no-untyped-def]
         hard = lab.query_one("#lab-easy-hard")
         assert [hard.query_one(DataTable).get_row_at(i)[0] for i in range(4)] == LAB_PRECISIONS
         assert hard.query_one(PlotextPlot).display and "Easy vs hard: 1 quiz question as" in method
+        held = lab.query_one("#lab-memory")
+        assert held.query_one(DataTable).row_count == 4 and "weight bits shrink only" in str(
+            held.query(Plain).last().visual
+        )
 
         # The reference answered, then Esc while int8 answers: the rest say so and the engine is
         # free at once.

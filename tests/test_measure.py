@@ -17,6 +17,7 @@ from tutor import measure
 from tutor.content import Library, load_library
 from tutor.diff import departures
 from tutor.easy_hard import EasyHardRow
+from tutor.footprint import FootprintRow
 from tutor.lab import FULL, QUICK, Cancelled, Plan, run_cliff, weight_lab
 from tutor.measure import QualityRow
 from tutor.weight_lab import run_lab
@@ -32,6 +33,7 @@ TINY = Plan(
     quiz_questions=4,
     continuations=2,
     long_tokens=16,
+    contexts=(16, 32),
 )
 
 
@@ -182,18 +184,26 @@ def test_rows_arrive_live_then_come_from_the_cache(  # type: ignore[no-untyped-d
     rows = [what for kind, what in events if kind == "row"]
     assert rows == ["bf16", "nf4"] == [r.precision for r in result.rows]
     phases = [what for kind, what in events if kind == "progress"]
-    assert set(phases) == {"windows", "qa bf16", "qa nf4", "qa nf4-bf16", "weight lab", "easy vs hard"}
+    assert set(phases) == {
+        "windows",
+        "qa bf16",
+        "qa nf4",
+        "qa nf4-bf16",
+        "weight lab",
+        "easy vs hard",
+        "memory",
+    }
     # Each row arrives as soon as it is final: before the next precision's work starts.
     assert events.index(("row", "bf16")) < events.index(("progress", "qa nf4"))
     assert events.index(("row", "nf4")) < events.index(("progress", "weight lab"))
-    assert events[-1] == ("progress", "easy vs hard")
+    assert events[-1] == ("progress", "memory")
     assert all(r.qa_questions == 1 and r.tokens_scored == 2 * (WINDOW - WINDOW // 2 - 1) for r in result.rows)
     assert result.rows[0].qa_token_f1 == 1.0 and result.plan == "tiny"
     assert "2 of the" in result.method and "QA on 1 evaluation question" in result.method
     assert bf16_engine.precision == "nf4", "the engine is left at the precision it had"
     # No way back: nf4's weights in bf16 storage hold bf16's memory and nf4's loss (issue 12's
     # bounds: MiB within 2 % of bf16, KL within 5 % of nf4).
-    section, easy_hard = result.sections
+    section, easy_hard, memory = result.sections
     reference, four, restored = (QualityRow(**r) for r in section.rows)
     assert [reference.precision, four.precision, restored.precision] == ["bf16", "nf4", "nf4-bf16"]
     assert four == result.rows[1], "the cliff's own nf4 row"
@@ -210,6 +220,15 @@ def test_rows_arrive_live_then_come_from_the_cache(  # type: ignore[no-untyped-d
         assert all(1 >= a >= b >= 0 for a, b in zip(row.identical, row.identical[1:], strict=False))
     assert hard[0].same_after(16) == 1 and hard[0].quiz_agreement == 1
     assert "Same quiz pick as bf16: nf4" in easy_hard.reading
+    # Memory beyond weights: the KV cache grows linearly with the context and is the same at
+    # every precision; only the weights shrink.
+    held = [FootprintRow(**r) for r in memory.rows]
+    assert [(r.precision, r.context) for r in held] == [("bf16", 16), ("bf16", 32), ("nf4", 16), ("nf4", 32)]
+    kv = {(r.precision, r.context): r.kv_cache_mib for r in held}
+    assert kv["bf16", 32] == 2 * kv["bf16", 16] == kv["nf4", 32] == 2 * kv["nf4", 16] > 0
+    assert held[2].weights_mib < 0.5 * held[0].weights_mib
+    assert all(r.activations_mib > 0 and r.runtime_mib > 0 for r in held)
+    assert "KV cache holds" in memory.reading and "at every precision" in memory.reading
 
     def no_compute(*_args, **_kwargs):  # type: ignore[no-untyped-def]
         raise AssertionError("cached rows are not computed again")

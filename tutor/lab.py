@@ -8,8 +8,8 @@ that test one lesson claim each (:mod:`tutor.lab_sections`).
 Two plans, shared by ``quant-tutor cliff`` (FULL; ``--quick``: QUICK) and the Lab tab
 (``m``: QUICK, ``M``: FULL), so each plan's results are measured once and cached for both.
 Rows arrive live (``on_row``), ``progress(phase, done, total)`` names the phase ("windows",
-"qa <precision>", "weight lab", "easy vs hard"), and ``cancel`` stops it between batches and questions
-(``Cancelled``), caching only finished rows.
+"qa <precision>", "weight lab", "easy vs hard", "memory"), and ``cancel`` stops it between
+batches and questions (``Cancelled``), caching only finished rows.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ import yaml
 from tutor.content import Library, default_content_dir
 from tutor.easy_hard import LONG, easy_hard_rows
 from tutor.engine.precisions import NO_WAY_BACK
-from tutor.lab_sections import Section, easy_hard, no_way_back
+from tutor.footprint import CONTEXTS, footprint_rows
+from tutor.lab_sections import Section, easy_hard, memory, no_way_back
 from tutor.machine import describe
 from tutor.measure import (
     REFERENCE,
@@ -74,6 +75,7 @@ class Plan:
     quiz_questions: int = 40  # easy vs hard: one-letter quiz answers (all the lessons' questions)
     continuations: int = 12  # easy vs hard: long greedy continuations of lesson text
     long_tokens: int = LONG  # easy vs hard: tokens per continuation
+    contexts: tuple[int, ...] = CONTEXTS  # memory beyond weights: prompt lengths read
 
 
 # QUICK: a first look: the table in well under a minute (a few windows spread over all lessons and
@@ -279,8 +281,8 @@ def run_cliff(
     instead of the plan's selection. QA runs only with a ``retriever``. ``on_row(row)`` gets each
     row as soon as it is final (cached ones at once, then bf16 first), ``on_section(section)``
     each lesson-claim section as soon as it is measured; ``progress(phase, done,
-    total)`` reports "windows" (window passes), "qa <precision>" (questions), "weight lab" and
-    "easy vs hard" (precisions);
+    total)`` reports "windows" (window passes), "qa <precision>" (questions), "weight lab",
+    "easy vs hard" and "memory" (precisions);
     ``cancel`` (a threading.Event or a callable) raises Cancelled between batches and questions.
     The engine is left at the precision it had.
     """
@@ -348,6 +350,12 @@ def run_cliff(
             cancel=cancel,
         )
         sections.append(easy_hard(hard))
+        if on_section is not None:
+            on_section(sections[-1])
+        held = footprint_rows(
+            engine, library, shown, plan.contexts, folder=folder, progress=progress, cancel=cancel
+        )
+        sections.append(memory(held))
         if on_section is not None:
             on_section(sections[-1])
     finally:

@@ -12,6 +12,7 @@ from typing import Any
 
 from tutor.easy_hard import PROMPT_TOKENS, TIE, EasyHardRow
 from tutor.engine.precisions import NO_WAY_BACK, PRECISIONS
+from tutor.footprint import FootprintRow
 from tutor.measure import REFERENCE, QualityRow
 from tutor.text import plural
 
@@ -21,8 +22,8 @@ SAME_KL = 0.05
 
 @dataclass(frozen=True)
 class Chart:
-    """Bars (one per label) for each named series, or lines (``kind="line"``: each series over
-    x = 1, 2, …, named by ``x_label``)."""
+    """Bars (one per label) for each named series, the series stacked (``kind="stacked"``), or
+    lines (``kind="line"``: each series over x = 1, 2, …, named by ``x_label``)."""
 
     title: str
     labels: list[str]
@@ -151,5 +152,69 @@ def easy_hard(rows: Sequence[EasyHardRow]) -> Section:
             series={r.precision: r.identical for r in rows},
             kind="line",
             x_label="k (tokens)",
+        ),
+    )
+
+
+PARTS = {
+    "weights": "weights_mib",
+    "KV cache": "kv_cache_mib",
+    "activations": "activations_mib",
+    "runtime": "runtime_mib",
+}
+
+
+def memory(rows: Sequence[FootprintRow]) -> Section:
+    """What a running model holds at each context length, per precision."""
+    longest = max(r.context for r in rows)
+    at = [r for r in rows if r.context == longest]
+    kv = sorted({r.kv_cache_mib for r in at})
+    same = f"{kv[0]:.1f} MiB at every precision" if len(kv) == 1 else f"{kv[0]:.1f}–{kv[-1]:.1f} MiB"
+    weights = ", ".join(f"{r.precision} {r.weights_mib:.0f}" for r in at)
+    active = [r.activations_mib for r in at]
+    reading = (
+        f"At {longest} tokens the KV cache holds {same} while the weights go {weights} MiB; reading "
+        f"the prompt peaks at {min(active):.0f}–{max(active):.0f} MiB of activations, and the runtime "
+        f"around the model is {at[0].runtime_mib:.0f} MiB: weight bits shrink only the weights."
+    )
+    return Section(
+        key="memory",
+        title="Memory beyond weights: the KV cache and activations do not shrink with weight bits",
+        reading=reading,
+        method=(
+            "Memory: weights as in the table; KV cache, the keys and values buffer a reply of that "
+            "many tokens fills; activations, the peak of torch's allocations while that many tokens "
+            "of lesson text are read (the profiler's record of every allocation and free); runtime, "
+            "the engine process's resident set before those reads less every weight tensor it holds."
+        ),
+        columns=[
+            "precision",
+            "tokens",
+            "weights MiB",
+            "KV cache MiB",
+            "activations MiB",
+            "runtime MiB",
+            "total",
+        ],
+        cells=[
+            [
+                r.precision,
+                str(r.context),
+                f"{r.weights_mib:.0f}",
+                f"{r.kv_cache_mib:.1f}",
+                f"{r.activations_mib:.1f}",
+                f"{r.runtime_mib:.0f}",
+                f"{r.total_mib:.0f}",
+            ]
+            for r in rows
+        ],
+        rows=[r.as_dict() for r in rows],
+        chart=Chart(
+            title=f"MiB a reply of {longest} tokens holds beyond the runtime, by precision",
+            labels=[r.precision for r in at],
+            series={
+                part: [getattr(r, field) for r in at] for part, field in PARTS.items() if part != "runtime"
+            },
+            kind="stacked",
         ),
     )

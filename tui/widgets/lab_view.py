@@ -241,11 +241,15 @@ class LabView(VerticalScroll, can_focus=True):
         chart = PlotextPlot(classes="lab-section-chart")
         plt = chart.plt
         spec = section.chart
+        if spec.kind == "stacked":  # the parts by colour; the table beside it has every figure
+            plt.stacked_bar(spec.labels, list(spec.series.values()), labels=list(spec.series), width=0.4)
         for (name, values), marker in zip(spec.series.items(), MARKERS, strict=False):
             if spec.kind == "line":  # distinct markers, so the series differ without colour
                 plt.plot(list(range(1, len(values) + 1)), values, label=f"{name} ({marker})", marker=marker)
-            else:
+            elif spec.kind == "bar":
                 plt.bar(spec.labels, values, label=name, marker="█", width=0.3)
+        if spec.kind != "line":  # room on the left for the legend, off the first bar
+            plt.xlim(-0.5, len(spec.labels) + 0.5)
         if spec.kind == "line":
             longest = max((len(v) for v in spec.series.values()), default=1)
             plt.xticks([1, *range(longest // 4, longest + 1, max(1, longest // 4))])

@@ -659,6 +659,32 @@ class Engine:
         """``log_softmax`` of ``window_logits`` (float32, CPU)."""
         return self.window_logits(windows, start=start, batch_size=batch_size).log_softmax(-1)
 
+    def prefill_footprint(self, ids: Sequence[int]) -> tuple[int, int]:
+        """Read ``ids`` into a fresh KV buffer at the current precision, as a reply's prompt is
+        read; returns (the buffer's bytes, the peak of torch's allocations during the read above
+        what was allocated before: activations and scratch). The allocations are the profiler's
+        own record of every allocation and free (``profile_memory``)."""
+        import torch
+        from torch.profiler import ProfilerActivity, profile
+
+        if self._decoder is None:
+            raise EngineError(
+                "Measuring a prefill's memory needs the fast decoder (a Llama-architecture model)."
+            )
+        with self._exclusive(True), torch.inference_mode():
+            weights = self._manager.current().weights
+            assert weights is not None
+            cache = self._decoder.new_cache(len(ids), weights.act_dtype)
+            tensor = torch.tensor([list(ids)], dtype=torch.long, device=self.torch_device)
+            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+                self._decoder.forward(weights, tensor, cache)
+        events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+        live = peak = 0
+        for event in sorted(events, key=lambda e: e.start_ns()):
+            live += event.nbytes()
+            peak = max(peak, live)
+        return cache.data.nbytes, peak
+
     def continue_greedy(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
         """Greedy continuations of ``prompts`` at the current precision, each cut before its first
         stop token. Prompts of one length decode as one batch on the fast decoder (a step for four

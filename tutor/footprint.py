@@ -1,0 +1,124 @@
+"""Memory beyond weights: what a running model holds at a given context length, per precision.
+
+For each precision and context length, four parts, each measured:
+
+* weights: every parameter and quantization-state tensor the model computes with at that
+  precision (as the cliff table's "weights MiB");
+* KV cache: the keys and values buffer a reply of that many tokens fills (its tensor's bytes);
+* activations: the peak of torch's allocations while that many tokens of lesson text are read
+  into the buffer, above what was allocated before (the profiler's record of every allocation
+  and free);
+* runtime: the engine process's resident set before these reads minus every weight tensor it
+  holds (the bf16 masters and each prepared precision): the interpreter, torch and its
+  libraries, the tokenizer, the embedding model, and heap the allocator kept from earlier work.
+
+Weight bits shrink only the first part; the KV cache and activations stay 16-bit.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tutor.content import Library
+from tutor.engine.reports import MIB
+from tutor.measure import (
+    REFERENCE,
+    Cancel,
+    Progress,
+    cache_file,
+    check_cancel,
+    content_hash,
+    lesson_windows,
+    write_json,
+)
+
+if TYPE_CHECKING:
+    from tutor.engine import Engine
+
+CONTEXTS = (256, 1024, 2048)
+VERSION = 1
+
+
+@dataclass(frozen=True)
+class FootprintRow:
+    precision: str
+    context: int  # tokens read
+    weights_mib: float
+    kv_cache_mib: float
+    activations_mib: float
+    runtime_mib: float
+
+    @property
+    def total_mib(self) -> float:
+        return self.weights_mib + self.kv_cache_mib + self.activations_mib + self.runtime_mib
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def lesson_tokens(engine: Engine, library: Library, count: int) -> list[int]:
+    """The first ``count`` tokens of the lessons' text (real text, not filler)."""
+    ids = [token for window in lesson_windows(engine.tokenizer, library, 64) for token in window]
+    if len(ids) < count:
+        raise ValueError(f"the lessons hold {len(ids)} tokens, fewer than the {count} asked for")
+    return ids[:count]
+
+
+def footprint_rows(
+    engine: Engine,
+    library: Library,
+    precisions: Sequence[str],
+    contexts: Sequence[int] = CONTEXTS,
+    *,
+    folder: Path | None = None,
+    progress: Progress | None = None,
+    cancel: Cancel = None,
+) -> list[FootprintRow]:
+    """One row per precision (bf16 first) and context length, from the cache where measured before."""
+    key = {
+        "model": str(engine.checkpoint.path),
+        "device": engine.device,
+        "content": content_hash(library),
+        "contexts": list(contexts),
+        "version": VERSION,
+    }
+    order = list(dict.fromkeys([REFERENCE, *precisions]))
+    rows: list[FootprintRow] = []
+    # Once, before any read: a prefill's scratch, freed, may stay in the process's heap after.
+    held = {name: value or 0.0 for name, value in engine.memory().items()}
+    runtime = held["rss_mib"] - held["master_mib"] - held["prepared_mib"]
+    for done, precision in enumerate(order):
+        path = cache_file({**key, "precision": precision}, folder, f"footprint-{precision}")
+        try:
+            rows += [FootprintRow(**row) for row in json.loads(path.read_text(encoding="utf-8"))]
+            continue
+        except (OSError, ValueError, TypeError):
+            pass
+        check_cancel(cancel)
+        if progress is not None:
+            progress("memory", done, len(order))
+        engine.switch(precision, wait=True)
+        weights = engine.weights(precision).weights_bytes
+        measured = []
+        for context in contexts:
+            check_cancel(cancel)
+            kv, activations = engine.prefill_footprint(lesson_tokens(engine, library, context))
+            measured.append(
+                FootprintRow(
+                    precision,
+                    context,
+                    round(weights / MIB, 1),
+                    round(kv / MIB, 2),
+                    round(activations / MIB, 2),
+                    round(runtime, 1),
+                )
+            )
+        write_json(path, [row.as_dict() for row in measured])
+        rows += measured
+    if progress is not None:
+        progress("memory", len(order), len(order))
+    return rows
