@@ -80,3 +80,10 @@ def test_a_measurement_keeps_every_precision_it_reads(  # type: ignore[no-untype
     for row in rows[1:]:
         assert row.weights_mib > 0 and row.kl_mean >= 0 and 0 < row.top1_agreement <= 1
     assert cuda_engine.precision == "bf16"
+
+
+def test_a_prompts_memory_on_the_gpu(cuda_engine) -> None:  # type: ignore[no-untyped-def]
+    ids = cuda_engine.encode(PROMPT)
+    kv, peak = cuda_engine.prefill_footprint(ids)
+    kv2, _ = cuda_engine.prefill_footprint(ids + ids)
+    assert kv2 == 2 * kv > 0 and peak > 0

@@ -19,9 +19,9 @@ same as ``Engine.load``. Other options: ``cache_dir``, ``int8_threshold`` (6.0),
 (transformers' own forward instead of the lean decoder), ``threads`` (torch intra-op threads,
 process-wide), ``workers``.
 
-State: ``engine.precision`` ("fp32", "bf16", "int8", "nf4", "fp4"), ``engine.device``,
-``engine.tokenizer``, ``engine.model`` (the transformers model; its decoder Linear layers are
-swapped in place for int8/nf4/fp4), ``engine.checkpoint.path``, ``engine.busy``,
+State: ``engine.precision`` ("fp32", "bf16", "int8", "nf4", "fp4", "nf4-bf16": nf4's weights
+dequantized into bf16 layers), ``engine.device``, ``engine.tokenizer``, ``engine.model`` (the
+transformers model; its decoder Linear layers are swapped in place for int8/nf4/fp4/nf4-bf16), ``engine.checkpoint.path``, ``engine.busy``,
 ``engine.weights()`` -> WeightsReport (bytes, which modules are quantized, what stays 16-bit),
 ``engine.memory()`` -> dict of MiB (weights, masters, prepared, rss, peak rss, cuda),
 ``engine.prepared()`` / ``engine.is_prepared(p)`` / ``engine.drop_prepared(p)``.
@@ -63,6 +63,8 @@ Scoring (the precision lab): ``engine.window_logits(windows, start=0)`` -> float
 ``(B, T - start, vocab)`` of next-token logits at the current precision (row t predicts token
 start + t + 1); ``engine.window_logprobs`` the same after log_softmax. For fp32 use these, not
 ``engine.model`` directly: with the lean decoder the fp32 weights live in its own copies.
+``engine.continue_greedy(prompts, n)`` continues equal-length prompts greedily as one batch;
+``engine.prefill_footprint(ids)`` -> (KV buffer bytes, peak allocation bytes) of reading ``ids``.
 
 Benchmark: ``tutor.engine.bench.main(argv)`` (``quant-tutor bench``) and
 ``tutor.engine.bench.bench_rows(...)``.

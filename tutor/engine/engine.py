@@ -662,8 +662,9 @@ class Engine:
     def prefill_footprint(self, ids: Sequence[int]) -> tuple[int, int]:
         """Read ``ids`` into a fresh KV buffer at the current precision, as a reply's prompt is
         read; returns (the buffer's bytes, the peak of torch's allocations during the read above
-        what was allocated before: activations and scratch). The allocations are the profiler's
-        own record of every allocation and free (``profile_memory``)."""
+        what was allocated before: activations and scratch). On a CPU that peak comes from the
+        profiler's record of every allocation and free (``profile_memory``), on CUDA from the
+        caching allocator's own statistics."""
         import torch
         from torch.profiler import ProfilerActivity, profile
 
@@ -671,11 +672,17 @@ class Engine:
             raise EngineError(
                 "Measuring a prefill's memory needs the fast decoder (a Llama-architecture model)."
             )
+        cuda = self.torch_device.type == "cuda"
         with self._exclusive(True), torch.inference_mode():
             weights = self._manager.current().weights
             assert weights is not None
             cache = self._decoder.new_cache(len(ids), weights.act_dtype)
             tensor = torch.tensor([list(ids)], dtype=torch.long, device=self.torch_device)
+            if cuda:  # the caching allocator keeps its own peak
+                torch.cuda.reset_peak_memory_stats(self.torch_device)
+                before = torch.cuda.memory_allocated(self.torch_device)
+                self._decoder.forward(weights, tensor, cache)
+                return cache.data.nbytes, torch.cuda.max_memory_allocated(self.torch_device) - before
             with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
                 self._decoder.forward(weights, tensor, cache)
         events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
