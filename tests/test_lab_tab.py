@@ -45,7 +45,15 @@ async def test_lab_shows_a_result_and_compares(  # type: ignore[no-untyped-def]
     library: Library, store: Store, bf16_engine, engine_runtime, tmp_path: Path
 ) -> None:
     small = Plan(
-        "small", windows=None, qa_questions=0, quiz_questions=1, continuations=1, long_tokens=8, contexts=(8,)
+        "small",
+        windows=None,
+        qa_questions=0,
+        quiz_questions=1,
+        continuations=1,
+        long_tokens=8,
+        contexts=(8,),
+        mixed_windows=1,
+        mixed_window=32,
     )
     result = run_cliff(
         bf16_engine, library, LAB_PRECISIONS, plan=small, max_windows=1, window=128, folder=tmp_path

@@ -20,6 +20,7 @@ from tutor.easy_hard import EasyHardRow
 from tutor.footprint import FootprintRow
 from tutor.lab import FULL, QUICK, Cancelled, Plan, run_cliff, weight_lab
 from tutor.measure import QualityRow
+from tutor.mixed_precision import MixedRow
 from tutor.weight_lab import run_lab
 
 pytestmark = pytest.mark.model
@@ -34,6 +35,8 @@ TINY = Plan(
     continuations=2,
     long_tokens=16,
     contexts=(16, 32),
+    mixed_windows=1,
+    mixed_window=WINDOW,
 )
 
 
@@ -192,18 +195,19 @@ def test_rows_arrive_live_then_come_from_the_cache(  # type: ignore[no-untyped-d
         "weight lab",
         "easy vs hard",
         "memory",
+        "mixed precision",
     }
     # Each row arrives as soon as it is final: before the next precision's work starts.
     assert events.index(("row", "bf16")) < events.index(("progress", "qa nf4"))
     assert events.index(("row", "nf4")) < events.index(("progress", "weight lab"))
-    assert events[-1] == ("progress", "memory")
+    assert events[-1] == ("progress", "mixed precision")
     assert all(r.qa_questions == 1 and r.tokens_scored == 2 * (WINDOW - WINDOW // 2 - 1) for r in result.rows)
     assert result.rows[0].qa_token_f1 == 1.0 and result.plan == "tiny"
     assert "2 of the" in result.method and "QA on 1 evaluation question" in result.method
     assert bf16_engine.precision == "nf4", "the engine is left at the precision it had"
     # No way back: nf4's weights in bf16 storage hold bf16's memory and nf4's loss (issue 12's
     # bounds: MiB within 2 % of bf16, KL within 5 % of nf4).
-    section, easy_hard, memory = result.sections
+    section, easy_hard, memory, mixed = result.sections
     reference, four, restored = (QualityRow(**r) for r in section.rows)
     assert [reference.precision, four.precision, restored.precision] == ["bf16", "nf4", "nf4-bf16"]
     assert four == result.rows[1], "the cliff's own nf4 row"
@@ -229,6 +233,15 @@ def test_rows_arrive_live_then_come_from_the_cache(  # type: ignore[no-untyped-d
     assert held[2].weights_mib < 0.5 * held[0].weights_mib
     assert all(r.activations_mib > 0 and r.runtime_mib > 0 for r in held)
     assert "KV cache holds" in memory.reading and "at every precision" in memory.reading
+    # Mixed precision: from nf4 (no layer at int8) to int8 (all 30); a variant in between
+    # lies between them in memory and, with its most sensitive layers at int8, in KL.
+    variants = [MixedRow(**r) for r in mixed.rows]
+    assert [len(r.int8_layers) for r in variants] == [0, 1, 2, 4, 8, 16, 30]
+    assert len(mixed.extra["sensitivity"]) == 30
+    low, high = variants[0], variants[-1]
+    assert [r.weights_mib for r in variants] == sorted(r.weights_mib for r in variants)
+    assert high.kl_mean < variants[-2].kl_mean < low.kl_mean
+    assert "most sensitive at int8" in mixed.reading
 
     def no_compute(*_args, **_kwargs):  # type: ignore[no-untyped-def]
         raise AssertionError("cached rows are not computed again")

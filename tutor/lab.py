@@ -8,7 +8,7 @@ that test one lesson claim each (:mod:`tutor.lab_sections`).
 Two plans, shared by ``quant-tutor cliff`` (FULL; ``--quick``: QUICK) and the Lab tab
 (``m``: QUICK, ``M``: FULL), so each plan's results are measured once and cached for both.
 Rows arrive live (``on_row``), ``progress(phase, done, total)`` names the phase ("windows",
-"qa <precision>", "weight lab", "easy vs hard", "memory"), and ``cancel`` stops it between
+"qa <precision>", "weight lab", "easy vs hard", "memory", "mixed precision"), and ``cancel`` stops it between
 batches and questions (``Cancelled``), caching only finished rows.
 """
 
@@ -29,7 +29,7 @@ from tutor.content import Library, default_content_dir
 from tutor.easy_hard import LONG, easy_hard_rows
 from tutor.engine.precisions import NO_WAY_BACK
 from tutor.footprint import CONTEXTS, footprint_rows
-from tutor.lab_sections import Section, easy_hard, memory, no_way_back
+from tutor.lab_sections import Section, easy_hard, memory, mixed, no_way_back
 from tutor.machine import describe
 from tutor.measure import (
     REFERENCE,
@@ -50,6 +50,7 @@ from tutor.measure import (
     quality_rows,
     write_json,
 )
+from tutor.mixed_precision import SCAN_WINDOW, mixed_precision
 from tutor.weight_lab import LabRow, run_lab
 
 if TYPE_CHECKING:
@@ -76,6 +77,8 @@ class Plan:
     continuations: int = 12  # easy vs hard: long greedy continuations of lesson text
     long_tokens: int = LONG  # easy vs hard: tokens per continuation
     contexts: tuple[int, ...] = CONTEXTS  # memory beyond weights: prompt lengths read
+    mixed_windows: int = 6  # mixed precision: lesson windows of the layer scan and the variants
+    mixed_window: int = SCAN_WINDOW  # mixed precision: tokens per window
 
 
 # QUICK: a first look: the table in well under a minute (a few windows spread over all lessons and
@@ -84,7 +87,7 @@ class Plan:
 # then the sections on a few quiz questions and continuations.
 # FULL: the whole measurement (all lesson text, eight questions, the tutor's own cap, every quiz
 # question, twelve continuations).
-QUICK = Plan("quick", windows=6, qa_questions=0, quiz_questions=8, continuations=4)
+QUICK = Plan("quick", windows=6, qa_questions=0, quiz_questions=8, continuations=4, mixed_windows=2)
 FULL = Plan("full", windows=None, qa_questions=8)
 PLANS = {plan.name: plan for plan in (QUICK, FULL)}
 
@@ -282,7 +285,7 @@ def run_cliff(
     row as soon as it is final (cached ones at once, then bf16 first), ``on_section(section)``
     each lesson-claim section as soon as it is measured; ``progress(phase, done,
     total)`` reports "windows" (window passes), "qa <precision>" (questions), "weight lab",
-    "easy vs hard" and "memory" (precisions);
+    "easy vs hard", "memory" (precisions) and "mixed precision" (passes);
     ``cancel`` (a threading.Event or a callable) raises Cancelled between batches and questions.
     The engine is left at the precision it had.
     """
@@ -356,6 +359,18 @@ def run_cliff(
             engine, library, shown, plan.contexts, folder=folder, progress=progress, cancel=cancel
         )
         sections.append(memory(held))
+        if on_section is not None:
+            on_section(sections[-1])
+        scan = mixed_precision(
+            engine,
+            library,
+            windows=plan.mixed_windows,
+            window=plan.mixed_window,
+            folder=folder,
+            progress=progress,
+            cancel=cancel,
+        )
+        sections.append(mixed(scan))
         if on_section is not None:
             on_section(sections[-1])
     finally:

@@ -7,13 +7,14 @@ prints it, ``cliff --json`` carries it under its key and the Lab tab draws it, a
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from tutor.easy_hard import PROMPT_TOKENS, TIE, EasyHardRow
 from tutor.engine.precisions import NO_WAY_BACK, PRECISIONS
 from tutor.footprint import FootprintRow
 from tutor.measure import REFERENCE, QualityRow
+from tutor.mixed_precision import HIGH, LOW, MixedResult
 from tutor.text import plural
 
 # How close two KL figures must be to call them "the same loss" in a reading (relative).
@@ -40,8 +41,9 @@ class Section:
     method: str
     columns: list[str]
     cells: list[list[str]]  # the table as shown
-    rows: list[dict[str, Any]]  # the figures, each with its precision id
+    rows: list[dict[str, Any]]  # the figures, each with its precision (or variant) id
     chart: Chart
+    extra: dict[str, Any] = field(default_factory=dict)  # figures that are not rows
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -217,4 +219,49 @@ def memory(rows: Sequence[FootprintRow]) -> Section:
             },
             kind="stacked",
         ),
+    )
+
+
+def mixed(result: MixedResult) -> Section:
+    """nf4 with its most sensitive layers kept at int8, from none to all of them."""
+    low, high = result.rows[0], result.rows[-1]
+    ranked = sorted(range(len(result.sensitivity)), key=lambda i: -result.sensitivity[i])[:3]
+    worst = ", ".join(f"{i} ({result.sensitivity[i]:.3f})" for i in ranked)
+    halfway = (low.kl_mean + high.kl_mean) / 2
+    knee = next((r for r in result.rows[1:] if r.kl_mean <= halfway), high)
+    share = (low.kl_mean - knee.kl_mean) / max(low.kl_mean - high.kl_mean, 1e-12)
+    reading = (
+        f"Alone at {LOW}, layers {worst} cost the most KL. Keeping the {len(knee.int8_layers)} most "
+        f"sensitive at {HIGH} ({knee.weights_mib:.0f} MiB, {knee.weights_mib - low.weights_mib:+.0f} over "
+        f"{LOW}) takes KL from {low.kl_mean:.3f} to {knee.kl_mean:.3f}, {share:.0%} of the way to {HIGH}'s "
+        f"{high.kl_mean:.3f} at {high.weights_mib:.0f} MiB."
+    )
+    return Section(
+        key="mixed",
+        title=f"Mixed precision: the most sensitive layers at {HIGH}, the rest at {LOW}",
+        reading=reading,
+        method=(
+            f"Mixed precision: each decoder layer alone at {LOW} (the others {REFERENCE}), then the k "
+            f"layers that cost most kept at {HIGH} and the rest at {LOW}; KL({REFERENCE} ‖ variant) over "
+            f"{plural(low.tokens_scored, 'token')} of lesson text; weights MiB adds each layer's share of "
+            f"its precision's measured bytes to what stays 16-bit."
+        ),
+        columns=["variant", f"layers at {HIGH}", "weights MiB", "mean KL", "same top token"],
+        cells=[
+            [
+                r.variant,
+                str(len(r.int8_layers)),
+                f"{r.weights_mib:.0f}",
+                f"{r.kl_mean:.4f}",
+                f"{r.top1_agreement:.1%}",
+            ]
+            for r in result.rows
+        ],
+        rows=[r.as_dict() for r in result.rows],
+        chart=Chart(
+            title=f"Mean KL against {REFERENCE} by layers kept at {HIGH} (weights MiB in the labels)",
+            labels=[f"{len(r.int8_layers)}: {r.weights_mib:.0f}" for r in result.rows],
+            series={"mean KL": [r.kl_mean for r in result.rows]},
+        ),
+        extra={"sensitivity": result.sensitivity},
     )

@@ -21,7 +21,8 @@ process-wide), ``workers``.
 
 State: ``engine.precision`` ("fp32", "bf16", "int8", "nf4", "fp4", "nf4-bf16": nf4's weights
 dequantized into bf16 layers), ``engine.device``, ``engine.tokenizer``, ``engine.model`` (the
-transformers model; its decoder Linear layers are swapped in place for int8/nf4/fp4/nf4-bf16), ``engine.checkpoint.path``, ``engine.busy``,
+transformers model; its decoder Linear layers are swapped in place for int8/nf4/fp4/nf4-bf16),
+``engine.checkpoint.path``, ``engine.busy``,
 ``engine.weights()`` -> WeightsReport (bytes, which modules are quantized, what stays 16-bit),
 ``engine.memory()`` -> dict of MiB (weights, masters, prepared, rss, peak rss, cuda),
 ``engine.prepared()`` / ``engine.is_prepared(p)`` / ``engine.drop_prepared(p)``.

@@ -43,7 +43,7 @@ from tutor.engine.reports import (
 if TYPE_CHECKING:
     import torch
 
-    from tutor.engine.decoder import FastDecoder
+    from tutor.engine.decoder import DecoderWeights, FastDecoder
     from tutor.engine.precision import PrecisionManager
 
 BUSY_MESSAGE = "A reply is being generated; wait for it to finish or cancel it, then try again."
@@ -624,14 +624,19 @@ class Engine:
         start: int = 0,
         batch_size: int = 4,
         wait: bool | float = True,
+        mix: Sequence[str] | None = None,
     ) -> torch.Tensor:
         """Next-token logits at the current precision, float32 on the CPU.
 
         ``windows`` is a batch of equal-length token windows ``(B, T)``; the result is
         ``(B, T - start, vocab)`` where row ``t`` predicts token ``start + t + 1``. Each window is
-        read from scratch (no KV cache), in micro-batches of ``batch_size``.
+        read from scratch (no KV cache), in micro-batches of ``batch_size``. ``mix`` (one
+        precision per decoder layer, computing in one dtype) reads them with each layer at its
+        own precision instead: mixed precision, on the fast decoder.
         """
         import torch
+
+        mixed = self._mixed_weights(mix) if mix is not None else None
 
         ids = windows if isinstance(windows, torch.Tensor) else torch.tensor([list(w) for w in windows])
         if ids.dim() != 2 or ids.shape[1] < 1:
@@ -645,13 +650,31 @@ class Engine:
             for first in range(0, ids.shape[0], max(1, batch_size)):
                 chunk = ids[first : first + batch_size].to(self.torch_device, dtype=torch.long)
                 if self._decoder is not None:
-                    weights = self._manager.current().weights
+                    weights = mixed or self._manager.current().weights
                     assert weights is not None
                     logits = self._decoder.forward(weights, chunk, None, last_only=False, keep_from=start)
                 else:
                     logits = self.model(input_ids=chunk, use_cache=False).logits[:, start:]
                 outputs.append(logits.float().cpu())
         return torch.cat(outputs)
+
+    def _mixed_weights(self, mix: Sequence[str]) -> DecoderWeights:
+        """The fast decoder's weights with layer ``i`` taken from precision ``mix[i]``'s (each
+        built now if it is not held; all of them kept while held here)."""
+        from dataclasses import replace
+
+        if self._decoder is None or len(mix) != self._decoder.n_layers:
+            raise EngineError("A mix needs the fast decoder and one precision for each of its layers.")
+        names = [check_precision(p) for p in mix]
+        held: dict[str, DecoderWeights] = {}
+        for name in dict.fromkeys(names):
+            weights = self._manager.prepare(name)[0].weights
+            assert weights is not None  # the fast decoder builds its view of every precision
+            held[name] = weights
+        if len({w.act_dtype for w in held.values()}) != 1:
+            raise EngineError("A mix needs precisions that compute in one dtype (bf16, int8, nf4, fp4).")
+        layers = [held[name].layers[i] for i, name in enumerate(names)]
+        return replace(next(iter(held.values())), precision="mixed", layers=layers, copies=[])
 
     def window_logprobs(
         self, windows: Sequence[Sequence[int]] | torch.Tensor, *, start: int = 0, batch_size: int = 4

@@ -1,0 +1,147 @@
+"""Mixed precision: which layers suffer most at 4 bits, and what keeping those at int8 buys.
+
+A sensitivity scan puts one decoder layer at a time at nf4 (the others bf16) and measures
+KL(bf16 ‖ that) on lesson windows. Then variants keep the k most sensitive layers at int8 and
+the rest at nf4: k = 0 is nf4, k = all is int8, and in between their memory and KL show where
+the knee is. Each variant is the tutor's own modules, layer by layer (``Engine.window_logits``
+with ``mix``); its weights MiB adds each layer's share of its precision's measured bytes to
+what stays 16-bit everywhere.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tutor.content import Library
+from tutor.engine.reports import MIB
+from tutor.measure import (
+    REFERENCE,
+    Cancel,
+    Progress,
+    cache_file,
+    check_cancel,
+    content_hash,
+    lesson_windows,
+    pick_windows,
+    write_json,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+    from tutor.engine import Engine
+
+LOW, HIGH = "nf4", "int8"
+SCAN_WINDOW = 128  # tokens per window; the second half of each is scored
+KS = (1, 2, 4, 8, 16)  # layers kept at int8 in the variants between nf4 and int8
+VERSION = 1
+
+
+@dataclass(frozen=True)
+class MixedRow:
+    variant: str
+    int8_layers: list[int]
+    weights_mib: float
+    kl_mean: float
+    top1_agreement: float
+    tokens_scored: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class MixedResult:
+    sensitivity: list[float]  # KL when only layer i is at nf4
+    rows: list[MixedRow]  # nf4, the variants by k, int8
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"sensitivity": self.sensitivity, "rows": [r.as_dict() for r in self.rows]}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MixedResult:
+        return cls(data["sensitivity"], [MixedRow(**r) for r in data["rows"]])
+
+
+def _divergence(reference: torch.Tensor, logits: torch.Tensor) -> tuple[float, float]:
+    """Mean KL(reference ‖ logits) and top-1 agreement over ``(n, vocab)`` rows."""
+    logprobs = logits.log_softmax(-1)
+    kl = (reference.exp() * (reference - logprobs)).sum(-1)
+    same = (logprobs.argmax(-1) == reference.argmax(-1)).float()
+    return max(0.0, float(kl.mean())), float(same.mean())
+
+
+def mixed_precision(
+    engine: Engine,
+    library: Library,
+    *,
+    windows: int,
+    window: int = SCAN_WINDOW,
+    ks: Sequence[int] = KS,
+    folder: Path | None = None,
+    progress: Progress | None = None,
+    cancel: Cancel = None,
+) -> MixedResult:
+    """The scan and the variants (cached: measured once per model, lessons and settings)."""
+
+    layers = int(engine.model.config.num_hidden_layers)
+    ks = sorted({k for k in ks if 0 < k < layers})
+    every = lesson_windows(engine.tokenizer, library, window)
+    ids = [every[i] for i in pick_windows(len(every), spread=windows)]
+    key = {
+        "model": str(engine.checkpoint.path),
+        "device": engine.device,
+        "content": content_hash(library),
+        "windows": ids,
+        "ks": ks,
+        "version": VERSION,
+    }
+    path = cache_file(key, folder, "mixed")
+    try:
+        return MixedResult.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError, KeyError):
+        pass
+    half = window // 2
+    steps, done = layers + len(ks) + 2, 0
+
+    def read(mix: Sequence[str] | None) -> torch.Tensor:
+        nonlocal done
+        check_cancel(cancel)
+        # One window per pass where int8 is in: LLM.int8's outlier columns span the batch.
+        together = mix is None or HIGH not in mix
+        logits = engine.window_logits(ids, start=half, batch_size=len(ids) if together else 1, mix=mix)
+        if mix is not None:
+            done += 1
+            if progress is not None:
+                progress("mixed precision", done, steps)
+        return logits[:, :-1].reshape(-1, logits.shape[-1])
+
+    if progress is not None:
+        progress("mixed precision", 0, steps)
+    engine.switch(REFERENCE, wait=True)
+    reference = read(None).log_softmax(-1)
+    sensitivity = []
+    for layer in range(layers):
+        mix = [REFERENCE] * layers
+        mix[layer] = LOW
+        sensitivity.append(_divergence(reference, read(mix))[0])
+    order = sorted(range(layers), key=lambda i: -sensitivity[i])
+    for precision in (LOW, HIGH):
+        engine.prepare(precision)  # held already after the scan (nf4); int8 is built here once
+    kept = engine.weights(REFERENCE).kept_bytes
+    per_layer = {p: (engine.weights(p).weights_bytes - kept) / layers for p in (LOW, HIGH)}
+    rows = []
+    for k in [0, *ks, layers]:
+        chosen = sorted(order[:k])
+        mix = [HIGH if i in chosen else LOW for i in range(layers)]
+        kl, same = _divergence(reference, read(mix))
+        variant = LOW if k == 0 else HIGH if k == layers else f"{LOW} + {k} at {HIGH}"
+        weights = kept + k * per_layer[HIGH] + (layers - k) * per_layer[LOW]
+        rows.append(MixedRow(variant, chosen, round(weights / MIB, 1), kl, same, int(reference.shape[0])))
+    result = MixedResult(sensitivity, rows)
+    write_json(path, result.as_dict())
+    return result
