@@ -317,6 +317,13 @@ def run_cliff(
         if on_row is not None and row.precision in shown:
             on_row(row)
 
+    sections: list[Section] = []
+
+    def publish(section: Section) -> None:
+        sections.append(section)
+        if on_section is not None:
+            on_section(section)
+
     try:
         rows = quality_rows(
             engine,
@@ -338,9 +345,7 @@ def run_cliff(
         layer, lab = weight_lab(engine, library, window, folder=folder)
         if progress is not None:
             progress("weight lab", 1, 1)
-        sections = [no_way_back([r for r in rows if r.precision in NO_WAY_BACK])]
-        if on_section is not None:
-            on_section(sections[-1])
+        publish(no_way_back([r for r in rows if r.precision in NO_WAY_BACK]))
         hard = easy_hard_rows(
             engine,
             library,
@@ -352,15 +357,11 @@ def run_cliff(
             progress=progress,
             cancel=cancel,
         )
-        sections.append(easy_hard(hard))
-        if on_section is not None:
-            on_section(sections[-1])
+        publish(easy_hard(hard))
         held = footprint_rows(
             engine, library, shown, plan.contexts, folder=folder, progress=progress, cancel=cancel
         )
-        sections.append(memory(held))
-        if on_section is not None:
-            on_section(sections[-1])
+        publish(memory(held))
         scan = mixed_precision(
             engine,
             library,
@@ -370,9 +371,7 @@ def run_cliff(
             progress=progress,
             cancel=cancel,
         )
-        sections.append(mixed(scan))
-        if on_section is not None:
-            on_section(sections[-1])
+        publish(mixed(scan))
     finally:
         with contextlib.suppress(Exception):
             engine.switch(previous, wait=True)
