@@ -141,15 +141,18 @@ def engine_runtime(library: Library, engine_process):  # type: ignore[no-untyped
 
 # --- figures a test measured, printed at the end of the run (the evaluation sets) -----------
 
-FIGURES = pytest.StashKey[list[str]]()
+# A test records them as a user property ("measured", text); the property travels with its
+# report, so under pytest-xdist the figures reach the controller that prints the summary.
+MEASURED = "measured"
+_measured: list[str] = []
 
 
-def report_figures(config: pytest.Config, text: str) -> None:
-    """Print ``text`` in the run's summary, passed or not (pytest hides a passing test's output)."""
-    config.stash.setdefault(FIGURES, []).append(text)
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.when == "call":
+        _measured.extend(str(value) for name, value in report.user_properties if name == MEASURED)
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
-    for text in config.stash.get(FIGURES, []):
+    for text in _measured:
         terminalreporter.write_sep("-", "measured")
         terminalreporter.write_line(text)
