@@ -61,7 +61,8 @@ __all__ = ["FULL", "PLANS", "QUICK", "Cancelled", "CliffResult", "Plan", "run_cl
 
 QA_SET = default_content_dir() / "eval_questions.yaml"
 QA_MAX_NEW_TOKENS = 96  # the tutor's own cap (tutor.tutor_chat.MAX_NEW_TOKENS)
-WEIGHT_LAB_VERSION = 1
+WEIGHT_LAB_VERSION = 2  # 2: errors on held-out text; GPTQ calibrated on the windows before it
+CALIBRATION_WINDOWS = 8  # lesson windows whose inputs calibrate GPTQ in the weight lab
 
 
 @dataclass(frozen=True)
@@ -211,8 +212,9 @@ def weight_lab(
 ) -> tuple[str, list[LabRow]]:
     """Quantize one real weight matrix every way; its inputs come from the model reading a lesson.
 
-    The model reads the first lesson window at the reference precision, only up to that layer
-    (a forward pre-hook takes the layer's input and stops the pass). Cached like the rows
+    The model reads the first lesson windows at the reference precision, only up to that layer
+    (a forward pre-hook takes the layer's input and stops the pass): the last one is the text
+    every scheme's output error is measured on, the ones before calibrate GPTQ. Cached like the rows
     (under ``folder``, default the cache dir), per model, device, lesson text and window.
     """
     import torch
@@ -239,13 +241,16 @@ def weight_lab(
 
     hook = layer.register_forward_pre_hook(grab)
     try:
-        ids = torch.tensor([lesson_windows(engine.tokenizer, library, window)[0]])
+        ids = torch.tensor(lesson_windows(engine.tokenizer, library, window)[: CALIBRATION_WINDOWS + 1])
         with torch.inference_mode(), contextlib.suppress(_Captured):
             engine.model(input_ids=ids.to(engine.torch_device), use_cache=False)
     finally:
         hook.remove()
     weight = layer.weight.detach().cpu()
-    rows = run_lab(weight, captured[0].reshape(-1, weight.shape[1]).cpu())
+    inputs = captured[0].cpu()
+    # The last window is the text every scheme is judged on; GPTQ calibrates on the ones before.
+    held_out, calibration = inputs[-1], inputs[:-1].reshape(-1, weight.shape[1])
+    rows = run_lab(weight, held_out.reshape(-1, weight.shape[1]), calibration)
     write_json(path, {"layer": name, "rows": [r.as_dict() for r in rows]})
     return name, rows
 
