@@ -166,7 +166,8 @@ def cmd_cliff(args: argparse.Namespace, library: Library, out: TextIO, err: Text
     console = Console(file=out)
     for table in result.tables():
         console.print(table)
-    console.print(f"Method: {result.method}\nMachine: {result.machine}")
+    console.print("\n".join([f"Method: {result.method}", *(s.method for s in result.sections)]))
+    console.print(f"Machine: {result.machine}")
     return 0
 
 
