@@ -228,6 +228,15 @@ def test_batched_greedy_continuation_is_generates(engine, bf16_tokens: list[int]
     assert not any(token in engine.stop_ids for row in rows for token in row)
 
 
+def test_at_runs_a_block_at_a_precision_then_puts_back_the_one_before(engine) -> None:  # type: ignore[no-untyped-def]
+    engine.switch("int8")
+    with pytest.raises(RuntimeError, match="the block failed"), engine.at("nf4") as report:
+        assert engine.precision == "nf4" == report.precision
+        engine.switch("fp4")  # the block may switch again
+        raise RuntimeError("the block failed")
+    assert engine.precision == "int8"
+
+
 def test_round_trip_gives_back_the_first_bf16_tokens(engine, bf16_tokens: list[int]) -> None:  # type: ignore[no-untyped-def]
     """bf16 after bf16 -> int8 -> nf4 -> bf16 is the first bf16 bit for bit: tokens and logits.
 

@@ -315,7 +315,6 @@ def run_cliff(
     total = len(lesson_windows(engine.tokenizer, library, window))
     spread = None if max_windows is not None else plan.windows
     picked = pick_windows(total, first=max_windows, spread=spread)
-    previous = engine.precision
     shown = list(dict.fromkeys([REFERENCE, *precisions]))
 
     def shown_row(row: QualityRow) -> None:  # the sections' own rows arrive with the result
@@ -329,7 +328,7 @@ def run_cliff(
         if on_section is not None:
             on_section(section)
 
-    try:
+    with engine.at(REFERENCE):  # the engine goes back to the precision it had, whatever happens
         rows = quality_rows(
             engine,
             library,
@@ -377,9 +376,6 @@ def run_cliff(
             cancel=cancel,
         )
         publish(mixed(scan))
-    finally:
-        with contextlib.suppress(Exception):
-            engine.switch(previous, wait=True)
     method = method_text(
         window,
         windows=len(picked),

@@ -37,6 +37,8 @@ Switching (precision names: ``PRECISIONS``)::
     engine.prepare("int8")                 # build ahead from a background thread (waits for a
                                            # running reply, then holds the engine ~0.5 s)
     engine.switch("int8")                  # now a reference swap: milliseconds
+    with engine.at("nf4"):                 # the block at nf4, then back to what it was
+        ...
 
 ``switch`` raises EngineBusyError while a reply is generating (``wait=True`` or a timeout in
 seconds waits instead) and SwitchError when building fails; either way the previous precision

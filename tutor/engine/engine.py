@@ -413,6 +413,18 @@ class Engine:
         )
 
     @contextlib.contextmanager
+    def at(self, precision: str) -> Iterator[SwitchReport]:
+        """Run the block at ``precision``, then put back the precision the engine had, even when
+        the block switched again or failed (waiting for a reply in flight, as ``switch`` does)."""
+        previous = self.precision
+        report = self.switch(precision, wait=True)
+        try:
+            yield report
+        finally:
+            with contextlib.suppress(EngineError):
+                self.switch(previous, wait=True)
+
+    @contextlib.contextmanager
     def pinned(self, precisions: Iterable[str]) -> Iterator[None]:
         """Keep ``precisions`` prepared inside, over the memory bound if need be.
 

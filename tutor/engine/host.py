@@ -280,23 +280,19 @@ class EngineHost:
             raise ValueError(f"unknown plan {plan!r}; use one of {', '.join(PLANS)}")
         wanted = [check_precision(p) for p in precisions]
         with self._job(f"the Lab's {plan} measurement", cancel, emit):
-            start = engine.precision
-            try:
-                result = run_cliff(
-                    engine,
-                    self.library,
-                    wanted,
-                    retriever=retriever,
-                    plan=PLANS[plan],
-                    progress=lambda phase, done, total: emit(
-                        "progress", {"phase": phase, "done": done, "total": total}
-                    ),
-                    on_row=lambda row: emit("row", row.as_dict()),
-                    on_section=lambda section: emit("section", section.as_dict()),
-                    cancel=cancel,
-                )
-            finally:
-                engine.switch(start, wait=True)
+            result = run_cliff(  # leaves the engine at the precision it had
+                engine,
+                self.library,
+                wanted,
+                retriever=retriever,
+                plan=PLANS[plan],
+                progress=lambda phase, done, total: emit(
+                    "progress", {"phase": phase, "done": done, "total": total}
+                ),
+                on_row=lambda row: emit("row", row.as_dict()),
+                on_section=lambda section: emit("section", section.as_dict()),
+                cancel=cancel,
+            )
         return result.as_dict()
 
 
