@@ -81,13 +81,15 @@ def bnb_4bit(quant_type: str) -> Callable[[torch.Tensor], torch.Tensor]:
     return quantize
 
 
-def spread_error(w: torch.Tensor, inverse: torch.Tensor, column: int, rounded: torch.Tensor) -> None:
+def spread_error(w: torch.Tensor, inverse: torch.Tensor, column: int, rounded: torch.Tensor) -> torch.Tensor:
     """GPTQ's step, in place: set ``w[:, column]`` to ``rounded`` and move the later columns
     so the layer's output on the calibration inputs changes least (the optimal brain surgeon
-    update). ``inverse`` is the upper Cholesky factor of the inverse Hessian."""
+    update). ``inverse`` is the upper Cholesky factor of the inverse Hessian. Returns the
+    scaled error, which moves columns outside ``w`` the same way (``error ⊗ inverse[column]``)."""
     error = (w[:, column] - rounded) / inverse[column, column]
     w[:, column:] -= error[:, None] * inverse[column, column:][None, :]
     w[:, column] = rounded
+    return error
 
 
 # GPTQ's dampening (a share of the Hessian's mean diagonal added to it). The paper's 0.01 assumes
@@ -100,7 +102,11 @@ DAMP = 0.1
 
 def gptq(bits: int, calibration: torch.Tensor, damp: float = DAMP) -> Callable[[torch.Tensor], torch.Tensor]:
     """GPTQ on ``round_to_nearest(bits)``'s grid (a scale and minimum per block of 64 along a row,
-    taken from the block as it is when reached), calibrated on ``calibration`` (n × in)."""
+    taken from the block as it is when reached), calibrated on ``calibration`` (n × in).
+
+    Column by column inside a block of 64; the columns after the block take the block's
+    updates at once, in one matmul (the paper's lazy batch: the same result, far less memory
+    traffic than a rank-one update of the whole matrix per column)."""
     levels = 2**bits - 1
 
     def quantize(weight: torch.Tensor) -> torch.Tensor:
@@ -112,12 +118,21 @@ def gptq(bits: int, calibration: torch.Tensor, damp: float = DAMP) -> Callable[[
         hessian += damp * hessian.diagonal().mean() * torch.eye(w.shape[1])
         inverse = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hessian)), upper=True)
         for start in range(0, w.shape[1], BLOCK):
-            block = w[:, start : start + BLOCK]
+            end = min(start + BLOCK, w.shape[1])
+            block, local = w[:, start:end].clone(), inverse[start:end, start:end]
             low = block.amin(dim=1)
             scale = (block.amax(dim=1) - low).clamp_min(1e-12) / levels
-            for column in range(start, min(start + BLOCK, w.shape[1])):
-                rounded = ((w[:, column] - low) / scale).round().clamp(0, levels) * scale + low
-                spread_error(w, inverse, column, rounded)
+            errors = torch.stack(
+                [
+                    spread_error(
+                        block, local, i, ((block[:, i] - low) / scale).round().clamp(0, levels) * scale + low
+                    )
+                    for i in range(end - start)
+                ],
+                dim=1,
+            )
+            w[:, start:end] = block
+            w[:, end:] -= errors @ inverse[start:end, end:]
         return w.to(weight.dtype)
 
     return quantize
