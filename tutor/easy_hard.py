@@ -15,7 +15,7 @@ is what "cliffs on hard tasks" looks like.
 
 from __future__ import annotations
 
-import json
+import contextlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,10 +27,11 @@ from tutor.measure import (
     Cancel,
     Progress,
     cache_file,
+    cache_key,
     check_cancel,
-    content_hash,
     lesson_windows,
     pick_windows,
+    read_json,
     write_json,
 )
 
@@ -146,12 +147,9 @@ def _continuations(
     windows = lesson_windows(engine.tokenizer, library, PROMPT_TOKENS)
     prompts = [windows[i] for i in pick_windows(len(windows), spread=count)]
     path = cache_file({**key, "what": "continuations", "prompts": prompts}, folder, "easy-hard-bf16")
-    try:
-        cached = json.loads(path.read_text(encoding="utf-8"))
-        if len(cached) == len(prompts):
-            return prompts, cached
-    except (OSError, ValueError):
-        pass
+    cached = read_json(path)
+    if isinstance(cached, list) and len(cached) == len(prompts):
+        return prompts, cached
     engine.switch(REFERENCE, wait=True)
     # Lesson text, not a chat: the model goes on for `long` tokens unless it ends the text itself.
     continuations = engine.continue_greedy(prompts, key["long"])
@@ -172,23 +170,15 @@ def easy_hard_rows(
     cancel: Cancel = None,
 ) -> list[EasyHardRow]:
     """One row per precision (bf16 first), from the cache where measured before."""
-    key = {
-        "model": str(engine.checkpoint.path),
-        "device": engine.device,
-        "content": content_hash(library),
-        "questions": questions,
-        "continuations": continuations,
-        "long": long,
-        "version": VERSION,
-    }
+    key = cache_key(
+        engine, library, questions=questions, continuations=continuations, long=long, version=VERSION
+    )
     order = list(dict.fromkeys([REFERENCE, *precisions]))
     rows: dict[str, EasyHardRow] = {}
     for precision in order:
-        try:
-            path = cache_file({**key, "precision": precision}, folder, f"easy-hard-{precision}")
-            rows[precision] = EasyHardRow.from_dict(json.loads(path.read_text(encoding="utf-8")))
-        except (OSError, ValueError, TypeError):
-            pass
+        cached = read_json(cache_file({**key, "precision": precision}, folder, f"easy-hard-{precision}"))
+        with contextlib.suppress(TypeError, AttributeError):  # absent, or another version's row
+            rows[precision] = EasyHardRow.from_dict(cached)
     missing = [p for p in order if p not in rows]
     if not missing:
         return [rows[p] for p in order]

@@ -17,7 +17,7 @@ Weight bits shrink only the first part; the KV cache and activations stay 16-bit
 
 from __future__ import annotations
 
-import json
+import contextlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,9 +30,10 @@ from tutor.measure import (
     Cancel,
     Progress,
     cache_file,
+    cache_key,
     check_cancel,
-    content_hash,
     lesson_windows,
+    read_json,
     write_json,
 )
 
@@ -79,34 +80,28 @@ def footprint_rows(
     cancel: Cancel = None,
 ) -> list[FootprintRow]:
     """One row per precision (bf16 first) and context length, from the cache where measured before."""
-    key = {
-        "model": str(engine.checkpoint.path),
-        "device": engine.device,
-        "content": content_hash(library),
-        "contexts": list(contexts),
-        "version": VERSION,
-    }
+    key = cache_key(engine, library, contexts=list(contexts), version=VERSION)
     order = list(dict.fromkeys([REFERENCE, *precisions]))
     rows: list[FootprintRow] = []
     # Once, before any read: a prefill's scratch, freed, may stay in the process's heap after.
     held = {name: value or 0.0 for name, value in engine.memory().items()}
     runtime = held["rss_mib"] - held["master_mib"] - held["prepared_mib"]
+    text: list[int] = []  # tokenized once, when something is measured
     for done, precision in enumerate(order):
         path = cache_file({**key, "precision": precision}, folder, f"footprint-{precision}")
-        try:
-            rows += [FootprintRow(**row) for row in json.loads(path.read_text(encoding="utf-8"))]
+        with contextlib.suppress(TypeError):  # absent, or another version's rows
+            rows += [FootprintRow(**row) for row in read_json(path)]
             continue
-        except (OSError, ValueError, TypeError):
-            pass
         check_cancel(cancel)
         if progress is not None:
             progress("memory", done, len(order))
+        text = text or lesson_tokens(engine, library, max(contexts))
         engine.switch(precision, wait=True)
         weights = engine.weights(precision).weights_bytes
         measured = []
         for context in contexts:
             check_cancel(cancel)
-            kv, activations = engine.prefill_footprint(lesson_tokens(engine, library, context))
+            kv, activations = engine.prefill_footprint(text[:context])
             measured.append(
                 FootprintRow(
                     precision,

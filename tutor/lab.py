@@ -41,13 +41,14 @@ from tutor.measure import (
     QAResult,
     QualityRow,
     cache_file,
+    cache_key,
     check_cancel,
-    content_hash,
     is_cancelled,
     lesson_windows,
     method_text,
     pick_windows,
     quality_rows,
+    read_json,
     write_json,
 )
 from tutor.mixed_precision import SCAN_WINDOW, mixed_precision
@@ -221,17 +222,10 @@ def weight_lab(
 
     engine.switch(REFERENCE, wait=True)
     name, layer = lab_layer(engine)
-    key = {
-        "model": str(engine.checkpoint.path),
-        "device": engine.device,
-        "content": content_hash(library),
-        "window": window,
-        "layer": name,
-        "version": WEIGHT_LAB_VERSION,
-    }
+    key = cache_key(engine, library, window=window, layer=name, version=WEIGHT_LAB_VERSION)
     path = cache_file(key, folder, "weight-lab")
-    with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
-        data = json.loads(path.read_text(encoding="utf-8"))
+    with contextlib.suppress(TypeError, KeyError):  # absent, or another version's
+        data = read_json(path)
         return data["layer"], [LabRow(**row) for row in data["rows"]]
     captured: list[torch.Tensor] = []
 

@@ -382,6 +382,17 @@ def token_f1(answer: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+def cache_key(engine: Engine, library: Library, **settings: Any) -> dict[str, Any]:
+    """What every cached lab measurement depends on: the model, the device, the lesson text,
+    and the measurement's own ``settings``."""
+    return {
+        "model": str(engine.checkpoint.path),
+        "device": engine.device,
+        "content": content_hash(library),
+        **settings,
+    }
+
+
 def cache_file(key: dict[str, Any], folder: Path | None, name: str) -> Path:
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     return (folder or cache_dir()) / "cliff" / f"{name}-{digest}.json"
@@ -399,11 +410,21 @@ def _write_json(data: Any, handle: IO[bytes]) -> None:
     handle.write(json.dumps(data).encode())
 
 
-def _read_row(path: Path) -> QualityRow | None:
+def read_json(path: Path) -> Any:
+    """A cached measurement, or None when it is absent or unreadable (then it is measured again
+    and rewritten)."""
     try:
-        return QualityRow(**json.loads(path.read_text(encoding="utf-8")))
-    except (OSError, ValueError, TypeError):
-        return None  # absent or unreadable: measured again (and rewritten)
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _read_row(path: Path) -> QualityRow | None:
+    data = read_json(path)
+    try:
+        return QualityRow(**data) if isinstance(data, dict) else None
+    except TypeError:  # written by another version of the row
+        return None
 
 
 def quality_rows(
@@ -436,15 +457,14 @@ def quality_rows(
     of_windows = len(windows)
     picked = pick_windows(of_windows, first=max_windows, spread=spread)
     windows = [windows[i] for i in picked]
-    base = {
-        "model": str(engine.checkpoint.path),
-        "device": engine.device,
-        "content": content_hash(library),
-        "window": window,
-        "windows": picked if len(picked) < of_windows else len(picked),
-        "qa": qa_label if qa is not None else "",
-        "version": METHOD_VERSION,
-    }
+    base = cache_key(
+        engine,
+        library,
+        window=window,
+        windows=picked if len(picked) < of_windows else len(picked),
+        qa=qa_label if qa is not None else "",
+        version=METHOD_VERSION,
+    )
     rows: dict[str, QualityRow] = {}
     for precision in dict.fromkeys(precisions):
         row = _read_row(_cache_file({**base, "precision": precision}, folder))

@@ -10,7 +10,7 @@ what stays 16-bit everywhere.
 
 from __future__ import annotations
 
-import json
+import contextlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,10 +23,11 @@ from tutor.measure import (
     Cancel,
     Progress,
     cache_file,
+    cache_key,
     check_cancel,
-    content_hash,
     lesson_windows,
     pick_windows,
+    read_json,
     write_json,
 )
 
@@ -92,19 +93,9 @@ def mixed_precision(
     ks = sorted({k for k in ks if 0 < k < layers})
     every = lesson_windows(engine.tokenizer, library, window)
     ids = [every[i] for i in pick_windows(len(every), spread=windows)]
-    key = {
-        "model": str(engine.checkpoint.path),
-        "device": engine.device,
-        "content": content_hash(library),
-        "windows": ids,
-        "ks": ks,
-        "version": VERSION,
-    }
-    path = cache_file(key, folder, "mixed")
-    try:
-        return MixedResult.from_dict(json.loads(path.read_text(encoding="utf-8")))
-    except (OSError, ValueError, TypeError, KeyError):
-        pass
+    path = cache_file(cache_key(engine, library, windows=ids, ks=ks, version=VERSION), folder, "mixed")
+    with contextlib.suppress(TypeError, KeyError):  # absent, or another version's result
+        return MixedResult.from_dict(read_json(path))
     half = window // 2
     steps, done = layers + len(ks) + 2, 0
 
