@@ -65,8 +65,9 @@ class LabView(VerticalScroll, can_focus=True):
             "The quality cliff on the tutor's own model, measured on this machine: m measures quickly "
             "(a few windows of lesson text, no QA), M measures fully with the tutor's answers (as "
             "`quant-tutor cliff`, minutes), Esc stops; both are cached. After the table come the "
-            "lesson's claims as experiments: no way back from 4 bits, easy vs hard tasks. c answers "
-            "one question at every precision side by side (two sentences each).",
+            "lesson's claims as experiments: no way back from 4 bits, easy vs hard tasks, memory "
+            "beyond weights, mixed precision. c answers one question at every precision side by side "
+            "(two sentences each).",
             id="lab-intro",
         )
         yield ProgressBar(id="lab-progress", show_eta=False)
@@ -234,27 +235,27 @@ class LabView(VerticalScroll, can_focus=True):
             self.query_one("#lab-sections", Vertical).mount(self._section(section))
 
     def _section(self, section: Section) -> Vertical:
-        """One lesson claim: its title, its table, a bar chart and the one-line reading."""
+        """One lesson claim: its title, its table, its chart and the one-line reading."""
         table: DataTable[str] = DataTable(cursor_type="none", classes="lab-section-table")
         table.add_columns(*section.columns)
         table.add_rows(section.cells)
         chart = PlotextPlot(classes="lab-section-chart")
         plt = chart.plt
         spec = section.chart
-        if spec.kind == "stacked":  # the parts by colour; the table beside it has every figure
-            plt.stacked_bar(spec.labels, list(spec.series.values()), labels=list(spec.series), width=0.4)
-        for (name, values), marker in zip(spec.series.items(), MARKERS, strict=False):
-            if spec.kind == "line":  # distinct markers, so the series differ without colour
+        if spec.kind == "line":  # distinct markers, so the series differ without colour
+            for (name, values), marker in zip(spec.series.items(), MARKERS, strict=False):
                 plt.plot(list(range(1, len(values) + 1)), values, label=f"{name} ({marker})", marker=marker)
-            elif spec.kind == "bar":
-                plt.bar(spec.labels, values, label=name, marker="█", width=0.3)
-        if spec.kind != "line":  # room on the left for the legend, off the first bar
-            plt.xlim(-0.5, len(spec.labels) + 0.5)
-        if spec.kind == "line":
             longest = max((len(v) for v in spec.series.values()), default=1)
             plt.xticks([1, *range(longest // 4, longest + 1, max(1, longest // 4))])
             plt.ylim(0, 1.05)
             plt.xlabel(spec.x_label)
+        else:
+            if spec.kind == "stacked":  # the parts by colour; the table above has every figure
+                plt.stacked_bar(spec.labels, list(spec.series.values()), labels=list(spec.series), width=0.4)
+            else:
+                for name, values in spec.series.items():
+                    plt.bar(spec.labels, values, label=name, marker="█", width=0.3)
+            plt.xlim(-0.5, len(spec.labels) + 0.5)  # room on the left for the legend, off the first bar
         plt.title(spec.title)
         return Vertical(
             Plain(literal((section.title, "bold")), classes="lab-section-title"),
