@@ -54,6 +54,7 @@ async def test_lab_shows_a_result_and_compares(  # type: ignore[no-untyped-def]
         contexts=(8,),
         mixed_windows=1,
         mixed_window=32,
+        calibrate=False,
     )
     result = run_cliff(
         bf16_engine, library, LAB_PRECISIONS, plan=small, max_windows=1, window=128, folder=tmp_path

@@ -27,9 +27,9 @@ import yaml
 
 from tutor.content import Library, default_content_dir
 from tutor.easy_hard import LONG, easy_hard_rows
-from tutor.engine.precisions import NO_WAY_BACK
+from tutor.engine.precisions import CALIBRATION, NO_WAY_BACK
 from tutor.footprint import CONTEXTS, footprint_rows
-from tutor.lab_sections import Section, easy_hard, memory, mixed, no_way_back
+from tutor.lab_sections import Section, calibrated, easy_hard, memory, mixed, no_way_back
 from tutor.machine import describe
 from tutor.measure import (
     REFERENCE,
@@ -62,7 +62,8 @@ __all__ = ["FULL", "PLANS", "QUICK", "Cancelled", "CliffResult", "Plan", "run_cl
 
 QA_SET = default_content_dir() / "eval_questions.yaml"
 QA_MAX_NEW_TOKENS = 96  # the tutor's own cap (tutor.tutor_chat.MAX_NEW_TOKENS)
-WEIGHT_LAB_VERSION = 2  # 2: errors on held-out text; GPTQ calibrated on the windows before it
+# 2: errors on held-out text, GPTQ calibrated on the windows before it; 3: the int4 kernel's grid
+WEIGHT_LAB_VERSION = 3
 CALIBRATION_WINDOWS = 8  # lesson windows whose inputs calibrate GPTQ in the weight lab
 
 
@@ -81,6 +82,7 @@ class Plan:
     contexts: tuple[int, ...] = CONTEXTS  # memory beyond weights: prompt lengths read
     mixed_windows: int = 6  # mixed precision: lesson windows of the layer scan and the variants
     mixed_window: int = SCAN_WINDOW  # mixed precision: tokens per window
+    calibrate: bool = True  # calibration: measure int4 and gptq4 (GPTQ calibrates once per machine)
 
 
 # QUICK: a first look: the table in well under a minute (a few windows spread over all lessons and
@@ -205,7 +207,7 @@ def lab_layer(engine: Engine) -> tuple[str, Any]:
 
 
 class _Captured(Exception):
-    """Raised by the weight lab's hook: the layer's input is in hand, the rest of the pass is not needed."""
+    """Raised by the weight lab's tap: the layer's input is in hand, the rest of the pass is not needed."""
 
 
 def weight_lab(
@@ -214,7 +216,7 @@ def weight_lab(
     """Quantize one real weight matrix every way; its inputs come from the model reading a lesson.
 
     The model reads the first lesson windows at the reference precision, only up to that layer
-    (a forward pre-hook takes the layer's input and stops the pass): the last one is the text
+    (``Engine.linear_inputs``: the layer's input is taken and the pass stops): the last one is the text
     every scheme's output error is measured on, the ones before calibrate GPTQ. Cached like the rows
     (under ``folder``, default the cache dir), per model, device, lesson text and window.
     """
@@ -229,22 +231,19 @@ def weight_lab(
         return data["layer"], [LabRow(**row) for row in data["rows"]]
     captured: list[torch.Tensor] = []
 
-    def grab(_module: Any, inputs: tuple[torch.Tensor, ...]) -> None:
-        captured.append(inputs[0].detach())
-        raise _Captured
+    def grab(names: tuple[str, ...], x: torch.Tensor) -> None:
+        if name in names:
+            captured.append(x.detach())
+            raise _Captured
 
-    hook = layer.register_forward_pre_hook(grab)
-    try:
-        ids = torch.tensor(lesson_windows(engine.tokenizer, library, window)[: CALIBRATION_WINDOWS + 1])
-        with torch.inference_mode(), contextlib.suppress(_Captured):
-            engine.model(input_ids=ids.to(engine.torch_device), use_cache=False)
-    finally:
-        hook.remove()
+    ids = lesson_windows(engine.tokenizer, library, window)[: CALIBRATION_WINDOWS + 1]
+    with contextlib.suppress(_Captured):
+        engine.linear_inputs(ids, grab)
     weight = layer.weight.detach().cpu()
-    inputs = captured[0].cpu()
+    inputs = captured[0].float().cpu().reshape(len(ids), -1, weight.shape[1])
     # The last window is the text every scheme is judged on; GPTQ calibrates on the ones before.
     held_out, calibration = inputs[-1], inputs[:-1].reshape(-1, weight.shape[1])
-    rows = run_lab(weight, held_out.reshape(-1, weight.shape[1]), calibration)
+    rows = run_lab(weight, held_out, calibration)
     write_json(path, {"layer": name, "rows": [r.as_dict() for r in rows]})
     return name, rows
 
@@ -326,7 +325,7 @@ def run_cliff(
         rows = quality_rows(
             engine,
             library,
-            list(dict.fromkeys([*shown, *NO_WAY_BACK])),
+            list(dict.fromkeys([*shown, *NO_WAY_BACK, *(CALIBRATION if plan.calibrate else ())])),
             window=window,
             max_windows=max_windows,
             spread=spread,
@@ -344,6 +343,8 @@ def run_cliff(
         if progress is not None:
             progress("weight lab", 1, 1)
         publish(no_way_back([r for r in rows if r.precision in NO_WAY_BACK]))
+        if plan.calibrate:
+            publish(calibrated([r for r in rows if r.precision in CALIBRATION], engine.gptq_calibration()))
         hard = easy_hard_rows(
             engine,
             library,

@@ -4,7 +4,8 @@ For each scheme the matrix is quantized and dequantized with per-block scales, t
 compared with the original: the relative RMS error of the weights, and the relative
 RMS error of the layer's output on real activations (the inputs that layer saw while
 the model read lesson text it was not calibrated on). NF4 and FP4 use bitsandbytes' own
-quantizer, so the lab shows exactly what the tutor's nf4/fp4 precisions do to that layer.
+quantizer and int4 rtn / int4 gptq the int4 kernel's grid, so the lab shows exactly what the
+tutor's nf4, fp4, int4 and gptq4 precisions do to that layer.
 
 GPTQ (Frantar et al., 2022) rounds to the same int4 grid as round-to-nearest but column by
 column, spreading each column's rounding error over the columns not yet rounded through the
@@ -59,14 +60,12 @@ def absmax_int8(w: torch.Tensor) -> torch.Tensor:
 
 
 def round_to_nearest(bits: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Asymmetric round-to-nearest with a scale and a minimum per block (2**bits levels)."""
-    levels = 2**bits - 1
+    """The int4 precision's grid at ``bits``: a bf16 scale and zero per 64 weights of a row."""
 
     def quantize(w: torch.Tensor) -> torch.Tensor:
-        blocks = _blocks(w)
-        low = blocks.amin(dim=1, keepdim=True)
-        scale = (blocks.amax(dim=1, keepdim=True) - low).clamp_min(1e-12) / levels
-        return _unblocks(((blocks - low) / scale).round().clamp(0, levels) * scale + low, w)
+        from tutor.engine import int4
+
+        return int4.round_to_nearest(w, bits).dequantized()
 
     return quantize
 
@@ -81,72 +80,37 @@ def bnb_4bit(quant_type: str) -> Callable[[torch.Tensor], torch.Tensor]:
     return quantize
 
 
-def spread_error(w: torch.Tensor, inverse: torch.Tensor, column: int, rounded: torch.Tensor) -> torch.Tensor:
-    """GPTQ's step, in place: set ``w[:, column]`` to ``rounded`` and move the later columns
-    so the layer's output on the calibration inputs changes least (the optimal brain surgeon
-    update). ``inverse`` is the upper Cholesky factor of the inverse Hessian. Returns the
-    scaled error, which moves columns outside ``w`` the same way (``error ⊗ inverse[column]``)."""
-    error = (w[:, column] - rounded) / inverse[column, column]
-    w[:, column:] -= error[:, None] * inverse[column, column:][None, :]
-    w[:, column] = rounded
-    return error
-
-
-# GPTQ's dampening (a share of the Hessian's mean diagonal added to it). The paper's 0.01 assumes
-# hundreds of thousands of calibration tokens; the lab has about two thousand, and at 0.01 the
-# weights fit them so closely that on other text the layer's output error came out 23 % above
+# GPTQ's dampening here (a share of the Hessian's mean diagonal added to it). The paper's 0.01
+# assumes hundreds of thousands of calibration tokens; the lab has about a thousand, and at 0.01
+# the weights fit them so closely that on other text the layer's output error came out 23 % above
 # round-to-nearest's (0.0965 vs 0.0785, 1,024 tokens); at 0.1 it was 12 % below (0.0691 vs 0.0785,
-# 2,048 tokens), measured on model.layers.15.mlp.down_proj.
+# 2,048 tokens), measured on model.layers.15.mlp.down_proj. (gptq4 calibrates on 4,096 tokens
+# at 0.03: ``tutor.engine.calibration``.)
 DAMP = 0.1
 
 
-def gptq(bits: int, calibration: torch.Tensor, damp: float = DAMP) -> Callable[[torch.Tensor], torch.Tensor]:
-    """GPTQ on ``round_to_nearest(bits)``'s grid (a scale and minimum per block of 64 along a row,
-    taken from the block as it is when reached), calibrated on ``calibration`` (n × in).
-
-    Column by column inside a block of 64; the columns after the block take the block's
-    updates at once, in one matmul (the paper's lazy batch: the same result, far less memory
-    traffic than a rank-one update of the whole matrix per column)."""
-    levels = 2**bits - 1
+def gptq(calibration: torch.Tensor, damp: float = DAMP) -> Callable[[torch.Tensor], torch.Tensor]:
+    """GPTQ on the int4 grid (``tutor.engine.int4.gptq``, what the gptq4 precision runs),
+    calibrated on ``calibration`` (n × in)."""
 
     def quantize(weight: torch.Tensor) -> torch.Tensor:
-        import torch
+        from tutor.engine import int4
 
-        w = weight.float().clone()
-        x = calibration.float().reshape(-1, w.shape[1])
-        hessian = x.T @ x
-        hessian += damp * hessian.diagonal().mean() * torch.eye(w.shape[1])
-        inverse = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hessian)), upper=True)
-        for start in range(0, w.shape[1], BLOCK):
-            end = min(start + BLOCK, w.shape[1])
-            block, local = w[:, start:end].clone(), inverse[start:end, start:end]
-            low = block.amin(dim=1)
-            scale = (block.amax(dim=1) - low).clamp_min(1e-12) / levels
-            errors = torch.stack(
-                [
-                    spread_error(
-                        block, local, i, ((block[:, i] - low) / scale).round().clamp(0, levels) * scale + low
-                    )
-                    for i in range(end - start)
-                ],
-                dim=1,
-            )
-            w[:, start:end] = block
-            w[:, end:] -= errors @ inverse[start:end, end:]
-        return w.to(weight.dtype)
+        x = calibration.float().reshape(-1, weight.shape[1])
+        return int4.gptq(weight, x.T @ x, damp=damp).dequantized()
 
     return quantize
 
 
 # (name, bits, bits per weight with scale storage, quantizer, method); fp32 absmax for int8/bnb,
-# an fp16 scale and minimum for the round-to-nearest schemes and GPTQ.
+# a bf16 scale and zero for the round-to-nearest schemes and GPTQ (the int4 precisions' grid).
 SCHEMES: list[tuple[str, int, float, Callable[[torch.Tensor], torch.Tensor], str]] = [
     ("int8 absmax", 8, 8 + 32 / BLOCK, absmax_int8, f"symmetric, one fp32 absmax per {BLOCK}"),
     ("nf4", 4, 4 + 32 / BLOCK, bnb_4bit("nf4"), f"bitsandbytes NF4, absmax per {BLOCK}"),
     ("fp4", 4, 4 + 32 / BLOCK, bnb_4bit("fp4"), f"bitsandbytes FP4, absmax per {BLOCK}"),
-    ("int4 rtn", 4, 4 + 32 / BLOCK, round_to_nearest(4), f"round-to-nearest, fp16 scale+min per {BLOCK}"),
-    ("int3 rtn", 3, 3 + 32 / BLOCK, round_to_nearest(3), f"round-to-nearest, fp16 scale+min per {BLOCK}"),
-    ("int2 rtn", 2, 2 + 32 / BLOCK, round_to_nearest(2), f"round-to-nearest, fp16 scale+min per {BLOCK}"),
+    ("int4 rtn", 4, 4 + 32 / BLOCK, round_to_nearest(4), f"round-to-nearest, bf16 scale+zero per {BLOCK}"),
+    ("int3 rtn", 3, 3 + 32 / BLOCK, round_to_nearest(3), f"round-to-nearest, bf16 scale+zero per {BLOCK}"),
+    ("int2 rtn", 2, 2 + 32 / BLOCK, round_to_nearest(2), f"round-to-nearest, bf16 scale+zero per {BLOCK}"),
 ]
 
 
@@ -166,7 +130,7 @@ def run_lab(weight: torch.Tensor, activations: torch.Tensor, calibration: torch.
             "int4 gptq",
             4,
             4 + 32 / BLOCK,
-            gptq(4, calibration),
+            gptq(calibration),
             f"GPTQ on the int4 rtn grid, {len(calibration)} inputs",
         ),
     ]

@@ -31,9 +31,19 @@ if TYPE_CHECKING:
     from tui.tutor_runtime import TutorRuntime
     from tutor.grounding import TutorAnswer
 
-# fp32 and nf4-bf16 (nf4's weights stored in 16 bits: "no way back") are for trying, not for
-# every day: their keys work but stay off the footer.
-PRECISION_KEYS = {"f5": "bf16", "f6": "int8", "f7": "nf4", "f8": "fp4", "f9": "fp32", "f10": "nf4-bf16"}
+# fp32, nf4-bf16 (nf4's weights stored in 16 bits: "no way back") and the int4 kernel's int4 and
+# gptq4 (the Lab's "calibration") are for trying, not for every day: their keys work but stay off
+# the footer.
+PRECISION_KEYS = {
+    "f5": "bf16",
+    "f6": "int8",
+    "f7": "nf4",
+    "f8": "fp4",
+    "f9": "fp32",
+    "f10": "nf4-bf16",
+    "f11": "int4",
+    "f12": "gptq4",
+}
 EVERYDAY = ("bf16", "int8", "nf4", "fp4")
 DOUBT_STEP = 0  # practice step 1: "underline anything that sounds uncertain"
 # Streamed text is drawn at most this often: a redraw per token would take the engine's cores.

@@ -19,7 +19,7 @@ top of that:
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -149,7 +149,26 @@ class ModuleLinear:
         return []
 
 
-Slot = PackedLinear | PlainLinear | ModuleLinear
+class Tap:
+    """A slot that shows its input to ``see(names, x)`` before computing: ``names`` are the
+    model's Linear modules it computes (the weight lab's inputs, GPTQ's calibration). ``see`` may
+    raise to end the pass there."""
+
+    __slots__ = ("names", "see", "slot")
+
+    def __init__(self, slot: Slot, names: tuple[str, ...], see: See) -> None:
+        self.slot, self.names, self.see = slot, names, see
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.see(self.names, x)
+        return self.slot(x)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return []
+
+
+Slot = PackedLinear | PlainLinear | ModuleLinear | Tap
+See = Callable[[tuple[str, ...], torch.Tensor], None]
 
 
 @dataclass
@@ -289,6 +308,41 @@ class FastDecoder:
             groups.append((f"{mlp}.gate_proj", f"{mlp}.up_proj"))
         return groups
 
+    @staticmethod
+    def linear_names(layer: int) -> dict[str, str]:
+        """``q_proj`` -> ``model.layers.{layer}.self_attn.q_proj`` and so on, for each Linear."""
+        return {
+            n: f"model.layers.{layer}.{'self_attn' if n in LINEAR_NAMES[:4] else 'mlp'}.{n}"
+            for n in LINEAR_NAMES
+        }
+
+    def tapped(self, weights: DecoderWeights, see: See) -> DecoderWeights:
+        """``weights`` with each decoder Linear slot showing its input to ``see`` (a fused slot
+        once, with the names of all the modules it computes)."""
+        from dataclasses import replace
+
+        parts: dict[str, tuple[str, ...]] = {
+            "q": ("q_proj",),
+            "k": ("k_proj",),
+            "v": ("v_proj",),
+            "qkv": ("q_proj", "k_proj", "v_proj"),
+            "o": ("o_proj",),
+            "gate": ("gate_proj",),
+            "up": ("up_proj",),
+            "gate_up": ("gate_proj", "up_proj"),
+            "down": ("down_proj",),
+        }
+        layers = []
+        for i, lw in enumerate(weights.layers):
+            full = self.linear_names(i)
+            taps: dict[str, Any] = {
+                field: Tap(slot, tuple(full[n] for n in names), see)
+                for field, names in parts.items()
+                if (slot := getattr(lw, field)) is not None
+            }
+            layers.append(replace(lw, **taps))
+        return replace(weights, layers=layers, copies=[])
+
     def build_weights(
         self,
         precision: str,
@@ -358,10 +412,7 @@ class FastDecoder:
         layers: list[LayerWeights] = []
         with torch.no_grad():
             for i, layer in enumerate(self.layers):
-                full = {
-                    n: f"model.layers.{i}.{'self_attn' if n in LINEAR_NAMES[:4] else 'mlp'}.{n}"
-                    for n in LINEAR_NAMES
-                }
+                full = self.linear_names(i)
                 get = {n: linears[full[n]] for n in LINEAR_NAMES}
                 qkv = fuse((full["q_proj"], full["k_proj"], full["v_proj"]))
                 gate_up = fuse((full["gate_proj"], full["up_proj"]))

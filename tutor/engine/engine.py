@@ -43,7 +43,9 @@ from tutor.engine.reports import (
 if TYPE_CHECKING:
     import torch
 
-    from tutor.engine.decoder import DecoderWeights, FastDecoder
+    from tutor.engine.calibration import Calibration
+    from tutor.engine.decoder import DecoderWeights, FastDecoder, See
+    from tutor.engine.int4 import Codes
     from tutor.engine.precision import PrecisionManager
 
 BUSY_MESSAGE = "A reply is being generated; wait for it to finish or cancel it, then try again."
@@ -135,6 +137,7 @@ class Engine:
         manager: PrecisionManager,
         decoder: FastDecoder | None,
         load_seconds: float,
+        cache_dir: Path | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -143,10 +146,14 @@ class Engine:
         self._manager = manager
         self._decoder = decoder
         self.load_seconds = load_seconds
+        self.cache_dir = cache_dir
+        self.calibration: Calibration | None = None  # gptq4's, once calibrated or read from the cache
         self._busy = threading.Lock()
         config = model.config
         self.max_positions = int(getattr(config, "max_position_embeddings", 2048))
         self.stop_ids = self._stop_ids()
+        if decoder is not None:
+            manager.calibrated = self._gptq_codes
 
     # ------------------------------------------------------------------ loading
 
@@ -206,6 +213,7 @@ class Engine:
             progress=progress,
             started=started,
         )
+        engine.cache_dir = cache_dir
         if precision != DEFAULT_PRECISION:
             engine.switch(precision)
         engine.load_seconds = time.perf_counter() - started
@@ -669,6 +677,63 @@ class Engine:
                     logits = self.model(input_ids=chunk, use_cache=False).logits[:, start:]
                 outputs.append(logits.float().cpu())
         return torch.cat(outputs)
+
+    def linear_inputs(self, windows: Sequence[Sequence[int]], see: See) -> None:
+        """Read ``windows`` (one batch) at the reference precision, showing each decoder Linear's
+        input to ``see(names, x)``: ``x`` is ``(rows, in_features)``, ``names`` the Linear modules
+        that read it (one, or a group the fast decoder computes as one). ``see`` may raise to end
+        the pass; the exception reaches the caller."""
+        import torch
+
+        ids = torch.tensor([list(w) for w in windows], dtype=torch.long, device=self.torch_device)
+        with self._exclusive(True), torch.inference_mode():
+            if self._decoder is not None:
+                weights = self._manager.reference_weights()
+                self._decoder.forward(self._decoder.tapped(weights, see), ids, None)
+                return
+            if self._manager.active != DEFAULT_PRECISION:
+                raise EngineError(f"Switch to {DEFAULT_PRECISION} first: the model holds {self.precision}.")
+            hooks = [
+                module.register_forward_pre_hook(
+                    lambda m, inputs, name=name: see((name,), inputs[0].reshape(-1, m.in_features))
+                )
+                for name, module in self._manager.masters.items()
+            ]
+            try:
+                self.model(input_ids=ids, use_cache=False)
+            finally:
+                for hook in hooks:
+                    hook.remove()
+
+    def _gptq_cache(self) -> Path:
+        from tutor.engine import calibration
+        from tutor.paths import cache_dir
+
+        text = calibration.calibration_text()
+        return calibration.cache_path(self.cache_dir or cache_dir(), str(self.checkpoint.path), text)
+
+    def gptq_calibration(self) -> Calibration | None:
+        """What gptq4 was calibrated on and how long that took: this run's, or the cached codes'."""
+        from tutor.engine import calibration
+
+        return self.calibration or calibration.read_report(self._gptq_cache())
+
+    def _gptq_codes(self) -> Mapping[tuple[str, ...], Codes]:
+        """gptq4's codes: from the cache, or calibrated now (on the caller's thread, inside a
+        build: no engine lock is taken here) and cached."""
+        from tutor.engine import calibration
+
+        path = self._gptq_cache()
+        cached = calibration.load(path)
+        if cached is not None:
+            codes, self.calibration = cached
+            return codes
+        assert self._decoder is not None
+        windows = calibration.calibration_windows(self.tokenizer, calibration.calibration_text())
+        weights, masters = self._manager.reference_weights(), self._manager.masters
+        codes, self.calibration = calibration.calibrate(self._decoder, weights, masters, windows)
+        calibration.save(path, codes, self.calibration)
+        return codes
 
     def _mixed_weights(self, mix: Sequence[str]) -> DecoderWeights:
         """The fast decoder's weights with layer ``i`` taken from precision ``mix[i]``'s (each

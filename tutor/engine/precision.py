@@ -18,12 +18,12 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from tutor.engine.errors import SwitchError, reason
-from tutor.engine.precisions import PRECISIONS, check_precision
+from tutor.engine.precisions import INT4, PRECISIONS, check_precision
 from tutor.engine.reports import WeightsReport
 
 if TYPE_CHECKING:
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from tutor.engine.decoder import DecoderWeights, FastDecoder
+    from tutor.engine.int4 import Codes
 
 
 @dataclass
@@ -96,6 +97,8 @@ class PrecisionManager:
         self.last_evicted: list[str] = []
         self.pinned: frozenset[str] = frozenset()  # never evicted (Engine.pinned)
         self.build_hook: Callable[[str], None] | None = None  # tests use it to inject failures
+        # gptq4's codes, by the group of masters each covers (the Engine calibrates, or reads its cache)
+        self.calibrated: Callable[[], Mapping[tuple[str, ...], Codes]] | None = None
         self._prepared["bf16"] = self._build("bf16")
 
     # ------------------------------------------------------------------ queries
@@ -105,7 +108,7 @@ class PrecisionManager:
 
         if precision == "fp32":
             return torch.float32
-        if precision in ("nf4", "fp4", "int8"):
+        if PRECISIONS[precision].quantized:
             return torch.bfloat16 if self.master_dtype == torch.float32 else self.master_dtype
         return self.master_dtype
 
@@ -127,6 +130,17 @@ class PrecisionManager:
     def current(self) -> Prepared:
         with self._lock:
             return self._prepared[self.active]
+
+    def reference_weights(self) -> DecoderWeights:
+        """The fast decoder's bf16 weights: those held, or (evicted) built for the caller alone,
+        without the build lock, so a build may read through them."""
+        with self._lock:
+            held = self._prepared.get("bf16")
+        if held is not None and held.weights is not None:
+            return held.weights
+        if self.decoder is None:
+            raise RuntimeError("no fast decoder")
+        return self.decoder.build_weights("bf16", dict(self.masters), self.act_dtype("bf16"))
 
     def weights_report(self, precision: str | None = None) -> WeightsReport:
         with self._lock:
@@ -204,13 +218,20 @@ class PrecisionManager:
         extra = 0
         act = self.act_dtype(precision)
         info = PRECISIONS[precision]
-        if info.quantized or info.restored_from is not None:
+        groups = self.decoder.fusion_groups() if self.decoder is not None else []
+        if precision in INT4:
+            modules, fused = self._build_int4(precision, groups)
+            from tutor.engine.memory import module_bytes
+
+            seen_int4: set[int] = set()
+            extra += sum(module_bytes(m, seen_int4) for m in (*modules.values(), *fused.values()))
+        elif info.quantized or info.restored_from is not None:
             via = info.restored_from or precision
             built = quantize.build_all(
                 via,
                 self.masters,
                 # restored layers are plain Linear again: the decoder fuses those itself
-                groups=self.decoder.fusion_groups() if self.decoder is not None and info.quantized else (),
+                groups=groups if info.quantized else (),
                 workers=self.workers if self.device.type == "cpu" else 1,
                 int8_threshold=self.int8_threshold,
                 double_quant=self.double_quant,
@@ -235,6 +256,23 @@ class PrecisionManager:
             extra += tensor_bytes(param_data.values())
         report = self._measure(precision, modules)
         return Prepared(precision, modules, param_data, weights, extra, time.perf_counter() - start, report)
+
+    def _build_int4(
+        self, precision: str, groups: list[tuple[str, ...]]
+    ) -> tuple[dict[str, nn.Module], dict[tuple[str, ...], nn.Module]]:
+        from tutor.engine import int4
+
+        if self.device.type != "cpu":
+            raise RuntimeError(
+                f"{precision} runs on torch's int4 kernel for CPUs; on {self.device.type} use nf4"
+            )
+        if precision == "gptq4":
+            if self.calibrated is None:
+                raise RuntimeError("gptq4 calibrates on the fast decoder, which this model does not run on")
+            codes = self.calibrated()
+        else:
+            codes = int4.rounded_to_nearest(self.masters, groups)
+        return int4.build_int4(self.masters, codes)
 
     def prepare(self, precision: str) -> tuple[Prepared, bool]:
         """Build ``precision`` if it is not held yet; returns (prepared, was_already_held)."""

@@ -45,6 +45,22 @@ PRECISIONS: dict[str, PrecisionInfo] = {
         "bitsandbytes Linear4bit, 4-bit float codes in blocks of 64 with an absmax each, bf16 compute",
         True,
     ),
+    "int4": PrecisionInfo(
+        "int4",
+        4,
+        "int4 RTN",
+        "4-bit integer codes rounded to nearest, a bf16 scale and zero per 64 weights, on torch's "
+        "int4 CPU kernel",
+        True,
+    ),
+    "gptq4": PrecisionInfo(
+        "gptq4",
+        4,
+        "GPTQ int4",
+        "int4's grid and kernel, its codes chosen by GPTQ against what each layer read of the "
+        "lessons' quiz text (calibrated once, cached)",
+        True,
+    ),
     "nf4-bf16": PrecisionInfo(
         "nf4-bf16",
         16,
@@ -56,12 +72,14 @@ PRECISIONS: dict[str, PrecisionInfo] = {
 }
 
 DEFAULT_PRECISION = "bf16"
-QUANTIZED = tuple(name for name, info in PRECISIONS.items() if info.quantized)
-# What the Lab, `cliff`, `bench` and `eval --generate` measure: the reference, then each
-# quantized precision (fp32 only upcasts the reference, so it has nothing to show; nf4-bf16 has
-# its own section, "no way back").
-MEASURED = (DEFAULT_PRECISION, *QUANTIZED)
+# torch's int4 kernel (CPU only): round-to-nearest and GPTQ on one grid, the Lab's "calibration".
+INT4 = ("int4", "gptq4")
+# What the Lab, `cliff`, `bench` and `eval --generate` measure: the reference, then the
+# bitsandbytes precisions the lesson describes (fp32 only upcasts the reference, so it has
+# nothing to show; nf4-bf16 and the int4 kernel's have their own sections).
+MEASURED = (DEFAULT_PRECISION, "int8", "nf4", "fp4")
 NO_WAY_BACK = (DEFAULT_PRECISION, "nf4", "nf4-bf16")
+CALIBRATION = ("nf4", *INT4)
 
 
 def check_precision(name: str) -> str:

@@ -1,0 +1,79 @@
+"""The int4 kernel's grid, GPTQ's step and the module the int4 / gptq4 precisions run (no model)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tutor.engine.int4 import GROUP, Int4Linear, build_int4, gptq, round_to_nearest, spread_error
+
+
+def test_a_gptq_step_is_the_least_squares_solve() -> None:
+    """After one column is rounded, GPTQ moves the later columns exactly where a direct
+    least-squares solve puts them: the output on the calibration inputs changes least."""
+    torch.manual_seed(0)
+    x = torch.randn(200, 6, dtype=torch.float64) @ torch.randn(6, 6, dtype=torch.float64)  # correlated
+    w = torch.randn(3, 6, dtype=torch.float64)
+    rounded = w[:, 0] + torch.tensor([0.3, -0.2, 0.1], dtype=torch.float64)
+    inverse = torch.linalg.cholesky(torch.linalg.inv(x.T @ x), upper=True)
+    moved = w.clone()
+    spread_error(moved, inverse, 0, rounded)
+    target = x @ w.T - x[:, :1] @ rounded[None, :]  # what the later columns must still produce
+    solved = torch.linalg.lstsq(x[:, 1:], target).solution.T
+    assert torch.allclose(moved[:, 0], rounded, atol=1e-12)
+    assert torch.allclose(moved[:, 1:], solved, atol=1e-9)
+
+
+def test_round_to_nearest_lands_on_the_grid_within_half_a_step() -> None:
+    torch.manual_seed(0)
+    weight = torch.randn(32, 4 * GROUP) * 0.02
+    codes = round_to_nearest(weight)
+    assert codes.codes.dtype == torch.uint8 and int(codes.codes.max()) <= 15
+    assert torch.equal(codes.scale, codes.scale.bfloat16().float()), "scales are bf16 values"
+    step = codes.scale.repeat_interleave(GROUP, 1)
+    assert bool(((codes.dequantized() - weight).abs() <= 0.5 * step + 1e-3 * step.max()).all())
+
+
+def test_gptq_beats_rounding_on_the_layer_output_not_on_the_weights() -> None:
+    """On correlated inputs GPTQ's output error is well below round-to-nearest's on the same grid,
+    on inputs it was not calibrated on."""
+    torch.manual_seed(0)
+    mixing = torch.eye(128) + 0.3 * torch.randn(128, 128)
+    calibration, held_out = torch.randn(2048, 128) @ mixing, torch.randn(256, 128) @ mixing
+    weight = torch.randn(48, 128) * 0.02
+    rtn, calibrated = round_to_nearest(weight), gptq(weight, calibration.T @ calibration, damp=0.03)
+
+    def output_error(w: torch.Tensor) -> float:
+        return float((held_out @ w.T - held_out @ weight.T).norm() / (held_out @ weight.T).norm())
+
+    assert output_error(calibrated.dequantized()) < 0.8 * output_error(rtn.dequantized())
+    assert float((calibrated.dequantized() - weight).norm()) > float((rtn.dequantized() - weight).norm())
+
+
+def test_the_kernel_multiplies_by_the_dequantized_codes_and_rows_share_them() -> None:
+    torch.manual_seed(0)
+    weight = torch.randn(96, 2 * GROUP) * 0.05
+    codes = round_to_nearest(weight)
+    module = Int4Linear.from_codes(codes)
+    x = torch.randn(3, 5, 2 * GROUP).bfloat16()
+    expected = x.float() @ codes.dequantized().T
+    out = module(x)
+    assert out.shape == (3, 5, 96) and out.dtype == torch.bfloat16
+    # bf16 output: a relative rounding of 2^-8 on each sum, nothing more
+    assert torch.allclose(out.float(), expected, rtol=2**-7, atol=1e-3)
+    part = module.rows(32, 64)
+    assert part.packed.untyped_storage().data_ptr() == module.packed.untyped_storage().data_ptr()
+    assert torch.equal(part(x), out[..., 32:64])
+
+
+def test_build_int4_fuses_groups_and_names_what_is_missing() -> None:
+    torch.manual_seed(0)
+    masters = {n: torch.nn.Linear(GROUP, rows, bias=False) for n, rows in (("q", 32), ("k", 16), ("o", 64))}
+    codes = {("q", "k"): round_to_nearest(torch.cat([masters["q"].weight, masters["k"].weight]).detach())}
+    with pytest.raises(ValueError, match="no int4 codes for o"):
+        build_int4(masters, codes)
+    codes[("o",)] = round_to_nearest(masters["o"].weight.detach())
+    modules, fused = build_int4(masters, codes)
+    assert list(modules) == ["q", "k", "o"] and list(fused) == [("q", "k")]
+    x = torch.randn(2, GROUP).bfloat16()
+    assert torch.equal(torch.cat([modules["q"](x), modules["k"](x)], -1), fused["q", "k"](x))

@@ -1,0 +1,193 @@
+"""GPTQ's calibration for ``gptq4``: its text, the pass that reads it, and the codes' cache.
+
+The text is the shipped lessons' quizzes (stems, choices, feedback, explanations): drawn from the
+lessons and about what they teach, yet none of it is in the lesson text the Lab scores, so the
+Lab's figures for ``gptq4`` are measured on text it was not calibrated on.
+
+The fast decoder reads all of it as one batch at bf16, its Linear slots tapped: each slot sees
+its whole input once, so the moment a slot's input is seen its Hessian (Xᵀ X) is complete and
+GPTQ rounds that slot's rows (q|k|v together, as the decoder computes them). Only one Hessian
+is alive at a time. Every layer is calibrated on the bf16 model's own activations (not on those
+of the layers already rounded, as the paper does layer by layer).
+
+The codes are cached beside the model's other caches, keyed by the model, the text and the
+settings; calibration runs once per machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.resources
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+import yaml
+from torch import nn
+
+from tutor.engine.decoder import DecoderWeights, FastDecoder
+from tutor.engine.int4 import GROUP, Codes, gptq_batch
+
+WINDOW = 128  # tokens per calibration window
+# 32 windows spread over the quiz text (4,096 tokens), dampened by 0.03 of the Hessian's mean
+# diagonal: measured against bf16 on 24 lesson windows (1,512 scored tokens), KL 0.112 in 38 s of
+# calibration, where all 61 windows took 55 s for 0.131 at 0.1 and 0.112 at 0.03 (0.1 on these 32:
+# 0.121); round-to-nearest int4 was 0.256 and nf4 0.231.
+WINDOWS = 32
+DAMP = 0.03
+CHUNK = 10  # weights per batched GPTQ (bounds its working memory: 10 down_proj take about 250 MB)
+VERSION = 1
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What ``gptq4``'s codes were calibrated on, and what that took."""
+
+    tokens: int
+    windows: int
+    seconds: float  # the pass and GPTQ, when they ran
+    cached: bool  # read from the cache this time
+    source: str = "the lessons' quiz text (questions, choices, feedback, explanations)"
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _strings(node: object) -> list[str]:
+    if isinstance(node, str):
+        return [node]
+    if isinstance(node, dict):
+        return [
+            s for key, value in node.items() if key not in ("id", "answer", "source") for s in _strings(value)
+        ]
+    if isinstance(node, list):
+        return [s for item in node for s in _strings(item)]
+    return []
+
+
+def calibration_text() -> str:
+    """Every quiz's prose, lesson by lesson, in a stable order."""
+    root = importlib.resources.files("tutor.lessons")
+    parts = []
+    for folder in sorted((f for f in root.iterdir() if f.is_dir()), key=lambda f: f.name):
+        quiz = folder / "quiz.yaml"
+        if quiz.is_file():
+            parts.extend(_strings(yaml.safe_load(quiz.read_text(encoding="utf-8"))))
+    if not parts:
+        raise FileNotFoundError("no lesson quiz found to calibrate gptq4 on")
+    return "\n\n".join(parts)
+
+
+def calibration_windows(tokenizer: Any, text: str) -> list[list[int]]:
+    """``WINDOWS`` windows of ``WINDOW`` tokens, spread evenly over ``text``."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    every = [ids[i : i + WINDOW] for i in range(0, len(ids) - WINDOW + 1, WINDOW)]
+    if len(every) <= WINDOWS:
+        return every
+    return [every[i * len(every) // WINDOWS] for i in range(WINDOWS)]
+
+
+def cache_path(cache_dir: Path, model: str, text: str) -> Path:
+    key = {
+        "model": model,
+        "text": hashlib.sha256(text.encode()).hexdigest(),
+        "window": WINDOW,
+        "windows": WINDOWS,
+    }
+    key |= {"group": GROUP, "damp": DAMP, "version": VERSION}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    return cache_dir / "quantized" / f"gptq4-{digest}.safetensors"
+
+
+def calibrate(
+    decoder: FastDecoder,
+    weights: DecoderWeights,
+    masters: Mapping[str, nn.Linear],
+    windows: list[list[int]],
+) -> tuple[dict[tuple[str, ...], Codes], Calibration]:
+    """GPTQ codes for every decoder Linear (``masters``: the bf16 modules by name), from one
+    tapped pass over ``windows`` with the bf16 ``weights``; then GPTQ on all layers' q|k|v at
+    once, all their o, and so on (the same shapes, one batch each, ``CHUNK`` layers at a time)."""
+    started = time.perf_counter()
+    hessians: dict[tuple[str, ...], torch.Tensor] = {}
+
+    def see(names: tuple[str, ...], x: torch.Tensor) -> None:
+        inputs = x.float()
+        hessians[names] = inputs.T @ inputs
+
+    ids = torch.tensor(windows, dtype=torch.long, device=decoder.device)
+    with torch.inference_mode():
+        decoder.forward(decoder.tapped(weights, see), ids, None, last_only=True)
+        codes: dict[tuple[str, ...], Codes] = {}
+        by_shape: dict[tuple[int, ...], list[tuple[str, ...]]] = {}
+        for names in hessians:
+            shape = (sum(masters[n].out_features for n in names), masters[names[0]].in_features)
+            by_shape.setdefault(shape, []).append(names)
+        for group in by_shape.values():
+            for first in range(0, len(group), CHUNK):
+                chunk = group[first : first + CHUNK]
+                stacked = torch.stack(
+                    [torch.cat([masters[n].weight.float() for n in names]) for names in chunk]
+                )
+                found = gptq_batch(stacked, torch.stack([hessians.pop(names) for names in chunk]), damp=DAMP)
+                codes.update(zip(chunk, found, strict=True))
+    tokens = int(ids.numel())
+    return codes, Calibration(tokens, len(windows), round(time.perf_counter() - started, 1), cached=False)
+
+
+def save(path: Path, codes: dict[tuple[str, ...], Codes], report: Calibration) -> None:
+    from safetensors.torch import save
+
+    from tutor.files import write_atomic
+
+    tensors: dict[str, torch.Tensor] = {}
+    for names, c in codes.items():
+        key = ",".join(names)
+        tensors[f"{key}|codes"] = (c.codes[:, 0::2] | (c.codes[:, 1::2] << 4)).contiguous()
+        tensors[f"{key}|scale"] = c.scale.to(torch.bfloat16).contiguous()
+        tensors[f"{key}|zero"] = c.zero.to(torch.bfloat16).contiguous()
+    data = save(tensors, metadata={"calibration": json.dumps(report.as_dict())})
+
+    def write(handle: IO[bytes]) -> None:
+        handle.write(data)
+
+    write_atomic(path, write)
+
+
+def _report(header: bytes) -> Calibration:
+    metadata = json.loads(header)["__metadata__"]
+    return Calibration(**{**json.loads(metadata["calibration"]), "cached": True})
+
+
+def read_report(path: Path) -> Calibration | None:
+    """What the cached codes at ``path`` were calibrated on (their header only), if any."""
+    try:
+        with path.open("rb") as handle:
+            return _report(handle.read(int.from_bytes(handle.read(8), "little")))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def load(path: Path) -> tuple[dict[tuple[str, ...], Codes], Calibration] | None:
+    """The cached codes, or None when there are none (or they cannot be read: then they are
+    computed again and the file rewritten)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    try:
+        raw = path.read_bytes()
+        tensors = load(raw)
+        report = _report(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
+        codes = {}
+        for key in {name.rpartition("|")[0] for name in tensors}:
+            packed = tensors[f"{key}|codes"]
+            unpacked = torch.stack([packed & 15, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
+            scale, zero = (tensors[f"{key}|{part}"].float() for part in ("scale", "zero"))
+            codes[tuple(key.split(","))] = Codes(unpacked, scale, zero)
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError):
+        return None
+    return codes, report

@@ -1,0 +1,199 @@
+"""4-bit integer weights on torch's own int4 kernel: round-to-nearest (``int4``) and GPTQ (``gptq4``).
+
+Each row of a weight is cut into groups of ``GROUP`` along its input; a group keeps a scale and
+a zero (both bf16) and one code q in 0..15 per weight: w ≈ (q − 8)·scale + zero, which is what
+torch's weight-only int4 matmul for CPUs (``_weight_int4pack_mm_for_cpu``) computes with. That is
+4 bits plus 32 per 64 weights, 4.5 bits per weight: bitsandbytes' NF4 (an fp32 absmax per 64)
+stores the same. The grid's scale and zero are rounded to bf16 before any weight is rounded to
+it, so what GPTQ optimises is what the kernel multiplies by.
+
+GPTQ (Frantar et al., 2022) rounds to that same grid column by column, spreading each column's
+rounding error over the columns not yet rounded through the inverse Hessian of the layer's
+calibration inputs, so the layer's *output* changes least where its inputs put weight.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+# Imported only when a precision is built (or by the weight lab), so torch at the top is fine.
+import torch
+from torch import nn
+
+GROUP = 64  # weights per scale and zero along a row
+BITS = 4
+STEP = 16  # GPTQ's columns updated one by one before the rest of their group takes them at once
+
+
+@dataclass
+class Codes:
+    """One weight on the grid: codes ``(N, K)`` uint8 and a scale and zero per group ``(N, K/GROUP)``
+    (float32 holding bf16 values)."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    bits: int = BITS
+
+    def dequantized(self) -> torch.Tensor:
+        """The float32 weight the codes stand for."""
+        mid = 2 ** (self.bits - 1)
+        return (self.codes.float() - mid) * self.scale.repeat_interleave(
+            GROUP, 1
+        ) + self.zero.repeat_interleave(GROUP, 1)
+
+
+def _grid(block: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero (bf16 values) of each row of ``block`` (rows × group): its range in 2**bits levels."""
+    low, high = block.amin(dim=-1), block.amax(dim=-1)
+    scale = ((high - low) / (2**bits - 1)).clamp_min(1e-10).to(torch.bfloat16).float()
+    zero = (low + 2 ** (bits - 1) * scale).to(torch.bfloat16).float()
+    return scale, zero
+
+
+def _round(column: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """The nearest code of each value (same shapes)."""
+    return ((column - zero) / scale + 2 ** (bits - 1)).round_().clamp_(0, 2**bits - 1)
+
+
+def round_to_nearest(weight: torch.Tensor, bits: int = BITS) -> Codes:
+    """Every weight to its nearest code (no calibration)."""
+    rows, cols = weight.shape
+    groups = weight.float().reshape(rows, cols // GROUP, GROUP)
+    scale, zero = _grid(groups, bits)
+    codes = _round(groups, scale[..., None], zero[..., None], bits)
+    return Codes(codes.reshape(rows, cols).to(torch.uint8), scale, zero, bits)
+
+
+def spread_error(w: torch.Tensor, inverse: torch.Tensor, column: int, rounded: torch.Tensor) -> torch.Tensor:
+    """GPTQ's step, in place: move ``w[..., column]`` to ``rounded`` and the later columns so the
+    layer's output on the calibration inputs changes least (the optimal brain surgeon update).
+    ``inverse`` is the upper Cholesky factor of the inverse Hessian. Returns the scaled error,
+    which moves columns outside ``w`` the same way (``error ⊗ inverse[column]``). Leading batch
+    dimensions (one weight and inverse each) are carried along."""
+    error = (w[..., column] - rounded).div_(inverse[..., column, column, None])
+    w[..., column:].addcmul_(error[..., None], inverse[..., None, column, column:], value=-1)
+    return error
+
+
+def gptq(weight: torch.Tensor, hessian: torch.Tensor, *, damp: float, bits: int = BITS) -> Codes:
+    """GPTQ on the grid, ``hessian`` being Xᵀ X of the layer's calibration inputs X (n × in),
+    dampened by ``damp`` times its mean diagonal."""
+    return gptq_batch(weight[None], hessian[None], damp=damp, bits=bits)[0]
+
+
+def gptq_batch(
+    weights: torch.Tensor, hessians: torch.Tensor, *, damp: float, bits: int = BITS
+) -> list[Codes]:
+    """``gptq`` for a batch of same-shaped weights ``(B, N, K)`` and their Hessians ``(B, K, K)``
+    at once: the column loop's small steps serve every weight of the batch.
+
+    Column by column inside a group, each group's scale and zero taken from the group as it is
+    when reached; the columns after the group take its updates at once, in one matmul (the
+    paper's lazy batch: the same result, far less memory traffic than a rank-one update of the
+    whole matrix per column), and inside the group the same again every ``STEP`` columns. A
+    rounded column ends on the grid, so its codes are read back from it once the group is done."""
+    w = weights.float().clone()
+    batch, rows, cols = w.shape
+    h = hessians.float().clone()
+    h += (damp * h.diagonal(dim1=-2, dim2=-1).mean(-1))[:, None, None] * torch.eye(cols)
+    inverse = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    codes = torch.empty(batch, rows, cols, dtype=torch.uint8)
+    scales, zeros = torch.empty(batch, rows, cols // GROUP), torch.empty(batch, rows, cols // GROUP)
+    errors = torch.empty(batch, rows, GROUP)
+    mid = 2 ** (bits - 1)
+    for group, start in enumerate(range(0, cols, GROUP)):
+        end = start + GROUP
+        block, local = w[..., start:end].clone(), inverse[:, start:end, start:end]
+        scale, zero = _grid(block, bits)
+        scales[..., group], zeros[..., group] = scale, zero
+        offset = zero - mid * scale  # a code c stands for c * scale + offset
+        for first in range(0, GROUP, STEP):
+            last = first + STEP
+            for i in range(first, last):
+                code = _round(block[..., i], scale, zero, bits)
+                rounded = code.mul_(scale).add_(offset)
+                errors[..., i] = spread_error(block[..., :last], local[:, :last, :last], i, rounded)
+            block[..., last:] -= errors[..., first:last] @ local[:, first:last, last:]
+        codes[..., start:end] = _round(block, scale[..., None], zero[..., None], bits).to(torch.uint8)
+        w[..., end:] -= errors @ inverse[:, start:end, end:]
+    return [Codes(codes[b], scales[b], zeros[b], bits) for b in range(batch)]
+
+
+# --------------------------------------------------------------------------- the module
+
+
+class Int4Linear(nn.Module):
+    """A Linear computing with 4-bit codes through torch's int4 CPU kernel (no bias)."""
+
+    packed: torch.Tensor
+    scales_zeros: torch.Tensor
+
+    def __init__(self, packed: torch.Tensor, scales_zeros: torch.Tensor, in_features: int) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = int(packed.shape[0])
+        self.register_buffer("packed", packed)  # (N, K/2) uint8, the kernel's layout
+        self.register_buffer("scales_zeros", scales_zeros)  # (K/GROUP, N, 2) bf16
+        self.bias = None
+
+    @classmethod
+    def from_codes(cls, codes: Codes) -> Int4Linear:
+        if codes.bits != BITS:
+            raise ValueError(f"torch's int4 kernel takes 4-bit codes, not {codes.bits}-bit")
+        packed = torch._convert_weight_to_int4pack_for_cpu(codes.codes.to(torch.int32).contiguous(), 1)
+        scales_zeros = torch.stack([codes.scale, codes.zero], dim=-1).transpose(0, 1)
+        return cls(packed, scales_zeros.to(torch.bfloat16).contiguous(), int(codes.codes.shape[1])).eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        out = torch._weight_int4pack_mm_for_cpu(flat, self.packed, GROUP, self.scales_zeros)
+        return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+    def rows(self, start: int, stop: int) -> Int4Linear:
+        """The rows ``start:stop`` as a module of their own (the codes shared, not copied)."""
+        packed, scales_zeros = self.packed[start:stop], self.scales_zeros[:, start:stop].contiguous()
+        return Int4Linear(packed, scales_zeros, self.in_features).eval()
+
+
+def build_int4(
+    masters: Mapping[str, nn.Linear], codes_of: Mapping[tuple[str, ...], Codes]
+) -> tuple[dict[str, nn.Module], dict[tuple[str, ...], nn.Module]]:
+    """Int4 modules for every master from ``codes_of`` (masters reading one input -> the codes of
+    their stacked rows; a single master as a 1-tuple; each master in one key). A group's module is
+    what the fast decoder calls; its masters' modules are row views of it. Returns (modules, fused)."""
+    modules: dict[str, nn.Module] = {}
+    fused: dict[tuple[str, ...], nn.Module] = {}
+    for job, codes in codes_of.items():
+        module = Int4Linear.from_codes(codes)
+        with torch.inference_mode():  # the kernel's first call sets itself up: now, not in a reply
+            module(torch.zeros(1, module.in_features, dtype=torch.bfloat16))
+        if len(job) == 1:
+            modules[job[0]] = module
+            continue
+        fused[job] = module
+        start = 0
+        for name in job:
+            stop = start + masters[name].out_features
+            modules[name] = module.rows(start, stop)
+            start = stop
+    missing = set(masters) - set(modules)
+    if missing:
+        raise ValueError(f"no int4 codes for {sorted(missing)[0]} (and {len(missing) - 1} more)")
+    return {name: modules[name] for name in masters}, fused
+
+
+def rounded_to_nearest(
+    masters: Mapping[str, nn.Linear], groups: Sequence[tuple[str, ...]]
+) -> dict[tuple[str, ...], Codes]:
+    """``int4``'s codes: each group of masters (then each master left) rounded to nearest."""
+    grouped = {name for group in groups for name in group}
+    jobs = [*map(tuple, groups), *((name,) for name in masters if name not in grouped)]
+    return {job: round_to_nearest(stacked(masters, job)) for job in jobs}
+
+
+def stacked(masters: Mapping[str, nn.Linear], job: tuple[str, ...]) -> torch.Tensor:
+    """The rows of ``job``'s masters, one under the other (what reads their shared input)."""
+    with torch.no_grad():
+        return torch.cat([masters[name].weight.detach().float() for name in job])
