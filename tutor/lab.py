@@ -282,7 +282,8 @@ def run_cliff(
     instead of the plan's selection. QA runs only with a ``retriever``. ``on_row(row)`` gets each
     row as soon as it is final (cached ones at once, then bf16 first), ``on_section(section)``
     each lesson-claim section as soon as it is measured; ``progress(phase, done,
-    total)`` reports "windows" (window passes), "qa <precision>" (questions), "weight lab",
+    total)`` reports "calibrating gptq4" (once per machine), "windows" (window passes), "qa
+    <precision>" (questions), "weight lab",
     "easy vs hard", "memory" (precisions) and "mixed precision" (passes);
     ``cancel`` (a threading.Event or a callable) raises Cancelled between batches and questions.
     The engine is left at the precision it had.
@@ -322,6 +323,12 @@ def run_cliff(
             on_section(section)
 
     with engine.at(REFERENCE):  # the engine goes back to the precision it had, whatever happens
+        if plan.calibrate and engine.gptq_calibration() is None:  # first time on this machine
+            if progress is not None:
+                progress("calibrating gptq4", 0, 1)
+            engine.prepare("gptq4")
+            if progress is not None:
+                progress("calibrating gptq4", 1, 1)
         rows = quality_rows(
             engine,
             library,
