@@ -60,7 +60,11 @@ class TutorRuntime:
         if self.ready:
             weights = "" if self.weights_mib is None else f" · {self.weights_mib:.0f} MiB"
             text = f"tutor {self.precision}{weights}"
-            return f"{text} · switching to {self.switching}…" if self.switching else text
+            if not self.switching:
+                return text
+            # gptq4's first build calibrates (about half a minute on 2 cores); later ones read the cache.
+            first = " (calibrated the first time: about half a minute)" if self.switching == "gptq4" else ""
+            return f"{text} · switching to {self.switching}{first}…"
         if self.state is TutorState.LOADING:
             return f"tutor loading {round(self.fraction * 100)}%"
         if self.state is TutorState.FAILED:

@@ -66,8 +66,8 @@ class LabView(VerticalScroll, can_focus=True):
             "(a few windows of lesson text, no QA), M measures fully with the tutor's answers (as "
             "`quant-tutor cliff`, minutes), Esc stops; both are cached. After the table come the "
             "lesson's claims as experiments: no way back from 4 bits, calibration (GPTQ against "
-            "rounding), easy vs hard tasks, memory beyond weights, mixed precision. c answers one question at every precision side by side "
-            "(two sentences each).",
+            "rounding), easy vs hard tasks, memory beyond weights, mixed precision. c answers one "
+            "question at every precision side by side (two sentences each).",
             id="lab-intro",
         )
         yield ProgressBar(id="lab-progress", show_eta=False)
