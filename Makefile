@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run test lint clean bench-library
+.PHONY: install run test lint clean bench-library bench-peer
 
 install: $(STAMP)
 
@@ -29,8 +29,9 @@ lint: install
 	$(VENV)/bin/mypy tutor
 	$(VENV)/bin/lint-imports
 
-# Two workers, each test file on one of them (its fixtures load once there): about 1.5x faster than
-# one on a 2-core machine, whose single worker leaves a core idle while it waits on an engine process.
+# Two workers, each test file on one of them (its fixtures load once there; the longest files
+# first: tests/conftest.py): about 1.5x faster than one on a 2-core machine, whose single worker
+# leaves a core idle while it waits on an engine process.
 TEST_WORKERS ?= 2
 test: lint
 	$(VENV)/bin/pytest -n $(TEST_WORKERS) --dist loadfile
@@ -39,6 +40,15 @@ test: lint
 # (README: "A library").
 bench-library: install
 	$(PY) -m tui.library_bench --lessons 1600
+
+# llama.cpp beside the engine on the GGUF the app ships (README: "A peer in the benchmark"). Builds
+# llama-cpp-python from source for this CPU's instruction sets, named one by one (a native build
+# has died with "Illegal instruction" on an AMX Xeon): several minutes, once.
+bench-peer: install
+	$(PY) -c 'import llama_cpp' 2>/dev/null || CMAKE_ARGS="$$($(PY) -m tutor.engine.peer --cmake-args)" \
+		$(PY) -m pip install -q llama-cpp-python==0.3.36
+	$(VENV)/bin/quant-tutor bench --peer llama.cpp --no-reload --plain \
+		--precisions bf16,int8,nf4,fp4,int4,gptq4
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

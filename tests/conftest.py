@@ -161,17 +161,20 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: p
 # --- the longest files first ----------------------------------------------------------------
 
 # Under pytest-xdist (--dist loadfile) each file runs whole on one worker, handed out in collection
-# order as workers free up. In alphabetical order the Lab tab's file (90 s) started last and one
-# worker ran 358 s of tests against the other's 291 s; handing out the longest files first leaves
-# the short ones to even out the end. Seconds per file in that run, for the ones over 30 s.
+# order as workers free up. In alphabetical order the Lab tab's file started last and one worker
+# ran 358 s of tests against the other's 291 s; handing out the longest files first leaves the
+# short ones to even out the end (342 s and 318 s). Grouping the files that share a session
+# fixture on one worker (--dist loadgroup) balanced the workers exactly but ran slower in all
+# (6 min 29 s against 5 min 42 s): the two heaviest groups then ran side by side throughout.
 LONGEST_FIRST = (
-    "test_measure.py",  # 103
-    "test_engine_model.py",  # 102
-    "test_lab_tab.py",  # 90
-    "test_chat.py",  # 88
-    "test_engine_process.py",  # 66
-    "test_evaluation.py",  # 41
-    "test_tui.py",  # 34
+    "test_measure.py",
+    "test_engine_model.py",
+    "test_lab_tab.py",
+    "test_chat.py",
+    "test_engine_process.py",
+    "test_evaluation.py",
+    "test_library_scale.py",
+    "test_tui.py",
 )
 
 

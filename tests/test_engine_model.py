@@ -31,6 +31,7 @@ from tests.numerics import (
 )
 from tutor.engine import (
     EngineBusyError,
+    EngineError,
     ModelLoadError,
     ModelNotFoundError,
     SwitchError,
@@ -550,6 +551,36 @@ def test_bench_rows_and_cli(
     assert bench.main(["--precisions", "int8", "--tokens", "2", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out[0]["precision"] == "int8" and out[0]["reload_s"] > 0
+
+
+def test_the_peer_row_sits_beside_ours_with_the_ratio(shared_engine) -> None:  # type: ignore[no-untyped-def]
+    """llama.cpp on the GGUF the app ships, same prompt tokens and threads (where `make bench-peer`
+    installed it; without it the benchmark says how to get it)."""
+    from tutor.engine import bench, peer
+
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        with pytest.raises(EngineError, match="make bench-peer"):
+            bench.bench_rows(["bf16"], tokens=2, engine=shared_engine, reload=False, peer="llama.cpp")
+        return
+    rows = bench.bench_rows(["bf16"], tokens=8, engine=shared_engine, reload=False, peer="llama.cpp")
+    ours, theirs = rows
+    assert (ours["engine"], theirs["engine"], theirs["precision"]) == ("quant-tutor", "llama.cpp", "Q4_1")
+    assert theirs["tokens"] == 8 and theirs["prompt_tokens"] == ours["prompt_tokens"]
+    assert ours["decode_vs_peer"] == round(ours["decode_tok_s"] / theirs["decode_tok_s"], 2)
+    assert theirs["decode_vs_peer"] == 1.0 and theirs["ttft_s"] > 0
+    assert theirs["peer_version"] == peer.VERSION
+
+
+def test_the_peer_is_built_for_the_instruction_sets_the_cpu_names() -> None:
+    from tutor.engine.peer import cmake_args
+
+    avx2 = cmake_args(["fpu", "avx", "avx2", "fma", "f16c", "sse4_2"])
+    assert avx2 == "-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"
+    amx = cmake_args(["avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16"])
+    assert "-DGGML_AVX512=ON" in amx and "-DGGML_AMX_INT8=ON" in amx and "NATIVE=OFF" in amx
+    assert cmake_args([]) == "-DGGML_NATIVE=OFF"
 
 
 def test_damaged_model_folder_gives_a_clear_error(shared_engine, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -53,6 +53,16 @@ def test_gptq4_calibrates_once_and_beats_rounding_to_nearest(  # type: ignore[no
 
     monkeypatch.setattr(calibration, "WINDOWS", 8)
     bf16_engine.cache_dir = tmp_path
+    steps: list[tuple[int, int]] = []
+
+    def stop_after_the_pass(done: int, total: int) -> None:
+        steps.append((done, total))
+        raise Cancelled
+
+    with pytest.raises(Cancelled):  # the Lab's Esc: stopped between steps, nothing cached
+        bf16_engine.calibrate_gptq(stop_after_the_pass)
+    assert len(steps) == 1 and steps[0][0] == 1 < steps[0][1] and not list(tmp_path.rglob("*.safetensors"))
+    assert bf16_engine.gptq_calibration() is None
     rows = measure.quality_rows(
         bf16_engine, library, ["bf16", "nf4", "int4", "gptq4"], window=WINDOW, max_windows=2, folder=tmp_path
     )

@@ -27,7 +27,7 @@ import yaml
 
 from tutor.content import Library, default_content_dir
 from tutor.easy_hard import LONG, easy_hard_rows
-from tutor.engine.precisions import CALIBRATION, NO_WAY_BACK
+from tutor.engine.precisions import CALIBRATION, INT4, NO_WAY_BACK
 from tutor.footprint import CONTEXTS, footprint_rows
 from tutor.lab_sections import Section, calibrated, easy_hard, memory, mixed, no_way_back
 from tutor.machine import describe
@@ -282,8 +282,8 @@ def run_cliff(
     instead of the plan's selection. QA runs only with a ``retriever``. ``on_row(row)`` gets each
     row as soon as it is final (cached ones at once, then bf16 first), ``on_section(section)``
     each lesson-claim section as soon as it is measured; ``progress(phase, done,
-    total)`` reports "calibrating gptq4" (once per machine), "windows" (window passes), "qa
-    <precision>" (questions), "weight lab",
+    total)`` reports "windows" (window passes), "qa <precision>" (questions), "weight lab",
+    "calibrating gptq4" (its steps, once per machine),
     "easy vs hard", "memory" (precisions) and "mixed precision" (passes);
     ``cancel`` (a threading.Event or a callable) raises Cancelled between batches and questions.
     The engine is left at the precision it had.
@@ -322,17 +322,11 @@ def run_cliff(
         if on_section is not None:
             on_section(section)
 
-    with engine.at(REFERENCE):  # the engine goes back to the precision it had, whatever happens
-        if plan.calibrate and engine.gptq_calibration() is None:  # first time on this machine
-            if progress is not None:
-                progress("calibrating gptq4", 0, 1)
-            engine.prepare("gptq4")
-            if progress is not None:
-                progress("calibrating gptq4", 1, 1)
-        rows = quality_rows(
+    def measured(names: Sequence[str], on_row: OnRow | None) -> list[QualityRow]:
+        return quality_rows(
             engine,
             library,
-            list(dict.fromkeys([*shown, *NO_WAY_BACK, *(CALIBRATION if plan.calibrate else ())])),
+            list(dict.fromkeys(names)),
             window=window,
             max_windows=max_windows,
             spread=spread,
@@ -340,9 +334,17 @@ def run_cliff(
             qa_label=_qa_label(questions, plan.max_new_tokens),
             folder=folder,
             progress=progress,
-            on_row=shown_row,
+            on_row=on_row,
             cancel=cancel,
         )
+
+    def calibrating(done: int, total: int) -> None:
+        check_cancel(cancel)
+        if progress is not None:
+            progress("calibrating gptq4", done, total)
+
+    with engine.at(REFERENCE):  # the engine goes back to the precision it had, whatever happens
+        rows = measured([*shown, *NO_WAY_BACK], shown_row)
         check_cancel(cancel)
         if progress is not None:
             progress("weight lab", 0, 1)
@@ -350,7 +352,10 @@ def run_cliff(
         if progress is not None:
             progress("weight lab", 1, 1)
         publish(no_way_back([r for r in rows if r.precision in NO_WAY_BACK]))
-        if plan.calibrate:
+        if plan.calibrate:  # after the table: GPTQ's first calibration takes half a minute
+            if engine.gptq_calibration() is None:
+                engine.calibrate_gptq(calibrating)
+            rows += [r for r in measured([REFERENCE, *INT4], None) if r.precision in INT4]
             publish(calibrated([r for r in rows if r.precision in CALIBRATION], engine.gptq_calibration()))
         hard = easy_hard_rows(
             engine,

@@ -143,10 +143,15 @@ def bench_rows(
     threads: int | None = None,
     prompt: str = DEFAULT_PROMPT,
     profile: bool = False,
+    peer: str | None = None,
     engine: Engine | None = None,
     log: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Measure each precision and return one dict per row (keys: ``COLUMNS`` and a few more)."""
+    """Measure each precision and return one dict per row (keys: ``COLUMNS`` and a few more).
+
+    ``peer="llama.cpp"`` adds llama.cpp's row on the same GGUF file, prompt tokens, token count
+    and threads (``tutor.engine.peer``), and gives every row its decode speed as a multiple of
+    the peer's (``decode_vs_peer``)."""
     from tutor.engine.engine import Engine, preload_bitsandbytes
 
     say = log or (lambda _msg: None)
@@ -235,7 +240,36 @@ def bench_rows(
             fresh.close()
             del fresh
         rows.append(row)
+    if peer is not None:
+        rows = _with_peer(rows, peer, model, prompt_ids, tokens, say)
     return rows
+
+
+def _with_peer(
+    rows: list[dict[str, Any]],
+    peer: str,
+    model: str | None,
+    prompt_ids: list[int],
+    tokens: int,
+    say: Callable[[str], None],
+) -> list[dict[str, Any]]:
+    from pathlib import Path
+
+    from tutor.engine.checkpoint import embedded_gguf_path
+    from tutor.engine.peer import PEERS, llama_cpp_row
+
+    if peer not in PEERS:
+        raise EngineError(f"Unknown peer {peer!r}; choose one of: {', '.join(PEERS)}.")
+    if model is not None and not str(model).endswith(".gguf"):
+        raise EngineError("--peer llama.cpp reads a GGUF file: the embedded model, or --model FILE.gguf.")
+    gguf = embedded_gguf_path() if model is None else Path(model)
+    say(f"{peer}: generating {tokens} tokens from {gguf.name}")
+    theirs = llama_cpp_row(gguf, prompt_ids, tokens, _threads())
+    for row in (*rows, theirs):
+        row.setdefault("engine", "quant-tutor")
+        ours, base = row.get("decode_tok_s"), theirs["decode_tok_s"]
+        row["decode_vs_peer"] = round(ours / base, 2) if ours and base else None
+    return [*rows, theirs]
 
 
 def _fmt(value: Any) -> str:
@@ -258,6 +292,7 @@ HEADERS = {
     "decode_tok_s": "decode\ntok/s",
     "bound_tok_s": "bound\ntok/s",
     "plain_decode_tok_s": "plain\ntok/s",
+    "decode_vs_peer": "decode\n× peer",
 }
 
 
@@ -265,7 +300,7 @@ def render_table(rows: list[dict[str, Any]]) -> Any:
     from rich import box
     from rich.table import Table
 
-    extra = [c for c in ("plain_decode_tok_s",) if any(c in r for r in rows)]
+    extra = [c for c in ("plain_decode_tok_s", "decode_vs_peer") if any(c in r for r in rows)]
     table = Table(
         title="quant-tutor bench",
         caption=_caption(rows),
@@ -282,7 +317,10 @@ def render_table(rows: list[dict[str, Any]]) -> Any:
             no_wrap=True,
         )
     for row in rows:
-        table.add_row(*(_fmt(row.get(c)) for c in (*COLUMNS, *extra)))
+        cells = {c: _fmt(row.get(c)) for c in (*COLUMNS, *extra)}
+        if row.get("engine", "quant-tutor") != "quant-tutor":  # the peer's row names its engine
+            cells["precision"] = f"{row['engine']} {row['precision']}"
+        table.add_row(*cells.values())
     return table
 
 
@@ -329,7 +367,13 @@ def _caption(rows: list[dict[str, Any]]) -> str:
         f"Checkpoint {first['checkpoint']}; {first['prompt_tokens']}-token prompt, {first['tokens']} new "
         f"tokens, greedy, {first.get('threads')} threads; read bandwidth {first['bandwidth_gbs']} GB/s; "
         "kept in 16-bit when quantized: "
-        f"{next((r['kept_16bit'] for r in rows if r['kept_16bit']), '-')}"
+        f"{next((r['kept_16bit'] for r in rows if r.get('kept_16bit')), '-')}"
+        + "".join(
+            f"; × peer: decode tok/s over {r['engine']}'s ({r['peer_version']}, the {r['precision']} GGUF "
+            f"as shipped, loaded in {r['load_s']} s)"
+            for r in rows
+            if r.get("engine", "quant-tutor") != "quant-tutor"
+        )
     )
 
 
@@ -362,6 +406,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--profile", action="store_true", help="also break each decoded token's time down by kind of work"
     )
+    parser.add_argument(
+        "--peer",
+        choices=["llama.cpp"],
+        default=None,
+        help="also decode the same GGUF with llama.cpp, in the same run (`make bench-peer` installs it)",
+    )
     return parser
 
 
@@ -389,6 +439,7 @@ def main(argv: list[str] | None = None) -> int:
             threads=args.threads,
             prompt=args.prompt,
             profile=args.profile,
+            peer=args.peer,
             log=None if args.json else (lambda msg: err.print(f"[dim]{msg}[/dim]")),
         )
     except EngineError as exc:

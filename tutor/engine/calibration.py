@@ -20,7 +20,7 @@ import hashlib
 import importlib.resources
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -108,10 +108,12 @@ def calibrate(
     weights: DecoderWeights,
     masters: Mapping[str, nn.Linear],
     windows: list[list[int]],
+    step: Callable[[int, int], None] | None = None,
 ) -> tuple[dict[tuple[str, ...], Codes], Calibration]:
     """GPTQ codes for every decoder Linear (``masters``: the bf16 modules by name), from one
     tapped pass over ``windows`` with the bf16 ``weights``; then GPTQ on all layers' q|k|v at
-    once, all their o, and so on (the same shapes, one batch each, ``CHUNK`` layers at a time)."""
+    once, all their o, and so on (the same shapes, one batch each, ``CHUNK`` layers at a time).
+    ``step(done, total)`` is called after the pass and after each batch; it may raise to stop."""
     started = time.perf_counter()
     hessians: dict[tuple[str, ...], torch.Tensor] = {}
 
@@ -127,14 +129,15 @@ def calibrate(
         for names in hessians:
             shape = (sum(masters[n].out_features for n in names), masters[names[0]].in_features)
             by_shape.setdefault(shape, []).append(names)
-        for group in by_shape.values():
-            for first in range(0, len(group), CHUNK):
-                chunk = group[first : first + CHUNK]
-                stacked = torch.stack(
-                    [torch.cat([masters[n].weight.float() for n in names]) for names in chunk]
-                )
-                found = gptq_batch(stacked, torch.stack([hessians.pop(names) for names in chunk]), damp=DAMP)
-                codes.update(zip(chunk, found, strict=True))
+        chunks = [group[i : i + CHUNK] for group in by_shape.values() for i in range(0, len(group), CHUNK)]
+        if step is not None:
+            step(1, len(chunks) + 1)
+        for done, chunk in enumerate(chunks, start=2):
+            stacked = torch.stack([torch.cat([masters[n].weight.float() for n in names]) for names in chunk])
+            found = gptq_batch(stacked, torch.stack([hessians.pop(names) for names in chunk]), damp=DAMP)
+            codes.update(zip(chunk, found, strict=True))
+            if step is not None:
+                step(done, len(chunks) + 1)
     tokens = int(ids.numel())
     return codes, Calibration(tokens, len(windows), round(time.perf_counter() - started, 1), cached=False)
 

@@ -6,7 +6,7 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -718,7 +718,17 @@ class Engine:
 
         return self.calibration or calibration.read_report(self._gptq_cache())
 
-    def _gptq_codes(self) -> Mapping[tuple[str, ...], Codes]:
+    def calibrate_gptq(self, step: Callable[[int, int], None] | None = None) -> Calibration:
+        """Calibrate gptq4 now unless its codes are cached (``step(done, total)`` as it goes; it
+        may raise to stop, and nothing is cached then), so a later switch only reads them."""
+        if self._decoder is None:
+            raise EngineError("gptq4 calibrates on the fast decoder, which this model does not run on.")
+        with self._exclusive(True):
+            self._gptq_codes(step)
+        assert self.calibration is not None
+        return self.calibration
+
+    def _gptq_codes(self, step: Callable[[int, int], None] | None = None) -> Mapping[tuple[str, ...], Codes]:
         """gptq4's codes: from the cache, or calibrated now (on the caller's thread, inside a
         build: no engine lock is taken here) and cached."""
         from tutor.engine import calibration
@@ -731,7 +741,7 @@ class Engine:
         assert self._decoder is not None
         windows = calibration.calibration_windows(self.tokenizer, calibration.calibration_text())
         weights, masters = self._manager.reference_weights(), self._manager.masters
-        codes, self.calibration = calibration.calibrate(self._decoder, weights, masters, windows)
+        codes, self.calibration = calibration.calibrate(self._decoder, weights, masters, windows, step)
         calibration.save(path, codes, self.calibration)
         return codes
 
