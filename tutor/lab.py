@@ -80,7 +80,7 @@ class Plan:
     continuations: int = 12  # easy vs hard: long greedy continuations of lesson text
     long_tokens: int = LONG  # easy vs hard: tokens per continuation
     contexts: tuple[int, ...] = CONTEXTS  # memory beyond weights: prompt lengths read
-    mixed_windows: int = 6  # mixed precision: lesson windows of the layer scan and the variants
+    mixed_windows: int = 6  # mixed precision: lesson windows of the scan and the variants (0: none)
     mixed_window: int = SCAN_WINDOW  # mixed precision: tokens per window
     calibrate: bool = True  # calibration: measure int4 and gptq4 (GPTQ calibrates once per machine)
 
@@ -373,16 +373,17 @@ def run_cliff(
             engine, library, shown, plan.contexts, folder=folder, progress=progress, cancel=cancel
         )
         publish(memory(held))
-        scan = mixed_precision(
-            engine,
-            library,
-            windows=plan.mixed_windows,
-            window=plan.mixed_window,
-            folder=folder,
-            progress=progress,
-            cancel=cancel,
-        )
-        publish(mixed(scan))
+        if plan.mixed_windows:
+            scan = mixed_precision(
+                engine,
+                library,
+                windows=plan.mixed_windows,
+                window=plan.mixed_window,
+                folder=folder,
+                progress=progress,
+                cancel=cancel,
+            )
+            publish(mixed(scan))
     method = method_text(
         window,
         windows=len(picked),
