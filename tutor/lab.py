@@ -357,6 +357,7 @@ def run_cliff(
                 engine.calibrate_gptq(calibrating)
             rows += [r for r in measured([REFERENCE, *INT4], None) if r.precision in INT4]
             publish(calibrated([r for r in rows if r.precision in CALIBRATION], engine.gptq_calibration()))
+        each: dict[str, Any] = {"folder": folder, "progress": progress, "cancel": cancel}  # every section's
         hard = easy_hard_rows(
             engine,
             library,
@@ -364,26 +365,18 @@ def run_cliff(
             questions=plan.quiz_questions,
             continuations=plan.continuations,
             long=plan.long_tokens,
-            folder=folder,
-            progress=progress,
-            cancel=cancel,
+            **each,
         )
         publish(easy_hard(hard))
-        held = footprint_rows(
-            engine, library, shown, plan.contexts, folder=folder, progress=progress, cancel=cancel
-        )
-        publish(memory(held))
+        publish(memory(footprint_rows(engine, library, shown, plan.contexts, **each)))
         if plan.mixed_windows:
-            scan = mixed_precision(
-                engine,
-                library,
-                windows=plan.mixed_windows,
-                window=plan.mixed_window,
-                folder=folder,
-                progress=progress,
-                cancel=cancel,
+            publish(
+                mixed(
+                    mixed_precision(
+                        engine, library, windows=plan.mixed_windows, window=plan.mixed_window, **each
+                    )
+                )
             )
-            publish(mixed(scan))
     method = method_text(
         window,
         windows=len(picked),
