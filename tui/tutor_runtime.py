@@ -17,6 +17,7 @@ from pathlib import Path
 
 from tutor.content import Library
 from tutor.engine.client import EngineClient, EngineGone, EngineRefused
+from tutor.engine.precisions import PRECISIONS
 from tutor.engine.process import EngineProcess, EngineStartError
 
 POLL_S = 0.2  # how often loading progress is read while the engine loads
@@ -62,9 +63,9 @@ class TutorRuntime:
             text = f"tutor {self.precision}{weights}"
             if not self.switching:
                 return text
-            # gptq4's first build calibrates (about half a minute on 2 cores); later ones read the cache.
-            first = " (calibrated the first time: about half a minute)" if self.switching == "gptq4" else ""
-            return f"{text} · switching to {self.switching}{first}…"
+            info = PRECISIONS.get(self.switching)
+            first = info.first_build if info is not None else ""
+            return f"{text} · switching to {self.switching}{f' ({first})' if first else ''}…"
         if self.state is TutorState.LOADING:
             return f"tutor loading {round(self.fraction * 100)}%"
         if self.state is TutorState.FAILED:

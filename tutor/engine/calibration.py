@@ -30,7 +30,7 @@ import yaml
 from torch import nn
 
 from tutor.engine.decoder import DecoderWeights, FastDecoder
-from tutor.engine.int4 import GROUP, Codes, gptq_batch
+from tutor.engine.int4 import GROUP, Codes, gptq_batch, stacked
 
 WINDOW = 128  # tokens per calibration window
 # 32 windows spread over the quiz text (4,096 tokens), dampened by 0.03 of the Hessian's mean
@@ -133,8 +133,8 @@ def calibrate(
         if step is not None:
             step(1, len(chunks) + 1)
         for done, chunk in enumerate(chunks, start=2):
-            stacked = torch.stack([torch.cat([masters[n].weight.float() for n in names]) for names in chunk])
-            found = gptq_batch(stacked, torch.stack([hessians.pop(names) for names in chunk]), damp=DAMP)
+            weights_of = torch.stack([stacked(masters, names) for names in chunk])
+            found = gptq_batch(weights_of, torch.stack([hessians.pop(names) for names in chunk]), damp=DAMP)
             codes.update(zip(chunk, found, strict=True))
             if step is not None:
                 step(done, len(chunks) + 1)

@@ -212,8 +212,8 @@ class Engine:
             workers=workers,
             progress=progress,
             started=started,
+            cache_dir=cache_dir,
         )
-        engine.cache_dir = cache_dir
         if precision != DEFAULT_PRECISION:
             engine.switch(precision)
         engine.load_seconds = time.perf_counter() - started
@@ -234,6 +234,7 @@ class Engine:
         workers: int | None,
         progress: ProgressCallback | None,
         started: float,
+        cache_dir: Path | None,
     ) -> Engine:
         from tutor.engine.decoder import FastDecoder, fast_path_problem
         from tutor.engine.memory import cpu_count
@@ -274,6 +275,7 @@ class Engine:
             manager=manager,
             decoder=decoder,
             load_seconds=time.perf_counter() - started,
+            cache_dir=cache_dir,
         )
 
     def _stop_ids(self) -> set[int]:
@@ -705,18 +707,19 @@ class Engine:
                 for hook in hooks:
                     hook.remove()
 
-    def _gptq_cache(self) -> Path:
+    def _gptq_cache(self, text: str) -> Path:
         from tutor.engine import calibration
         from tutor.paths import cache_dir
 
-        text = calibration.calibration_text()
         return calibration.cache_path(self.cache_dir or cache_dir(), str(self.checkpoint.path), text)
 
     def gptq_calibration(self) -> Calibration | None:
         """What gptq4 was calibrated on and how long that took: this run's, or the cached codes'."""
         from tutor.engine import calibration
 
-        return self.calibration or calibration.read_report(self._gptq_cache())
+        if self.calibration is not None:
+            return self.calibration
+        return calibration.read_report(self._gptq_cache(calibration.calibration_text()))
 
     def calibrate_gptq(self, step: Callable[[int, int], None] | None = None) -> Calibration:
         """Calibrate gptq4 now unless its codes are cached (``step(done, total)`` as it goes; it
@@ -733,13 +736,14 @@ class Engine:
         build: no engine lock is taken here) and cached."""
         from tutor.engine import calibration
 
-        path = self._gptq_cache()
+        text = calibration.calibration_text()
+        path = self._gptq_cache(text)
         cached = calibration.load(path)
         if cached is not None:
             codes, self.calibration = cached
             return codes
         assert self._decoder is not None
-        windows = calibration.calibration_windows(self.tokenizer, calibration.calibration_text())
+        windows = calibration.calibration_windows(self.tokenizer, text)
         weights, masters = self._manager.reference_weights(), self._manager.masters
         codes, self.calibration = calibration.calibrate(self._decoder, weights, masters, windows, step)
         calibration.save(path, codes, self.calibration)

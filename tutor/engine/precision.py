@@ -221,10 +221,6 @@ class PrecisionManager:
         groups = self.decoder.fusion_groups() if self.decoder is not None else []
         if precision in INT4:
             modules, fused = self._build_int4(precision, groups)
-            from tutor.engine.memory import module_bytes
-
-            seen_int4: set[int] = set()
-            extra += sum(module_bytes(m, seen_int4) for m in (*modules.values(), *fused.values()))
         elif info.quantized or info.restored_from is not None:
             via = info.restored_from or precision
             built = quantize.build_all(
@@ -240,6 +236,7 @@ class PrecisionManager:
             modules, fused = built.modules, built.fused
             if info.restored_from is not None:
                 modules = {name: quantize.restored(m, act) for name, m in modules.items()}
+        if modules is not None:
             from tutor.engine.memory import module_bytes
 
             seen: set[int] = set()

@@ -16,6 +16,7 @@ class PrecisionInfo:
     quantized: bool
     # A precision that went through another and back to 16-bit storage ("no way back").
     restored_from: str | None = None
+    first_build: str = ""  # what a first switch to it does beyond quantizing, if anything slow
 
 
 PRECISIONS: dict[str, PrecisionInfo] = {
@@ -60,6 +61,8 @@ PRECISIONS: dict[str, PrecisionInfo] = {
         "int4's grid and kernel, its codes chosen by GPTQ against what each layer read of the "
         "lessons' quiz text (calibrated once, cached)",
         True,
+        # about half a minute on a 2-core CPU; later builds read the cached codes
+        first_build="calibrated the first time: about half a minute",
     ),
     "nf4-bf16": PrecisionInfo(
         "nf4-bf16",
