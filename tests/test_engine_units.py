@@ -295,3 +295,27 @@ def test_decode_profile_sorts_operators_by_kind_and_keeps_the_rest_of_the_wall_t
     shares = breakdown([("aten::mm", 4000.0), ("aten::cat", 2000.0)], wall_s=0.010, tokens=4)
     assert list(shares) == COLUMNS
     assert shares["dense matmul"] == 1.0 and shares["other ops"] == 0.5 and shares["outside ops"] == 1.0
+
+
+def test_a_job_runs_in_a_thread_that_ends_with_it() -> None:
+    """Not a pooled thread: an idle thread that once ran torch keeps an OpenMP team, and with more
+    OpenMP threads than cores libgomp stops spinning, which halved every later reply."""
+    import asyncio
+    import threading
+
+    from tutor.engine.server import _in_own_thread
+
+    async def twice() -> list[threading.Thread]:
+        return [await _in_own_thread(threading.current_thread, "job") for _ in range(2)]
+
+    first, second = asyncio.run(twice())
+    assert first is not second and threading.main_thread() not in (first, second)
+    first.join(5)
+    second.join(5)
+    assert not first.is_alive() and not second.is_alive()
+
+    async def failing() -> None:
+        await _in_own_thread(lambda: 1 / 0, "job")
+
+    with pytest.raises(ZeroDivisionError):
+        asyncio.run(failing())

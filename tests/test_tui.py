@@ -272,3 +272,54 @@ async def test_no_color_draws_in_monochrome_and_says_right_and_wrong_in_words(
         colours = set(re.findall(r"#([0-9a-f]{6})\b", svg, re.IGNORECASE))
         colours.discard(SVG_EXPORT_THEME.foreground_color.hex[1:])  # the SVG's own default, not the app's
         assert colours and all(c[0:2] == c[2:4] == c[4:6] for c in colours), colours
+
+
+async def test_focus_restyles_the_lesson_scroll_alone(
+    library: Library, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Textual restyles a focused widget's descendants; the lesson's Markdown is hundreds of them."""
+    app = QuantTutorApp(library, store)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await pilot.pause()
+        lesson = _study(app).query_one("#lesson-scroll")
+        assert len(list(lesson.walk_children())) > 50
+        restyled: list[object] = []
+        update_nodes = app.stylesheet.update_nodes
+
+        def counted(nodes, animate=False):  # type: ignore[no-untyped-def]
+            nodes = list(nodes)
+            restyled.extend(nodes)
+            update_nodes(nodes, animate)
+
+        monkeypatch.setattr(app.stylesheet, "update_nodes", counted)
+        await pilot.press("q")
+        await pilot.press("l")
+        await pilot.pause()
+        assert app.focused is lesson
+        assert not [n for n in restyled if n in set(lesson.walk_children())]
+        assert lesson in restyled, "its own focus styles still apply"
+
+
+async def test_plain_lays_out_only_when_its_height_changes(
+    library: Library, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = QuantTutorApp(library, store)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await pilot.pause()
+        plain = _study(app).query_one(".lesson-meta", Plain)
+        layouts: list[bool] = []
+        refresh = plain.refresh
+
+        def recorded(*regions, layout=False, **kwargs):  # type: ignore[no-untyped-def]
+            layouts.append(layout)
+            return refresh(*regions, layout=layout, **kwargs)
+
+        monkeypatch.setattr(plain, "refresh", recorded)
+        plain.show("one line, the same height")
+        await pilot.pause()
+        assert layouts and not any(layouts)
+        assert "the same height" in str(plain.visual)
+        layouts.clear()
+        plain.show("three\nlines\nnow")
+        await pilot.pause()
+        assert any(layouts) and plain.size.height == 3

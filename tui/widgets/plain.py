@@ -24,4 +24,11 @@ class Plain(Static):
         return text if isinstance(text, Content) else clean(text)
 
     def show(self, text: str | Content) -> None:
-        self.update(self._safe(text))
+        # A layout pass walks the whole screen; a streamed reply changes its height only when a
+        # line wraps, so the other updates repaint this widget alone. A widget as wide as its
+        # text (width: auto) changes size with every update.
+        width, height = self.size
+        self.update(self._safe(text), layout=False)
+        sized_by_text = self.styles.width is not None and self.styles.width.is_auto
+        if sized_by_text or not width or self.visual.get_height(self.styles, width) != height:
+            self.refresh(layout=True)
