@@ -51,7 +51,10 @@ def test_a_stale_socket_is_replaced_and_a_live_one_refused(tmp_path: Path) -> No
 
 def test_two_apps_get_two_private_engines(tmp_path: Path) -> None:
     first, second = EngineProcess(cache_dir=tmp_path / "a"), EngineProcess(cache_dir=tmp_path / "b")
-    clients = [first.start(), second.start()]
+    # The app spawns its engine before Textual starts and waits for its socket later.
+    first.spawn()
+    second.spawn()
+    clients = [first.answering(), second.answering()]
     try:
         assert first.pid != second.pid and first.socket_path != second.socket_path
         for process, client in zip((first, second), clients, strict=True):

@@ -248,6 +248,7 @@ def run_app(
         print(f"quant-tutor: {exc}", file=sys.stderr)
         return 2
     app = QuantTutorApp(library, store, lesson_id, model=model, device=device, start_engine=True)
+    app.tutor.spawn(app.start_lesson)
     try:
         app.run()
     finally:

@@ -97,10 +97,16 @@ class TutorRuntime:
             self.state, self.error = TutorState.FAILED, str(exc)
         changed()
 
-    def _start(self, lesson_id: str | None) -> EngineClient:
-        if self.client is not None:
-            self.client.close()
-            self.client = None
+    def spawn(self, lesson_id: str | None) -> None:
+        """Start the engine process now and return at once: ``load`` later finds it running.
+
+        The app calls this before Textual starts, so the model's imports and the app's first
+        frame share the cores instead of following each other (about a second sooner ready)."""
+        process = self._process(lesson_id)
+        if not process.alive():
+            process.spawn()
+
+    def _process(self, lesson_id: str | None) -> EngineProcess:
         if self.process is None:
             self.process = EngineProcess(
                 model=self.model,
@@ -110,7 +116,14 @@ class TutorRuntime:
                 threads=self.threads,
             )
         self.process.lesson = lesson_id
-        return self.process.connect() if self.process.alive() else self.process.start()
+        return self.process
+
+    def _start(self, lesson_id: str | None) -> EngineClient:
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+        process = self._process(lesson_id)
+        return process.answering() if process.alive() else process.start()
 
     def _follow(self, client: EngineClient, changed: Callable[[], None]) -> None:
         shown: tuple[str, str, int] | None = None

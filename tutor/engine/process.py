@@ -59,13 +59,17 @@ class EngineProcess:
 
     def start(self) -> EngineClient:
         """Start the child and return a client once its socket answers (the model may still load)."""
+        self.spawn()
+        return self.answering()
+
+    def spawn(self) -> None:
+        """Start the child and return at once (``answering`` waits for its socket)."""
         self.stop()
         folder = Path(tempfile.mkdtemp(prefix="quant-tutor-engine-"))
-        socket_path = folder / "engine.sock"
         token = secrets.token_urlsafe(24)
         with open(folder / "engine.log", "wb") as log:
             self.popen = subprocess.Popen(
-                self.command(socket_path),
+                self.command(folder / "engine.sock"),
                 stdin=subprocess.PIPE,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -73,6 +77,11 @@ class EngineProcess:
                 start_new_session=True,  # the terminal's signals are the app's to handle
             )
         self.folder, self.token = folder, token
+
+    def answering(self) -> EngineClient:
+        """A client of the spawned child once its socket answers."""
+        socket_path = self.socket_path
+        assert socket_path is not None, "spawn() first"
         client = self.connect()
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
