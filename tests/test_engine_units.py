@@ -303,10 +303,10 @@ def test_a_job_runs_in_a_thread_that_ends_with_it() -> None:
     import asyncio
     import threading
 
-    from tutor.engine.server import _in_own_thread
+    from tutor.engine.threads import briefly, in_own_thread
 
     async def twice() -> list[threading.Thread]:
-        return [await _in_own_thread(threading.current_thread, "job") for _ in range(2)]
+        return [await in_own_thread(threading.current_thread, "job") for _ in range(2)]
 
     first, second = asyncio.run(twice())
     assert first is not second and threading.main_thread() not in (first, second)
@@ -315,7 +315,13 @@ def test_a_job_runs_in_a_thread_that_ends_with_it() -> None:
     assert not first.is_alive() and not second.is_alive()
 
     async def failing() -> None:
-        await _in_own_thread(lambda: 1 / 0, "job")
+        await in_own_thread(lambda: 1 / 0, "job")
 
     with pytest.raises(ZeroDivisionError):
         asyncio.run(failing())
+    third = briefly(threading.current_thread)
+    assert third is not threading.current_thread()
+    third.join(5)
+    assert not third.is_alive()
+    with pytest.raises(ZeroDivisionError):
+        briefly(lambda: 1 / 0)

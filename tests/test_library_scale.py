@@ -9,6 +9,7 @@ import json
 import re
 import shutil
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -249,11 +250,19 @@ def test_the_background_pass_indexes_every_other_lesson(
     retriever = Retriever.load(small, cache_dir=index_cache, lessons=lesson_and_related(small, ids[0]))
     assert retriever.searched == set(ids[:3])
     pauses: list[bool] = []
-    background = threading.Thread(target=retriever.index_rest, kwargs={"pause": lambda: pauses.append(True)})
+    steps: list[bool] = []
+
+    def run(step: Callable[[], None]) -> None:
+        steps.append(True)
+        step()
+
+    background = threading.Thread(
+        target=retriever.index_rest, kwargs={"pause": lambda: pauses.append(True), "run": run}
+    )
     background.start()
     background.join(timeout=300)
     assert not background.is_alive()
-    assert pauses, "the pass lets a question go first between batches"
+    assert len(steps) == len(pauses) == 3, "each other lesson a step of its own, a question first"
     assert retriever.searched == set(ids[:5])
     assert retriever.coverage() == {"lessons": 5, "total": 5, "done": True}
     assert {c.lesson_id for c in retriever.chunks} == set(ids[:5])

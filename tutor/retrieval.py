@@ -30,6 +30,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -580,13 +581,18 @@ class Retriever:
         """Index these lessons now, if they are not yet, and search them from now on."""
         if all(i in self._indexed or i in self._unindexable for i in lesson_ids):
             return
-        self._index(lesson_ids, progress or (lambda _message, _fraction: None), lambda: None)
+        self._index(lesson_ids, progress or (lambda _message, _fraction: None))
         self._publish_view()
 
-    def index_rest(self, pause: Callable[[], object] = lambda: None) -> None:
+    def index_rest(
+        self,
+        pause: Callable[[], object] = lambda: None,
+        run: Callable[[Callable[[], None]], object] = lambda step: step(),
+    ) -> None:
         """Index every lesson not indexed yet, one at a time (the engine runs this in the
         background). ``pause`` is called between batches: it blocks while something more urgent
-        (a learner's question) needs the CPU.
+        (a learner's question) needs the CPU. ``run`` runs each lesson's step (the engine gives
+        each a thread of its own, which must not outlive it: ``pause`` is called between them).
 
         Searches see the new lessons in steps: the view is rebuilt once the work since the last
         rebuild took PUBLISH_AFTER times as long as that rebuild, so rebuilding BM25 over a
@@ -594,7 +600,8 @@ class Retriever:
         """
         last_build_s, since = 0.0, time.perf_counter()
         for lesson_id in self.pending():
-            self._index([lesson_id], lambda _message, _fraction: None, pause)
+            pause()
+            run(partial(self._index, [lesson_id], lambda _message, _fraction: None))
             if time.perf_counter() - since >= PUBLISH_AFTER * last_build_s:
                 started = time.perf_counter()
                 self._publish_view()
@@ -602,7 +609,7 @@ class Retriever:
                 last_build_s = since - started
         self._publish_view()
 
-    def _index(self, lesson_ids: Sequence[str], report: Progress, pause: Callable[[], object]) -> None:
+    def _index(self, lesson_ids: Sequence[str], report: Progress) -> None:
         """Read these lessons' vectors from the cache; embed (and cache) the rest in one pass."""
         missing: list[tuple[str, list[Chunk]]] = []
         for lesson_id in lesson_ids:
@@ -630,7 +637,6 @@ class Retriever:
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         vectors = np.zeros((len(texts), 0), np.float32)
         for start in range(0, len(texts), BATCH_SIZE):
-            pause()
             report(f"Indexing the lessons: {start}/{len(texts)} passages", start / len(texts))
             batch = order[start : start + BATCH_SIZE]
             embedded = self.embed([texts[i] for i in batch], remember=False)

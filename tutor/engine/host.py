@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tutor.content import Library
+from tutor.engine import threads
 from tutor.engine.errors import EngineError
 from tutor.engine.precisions import check_precision
 from tutor.engine.protocol import MODEL_NAME
@@ -97,17 +98,28 @@ class EngineHost:
         except Exception as exc:
             self.state, self.error = FAILED, f"{type(exc).__name__}: {exc}"
         else:
-            from tutor.engine.engine import preload_bitsandbytes
+            # This thread ran the model's load, so it holds an OpenMP team: it ends now, and
+            # what follows ready runs in threads of its own (tutor.engine.threads).
+            threads.start(self._after_ready, "after ready")
 
-            # After ready, not before: the first question does not wait for them, and a switch
-            # asked for later pays only for quantizing.
-            self.retriever.warm()
-            preload_bitsandbytes()
-            # A job (a question, a switch, a measurement) pauses the pass: it is the learner's wait.
-            try:
-                self.retriever.index_rest(pause=self._idle.wait)
-            except Exception as exc:
-                self.index_error = f"{type(exc).__name__}: {exc}"
+    def _after_ready(self) -> None:
+        """Load the embedding model and bitsandbytes, then index the other lessons.
+
+        After ready, not before: the first question does not wait for them, and a switch asked
+        for later pays only for quantizing. Each step runs in a brief thread of its own while
+        this one only waits, so no team outlives its work. A job (a question, a switch, a
+        measurement) pauses the pass between lessons: it is the learner's wait.
+        """
+        from tutor.engine.engine import preload_bitsandbytes
+
+        retriever = self.retriever
+        assert retriever is not None
+        threads.briefly(retriever.warm, "warm")
+        threads.briefly(preload_bitsandbytes, "warm")
+        try:
+            retriever.index_rest(pause=self._idle.wait, run=lambda step: threads.briefly(step, "index"))
+        except Exception as exc:
+            self.index_error = f"{type(exc).__name__}: {exc}"
 
     def _load_model(self) -> Engine:
         from tutor.engine import Engine

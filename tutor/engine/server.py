@@ -3,19 +3,14 @@
 ``quant-tutor serve`` runs it on loopback TCP for any OpenAI client; the app starts its own
 on a Unix socket in a private folder and stops it when it quits (``tutor.engine.process``).
 Starlette serves the routes and uvicorn the socket; each job runs in a thread of its own
-while the event loop streams its events.
-
-Every job that runs torch gets a new thread that ends with it, never a pooled one: each thread
-that runs torch keeps an OpenMP team, and once a process holds more OpenMP threads than it has
-cores, libgomp makes them sleep between parallel regions instead of spinning. One idle pooled
-thread that had built a precision halved every later reply here (gptq4: 12 tok/s against 24).
+that ends with it, never a pooled one (``tutor.engine.threads`` says why), while the event
+loop streams its events.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import concurrent.futures
 import contextlib
 import os
 import secrets
@@ -28,6 +23,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tutor.engine import threads
 from tutor.engine.errors import EngineError
 from tutor.engine.host import Cancelled, EngineHost, NotReadyError
 from tutor.engine.precisions import MEASURED, PRECISIONS
@@ -101,26 +97,8 @@ def _streamed(host: EngineHost, request_id: str | None, work: Work) -> Response:
         finally:
             cancel.set()
 
-    _own_thread(run, f"job-{request_id or 'anon'}")
+    threads.start(run, f"job-{request_id or 'anon'}")
     return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-
-
-def _own_thread(run: Callable[[], None], name: str) -> None:
-    threading.Thread(target=run, name=name, daemon=True).start()
-
-
-async def _in_own_thread(call: Callable[[], Any], name: str) -> Any:
-    """``call()`` in a thread that ends with it (see the module's note on OpenMP teams)."""
-    future: concurrent.futures.Future[Any] = concurrent.futures.Future()
-
-    def run() -> None:
-        try:
-            future.set_result(call())
-        except BaseException as exc:
-            future.set_exception(exc)
-
-    _own_thread(run, name)
-    return await asyncio.wrap_future(future)
 
 
 def build_app(host: EngineHost, token: str) -> Starlette:
@@ -169,7 +147,7 @@ def build_app(host: EngineHost, token: str) -> Starlette:
         try:
             data = await body(request)
             precision = str(data.get("precision", ""))
-            report = await _in_own_thread(lambda: host.switch(precision), "switch")
+            report = await threads.in_own_thread(lambda: host.switch(precision), "switch")
         except Exception as exc:
             return _failure(exc)
         return JSONResponse(report)
@@ -254,7 +232,7 @@ def build_app(host: EngineHost, token: str) -> Starlette:
 
         if not data.get("stream"):
             try:
-                reply = await _in_own_thread(
+                reply = await threads.in_own_thread(
                     lambda: generate(lambda _event: None, threading.Event()), completion_id
                 )
             except Exception as exc:
@@ -434,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
         cache_dir=args.cache_dir,
         threads=args.threads,
     )
-    _own_thread(host.load, "load")
+    threads.start(host.load, "load")
     config = uvicorn.Config(
         build_app(host, token), log_level="warning", lifespan="off", timeout_graceful_shutdown=2
     )
