@@ -94,6 +94,8 @@ TOLERANCES: dict[str, Tolerance] = {
     # torch's int4 kernel on both sides (the fast decoder's fused q|k|v and gate|up are row views of
     # the same codes, and the kernel computes each output row on its own), bf16 everywhere else.
     "int4": BF16_COMPUTE,
+    # torch's weight-only int8 kernel on both sides, the same way (row views of one set of codes).
+    "int8-wo": BF16_COMPUTE,
 }
 
 

@@ -47,7 +47,7 @@ PROMPTS = {"chat": PROMPT, "bench": BENCH_PROMPT}
 # issue's flip was at token 15); 8 for bitsandbytes, whose CPU kernels decode about 7 tokens/s
 # on a 2-core AVX2 machine, twice per case (reference and engine), to keep each case a few
 # seconds. Every compared position checks all 49152 logits.
-COMPARED_TOKENS = {"fp32": 16, "bf16": 16, "int8": 8, "nf4": 8, "fp4": 8, "int4": 8}
+COMPARED_TOKENS = {"fp32": 16, "bf16": 16, "int8": 8, "nf4": 8, "fp4": 8, "int4": 8, "int8-wo": 8}
 
 
 # ``shared_engine`` (the engine, loaded once per session) and ``model_cache`` (the session's
@@ -116,7 +116,7 @@ def test_conversion_happens_once_and_is_reused(
 
 @pytest.mark.parametrize(
     ("precision", "prompt"),
-    [(p, name) for p in ("bf16", "fp32", "int8", "nf4", "fp4", "int4") for name in PROMPTS],
+    [(p, name) for p in ("bf16", "fp32", "int8", "nf4", "fp4", "int4", "int8-wo") for name in PROMPTS],
 )
 def test_engine_greedy_matches_plain_generate(engine, generic_engine, precision: str, prompt: str) -> None:  # type: ignore[no-untyped-def]
     """The engine's greedy reply against transformers' ``model.generate`` at the same precision.
@@ -152,7 +152,7 @@ def test_engine_greedy_matches_plain_generate(engine, generic_engine, precision:
     print(result.describe())
 
 
-@pytest.mark.parametrize("precision", ["fp32", "int8", "nf4", "fp4", "int4"])
+@pytest.mark.parametrize("precision", ["fp32", "int8", "nf4", "fp4", "int4", "int8-wo"])
 def test_each_precision_loads_and_generates(engine, precision: str) -> None:  # type: ignore[no-untyped-def]
     report = engine.switch(precision)
     assert engine.precision == precision == report.precision

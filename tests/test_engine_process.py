@@ -78,7 +78,8 @@ def test_two_apps_get_two_private_engines(tmp_path: Path) -> None:
 # --- the openai package against the engine, and `quant-tutor serve` on a port ---------------
 
 MODEL_IDS = [
-    f"smollm2-135m-instruct:{p}" for p in ("fp32", "bf16", "int8", "nf4", "fp4", "int4", "gptq4", "nf4-bf16")
+    f"smollm2-135m-instruct:{p}"
+    for p in ("fp32", "bf16", "int8", "nf4", "fp4", "int4", "gptq4", "int8-wo", "nf4-bf16")
 ]
 
 

@@ -27,7 +27,7 @@ def test_importing_the_engine_does_not_import_torch() -> None:
 
 
 def test_precision_names() -> None:
-    assert list(PRECISIONS) == ["fp32", "bf16", "int8", "nf4", "fp4", "int4", "gptq4", "nf4-bf16"]
+    assert list(PRECISIONS) == ["fp32", "bf16", "int8", "nf4", "fp4", "int4", "gptq4", "int8-wo", "nf4-bf16"]
     assert check_precision(" NF4 ") == "nf4"
     assert check_precision("nf4→bf16") == "nf4-bf16"
     assert parse_precisions("bf16, int8,nf4") == ["bf16", "int8", "nf4"]

@@ -70,7 +70,7 @@ def test_build_int4_fuses_groups_and_names_what_is_missing() -> None:
     torch.manual_seed(0)
     masters = {n: torch.nn.Linear(GROUP, rows, bias=False) for n, rows in (("q", 32), ("k", 16), ("o", 64))}
     codes = {("q", "k"): round_to_nearest(torch.cat([masters["q"].weight, masters["k"].weight]).detach())}
-    with pytest.raises(ValueError, match="no int4 codes for o"):
+    with pytest.raises(ValueError, match="no int4 weights for o"):
         build_int4(masters, codes)
     codes[("o",)] = round_to_nearest(masters["o"].weight.detach())
     modules, fused = build_int4(masters, codes)

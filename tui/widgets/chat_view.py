@@ -31,12 +31,13 @@ if TYPE_CHECKING:
     from tui.tutor_runtime import TutorRuntime
     from tutor.grounding import TutorAnswer
 
-# fp32, nf4-bf16 (nf4's weights stored in 16 bits: "no way back") and the int4 kernel's int4 and
-# gptq4 (the Lab's "calibration") are for trying, not for every day: their keys work but stay off
-# the footer.
+# fp32, nf4-bf16 (nf4's weights stored in 16 bits: "no way back"), the int4 kernel's int4 and
+# gptq4 (the Lab's "calibration") and weight-only int8 (beside int8) are for trying, not for
+# every day: their keys work but stay off the footer.
 PRECISION_KEYS = {
     "f5": "bf16",
     "f6": "int8",
+    "shift+f6": "int8-wo",
     "f7": "nf4",
     "f8": "fp4",
     "f9": "fp32",

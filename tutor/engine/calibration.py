@@ -30,7 +30,8 @@ import yaml
 from torch import nn
 
 from tutor.engine.decoder import DecoderWeights, FastDecoder
-from tutor.engine.int4 import GROUP, Codes, gptq_batch, stacked
+from tutor.engine.int4 import GROUP, Codes, gptq_batch
+from tutor.engine.row_modules import stacked
 
 WINDOW = 128  # tokens per calibration window
 # 32 windows spread over the quiz text (4,096 tokens), dampened by 0.03 of the Hessian's mean

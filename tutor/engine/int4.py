@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from tutor.engine.row_modules import assemble, built_per_job
+
 GROUP = 64  # weights per scale and zero along a row
 BITS = 4
 STEP = 16  # GPTQ's columns updated one by one before the rest of their group takes them at once
@@ -160,40 +162,13 @@ class Int4Linear(nn.Module):
 def build_int4(
     masters: Mapping[str, nn.Linear], codes_of: Mapping[tuple[str, ...], Codes]
 ) -> tuple[dict[str, nn.Module], dict[tuple[str, ...], nn.Module]]:
-    """Int4 modules for every master from ``codes_of`` (masters reading one input -> the codes of
-    their stacked rows; a single master as a 1-tuple; each master in one key). A group's module is
-    what the fast decoder calls; its masters' modules are row views of it. Returns (modules, fused)."""
-    modules: dict[str, nn.Module] = {}
-    fused: dict[tuple[str, ...], nn.Module] = {}
-    for job, codes in codes_of.items():
-        module = Int4Linear.from_codes(codes)
-        with torch.inference_mode():  # the kernel's first call sets itself up: now, not in a reply
-            module(torch.zeros(1, module.in_features, dtype=torch.bfloat16))
-        if len(job) == 1:
-            modules[job[0]] = module
-            continue
-        fused[job] = module
-        start = 0
-        for name in job:
-            stop = start + masters[name].out_features
-            modules[name] = module.rows(start, stop)
-            start = stop
-    missing = set(masters) - set(modules)
-    if missing:
-        raise ValueError(f"no int4 codes for {sorted(missing)[0]} (and {len(missing) - 1} more)")
-    return {name: modules[name] for name in masters}, fused
+    """Int4 modules for every master from ``codes_of`` (job -> the codes of its stacked rows;
+    ``tutor.engine.row_modules``). Returns (modules, fused)."""
+    return assemble(masters, {job: Int4Linear.from_codes(c) for job, c in codes_of.items()}, "int4")
 
 
 def rounded_to_nearest(
     masters: Mapping[str, nn.Linear], groups: Sequence[tuple[str, ...]]
 ) -> dict[tuple[str, ...], Codes]:
     """``int4``'s codes: each group of masters (then each master left) rounded to nearest."""
-    grouped = {name for group in groups for name in group}
-    jobs = [*map(tuple, groups), *((name,) for name in masters if name not in grouped)]
-    return {job: round_to_nearest(stacked(masters, job)) for job in jobs}
-
-
-def stacked(masters: Mapping[str, nn.Linear], job: tuple[str, ...]) -> torch.Tensor:
-    """The rows of ``job``'s masters, one under the other (what reads their shared input)."""
-    with torch.no_grad():
-        return torch.cat([masters[name].weight.detach().float() for name in job])
+    return built_per_job(masters, groups, round_to_nearest)

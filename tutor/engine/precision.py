@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from tutor.engine.errors import SwitchError, reason
-from tutor.engine.precisions import INT4, PRECISIONS, check_precision
+from tutor.engine.precisions import PRECISIONS, TORCH_CPU_KERNELS, check_precision
 from tutor.engine.reports import WeightsReport
 
 if TYPE_CHECKING:
@@ -219,8 +219,8 @@ class PrecisionManager:
         act = self.act_dtype(precision)
         info = PRECISIONS[precision]
         groups = self.decoder.fusion_groups() if self.decoder is not None else []
-        if precision in INT4:
-            modules, fused = self._build_int4(precision, groups)
+        if precision in TORCH_CPU_KERNELS:
+            modules, fused = self._build_on_torch_kernel(precision, groups)
         elif info.quantized or info.restored_from is not None:
             via = info.restored_from or precision
             built = quantize.build_all(
@@ -254,15 +254,18 @@ class PrecisionManager:
         report = self._measure(precision, modules)
         return Prepared(precision, modules, param_data, weights, extra, time.perf_counter() - start, report)
 
-    def _build_int4(
+    def _build_on_torch_kernel(
         self, precision: str, groups: list[tuple[str, ...]]
     ) -> tuple[dict[str, nn.Module], dict[tuple[str, ...], nn.Module]]:
-        from tutor.engine import int4
+        from tutor.engine import int4, int8wo
 
         if self.device.type != "cpu":
+            instead = "int8" if precision == "int8-wo" else "nf4"
             raise RuntimeError(
-                f"{precision} runs on torch's int4 kernel for CPUs; on {self.device.type} use nf4"
+                f"{precision} runs on a torch kernel for CPUs; on {self.device.type} use {instead}"
             )
+        if precision == "int8-wo":
+            return int8wo.build_int8wo(self.masters, groups)
         if precision == "gptq4":
             if self.calibrated is None:
                 raise RuntimeError("gptq4 calibrates on the fast decoder, which this model does not run on")

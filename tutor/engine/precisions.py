@@ -64,6 +64,14 @@ PRECISIONS: dict[str, PrecisionInfo] = {
         # about half a minute on a 2-core CPU; later builds read the cached codes
         first_build="calibrated the first time: about half a minute",
     ),
+    "int8-wo": PrecisionInfo(
+        "int8-wo",
+        8,
+        "int8 weight-only",
+        "int8 codes with a bf16 absmax scale per output row, bf16 activations, no outlier columns, "
+        "on torch's weight-only int8 CPU kernel (not LLM.int8)",
+        True,
+    ),
     "nf4-bf16": PrecisionInfo(
         "nf4-bf16",
         16,
@@ -77,6 +85,8 @@ PRECISIONS: dict[str, PrecisionInfo] = {
 DEFAULT_PRECISION = "bf16"
 # torch's int4 kernel (CPU only): round-to-nearest and GPTQ on one grid, the Lab's "calibration".
 INT4 = ("int4", "gptq4")
+# Precisions that run on torch's own weight-only kernels for CPUs, not on bitsandbytes.
+TORCH_CPU_KERNELS = (*INT4, "int8-wo")
 # What the Lab, `cliff`, `bench` and `eval --generate` measure: the reference, then the
 # bitsandbytes precisions the lesson describes (fp32 only upcasts the reference, so it has
 # nothing to show; nf4-bf16 and the int4 kernel's have their own sections).

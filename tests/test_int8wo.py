@@ -1,0 +1,52 @@
+"""int8-wo: int8 weight codes with a bf16 scale per row on torch's weight-only int8 kernel (no model)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tutor.engine.int8wo import LEVELS, Int8WoLinear, build_int8wo
+
+
+def test_codes_are_within_half_a_step_and_the_absmax_lands_on_a_code() -> None:
+    torch.manual_seed(0)
+    weight = torch.randn(48, 160) * 0.02
+    module = Int8WoLinear.of(weight)
+    assert module.codes.dtype == torch.int8 and module.scales.dtype == torch.bfloat16
+    step = module.scales.float()[:, None]
+    assert bool(((module.dequantized() - weight).abs() <= step / 2 + 1e-7).all())
+    assert bool((module.codes.abs().amax(1) >= LEVELS - 1).all()), "each row's largest weight near ±127"
+
+
+def test_the_kernel_multiplies_by_the_dequantized_codes_and_rows_share_them() -> None:
+    torch.manual_seed(0)
+    module = Int8WoLinear.of(torch.randn(96, 128) * 0.05)
+    x = torch.randn(3, 5, 128).bfloat16()
+    expected = x.float() @ module.dequantized().T
+    out = module(x)
+    assert out.shape == (3, 5, 96) and out.dtype == torch.bfloat16
+    # bf16 output: a relative rounding of 2^-8 on each sum, nothing more
+    assert torch.allclose(out.float(), expected, rtol=2**-7, atol=1e-3)
+    part = module.rows(32, 64)
+    assert part.codes.untyped_storage().data_ptr() == module.codes.untyped_storage().data_ptr()
+    assert torch.equal(part(x), out[..., 32:64])
+
+
+def test_build_fuses_groups_as_row_views_of_one_weight() -> None:
+    torch.manual_seed(0)
+    masters = {n: torch.nn.Linear(64, rows, bias=False) for n, rows in (("q", 32), ("k", 16), ("o", 64))}
+    modules, fused = build_int8wo(masters, [("q", "k")])
+    assert list(modules) == ["q", "k", "o"] and list(fused) == [("q", "k")]
+    x = torch.randn(2, 64).bfloat16()
+    assert torch.equal(torch.cat([modules["q"](x), modules["k"](x)], -1), fused["q", "k"](x))
+    assert isinstance(modules["o"], Int8WoLinear) and modules["o"].codes.shape == (64, 64)
+    # One scale per row, so a row keeps its scale whether it is quantized stacked or alone.
+    assert torch.equal(modules["q"].codes, Int8WoLinear.of(masters["q"].weight.detach()).codes)
+
+
+def test_a_master_with_no_weights_is_named() -> None:
+    from tutor.engine.row_modules import assemble
+
+    masters = {n: torch.nn.Linear(64, 8, bias=False) for n in ("q", "o")}
+    with pytest.raises(ValueError, match="no int8-wo weights for o"):
+        assemble(masters, {("q",): Int8WoLinear.of(masters["q"].weight.detach())}, "int8-wo")
