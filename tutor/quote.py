@@ -57,9 +57,14 @@ def fits_type(kind: QuestionType, text: str) -> bool:
     return bool(pattern and pattern.search(text.casefold()))
 
 
+def refers_back(sentence: str) -> bool:
+    """Whether a sentence opens by pointing at the one before it."""
+    return bool(_ANAPHOR.match(sentence.lstrip("\"'“‘(*")))
+
+
 def leans_back(sentence: str) -> bool:
     """Whether a sentence needs the one before it to be understood."""
-    return bool(_ANAPHOR.match(sentence.lstrip("\"'“‘(*"))) or len(sentence.split()) < MIN_WORDS
+    return refers_back(sentence) or len(sentence.split()) < MIN_WORDS
 
 
 @dataclass(frozen=True)
@@ -103,7 +108,8 @@ def spans(hits: Sequence[Hit]) -> list[Span]:
             candidates = []
             if not leans_back(sentence) or i == 0:
                 candidates.append((sentence, False))
-            if i + 1 < len(said):
+            # A pair opening with "That …" would quote the reference without what it refers to.
+            if i + 1 < len(said) and (not refers_back(sentence) or i == 0):
                 candidates.append((f"{sentence} {said[i + 1]}", True))
             for text, pair in candidates:
                 if text not in seen:
