@@ -544,6 +544,8 @@ def test_bench_rows_and_cli(
         for column in bench.COLUMNS:
             assert column in row
         assert row["decode_tok_s"] > 0 and row["bound_tok_s"] > 0 and row["switch_s"] >= 0
+        assert abs(row["long_prompt_tokens"] - bench.LONG_PROMPT_TOKENS) <= 8
+        assert row["ttft_long_s"] > row["ttft_s"] > 0, "reading 600 tokens takes longer than 49"
         assert row["checkpoint"] == str(shared_engine.checkpoint.path)
     assert rows[0]["weights_mib"] < rows[1]["weights_mib"]
     assert shared_engine.precision == "bf16"
