@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tutor.engine.int8wo import LEVELS, Int8WoLinear, build_int8wo
+from tutor.engine.int8wo import LEVELS, PREFILL_ROWS, Int8WoLinear, build_int8wo
 
 
 def test_codes_are_within_half_a_step_and_the_absmax_lands_on_a_code() -> None:
@@ -30,6 +30,13 @@ def test_the_kernel_multiplies_by_the_dequantized_codes_and_rows_share_them() ->
     part = module.rows(32, 64)
     assert part.codes.untyped_storage().data_ptr() == module.codes.untyped_storage().data_ptr()
     assert torch.equal(part(x), out[..., 32:64])
+    # A prompt's many rows take the dense path: the same product, to bf16's rounding.
+    prompt = torch.randn(1, PREFILL_ROWS + 24, 128).bfloat16()
+    dense = module(prompt)
+    assert torch.allclose(dense.float(), prompt.float() @ module.dequantized().T, rtol=2**-7, atol=1e-3)
+    assert torch.allclose(
+        dense[0, :PREFILL_ROWS].float(), module(prompt[:, :PREFILL_ROWS]).float(), rtol=2**-7, atol=1e-3
+    )
 
 
 def test_build_fuses_groups_as_row_views_of_one_weight() -> None:
