@@ -132,16 +132,16 @@ def _other(precision: str, order: Sequence[str]) -> str:
     return "bf16"
 
 
-def long_prompt_ids(engine: Engine) -> list[int]:
-    """``LONG_PROMPT_TOKENS`` tokens of the lessons' quiz prose, in a chat turn: what a long
-    grounded prompt costs to read (its words do not change the time, its length does)."""
+def long_prompt_ids(engine: Engine, tokens: int = LONG_PROMPT_TOKENS) -> list[int]:
+    """About ``tokens`` tokens of the lessons' quiz prose, in a chat turn: what a long grounded
+    prompt costs to read (its words do not change the time, its length does)."""
     from tutor.engine.calibration import calibration_text
 
     def turn(passages: str) -> list[int]:
         return engine.encode(f"Answer from these passages.\n{passages}\nWhat do they say?")
 
     ids = engine.tokenizer(calibration_text(), add_special_tokens=False)["input_ids"]
-    room = LONG_PROMPT_TOKENS - len(turn(""))
+    room = tokens - len(turn(""))
     return turn(engine.tokenizer.decode(ids[:room]))  # within a few tokens of the mark
 
 
@@ -161,6 +161,7 @@ def bench_rows(
     prompt: str = DEFAULT_PROMPT,
     profile: bool = False,
     peer: str | None = None,
+    long_prompt: int = LONG_PROMPT_TOKENS,
     engine: Engine | None = None,
     log: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
@@ -168,7 +169,7 @@ def bench_rows(
 
     ``peer="llama.cpp"`` adds llama.cpp's row on the same GGUF file, prompt tokens, token count
     and threads (``tutor.engine.peer``), and gives every row its decode speed as a multiple of
-    the peer's (``decode_vs_peer``)."""
+    the peer's (``decode_vs_peer``). ``long_prompt`` tokens (0: none) give ``ttft_long_s``."""
     from tutor.engine.engine import Engine, preload_bitsandbytes
 
     say = log or (lambda _msg: None)
@@ -194,7 +195,7 @@ def bench_rows(
     say(f"measuring memory bandwidth on {engine.device}")
     bandwidth = read_bandwidth_gbs(engine.device)
     prompt_ids = engine.encode(prompt)
-    long_ids = long_prompt_ids(engine)
+    long_ids = long_prompt_ids(engine, long_prompt) if long_prompt else []
     engine.generate(prompt_ids=prompt_ids, max_new_tokens=2)  # warm-up: first-call costs are not decode speed
     rows: list[dict[str, Any]] = []
     for precision in precisions:
@@ -209,9 +210,11 @@ def bench_rows(
         engine.generate(prompt_ids=prompt_ids, max_new_tokens=2)
         reply = engine.generate(prompt_ids=prompt_ids, max_new_tokens=tokens)
         stats = reply.stats
-        say(f"{precision}: a {len(long_ids)}-token prompt")
-        engine.generate(prompt_ids=long_ids, max_new_tokens=1)  # a long prefill's first call sets up
-        long_ttft = engine.generate(prompt_ids=long_ids, max_new_tokens=1).stats.ttft_s
+        long_ttft = None
+        if long_ids:
+            say(f"{precision}: a {len(long_ids)}-token prompt")
+            engine.generate(prompt_ids=long_ids, max_new_tokens=1)  # a long prefill's first call sets up
+            long_ttft = engine.generate(prompt_ids=long_ids, max_new_tokens=1).stats.ttft_s
         per_token = bytes_read_per_token(engine)
         row: dict[str, Any] = {
             "precision": precision,
@@ -222,7 +225,7 @@ def bench_rows(
             "reload_s": None,
             "ttft_s": stats.ttft_s,
             "ttft_long_s": long_ttft,
-            "long_prompt_tokens": len(long_ids),
+            "long_prompt_tokens": len(long_ids) or None,
             "prefill_tok_s": stats.prefill_tok_s,
             "decode_tok_s": stats.decode_tok_s,
             "bound_tok_s": round(bandwidth * 1e9 / per_token, 1),
@@ -311,7 +314,7 @@ HEADERS = {
     "reswitch_s": "resw\ns",
     "reload_s": "reload\ns",
     "ttft_s": "ttft\ns",
-    "ttft_long_s": f"ttft {LONG_PROMPT_TOKENS}\ns",
+    "ttft_long_s": "ttft\nlong s",
     "prefill_tok_s": "prefill\ntok/s",
     "decode_tok_s": "decode\ntok/s",
     "bound_tok_s": "bound\ntok/s",
@@ -387,7 +390,8 @@ def _caption(rows: list[dict[str, Any]]) -> str:
     first = rows[0]
     return (
         "switch: first in-place switch from the row above; resw: switching to it again once prepared; "
-        "reload: fresh load from disk + quantize; bound: read bandwidth / weight bytes per token. "
+        "reload: fresh load from disk + quantize; bound: read bandwidth / weight bytes per token; "
+        f"ttft long: the first token of a {first.get('long_prompt_tokens') or '-'}-token prompt. "
         f"Checkpoint {first['checkpoint']}; {first['prompt_tokens']}-token prompt, {first['tokens']} new "
         f"tokens, greedy, {first.get('threads')} threads; read bandwidth {first['bandwidth_gbs']} GB/s; "
         "kept in 16-bit when quantized: "
@@ -428,6 +432,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="the user message to answer")
     parser.add_argument(
+        "--long-prompt",
+        type=int,
+        default=LONG_PROMPT_TOKENS,
+        help="tokens of the long prompt whose first token is timed (default: %(default)s; 0: skip)",
+    )
+    parser.add_argument(
         "--profile", action="store_true", help="also break each decoded token's time down by kind of work"
     )
     parser.add_argument(
@@ -464,6 +474,7 @@ def main(argv: list[str] | None = None) -> int:
             prompt=args.prompt,
             profile=args.profile,
             peer=args.peer,
+            long_prompt=args.long_prompt,
             log=None if args.json else (lambda msg: err.print(f"[dim]{msg}[/dim]")),
         )
     except EngineError as exc:
