@@ -590,7 +590,7 @@ class Retriever:
         run: Callable[[Callable[[], None]], object] = lambda step: step(),
     ) -> None:
         """Index every lesson not indexed yet, one at a time (the engine runs this in the
-        background). ``pause`` is called between batches: it blocks while something more urgent
+        background). ``pause`` is called between lessons: it blocks while something more urgent
         (a learner's question) needs the CPU. ``run`` runs each lesson's step (the engine gives
         each a thread of its own, which must not outlive it: ``pause`` is called between them).
 

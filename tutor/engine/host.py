@@ -114,9 +114,9 @@ class EngineHost:
 
         retriever = self.retriever
         assert retriever is not None
-        threads.briefly(retriever.warm, "warm")
-        threads.briefly(preload_bitsandbytes, "warm")
         try:
+            threads.briefly(retriever.warm, "warm")
+            threads.briefly(preload_bitsandbytes, "warm")
             retriever.index_rest(pause=self._idle.wait, run=lambda step: threads.briefly(step, "index"))
         except Exception as exc:
             self.index_error = f"{type(exc).__name__}: {exc}"
