@@ -260,9 +260,9 @@ class PrecisionManager:
         from tutor.engine import int4, int8wo
 
         if self.device.type != "cpu":
-            instead = "int8" if precision == "int8-wo" else "nf4"
             raise RuntimeError(
-                f"{precision} runs on a torch kernel for CPUs; on {self.device.type} use {instead}"
+                f"{precision} runs on a torch kernel for CPUs; on {self.device.type} use "
+                f"{PRECISIONS[precision].off_cpu}"
             )
         if precision == "int8-wo":
             return int8wo.build_int8wo(self.masters, groups)

@@ -17,6 +17,8 @@ class PrecisionInfo:
     # A precision that went through another and back to 16-bit storage ("no way back").
     restored_from: str | None = None
     first_build: str = ""  # what a first switch to it does beyond quantizing, if anything slow
+    # Set for the precisions on torch's own weight-only kernels for CPUs: what to use elsewhere.
+    off_cpu: str = ""
 
 
 PRECISIONS: dict[str, PrecisionInfo] = {
@@ -53,6 +55,7 @@ PRECISIONS: dict[str, PrecisionInfo] = {
         "4-bit integer codes rounded to nearest, a bf16 scale and zero per 64 weights, on torch's "
         "int4 CPU kernel",
         True,
+        off_cpu="nf4",
     ),
     "gptq4": PrecisionInfo(
         "gptq4",
@@ -63,6 +66,7 @@ PRECISIONS: dict[str, PrecisionInfo] = {
         True,
         # about half a minute on a 2-core CPU; later builds read the cached codes
         first_build="calibrated the first time: about half a minute",
+        off_cpu="nf4",
     ),
     "int8-wo": PrecisionInfo(
         "int8-wo",
@@ -71,6 +75,7 @@ PRECISIONS: dict[str, PrecisionInfo] = {
         "int8 codes with a bf16 absmax scale per output row, bf16 activations, no outlier columns, "
         "on torch's weight-only int8 CPU kernel (not LLM.int8)",
         True,
+        off_cpu="int8",
     ),
     "nf4-bf16": PrecisionInfo(
         "nf4-bf16",
@@ -86,7 +91,7 @@ DEFAULT_PRECISION = "bf16"
 # torch's int4 kernel (CPU only): round-to-nearest and GPTQ on one grid, the Lab's "calibration".
 INT4 = ("int4", "gptq4")
 # Precisions that run on torch's own weight-only kernels for CPUs, not on bitsandbytes.
-TORCH_CPU_KERNELS = (*INT4, "int8-wo")
+TORCH_CPU_KERNELS = tuple(name for name, info in PRECISIONS.items() if info.off_cpu)
 # What the Lab, `cliff`, `bench` and `eval --generate` measure: the reference, then the
 # bitsandbytes precisions the lesson describes (fp32 only upcasts the reference, so it has
 # nothing to show; nf4-bf16 and the int4 kernel's have their own sections).
