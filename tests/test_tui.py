@@ -28,6 +28,19 @@ def _wrong(question) -> str:  # type: ignore[no-untyped-def]
     return LETTERS[(question.correct_index + 1) % len(question.choices)]
 
 
+def _calls(monkeypatch: pytest.MonkeyPatch, owner: object, name: str) -> list[tuple[tuple, dict]]:  # type: ignore[type-arg]
+    """Every call of ``owner.name`` from now on, as (args, kwargs); the method still runs."""
+    calls: list[tuple[tuple, dict]] = []  # type: ignore[type-arg]
+    original = getattr(owner, name)
+
+    def recorded(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append((args, kwargs))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, recorded)
+    return calls
+
+
 def _study(app: QuantTutorApp) -> StudyScreen:
     assert isinstance(app.screen, StudyScreen)
     return app.screen
@@ -283,18 +296,11 @@ async def test_focus_restyles_the_lesson_scroll_alone(
         await pilot.pause()
         lesson = _study(app).query_one("#lesson-scroll")
         assert len(list(lesson.walk_children())) > 50
-        restyled: list[object] = []
-        update_nodes = app.stylesheet.update_nodes
-
-        def counted(nodes, animate=False):  # type: ignore[no-untyped-def]
-            nodes = list(nodes)
-            restyled.extend(nodes)
-            update_nodes(nodes, animate)
-
-        monkeypatch.setattr(app.stylesheet, "update_nodes", counted)
+        calls = _calls(monkeypatch, app.stylesheet, "update_nodes")
         await pilot.press("q")
         await pilot.press("l")
         await pilot.pause()
+        restyled = [node for (nodes, *_), _kwargs in calls for node in nodes]
         assert app.focused is lesson
         assert not [n for n in restyled if n in set(lesson.walk_children())]
         assert lesson in restyled, "its own focus styles still apply"
@@ -307,19 +313,14 @@ async def test_plain_lays_out_only_when_its_height_changes(
     async with app.run_test(size=(100, 30)) as pilot:
         await pilot.pause()
         plain = _study(app).query_one(".lesson-meta", Plain)
-        layouts: list[bool] = []
-        refresh = plain.refresh
-
-        def recorded(*regions, layout=False, **kwargs):  # type: ignore[no-untyped-def]
-            layouts.append(layout)
-            return refresh(*regions, layout=layout, **kwargs)
-
-        monkeypatch.setattr(plain, "refresh", recorded)
+        calls = _calls(monkeypatch, plain, "refresh")
         plain.show("one line, the same height")
         await pilot.pause()
+        layouts = [kwargs.get("layout", False) for _args, kwargs in calls]
         assert layouts and not any(layouts)
         assert "the same height" in str(plain.visual)
-        layouts.clear()
+        calls.clear()
         plain.show("three\nlines\nnow")
         await pilot.pause()
+        layouts = [kwargs.get("layout", False) for _args, kwargs in calls]
         assert any(layouts) and plain.size.height == 3
