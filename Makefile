@@ -48,7 +48,7 @@ bench-peer: install
 	$(PY) -c 'import llama_cpp' 2>/dev/null || CMAKE_ARGS="$$($(PY) -m tutor.engine.peer --cmake-args)" \
 		$(PY) -m pip install -q llama-cpp-python==0.3.36
 	$(VENV)/bin/quant-tutor bench --peer llama.cpp --no-reload --plain \
-		--precisions bf16,int8,nf4,fp4,int4,gptq4
+		--precisions bf16,int8,int8-wo,nf4,fp4,int4,gptq4
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
