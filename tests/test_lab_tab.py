@@ -39,6 +39,11 @@ async def test_m_measures_live_and_escape_stops(  # type: ignore[no-untyped-def]
         await until(pilot, lambda: not lab.measuring, 60)
         assert "stopped" in str(status.visual)
         assert not lab.query_one("#lab-progress").display
+        await pilot.press("e")  # the claims: the same table first, then each claim
+        await until(pilot, lambda: "Measuring (claims)" in str(status.visual))
+        await pilot.press("escape")
+        await until(pilot, lambda: not lab.measuring, 60)
+        assert "stopped" in str(status.visual)
 
 
 async def test_lab_shows_a_result_and_compares(  # type: ignore[no-untyped-def]

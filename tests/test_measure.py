@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import threading
 import time
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -14,11 +15,12 @@ import torch
 
 from tests.conftest import ROOT, SEED
 from tutor import measure
+from tutor.cli import CLIFF_PLANS, parse
 from tutor.content import Library, load_library
 from tutor.diff import departures
 from tutor.easy_hard import EasyHardRow
 from tutor.footprint import FootprintRow
-from tutor.lab import FULL, QUICK, Cancelled, Plan, run_cliff, weight_lab
+from tutor.lab import CLAIMS, FULL, PLANS, QUICK, Cancelled, Plan, run_cliff, weight_lab
 from tutor.lab_sections import calibrated
 from tutor.measure import QualityRow
 from tutor.mixed_precision import MixedRow
@@ -232,31 +234,37 @@ def test_rows_arrive_live_then_come_from_the_cache(  # type: ignore[no-untyped-d
     def on_row(row: QualityRow) -> None:
         events.append(("row", row.precision))
 
-    cliff = partial(
-        run_cliff, bf16_engine, library, ["nf4"], plan=TINY, retriever=shared_retriever, folder=tmp_path
-    )
-    result = cliff(progress=progress, on_row=on_row)
+    cliff = partial(run_cliff, bf16_engine, library, ["nf4"], retriever=shared_retriever, folder=tmp_path)
+    # The quick shape first (the Lab's m): the table and the weight lab, no claim.
+    quick = cliff(plan=replace(TINY, name="tiny quick", claims=False), progress=progress, on_row=on_row)
     rows = [what for kind, what in events if kind == "row"]
-    assert rows == ["bf16", "nf4"] == [r.precision for r in result.rows]
+    assert rows == ["bf16", "nf4"] == [r.precision for r in quick.rows]
+    phases = [what for kind, what in events if kind == "progress"]
+    assert set(phases) == {"windows", "qa bf16", "qa nf4", "weight lab"} and not quick.sections
+    # Each row arrives as soon as it is final: before the next precision's work starts.
+    assert events.index(("row", "bf16")) < events.index(("progress", "qa nf4"))
+    assert events.index(("row", "nf4")) < events.index(("progress", "weight lab"))
+    assert all(r.qa_questions == 1 and r.tokens_scored == 2 * (WINDOW - WINDOW // 2 - 1) for r in quick.rows)
+    assert quick.rows[0].qa_token_f1 == 1.0 and quick.plan == "tiny quick"
+    assert "2 of the" in quick.method and "QA on 1 evaluation question" in quick.method
+    assert bf16_engine.precision == "nf4", "the engine is left at the precision it had"
+    # Then the claims (the Lab's e): the same table from the cache, nf4-bf16's row (its QA F1
+    # against bf16's answers, asked again: answers are not cached apart from rows) and each claim.
+    events.clear()
+    result = cliff(plan=TINY, progress=progress, on_row=on_row)
+    assert events[:2] == [("row", "bf16"), ("row", "nf4")] and result.rows == quick.rows
     phases = [what for kind, what in events if kind == "progress"]
     assert set(phases) == {
         "windows",
         "qa bf16",
-        "qa nf4",
         "qa nf4-bf16",
         "weight lab",
         "easy vs hard",
         "memory",
         "mixed precision",
     }
-    # Each row arrives as soon as it is final: before the next precision's work starts.
-    assert events.index(("row", "bf16")) < events.index(("progress", "qa nf4"))
-    assert events.index(("row", "nf4")) < events.index(("progress", "weight lab"))
-    assert events[-1] == ("progress", "mixed precision")
-    assert all(r.qa_questions == 1 and r.tokens_scored == 2 * (WINDOW - WINDOW // 2 - 1) for r in result.rows)
-    assert result.rows[0].qa_token_f1 == 1.0 and result.plan == "tiny"
-    assert "2 of the" in result.method and "QA on 1 evaluation question" in result.method
-    assert bf16_engine.precision == "nf4", "the engine is left at the precision it had"
+    assert events[-1] == ("progress", "mixed precision") and result.plan == "tiny"
+    assert bf16_engine.precision == "nf4"
     # No way back: nf4's weights in bf16 storage hold bf16's memory and nf4's loss (issue 12's
     # bounds: MiB within 2 % of bf16, KL within 5 % of nf4).
     section, easy_hard, memory, mixed = result.sections
@@ -302,7 +310,7 @@ def test_rows_arrive_live_then_come_from_the_cache(  # type: ignore[no-untyped-d
     monkeypatch.setattr(bf16_engine, "generate", no_compute)
     emitted: list[QualityRow] = []
     started = time.perf_counter()
-    cached = cliff(on_row=emitted.append)
+    cached = cliff(plan=TINY, on_row=emitted.append)
     assert time.perf_counter() - started < 10
     assert emitted == cached.rows == result.rows and cached.weight_lab == result.weight_lab
     assert cached.sections == result.sections
@@ -349,8 +357,12 @@ def test_cancel_raises_and_caches_nothing(bf16_engine, library: Library, tmp_pat
 
 
 def test_plans() -> None:
-    assert FULL.windows is None and FULL.qa_questions == 8
+    assert FULL.windows is None and FULL.qa_questions == 8 and FULL.claims
     assert QUICK.windows is not None and 4 <= QUICK.windows <= 6 and QUICK.qa_questions == 0
+    assert not QUICK.claims and CLAIMS.claims
+    # The claims read the quick plan's windows: after m, e reads the table from the cache.
+    assert (CLAIMS.windows, CLAIMS.window, CLAIMS.qa_questions) == (QUICK.windows, QUICK.window, 0)
+    assert tuple(PLANS) == CLIFF_PLANS and parse(["cliff", "--plan", "claims"]).plan == "claims"
     assert measure.pick_windows(53, spread=6) == [4, 13, 22, 30, 39, 48]
     assert measure.pick_windows(53, first=2) == [0, 1] and measure.pick_windows(5, spread=9) == list(range(5))
     text = measure.method_text(256, windows=6, of_windows=53, tokens=762, qa_questions=3, max_new_tokens=64)

@@ -31,6 +31,9 @@ from tutor.engine.precisions import MEASURED
 from tutor.store import LessonSummary, Store, StoreError
 from tutor.text import plural, when
 
+# tutor.lab's PLANS by name (importing tutor.lab here would slow every command's start).
+CLIFF_PLANS = ("quick", "claims", "full")
+
 # Subcommands whose own argparse lives with the code they run (imported only then).
 DELEGATED = {
     "bench": ("tutor.engine.bench", "Measure every precision side by side: memory, switch time, speed."),
@@ -104,9 +107,16 @@ def build_parser() -> argparse.ArgumentParser:
     cliff.add_argument("--window", type=int, default=256, help="tokens per window (default: %(default)s)")
     cliff.add_argument("--windows", type=int, help="use only the first N windows (default: all lesson text)")
     cliff.add_argument(
-        "--qa", type=int, help="QA questions answered per precision (0: skip; default: the plan's, 8 or 3)"
+        "--qa", type=int, help="QA questions answered per precision (0: skip; default: the plan's, 8 or 0)"
     )
-    cliff.add_argument("--quick", action="store_true", help="the Lab's quick plan: a few windows, no QA")
+    cliff.add_argument(
+        "--plan",
+        choices=CLIFF_PLANS,
+        default="full",
+        help="quick: the table on a few windows, no QA (the Lab's m); claims: the same table, then the "
+        "lesson's claims as experiments (e); full: all lesson text, QA and every claim (M; default)",
+    )
+    cliff.add_argument("--quick", action="store_true", help="the same as --plan quick")
     add_model_options(cliff)
 
     evaluate = sub.add_parser(

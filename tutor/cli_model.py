@@ -118,14 +118,14 @@ def cmd_ask(args: argparse.Namespace, library: Library, out: TextIO, err: TextIO
 def cmd_cliff(args: argparse.Namespace, library: Library, out: TextIO, err: TextIO) -> int:
     from tutor.engine import EngineError
     from tutor.engine.precisions import parse_precisions
-    from tutor.lab import FULL, QUICK, run_cliff
+    from tutor.lab import PLANS, QUICK, run_cliff
     from tutor.measure import QualityRow
 
     try:
         precisions = parse_precisions(args.precisions)
     except EngineError as exc:
         raise ModelCommandError(str(exc)) from None
-    plan = QUICK if getattr(args, "quick", False) else FULL
+    plan = QUICK if getattr(args, "quick", False) else PLANS[getattr(args, "plan", "full")]
     qa = plan.qa_questions if getattr(args, "qa", None) is None else args.qa
     engine = load_model(args, err)
     retriever = load_retriever(library, err) if qa else None

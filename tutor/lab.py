@@ -5,8 +5,9 @@ lesson text (:mod:`tutor.measure`), QA agreement and groundedness on the tutor's
 questions, and the weight lab (:mod:`tutor.weight_lab`) on one real layer; then the sections
 that test one lesson claim each (:mod:`tutor.lab_sections`).
 
-Two plans, shared by ``quant-tutor cliff`` (FULL; ``--quick``: QUICK) and the Lab tab
-(``m``: QUICK, ``M``: FULL), so each plan's results are measured once and cached for both.
+Three plans, shared by ``quant-tutor cliff --plan`` and the Lab tab (``m``: QUICK, ``e``:
+CLAIMS, ``M``: FULL), so each plan's results are measured once and cached for both; QUICK and
+CLAIMS read the same windows, so the claims reuse a quick table.
 Rows arrive live (``on_row``), ``progress(phase, done, total)`` names the phase ("windows",
 "qa <precision>", "weight lab", "easy vs hard", "memory", "mixed precision"), and ``cancel`` stops it between
 batches and questions (``Cancelled``), caching only finished rows.
@@ -58,7 +59,7 @@ if TYPE_CHECKING:
     from tutor.engine import Engine
     from tutor.retrieval import Retriever
 
-__all__ = ["FULL", "PLANS", "QUICK", "Cancelled", "CliffResult", "Plan", "run_cliff"]
+__all__ = ["CLAIMS", "FULL", "PLANS", "QUICK", "Cancelled", "CliffResult", "Plan", "run_cliff"]
 
 QA_SET = default_content_dir() / "eval_questions.yaml"
 QA_MAX_NEW_TOKENS = 96  # the tutor's own cap (tutor.tutor_chat.MAX_NEW_TOKENS)
@@ -82,18 +83,23 @@ class Plan:
     contexts: tuple[int, ...] = CONTEXTS  # memory beyond weights: prompt lengths read
     mixed_windows: int = 6  # mixed precision: lesson windows of the scan and the variants (0: none)
     mixed_window: int = SCAN_WINDOW  # mixed precision: tokens per window
+    claims: bool = True  # the lesson-claim sections after the table (no way back, easy vs hard, …)
     calibrate: bool = True  # calibration: measure int4 and gptq4 (GPTQ calibrates once per machine)
 
 
-# QUICK: a first look: the table in well under a minute (a few windows spread over all lessons and
-# no QA, because the answers are what is slow: bitsandbytes decodes int8 and 4-bit at 6-7 tok/s on
-# a CPU without AVX-512; three answers per precision took the quick plan from 39 s to 171 s here),
-# then the sections on a few quiz questions and continuations.
+# QUICK: a first look: the table and the weight lab in well under a minute (a few windows spread
+# over all lessons and no QA, because the answers are what is slow: bitsandbytes decodes int8 and
+# 4-bit at 6-7 tok/s on a CPU without AVX-512; three answers per precision took this plan from
+# 39 s to 171 s here). The claims take minutes more on such a CPU (easy vs hard 53 s, memory
+# 44 s, mixed precision 36 s, GPTQ's first calibration 30 s), so they are a plan of their own.
+# CLAIMS: the same table (from the cache after QUICK), then every claim on a few quiz questions,
+# continuations and windows.
 # FULL: the whole measurement (all lesson text, eight questions, the tutor's own cap, every quiz
 # question, twelve continuations).
-QUICK = Plan("quick", windows=6, qa_questions=0, quiz_questions=8, continuations=4, mixed_windows=2)
+QUICK = Plan("quick", windows=6, qa_questions=0, claims=False)
+CLAIMS = Plan("claims", windows=6, qa_questions=0, quiz_questions=8, continuations=4, mixed_windows=2)
 FULL = Plan("full", windows=None, qa_questions=8)
-PLANS = {plan.name: plan for plan in (QUICK, FULL)}
+PLANS = {plan.name: plan for plan in (QUICK, CLAIMS, FULL)}
 
 
 @dataclass
@@ -344,40 +350,47 @@ def run_cliff(
             progress("calibrating gptq4", done, total)
 
     with engine.at(REFERENCE):  # the engine goes back to the precision it had, whatever happens
-        rows = measured([*shown, *NO_WAY_BACK], shown_row)
+        rows = measured([*shown, *NO_WAY_BACK] if plan.claims else shown, shown_row)
         check_cancel(cancel)
         if progress is not None:
             progress("weight lab", 0, 1)
         layer, lab = weight_lab(engine, library, window, folder=folder)
         if progress is not None:
             progress("weight lab", 1, 1)
-        publish(no_way_back([r for r in rows if r.precision in NO_WAY_BACK]))
-        if plan.calibrate:  # after the table: GPTQ's first calibration takes half a minute
-            if engine.gptq_calibration() is None:
-                calibrating(0, 1)  # its first step, the tapped pass, takes a while before it counts steps
-                engine.calibrate_gptq(calibrating)
-            rows += [r for r in measured([REFERENCE, *INT4], None) if r.precision in INT4]
-            publish(calibrated([r for r in rows if r.precision in CALIBRATION], engine.gptq_calibration()))
-        each: dict[str, Any] = {"folder": folder, "progress": progress, "cancel": cancel}  # every section's
-        hard = easy_hard_rows(
-            engine,
-            library,
-            shown,
-            questions=plan.quiz_questions,
-            continuations=plan.continuations,
-            long=plan.long_tokens,
-            **each,
-        )
-        publish(easy_hard(hard))
-        publish(memory(footprint_rows(engine, library, shown, plan.contexts, **each)))
-        if plan.mixed_windows:
-            publish(
-                mixed(
-                    mixed_precision(
-                        engine, library, windows=plan.mixed_windows, window=plan.mixed_window, **each
+        if plan.claims:
+            publish(no_way_back([r for r in rows if r.precision in NO_WAY_BACK]))
+            if plan.calibrate:  # after the table: GPTQ's first calibration takes half a minute
+                if engine.gptq_calibration() is None:
+                    calibrating(0, 1)  # its first step, the tapped pass, takes a while before it counts steps
+                    engine.calibrate_gptq(calibrating)
+                rows += [r for r in measured([REFERENCE, *INT4], None) if r.precision in INT4]
+                publish(
+                    calibrated([r for r in rows if r.precision in CALIBRATION], engine.gptq_calibration())
+                )
+            each: dict[str, Any] = {
+                "folder": folder,
+                "progress": progress,
+                "cancel": cancel,
+            }  # every section's
+            hard = easy_hard_rows(
+                engine,
+                library,
+                shown,
+                questions=plan.quiz_questions,
+                continuations=plan.continuations,
+                long=plan.long_tokens,
+                **each,
+            )
+            publish(easy_hard(hard))
+            publish(memory(footprint_rows(engine, library, shown, plan.contexts, **each)))
+            if plan.mixed_windows:
+                publish(
+                    mixed(
+                        mixed_precision(
+                            engine, library, windows=plan.mixed_windows, window=plan.mixed_window, **each
+                        )
                     )
                 )
-            )
     method = method_text(
         window,
         windows=len(picked),

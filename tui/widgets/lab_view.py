@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +42,7 @@ def section_id(section: Section) -> str:
 class LabView(VerticalScroll, can_focus=True):
     BINDINGS = [
         Binding("m", "measure('quick')", "Quick measure"),
+        Binding("e", "measure('claims')", "Claims as experiments"),
         Binding("M", "measure('full')", "Full measure"),
         Binding("c", "compare", "Compare a question"),
         Binding("escape", "stop", "Stop", show=False),
@@ -55,6 +57,7 @@ class LabView(VerticalScroll, can_focus=True):
         self._stop: threading.Event | None = None  # set: the measurement in flight should stop
         self._compare_stop: threading.Event | None = None  # set: the compare in flight should stop
         self._requests: dict[str, str] = {}  # "measure" / "compare": the request id in flight
+        self._started = self._took = 0.0  # when the last measurement began (monotonic), how long it took
 
     @property
     def measuring(self) -> bool:
@@ -63,11 +66,11 @@ class LabView(VerticalScroll, can_focus=True):
     def compose(self) -> ComposeResult:
         yield Plain(
             "The quality cliff on the tutor's own model, measured on this machine: m measures quickly "
-            "(a few windows of lesson text, no QA), M measures fully with the tutor's answers (as "
-            "`quant-tutor cliff`, minutes), Esc stops; both are cached. After the table come the "
-            "lesson's claims as experiments: no way back from 4 bits, calibration (GPTQ against "
-            "rounding), easy vs hard tasks, memory beyond weights, mixed precision. c answers one "
-            "question at every precision side by side (two sentences each).",
+            "(a few windows of lesson text, no QA, under a minute). e then tests the lesson's claims "
+            "as experiments (no way back from 4 bits, calibration: GPTQ against rounding, easy vs "
+            "hard tasks, memory beyond weights, mixed precision; minutes). M measures everything "
+            "with the tutor's answers (as `quant-tutor cliff`, many minutes). Esc stops; all are "
+            "cached. c answers one question at every precision side by side (two sentences each).",
             id="lab-intro",
         )
         yield ProgressBar(id="lab-progress", show_eta=False)
@@ -110,10 +113,14 @@ class LabView(VerticalScroll, can_focus=True):
         elif self.result is None:
             text = (
                 "Press m for a quick measure of perplexity, KL divergence and top-1 agreement for "
-                f"{', '.join(LAB_PRECISIONS)}, or M for the full one with QA on the tutor's answers."
+                f"{', '.join(LAB_PRECISIONS)}, e for the lesson's claims as experiments, or M for "
+                "everything with QA on the tutor's answers."
             )
         else:
-            text = "Measured. m / M: measure again (cached) · c: compare answers across precisions."
+            text = (
+                f"Measured ({self.result['plan']}) in {self._took:.0f} s. e: the lesson's claims as "
+                "experiments · M: the full measure · c: compare answers across precisions (all cached)."
+            )
         self.query_one("#lab-status", Plain).show(text)
 
     def tutor_changed(self) -> None:
@@ -130,6 +137,7 @@ class LabView(VerticalScroll, can_focus=True):
             self.notify("Already measuring; Esc stops it.")
             return
         self._stop = threading.Event()
+        self._started = time.monotonic()
         self.rows, self.result = [], None
         self.query_one("#lab-table", DataTable).clear()
         self.query_one("#lab-sections", Vertical).remove_children()
@@ -205,6 +213,7 @@ class LabView(VerticalScroll, can_focus=True):
     def _done(self, outcome: str) -> None:
         self._stop = None
         self.query_one("#lab-progress").display = False
+        self._took = time.monotonic() - self._started
         self._status(outcome or None)
 
     def _show(self, result: dict[str, Any]) -> None:
@@ -278,7 +287,7 @@ class LabView(VerticalScroll, can_focus=True):
         plt.scatter(xs, [r.kl_mean for r in rows], label="mean KL (●)", marker="●")
         plt.scatter(xs, [r.ppl_ratio - 1 for r in rows], label="PPL ratio − 1 (▲)", marker="▲")
         plt.scatter(xs, [r.weights_mib / reference for r in rows], label="weights ÷ bf16 (■)", marker="■")
-        plt.xlim(0.5, len(LAB_PRECISIONS) + 0.5)
+        plt.xlim(-0.5, len(LAB_PRECISIONS) + 0.5)  # room on the left for the legend, off bf16's points
         plt.ylim(0, 1.2)
         plt.xticks(xs, [r.precision for r in rows])
         plt.title("Quality lost and memory kept, by precision")
