@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Iterable
 from contextlib import suppress
 from functools import cached_property, partial
-from pathlib import Path
 
 from textual.app import App, SystemCommand
 from textual.css.query import NoMatches
@@ -14,6 +12,7 @@ from textual.events import Resize
 from textual.screen import Screen
 
 from tui.commands import LessonCommands
+from tui.launch import Launch, start_lesson
 from tui.messages import TutorStatus
 from tui.screens.study import TABS, StudyScreen
 from tui.screens.too_small import MIN_HEIGHT, MIN_WIDTH, TooSmallScreen
@@ -21,9 +20,9 @@ from tui.tutor_runtime import TutorRuntime, TutorState
 from tui.widgets.chat_view import PRECISION_KEYS, ChatView
 from tui.widgets.practice_view import PracticeView
 from tui.widgets.quiz_view import QuizView
-from tutor.content import ContentFileError, Library, load_library
+from tutor.content import ContentFileError, Library
 from tutor.finder import LessonFinder
-from tutor.store import Store, StoreError
+from tutor.store import Store
 from tutor.text import plural
 
 
@@ -45,9 +44,7 @@ class QuantTutorApp(App[None]):
         super().__init__()
         self.library = library
         self.store = store
-        first = next(iter(library.lessons))
-        wanted = lesson_id or store.last_lesson()
-        self.start_lesson = wanted if wanted in library.lessons else first
+        self.start_lesson = start_lesson(library, store, lesson_id)
         self.tutor = tutor or TutorRuntime(library, model=model, device=device)
         self.start_engine = start_engine
 
@@ -230,28 +227,13 @@ class QuantTutorApp(App[None]):
             action(study.query_one(QuizView))
 
 
-def run_app(
-    content: Path | None = None, lesson_id: str | None = None, model: str | None = None, device: str = "cpu"
-) -> int:
-    library = load_library(content)
-    if not library.lessons:
-        print("quant-tutor: no lesson could be loaded:", file=sys.stderr)
-        for error in library.errors:
-            print(f"  {error}", file=sys.stderr)
-        return 2
-    if lesson_id is not None and lesson_id not in library.lessons:
-        print(f"quant-tutor: no lesson {lesson_id!r}; known: {', '.join(library.lessons)}", file=sys.stderr)
-        return 2
-    try:
-        store = Store()
-    except StoreError as exc:
-        print(f"quant-tutor: {exc}", file=sys.stderr)
-        return 2
-    app = QuantTutorApp(library, store, lesson_id, model=model, device=device, start_engine=True)
-    app.tutor.spawn(app.start_lesson)
+def run_app(launched: Launch) -> int:
+    app = QuantTutorApp(
+        launched.library, launched.store, launched.lesson_id, tutor=launched.tutor, start_engine=True
+    )
     try:
         app.run()
     finally:
         app.tutor.stop()
-        store.close()
+        launched.store.close()
     return 0

@@ -17,10 +17,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return bench_app([a for a in args.rest if a != "--app"])
     if args.command is not None:
         return cli.run(args)
-    # Imported only here so plain commands and --version never pay for textual.
+    from tui.launch import launch
+
+    launched = launch(args.content, args.lesson, args.model, args.device)
+    if isinstance(launched, int):
+        return launched
+    # Imported only now: plain commands and --version never pay for textual, and the engine
+    # process is already importing its own while textual loads.
     from tui.app import run_app
 
-    return run_app(content=args.content, lesson_id=args.lesson, model=args.model, device=args.device)
+    return run_app(launched)
 
 
 if __name__ == "__main__":
