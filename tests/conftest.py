@@ -12,9 +12,9 @@ import pytest
 from textual.pilot import Pilot
 
 from tui.tutor_runtime import TutorRuntime
-from tutor.content import Library, load_library
 from tutor.engine.memory import cpu_count
-from tutor.store import Store
+from tutor.library.content import Library, load_library
+from tutor.progress.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -89,7 +89,7 @@ def shared_engine(model_cache: Path):  # type: ignore[no-untyped-def]
 
 @pytest.fixture(scope="session")
 def shared_retriever(model_cache: Path, library: Library):  # type: ignore[no-untyped-def]
-    from tutor.retrieval import Retriever
+    from tutor.assistant.retrieval import Retriever
 
     return Retriever.load(library, cache_dir=model_cache)
 

@@ -13,8 +13,8 @@ from tui.tutor_runtime import TutorRuntime, TutorState
 from tui.widgets.chat_view import ChatEntry, ChatView
 from tui.widgets.plain import Plain
 from tui.widgets.quiz_view import QuizView
-from tutor.content import Library
-from tutor.store import Store
+from tutor.library.content import Library
+from tutor.progress.store import Store
 
 pytestmark = pytest.mark.model
 SIZE = (100, 40)

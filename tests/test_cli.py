@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from tests.conftest import SEED
-from tutor.content import LETTERS, Library
+from tutor.library.content import LETTERS, Library
 
 SCRIPT = Path(sys.executable).with_name("quant-tutor")
 
@@ -107,7 +107,8 @@ def _modules_loaded_by(code: str) -> str:
 def test_start_up_never_imports_heavy_libraries() -> None:
     heavy = "{'torch', 'transformers', 'sentence_transformers', 'bitsandbytes'}"
     code = (
-        "import sys, tui.entry, tui.app, tutor.cli, tutor.store, tutor.quiz, tutor.content; "
+        "import sys, tui.entry, tui.app, tutor.cli, tutor.progress.store, tutor.progress.quiz, "
+        "tutor.library.content; "
         f"print(sorted({heavy} & set(sys.modules)))"
     )
     assert _modules_loaded_by(code) == "[]"
@@ -116,7 +117,7 @@ def test_start_up_never_imports_heavy_libraries() -> None:
 def test_domain_never_imports_textual() -> None:
     code = (
         "import sys, pkgutil, importlib, tutor; "
-        "[importlib.import_module('tutor.' + m.name) for m in pkgutil.iter_modules(tutor.__path__)]; "
+        "[importlib.import_module(m.name) for m in pkgutil.walk_packages(tutor.__path__, 'tutor.')]; "
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('textual', 'tui')))"
     )
     assert _modules_loaded_by(code) == "[]"

@@ -9,7 +9,14 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, SEED
-from tutor.content import QUIZ_LENGTH, Library, load_library, parse_sections, plain_text, validate_library
+from tutor.library.content import (
+    QUIZ_LENGTH,
+    Library,
+    load_library,
+    parse_sections,
+    plain_text,
+    validate_library,
+)
 
 RELATED = ["hermes-q4-vs-q8", "gguf-awq-gptq-decision", "fp16-q8-q6-q5-q4"]
 
@@ -138,7 +145,7 @@ def test_front_matter_problems(tmp_path: Path, text: str) -> None:
 
 
 def test_schema_is_json_schema() -> None:
-    from tutor.content import json_schema
+    from tutor.library.content import json_schema
 
     schema = json.loads(json.dumps(json_schema()))
     assert schema["quiz.yaml"]["properties"]["questions"]["minItems"] == QUIZ_LENGTH

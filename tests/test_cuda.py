@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tutor import measure
-from tutor.content import Library
+from tutor.lab import measure
+from tutor.library.content import Library
 
 torch = pytest.importorskip("torch")
 pytestmark = [

@@ -173,8 +173,8 @@ def test_quant_tutor_serve_listens_on_a_port_with_a_key(model_cache: Path) -> No
 KILL_SCRIPT = r"""
 import asyncio, json, os, signal, sys
 from pathlib import Path
-from tutor.content import load_library
-from tutor.store import Store
+from tutor.library.content import load_library
+from tutor.progress.store import Store
 from tui.app import QuantTutorApp
 from tui.tutor_runtime import TutorRuntime
 from tui.widgets.chat_view import ChatEntry, ChatView

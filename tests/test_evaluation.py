@@ -15,9 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import MEASURED
-from tutor.cli import parse, run
-from tutor.content import Library
-from tutor.evaluation import (
+from tutor.assistant.evaluation import (
     VERDICTS,
     EvalSet,
     Figures,
@@ -27,7 +25,9 @@ from tutor.evaluation import (
     evaluate_answers,
     load_eval_set,
 )
-from tutor.retrieval import FRONT_MATTER, Retriever
+from tutor.assistant.retrieval import FRONT_MATTER, Retriever
+from tutor.cli import parse, run
+from tutor.library.content import Library
 
 pytestmark = pytest.mark.model
 KINDS = {"negation", "antonym", "number", "swapped_roles"}

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from tests.conftest import SEED
-from tutor.answer_stats import AnswerStats
-from tutor.grounding import (
+from tutor.assistant.answer_stats import AnswerStats
+from tutor.assistant.grounding import (
     DECLINE,
     MAX_QUESTION_CHARS,
     PASSAGE_TOKEN_BUDGET,
@@ -24,10 +24,10 @@ from tutor.grounding import (
     prepare,
     sentences,
 )
-from tutor.intent import lesson_part, question_type
-from tutor.quote import best_quote, leans_back, spans
-from tutor.retrieval import KEY_TERMS, PRACTICE, PREMISE, SUMMARY, Hit, Retriever, SearchResult
-from tutor.tutor_chat import tidy
+from tutor.assistant.intent import lesson_part, question_type
+from tutor.assistant.quote import best_quote, leans_back, spans
+from tutor.assistant.retrieval import KEY_TERMS, PRACTICE, PREMISE, SUMMARY, Hit, Retriever, SearchResult
+from tutor.assistant.tutor_chat import tidy
 
 STATS = AnswerStats(ttft_s=0.2, tokens=12, tokens_per_s=30.0, weights_mib=256.0, stop="eos")
 

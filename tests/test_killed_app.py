@@ -28,8 +28,8 @@ from tests.conftest import SEED
 from tui.app import QuantTutorApp
 from tui.widgets.plain import Plain
 from tui.widgets.quiz_view import QuizView
-from tutor.content import Library
-from tutor.store import Store, default_path
+from tutor.library.content import Library
+from tutor.progress.store import Store, default_path
 
 COLUMNS, LINES = 110, 40
 

@@ -12,9 +12,9 @@ from tests.conftest import until
 from tui.app import QuantTutorApp
 from tui.widgets.lab_view import LAB_PRECISIONS, LabView
 from tui.widgets.plain import Plain
-from tutor.content import Library
-from tutor.lab import Plan, run_cliff
-from tutor.store import Store
+from tutor.lab.cliff import Plan, run_cliff
+from tutor.library.content import Library
+from tutor.progress.store import Store
 
 pytestmark = pytest.mark.model
 

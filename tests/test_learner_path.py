@@ -14,9 +14,9 @@ from tui.widgets import lesson_view
 from tui.widgets.plain import Plain
 from tui.widgets.practice_view import DoneBox, PracticeView
 from tui.widgets.quiz_view import QuizView
-from tutor.content import LETTERS, Library
-from tutor.quiz import QuizSession
-from tutor.store import Store
+from tutor.library.content import LETTERS, Library
+from tutor.progress.quiz import QuizSession
+from tutor.progress.store import Store
 
 SIZE = (80, 24)
 

@@ -17,11 +17,12 @@ import pytest
 from tests.conftest import UnloadedTutor
 from tui.app import QuantTutorApp
 from tui.widgets.library_view import LibraryView
-from tutor import cli, content
-from tutor.content import ContentFileError, Library, index_path, load_library
-from tutor.retrieval import Retriever, lesson_and_related
-from tutor.sample_library import TRACKS, generate_library
-from tutor.store import Store
+from tutor import cli
+from tutor.assistant.retrieval import Retriever, lesson_and_related
+from tutor.library import content
+from tutor.library.content import ContentFileError, Library, index_path, load_library
+from tutor.library.sample_library import TRACKS, generate_library
+from tutor.progress.store import Store
 
 COUNT = 300
 

@@ -14,17 +14,17 @@ import pytest
 import torch
 
 from tests.conftest import ROOT, SEED
-from tutor import measure
 from tutor.cli import CLIFF_PLANS, parse
-from tutor.content import Library, load_library
-from tutor.diff import departures
-from tutor.easy_hard import EasyHardRow
-from tutor.footprint import FootprintRow
-from tutor.lab import CLAIMS, FULL, PLANS, QUICK, Cancelled, Plan, run_cliff, weight_lab
-from tutor.lab_sections import calibrated
-from tutor.measure import QualityRow
-from tutor.mixed_precision import MixedRow
-from tutor.weight_lab import run_lab
+from tutor.lab import measure
+from tutor.lab.cliff import CLAIMS, FULL, PLANS, QUICK, Cancelled, Plan, run_cliff, weight_lab
+from tutor.lab.diff import departures
+from tutor.lab.easy_hard import EasyHardRow
+from tutor.lab.footprint import FootprintRow
+from tutor.lab.measure import QualityRow
+from tutor.lab.mixed_precision import MixedRow
+from tutor.lab.sections import calibrated
+from tutor.lab.weight_lab import run_lab
+from tutor.library.content import Library, load_library
 
 pytestmark = pytest.mark.model
 WINDOW = 128

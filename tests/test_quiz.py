@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import SEED
-from tutor.content import LETTERS, Library
-from tutor.quiz import QuizError, QuizSession, parse_choice
-from tutor.store import Store
+from tutor.library.content import LETTERS, Library
+from tutor.progress.quiz import QuizError, QuizSession, parse_choice
+from tutor.progress.store import Store
 
 
 def test_parse_choice(library: Library) -> None:
@@ -81,7 +81,7 @@ def test_times_are_said_in_words_in_local_time() -> None:
 
 
 def test_three_choice_questions_say_their_own_keys(library: Library) -> None:
-    from tutor.quiz import choice_keys
+    from tutor.progress.quiz import choice_keys
 
     question = library.get(SEED).questions[0]
     three = question.model_copy(update={"choices": question.choices[:3]})
@@ -91,7 +91,7 @@ def test_three_choice_questions_say_their_own_keys(library: Library) -> None:
 
 
 def test_last_wrong_answers_come_back_from_the_log(library: Library, store: Store) -> None:
-    from tutor.quiz import last_wrong_answers
+    from tutor.progress.quiz import last_wrong_answers
 
     lesson = library.get(SEED)
     assert last_wrong_answers(lesson, store) == []

@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 
 from tests.conftest import ROOT, SEED
-from tutor import retrieval
-from tutor.content import Library, load_library
-from tutor.retrieval import (
+from tutor.assistant import retrieval
+from tutor.assistant.retrieval import (
     FRONT_MATTER,
     PRACTICE,
     Chunk,
@@ -24,6 +23,7 @@ from tutor.retrieval import (
     slug,
     tokenize,
 )
+from tutor.library.content import Library, load_library
 
 
 @pytest.fixture(scope="session")
@@ -198,7 +198,7 @@ def test_embed_returns_unit_vectors(retriever: Retriever) -> None:
 
 def test_importing_the_domain_does_not_import_torch() -> None:
     code = (
-        "import sys, tutor.retrieval, tutor.grounding; "
+        "import sys, tutor.assistant.retrieval, tutor.assistant.grounding; "
         "heavy = {'torch', 'sentence_transformers', 'transformers'} & set(sys.modules); "
         "sys.exit(sorted(heavy) or 0)"
     )

@@ -14,8 +14,8 @@ from textual.pilot import Pilot
 from tests.conftest import SEED, UnloadedTutor
 from tui.app import QuantTutorApp
 from tui.widgets import lesson_view
-from tutor.content import Library
-from tutor.store import Store
+from tutor.library.content import Library
+from tutor.progress.store import Store
 
 Compare = Callable[..., bool]
 

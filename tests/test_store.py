@@ -16,8 +16,15 @@ from typing import Any
 
 import pytest
 
-from tutor import store as store_module
-from tutor.store import SCHEMA_VERSION, AnswerRecord, LessonProgress, LessonSummary, Store, StoreError
+from tutor.progress import store as store_module
+from tutor.progress.store import (
+    SCHEMA_VERSION,
+    AnswerRecord,
+    LessonProgress,
+    LessonSummary,
+    Store,
+    StoreError,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -185,7 +192,7 @@ def test_failing_migration_rolls_back_whole_upgrade(db: Path, monkeypatch: pytes
 
 KILL_SCRIPT = """
 import time
-from tutor.store import Store
+from tutor.progress.store import Store
 s = Store()
 a = s.start_attempt("lesson-a", ["q1", "q2", "q3", "q4", "q5", "q6"])
 for i, q in enumerate(["q1", "q2", "q3", "q4"]):
@@ -344,7 +351,7 @@ def test_unreadable_file_is_a_clear_error_not_moved(db: Path, monkeypatch: pytes
 WRITER_SCRIPT = """
 import sys
 from pathlib import Path
-from tutor.store import Store
+from tutor.progress.store import Store
 path, who, n = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 s = Store(path)
 qids = [f"q{i}" for i in range(n)]
@@ -405,7 +412,7 @@ def test_two_processes_writing_at_once(db: Path) -> None:
 RACE_SCRIPT = """
 import sys, time
 from pathlib import Path
-from tutor.store import Store
+from tutor.progress.store import Store
 path, who, start = Path(sys.argv[1]), sys.argv[2], float(sys.argv[3])
 while time.time() < start:
     pass

@@ -18,7 +18,7 @@ import zipfile
 from pathlib import Path
 
 from tests.conftest import ROOT, SEED
-from tutor.content import Library
+from tutor.library.content import Library
 
 
 def test_a_wheel_installed_elsewhere_ships_every_lesson(library: Library, tmp_path: Path) -> None:
@@ -54,7 +54,7 @@ def test_a_wheel_installed_elsewhere_ships_every_lesson(library: Library, tmp_pa
     assert "quant-tutor" not in checked.stdout, checked.stdout
 
     app = venv / "bin" / "quant-tutor"
-    where = run(python, "-c", "import tutor.content as c; print(c.default_content_dir())")
+    where = run(python, "-c", "import tutor.library.content as c; print(c.default_content_dir())")
     assert where.stdout.strip().startswith(str(site)), f"lessons found outside the installed wheel: {where}"
     lessons = run(app, "lessons", "--json")
     assert lessons.returncode == 0, lessons.stderr

@@ -29,9 +29,9 @@ from textual.widgets import TabbedContent
 from tui.app import QuantTutorApp
 from tui.tutor_runtime import TutorRuntime, TutorState
 from tui.widgets.chat_view import ChatEntry, ChatView
-from tutor.content import load_library
+from tutor.library.content import load_library
 from tutor.machine import describe
-from tutor.store import Store
+from tutor.progress.store import Store
 
 QUESTIONS = [
     "What does KL divergence measure?",

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tui.tutor_runtime import TutorRuntime
-from tutor.content import Library, load_library
-from tutor.store import Store, StoreError
+from tutor.library.content import Library, load_library
+from tutor.progress.store import Store, StoreError
 
 
 @dataclass(frozen=True)

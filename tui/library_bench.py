@@ -1,6 +1,6 @@
 """``python -m tui.library_bench``: what a library of many lessons costs, against the four shipped ones.
 
-It writes a generated library of N lessons (:mod:`tutor.sample_library`) and a 4-lesson one,
+It writes a generated library of N lessons (:mod:`tutor.library.sample_library`) and a 4-lesson one,
 then, for each, in fresh processes under a fresh ``QUANT_TUTOR_HOME``:
 
 * ``quant-tutor --content DIR lessons --json``, cold (no library index cached) and warm;
@@ -26,10 +26,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from tutor.sample_library import generate_library
+from tutor.library.sample_library import generate_library
 
 SIZE = (100, 30)
-# The 4th generated lesson is a copy of the seed lesson in every library (tutor.sample_library).
+# The 4th generated lesson is a copy of the seed lesson in every library (tutor.library.sample_library).
 ASKED_LESSON = 3
 QUESTION = "Is 4-bit good enough for a chatbot?"
 
@@ -108,8 +108,8 @@ def paint(content: Path) -> dict[str, float]:
     import resource
 
     from tui.app import QuantTutorApp
-    from tutor.content import load_library
-    from tutor.store import Store
+    from tutor.library.content import load_library
+    from tutor.progress.store import Store
 
     async def run() -> dict[str, float]:
         app = QuantTutorApp(load_library(content), Store())

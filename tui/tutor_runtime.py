@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
-from tutor.content import Library
 from tutor.engine.client import EngineClient, EngineGone, EngineRefused
 from tutor.engine.precisions import PRECISIONS
 from tutor.engine.process import EngineProcess, EngineStartError
+from tutor.library.content import Library
 
 POLL_S = 0.2  # how often loading progress is read while the engine loads
 INDEX_POLL_S = 1.0  # how often, once ready, the background indexing of a big library is read

@@ -19,8 +19,8 @@ from tui.widgets.plain import Plain, literal
 from tui.widgets.practice_view import PracticeView
 from tui.widgets.progress_view import ProgressView
 from tui.widgets.quiz_view import QuizView
-from tutor.content import Lesson, Library
-from tutor.store import Store
+from tutor.library.content import Lesson, Library
+from tutor.progress.store import Store
 
 TABS = {
     "lesson": "Lesson",

@@ -22,14 +22,14 @@ from textual.widgets import Input, Markdown, SelectionList
 from tui.messages import TutorStatus
 from tui.tutor_runtime import TutorState
 from tui.widgets.plain import Plain, literal
-from tutor.content import Lesson
 from tutor.engine.client import EngineGone, EngineRefused
-from tutor.store import Store
+from tutor.library.content import Lesson
+from tutor.progress.store import Store
 from tutor.text import clean, plural
 
 if TYPE_CHECKING:
     from tui.tutor_runtime import TutorRuntime
-    from tutor.grounding import TutorAnswer
+    from tutor.assistant.grounding import TutorAnswer
 
 # fp32, nf4-bf16 (nf4's weights stored in 16 bits: "no way back"), the int4 kernel's int4 and
 # gptq4 (the Lab's "calibration") and weight-only int8 (beside int8) are for trying, not for
@@ -297,7 +297,7 @@ class ChatView(Vertical):
 
     @work(thread=True, group="reply")
     def _answer(self, entry: ChatEntry, question: str, request_id: str, precision: str) -> None:
-        from tutor.grounding import TutorAnswer
+        from tutor.assistant.grounding import TutorAnswer
 
         client = self.runtime.client
         assert client is not None

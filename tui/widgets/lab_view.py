@@ -16,16 +16,16 @@ from textual_plotext import PlotextPlot
 
 from tui.messages import TutorStatus
 from tui.widgets.plain import Plain, literal
-from tutor.content import Lesson
-from tutor.diff import departures
 from tutor.engine.client import EngineGone, EngineRefused
 from tutor.engine.precisions import MEASURED
-from tutor.lab_sections import Section
-from tutor.measure import QualityRow
+from tutor.lab.diff import departures
+from tutor.lab.measure import QualityRow
+from tutor.lab.sections import Section
+from tutor.library.content import Lesson
 
 if TYPE_CHECKING:
     from tui.tutor_runtime import TutorRuntime
-    from tutor.grounding import TutorAnswer
+    from tutor.assistant.grounding import TutorAnswer
 
 LAB_PRECISIONS = list(MEASURED)
 # Compared answers stop after two sentences (the chat's stop after three): four columns side by
@@ -326,7 +326,7 @@ class LabView(VerticalScroll, can_focus=True):
 
     @work(thread=True, exclusive=True, group="compare")
     def _compare(self, question: str, stop: threading.Event) -> None:
-        from tutor.grounding import TutorAnswer
+        from tutor.assistant.grounding import TutorAnswer
 
         client = self.runtime.client
         assert client is not None

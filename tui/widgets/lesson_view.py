@@ -11,8 +11,8 @@ from textual.widgets import Markdown
 
 from tui.messages import ProgressChanged, ShowTab
 from tui.widgets.plain import Plain, literal
-from tutor.content import Lesson
-from tutor.store import Store
+from tutor.library.content import Lesson
+from tutor.progress.store import Store
 from tutor.text import clean
 
 APP_LINK = "quant-tutor:"

@@ -15,9 +15,9 @@ from textual.widgets.option_list import Option
 
 from tui.messages import OpenLesson
 from tui.widgets.plain import Plain, literal
-from tutor.content import Lesson, LessonEntry, Library
-from tutor.finder import MARK_WIDTH, by_track, progress_mark
-from tutor.store import LessonSummary, Store
+from tutor.library.content import Lesson, LessonEntry, Library
+from tutor.library.finder import MARK_WIDTH, by_track, progress_mark
+from tutor.progress.store import LessonSummary, Store
 from tutor.text import plural
 
 PAGE = 100  # lessons listed at a time; "show more" adds another page

@@ -9,8 +9,8 @@ from textual.widgets import Button, Checkbox, TextArea
 
 from tui.messages import AskTutor, ProgressChanged
 from tui.widgets.plain import Plain, literal
-from tutor.content import Lesson
-from tutor.store import Store
+from tutor.library.content import Lesson
+from tutor.progress.store import Store
 
 INTRO = (
     "Use a small project example from your own work. The useful move is to compare the AI's "

@@ -11,8 +11,8 @@ from textual.widgets import DataTable
 
 from tui.messages import OpenLesson
 from tui.widgets.plain import Plain
-from tutor.content import QUIZ_LENGTH, Library
-from tutor.store import LessonSummary, Store
+from tutor.library.content import QUIZ_LENGTH, Library
+from tutor.progress.store import LessonSummary, Store
 from tutor.text import clean
 
 

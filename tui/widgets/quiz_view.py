@@ -14,8 +14,8 @@ from textual.content import Content
 from tui.messages import AskTutor, JumpToSection, ProgressChanged
 from tui.screens.confirm import ConfirmDiscard
 from tui.widgets.plain import Plain, literal
-from tutor.content import LETTERS, Lesson, Question
-from tutor.quiz import (
+from tutor.library.content import LETTERS, Lesson, Question
+from tutor.progress.quiz import (
     Feedback,
     QuizError,
     QuizSession,
@@ -25,7 +25,7 @@ from tutor.quiz import (
     last_wrong_answers,
     not_a_choice,
 )
-from tutor.store import Store
+from tutor.progress.store import Store
 from tutor.text import plural, when
 
 INTRO, ASKING, ANSWERED, RESULTS, REVIEW = "intro", "asking", "answered", "results", "review"

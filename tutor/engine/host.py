@@ -16,17 +16,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tutor.content import Library
 from tutor.engine import threads
 from tutor.engine.errors import EngineError
 from tutor.engine.precisions import check_precision
 from tutor.engine.protocol import MODEL_NAME
+from tutor.library.content import Library
 
 if TYPE_CHECKING:
+    from tutor.assistant.grounding import Prepared, TutorAnswer
+    from tutor.assistant.retrieval import Retriever
     from tutor.engine import Engine, Reply, TokenEvent
     from tutor.engine.reports import LoadProgress
-    from tutor.grounding import Prepared, TutorAnswer
-    from tutor.retrieval import Retriever
 
 STARTING, LOADING, READY, FAILED = "starting", "loading", "ready", "failed"
 Emit = Callable[[str, Any], None]
@@ -79,7 +79,7 @@ class EngineHost:
         started = time.perf_counter()
         self.state = LOADING
         try:
-            from tutor.retrieval import Retriever, lesson_and_related
+            from tutor.assistant.retrieval import Retriever, lesson_and_related
 
             def index_progress(message: str, fraction: float) -> None:
                 self.stage, self.detail, self.fraction = "index", message, 0.1 * fraction
@@ -229,7 +229,7 @@ class EngineHost:
         *,
         max_sentences: int,
     ) -> TutorAnswer:
-        from tutor.tutor_chat import ask
+        from tutor.assistant.tutor_chat import ask
 
         engine, retriever = self._ready()
         precision = check_precision(precision or engine.precision)
@@ -285,7 +285,7 @@ class EngineHost:
     def cliff(
         self, plan: str, precisions: Sequence[str], cancel: threading.Event, emit: Emit
     ) -> dict[str, Any]:
-        from tutor.lab import PLANS, run_cliff
+        from tutor.lab.cliff import PLANS, run_cliff
 
         engine, retriever = self._ready()
         if plan not in PLANS:

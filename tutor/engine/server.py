@@ -23,12 +23,12 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tutor.assistant.tutor_chat import MAX_SENTENCES
 from tutor.engine import threads
 from tutor.engine.errors import EngineError
 from tutor.engine.host import Cancelled, EngineHost, NotReadyError
 from tutor.engine.precisions import MEASURED, PRECISIONS
 from tutor.engine.protocol import DEFAULT_PORT, TOKEN_ENV, model_id, precision_of, sse
-from tutor.tutor_chat import MAX_SENTENCES
 
 if TYPE_CHECKING:
     from starlette.applications import Starlette
@@ -391,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
-    from tutor.content import load_library
+    from tutor.library.content import load_library
 
     args = build_parser().parse_args(argv)
     library = load_library(args.content)

@@ -10,11 +10,11 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from tutor.easy_hard import PROMPT_TOKENS, TIE, EasyHardRow
 from tutor.engine.precisions import CALIBRATION, NO_WAY_BACK, PRECISIONS
-from tutor.footprint import FootprintRow
-from tutor.measure import REFERENCE, QualityRow
-from tutor.mixed_precision import HIGH, LOW, MixedResult
+from tutor.lab.easy_hard import PROMPT_TOKENS, TIE, EasyHardRow
+from tutor.lab.footprint import FootprintRow
+from tutor.lab.measure import REFERENCE, QualityRow
+from tutor.lab.mixed_precision import HIGH, LOW, MixedResult
 from tutor.text import plural
 
 if TYPE_CHECKING:

@@ -18,11 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from tutor.intent import QuestionType, question_type
-from tutor.retrieval import Embedder, Hit, content_tokens, sentences
+from tutor.assistant.intent import QuestionType, question_type
+from tutor.assistant.retrieval import Embedder, Hit, content_tokens, sentences
 from tutor.text import clean
 
-# Tuned on content/eval_questions.yaml (key facts); see the evaluation in tutor.evaluation.
+# Tuned on content/eval_questions.yaml (key facts); see the evaluation in tutor.assistant.evaluation.
 OVERLAP_WEIGHT = 0.5  # times the share of the question's content words the span contains
 RANK_PENALTY = 0.2  # per place the span's passage ranks below the first
 TYPE_BONUS = 0.1  # a span whose form matches the question's type

@@ -14,7 +14,7 @@ clears a threshold tuned on ``content/eval_questions.yaml`` (a slightly lower on
 lessons use the question's own words); below it the tutor says the lesson doesn't cover
 it instead of asking the model.
 
-The chunk embeddings are cached on disk per lesson (``tutor.lesson_vectors``), keyed by the
+The chunk embeddings are cached on disk per lesson (``tutor.assistant.lesson_vectors``), keyed by the
 lesson's text and the embedding model, so an edited lesson is embedded again alone. A big
 library is indexed lazily: the lesson a question is about and its related ones first, the rest
 in the background (:meth:`Retriever.index_rest`); BM25 and the vocabulary of the off-topic
@@ -36,8 +36,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tutor.content import ContentFileError, Lesson, Library, Section, load_lesson
-from tutor.lesson_vectors import lesson_key, read_vectors, write_vectors
+from tutor.assistant.lesson_vectors import lesson_key, read_vectors, write_vectors
+from tutor.library.content import ContentFileError, Lesson, Library, Section, load_lesson
 from tutor.text import clean
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -739,7 +739,7 @@ class Retriever:
         query_vector = self.embed([query])[0]
         chunks = view.chunks
         # Practice steps are tasks, not answers: found when a question names them
-        # (tutor.intent), never by similarity ("explain it plainly" is no explanation).
+        # (tutor.assistant.intent), never by similarity ("explain it plainly" is no explanation).
         cosines = np.where(view.searchable, view.vectors @ query_vector, -1.0)
         tokens = content_tokens(query)
         bm25 = np.asarray(view.bm25.get_scores(tokens), dtype=np.float64) if tokens else np.zeros(len(chunks))

@@ -1,14 +1,14 @@
 """Finding a lesson in a big catalogue: word search over titles, tracks and summaries, by track.
 
-Works on :class:`tutor.content.LessonEntry` rows only, so nothing here parses a lesson.
+Works on :class:`tutor.library.content.LessonEntry` rows only, so nothing here parses a lesson.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
-from tutor.content import QUIZ_LENGTH, LessonEntry
-from tutor.store import LessonSummary
+from tutor.library.content import QUIZ_LENGTH, LessonEntry
+from tutor.progress.store import LessonSummary
 
 
 class LessonFinder:

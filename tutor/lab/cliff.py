@@ -1,9 +1,9 @@
 """The precision lab: the quality cliff measured on the learner's own model and machine.
 
 ``run_cliff`` gathers three measurements: quality of every precision against bf16 on the
-lesson text (:mod:`tutor.measure`), QA agreement and groundedness on the tutor's evaluation
-questions, and the weight lab (:mod:`tutor.weight_lab`) on one real layer; then the sections
-that test one lesson claim each (:mod:`tutor.lab_sections`).
+lesson text (:mod:`tutor.lab.measure`), QA agreement and groundedness on the tutor's evaluation
+questions, and the weight lab (:mod:`tutor.lab.weight_lab`) on one real layer; then the sections
+that test one lesson claim each (:mod:`tutor.lab.sections`).
 
 Three plans, shared by ``quant-tutor cliff --plan`` and the Lab tab (``m``: QUICK, ``e``:
 CLAIMS, ``M``: FULL), so each plan's results are measured once and cached for both; QUICK and
@@ -26,13 +26,10 @@ from typing import TYPE_CHECKING, Any, cast
 
 import yaml
 
-from tutor.content import Library, default_content_dir
-from tutor.easy_hard import LONG, easy_hard_rows
 from tutor.engine.precisions import CALIBRATION, INT4, NO_WAY_BACK
-from tutor.footprint import CONTEXTS, footprint_rows
-from tutor.lab_sections import Section, calibrated, easy_hard, memory, mixed, no_way_back
-from tutor.machine import describe
-from tutor.measure import (
+from tutor.lab.easy_hard import LONG, easy_hard_rows
+from tutor.lab.footprint import CONTEXTS, footprint_rows
+from tutor.lab.measure import (
     REFERENCE,
     WINDOW,
     Cancel,
@@ -52,17 +49,20 @@ from tutor.measure import (
     read_json,
     write_json,
 )
-from tutor.mixed_precision import SCAN_WINDOW, mixed_precision
-from tutor.weight_lab import LabRow, run_lab
+from tutor.lab.mixed_precision import SCAN_WINDOW, mixed_precision
+from tutor.lab.sections import Section, calibrated, easy_hard, memory, mixed, no_way_back
+from tutor.lab.weight_lab import LabRow, run_lab
+from tutor.library.content import Library, default_content_dir
+from tutor.machine import describe
 
 if TYPE_CHECKING:
+    from tutor.assistant.retrieval import Retriever
     from tutor.engine import Engine
-    from tutor.retrieval import Retriever
 
 __all__ = ["CLAIMS", "FULL", "PLANS", "QUICK", "Cancelled", "CliffResult", "Plan", "run_cliff"]
 
 QA_SET = default_content_dir() / "eval_questions.yaml"
-QA_MAX_NEW_TOKENS = 96  # the tutor's own cap (tutor.tutor_chat.MAX_NEW_TOKENS)
+QA_MAX_NEW_TOKENS = 96  # the tutor's own cap (tutor.assistant.tutor_chat.MAX_NEW_TOKENS)
 # 2: errors on held-out text, GPTQ calibrated on the windows before it; 3: the int4 kernel's grid
 WEIGHT_LAB_VERSION = 3
 CALIBRATION_WINDOWS = 8  # lesson windows whose inputs calibrate GPTQ in the weight lab
@@ -185,7 +185,7 @@ def qa_answers(
 
     Raises Cancelled between questions, or within one token of an answer, once ``cancel`` is set.
     """
-    from tutor.tutor_chat import ask
+    from tutor.assistant.tutor_chat import ask
 
     phase = f"qa {precision}"
     stop = None if cancel is None else cast("threading.Event", _CancelFlag(cancel))

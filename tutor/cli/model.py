@@ -11,12 +11,12 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from tutor.content import Library
+from tutor.library.content import Library
 
 if TYPE_CHECKING:
+    from tutor.assistant.retrieval import Retriever
     from tutor.engine import Engine
     from tutor.engine.reports import LoadProgress
-    from tutor.retrieval import Retriever
 
 
 class ModelCommandError(Exception):
@@ -46,7 +46,7 @@ def load_model(args: argparse.Namespace, err: TextIO) -> Engine:
 
 
 def load_retriever(library: Library, err: TextIO) -> Retriever:
-    from tutor.retrieval import Retriever
+    from tutor.assistant.retrieval import Retriever
 
     err.write("Loading the lesson index…\n")
     return Retriever.load(library)
@@ -87,7 +87,7 @@ def _print_answer(answer: Any, out: TextIO) -> None:
 
 
 def cmd_ask(args: argparse.Namespace, library: Library, out: TextIO, err: TextIO) -> int:
-    from tutor.tutor_chat import ask
+    from tutor.assistant.tutor_chat import ask
 
     if bool(args.question) == bool(args.questions):
         raise ModelCommandError("give one QUESTION or --questions FILE")
@@ -118,8 +118,8 @@ def cmd_ask(args: argparse.Namespace, library: Library, out: TextIO, err: TextIO
 def cmd_cliff(args: argparse.Namespace, library: Library, out: TextIO, err: TextIO) -> int:
     from tutor.engine import EngineError
     from tutor.engine.precisions import parse_precisions
-    from tutor.lab import PLANS, QUICK, run_cliff
-    from tutor.measure import QualityRow
+    from tutor.lab.cliff import PLANS, QUICK, run_cliff
+    from tutor.lab.measure import QualityRow
 
     try:
         precisions = parse_precisions(args.precisions)
@@ -172,9 +172,15 @@ def cmd_cliff(args: argparse.Namespace, library: Library, out: TextIO, err: Text
 
 
 def cmd_eval(args: argparse.Namespace, library: Library, out: TextIO, err: TextIO) -> int:
+    from tutor.assistant.evaluation import (
+        EvalSetError,
+        answers_table,
+        evaluate,
+        evaluate_answers,
+        load_eval_set,
+    )
     from tutor.engine.errors import EngineError
     from tutor.engine.precisions import parse_precisions
-    from tutor.evaluation import EvalSetError, answers_table, evaluate, evaluate_answers, load_eval_set
 
     try:
         sets = [load_eval_set(name) for name in args.sets]

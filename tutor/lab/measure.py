@@ -32,9 +32,9 @@ from functools import partial
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from tutor.content import Lesson, Library
 from tutor.engine.generate import Cancel, is_cancelled
 from tutor.files import write_atomic
+from tutor.library.content import Lesson, Library
 from tutor.paths import cache_dir
 
 if TYPE_CHECKING:

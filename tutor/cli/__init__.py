@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from tutor import __version__
-from tutor.content import (
+from tutor.engine.precisions import MEASURED
+from tutor.library.content import (
     LETTERS,
     QUIZ_LENGTH,
     ContentFileError,
@@ -27,11 +28,10 @@ from tutor.content import (
     plain_text,
     validate_library,
 )
-from tutor.engine.precisions import MEASURED
-from tutor.store import LessonSummary, Store, StoreError
+from tutor.progress.store import LessonSummary, Store, StoreError
 from tutor.text import plural, when
 
-# tutor.lab's PLANS by name (importing tutor.lab here would slow every command's start).
+# tutor.lab.cliff's PLANS by name (importing tutor.lab.cliff here would slow every command's start).
 CLIFF_PLANS = ("quick", "claims", "full")
 
 # Subcommands whose own argparse lives with the code they run (imported only then).
@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
         "folder", nargs="?", type=Path, help="the lesson folder (default: --content, or the shipped lessons)"
     )
 
-    from tutor.cli_model import add_model_options
+    from tutor.cli.model import add_model_options
 
     ask = sub.add_parser("ask", help="ask the tutor; it answers from the lessons with the local model")
     ask.add_argument("question", nargs="?", help="the question (or use --questions)")
@@ -269,7 +269,7 @@ def cmd_quiz(args: argparse.Namespace, out: TextIO, err: TextIO, read_line: Call
 
 
 def _review(lesson: Lesson, store: Store, out: TextIO) -> int:
-    from tutor.quiz import choice_text, last_wrong_answers
+    from tutor.progress.quiz import choice_text, last_wrong_answers
 
     if store.last_finished_attempt(lesson.id) is None:
         out.write(f"No finished attempt at {lesson.title} yet: take the quiz first.\n")
@@ -293,7 +293,7 @@ def _review(lesson: Lesson, store: Store, out: TextIO) -> int:
 def _plain_quiz(
     args: argparse.Namespace, lesson: Lesson, store: Store, out: TextIO, read_line: Callable[[], str]
 ) -> int:
-    from tutor.quiz import QuizError, QuizSession, choice_keys, choice_text
+    from tutor.progress.quiz import QuizError, QuizSession, choice_keys, choice_text
 
     pending = store.open_attempt(lesson.id)
     if pending is not None and args.restart:
@@ -349,7 +349,7 @@ def _is_terminal(read_line: Callable[[], str]) -> bool:
 
 
 def cmd_model(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    from tutor.cli_model import run_model_command
+    from tutor.cli.model import run_model_command
 
     return run_model_command(args.command, args, _library(args, err), out)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from tutor.content import default_content_dir, split_front_matter
+from tutor.library.content import default_content_dir, split_front_matter
 
 TRACKS = (
     "Creators · Model Families",

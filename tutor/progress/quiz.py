@@ -10,8 +10,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from tutor.content import LETTERS, Lesson, Question
-from tutor.store import OpenAttempt, Store
+from tutor.library.content import LETTERS, Lesson, Question
+from tutor.progress.store import OpenAttempt, Store
 
 FULL = "full"
 REVIEW = "review"

@@ -7,7 +7,7 @@ answers them; the held-out set also names the key fact a good quote contains), o
 questions, and claims to check against one section.
 
 Everything here runs without the language model: retrieval, the quote and the support check
-on the claims. What the model writes is scored by ``tutor.lab`` and ``quant-tutor eval
+on the claims. What the model writes is scored by ``tutor.lab.cliff`` and ``quant-tutor eval
 --generate``.
 """
 
@@ -21,12 +21,12 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from tutor.content import default_content_dir
-from tutor.grounding import MARKS, Verdict, check_support, evidence_units, prepare
-from tutor.quote import spans
+from tutor.assistant.grounding import MARKS, Verdict, check_support, evidence_units, prepare
+from tutor.assistant.quote import spans
+from tutor.library.content import default_content_dir
 
 if TYPE_CHECKING:  # pragma: no cover
-    from tutor.retrieval import Retriever
+    from tutor.assistant.retrieval import Retriever
 
 VERDICTS: tuple[Verdict, ...] = tuple(MARKS)
 SETS = {"tuning": "eval_questions.yaml", "heldout": "eval_heldout.yaml"}
@@ -352,7 +352,7 @@ def evaluate_answers(
 ) -> list[AnswerFigures]:
     """Ask ``count`` of the set's on-lesson questions at each precision (and each context-aware
     decoding alpha, each opening: plain or answer-first) and check every answer."""
-    from tutor.tutor_chat import ANSWER_FIRST, CAD_ALPHA, ask
+    from tutor.assistant.tutor_chat import ANSWER_FIRST, CAD_ALPHA, ask
 
     questions = spread(eval_set.on_lesson, count)
     rows = []

@@ -16,9 +16,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tutor.content import Library
 from tutor.engine.reports import MIB
-from tutor.measure import (
+from tutor.lab.measure import (
     REFERENCE,
     Cancel,
     Progress,
@@ -30,6 +29,7 @@ from tutor.measure import (
     read_json,
     write_json,
 )
+from tutor.library.content import Library
 
 if TYPE_CHECKING:
     import torch

@@ -11,16 +11,16 @@ import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from tutor import grounding
-from tutor.answer_stats import AnswerStats
-from tutor.retrieval import sentences
+from tutor.assistant import grounding
+from tutor.assistant.answer_stats import AnswerStats
+from tutor.assistant.retrieval import sentences
 
 if TYPE_CHECKING:
     import threading
 
+    from tutor.assistant.retrieval import Retriever
     from tutor.engine import Engine
     from tutor.engine.reports import TokenEvent
-    from tutor.retrieval import Retriever
 
 MAX_NEW_TOKENS = 96  # three short sentences; a 135M model rambles past that
 MAX_SENTENCES = 3

@@ -3,11 +3,11 @@
 The flow for one question (:func:`answer`, or :func:`prepare` then :func:`finish`
 when the caller streams the model itself):
 
-1. retrieve (``tutor.retrieval``); when nothing clears the relevance threshold the
+1. retrieve (``tutor.assistant.retrieval``); when nothing clears the relevance threshold the
    tutor declines, "The lesson doesn't cover that.", points to the closest sections,
    and the model is never called;
 2. pick the lesson's own sentence or two that best answer the question
-   (:func:`tutor.quote.best_quote`): what the learner reads first, quoted, so the answer is
+   (:func:`tutor.assistant.quote.best_quote`): what the learner reads first, quoted, so the answer is
    right even when the model is not;
 3. build a short prompt from the passages (:func:`build_messages`) and let the model
    explain;
@@ -28,15 +28,15 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from tutor.answer_stats import AnswerStats
-from tutor.contradiction import contradiction
-from tutor.intent import LessonPart, lesson_part
-from tutor.quote import Quote, best_quote, overlap
-from tutor.retrieval import Embedder, Hit, SearchResult, content_tokens, sentences, word_set
+from tutor.assistant.answer_stats import AnswerStats
+from tutor.assistant.contradiction import contradiction
+from tutor.assistant.intent import LessonPart, lesson_part
+from tutor.assistant.quote import Quote, best_quote, overlap
+from tutor.assistant.retrieval import Embedder, Hit, SearchResult, content_tokens, sentences, word_set
 from tutor.text import clean
 
 if TYPE_CHECKING:  # pragma: no cover
-    from tutor.retrieval import Retriever
+    from tutor.assistant.retrieval import Retriever
 
 Messages = list[dict[str, str]]
 Generate = Callable[[Messages], tuple[str, AnswerStats]]
@@ -62,7 +62,7 @@ CONTRADICTION_MARGIN = 0.1
 CONTRADICTION_MIN_COSINE = 0.5
 # Also contradicted when one of the CLASH_NEIGHBOURS closest passage sentences (cosine at
 # least CLASH_MIN_COSINE) gives another number in the same unit, the opposite word, or the
-# same two names the other way round (tutor.contradiction).
+# same two names the other way round (tutor.assistant.contradiction).
 CLASH_NEIGHBOURS = 2
 CLASH_MIN_COSINE = 0.6
 
@@ -385,7 +385,7 @@ def check_support(generated_text: str, hits: Sequence[Hit], embed: Embedder) -> 
     - its closest passage sentence has the opposite polarity, is close, and clearly beats
       every same-polarity one (CONTRADICTION_*): "4-bit is not usable for chat", or
     - one of its closest passage sentences (CLASH_*) gives another number in the same unit,
-      the opposite word, or two names the other way round (``tutor.contradiction``).
+      the opposite word, or two names the other way round (``tutor.assistant.contradiction``).
     It is *not found* when it states a number the passages don't contain, scores below the
     threshold, or has no content words to check ("Yes, you can.").
     """

@@ -21,8 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tutor.content import Library, Question
-from tutor.measure import (
+from tutor.lab.measure import (
     REFERENCE,
     Cancel,
     Progress,
@@ -34,6 +33,7 @@ from tutor.measure import (
     read_json,
     write_json,
 )
+from tutor.library.content import Library, Question
 
 if TYPE_CHECKING:
     from tutor.engine import Engine

@@ -1,6 +1,6 @@
 """Whether a sentence says the opposite of a close lesson sentence, and how.
 
-The support check (``tutor.grounding.check_support``) asks this of the passage sentences that
+The support check (``tutor.assistant.grounding.check_support``) asks this of the passage sentences that
 are close to a generated sentence in meaning; a sentence that is close *and* differs in one of
 these ways contradicts the lesson rather than merely being absent from it:
 
@@ -8,7 +8,7 @@ these ways contradicts the lesson rather than merely being absent from it:
 - a number: "about 28 GB" against "about 7 GB" (the same unit, a different value);
 - swapped roles: "FP4 usually preserves quality better than NF4" against the reverse.
 
-Negation ("can" against "cannot") is judged by polarity in ``tutor.grounding``.
+Negation ("can" against "cannot") is judged by polarity in ``tutor.assistant.grounding``.
 """
 
 from __future__ import annotations

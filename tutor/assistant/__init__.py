@@ -1,0 +1,1 @@
+"""The tutor's answers: retrieval over the lessons, the quoted passage, the model's reply and its check."""

@@ -1,0 +1,1 @@
+"""The lessons: their files read and checked (content), searched by title and words (finder)."""
