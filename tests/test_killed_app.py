@@ -29,7 +29,8 @@ from tui.app import QuantTutorApp
 from tui.widgets.plain import Plain
 from tui.widgets.quiz_view import QuizView
 from tutor.library.content import Library
-from tutor.progress.store import Store, default_path
+from tutor.progress.database import default_path
+from tutor.progress.store import Store
 
 COLUMNS, LINES = 110, 40
 

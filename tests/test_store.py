@@ -16,15 +16,11 @@ from typing import Any
 
 import pytest
 
-from tutor.progress import store as store_module
-from tutor.progress.store import (
-    SCHEMA_VERSION,
-    AnswerRecord,
-    LessonProgress,
-    LessonSummary,
-    Store,
-    StoreError,
-)
+from tutor.progress import database, schema
+from tutor.progress.database import StoreError
+from tutor.progress.records import AnswerRecord, LessonProgress, LessonSummary
+from tutor.progress.schema import SCHEMA_VERSION
+from tutor.progress.store import Store
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -162,8 +158,8 @@ def test_appended_migration_step_upgrades_existing_database(
 ) -> None:
     with Store(db) as s:
         s.save_note("lesson", 1, "keep me")
-    steps = [*store_module.MIGRATIONS, store_module._sql_step("ALTER TABLE steps ADD COLUMN colour TEXT")]
-    monkeypatch.setattr(store_module, "MIGRATIONS", steps)
+    steps = [*schema.MIGRATIONS, schema.sql_step("ALTER TABLE steps ADD COLUMN colour TEXT")]
+    monkeypatch.setattr(schema, "MIGRATIONS", steps)
     with Store(db) as s:
         assert s.moved_aside is None
         assert s.schema_version == SCHEMA_VERSION + 1
@@ -176,8 +172,8 @@ def test_appended_migration_step_upgrades_existing_database(
 def test_failing_migration_rolls_back_whole_upgrade(db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with Store(db) as s:
         s.save_note("lesson", 1, "keep me")
-    broken = store_module._sql_step("CREATE TABLE half_done (x)", "SELECT * FROM no_such_table")
-    monkeypatch.setattr(store_module, "MIGRATIONS", [*store_module.MIGRATIONS, broken])
+    broken = schema.sql_step("CREATE TABLE half_done (x)", "SELECT * FROM no_such_table")
+    monkeypatch.setattr(schema, "MIGRATIONS", [*schema.MIGRATIONS, broken])
     with pytest.raises(StoreError, match="left unchanged"):
         Store(db)
     assert db.is_file() and not list(db.parent.glob("*.corrupt-*"))
@@ -337,7 +333,7 @@ def test_unreadable_file_is_a_clear_error_not_moved(db: Path, monkeypatch: pytes
             raise PermissionError(13, "Permission denied", str(file))
         return real_open(file, *args, **kwargs)  # type: ignore[call-overload]
 
-    monkeypatch.setattr(store_module, "open", denied, raising=False)
+    monkeypatch.setattr(database, "open", denied, raising=False)
     with pytest.raises(StoreError, match="permission denied"):
         Store(db)
     monkeypatch.undo()
@@ -727,7 +723,7 @@ def test_version_1_database_upgrades_keeping_its_data(db: Path) -> None:
     """A progress file written before settings and read parts existed opens with everything kept."""
     conn = sqlite3.connect(db, isolation_level=None)
     conn.execute("BEGIN")
-    store_module.MIGRATIONS[0](conn)
+    schema.MIGRATIONS[0](conn)
     conn.execute("PRAGMA user_version = 1")
     conn.execute("INSERT INTO lessons (lesson_id, read_fraction, scroll_y) VALUES ('old', 0.4, 12)")
     conn.execute("COMMIT")
@@ -810,8 +806,8 @@ def test_summaries_agree_with_each_lesson_and_use_the_new_indexes(store: Store, 
 def test_version_2_database_upgrades_to_the_indexes_keeping_its_data(db: Path) -> None:
     conn = sqlite3.connect(db, isolation_level=None)
     conn.execute("BEGIN")
-    store_module.MIGRATIONS[0](conn)
-    store_module.MIGRATIONS[1](conn)
+    schema.MIGRATIONS[0](conn)
+    schema.MIGRATIONS[1](conn)
     conn.execute("PRAGMA user_version = 2")
     conn.execute("INSERT INTO lessons (lesson_id, read_fraction, open_seq) VALUES ('old', 0.5, 3)")
     conn.execute(

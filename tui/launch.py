@@ -13,7 +13,8 @@ from pathlib import Path
 
 from tui.tutor_runtime import TutorRuntime
 from tutor.library.content import Library, load_library
-from tutor.progress.store import Store, StoreError
+from tutor.progress.database import StoreError
+from tutor.progress.store import Store
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,8 @@ from tui.messages import OpenLesson
 from tui.widgets.plain import Plain, literal
 from tutor.library.content import Lesson, LessonEntry, Library
 from tutor.library.finder import MARK_WIDTH, by_track, progress_mark
-from tutor.progress.store import LessonSummary, Store
+from tutor.progress.records import LessonSummary
+from tutor.progress.store import Store
 from tutor.text import plural
 
 PAGE = 100  # lessons listed at a time; "show more" adds another page

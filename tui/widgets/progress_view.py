@@ -12,7 +12,8 @@ from textual.widgets import DataTable
 from tui.messages import OpenLesson
 from tui.widgets.plain import Plain
 from tutor.library.content import QUIZ_LENGTH, Library
-from tutor.progress.store import LessonSummary, Store
+from tutor.progress.records import LessonSummary
+from tutor.progress.store import Store
 from tutor.text import clean
 
 

@@ -28,7 +28,9 @@ from tutor.library.content import (
     plain_text,
     validate_library,
 )
-from tutor.progress.store import LessonSummary, Store, StoreError
+from tutor.progress.database import StoreError
+from tutor.progress.records import LessonSummary
+from tutor.progress.store import Store
 from tutor.text import plural, when
 
 # tutor.lab.cliff's PLANS by name (importing tutor.lab.cliff here would slow every command's start).

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from tutor.library.content import QUIZ_LENGTH, LessonEntry
-from tutor.progress.store import LessonSummary
+from tutor.progress.records import LessonSummary
 
 
 class LessonFinder:

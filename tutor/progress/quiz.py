@@ -11,7 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from tutor.library.content import LETTERS, Lesson, Question
-from tutor.progress.store import OpenAttempt, Store
+from tutor.progress.records import OpenAttempt
+from tutor.progress.store import Store
 
 FULL = "full"
 REVIEW = "review"
