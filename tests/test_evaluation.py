@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import MEASURED
+from tutor.assistant.chunks import FRONT_MATTER
 from tutor.assistant.evaluation import (
     VERDICTS,
     EvalSet,
@@ -25,7 +26,7 @@ from tutor.assistant.evaluation import (
     evaluate_answers,
     load_eval_set,
 )
-from tutor.assistant.retrieval import FRONT_MATTER, Retriever
+from tutor.assistant.retrieval import Retriever
 from tutor.cli import parse, run
 from tutor.library.content import Library
 

@@ -8,6 +8,7 @@ import pytest
 
 from tests.conftest import SEED
 from tutor.assistant.answer_stats import AnswerStats
+from tutor.assistant.chunks import KEY_TERMS, PRACTICE, PREMISE, SUMMARY
 from tutor.assistant.grounding import (
     DECLINE,
     MAX_QUESTION_CHARS,
@@ -26,7 +27,7 @@ from tutor.assistant.grounding import (
 )
 from tutor.assistant.intent import lesson_part, question_type
 from tutor.assistant.quote import best_quote, leans_back, spans
-from tutor.assistant.retrieval import KEY_TERMS, PRACTICE, PREMISE, SUMMARY, Hit, Retriever, SearchResult
+from tutor.assistant.retrieval import Hit, Retriever, SearchResult
 from tutor.assistant.tutor_chat import tidy
 
 STATS = AnswerStats(ttft_s=0.2, tokens=12, tokens_per_s=30.0, weights_mib=256.0, stop="eos")

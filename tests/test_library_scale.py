@@ -18,7 +18,8 @@ from tests.conftest import UnloadedTutor
 from tui.app import QuantTutorApp
 from tui.widgets.library_view import LibraryView
 from tutor import cli
-from tutor.assistant.retrieval import Retriever, lesson_and_related
+from tutor.assistant.chunks import lesson_and_related
+from tutor.assistant.retrieval import Retriever
 from tutor.library import content
 from tutor.library.content import ContentFileError, Library, index_path, load_library
 from tutor.library.sample_library import TRACKS, generate_library

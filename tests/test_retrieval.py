@@ -12,18 +12,10 @@ import pytest
 
 from tests.conftest import ROOT, SEED
 from tutor.assistant import retrieval
-from tutor.assistant.retrieval import (
-    FRONT_MATTER,
-    PRACTICE,
-    Chunk,
-    Retriever,
-    SearchResult,
-    content_tokens,
-    lesson_chunks,
-    slug,
-    tokenize,
-)
+from tutor.assistant.chunks import FRONT_MATTER, PRACTICE, Chunk, lesson_chunks
+from tutor.assistant.retrieval import Retriever, SearchResult
 from tutor.library.content import Library, load_library
+from tutor.text import content_tokens, slug, tokenize
 
 
 @pytest.fixture(scope="session")

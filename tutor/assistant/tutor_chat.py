@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from tutor.assistant import grounding
 from tutor.assistant.answer_stats import AnswerStats
-from tutor.assistant.retrieval import sentences
+from tutor.text import sentences
 
 if TYPE_CHECKING:
     import threading

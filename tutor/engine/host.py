@@ -79,7 +79,8 @@ class EngineHost:
         started = time.perf_counter()
         self.state = LOADING
         try:
-            from tutor.assistant.retrieval import Retriever, lesson_and_related
+            from tutor.assistant.chunks import lesson_and_related
+            from tutor.assistant.retrieval import Retriever
 
             def index_progress(message: str, fraction: float) -> None:
                 self.stage, self.detail, self.fraction = "index", message, 0.1 * fraction
