@@ -457,7 +457,7 @@ def test_generic_decode_loop_matches_the_fast_one(engine, generic_engine, bf16_t
     """
     import torch
 
-    from tutor.engine.decoder import GenericSession
+    from tutor.engine.sessions import GenericSession
 
     generic = generic_engine
     assert generic.decoder_kind == "generic" and generic.precision == "bf16"
@@ -498,7 +498,7 @@ def test_context_aware_decoding_is_one_batch_of_both_prompts(engine, generic_eng
     tolerance: batched and masked attention is another kernel), on the fast and generic paths."""
     import torch
 
-    from tutor.engine.decoder import FastContrastSession, FastSession, mix_contrast
+    from tutor.engine.sessions import FastContrastSession, FastSession, mix_contrast
 
     tol = TOLERANCES["bf16"]
     passages = "Passages:\n[1] NF4 and FP4: NF4 usually preserves quality better than FP4.\n\n"

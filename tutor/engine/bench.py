@@ -170,7 +170,8 @@ def bench_rows(
     ``peer="llama.cpp"`` adds llama.cpp's row on the same GGUF file, prompt tokens, token count
     and threads (``tutor.engine.peer``), and gives every row its decode speed as a multiple of
     the peer's (``decode_vs_peer``). ``long_prompt`` tokens (0: none) give ``ttft_long_s``."""
-    from tutor.engine.engine import Engine, preload_bitsandbytes
+    from tutor.engine.engine import Engine
+    from tutor.engine.loading import preload_bitsandbytes
 
     say = log or (lambda _msg: None)
     options: dict[str, Any] = {

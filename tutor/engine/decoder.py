@@ -12,14 +12,15 @@ top of that:
   q/k/v and gate/up fused into one matmul each;
 * quantized precisions call the installed bitsandbytes modules directly.
 
-``GenericSession`` runs any causal LM through ``model(...)`` with a transformers cache
-(``StaticCache`` on CUDA), for architectures the fast path does not cover or when asked for.
+The Linear slots are :mod:`tutor.engine.linears`; the sessions that decode a reply on it are
+:mod:`tutor.engine.sessions`, whose ``GenericSession`` runs any causal LM through
+``model(...)`` with a transformers cache (``StaticCache`` on CUDA), for architectures the fast
+path does not cover or when asked for.
 """
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,10 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-try:  # oneDNN's linear with a pre-packed weight (what torch.compile's CPU backend uses)
-    _linear_pointwise: Any = torch.ops.mkldnn._linear_pointwise
-except (AttributeError, RuntimeError):  # pragma: no cover - builds without oneDNN
-    _linear_pointwise = None
+from tutor.engine.linears import ModuleLinear, PackedLinear, PlainLinear, See, Slot, Tap, mkldnn_linear_works
+
 FAST_ARCHITECTURES = ("LlamaForCausalLM",)
 STATIC_ROPE = ("default", "linear", "llama3")
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -51,124 +50,6 @@ def fast_path_problem(model: Any) -> str | None:
     if getattr(config, "pretraining_tp", 1) not in (1, None):
         return "pretraining_tp > 1"
     return None
-
-
-# --------------------------------------------------------------------------- linear slots
-
-
-class PackedLinear:
-    """A Linear whose weight is held in oneDNN's blocked layout (CPU, bf16 or fp32)."""
-
-    __slots__ = ("bias", "out_features", "weight")
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 1)
-        self.bias = None if bias is None else bias.contiguous()
-        self.out_features = weight.shape[0]
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-
-        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
-
-    def tensors(self) -> list[torch.Tensor]:
-        return [t for t in (self.weight, self.bias) if t is not None]
-
-
-class PlainLinear:
-    """``F.linear`` with a weight of our own (a cast copy, e.g. fp32 on CUDA)."""
-
-    __slots__ = ("bias", "weight")
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-        self.weight = weight
-        self.bias = bias
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-
-        return F.linear(x, self.weight, self.bias)
-
-    def tensors(self) -> list[torch.Tensor]:
-        return [t for t in (self.weight, self.bias) if t is not None]
-
-
-# From this many rows (tokens in one pass) on, a CPU without native bf16 matmul computes a bf16
-# linear faster as an fp32 GEMM on upcast copies. Measured on a 2-core AVX2 EPYC, 576 -> 1536:
-# 1 row 0.13 ms bf16 vs 0.29 ms upcast; 16 rows 1.8 vs 0.64 ms; 256 rows 26 vs 3.6 ms; the
-# 49152-row lm_head over 256 rows 851 vs 223 ms. Decoding (one row) keeps the bf16 kernel.
-UPCAST_ROWS = 8
-
-
-@functools.cache
-def bf16_matmul_is_emulated() -> bool:
-    """True on CPUs without AVX-512 BF16 / AMX, where oneDNN has no bf16 matmul of its own."""
-    try:
-        return not torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    except (AttributeError, RuntimeError):  # pragma: no cover - builds without oneDNN
-        return True
-
-
-def dense_weight(module: nn.Module) -> torch.Tensor | None:
-    """The bf16 weight ``module`` multiplies by: a master's own, or a 4-bit one dequantized as
-    bitsandbytes' CPU path does (to the quant state's dtype); None for others (int8 multiplies
-    in integers)."""
-    if type(module) is nn.Linear:
-        return module.weight
-    import bitsandbytes as bnb
-
-    if isinstance(module, bnb.nn.Linear4bit):
-        state = getattr(module.weight, "quant_state", None)
-        if state is None or getattr(state, "packing_format_for_cpu", False):
-            return None
-        return bnb.functional.dequantize_4bit(module.weight.data, state)
-    return None
-
-
-class ModuleLinear:
-    """A module called as is: the bf16 master or a bitsandbytes module (no copy held).
-
-    Many rows in bf16 on a CPU that only emulates bf16 matmul: the same weights (dequantized
-    as the module would) and the same rounding of the output to bf16, with the sums done by an
-    fp32 GEMM. Only the order of the fp32 sums differs from the module's own call.
-    """
-
-    __slots__ = ("module",)
-
-    def __init__(self, module: nn.Module) -> None:
-        self.module = module
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        upcast = x.dtype is torch.bfloat16 and x.shape[0] >= UPCAST_ROWS and x.device.type == "cpu"
-        if upcast and bf16_matmul_is_emulated() and (weight := dense_weight(self.module)) is not None:
-            bias = getattr(self.module, "bias", None)
-            out = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
-            return out.to(x.dtype)
-        return self.module(x)
-
-    def tensors(self) -> list[torch.Tensor]:
-        return []
-
-
-class Tap:
-    """A slot that shows its input to ``see(names, x)`` before computing: ``names`` are the
-    model's Linear modules it computes (the weight lab's inputs, GPTQ's calibration). ``see`` may
-    raise to end the pass there."""
-
-    __slots__ = ("names", "see", "slot")
-
-    def __init__(self, slot: Slot, names: tuple[str, ...], see: See) -> None:
-        self.slot, self.names, self.see = slot, names, see
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        self.see(self.names, x)
-        return self.slot(x)
-
-    def tensors(self) -> list[torch.Tensor]:
-        return []
-
-
-Slot = PackedLinear | PlainLinear | ModuleLinear | Tap
-See = Callable[[tuple[str, ...], torch.Tensor], None]
 
 
 @dataclass
@@ -214,23 +95,6 @@ class KVCache:
     @property
     def max_len(self) -> int:
         return int(self.data.shape[4])
-
-
-def mkldnn_linear_works(dtype: torch.dtype) -> bool:
-    """True when oneDNN packed linears run here and agree with ``F.linear`` bit for bit."""
-
-    try:
-        if _linear_pointwise is None or not torch.backends.mkldnn.is_available():
-            return False
-        if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-            return False
-        gen = torch.Generator().manual_seed(0)
-        w = (torch.randn(96, 64, generator=gen) * 0.1).to(dtype)
-        x = torch.randn(3, 64, generator=gen).to(dtype)
-        with torch.inference_mode():
-            return bool(torch.equal(PackedLinear(w, None)(x), F.linear(x, w)))
-    except Exception:
-        return False
 
 
 class FastDecoder:
@@ -573,131 +437,3 @@ def _pad_mask(pad: torch.Tensor, start: int, end: int) -> torch.Tensor:
     queries = torch.arange(start, end, device=pad.device)
     allowed = (keys[None, None, :] <= queries[None, :, None]) & (keys[None, None, :] >= pad[:, None, None])
     return (allowed | (keys[None, None, :] == queries[None, :, None]))[:, None]
-
-
-def mix_contrast(logits: torch.Tensor, plain: torch.Tensor, alpha: float) -> torch.Tensor:
-    """Context-aware decoding (Shi et al., 2023): ``(1 + alpha) * with - alpha * without``, in fp32."""
-    return (1 + alpha) * logits.float() - alpha * plain.float()
-
-
-class FastContrastSession:
-    """Context-aware decoding on the fast decoder: the prompt with the passages and the one
-    without them decode as one batch of two (one pass per token).
-
-    Each prompt is prefilled on its own (no pass over padding), into its row of one KV cache,
-    the shorter one right-aligned after zeroed padding slots that the mask hides."""
-
-    kind = "fast+cad"
-
-    def __init__(
-        self, decoder: FastDecoder, weights: DecoderWeights, max_len: int, plain_ids: list[int], alpha: float
-    ) -> None:
-        self.decoder, self.weights, self.alpha = decoder, weights, alpha
-        self.plain_ids = plain_ids
-        self.max_len = max_len
-        self.cache: KVCache | None = None
-        self.pad: torch.Tensor | None = None
-        self._tokens = torch.zeros(2, 1, dtype=torch.long, device=decoder.device)
-
-    def prefill(self, ids: list[int]) -> torch.Tensor:
-        rows = (ids, self.plain_ids)
-        length = max(len(row) for row in rows)
-        device = self.decoder.device
-        pads = [length - len(row) for row in rows]
-        self.pad = torch.tensor(pads, device=device)
-        extra = max(0, len(self.plain_ids) - len(ids))  # the cache is sized for the longer prompt
-        self.cache = self.decoder.new_cache(self.max_len + extra, self.weights.act_dtype, batch=2)
-        logits = []
-        for index, (row, pad) in enumerate(zip(rows, pads, strict=True)):
-            self.cache.data[:, :, index, :, :pad].zero_()  # hidden by the mask; zeros, not garbage
-            view = KVCache(self.cache.data[:, :, index : index + 1, :, pad:])
-            tensor = torch.tensor([row], dtype=torch.long, device=device)
-            logits.append(self.decoder.forward(self.weights, tensor, view, rope_from=pad)[0])
-        self.cache.length = length
-        return mix_contrast(logits[0], logits[1], self.alpha)
-
-    def step(self, token: int) -> torch.Tensor:
-        self._tokens.fill_(token)
-        logits = self.decoder.forward(self.weights, self._tokens, self.cache, pad=self.pad)
-        return mix_contrast(logits[0], logits[1], self.alpha)
-
-
-class PairContrastSession:
-    """Context-aware decoding on any decoder: two sessions, two passes per token."""
-
-    kind = "cad"
-
-    def __init__(self, with_passages: Any, without: Any, plain_ids: list[int], alpha: float) -> None:
-        self.sessions, self.plain_ids, self.alpha = (with_passages, without), plain_ids, alpha
-
-    def prefill(self, ids: list[int]) -> torch.Tensor:
-        first, second = self.sessions
-        return mix_contrast(first.prefill(ids), second.prefill(self.plain_ids), self.alpha)
-
-    def step(self, token: int) -> torch.Tensor:
-        first, second = self.sessions
-        return mix_contrast(first.step(token), second.step(token), self.alpha)
-
-
-class FastSession:
-    """One reply's worth of decoding with the fast decoder."""
-
-    kind = "fast"
-
-    def __init__(self, decoder: FastDecoder, weights: DecoderWeights, max_len: int) -> None:
-        self.decoder = decoder
-        self.weights = weights
-        self.cache = decoder.new_cache(max_len, weights.act_dtype)
-        self._token = torch_long_scalar(decoder.device)
-
-    def prefill(self, ids: list[int]) -> torch.Tensor:
-
-        tensor = torch.tensor([ids], dtype=torch.long, device=self.decoder.device)
-        return self.decoder.forward(self.weights, tensor, self.cache)[0]
-
-    def step(self, token: int) -> torch.Tensor:
-        self._token.fill_(token)
-        return self.decoder.forward(self.weights, self._token, self.cache)[0]
-
-
-def torch_long_scalar(device: torch.device) -> torch.Tensor:
-
-    return torch.zeros((1, 1), dtype=torch.long, device=device)
-
-
-class GenericSession:
-    """One reply decoded through ``model(...)`` with a transformers KV cache."""
-
-    kind = "generic"
-
-    def __init__(self, model: Any, device: torch.device, max_len: int, static: bool) -> None:
-        from transformers import DynamicCache, StaticCache
-
-        self.model = model
-        self.device = device
-        self.cache: Any = (
-            StaticCache(config=model.config, max_cache_len=max_len)
-            if static
-            else DynamicCache(config=model.config)
-        )
-        self.position = 0
-
-    def _run(self, ids: list[int]) -> torch.Tensor:
-
-        tensor = torch.tensor([ids], dtype=torch.long, device=self.device)
-        positions = torch.arange(self.position, self.position + len(ids), device=self.device)[None]
-        out = self.model(
-            input_ids=tensor,
-            position_ids=positions,
-            past_key_values=self.cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        self.position += len(ids)
-        return out.logits[0, -1]
-
-    def prefill(self, ids: list[int]) -> torch.Tensor:
-        return self._run(ids)
-
-    def step(self, token: int) -> torch.Tensor:
-        return self._run([token])

@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any
 
 from tutor.engine.checkpoint import Checkpoint, discard, resolve_checkpoint
 from tutor.engine.errors import (
-    DeviceError,
     EngineBusyError,
     EngineError,
     ModelLoadError,
@@ -24,11 +23,13 @@ from tutor.engine.generate import (
     Cancel,
     Messages,
     OnToken,
+    ReplyStream,
     RunContext,
     Sampling,
     Session,
     run_tokens,
 )
+from tutor.engine.loading import check_device, default_limit_bytes, load_pretrained
 from tutor.engine.precisions import DEFAULT_PRECISION, PRECISIONS, check_precision
 from tutor.engine.reports import (
     LoadProgress,
@@ -44,84 +45,12 @@ if TYPE_CHECKING:
     import torch
 
     from tutor.engine.calibration import Calibration
-    from tutor.engine.decoder import DecoderWeights, FastDecoder, See
+    from tutor.engine.decoder import DecoderWeights, FastDecoder
     from tutor.engine.int4 import Codes
+    from tutor.engine.linears import See
     from tutor.engine.precision import PrecisionManager
 
 BUSY_MESSAGE = "A reply is being generated; wait for it to finish or cancel it, then try again."
-
-
-def _device(name: str) -> torch.device:
-    import torch
-
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise DeviceError(f"Unknown device {name!r}; use cpu or cuda.") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise DeviceError(
-            "CUDA was asked for but no CUDA GPU is available to PyTorch here; use --device cpu."
-        )
-    if device.type not in ("cpu", "cuda"):
-        raise DeviceError(f"Device {name!r} is not supported; use cpu or cuda.")
-    return device
-
-
-def default_limit_bytes(master_bytes: int, device: torch.device) -> int:
-    """How much the prepared precisions may hold (beyond the masters), by default.
-
-    2.5x the masters but at least 1 GiB (for this model every precision fits, fp32 included),
-    capped at a quarter of the memory still free on the device (RAM, or the GPU's), so a large
-    model never keeps every precision at once.
-    """
-    from tutor.engine.memory import available_bytes
-
-    return int(min(max(2.5 * master_bytes, 1024**3), 0.25 * available_bytes(str(device))))
-
-
-class ReplyStream:
-    """Iterate to get TokenEvents as they are generated; ``.reply`` holds the Reply afterwards.
-
-    Use as a context manager (or exhaust it): leaving early cancels the reply and frees the engine.
-    """
-
-    def __init__(self, generator: Generator[TokenEvent, None, Reply], cancel: threading.Event) -> None:
-        self._generator = generator
-        self._cancel = cancel
-        self._started = False
-        self.reply: Reply | None = None
-
-    def __iter__(self) -> Iterator[TokenEvent]:
-        return self
-
-    def __next__(self) -> TokenEvent:
-        self._started = True
-        try:
-            return next(self._generator)
-        except StopIteration as done:
-            self.reply = done.value
-            raise
-
-    def cancel(self) -> None:
-        self._cancel.set()
-
-    def close(self) -> None:
-        """Cancel; if the reply had started, finish it (within one token) so ``.reply`` is set."""
-        self._cancel.set()
-        if self.reply is not None:
-            return
-        if not self._started:
-            self._generator.close()
-            return
-        with contextlib.suppress(EngineError):
-            for _ in self:
-                pass
-
-    def __enter__(self) -> ReplyStream:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 class Engine:
@@ -185,7 +114,7 @@ class Engine:
         small machine that is also drawing a UI, ``cores - 1`` avoids stalls (see bench notes).
         """
         precision = check_precision(precision)
-        torch_device = _device(device)
+        torch_device = check_device(device)
         if threads is not None:
             import torch
 
@@ -193,13 +122,13 @@ class Engine:
         started = time.perf_counter()
         checkpoint = resolve_checkpoint(model, cache_dir=cache_dir, progress=progress)
         try:
-            hf_model, tokenizer = _load_pretrained(checkpoint, torch_device, progress, random_weights)
+            hf_model, tokenizer = load_pretrained(checkpoint, torch_device, progress, random_weights)
         except ModelLoadError:
             if not checkpoint.derived or checkpoint.converted_now:
                 raise
             discard(checkpoint)  # a damaged cache: rebuild it once from the GGUF file
             checkpoint = resolve_checkpoint(model, cache_dir=cache_dir, progress=progress)
-            hf_model, tokenizer = _load_pretrained(checkpoint, torch_device, progress, random_weights)
+            hf_model, tokenizer = load_pretrained(checkpoint, torch_device, progress, random_weights)
         engine = cls._assemble(
             hf_model,
             tokenizer,
@@ -481,8 +410,13 @@ class Engine:
 
     def _session(self, max_len: int, contrast: tuple[list[int], float] | None = None) -> Session:
         """A decoding session; with ``contrast`` (the prompt without the passages, alpha), one
-        that decodes context-aware (``tutor.engine.decoder.mix_contrast``)."""
-        from tutor.engine.decoder import FastContrastSession, FastSession, GenericSession, PairContrastSession
+        that decodes context-aware (``tutor.engine.sessions.mix_contrast``)."""
+        from tutor.engine.sessions import (
+            FastContrastSession,
+            FastSession,
+            GenericSession,
+            PairContrastSession,
+        )
 
         if self._decoder is not None:
             weights = self._manager.current().weights
@@ -837,61 +771,6 @@ class Engine:
         with self._exclusive(True):
             for name in list(self._manager.prepared()):
                 self._manager.drop(name)
-
-
-def preload_bitsandbytes() -> None:
-    """Import bitsandbytes (1-2 s) once the model is ready, so the learner's first switch only
-    pays for quantizing.
-
-    A missing or broken install is not an error here: quantized precisions then fail to switch,
-    with the reason, and bf16 / fp32 keep working.
-    """
-    from tutor.engine.quantize import import_bitsandbytes
-
-    with contextlib.suppress(Exception):
-        import_bitsandbytes()
-
-
-def _load_pretrained(
-    checkpoint: Checkpoint,
-    device: torch.device,
-    progress: ProgressCallback | None,
-    random_weights: bool = False,
-) -> tuple[Any, Any]:
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    where = checkpoint.path
-    if progress is not None:
-        progress(LoadProgress("load", 0, 3, "reading the tokenizer"))
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(where))
-        if progress is not None:
-            progress(LoadProgress("load", 1, 3, "reading the weights"))
-        if random_weights:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(0)
-                config = AutoConfig.from_pretrained(str(where))
-                model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(str(where), dtype=torch.bfloat16)
-    except EngineError:
-        raise
-    except Exception as exc:
-        raise ModelLoadError(
-            f"Could not load the model in {where} ({reason(exc)}). If it is a converted cache, delete the "
-            "folder and it is rebuilt; otherwise check the files."
-        ) from exc
-    model.eval()
-    model.requires_grad_(False)
-    if device.type != "cpu":
-        try:
-            model.to(device)
-        except Exception as exc:
-            raise DeviceError(f"Could not move the model to {device} ({reason(exc)}).") from exc
-    return model, tokenizer
 
 
 load_engine = Engine.load

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from tutor.engine.errors import EngineError
 from tutor.engine.reports import MIB, Reply, ReplyStats, TokenEvent
 
 if TYPE_CHECKING:
@@ -190,3 +192,48 @@ def run_tokens(
         decoder=context.session.kind,
     )
     return Reply(text=stream.final(), tokens=tokens, stats=stats, prompt_tokens=list(prompt_ids))
+
+
+class ReplyStream:
+    """Iterate to get TokenEvents as they are generated; ``.reply`` holds the Reply afterwards.
+
+    Use as a context manager (or exhaust it): leaving early cancels the reply and frees the engine.
+    """
+
+    def __init__(self, generator: Generator[TokenEvent, None, Reply], cancel: threading.Event) -> None:
+        self._generator = generator
+        self._cancel = cancel
+        self._started = False
+        self.reply: Reply | None = None
+
+    def __iter__(self) -> Iterator[TokenEvent]:
+        return self
+
+    def __next__(self) -> TokenEvent:
+        self._started = True
+        try:
+            return next(self._generator)
+        except StopIteration as done:
+            self.reply = done.value
+            raise
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    def close(self) -> None:
+        """Cancel; if the reply had started, finish it (within one token) so ``.reply`` is set."""
+        self._cancel.set()
+        if self.reply is not None:
+            return
+        if not self._started:
+            self._generator.close()
+            return
+        with contextlib.suppress(EngineError):
+            for _ in self:
+                pass
+
+    def __enter__(self) -> ReplyStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -111,7 +111,7 @@ class EngineHost:
         this one only waits, so no team outlives its work. A job (a question, a switch, a
         measurement) pauses the pass between lessons: it is the learner's wait.
         """
-        from tutor.engine.engine import preload_bitsandbytes
+        from tutor.engine.loading import preload_bitsandbytes
 
         retriever = self.retriever
         assert retriever is not None

@@ -376,7 +376,7 @@ def restored(module: nn.Module, dtype: torch.dtype) -> nn.Linear:
     import torch
     from torch import nn
 
-    from tutor.engine.decoder import dense_weight
+    from tutor.engine.linears import dense_weight
 
     rows, cols = cast(int, module.out_features), cast(int, module.in_features)
     device = next(module.parameters()).device

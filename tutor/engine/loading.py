@@ -1,0 +1,97 @@
+"""Loading a model for the Engine: the device checked, the transformers model and tokenizer
+read, the memory the prepared precisions may hold, and bitsandbytes imported ahead."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING, Any
+
+from tutor.engine.checkpoint import Checkpoint
+from tutor.engine.errors import DeviceError, EngineError, ModelLoadError, reason
+from tutor.engine.reports import LoadProgress, ProgressCallback
+
+if TYPE_CHECKING:
+    import torch
+
+
+def check_device(name: str) -> torch.device:
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise DeviceError(f"Unknown device {name!r}; use cpu or cuda.") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceError(
+            "CUDA was asked for but no CUDA GPU is available to PyTorch here; use --device cpu."
+        )
+    if device.type not in ("cpu", "cuda"):
+        raise DeviceError(f"Device {name!r} is not supported; use cpu or cuda.")
+    return device
+
+
+def default_limit_bytes(master_bytes: int, device: torch.device) -> int:
+    """How much the prepared precisions may hold (beyond the masters), by default.
+
+    2.5x the masters but at least 1 GiB (for this model every precision fits, fp32 included),
+    capped at a quarter of the memory still free on the device (RAM, or the GPU's), so a large
+    model never keeps every precision at once.
+    """
+    from tutor.engine.memory import available_bytes
+
+    return int(min(max(2.5 * master_bytes, 1024**3), 0.25 * available_bytes(str(device))))
+
+
+def preload_bitsandbytes() -> None:
+    """Import bitsandbytes (1-2 s) once the model is ready, so the learner's first switch only
+    pays for quantizing.
+
+    A missing or broken install is not an error here: quantized precisions then fail to switch,
+    with the reason, and bf16 / fp32 keep working.
+    """
+    from tutor.engine.quantize import import_bitsandbytes
+
+    with contextlib.suppress(Exception):
+        import_bitsandbytes()
+
+
+def load_pretrained(
+    checkpoint: Checkpoint,
+    device: torch.device,
+    progress: ProgressCallback | None,
+    random_weights: bool = False,
+) -> tuple[Any, Any]:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    where = checkpoint.path
+    if progress is not None:
+        progress(LoadProgress("load", 0, 3, "reading the tokenizer"))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(where))
+        if progress is not None:
+            progress(LoadProgress("load", 1, 3, "reading the weights"))
+        if random_weights:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                config = AutoConfig.from_pretrained(str(where))
+                model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(str(where), dtype=torch.bfloat16)
+    except EngineError:
+        raise
+    except Exception as exc:
+        raise ModelLoadError(
+            f"Could not load the model in {where} ({reason(exc)}). If it is a converted cache, delete the "
+            "folder and it is rebuilt; otherwise check the files."
+        ) from exc
+    model.eval()
+    model.requires_grad_(False)
+    if device.type != "cpu":
+        try:
+            model.to(device)
+        except Exception as exc:
+            raise DeviceError(f"Could not move the model to {device} ({reason(exc)}).") from exc
+    return model, tokenizer

@@ -1,0 +1,138 @@
+"""Decode sessions: one reply's prefill and steps on the fast decoder (plain or context-aware)
+or on any causal LM through transformers (``GenericSession``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from tutor.engine.decoder import DecoderWeights, FastDecoder, KVCache
+
+
+def mix_contrast(logits: torch.Tensor, plain: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Context-aware decoding (Shi et al., 2023): ``(1 + alpha) * with - alpha * without``, in fp32."""
+    return (1 + alpha) * logits.float() - alpha * plain.float()
+
+
+class FastContrastSession:
+    """Context-aware decoding on the fast decoder: the prompt with the passages and the one
+    without them decode as one batch of two (one pass per token).
+
+    Each prompt is prefilled on its own (no pass over padding), into its row of one KV cache,
+    the shorter one right-aligned after zeroed padding slots that the mask hides."""
+
+    kind = "fast+cad"
+
+    def __init__(
+        self, decoder: FastDecoder, weights: DecoderWeights, max_len: int, plain_ids: list[int], alpha: float
+    ) -> None:
+        self.decoder, self.weights, self.alpha = decoder, weights, alpha
+        self.plain_ids = plain_ids
+        self.max_len = max_len
+        self.cache: KVCache | None = None
+        self.pad: torch.Tensor | None = None
+        self._tokens = torch.zeros(2, 1, dtype=torch.long, device=decoder.device)
+
+    def prefill(self, ids: list[int]) -> torch.Tensor:
+        rows = (ids, self.plain_ids)
+        length = max(len(row) for row in rows)
+        device = self.decoder.device
+        pads = [length - len(row) for row in rows]
+        self.pad = torch.tensor(pads, device=device)
+        extra = max(0, len(self.plain_ids) - len(ids))  # the cache is sized for the longer prompt
+        self.cache = self.decoder.new_cache(self.max_len + extra, self.weights.act_dtype, batch=2)
+        logits = []
+        for index, (row, pad) in enumerate(zip(rows, pads, strict=True)):
+            self.cache.data[:, :, index, :, :pad].zero_()  # hidden by the mask; zeros, not garbage
+            view = KVCache(self.cache.data[:, :, index : index + 1, :, pad:])
+            tensor = torch.tensor([row], dtype=torch.long, device=device)
+            logits.append(self.decoder.forward(self.weights, tensor, view, rope_from=pad)[0])
+        self.cache.length = length
+        return mix_contrast(logits[0], logits[1], self.alpha)
+
+    def step(self, token: int) -> torch.Tensor:
+        self._tokens.fill_(token)
+        logits = self.decoder.forward(self.weights, self._tokens, self.cache, pad=self.pad)
+        return mix_contrast(logits[0], logits[1], self.alpha)
+
+
+class PairContrastSession:
+    """Context-aware decoding on any decoder: two sessions, two passes per token."""
+
+    kind = "cad"
+
+    def __init__(self, with_passages: Any, without: Any, plain_ids: list[int], alpha: float) -> None:
+        self.sessions, self.plain_ids, self.alpha = (with_passages, without), plain_ids, alpha
+
+    def prefill(self, ids: list[int]) -> torch.Tensor:
+        first, second = self.sessions
+        return mix_contrast(first.prefill(ids), second.prefill(self.plain_ids), self.alpha)
+
+    def step(self, token: int) -> torch.Tensor:
+        first, second = self.sessions
+        return mix_contrast(first.step(token), second.step(token), self.alpha)
+
+
+class FastSession:
+    """One reply's worth of decoding with the fast decoder."""
+
+    kind = "fast"
+
+    def __init__(self, decoder: FastDecoder, weights: DecoderWeights, max_len: int) -> None:
+        self.decoder = decoder
+        self.weights = weights
+        self.cache = decoder.new_cache(max_len, weights.act_dtype)
+        self._token = torch_long_scalar(decoder.device)
+
+    def prefill(self, ids: list[int]) -> torch.Tensor:
+
+        tensor = torch.tensor([ids], dtype=torch.long, device=self.decoder.device)
+        return self.decoder.forward(self.weights, tensor, self.cache)[0]
+
+    def step(self, token: int) -> torch.Tensor:
+        self._token.fill_(token)
+        return self.decoder.forward(self.weights, self._token, self.cache)[0]
+
+
+def torch_long_scalar(device: torch.device) -> torch.Tensor:
+
+    return torch.zeros((1, 1), dtype=torch.long, device=device)
+
+
+class GenericSession:
+    """One reply decoded through ``model(...)`` with a transformers KV cache."""
+
+    kind = "generic"
+
+    def __init__(self, model: Any, device: torch.device, max_len: int, static: bool) -> None:
+        from transformers import DynamicCache, StaticCache
+
+        self.model = model
+        self.device = device
+        self.cache: Any = (
+            StaticCache(config=model.config, max_cache_len=max_len)
+            if static
+            else DynamicCache(config=model.config)
+        )
+        self.position = 0
+
+    def _run(self, ids: list[int]) -> torch.Tensor:
+
+        tensor = torch.tensor([ids], dtype=torch.long, device=self.device)
+        positions = torch.arange(self.position, self.position + len(ids), device=self.device)[None]
+        out = self.model(
+            input_ids=tensor,
+            position_ids=positions,
+            past_key_values=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        self.position += len(ids)
+        return out.logits[0, -1]
+
+    def prefill(self, ids: list[int]) -> torch.Tensor:
+        return self._run(ids)
+
+    def step(self, token: int) -> torch.Tensor:
+        return self._run([token])
