@@ -17,7 +17,7 @@ import pytest
 from tutor.engine.client import EngineClient, EngineRefused
 from tutor.engine.process import EngineProcess
 from tutor.engine.protocol import Event, parse_sse, precision_of
-from tutor.engine.server import ServeError, unix_socket
+from tutor.service.server import ServeError, unix_socket
 
 # --- the protocol, no model ----------------------------------------------------------------
 

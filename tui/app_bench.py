@@ -29,8 +29,8 @@ from textual.widgets import TabbedContent
 from tui.app import QuantTutorApp
 from tui.tutor_runtime import TutorRuntime, TutorState
 from tui.widgets.chat_view import ChatEntry, ChatView
+from tutor.engine.machine import describe
 from tutor.library.content import load_library
-from tutor.machine import describe
 from tutor.progress.store import Store
 
 QUESTIONS = [

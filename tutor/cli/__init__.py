@@ -39,7 +39,7 @@ CLIFF_PLANS = ("quick", "claims", "full")
 # Subcommands whose own argparse lives with the code they run (imported only then).
 DELEGATED = {
     "bench": ("tutor.engine.bench", "Measure every precision side by side: memory, switch time, speed."),
-    "serve": ("tutor.engine.server", "Run the tutor's model as an OpenAI-compatible server."),
+    "serve": ("tutor.service.server", "Run the tutor's model as an OpenAI-compatible server."),
 }
 
 

@@ -1,6 +1,6 @@
 """Start and stop the app's own engine process (no torch here: the app imports this).
 
-Each app gets its own engine: a child ``python -m tutor.engine.server`` listening on a Unix
+Each app gets its own engine: a child ``python -m tutor.service.server`` listening on a Unix
 socket inside a fresh private folder (mode 0700; the socket 0600), with a random token in
 its environment. The child reads its stdin until it closes, so it exits with the app, even
 when the app is killed. Its output goes to ``engine.log`` in that folder, never to the
@@ -44,7 +44,7 @@ class EngineProcess:
     popen: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     def command(self, socket_path: Path) -> list[str]:
-        command = [sys.executable, "-m", "tutor.engine.server", "--uds", str(socket_path), "--watch-stdin"]
+        command = [sys.executable, "-m", "tutor.service.server", "--uds", str(socket_path), "--watch-stdin"]
         for flag, value in [
             ("--model", self.model),
             ("--device", self.device),

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import yaml
 
+from tutor.engine.machine import describe
 from tutor.engine.precisions import CALIBRATION, INT4, NO_WAY_BACK
 from tutor.lab.easy_hard import LONG, easy_hard_rows
 from tutor.lab.footprint import CONTEXTS, footprint_rows
@@ -53,7 +54,6 @@ from tutor.lab.mixed_precision import SCAN_WINDOW, mixed_precision
 from tutor.lab.sections import Section, calibrated, easy_hard, memory, mixed, no_way_back
 from tutor.lab.weight_lab import LabRow, run_lab
 from tutor.library.content import Library, default_content_dir
-from tutor.machine import describe
 
 if TYPE_CHECKING:
     from tutor.assistant.retrieval import Retriever

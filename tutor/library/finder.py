@@ -7,8 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from tutor.library.content import QUIZ_LENGTH, LessonEntry
-from tutor.progress.records import LessonSummary
+from tutor.library.content import LessonEntry
 
 
 class LessonFinder:
@@ -29,16 +28,3 @@ def by_track(entries: Iterable[LessonEntry]) -> list[tuple[str, list[LessonEntry
     for entry in entries:
         groups.setdefault(entry.track, []).append(entry)
     return sorted(groups.items(), key=lambda group: group[0].casefold())
-
-
-MARK_WIDTH = len(f"quiz {QUIZ_LENGTH}/{QUIZ_LENGTH}")
-
-
-def progress_mark(summary: LessonSummary | None) -> str:
-    """A lesson's progress in a word or two (at most MARK_WIDTH characters), for lists: the best
-    quiz score, else how much was read, else "new". Words, never only a colour."""
-    if summary is not None and summary.best_score is not None:
-        return f"quiz {summary.best_score}/{QUIZ_LENGTH}"
-    if summary is not None and (summary.read_fraction > 0 or summary.steps_done):
-        return f"read {round(summary.read_fraction * 100)}%"
-    return "new"

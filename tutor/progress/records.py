@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from tutor.library.content import QUIZ_LENGTH
+
 
 @dataclass(frozen=True)
 class AnswerRecord:
@@ -83,3 +85,16 @@ class LessonSummary:
     best_score: int | None = None  # over finished full attempts
     last_score: int | None = None
     attempts: int = 0  # finished full attempts
+
+
+MARK_WIDTH = len(f"quiz {QUIZ_LENGTH}/{QUIZ_LENGTH}")
+
+
+def progress_mark(summary: LessonSummary | None) -> str:
+    """A lesson's progress in a word or two (at most MARK_WIDTH characters), for lists: the best
+    quiz score, else how much was read, else "new". Words, never only a colour."""
+    if summary is not None and summary.best_score is not None:
+        return f"quiz {summary.best_score}/{QUIZ_LENGTH}"
+    if summary is not None and (summary.read_fraction > 0 or summary.steps_done):
+        return f"read {round(summary.read_fraction * 100)}%"
+    return "new"

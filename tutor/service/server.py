@@ -26,9 +26,9 @@ from typing import TYPE_CHECKING, Any
 from tutor.assistant.tutor_chat import MAX_SENTENCES
 from tutor.engine import threads
 from tutor.engine.errors import EngineError
-from tutor.engine.host import Cancelled, EngineHost, NotReadyError
 from tutor.engine.precisions import MEASURED, PRECISIONS
 from tutor.engine.protocol import DEFAULT_PORT, TOKEN_ENV, model_id, precision_of, sse
+from tutor.service.host import Cancelled, EngineHost, NotReadyError
 
 if TYPE_CHECKING:
     from starlette.applications import Starlette
