@@ -179,3 +179,15 @@ def test_plain_quiz_in_a_terminal_echoes_the_answer_then_reviews_it(library: Lib
         assert question.stem in review
         assert f"✗ You answered {answer}) {question.choices['abcd'.index(answer)].text}" in review
         assert f"✓ The answer is {question.answer}) " in review
+
+
+def test_ask_on_an_unreachable_engine_says_so_in_one_line(tmp_path: Path) -> None:
+    gone = qt("ask", "What is NF4?", "--engine", "http://127.0.0.1:9/v1")
+    assert gone.returncode == 2 and "Traceback" not in gone.stderr
+    assert "cannot reach the engine at http://127.0.0.1:9/v1" in gone.stderr
+    assert "Loading the lesson index" not in gone.stderr, "the server is reached before the index loads"
+    (tmp_path / "v.toml").write_text("bf16 = 3\n")
+    bad = qt(
+        "ask", "What is NF4?", "--engine", "http://127.0.0.1:9/v1", "--variants", str(tmp_path / "v.toml")
+    )
+    assert bad.returncode == 2 and 'each line must be precision = "served model id"' in bad.stderr

@@ -8,6 +8,7 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -242,3 +243,99 @@ def test_killed_engine_mid_reply_is_marked_cut_and_restarted(model_cache: Path, 
     assert out["second_grounded"] and out["second_generated"]
     assert out["app_running"]
     assert out["heavy_imported"] == [], "the UI process never imported the model's libraries"
+
+
+# --- the tutor on a remote engine (issue 13): generation over the OpenAI protocol ----------
+
+
+@pytest.mark.model
+def test_the_tutor_answers_through_a_remote_engine(engine_process: EngineProcess, shared_retriever) -> None:  # type: ignore[no-untyped-def]
+    """The tutor's own ask (retrieval, quote, support check here) with the model behind the
+    OpenAI protocol of a real engine process: its variants listed, a switch, a cancel."""
+    from tutor.assistant.tutor_chat import ask
+    from tutor.engine.remote import RemoteEngine, RemoteError
+
+    transport = httpx.HTTPTransport(uds=str(engine_process.socket_path))
+    http = httpx.Client(transport=transport, timeout=httpx.Timeout(10.0, read=120.0))
+    remote = RemoteEngine.connect(
+        "http://engine/v1", api_key=engine_process.token, precision="fp32", http=http
+    )
+    assert list(remote.variants) == [served.split(":")[1] for served in MODEL_IDS]
+    question, lesson = "What does KL divergence measure?", "quantization-8bit-4bit"
+    answer = ask(question, shared_retriever, remote, lesson, max_new_tokens=32)
+    assert answer.grounded and answer.quote is not None and answer.generated.strip()
+    assert answer.precision == "fp32" and answer.sentences, "checked against the lesson here"
+    stats = answer.stats
+    assert stats.device == "remote http://engine/v1" and 0 < stats.tokens <= 32 and stats.ttft_s
+    assert stats.weights_mib is None and "weights – MiB" in stats.describe("fp32")
+    remote.switch("int8-wo")  # another served variant: the server builds it for this request
+    assert ask(question, shared_retriever, remote, lesson, max_new_tokens=8).precision == "int8-wo"
+    stop = threading.Event()  # cancelled at the first token: the stream closes, the server stops
+    reply = remote.generate(
+        "Tell me a long story.", max_new_tokens=200, on_token=lambda _e: stop.set(), cancel=stop
+    )
+    assert reply.stats.stop_reason == "cancelled" and reply.text and reply.stats.tokens < 200
+    started = time.monotonic()
+    assert remote.generate("Hi", max_new_tokens=4).text and time.monotonic() - started < 20
+    with pytest.raises(RemoteError, match="serves no variant for 'q3'; it serves: fp32, bf16"):
+        remote.switch("q3")
+    refused = RemoteEngine("http://engine/v1", remote.variants, "bf16", "wrong", http)
+    with pytest.raises(
+        RemoteError, match="answered 401: the API key was refused; set QUANT_TUTOR_ENGINE_TOKEN"
+    ):
+        refused.generate("Hi", max_new_tokens=2)
+
+
+def _scripted_server(replies: list[tuple[int, bytes, int | None]]) -> tuple[str, list[str]]:
+    """A tiny HTTP server answering each request with the next (status, body, length) in
+    ``replies`` (length None: the body's own; more than the body: the connection is cut)."""
+    import http.server
+    import threading as th
+
+    seen: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def _answer(self) -> None:
+            seen.append(self.path)
+            status, body, length = replies.pop(0)
+            self.send_response(status)
+            self.send_header("Content-Type", "text/event-stream" if status == 200 else "application/json")
+            self.send_header("Content-Length", str(len(body) if length is None else length))
+            self.end_headers()
+            self.wfile.write(body)
+            self.wfile.flush()
+            self.close_connection = True
+
+        do_GET = do_POST = _answer
+
+        def log_message(self, *_args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    th.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_address[1]}/v1", seen
+
+
+def test_remote_faults_are_said_in_one_line_and_what_arrived_stays() -> None:
+    from tutor.engine.remote import RemoteEngine, RemoteError, variants_from_ids
+
+    chunk = b'data: {"choices": [{"delta": {"content": "Int8 is"}}]}\n\n'
+    done = b'data: {"choices": [{"delta": {}, "finish_reason": "stop"}]}\n\ndata: [DONE]\n\n'
+    busy = (503, b'{"error": {"message": "overloaded"}}', None)
+    url, seen = _scripted_server(
+        [busy, busy, (200, chunk + done, None), (200, chunk, len(chunk) + 500)] + [busy] * 3
+    )
+    remote = RemoteEngine(url, {"q8": "m-q8"}, "q8", backoff_s=0.01)
+    assert remote.generate("Hi").text == "Int8 is" and len(seen) == 3, "two 503s, then the reply"
+    cut = remote.generate("Hi")  # the server closes mid-reply: what arrived stays, said cut
+    assert cut.text == "Int8 is" and cut.stats.stop_reason.startswith("cut")
+    with pytest.raises(RemoteError, match=r"answered 503: the server failed \(overloaded\)"):
+        remote.generate("Hi")
+    nobody = RemoteEngine("http://127.0.0.1:9/v1", {"q8": "m"}, "q8", backoff_s=0.01)
+    with pytest.raises(RemoteError, match=r"cannot reach the engine at http://127\.0\.0\.1:9/v1"):
+        nobody.served()
+    assert variants_from_ids(["m:bf16", "m:nf4", "llama3:8b-q4"]) == {
+        "bf16": "m:bf16",
+        "nf4": "m:nf4",
+        "llama3:8b-q4": "llama3:8b-q4",
+    }

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
     from tutor.assistant.retrieval import Retriever
     from tutor.engine import Engine
+    from tutor.engine.remote import RemoteEngine
     from tutor.engine.reports import TokenEvent
 
 MAX_NEW_TOKENS = 96  # three short sentences; a 135M model rambles past that
@@ -62,7 +63,7 @@ def tidy(text: str, max_sentences: int = MAX_SENTENCES) -> str:
 def ask(
     question: str,
     retriever: Retriever,
-    engine: Engine,
+    engine: Engine | RemoteEngine,
     lesson_id: str | None = None,
     on_token: Callable[[TokenEvent], None] | None = None,
     cancel: threading.Event | None = None,

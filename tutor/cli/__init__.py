@@ -93,8 +93,20 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("question", nargs="?", help="the question (or use --questions)")
     ask.add_argument("--questions", type=Path, help="a file with one question per line (model loaded once)")
     ask.add_argument("--lesson", dest="ask_lesson", metavar="ID", help="prefer passages from this lesson")
-    ask.add_argument("--precision", default="bf16", help="bf16 (default), fp32, int8, nf4 or fp4")
+    ask.add_argument(
+        "--precision",
+        help="bf16 (default), fp32, int8, int8-wo, nf4, fp4, int4, gptq4; with --engine: a variant",
+    )
     ask.add_argument("--json", action="store_true", help="print JSON (an array with --questions)")
+    ask.add_argument(
+        "--engine",
+        metavar="URL",
+        help="generate on an OpenAI-compatible server (…/v1: vLLM, llama-server, Ollama, quant-tutor serve); "
+        "its API key from $QUANT_TUTOR_ENGINE_TOKEN",
+    )
+    ask.add_argument(
+        "--variants", type=Path, metavar="TOML", help='with --engine: precision = "served model id" lines'
+    )
     add_model_options(ask)
 
     cliff = sub.add_parser(

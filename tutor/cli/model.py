@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
@@ -16,6 +17,7 @@ from tutor.library.content import Library
 if TYPE_CHECKING:
     from tutor.assistant.retrieval import Retriever
     from tutor.engine import Engine
+    from tutor.engine.remote import RemoteEngine
     from tutor.engine.reports import LoadProgress
 
 
@@ -42,6 +44,19 @@ def load_model(args: argparse.Namespace, err: TextIO) -> Engine:
     try:
         return Engine.load(args.model, device=args.device, progress=_progress_printer(err))
     except EngineError as exc:
+        raise ModelCommandError(str(exc)) from None
+
+
+def connect_remote(args: argparse.Namespace) -> RemoteEngine:
+    """The OpenAI-compatible server at ``--engine``, its variants from ``--variants`` or its list."""
+    from tutor.engine.remote import KEY_ENV, RemoteEngine, RemoteError, read_variants
+
+    try:
+        variants = read_variants(args.variants) if args.variants else None
+        return RemoteEngine.connect(
+            args.engine, api_key=os.environ.get(KEY_ENV), variants=variants, precision=args.precision
+        )
+    except RemoteError as exc:
         raise ModelCommandError(str(exc)) from None
 
 
@@ -94,9 +109,14 @@ def cmd_ask(args: argparse.Namespace, library: Library, out: TextIO, err: TextIO
     if args.ask_lesson and args.ask_lesson not in library.lessons:
         raise ModelCommandError(f"no lesson {args.ask_lesson!r}; known lessons: {', '.join(library.lessons)}")
     questions = _read_questions(args.questions) if args.questions else [args.question]
-    retriever = load_retriever(library, err)
-    engine = load_model(args, err)
-    _switch(engine, args.precision)
+    engine: Engine | RemoteEngine
+    if args.engine:  # reached first: a wrong URL or key is said before the index loads
+        engine = connect_remote(args)
+        retriever = load_retriever(library, err)
+    else:
+        retriever = load_retriever(library, err)
+        engine = load_model(args, err)
+        _switch(engine, args.precision or "bf16")
     answers = []
 
     def cut_notice(prepared: Any) -> None:

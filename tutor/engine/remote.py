@@ -1,0 +1,267 @@
+"""The tutor's generation on an OpenAI-compatible server (vLLM, llama.cpp's llama-server,
+Ollama, or another ``quant-tutor serve``): the lesson, retrieval, the quote and the support
+check stay local; only the model's reply moves.
+
+Precision becomes a choice among *served variants*: each precision name maps to a model id the
+server serves. ``quant-tutor serve`` names its ids ``<model>:<precision>``, so its variants are
+found by listing ``/models``; any other server's ids are offered under their own names, and a
+mapping file (TOML, ``bf16 = "served-model-id"``) names them. TTFT and tok/s are measured here,
+on the client: they include the network. Context-aware decoding needs the model's logits, so a
+remote reply is plain decoding.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import tomllib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tutor.engine.errors import EngineError
+from tutor.engine.generate import Cancel, Messages, OnToken, is_cancelled
+from tutor.engine.protocol import TOKEN_ENV, parse_sse
+from tutor.engine.reports import Reply, ReplyStats, TokenEvent
+
+RETRIES = 3  # tries for a 429 or 5xx answer, or a connection refused, before giving up
+BACKOFF_S = 0.5  # the first wait between tries; doubled each time
+KEY_ENV = TOKEN_ENV  # the API key's environment variable (the same one `quant-tutor serve` reads)
+
+
+class RemoteError(EngineError):
+    """The server could not be reached or refused; the message names the server and why."""
+
+
+def read_variants(path: Path) -> dict[str, str]:
+    """A mapping file: ``precision = "served model id"`` per line (TOML)."""
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise RemoteError(f"cannot read the variants file {path}: {exc}") from None
+    bad = [key for key, value in data.items() if not isinstance(value, str) or not value]
+    if bad or not data:
+        raise RemoteError(f'{path}: each line must be precision = "served model id" (bad: {bad or "empty"})')
+    return dict(data)
+
+
+def variants_from_ids(ids: Sequence[str]) -> dict[str, str]:
+    """Served ids as variants: ``<model>:<precision>`` under its precision, any other under its id."""
+    from tutor.engine.precisions import PRECISIONS
+
+    found: dict[str, str] = {}
+    for served in ids:
+        name = served.rsplit(":", 1)[-1] if ":" in served else served
+        found.setdefault(name if name in PRECISIONS else served, served)
+    return found
+
+
+@dataclass
+class RemoteEngine:
+    """What ``tutor.assistant.tutor_chat.ask`` needs of an engine, over HTTP."""
+
+    base_url: str  # ends in /v1
+    variants: dict[str, str]  # precision (or a served id) -> the model id to ask for
+    precision: str
+    api_key: str | None = None
+    http: httpx.Client | None = None  # default: a client of its own
+    backoff_s: float = BACKOFF_S
+
+    def __post_init__(self) -> None:
+        if self.http is None:
+            self.http = httpx.Client(timeout=httpx.Timeout(10.0, read=120.0))
+        self._client: httpx.Client = self.http
+
+    @classmethod
+    def connect(
+        cls,
+        base_url: str,
+        *,
+        api_key: str | None = None,
+        variants: Mapping[str, str] | None = None,
+        precision: str | None = None,
+        http: httpx.Client | None = None,
+    ) -> RemoteEngine:
+        """Reach the server; without ``variants`` they come from its ``/models``."""
+        engine = cls(base_url.rstrip("/"), {}, "", api_key, http)
+        engine.variants = dict(variants) if variants else variants_from_ids(engine.served())
+        if not engine.variants:
+            raise RemoteError(f"{engine.base_url} serves no model")
+        engine.switch(precision or ("bf16" if "bf16" in engine.variants else next(iter(engine.variants))))
+        return engine
+
+    @property
+    def device(self) -> str:
+        return f"remote {self.base_url}"
+
+    def served(self) -> list[str]:
+        """The model ids the server lists."""
+        response = self._send("GET", "/models")
+        try:
+            return [str(model["id"]) for model in response.json()["data"]]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise RemoteError(f"{self.base_url}/models did not list models ({exc})") from None
+
+    def switch(self, precision: str, *, wait: bool | float = True) -> None:
+        if precision not in self.variants:
+            raise RemoteError(
+                f"{self.base_url} serves no variant for {precision!r}; it serves: {', '.join(self.variants)}"
+            )
+        self.precision = precision
+
+    def generate(
+        self,
+        messages: Messages,
+        *,
+        max_new_tokens: int = 96,
+        on_token: OnToken = None,
+        cancel: Cancel = None,
+        wait: bool | float = True,
+        contrast: Any = None,
+        alpha: float = 0.0,
+        prefix: str = "",
+        **_options: Any,
+    ) -> Reply:
+        """One streamed chat completion at the current variant, greedy. ``contrast``/``alpha``
+        are accepted and not used (context-aware decoding needs the logits)."""
+        chat = [{"role": "user", "content": messages}] if isinstance(messages, str) else list(messages)
+        if prefix:
+            chat.append({"role": "assistant", "content": prefix})
+        body = {
+            "model": self.variants[self.precision],
+            "messages": chat,
+            "max_tokens": max_new_tokens,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        started = time.perf_counter()
+        pieces: list[str] = []
+        first: float | None = None
+        usage: dict[str, Any] = {}
+        stop_reason = "max_tokens"
+        with self._stream("/chat/completions", body) as lines:
+            try:
+                for event in parse_sse(lines):
+                    if event.data == "[DONE]":
+                        break
+                    if not isinstance(event.data, dict):
+                        continue
+                    usage = event.data.get("usage") or usage
+                    for choice in event.data.get("choices") or []:
+                        text = (choice.get("delta") or {}).get("content") or ""
+                        if text:
+                            first = first or time.perf_counter()
+                            pieces.append(text)
+                            if on_token is not None:
+                                on_token(TokenEvent(-1, text, len(pieces) - 1))
+                        if choice.get("finish_reason") == "stop":
+                            stop_reason = "eos"
+                    if is_cancelled(cancel):
+                        stop_reason = "cancelled"
+                        break  # closing the stream cancels the reply on the server
+            except httpx.HTTPError as exc:
+                stop_reason = f"cut ({_why(exc)})"  # what arrived stays
+        return Reply("".join(pieces), [], self._stats(started, first, len(pieces), usage, stop_reason))
+
+    def _stats(
+        self, started: float, first: float | None, pieces: int, usage: Mapping[str, Any], stop_reason: str
+    ) -> ReplyStats:
+        ended = time.perf_counter()
+        tokens = int(usage.get("completion_tokens") or pieces)
+        decode_s = ended - first if first is not None else 0.0
+        return ReplyStats(
+            precision=self.precision,
+            device=self.device,
+            prompt_tokens=int(usage.get("prompt_tokens") or 0),
+            tokens=tokens,
+            ttft_s=None if first is None else first - started,
+            prefill_s=None,
+            prefill_tok_s=None,
+            decode_s=decode_s,
+            decode_tok_s=(tokens - 1) / decode_s if tokens > 1 and decode_s > 0 else None,
+            total_s=ended - started,
+            weights_mib=float("nan"),  # the server's, not known here
+            rss_mib=float("nan"),
+            peak_rss_mib=float("nan"),
+            cuda_peak_mib=None,
+            cancelled=stop_reason == "cancelled",
+            stop_reason=stop_reason,
+            sampling="greedy",
+            decoder="remote",
+        )
+
+    # --- HTTP --------------------------------------------------------------------------
+
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    def _send(self, method: str, path: str) -> httpx.Response:
+        return self._retrying(
+            lambda: self._client.request(method, self.base_url + path, headers=self._headers())
+        )
+
+    def _stream(self, path: str, body: dict[str, Any]) -> _Lines:
+        def start() -> httpx.Response:
+            request = self._client.build_request(
+                "POST", self.base_url + path, headers=self._headers(), content=json.dumps(body)
+            )
+            return self._client.send(request, stream=True)
+
+        return _Lines(self._retrying(start))
+
+    def _retrying(self, send: Callable[[], httpx.Response]) -> httpx.Response:
+        """``send()`` until it answers 2xx; 429, 5xx and refused connections are tried again."""
+        wait = self.backoff_s
+        for attempt in range(1, RETRIES + 1):
+            try:
+                response = send()
+            except httpx.HTTPError as exc:
+                if attempt == RETRIES or not isinstance(exc, httpx.ConnectError):
+                    raise RemoteError(f"cannot reach the engine at {self.base_url}: {_why(exc)}") from None
+            else:
+                if response.status_code < 400:
+                    return response
+                response.read()
+                retry = response.status_code == 429 or response.status_code >= 500
+                if not retry or attempt == RETRIES:
+                    raise RemoteError(_refusal(self.base_url, response)) from None
+                response.close()
+            time.sleep(wait)
+            wait *= 2
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
+class _Lines:
+    """A streamed response's lines, closed (the reply cancelled on the server) on exit."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        self.response = response
+
+    def __enter__(self) -> Iterator[str]:
+        return self.response.iter_lines()
+
+    def __exit__(self, *exc: object) -> None:
+        self.response.close()
+
+
+def _why(exc: Exception) -> str:
+    return str(exc) or type(exc).__name__
+
+
+def _refusal(base_url: str, response: httpx.Response) -> str:
+    code = response.status_code
+    try:
+        detail = response.json().get("error", {}).get("message", "")
+    except (ValueError, AttributeError):
+        detail = response.text[:200]
+    hint = {
+        401: f"the API key was refused; set {KEY_ENV} to the server's key",
+        403: "the API key may not use this model",
+        404: "no such model or route on this server",
+        429: "the server is rate-limiting; try again later",
+    }.get(code, "the server failed" if code >= 500 else "the request was refused")
+    return f"{base_url} answered {code}: {hint}" + (f" ({detail})" if detail else "")
