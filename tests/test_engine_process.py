@@ -281,7 +281,7 @@ def test_the_tutor_answers_through_a_remote_engine(engine_process: EngineProcess
         remote.switch("q3")
     refused = RemoteEngine("http://engine/v1", remote.variants, "bf16", "wrong", http)
     with pytest.raises(
-        RemoteError, match="answered 401: the API key was refused; set QUANT_TUTOR_ENGINE_TOKEN"
+        RemoteError, match="answered 401: the API key was refused; set QUANT_TUTOR_REMOTE_KEY"
     ):
         refused.generate("Hi", max_new_tokens=2)
 

@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--engine",
         metavar="URL",
         help="generate on an OpenAI-compatible server (…/v1: vLLM, llama-server, Ollama, quant-tutor serve); "
-        "its API key from $QUANT_TUTOR_ENGINE_TOKEN",
+        "its API key from $QUANT_TUTOR_REMOTE_KEY",
     )
     ask.add_argument(
         "--variants", type=Path, metavar="TOML", help='with --engine: precision = "served model id" lines'

@@ -24,12 +24,14 @@ import httpx
 
 from tutor.engine.errors import EngineError
 from tutor.engine.generate import Cancel, Messages, OnToken, is_cancelled
-from tutor.engine.protocol import TOKEN_ENV, parse_sse
+from tutor.engine.protocol import parse_sse
 from tutor.engine.reports import Reply, ReplyStats, TokenEvent
 
 RETRIES = 3  # tries for a 429 or 5xx answer, or a connection refused, before giving up
 BACKOFF_S = 0.5  # the first wait between tries; doubled each time
-KEY_ENV = TOKEN_ENV  # the API key's environment variable (the same one `quant-tutor serve` reads)
+# The remote server's API key. Not TOKEN_ENV: the app hands its own engine process a token of
+# its own in that variable, and that process may be the one talking to the remote server.
+KEY_ENV = "QUANT_TUTOR_REMOTE_KEY"
 
 
 class RemoteError(EngineError):
