@@ -16,18 +16,17 @@ from tutor.assistant.grounding import (
     Messages,
     answer,
     build_messages,
-    check_support,
     contrast_messages,
     decline_message,
     finish,
     limit_question,
-    negated,
     prepare,
     sentences,
 )
 from tutor.assistant.intent import lesson_part, question_type
 from tutor.assistant.quote import best_quote, leans_back, spans
 from tutor.assistant.retrieval import Hit, Retriever, SearchResult
+from tutor.assistant.support import check_support, negated
 from tutor.assistant.tutor_chat import tidy
 
 STATS = AnswerStats(ttft_s=0.2, tokens=12, tokens_per_s=30.0, weights_mib=256.0, stop="eos")

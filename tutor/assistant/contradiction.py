@@ -1,6 +1,6 @@
 """Whether a sentence says the opposite of a close lesson sentence, and how.
 
-The support check (``tutor.assistant.grounding.check_support``) asks this of the passage sentences that
+The support check (``tutor.assistant.support.check_support``) asks this of the passage sentences that
 are close to a generated sentence in meaning; a sentence that is close *and* differs in one of
 these ways contradicts the lesson rather than merely being absent from it:
 

@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from tutor.assistant.grounding import MARKS, Verdict, check_support, evidence_units, prepare
+from tutor.assistant.grounding import prepare
 from tutor.assistant.quote import spans
+from tutor.assistant.support import MARKS, Verdict, check_support, evidence_units
 from tutor.library.content import default_content_dir
 
 if TYPE_CHECKING:  # pragma: no cover

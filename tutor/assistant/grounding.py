@@ -12,7 +12,8 @@ when the caller streams the model itself):
 3. build a short prompt from the passages (:func:`build_messages`) and let the model
    explain;
 4. check every sentence the model wrote against the cited passages
-   (:func:`check_support`): supported, or not found in the lesson.
+   (:func:`tutor.assistant.support.check_support`): supported, not found in the lesson, or
+   contradicting it.
 
 Nothing here imports the model engine: ``generate`` is any callable from chat
 messages to ``(text, stats)``.
@@ -21,19 +22,16 @@ messages to ``(text, stats)``.
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-import numpy as np
-
 from tutor.assistant.answer_stats import AnswerStats
-from tutor.assistant.contradiction import contradiction
 from tutor.assistant.intent import LessonPart, lesson_part
-from tutor.assistant.quote import Quote, best_quote, overlap
+from tutor.assistant.quote import Quote, best_quote
 from tutor.assistant.retrieval import Embedder, Hit, SearchResult
-from tutor.text import clean, content_tokens, sentences, word_set
+from tutor.assistant.support import SentenceCheck, check_support
+from tutor.text import clean, sentences
 
 if TYPE_CHECKING:  # pragma: no cover
     from tutor.assistant.retrieval import Retriever
@@ -48,74 +46,7 @@ MAX_QUESTION_CHARS = 500
 PASSAGE_TOKEN_BUDGET = 700
 CHARS_PER_TOKEN = 4
 
-# Support check, tuned on the `claims` in content/eval_questions.yaml: a generated sentence
-# is supported when SUPPORT_COSINE_WEIGHT * cosine + (1 - weight) * overlap reaches
-# SUPPORT_THRESHOLD, where cosine is its best embedding similarity to a passage sentence
-# of the same polarity (both negated or both not) and overlap the share of its content
-# words found in the passages; and every number it states occurs in the passages.
-SUPPORT_COSINE_WEIGHT = 0.6
-SUPPORT_THRESHOLD = 0.75
-# Not supported when the closest passage sentence has the opposite polarity, is close
-# (cosine at least CONTRADICTION_MIN_COSINE) and beats the best same-polarity one by
-# CONTRADICTION_MARGIN: "4-bit is not usable for chat" against "int4 is usable for chat".
-CONTRADICTION_MARGIN = 0.1
-CONTRADICTION_MIN_COSINE = 0.5
-# Also contradicted when one of the CLASH_NEIGHBOURS closest passage sentences (cosine at
-# least CLASH_MIN_COSINE) gives another number in the same unit, the opposite word, or the
-# same two names the other way round (tutor.assistant.contradiction).
-CLASH_NEIGHBOURS = 2
-CLASH_MIN_COSINE = 0.6
-
 # --- results ------------------------------------------------------------------------
-
-Verdict = Literal["supported", "not_found", "contradicts"]
-MARKS: dict[Verdict, str] = {
-    "supported": "✓ supported by the lesson",
-    "not_found": "? not found in the lesson",
-    "contradicts": "✗ contradicts the lesson",
-}
-
-
-@dataclass(frozen=True)
-class SentenceCheck:
-    text: str
-    supported: bool
-    score: float  # 0..1, the combined cosine and overlap
-    evidence: str = ""  # the passage sentence it matched best (or the one it contradicts)
-    reason: str = ""  # why it is not supported: "", "weak match", "number not in the lesson", ...
-    contradicts: bool = False  # the lesson says otherwise (not merely: the lesson doesn't say it)
-
-    @property
-    def verdict(self) -> Verdict:
-        if self.supported:
-            return "supported"
-        return "contradicts" if self.contradicts else "not_found"
-
-    @property
-    def mark(self) -> str:
-        """The mark the learner sees, in words as well as a symbol."""
-        return MARKS[self.verdict]
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "text": self.text,
-            "supported": self.supported,
-            "verdict": self.verdict,
-            "score": round(self.score, 3),
-            "reason": self.reason,
-            "evidence": self.evidence,
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SentenceCheck:
-        return cls(
-            data["text"],
-            bool(data["supported"]),
-            float(data["score"]),
-            data.get("evidence", ""),
-            data.get("reason", ""),
-            data.get("verdict") == "contradicts",
-        )
 
 
 @dataclass(frozen=True)
@@ -310,143 +241,6 @@ def decline_message(result: SearchResult, lesson_id: str | None = None, max_sect
     if lesson_id is not None and closest[0].lesson_id != lesson_id:
         text += f" The related lesson “{closest[0].lesson_title}” comes closest."
     return clean(text)
-
-
-# --- the quote ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Candidate:
-    text: str
-    hit: Hit
-    rank: int  # 0 for the first passage
-
-
-def _candidates(hits: Sequence[Hit]) -> list[_Candidate]:
-    seen: set[str] = set()
-    out = []
-    for rank, hit in enumerate(hits):
-        for sentence in sentences(hit.text):
-            if sentence not in seen:
-                seen.add(sentence)
-                out.append(_Candidate(sentence, hit, rank))
-    return out
-
-
-# --- the support check --------------------------------------------------------------
-
-_NEGATIONS = word_set(
-    """
-    not no never cannot can't won't don't doesn't didn't isn't aren't wasn't weren't shouldn't
-    couldn't wouldn't hasn't haven't hadn't without none nothing neither nor
-    """
-)
-_NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
-
-
-def negated(text: str) -> bool:
-    """Polarity: an odd number of negating words ("cannot ... without" cancels out)."""
-    words = re.findall(r"[a-z]+(?:['’][a-z]+)?", text.lower().replace("’", "'"))
-    count = sum(w in _NEGATIONS or w.endswith("n't") for w in words)
-    return count % 2 == 1
-
-
-def _numbers(text: str) -> set[str]:
-    return {n.replace(",", "") for n in _NUMBER.findall(text)}
-
-
-_CLAUSE = re.compile(r"\s*(?:;|:|,\s+(?:but|and|so|while|which|whereas)\b)\s*")
-
-
-def evidence_units(hits: Sequence[Hit]) -> list[str]:
-    """The passages' sentences, plus their clauses (so "X is not tuned, and Y is" yields a
-    positive "Y is" as well as the negated whole)."""
-    units: list[str] = []
-    seen: set[str] = set()
-    for candidate in _candidates(hits):
-        parts = [candidate.text]
-        clauses = [c.strip(" .") for c in _CLAUSE.split(candidate.text)]
-        if len(clauses) > 1:
-            parts += [c for c in clauses if len(c.split()) >= 3]
-        for part in parts:
-            if part not in seen:
-                seen.add(part)
-                units.append(part)
-    return units
-
-
-def check_support(generated_text: str, hits: Sequence[Hit], embed: Embedder) -> list[SentenceCheck]:
-    """Each sentence of the model's text, marked supported when the cited passages back it.
-
-    For every sentence: ``cosine`` is its best embedding similarity to a passage sentence
-    or clause of the same polarity (both negated or both not); ``overlap`` the share of
-    its content words found in the passages; the score is their weighted sum. It is
-    supported when the score reaches SUPPORT_THRESHOLD. It *contradicts* the lesson when
-    - its closest passage sentence has the opposite polarity, is close, and clearly beats
-      every same-polarity one (CONTRADICTION_*): "4-bit is not usable for chat", or
-    - one of its closest passage sentences (CLASH_*) gives another number in the same unit,
-      the opposite word, or two names the other way round (``tutor.assistant.contradiction``).
-    It is *not found* when it states a number the passages don't contain, scores below the
-    threshold, or has no content words to check ("Yes, you can.").
-    """
-    said = sentences(generated_text)
-    if not said:
-        return []
-    evidence = evidence_units(hits)
-    if not evidence:
-        return [SentenceCheck(clean(s), False, 0.0, "", "no passage") for s in said]
-    passage_tokens = {t for unit in evidence for t in content_tokens(unit)}
-    passage_numbers = {n for unit in evidence for n in _numbers(unit)}
-    vectors = embed([*said, *evidence])
-    said_vectors, evidence_vectors = vectors[: len(said)], vectors[len(said) :]
-    polarity = np.array([negated(unit) for unit in evidence])
-    checks = []
-    for sentence, vector in zip(said, said_vectors, strict=True):
-        tokens = content_tokens(sentence)
-        if not tokens:
-            checks.append(SentenceCheck(clean(sentence), False, 0.0, "", "nothing to check"))
-            continue
-        cosines = evidence_vectors @ vector
-        closest = int(np.argmax(cosines))
-        same = polarity == negated(sentence)
-        if same.any():
-            index = int(np.flatnonzero(same)[np.argmax(cosines[same])])
-            cosine = float(cosines[index])
-        else:
-            index, cosine = closest, 0.0
-        share = overlap(tokens, passage_tokens)
-        score = max(0.0, min(1.0, SUPPORT_COSINE_WEIGHT * cosine + (1 - SUPPORT_COSINE_WEIGHT) * share))
-        reason, contradicts = "", False
-        clash = _clash(sentence, evidence, cosines)
-        if (
-            polarity[closest] != negated(sentence)
-            and float(cosines[closest]) >= CONTRADICTION_MIN_COSINE
-            and float(cosines[closest]) - cosine >= CONTRADICTION_MARGIN
-        ):
-            reason, index, contradicts = "the lesson says the opposite", closest, True
-        elif clash is not None:
-            (index, how), contradicts = clash, True
-            reason = f"the lesson says otherwise ({how})"
-        elif _numbers(sentence) - passage_numbers:
-            reason = "states a number the lesson doesn't"
-        elif score < SUPPORT_THRESHOLD:
-            reason = "not close to any passage sentence"
-        checks.append(
-            SentenceCheck(clean(sentence), not reason, score, clean(evidence[index]), reason, contradicts)
-        )
-    return checks
-
-
-def _clash(sentence: str, evidence: Sequence[str], cosines: np.ndarray) -> tuple[int, str] | None:
-    """The closest passage sentences that say otherwise than ``sentence`` (another number in
-    the same unit, the opposite word, two names swapped), with how; None when none does."""
-    for index in np.argsort(-cosines)[:CLASH_NEIGHBOURS]:
-        if float(cosines[index]) < CLASH_MIN_COSINE:
-            break
-        how = contradiction(sentence, evidence[int(index)])
-        if how is not None:
-            return int(index), how
-    return None
 
 
 # --- the whole answer ---------------------------------------------------------------
