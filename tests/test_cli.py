@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 
 from tests.conftest import SEED
-from tutor.library.content import LETTERS, Library
+from tutor.library.content import Library
+from tutor.library.models import LETTERS
 
 SCRIPT = Path(sys.executable).with_name("quant-tutor")
 

@@ -9,14 +9,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, SEED
-from tutor.library.content import (
-    QUIZ_LENGTH,
-    Library,
-    load_library,
-    parse_sections,
-    plain_text,
-    validate_library,
-)
+from tutor.library.content import Library, load_library, parse_sections, validate_library
+from tutor.library.models import QUIZ_LENGTH
+from tutor.library.plain import plain_text
 
 RELATED = ["hermes-q4-vs-q8", "gguf-awq-gptq-decision", "fp16-q8-q6-q5-q4"]
 

@@ -14,7 +14,8 @@ from tui.widgets import lesson_view
 from tui.widgets.plain import Plain
 from tui.widgets.practice_view import DoneBox, PracticeView
 from tui.widgets.quiz_view import QuizView
-from tutor.library.content import LETTERS, Library
+from tutor.library.content import Library
+from tutor.library.models import LETTERS
 from tutor.progress.quiz import QuizSession
 from tutor.progress.store import Store
 

@@ -21,7 +21,8 @@ from tutor import cli
 from tutor.assistant.chunks import lesson_and_related
 from tutor.assistant.retrieval import Retriever
 from tutor.library import content
-from tutor.library.content import ContentFileError, Library, index_path, load_library
+from tutor.library.content import Library, index_path, load_library
+from tutor.library.models import QUIZ_LENGTH, ContentFileError
 from tutor.library.sample_library import TRACKS, generate_library
 from tutor.progress.store import Store
 
@@ -74,7 +75,7 @@ def test_start_up_reads_the_index_not_the_lessons(big: Path, monkeypatch: pytest
     assert (len(fronts), len(bodies), len(quizzes)) == (COUNT, 0, 0), "warm: nothing but the index"
 
     lesson = warm.get(next(iter(warm.lessons)))  # opening one parses that one
-    assert lesson.sections and len(lesson.questions) == content.QUIZ_LENGTH
+    assert lesson.sections and len(lesson.questions) == QUIZ_LENGTH
     assert (len(bodies), len(quizzes)) == (1, 1)
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import SEED
-from tutor.library.content import LETTERS, Library
+from tutor.library.content import Library
+from tutor.library.models import LETTERS
 from tutor.progress.quiz import QuizError, QuizSession, parse_choice
 from tutor.progress.store import Store
 

@@ -18,7 +18,8 @@ from tui.screens.too_small import TooSmallScreen
 from tui.widgets.lesson_view import LessonView
 from tui.widgets.plain import Plain
 from tui.widgets.quiz_view import QuizView
-from tutor.library.content import LETTERS, Library
+from tutor.library.content import Library
+from tutor.library.models import LETTERS
 from tutor.progress.store import Store
 
 SIZE = (80, 24)

@@ -20,8 +20,9 @@ from tui.tutor_runtime import TutorRuntime, TutorState
 from tui.widgets.chat_view import PRECISION_KEYS, ChatView
 from tui.widgets.practice_view import PracticeView
 from tui.widgets.quiz_view import QuizView
-from tutor.library.content import ContentFileError, Library
+from tutor.library.content import Library
 from tutor.library.finder import LessonFinder
+from tutor.library.models import ContentFileError
 from tutor.progress.store import Store
 from tutor.text import plural
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from textual.command import DiscoveryHit, Hit, Hits, Provider
 
-from tutor.library.content import LessonEntry
+from tutor.library.models import LessonEntry
 
 if TYPE_CHECKING:
     from tui.app import QuantTutorApp

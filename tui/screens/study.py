@@ -19,7 +19,8 @@ from tui.widgets.plain import Plain, literal
 from tui.widgets.practice_view import PracticeView
 from tui.widgets.progress_view import ProgressView
 from tui.widgets.quiz_view import QuizView
-from tutor.library.content import Lesson, Library
+from tutor.library.content import Library
+from tutor.library.models import Lesson
 from tutor.progress.store import Store
 
 TABS = {

@@ -23,7 +23,7 @@ from tui.messages import TutorStatus
 from tui.tutor_runtime import TutorState
 from tui.widgets.plain import Plain, literal
 from tutor.engine.client import EngineGone, EngineRefused
-from tutor.library.content import Lesson
+from tutor.library.models import Lesson
 from tutor.progress.store import Store
 from tutor.text import clean, plural
 

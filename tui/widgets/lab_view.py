@@ -21,7 +21,7 @@ from tutor.engine.precisions import MEASURED
 from tutor.lab.diff import departures
 from tutor.lab.measure import QualityRow
 from tutor.lab.sections import Section
-from tutor.library.content import Lesson
+from tutor.library.models import Lesson
 
 if TYPE_CHECKING:
     from tui.tutor_runtime import TutorRuntime

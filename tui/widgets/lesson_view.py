@@ -11,7 +11,7 @@ from textual.widgets import Markdown
 
 from tui.messages import ProgressChanged, ShowTab
 from tui.widgets.plain import Plain, literal
-from tutor.library.content import Lesson
+from tutor.library.models import Lesson
 from tutor.progress.store import Store
 from tutor.text import clean
 

@@ -15,8 +15,9 @@ from textual.widgets.option_list import Option
 
 from tui.messages import OpenLesson
 from tui.widgets.plain import Plain, literal
-from tutor.library.content import Lesson, LessonEntry, Library
+from tutor.library.content import Library
 from tutor.library.finder import by_track
+from tutor.library.models import Lesson, LessonEntry
 from tutor.progress.records import MARK_WIDTH, LessonSummary, progress_mark
 from tutor.progress.store import Store
 from tutor.text import plural

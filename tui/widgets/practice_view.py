@@ -9,7 +9,7 @@ from textual.widgets import Button, Checkbox, TextArea
 
 from tui.messages import AskTutor, ProgressChanged
 from tui.widgets.plain import Plain, literal
-from tutor.library.content import Lesson
+from tutor.library.models import Lesson
 from tutor.progress.store import Store
 
 INTRO = (

@@ -11,7 +11,8 @@ from textual.widgets import DataTable
 
 from tui.messages import OpenLesson
 from tui.widgets.plain import Plain
-from tutor.library.content import QUIZ_LENGTH, Library
+from tutor.library.content import Library
+from tutor.library.models import QUIZ_LENGTH
 from tutor.progress.records import LessonSummary
 from tutor.progress.store import Store
 from tutor.text import clean

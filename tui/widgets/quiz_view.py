@@ -14,7 +14,7 @@ from textual.content import Content
 from tui.messages import AskTutor, JumpToSection, ProgressChanged
 from tui.screens.confirm import ConfirmDiscard
 from tui.widgets.plain import Plain, literal
-from tutor.library.content import LETTERS, Lesson, Question
+from tutor.library.models import LETTERS, Lesson, Question
 from tutor.progress.quiz import (
     Feedback,
     QuizError,

@@ -8,7 +8,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from tutor.library.content import Lesson, Library, Section
+from tutor.library.content import Library
+from tutor.library.models import Lesson, Section
 from tutor.text import slug, unlink
 
 # Paragraphs shorter than this many words join the next paragraph of their section.

@@ -35,7 +35,8 @@ import numpy as np
 
 from tutor.assistant.chunks import PRACTICE, Chunk, lesson_and_related, lesson_chunks
 from tutor.assistant.lesson_vectors import lesson_key, read_vectors, write_vectors
-from tutor.library.content import ContentFileError, Library, load_lesson
+from tutor.library.content import Library, load_lesson
+from tutor.library.models import ContentFileError
 from tutor.text import clean, content_tokens
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -17,17 +17,9 @@ from typing import Any, TextIO
 
 from tutor import __version__
 from tutor.engine.precisions import MEASURED
-from tutor.library.content import (
-    LETTERS,
-    QUIZ_LENGTH,
-    ContentFileError,
-    Lesson,
-    Library,
-    json_schema,
-    load_library,
-    plain_text,
-    validate_library,
-)
+from tutor.library.content import Library, json_schema, load_library, validate_library
+from tutor.library.models import LETTERS, QUIZ_LENGTH, ContentFileError, Lesson
+from tutor.library.plain import plain_text
 from tutor.progress.database import StoreError
 from tutor.progress.records import LessonSummary
 from tutor.progress.store import Store

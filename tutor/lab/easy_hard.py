@@ -33,7 +33,8 @@ from tutor.lab.measure import (
     read_json,
     write_json,
 )
-from tutor.library.content import Library, Question
+from tutor.library.content import Library
+from tutor.library.models import Question
 
 if TYPE_CHECKING:
     from tutor.engine import Engine

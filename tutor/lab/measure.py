@@ -34,7 +34,8 @@ from typing import IO, TYPE_CHECKING, Any
 
 from tutor.engine.generate import Cancel, is_cancelled
 from tutor.files import write_atomic
-from tutor.library.content import Lesson, Library
+from tutor.library.content import Library
+from tutor.library.models import Lesson
 from tutor.paths import cache_dir
 
 if TYPE_CHECKING:

@@ -4,7 +4,8 @@ A lesson lives in ``content/<lesson-id>/``: ``lesson.md`` (YAML front matter plu
 Markdown body whose ``##`` headings are the lesson's sections) and ``quiz.yaml``
 (exactly ten questions). A broken file never stops the other lessons from loading:
 :func:`load_library` returns the good lessons and a list of :class:`ContentError`,
-each naming the file, the field and the line.
+each naming the file, the field and the line. What the data is lives in
+:mod:`tutor.library.models`; a lesson as plain text in :mod:`tutor.library.plain`.
 """
 
 from __future__ import annotations
@@ -14,169 +15,28 @@ import hashlib
 import importlib.resources
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ValidationError
 
 from tutor.files import write_atomic
+from tutor.library.models import (
+    ContentError,
+    ContentFileError,
+    Lesson,
+    LessonEntry,
+    LessonMeta,
+    Question,
+    QuizFile,
+    Section,
+    Strict,
+)
 
-LETTERS = "abcd"
-QUIZ_LENGTH = 10
-_ID_PATTERN = r"^[a-z0-9]+(-[a-z0-9]+)*$"
 _HEADING = re.compile(r"^(#{2,3})\s+(.+?)\s*#*\s*$")
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
-
-
-class KeyTerm(_Strict):
-    term: str = Field(min_length=1, description="The term as the lesson uses it.")
-    definition: str = Field(min_length=1, description="One line, in plain words.")
-
-    @field_validator("definition")
-    @classmethod
-    def _one_line(cls, value: str) -> str:
-        if "\n" in value:
-            raise ValueError("a key-term definition must fit on one line")
-        return value
-
-
-class PracticeStep(_Strict):
-    title: str = Field(min_length=1, description="Short name of the step.")
-    prompt: str = Field(min_length=1, description="What the learner is asked to do.")
-    tutor_question: str | None = Field(
-        default=None, description="Question to prefill when the step opens the tutor."
-    )
-
-
-class LessonMeta(_Strict):
-    id: str = Field(pattern=_ID_PATTERN, description="Folder name; stable across releases.")
-    title: str = Field(min_length=1)
-    track: str = Field(min_length=1, description="Track and family, e.g. 'Creators · Model Families'.")
-    minutes: int = Field(ge=1, le=240, description="Estimated reading time.")
-    summary: str = Field(min_length=1, description="One or two sentences for lesson lists.")
-    premise: str = Field(min_length=1)
-    key_terms: list[KeyTerm] = Field(min_length=1)
-    practice: list[PracticeStep] = Field(min_length=1, max_length=6)
-    related: list[str] = Field(default_factory=list)
-
-    @field_validator("related")
-    @classmethod
-    def _related_ids(cls, value: list[str]) -> list[str]:
-        for item in value:
-            if not re.match(_ID_PATTERN, item):
-                raise ValueError(f"{item!r} is not a lesson id (lowercase words joined by '-')")
-        return value
-
-
-class Choice(_Strict):
-    text: str = Field(min_length=1)
-    feedback: str = Field(min_length=1, description="Shown after the learner picks this choice.")
-
-
-class Question(_Strict):
-    id: str = Field(pattern=_ID_PATTERN)
-    stem: str = Field(min_length=1)
-    choices: list[Choice] = Field(min_length=3, max_length=4)
-    answer: Literal["a", "b", "c", "d"] = Field(description="Letter of the correct choice.")
-    explanation: str = Field(min_length=1)
-    source: str = Field(min_length=1, description="Heading of the lesson section that teaches it.")
-
-    @model_validator(mode="after")
-    def _answer_in_range(self) -> Question:
-        if LETTERS.index(self.answer) >= len(self.choices):
-            raise ValueError(
-                f"answer {self.answer!r} points past the last choice ({LETTERS[len(self.choices) - 1]!r})"
-            )
-        return self
-
-    @property
-    def correct_index(self) -> int:
-        return LETTERS.index(self.answer)
-
-
-class QuizFile(_Strict):
-    questions: list[Question] = Field(min_length=QUIZ_LENGTH, max_length=QUIZ_LENGTH)
-
-    @field_validator("questions")
-    @classmethod
-    def _unique_ids(cls, value: list[Question]) -> list[Question]:
-        seen: set[str] = set()
-        for question in value:
-            if question.id in seen:
-                raise ValueError(f"question id {question.id!r} is used twice")
-            seen.add(question.id)
-        return value
-
-
-@dataclass(frozen=True)
-class Section:
-    heading: str
-    level: int
-    line: int  # 1-based line in lesson.md
-    body: str
-
-
-@dataclass(frozen=True)
-class Lesson:
-    meta: LessonMeta
-    body: str
-    sections: tuple[Section, ...]
-    questions: tuple[Question, ...]
-    folder: Path
-
-    @property
-    def id(self) -> str:
-        return self.meta.id
-
-    @property
-    def title(self) -> str:
-        return self.meta.title
-
-    def section(self, heading: str) -> Section | None:
-        wanted = heading.casefold()
-        return next((s for s in self.sections if s.heading.casefold() == wanted), None)
-
-
-@dataclass(frozen=True)
-class ContentError:
-    file: Path
-    line: int | None
-    field: str
-    message: str
-
-    def __str__(self) -> str:
-        where = f"{self.file}:{self.line}" if self.line else str(self.file)
-        return f"{where}: {self.field}: {self.message}" if self.field else f"{where}: {self.message}"
-
-
-class LessonEntry(_Strict):
-    """What lists show about a lesson, taken from its front matter alone: the library index's row."""
-
-    id: str
-    title: str
-    track: str
-    minutes: int
-    summary: str
-    related: tuple[str, ...]
-    steps: int  # practice steps
-
-    @classmethod
-    def of(cls, meta: LessonMeta) -> LessonEntry:
-        return cls(
-            id=meta.id,
-            title=meta.title,
-            track=meta.track,
-            minutes=meta.minutes,
-            summary=meta.summary,
-            related=tuple(meta.related),
-            steps=len(meta.practice),
-        )
 
 
 @dataclass
@@ -218,12 +78,6 @@ class Library:
             except ContentFileError:
                 continue
         return lessons
-
-
-class ContentFileError(Exception):
-    def __init__(self, errors: Sequence[ContentError]):
-        super().__init__("\n".join(str(e) for e in errors))
-        self.errors = list(errors)
 
 
 def default_content_dir() -> Path:
@@ -375,14 +229,14 @@ def load_lesson(folder: Path) -> Lesson:
 INDEX_FORMAT = 1  # bump when LessonEntry or what the index checks changes
 
 
-class _IndexedError(_Strict):
+class _IndexedError(Strict):
     file: str
     line: int | None
     field: str
     message: str
 
 
-class _IndexedFolder(_Strict):
+class _IndexedFolder(Strict):
     """One lesson folder as the index last saw it: its lesson.md's (mtime_ns, size) then, and
     either the catalogue entry or what was wrong with the front matter."""
 
@@ -391,7 +245,7 @@ class _IndexedFolder(_Strict):
     errors: tuple[_IndexedError, ...] = ()
 
 
-class _LibraryIndex(_Strict):
+class _LibraryIndex(Strict):
     format: int
     version: str
     root: str
@@ -522,74 +376,3 @@ def json_schema() -> dict[str, Any]:
         "lesson.md front matter": LessonMeta.model_json_schema(),
         "quiz.yaml": QuizFile.model_json_schema(),
     }
-
-
-def plain_text(lesson: Lesson) -> str:
-    """The lesson as plain text for screen readers and pipes: no Markdown syntax left."""
-    meta = lesson.meta
-    out = [*_underlined(meta.title, "="), f"{meta.track} · about {meta.minutes} min read", ""]
-    out += [*_underlined("The premise", "-"), meta.premise, ""]
-    out += [markdown_as_plain(lesson.body), "", *_underlined("Key terms", "-")]
-    out += [f"- {t.term}: {t.definition}" for t in meta.key_terms]
-    out += ["", *_underlined("Practice", "-")]
-    out += [f"{i}. {step.title}: {step.prompt}" for i, step in enumerate(meta.practice, 1)]
-    return "\n".join(out) + "\n"
-
-
-_ANY_HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$")  # sections are ## and ### only: _HEADING
-_TABLE_RULE = re.compile(r"^\|?\s*:?-{3,}:?\s*(\|\s*:?-{3,}:?\s*)*\|?$")
-_LINK = re.compile(r"\[([^\]]+)\]\(([^)\s]+)\)")
-_EMPHASIS = re.compile(r"(\*\*|__|\*|`)(.+?)\1")
-_APP_LINK = "quant-tutor:"
-
-
-def _underlined(title: str, rule: str) -> list[str]:
-    return [title, rule * len(title)]
-
-
-def _inline(text: str) -> str:
-    """Inline Markdown as words: emphasis and code marks dropped, a link as its text (and its
-    address when it leads outside the app)."""
-
-    def link(match: re.Match[str]) -> str:
-        label, href = match.groups()
-        return label if href.startswith(_APP_LINK) else f"{label} ({href})"
-
-    return _EMPHASIS.sub(r"\2", _LINK.sub(link, text))
-
-
-def _cells(row: str) -> list[str]:
-    return [_inline(cell.strip()) for cell in row.strip().strip("|").split("|")]
-
-
-def _table(rows: list[str]) -> list[str]:
-    """Pipe-table rows as aligned columns, the header underlined."""
-    cells = [_cells(row) for row in rows if not _TABLE_RULE.match(row.strip())]
-    widths = [max(len(r[i]) if i < len(r) else 0 for r in cells) for i in range(max(map(len, cells)))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip() for r in cells]
-    if len(lines) > 1:
-        lines.insert(1, "  ".join("-" * width for width in widths))
-    return lines
-
-
-def markdown_as_plain(markdown: str) -> str:
-    """A lesson body as plain text: headings underlined (= for ##, - below), pipe tables as
-    aligned columns, inline marks removed; paragraphs and lists as written."""
-    out: list[str] = []
-    table: list[str] = []
-    for line in markdown.strip().splitlines():
-        if line.lstrip().startswith("|"):
-            table.append(line)
-            continue
-        if table:
-            out += _table(table)
-            table = []
-        heading = _ANY_HEADING.match(line)
-        if heading:
-            marks, title = heading.groups()
-            out += _underlined(_inline(title), "=" if len(marks) <= 2 else "-")
-        else:
-            out.append(_inline(line))
-    if table:
-        out += _table(table)
-    return "\n".join(out)

@@ -1,13 +1,13 @@
 """Finding a lesson in a big catalogue: word search over titles, tracks and summaries, by track.
 
-Works on :class:`tutor.library.content.LessonEntry` rows only, so nothing here parses a lesson.
+Works on :class:`tutor.library.models.LessonEntry` rows only, so nothing here parses a lesson.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
-from tutor.library.content import LessonEntry
+from tutor.library.models import LessonEntry
 
 
 class LessonFinder:

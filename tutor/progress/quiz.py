@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from tutor.library.content import LETTERS, Lesson, Question
+from tutor.library.models import LETTERS, Lesson, Question
 from tutor.progress.records import OpenAttempt
 from tutor.progress.store import Store
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tutor.library.content import QUIZ_LENGTH
+from tutor.library.models import QUIZ_LENGTH
 
 
 @dataclass(frozen=True)
