@@ -24,6 +24,7 @@ from tutor.lab.measure import QualityRow
 from tutor.lab.mixed_precision import MixedRow
 from tutor.lab.sections import calibrated
 from tutor.lab.weight_lab import run_lab
+from tutor.lab.windows import lesson_windows, pick_windows
 from tutor.library.content import Library, load_library
 
 pytestmark = pytest.mark.model
@@ -78,7 +79,7 @@ def test_gptq4_calibrates_once_and_beats_rounding_to_nearest(  # type: ignore[no
     assert "calibrated on 1024 tokens of the lessons' quiz text (" in section.method
     assert section.key == "calibration" and "GPTQ's rounding takes KL" in section.reading
     # Built again from the cached codes: no calibration pass, the same logits.
-    windows = measure.lesson_windows(bf16_engine.tokenizer, library, WINDOW)[:1]
+    windows = lesson_windows(bf16_engine.tokenizer, library, WINDOW)[:1]
     bf16_engine.switch("gptq4", wait=True)
     before = bf16_engine.window_logits(windows)
     bf16_engine.switch("bf16", wait=True)
@@ -93,7 +94,7 @@ def test_gptq4_calibrates_once_and_beats_rounding_to_nearest(  # type: ignore[no
 
 def test_tally_matches_a_separate_pass(bf16_engine, library: Library) -> None:  # type: ignore[no-untyped-def]
     """The tallied figures against log-probs computed apart, window by window, with plain formulas."""
-    windows = measure.lesson_windows(bf16_engine.tokenizer, library, WINDOW)[:2]
+    windows = lesson_windows(bf16_engine.tokenizer, library, WINDOW)[:2]
     tallies = measure.score_windows(bf16_engine, windows, ["bf16", "int8"])
     half = WINDOW // 2
     ids = torch.tensor(windows)
@@ -157,7 +158,7 @@ def test_both_orders_measure_the_same_under_a_tight_memory_bound(  # type: ignor
 
 
 def test_int8_drifts_less_than_4bit(bf16_engine, library: Library) -> None:  # type: ignore[no-untyped-def]
-    windows = measure.lesson_windows(bf16_engine.tokenizer, library, WINDOW)[:2]
+    windows = lesson_windows(bf16_engine.tokenizer, library, WINDOW)[:2]
     tallies = measure.score_windows(bf16_engine, windows, ["bf16", "int8", "nf4", "fp4"])
     kl = {p: t.kl / t.tokens for p, t in tallies.items()}
     assert 0 < kl["int8"] < kl["nf4"] and kl["int8"] < kl["fp4"]
@@ -363,8 +364,8 @@ def test_plans() -> None:
     # The claims read the quick plan's windows: after m, e reads the table from the cache.
     assert (CLAIMS.windows, CLAIMS.window, CLAIMS.qa_questions) == (QUICK.windows, QUICK.window, 0)
     assert tuple(PLANS) == CLIFF_PLANS and parse(["cliff", "--plan", "claims"]).plan == "claims"
-    assert measure.pick_windows(53, spread=6) == [4, 13, 22, 30, 39, 48]
-    assert measure.pick_windows(53, first=2) == [0, 1] and measure.pick_windows(5, spread=9) == list(range(5))
+    assert pick_windows(53, spread=6) == [4, 13, 22, 30, 39, 48]
+    assert pick_windows(53, first=2) == [0, 1] and pick_windows(5, spread=9) == list(range(5))
     text = measure.method_text(256, windows=6, of_windows=53, tokens=762, qa_questions=3, max_new_tokens=64)
     assert "6 of the 53 lesson windows" in text and "762 tokens" in text and "3 evaluation questions" in text
 

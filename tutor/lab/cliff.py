@@ -28,31 +28,26 @@ import yaml
 
 from tutor.engine.machine import describe
 from tutor.engine.precisions import CALIBRATION, INT4, NO_WAY_BACK
+from tutor.lab.cache import cache_file, cache_key, read_json, write_json
 from tutor.lab.easy_hard import LONG, easy_hard_rows
 from tutor.lab.footprint import CONTEXTS, footprint_rows
 from tutor.lab.measure import (
     REFERENCE,
-    WINDOW,
     Cancel,
     Cancelled,
     OnRow,
     Progress,
     QAResult,
     QualityRow,
-    cache_file,
-    cache_key,
     check_cancel,
     is_cancelled,
-    lesson_windows,
     method_text,
-    pick_windows,
     quality_rows,
-    read_json,
-    write_json,
 )
 from tutor.lab.mixed_precision import SCAN_WINDOW, mixed_precision
 from tutor.lab.sections import Section, calibrated, easy_hard, memory, mixed, no_way_back
 from tutor.lab.weight_lab import LabRow, run_lab
+from tutor.lab.windows import WINDOW, lesson_windows, pick_windows
 from tutor.library.content import Library, default_content_dir
 
 if TYPE_CHECKING:

@@ -21,18 +21,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tutor.lab.measure import (
-    REFERENCE,
-    Cancel,
-    Progress,
-    cache_file,
-    cache_key,
-    check_cancel,
-    lesson_windows,
-    pick_windows,
-    read_json,
-    write_json,
-)
+from tutor.lab.cache import cache_file, cache_key, read_json, write_json
+from tutor.lab.measure import REFERENCE, Cancel, Progress, check_cancel
+from tutor.lab.windows import lesson_windows, pick_windows
 from tutor.library.content import Library
 from tutor.library.models import Question
 

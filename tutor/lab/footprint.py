@@ -24,17 +24,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tutor.engine.reports import MIB
-from tutor.lab.measure import (
-    REFERENCE,
-    Cancel,
-    Progress,
-    cache_file,
-    cache_key,
-    check_cancel,
-    lesson_windows,
-    read_json,
-    write_json,
-)
+from tutor.lab.cache import cache_file, cache_key, read_json, write_json
+from tutor.lab.measure import REFERENCE, Cancel, Progress, check_cancel
+from tutor.lab.windows import lesson_windows
 from tutor.library.content import Library
 
 if TYPE_CHECKING:

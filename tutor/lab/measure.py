@@ -21,22 +21,18 @@ precision, each row ready after its answers.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import re
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
-from functools import partial
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 from tutor.engine.generate import Cancel, is_cancelled
-from tutor.files import write_atomic
+from tutor.lab.cache import cache_file, cache_key, read_json, write_json
+from tutor.lab.windows import WINDOW, lesson_windows, pick_windows
 from tutor.library.content import Library
-from tutor.library.models import Lesson
-from tutor.paths import cache_dir
 
 if TYPE_CHECKING:
     import torch
@@ -44,7 +40,6 @@ if TYPE_CHECKING:
     from tutor.engine import Engine
 
 REFERENCE = "bf16"
-WINDOW = 256
 METHOD_VERSION = 2  # 2: windows read in batches, QA settings and question texts in the key
 # Windows per forward pass. Against 4 on the AVX2 EPYC: quick plan 135 s vs 130 s, engine peak
 # 1905 vs 2043 MiB, and Esc waits for one pass of two windows, not four.
@@ -138,47 +133,6 @@ class QualityRow:
 
 
 OnRow = Callable[[QualityRow], None]
-
-
-def content_hash(library: Library) -> str:
-    digest = hashlib.sha256()
-    for lesson in library.ordered():
-        digest.update(lesson.id.encode())
-        digest.update(lesson_text(lesson).encode())
-    return digest.hexdigest()[:16]
-
-
-def lesson_text(lesson: Lesson) -> str:
-    """The text the cliff is measured on: the lesson as its author wrote it (Markdown source),
-    not as ``read`` lays it out, so a change of presentation does not move the figures."""
-    meta = lesson.meta
-    out = [meta.title, f"{meta.track} · about {meta.minutes} min read", "", "The premise", meta.premise, ""]
-    out += [lesson.body.strip(), "", "Key terms", *(f"- {t.term}: {t.definition}" for t in meta.key_terms)]
-    out += ["", "Practice", *(f"{i}. {s.title}: {s.prompt}" for i, s in enumerate(meta.practice, 1))]
-    return "\n".join(out) + "\n"
-
-
-def lesson_windows(tokenizer: Any, library: Library, window: int = WINDOW) -> list[list[int]]:
-    """Fixed windows of ``window`` tokens over all lesson text (the last partial one dropped)."""
-    ids: list[int] = []
-    for lesson in library.ordered():
-        ids += tokenizer(lesson_text(lesson), add_special_tokens=False)["input_ids"]
-    return [ids[i : i + window] for i in range(0, len(ids) - window + 1, window)]
-
-
-def pick_windows(total: int, *, first: int | None = None, spread: int | None = None) -> list[int]:
-    """Indices of the windows to score out of ``total``.
-
-    ``first``: the first N; else ``spread``: N spread evenly over all lesson text (each the
-    middle window of its stretch); else all of them.
-    """
-    if first is not None:
-        return list(range(max(0, min(first, total))))
-    if spread is None or spread >= total:
-        return list(range(total))
-    if spread <= 0:
-        return []
-    return [(2 * i + 1) * total // (2 * spread) for i in range(spread)]
 
 
 @dataclass
@@ -383,41 +337,8 @@ def token_f1(answer: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def cache_key(engine: Engine, library: Library, **settings: Any) -> dict[str, Any]:
-    """What every cached lab measurement depends on: the model, the device, the lesson text,
-    and the measurement's own ``settings``."""
-    return {
-        "model": str(engine.checkpoint.path),
-        "device": engine.device,
-        "content": content_hash(library),
-        **settings,
-    }
-
-
-def cache_file(key: dict[str, Any], folder: Path | None, name: str) -> Path:
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-    return (folder or cache_dir()) / "cliff" / f"{name}-{digest}.json"
-
-
 def _cache_file(key: dict[str, Any], folder: Path | None) -> Path:
     return cache_file(key, folder, key["precision"])
-
-
-def write_json(path: Path, data: Any) -> None:
-    write_atomic(path, partial(_write_json, data))
-
-
-def _write_json(data: Any, handle: IO[bytes]) -> None:
-    handle.write(json.dumps(data).encode())
-
-
-def read_json(path: Path) -> Any:
-    """A cached measurement, or None when it is absent or unreadable (then it is measured again
-    and rewritten)."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
 
 
 def _read_row(path: Path) -> QualityRow | None:
