@@ -339,3 +339,20 @@ def test_remote_faults_are_said_in_one_line_and_what_arrived_stays() -> None:
         "nf4": "m:nf4",
         "llama3:8b-q4": "llama3:8b-q4",
     }
+
+
+@pytest.mark.model
+def test_ask_says_in_one_line_when_the_remote_engine_fails_mid_session(  # type: ignore[no-untyped-def]
+    shared_retriever, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`quant-tutor ask --engine`: the server lists its models, then fails every completion."""
+    from tutor import cli
+    from tutor.cli import model
+
+    monkeypatch.setattr(model, "load_retriever", lambda _library, _err: shared_retriever)
+    models = (200, b'{"data": [{"id": "m:bf16"}]}', None)
+    url, seen = _scripted_server([models] + [(500, b'{"error": {"message": "boom"}}', None)] * 3)
+    assert cli.run(cli.parse(["ask", "What is NF4?", "--engine", url])) == 2
+    err = capsys.readouterr().err
+    assert f"{url} answered 500: the server failed (boom)" in err and "Traceback" not in err
+    assert seen == ["/v1/models"] + ["/v1/chat/completions"] * 3, "tried three times"

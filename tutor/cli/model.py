@@ -103,6 +103,7 @@ def _print_answer(answer: Any, out: TextIO) -> None:
 
 def cmd_ask(args: argparse.Namespace, library: Library, out: TextIO, err: TextIO) -> int:
     from tutor.assistant.tutor_chat import ask
+    from tutor.engine import EngineError
 
     if bool(args.question) == bool(args.questions):
         raise ModelCommandError("give one QUESTION or --questions FILE")
@@ -124,7 +125,10 @@ def cmd_ask(args: argparse.Namespace, library: Library, out: TextIO, err: TextIO
             err.write(f"quant-tutor: question cut to {len(prepared.question)} characters\n")
 
     for question in questions:
-        answer = ask(question, retriever, engine, args.ask_lesson, on_prepared=cut_notice)
+        try:
+            answer = ask(question, retriever, engine, args.ask_lesson, on_prepared=cut_notice)
+        except EngineError as exc:  # e.g. the remote server went away after it answered once
+            raise ModelCommandError(str(exc)) from None
         answers.append(answer)
         if not args.json:
             _print_answer(answer, out)
