@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any
 
@@ -37,9 +36,9 @@ class AnswerStats:
             ttft_s=None if stats.ttft_s is None else round(stats.ttft_s, 3),
             tokens=stats.tokens,
             tokens_per_s=None if stats.decode_tok_s is None else round(stats.decode_tok_s, 1),
-            weights_mib=_known(stats.weights_mib),
+            weights_mib=stats.weights_mib,
             device=stats.device,
-            peak_rss_mib=_known(stats.peak_rss_mib),
+            peak_rss_mib=stats.peak_rss_mib,
             stop=stop,
         )
 
@@ -68,8 +67,3 @@ class AnswerStats:
 
 def _figure(value: float | None) -> str:
     return "–" if value is None else f"{value:g}"
-
-
-def _known(value: float) -> float | None:
-    """None for a figure nobody measured (NaN: a remote engine's weights and memory)."""
-    return value if math.isfinite(value) else None

@@ -12,11 +12,12 @@ remote reply is plain decoding.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import tomllib
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -69,13 +70,8 @@ class RemoteEngine:
     variants: dict[str, str]  # precision (or a served id) -> the model id to ask for
     precision: str
     api_key: str | None = None
-    http: httpx.Client | None = None  # default: a client of its own
+    http: httpx.Client = field(default_factory=lambda: _client())
     backoff_s: float = BACKOFF_S
-
-    def __post_init__(self) -> None:
-        if self.http is None:
-            self.http = httpx.Client(timeout=httpx.Timeout(10.0, read=120.0))
-        self._client: httpx.Client = self.http
 
     @classmethod
     def connect(
@@ -88,7 +84,7 @@ class RemoteEngine:
         http: httpx.Client | None = None,
     ) -> RemoteEngine:
         """Reach the server; without ``variants`` they come from its ``/models``."""
-        engine = cls(base_url.rstrip("/"), {}, "", api_key, http)
+        engine = cls(base_url.rstrip("/"), {}, "", api_key, http or _client())
         engine.variants = dict(variants) if variants else variants_from_ids(engine.served())
         if not engine.variants:
             raise RemoteError(f"{engine.base_url} serves no model")
@@ -145,9 +141,10 @@ class RemoteEngine:
         first: float | None = None
         usage: dict[str, Any] = {}
         stop_reason = "max_tokens"
-        with self._stream("/chat/completions", body) as lines:
+        # Leaving the block closes the stream: the server stops the reply.
+        with contextlib.closing(self._stream("/chat/completions", body)) as response:
             try:
-                for event in parse_sse(lines):
+                for event in parse_sse(response.iter_lines()):
                     if event.data == "[DONE]":
                         break
                     if not isinstance(event.data, dict):
@@ -186,9 +183,9 @@ class RemoteEngine:
             decode_s=decode_s,
             decode_tok_s=(tokens - 1) / decode_s if tokens > 1 and decode_s > 0 else None,
             total_s=ended - started,
-            weights_mib=float("nan"),  # the server's, not known here
-            rss_mib=float("nan"),
-            peak_rss_mib=float("nan"),
+            weights_mib=None,  # the server's, not reported to a client
+            rss_mib=None,
+            peak_rss_mib=None,
             cuda_peak_mib=None,
             cancelled=stop_reason == "cancelled",
             stop_reason=stop_reason,
@@ -203,17 +200,17 @@ class RemoteEngine:
 
     def _send(self, method: str, path: str) -> httpx.Response:
         return self._retrying(
-            lambda: self._client.request(method, self.base_url + path, headers=self._headers())
+            lambda: self.http.request(method, self.base_url + path, headers=self._headers())
         )
 
-    def _stream(self, path: str, body: dict[str, Any]) -> _Lines:
+    def _stream(self, path: str, body: dict[str, Any]) -> httpx.Response:
         def start() -> httpx.Response:
-            request = self._client.build_request(
+            request = self.http.build_request(
                 "POST", self.base_url + path, headers=self._headers(), content=json.dumps(body)
             )
-            return self._client.send(request, stream=True)
+            return self.http.send(request, stream=True)
 
-        return _Lines(self._retrying(start))
+        return self._retrying(start)
 
     def _retrying(self, send: Callable[[], httpx.Response]) -> httpx.Response:
         """``send()`` until it answers 2xx; 429, 5xx and refused connections are tried again."""
@@ -237,17 +234,8 @@ class RemoteEngine:
         raise AssertionError("unreachable")  # pragma: no cover
 
 
-class _Lines:
-    """A streamed response's lines, closed (the reply cancelled on the server) on exit."""
-
-    def __init__(self, response: httpx.Response) -> None:
-        self.response = response
-
-    def __enter__(self) -> Iterator[str]:
-        return self.response.iter_lines()
-
-    def __exit__(self, *exc: object) -> None:
-        self.response.close()
+def _client() -> httpx.Client:
+    return httpx.Client(timeout=httpx.Timeout(10.0, read=120.0))
 
 
 def _why(exc: Exception) -> str:

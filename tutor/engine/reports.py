@@ -124,9 +124,9 @@ class ReplyStats:
     decode_s: float  # after the first token, until the last
     decode_tok_s: float | None  # (tokens - 1) / decode_s
     total_s: float
-    weights_mib: float
-    rss_mib: float
-    peak_rss_mib: float  # peak resident memory of the process so far
+    weights_mib: float | None  # None where not measured here (a remote engine's)
+    rss_mib: float | None
+    peak_rss_mib: float | None  # peak resident memory of the process so far
     cuda_peak_mib: float | None
     cancelled: bool
     stop_reason: str  # "eos", "max_tokens" or "cancelled"
