@@ -60,4 +60,6 @@ def test_build_int4_fuses_groups_and_names_what_is_missing() -> None:
     modules, fused = build_int4(masters, codes)
     assert list(modules) == ["q", "k", "o"] and list(fused) == [("q", "k")]
     x = torch.randn(2, GROUP).bfloat16()
-    assert torch.equal(torch.cat([modules["q"](x), modules["k"](x)], -1), fused["q", "k"](x))
+    whole = fused["q", "k"](x).float()
+    parts = torch.cat([modules["q"](x), modules["k"](x)], -1).float()
+    assert torch.allclose(parts, whole, rtol=2**-7, atol=1e-3)

@@ -14,6 +14,7 @@ calibration inputs, so the layer's *output* changes least where its inputs put w
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -153,10 +154,49 @@ class Int4Linear(nn.Module):
         out = torch._weight_int4pack_mm_for_cpu(flat, self.packed, GROUP, self.scales_zeros)
         return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
-    def rows(self, start: int, stop: int) -> Int4Linear:
-        """The rows ``start:stop`` as a module of their own (the codes shared, not copied)."""
+    def rows(self, start: int, stop: int) -> nn.Module:
+        """The rows ``start:stop`` as a module of their own (the codes shared, not copied).
+
+        The kernel packs rows in blocks whose size depends on the CPU (32 with AVX2, 64 with
+        AVX-512): a slice on the block's edges is a packed weight of its own; one across a block
+        computes the whole weight and keeps its rows."""
+        block = packed_row_block()
+        if start % block or (stop % block and stop != self.out_features):
+            return RowsOf(self, start, stop).eval()
         packed, scales_zeros = self.packed[start:stop], self.scales_zeros[:, start:stop].contiguous()
         return Int4Linear(packed, scales_zeros, self.in_features).eval()
+
+
+class RowsOf(nn.Module):
+    """Some rows of a module's output, computed with all of them."""
+
+    def __init__(self, whole: nn.Module, start: int, stop: int) -> None:
+        super().__init__()
+        self.whole, self.start, self.stop = whole, start, stop
+        self.in_features, self.out_features = whole.in_features, stop - start
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.whole(x)[..., self.start : self.stop]
+
+
+@functools.cache
+def packed_row_block() -> int:
+    """How many rows torch's int4 CPU packing keeps together on this CPU (slices of the packed
+    weight on multiples of it are the packing of the sliced codes)."""
+    probe = torch.randint(
+        0, 16, (256, 2 * GROUP), generator=torch.Generator().manual_seed(0), dtype=torch.int32
+    )
+    whole = torch._convert_weight_to_int4pack_for_cpu(probe, 1)
+    for block in (16, 32, 64, 128):  # the packing takes rows in sixteens at least
+        if all(
+            torch.equal(
+                whole[at : at + block],
+                torch._convert_weight_to_int4pack_for_cpu(probe[at : at + block].contiguous(), 1),
+            )
+            for at in range(0, 256, block)
+        ):
+            return block
+    return 256
 
 
 def build_int4(
