@@ -192,3 +192,12 @@ def test_ask_on_an_unreachable_engine_says_so_in_one_line(tmp_path: Path) -> Non
         "ask", "What is NF4?", "--engine", "http://127.0.0.1:9/v1", "--variants", str(tmp_path / "v.toml")
     )
     assert bad.returncode == 2 and 'each line must be precision = "served model id"' in bad.stderr
+
+
+def test_the_app_refuses_bad_remote_options_before_it_starts(tmp_path: Path) -> None:
+    alone = qt("--variants", str(tmp_path / "v.toml"))
+    assert alone.returncode == 2 and "--variants names the variants of an --engine URL" in alone.stderr
+    (tmp_path / "v.toml").write_text("bf16 = [\n")
+    bad = qt("--engine", "http://127.0.0.1:9/v1", "--variants", str(tmp_path / "v.toml"))
+    assert bad.returncode == 2 and "cannot read the variants file" in bad.stderr
+    assert "Traceback" not in alone.stderr + bad.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
@@ -142,16 +143,8 @@ def test_openai_client_streams_from_the_engine(engine_process: EngineProcess) ->
 def test_quant_tutor_serve_listens_on_a_port_with_a_key(model_cache: Path) -> None:
     """`quant-tutor serve` prints its URL and key and answers at once (the model loads behind);
     a second server on the same port says so in one line, no traceback."""
-    server = subprocess.Popen(
-        [sys.executable, "-m", "tui.entry", "serve", "--port", "0", "--cache-dir", str(model_cache)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    server, url, key = _serve(model_cache)
     try:
-        assert server.stdout is not None
-        url = server.stdout.readline().split()[-1]
-        key = server.stdout.readline().split()[-1]
         assert url.startswith("http://127.0.0.1:") and url.endswith("/v1")
         listed = httpx.get(url + "/models", headers={"Authorization": f"Bearer {key}"}, timeout=30)
         assert [m["id"] for m in listed.json()["data"]] == MODEL_IDS
@@ -286,6 +279,97 @@ def test_the_tutor_answers_through_a_remote_engine(engine_process: EngineProcess
         refused.generate("Hi", max_new_tokens=2)
 
 
+def _serve(model_cache: Path) -> tuple[subprocess.Popen[str], str, str]:
+    """`quant-tutor serve` on a free port: the process, its URL and its key."""
+    server = subprocess.Popen(
+        [sys.executable, "-m", "tui.entry", "serve", "--port", "0", "--cache-dir", str(model_cache)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert server.stdout is not None
+    url = server.stdout.readline().split()[-1]
+    key = server.stdout.readline().split()[-1]
+    return server, url, key
+
+
+@pytest.mark.model
+async def test_the_app_asks_a_remote_engine_switches_its_variants_and_survives_its_death(
+    model_cache: Path,
+    library,
+    store,
+    monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
+) -> None:
+    """`quant-tutor --engine URL` against a real `quant-tutor serve` over loopback: the app's own
+    engine process keeps retrieval and the checks and sends generation to the server."""
+    from tui.app import QuantTutorApp
+    from tui.tutor_runtime import TutorRuntime
+    from tui.widgets.chat_view import ChatEntry, ChatView
+    from tui.widgets.lab_view import LabView
+
+    server, url, key = _serve(model_cache)
+    monkeypatch.setenv("QUANT_TUTOR_REMOTE_KEY", key)
+    status = url.removesuffix("/v1") + "/qt/status"
+    while httpx.get(status, headers={"Authorization": f"Bearer {key}"}).json()["state"] != "ready":
+        time.sleep(0.2)
+    runtime = TutorRuntime(library, cache_dir=model_cache, remote=url)
+    app = QuantTutorApp(library, store, tutor=runtime)
+
+    async def until(condition, seconds: float = 120) -> None:  # type: ignore[no-untyped-def]
+        deadline = time.monotonic() + seconds
+        while not condition():
+            assert time.monotonic() < deadline, "timed out"
+            await asyncio.sleep(0.05)
+
+    async def asked(question: str, *, then=None) -> ChatEntry:  # type: ignore[no-untyped-def]
+        chat.query_one("#chat-input").focus()
+        await pilot.press(*question, "enter")
+        await until(lambda: chat.query(ChatEntry) and chat.query(ChatEntry).last().question == question)
+        entry = chat.query(ChatEntry).last()
+        if then is not None:
+            await until(lambda: str(entry.query_one(".chat-model").visual).strip() != "")
+            then()
+        await until(
+            lambda: entry.answer is not None or "no answer" in str(entry.query_one(".chat-stats").visual)
+        )
+        return entry
+
+    try:
+        async with app.run_test(size=(110, 40)) as pilot:
+            await pilot.press("t")
+            await until(lambda: runtime.ready or runtime.error != "")
+            assert runtime.ready, runtime.error
+            chat = app.screen.query_one(ChatView)
+            assert "tutor bf16 · remote" in str(chat.query_one("#chat-badge").visual)
+            first = (await asked("What does KL divergence measure?")).answer
+            assert first is not None and first.grounded and first.generated.strip()
+            assert first.precision == "bf16" and first.stats.device == f"remote {url}"
+            assert "weights – MiB" in first.stats.describe()
+
+            chat.action_switch("int8-wo")  # a served variant: the server builds it on its first request
+            await until(lambda: runtime.switching is None and runtime.precision == "int8-wo")
+            entry = await asked("What is NF4?", then=lambda: chat.action_cancel())
+            assert entry.answer is not None and entry.answer.precision == "int8-wo"
+            assert entry.answer.stats.cancelled and entry.answer.stats.tokens < 96
+
+            await pilot.press("escape", "b", "m")
+            lab = app.screen.query_one(LabView)
+            await until(lambda: "local engine" in str(lab.query_one("#lab-status").visual))
+
+            await pilot.press("t")
+            entry = await asked("Why does a 4-bit model use less memory?", then=server.kill)
+            assert entry.answer is not None and entry.answer.stats.stop.startswith("cut")
+            assert entry.answer.generated.strip(), "what arrived stays"
+            assert "✗ cut" in str(entry.query_one(".chat-stats").visual)
+            entry = await asked("What does int8 keep?")
+            assert "cannot reach the engine at " + url in str(entry.query_one(".chat-stats").visual)
+            assert app.is_running
+    finally:
+        runtime.stop()
+        server.kill()
+        server.wait(timeout=20)
+
+
 def _scripted_server(replies: list[tuple[int, bytes, int | None]]) -> tuple[str, list[str]]:
     """A tiny HTTP server answering each request with the next (status, body, length) in
     ``replies`` (length None: the body's own; more than the body: the connection is cut)."""
@@ -322,13 +406,22 @@ def test_remote_faults_are_said_in_one_line_and_what_arrived_stays() -> None:
     chunk = b'data: {"choices": [{"delta": {"content": "Int8 is"}}]}\n\n'
     done = b'data: {"choices": [{"delta": {}, "finish_reason": "stop"}]}\n\ndata: [DONE]\n\n'
     busy = (503, b'{"error": {"message": "overloaded"}}', None)
+    failed = b'event: error\ndata: {"message": "CUDA out of memory"}\n\n'
     url, seen = _scripted_server(
-        [busy, busy, (200, chunk + done, None), (200, chunk, len(chunk) + 500)] + [busy] * 3
+        [busy, busy, (200, chunk + done, None), (200, chunk, len(chunk) + 500)]
+        + [(200, chunk + failed, None), (200, failed, None)]
+        + [busy] * 3
     )
     remote = RemoteEngine(url, {"q8": "m-q8"}, "q8", backoff_s=0.01)
     assert remote.generate("Hi").text == "Int8 is" and len(seen) == 3, "two 503s, then the reply"
     cut = remote.generate("Hi")  # the server closes mid-reply: what arrived stays, said cut
     assert cut.text == "Int8 is" and cut.stats.stop_reason.startswith("cut")
+    # An error the server sends inside the stream: after text, a cut with its message; before
+    # any, no answer.
+    failing = remote.generate("Hi")
+    assert failing.text == "Int8 is" and failing.stats.stop_reason == "cut (CUDA out of memory)"
+    with pytest.raises(RemoteError, match="could not answer: CUDA out of memory"):
+        remote.generate("Hi")
     with pytest.raises(RemoteError, match=r"answered 503: the server failed \(overloaded\)"):
         remote.generate("Hi")
     nobody = RemoteEngine("http://127.0.0.1:9/v1", {"q8": "m"}, "q8", backoff_s=0.01)

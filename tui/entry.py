@@ -19,7 +19,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cli.run(args)
     from tui.launch import launch
 
-    launched = launch(args.content, args.lesson, args.model, args.device)
+    launched = launch(args.content, args.lesson, args.model, args.device, args.app_engine, args.app_variants)
     if isinstance(launched, int):
         return launched
     # Imported only now: plain commands and --version never pay for textual, and the engine

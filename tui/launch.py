@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tui.tutor_runtime import TutorRuntime
+from tutor.engine.remote import RemoteError, read_variants
 from tutor.library.content import Library, load_library
 from tutor.progress.database import StoreError
 from tutor.progress.store import Store
@@ -31,8 +32,25 @@ def start_lesson(library: Library, store: Store, wanted: str | None) -> str:
     return wanted if wanted in library.lessons else next(iter(library.lessons))
 
 
-def launch(content: Path | None, lesson_id: str | None, model: str | None, device: str) -> Launch | int:
-    """The app's state with its engine starting, or an exit status once the reason is printed."""
+def launch(
+    content: Path | None,
+    lesson_id: str | None,
+    model: str | None,
+    device: str,
+    remote: str | None = None,
+    variants: Path | None = None,
+) -> Launch | int:
+    """The app's state with its engine starting, or an exit status once the reason is printed.
+    ``remote``: the URL of an OpenAI-compatible server that generates the tutor's replies."""
+    if variants is not None:
+        if remote is None:
+            print("quant-tutor: --variants names the variants of an --engine URL; give both", file=sys.stderr)
+            return 2
+        try:
+            read_variants(variants)
+        except RemoteError as exc:
+            print(f"quant-tutor: {exc}", file=sys.stderr)
+            return 2
     library = load_library(content)
     if not library.lessons:
         print("quant-tutor: no lesson could be loaded:", file=sys.stderr)
@@ -48,6 +66,6 @@ def launch(content: Path | None, lesson_id: str | None, model: str | None, devic
         print(f"quant-tutor: {exc}", file=sys.stderr)
         return 2
     start = start_lesson(library, store, lesson_id)
-    tutor = TutorRuntime(library, model=model, device=device)
+    tutor = TutorRuntime(library, model=model, device=device, remote=remote, variants=variants)
     tutor.spawn(start)
     return Launch(library, store, start, tutor)

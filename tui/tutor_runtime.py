@@ -39,6 +39,8 @@ class TutorRuntime:
     device: str = "cpu"
     cache_dir: Path | None = None  # None: tutor.paths.cache_dir()
     threads: int | None = None
+    remote: str | None = None  # replies generated on this OpenAI-compatible server (``--engine``)
+    variants: Path | None = None  # its precision = "served model id" file
     state: TutorState = TutorState.IDLE
     detail: str = ""
     fraction: float = 0.0
@@ -60,7 +62,8 @@ class TutorRuntime:
         """The header badge: precision and weights memory, or what is happening."""
         if self.ready:
             weights = "" if self.weights_mib is None else f" · {self.weights_mib:.0f} MiB"
-            text = f"tutor {self.precision}{weights}"
+            where = "" if self.remote is None else " · remote"
+            text = f"tutor {self.precision}{weights}{where}"
             if not self.switching:
                 return text
             info = PRECISIONS.get(self.switching)
@@ -114,6 +117,8 @@ class TutorRuntime:
                 content=self.library.root,
                 cache_dir=self.cache_dir,
                 threads=self.threads,
+                remote=self.remote,
+                variants=self.variants,
             )
         self.process.lesson = lesson_id
         return self.process

@@ -215,11 +215,12 @@ class ChatView(Vertical):
 
     def compose(self) -> ComposeResult:
         yield Plain(id="chat-badge")
+        model = "the small local model's" if self.runtime.remote is None else f"{self.runtime.remote}'s"
         with VerticalScroll(id="chat-log"):
             yield Plain(
                 f"Curious about “{self.lesson.title}”? Ask anything about this lesson. "
                 "I'll answer using just what you're reading — short, friendly, grounded. "
-                "The lesson's own words come first; the small local model's explanation follows, "
+                f"The lesson's own words come first; {model} explanation follows, "
                 "checked against the lesson.",
                 classes="chat-intro",
             )

@@ -23,7 +23,9 @@ class AnswerStats:
     weights_mib: float | None = None
     device: str | None = None
     peak_rss_mib: float | None = None
-    stop: str = ""  # "eos", "max_tokens", "sentences" (enough said) or "cancelled"; "" if no model ran
+    # "eos", "max_tokens", "sentences" (enough said), "cancelled" or "cut (why)" (a remote stream
+    # broke off); "" if no model ran
+    stop: str = ""
     retrieval_ms: float | None = None
 
     @property
@@ -62,6 +64,8 @@ class AnswerStats:
         ]
         if self.cancelled:
             parts.append("cancelled")
+        elif self.stop.startswith("cut"):  # a remote server's stream broke off: what arrived stays
+            parts.append(f"✗ {self.stop}")
         return " · ".join(parts)
 
 

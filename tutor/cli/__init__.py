@@ -49,6 +49,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lesson", help="open the app at this lesson id")
     parser.add_argument("--model", help="the tutor's model: local HF folder, .gguf file or hub id")
     parser.add_argument("--device", default="cpu", help="where the tutor's model runs: cpu (default) or cuda")
+    # Not dest="engine": `ask --engine` has its own, and a subcommand's default would overwrite it.
+    parser.add_argument(
+        "--engine",
+        dest="app_engine",
+        metavar="URL",
+        help="the tutor's replies from this OpenAI-compatible server (vLLM, llama-server, Ollama, "
+        "quant-tutor serve); its key in QUANT_TUTOR_REMOTE_KEY",
+    )
+    parser.add_argument(
+        "--variants",
+        dest="app_variants",
+        type=Path,
+        metavar="TOML",
+        help='with --engine: precision = "served model id" lines (default: the ids the server lists)',
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     lessons = sub.add_parser("lessons", help="list the lessons")

@@ -39,6 +39,8 @@ class EngineProcess:
     lesson: str | None = None  # the lesson the learner has open (its passages are indexed first)
     cache_dir: Path | None = None
     threads: int | None = None
+    remote: str | None = None  # an OpenAI-compatible server that generates the replies
+    variants: Path | None = None  # with ``remote``: its precision = "served model id" file
     folder: Path | None = None
     token: str = field(default="", repr=False)
     popen: subprocess.Popen[bytes] | None = field(default=None, repr=False)
@@ -52,6 +54,8 @@ class EngineProcess:
             ("--lesson", self.lesson),
             ("--cache-dir", self.cache_dir),
             ("--threads", self.threads),
+            ("--generate-with", self.remote),
+            ("--variants", self.variants),
         ]:
             if value is not None:
                 command += [flag, str(value)]

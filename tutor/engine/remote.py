@@ -17,7 +17,7 @@ import json
 import time
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +62,23 @@ def variants_from_ids(ids: Sequence[str]) -> dict[str, str]:
     return found
 
 
+@dataclass(frozen=True)
+class ServedSwitch:
+    """A switch between served variants: nothing is built here, the next request names the other id."""
+
+    precision: str
+    previous: str
+    served: str
+    base_url: str
+    weights_mib: None = None  # the server's, not reported to a client
+
+    def describe(self) -> str:
+        return f"switched {self.previous} -> {self.precision}: {self.base_url} serves it as {self.served}."
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 @dataclass
 class RemoteEngine:
     """What ``tutor.assistant.tutor_chat.ask`` needs of an engine, over HTTP."""
@@ -103,12 +120,13 @@ class RemoteEngine:
         except (ValueError, KeyError, TypeError) as exc:
             raise RemoteError(f"{self.base_url}/models did not list models ({exc})") from None
 
-    def switch(self, precision: str, *, wait: bool | float = True) -> None:
+    def switch(self, precision: str, *, wait: bool | float = True) -> ServedSwitch:
         if precision not in self.variants:
             raise RemoteError(
                 f"{self.base_url} serves no variant for {precision!r}; it serves: {', '.join(self.variants)}"
             )
-        self.precision = precision
+        previous, self.precision = self.precision, precision
+        return ServedSwitch(precision, previous, self.variants[precision], self.base_url)
 
     def generate(
         self,
@@ -149,6 +167,12 @@ class RemoteEngine:
                         break
                     if not isinstance(event.data, dict):
                         continue
+                    failure = _stream_error(event.name, event.data)
+                    if failure and not pieces:
+                        raise RemoteError(f"{self.base_url} could not answer: {failure}")
+                    if failure:
+                        stop_reason = f"cut ({failure})"
+                        break
                     usage = event.data.get("usage") or usage
                     for choice in event.data.get("choices") or []:
                         text = (choice.get("delta") or {}).get("content") or ""
@@ -236,6 +260,15 @@ class RemoteEngine:
 
 def _client() -> httpx.Client:
     return httpx.Client(timeout=httpx.Timeout(10.0, read=120.0))
+
+
+def _stream_error(name: str, data: Mapping[str, Any]) -> str | None:
+    """The message of an error the server sent inside the stream, if this event is one."""
+    error = data.get("error")
+    if name != "error" and error is None:
+        return None
+    message = error.get("message") if isinstance(error, Mapping) else error
+    return str(message or data.get("message") or "an error event")
 
 
 def _why(exc: Exception) -> str:

@@ -81,6 +81,10 @@ class SwitchReport:
     prepared_limit_bytes: int
     master_bytes: int  # the bf16 decoder Linear weights kept to rebuild any precision exactly
 
+    @property
+    def weights_mib(self) -> float | None:
+        return self.weights.weights_mib
+
     def describe(self) -> str:
         how = "re-switched (prepared earlier)" if self.from_cache else "switched"
         return (

@@ -8,6 +8,7 @@ in between and the precision a reply reports is the one that wrote it.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 from collections import deque
@@ -18,8 +19,9 @@ from typing import TYPE_CHECKING, Any
 
 from tutor.engine import threads
 from tutor.engine.errors import EngineError
-from tutor.engine.precisions import check_precision
+from tutor.engine.precisions import PRECISIONS, check_precision
 from tutor.engine.protocol import MODEL_NAME
+from tutor.engine.remote import KEY_ENV, RemoteEngine, read_variants
 from tutor.library.content import Library
 
 if TYPE_CHECKING:
@@ -29,6 +31,10 @@ if TYPE_CHECKING:
     from tutor.engine.reports import LoadProgress
 
 STARTING, LOADING, READY, FAILED = "starting", "loading", "ready", "failed"
+LAB_NEEDS_LOCAL = (
+    "The Lab reads the model's own log-probabilities for every token, so it measures with the "
+    "local engine; this tutor's replies come from {url}. Start quant-tutor without --engine to measure."
+)
 Emit = Callable[[str, Any], None]
 
 
@@ -48,6 +54,8 @@ class EngineHost:
     device: str = "cpu"
     cache_dir: Path | None = None
     threads: int | None = None
+    remote: str | None = None  # an OpenAI-compatible server that generates the replies instead
+    variants: Path | None = None  # with ``remote``: precision = "served model id" lines (TOML)
     state: str = STARTING
     stage: str = ""
     detail: str = ""
@@ -55,7 +63,7 @@ class EngineHost:
     error: str = ""
     index_error: str = ""  # why the background indexing stopped (the lessons indexed stay searched)
     load_seconds: float | None = None
-    engine: Engine | None = None
+    engine: Engine | RemoteEngine | None = None
     retriever: Retriever | None = None
     job: str = ""  # what holds the engine now, for the "waiting for …" notice
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -117,13 +125,22 @@ class EngineHost:
         assert retriever is not None
         try:
             threads.briefly(retriever.warm, "warm")
-            threads.briefly(preload_bitsandbytes, "warm")
+            if self.remote is None:
+                threads.briefly(preload_bitsandbytes, "warm")
             retriever.index_rest(pause=self._idle.wait, run=lambda step: threads.briefly(step, "index"))
         except Exception as exc:
             self.index_error = f"{type(exc).__name__}: {exc}"
 
-    def _load_model(self) -> Engine:
+    def _load_model(self) -> Engine | RemoteEngine:
         from tutor.engine import Engine
+
+        if self.remote is not None:
+            self.stage, self.detail = "load", f"connecting to {self.remote}"
+            return RemoteEngine.connect(
+                self.remote,
+                api_key=os.environ.get(KEY_ENV),
+                variants=None if self.variants is None else read_variants(self.variants),
+            )
 
         def progress(step: LoadProgress) -> None:
             # Conversion (first run only) and loading share the bar after the index's tenth.
@@ -135,8 +152,17 @@ class EngineHost:
             self.model, device=self.device, progress=progress, cache_dir=self.cache_dir, threads=self.threads
         )
 
+    def precisions(self) -> tuple[str, ...]:
+        """What the tutor can switch to: every precision here, or the variants the remote server
+        serves (none until it answered)."""
+        if self.remote is None:
+            return tuple(PRECISIONS)
+        return tuple(self.engine.variants) if isinstance(self.engine, RemoteEngine) else ()
+
     @property
     def model_name(self) -> str:
+        if self.remote is not None:
+            return "remote"
         if self.model is None:
             return MODEL_NAME
         return Path(str(self.model)).name.removesuffix(".gguf").lower() or MODEL_NAME
@@ -149,7 +175,7 @@ class EngineHost:
             "fraction": round(self.fraction, 3),
             "error": self.error,
             "model": self.model_name,
-            "device": self.device,
+            "device": self.device if self.remote is None else f"remote {self.remote}",
             "load_seconds": self.load_seconds,
             "job": self.job,
             # Lessons searched so far while the others are indexed in the background.
@@ -158,14 +184,20 @@ class EngineHost:
             else {**self.retriever.coverage(), "error": self.index_error},
         }
         engine = self.engine
-        if self.state == READY and engine is not None:
+        if self.state == READY and engine is not None and self.remote is not None:
+            data["precision"] = engine.precision
+            data["weights_mib"] = None  # the server's own, not reported to a client
+            data["prepared"] = list(self.precisions())
+            data["memory"] = {}
+        elif self.state == READY and engine is not None:
+            assert not isinstance(engine, RemoteEngine)
             data["precision"] = engine.precision
             data["weights_mib"] = engine.weights().weights_mib
             data["prepared"] = list(engine.prepared())
             data["memory"] = engine.memory()
         return data
 
-    def _ready(self) -> tuple[Engine, Retriever]:
+    def _ready(self) -> tuple[Engine | RemoteEngine, Retriever]:
         if self.state != READY or self.engine is None or self.retriever is None:
             raise NotReadyError(self.error or f"the model is {self.state}: {self.detail}".rstrip(": "))
         return self.engine, self.retriever
@@ -218,7 +250,7 @@ class EngineHost:
         precision = check_precision(precision)
         with self._job(f"switching to {precision}", threading.Event()):
             report = engine.switch(precision, wait=True)
-        return {**report.as_dict(), "describe": report.describe(), "weights_mib": report.weights.weights_mib}
+        return {**report.as_dict(), "describe": report.describe(), "weights_mib": report.weights_mib}
 
     def ask(
         self,
@@ -289,6 +321,8 @@ class EngineHost:
         from tutor.lab.cliff import PLANS, run_cliff
 
         engine, retriever = self._ready()
+        if isinstance(engine, RemoteEngine):
+            raise EngineError(LAB_NEEDS_LOCAL.format(url=self.remote))
         if plan not in PLANS:
             raise ValueError(f"unknown plan {plan!r}; use one of {', '.join(PLANS)}")
         wanted = [check_precision(p) for p in precisions]

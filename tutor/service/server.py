@@ -28,7 +28,7 @@ from tutor.engine import threads
 from tutor.engine.errors import EngineError
 from tutor.engine.precisions import MEASURED, PRECISIONS
 from tutor.engine.protocol import DEFAULT_PORT, TOKEN_ENV, model_id, precision_of, sse
-from tutor.service.host import Cancelled, EngineHost, NotReadyError
+from tutor.service.host import READY, Cancelled, EngineHost, NotReadyError
 
 if TYPE_CHECKING:
     from starlette.applications import Starlette
@@ -135,7 +135,7 @@ def build_app(host: EngineHost, token: str) -> Starlette:
                 "object": "list",
                 "data": [
                     {"id": model_id(name, p), "object": "model", "created": 0, "owned_by": "quant-tutor"}
-                    for p in PRECISIONS
+                    for p in host.precisions()
                 ],
             }
         )
@@ -204,6 +204,8 @@ def build_app(host: EngineHost, token: str) -> Starlette:
             seed = data.get("seed")
         except (ValueError, TypeError) as exc:
             return _error(400, str(exc))
+        if host.state != READY:  # before the stream starts, so a client can tell and try again
+            return _failure(NotReadyError(host.error or host.detail or host.state))
         completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
         name = model_id(host.model_name, precision)
@@ -383,6 +385,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--lesson", help="index this lesson and its related ones before the others (default: the first)"
     )
+    parser.add_argument(
+        "--generate-with",
+        metavar="URL",
+        help="generate the replies on this OpenAI-compatible server (its key in QUANT_TUTOR_REMOTE_KEY); "
+        "retrieval and the checks stay here",
+    )
+    parser.add_argument(
+        "--variants",
+        type=Path,
+        metavar="TOML",
+        help='with --generate-with: precision = "served model id" lines',
+    )
     parser.add_argument("--cache-dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--watch-stdin", action="store_true", help=argparse.SUPPRESS)
     return parser
@@ -411,6 +425,8 @@ def main(argv: list[str] | None = None) -> int:
         device=args.device,
         cache_dir=args.cache_dir,
         threads=args.threads,
+        remote=args.generate_with,
+        variants=args.variants,
     )
     threads.start(host.load, "load")
     config = uvicorn.Config(
@@ -424,7 +440,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"quant-tutor engine: http://{address}:{port}/v1", flush=True)
         if not os.environ.get(TOKEN_ENV):
             print(f"API key (random for this launch): {token}", flush=True)
-        print("Models: " + ", ".join(model_id(host.model_name, p) for p in PRECISIONS), flush=True)
+        if args.generate_with is None:
+            print("Models: " + ", ".join(model_id(host.model_name, p) for p in PRECISIONS), flush=True)
+        else:
+            print(f"Replies generated on: {args.generate_with}", flush=True)
     try:
         server.run(sockets=[sock])
     finally:
