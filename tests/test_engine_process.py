@@ -306,13 +306,14 @@ async def test_the_app_asks_a_remote_engine_switches_its_variants_and_survives_i
     from tui.tutor_runtime import TutorRuntime
     from tui.widgets.chat_view import ChatEntry, ChatView
     from tui.widgets.lab_view import LabView
+    from tutor.engine.settings import EngineSettings
 
     server, url, key = _serve(model_cache)
     monkeypatch.setenv("QUANT_TUTOR_REMOTE_KEY", key)
     status = url.removesuffix("/v1") + "/qt/status"
     while httpx.get(status, headers={"Authorization": f"Bearer {key}"}).json()["state"] != "ready":
         time.sleep(0.2)
-    runtime = TutorRuntime(library, cache_dir=model_cache, remote=url)
+    runtime = TutorRuntime(library, cache_dir=model_cache, settings=EngineSettings(url))
     app = QuantTutorApp(library, store, tutor=runtime)
 
     async def until(condition, seconds: float = 120) -> None:  # type: ignore[no-untyped-def]

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tui.tutor_runtime import TutorRuntime
-from tutor.engine.remote import RemoteError, read_variants
+from tutor.engine.remote import RemoteError
+from tutor.engine.settings import engine_settings
 from tutor.library.content import Library, load_library
 from tutor.progress.database import StoreError
 from tutor.progress.store import Store
@@ -41,16 +42,12 @@ def launch(
     variants: Path | None = None,
 ) -> Launch | int:
     """The app's state with its engine starting, or an exit status once the reason is printed.
-    ``remote``: the URL of an OpenAI-compatible server that generates the tutor's replies."""
-    if variants is not None:
-        if remote is None:
-            print("quant-tutor: --variants names the variants of an --engine URL; give both", file=sys.stderr)
-            return 2
-        try:
-            read_variants(variants)
-        except RemoteError as exc:
-            print(f"quant-tutor: {exc}", file=sys.stderr)
-            return 2
+    ``remote``/``variants``: ``--engine URL`` and ``--variants FILE`` (tutor.engine.settings)."""
+    try:
+        settings = engine_settings(remote, variants)
+    except RemoteError as exc:
+        print(f"quant-tutor: {exc}", file=sys.stderr)
+        return 2
     library = load_library(content)
     if not library.lessons:
         print("quant-tutor: no lesson could be loaded:", file=sys.stderr)
@@ -66,6 +63,6 @@ def launch(
         print(f"quant-tutor: {exc}", file=sys.stderr)
         return 2
     start = start_lesson(library, store, lesson_id)
-    tutor = TutorRuntime(library, model=model, device=device, remote=remote, variants=variants)
+    tutor = TutorRuntime(library, model=model, device=device, settings=settings)
     tutor.spawn(start)
     return Launch(library, store, start, tutor)

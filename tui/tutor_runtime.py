@@ -18,6 +18,7 @@ from pathlib import Path
 from tutor.engine.client import EngineClient, EngineGone, EngineRefused
 from tutor.engine.precisions import PRECISIONS
 from tutor.engine.process import EngineProcess, EngineStartError
+from tutor.engine.settings import EngineSettings
 from tutor.library.content import Library
 
 POLL_S = 0.2  # how often loading progress is read while the engine loads
@@ -39,8 +40,7 @@ class TutorRuntime:
     device: str = "cpu"
     cache_dir: Path | None = None  # None: tutor.paths.cache_dir()
     threads: int | None = None
-    remote: str | None = None  # replies generated on this OpenAI-compatible server (``--engine``)
-    variants: Path | None = None  # its precision = "served model id" file
+    settings: EngineSettings = field(default_factory=EngineSettings)  # local, or a remote server's
     state: TutorState = TutorState.IDLE
     detail: str = ""
     fraction: float = 0.0
@@ -53,6 +53,11 @@ class TutorRuntime:
     client: EngineClient | None = None
     keep_engine: bool = False  # the process is someone else's (a test's shared engine): never stop it
     _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def remote(self) -> str | None:
+        """The server that generates the replies (None: the local model)."""
+        return self.settings.url
 
     @property
     def ready(self) -> bool:
@@ -117,8 +122,9 @@ class TutorRuntime:
                 content=self.library.root,
                 cache_dir=self.cache_dir,
                 threads=self.threads,
-                remote=self.remote,
-                variants=self.variants,
+                remote=self.settings.url,
+                variants=self.settings.variants,
+                timeout_s=self.settings.timeout_s if self.settings.url else None,
             )
         self.process.lesson = lesson_id
         return self.process

@@ -33,3 +33,8 @@ def data_dir() -> Path:
 def cache_dir() -> Path:
     """Converted checkpoints and indexes: ``$QUANT_TUTOR_HOME/cache`` or the user cache dir."""
     return _app_dir("cache")
+
+
+def config_dir() -> Path:
+    """Settings (``config.toml``): ``$QUANT_TUTOR_HOME/config`` or the platform's user config dir."""
+    return _app_dir("config")

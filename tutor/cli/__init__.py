@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
         dest="app_engine",
         metavar="URL",
         help="the tutor's replies from this OpenAI-compatible server (vLLM, llama-server, Ollama, "
-        "quant-tutor serve); its key in QUANT_TUTOR_REMOTE_KEY",
+        "quant-tutor serve; its key in QUANT_TUTOR_REMOTE_KEY), or local (default: the config file's, "
+        "else local)",
     )
     parser.add_argument(
         "--variants",
@@ -108,8 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument(
         "--engine",
         metavar="URL",
-        help="generate on an OpenAI-compatible server (…/v1: vLLM, llama-server, Ollama, quant-tutor serve); "
-        "its API key from $QUANT_TUTOR_REMOTE_KEY",
+        help="generate on an OpenAI-compatible server (…/v1: vLLM, llama-server, Ollama, quant-tutor serve; "
+        "its API key from $QUANT_TUTOR_REMOTE_KEY), or local (default: the config file's, else local)",
     )
     ask.add_argument(
         "--variants", type=Path, metavar="TOML", help='with --engine: precision = "served model id" lines'

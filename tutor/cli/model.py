@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
@@ -19,6 +18,7 @@ if TYPE_CHECKING:
     from tutor.engine import Engine
     from tutor.engine.remote import RemoteEngine
     from tutor.engine.reports import LoadProgress
+    from tutor.engine.settings import EngineSettings
 
 
 class ModelCommandError(Exception):
@@ -47,14 +47,18 @@ def load_model(args: argparse.Namespace, err: TextIO) -> Engine:
         raise ModelCommandError(str(exc)) from None
 
 
-def connect_remote(args: argparse.Namespace) -> RemoteEngine:
-    """The OpenAI-compatible server at ``--engine``, its variants from ``--variants`` or its list."""
-    from tutor.engine.remote import KEY_ENV, RemoteEngine, RemoteError, read_variants
+def connect_remote(settings: EngineSettings, precision: str | None) -> RemoteEngine:
+    """The OpenAI-compatible server ``settings`` name, its variants from them or its list."""
+    from tutor.engine.remote import RemoteEngine, RemoteError, client
 
+    assert settings.url is not None
     try:
-        variants = read_variants(args.variants) if args.variants else None
         return RemoteEngine.connect(
-            args.engine, api_key=os.environ.get(KEY_ENV), variants=variants, precision=args.precision
+            settings.url,
+            api_key=settings.api_key,
+            variants=settings.variants,
+            precision=precision,
+            http=client(settings.timeout_s),
         )
     except RemoteError as exc:
         raise ModelCommandError(str(exc)) from None
@@ -104,6 +108,8 @@ def _print_answer(answer: Any, out: TextIO) -> None:
 def cmd_ask(args: argparse.Namespace, library: Library, out: TextIO, err: TextIO) -> int:
     from tutor.assistant.tutor_chat import ask
     from tutor.engine import EngineError
+    from tutor.engine.remote import RemoteError
+    from tutor.engine.settings import engine_settings
 
     if bool(args.question) == bool(args.questions):
         raise ModelCommandError("give one QUESTION or --questions FILE")
@@ -111,8 +117,12 @@ def cmd_ask(args: argparse.Namespace, library: Library, out: TextIO, err: TextIO
         raise ModelCommandError(f"no lesson {args.ask_lesson!r}; known lessons: {', '.join(library.lessons)}")
     questions = _read_questions(args.questions) if args.questions else [args.question]
     engine: Engine | RemoteEngine
-    if args.engine:  # reached first: a wrong URL or key is said before the index loads
-        engine = connect_remote(args)
+    try:
+        settings = engine_settings(args.engine, args.variants)
+    except RemoteError as exc:
+        raise ModelCommandError(str(exc)) from None
+    if settings.url:  # reached first: a wrong URL or key is said before the index loads
+        engine = connect_remote(settings, args.precision)
         retriever = load_retriever(library, err)
     else:
         retriever = load_retriever(library, err)

@@ -40,7 +40,8 @@ class EngineProcess:
     cache_dir: Path | None = None
     threads: int | None = None
     remote: str | None = None  # an OpenAI-compatible server that generates the replies
-    variants: Path | None = None  # with ``remote``: its precision = "served model id" file
+    variants: dict[str, str] | None = None  # with ``remote``: precision -> served model id
+    timeout_s: float | None = None  # with ``remote``: how long a reply may go silent
     folder: Path | None = None
     token: str = field(default="", repr=False)
     popen: subprocess.Popen[bytes] | None = field(default=None, repr=False)
@@ -55,10 +56,12 @@ class EngineProcess:
             ("--cache-dir", self.cache_dir),
             ("--threads", self.threads),
             ("--generate-with", self.remote),
-            ("--variants", self.variants),
+            ("--timeout", self.timeout_s),
         ]:
             if value is not None:
                 command += [flag, str(value)]
+        for precision, served in (self.variants or {}).items():
+            command += ["--variant", f"{precision}={served}"]
         return command
 
     def start(self) -> EngineClient:

@@ -28,6 +28,7 @@ from tutor.engine.generate import Cancel, Messages, OnToken, is_cancelled
 from tutor.engine.protocol import parse_sse
 from tutor.engine.reports import Reply, ReplyStats, TokenEvent
 
+READ_TIMEOUT_S = 120.0  # a reply silent this long counts as cut (the config file's timeout_s)
 RETRIES = 3  # tries for a 429 or 5xx answer, or a connection refused, before giving up
 BACKOFF_S = 0.5  # the first wait between tries; doubled each time
 # The remote server's API key. Not TOKEN_ENV: the app hands its own engine process a token of
@@ -45,9 +46,16 @@ def read_variants(path: Path) -> dict[str, str]:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise RemoteError(f"cannot read the variants file {path}: {exc}") from None
+    return check_variants(data, str(path))
+
+
+def check_variants(data: object, where: str) -> dict[str, str]:
+    """``data`` as a precision -> served id mapping, or a RemoteError naming ``where`` it was read."""
+    if not isinstance(data, dict):
+        raise RemoteError(f'{where}: must be precision = "served model id" lines')
     bad = [key for key, value in data.items() if not isinstance(value, str) or not value]
     if bad or not data:
-        raise RemoteError(f'{path}: each line must be precision = "served model id" (bad: {bad or "empty"})')
+        raise RemoteError(f'{where}: each line must be precision = "served model id" (bad: {bad or "empty"})')
     return dict(data)
 
 
@@ -60,6 +68,11 @@ def variants_from_ids(ids: Sequence[str]) -> dict[str, str]:
         name = served.rsplit(":", 1)[-1] if ":" in served else served
         found.setdefault(name if name in PRECISIONS else served, served)
     return found
+
+
+def client(read_timeout_s: float = READ_TIMEOUT_S) -> httpx.Client:
+    """An HTTP client for a server: 10 s to connect, ``read_timeout_s`` of silence in a reply."""
+    return httpx.Client(timeout=httpx.Timeout(10.0, read=read_timeout_s))
 
 
 @dataclass(frozen=True)
@@ -87,7 +100,7 @@ class RemoteEngine:
     variants: dict[str, str]  # precision (or a served id) -> the model id to ask for
     precision: str
     api_key: str | None = None
-    http: httpx.Client = field(default_factory=lambda: _client())
+    http: httpx.Client = field(default_factory=client)
     backoff_s: float = BACKOFF_S
 
     @classmethod
@@ -101,7 +114,7 @@ class RemoteEngine:
         http: httpx.Client | None = None,
     ) -> RemoteEngine:
         """Reach the server; without ``variants`` they come from its ``/models``."""
-        engine = cls(base_url.rstrip("/"), {}, "", api_key, http or _client())
+        engine = cls(base_url.rstrip("/"), {}, "", api_key, http or client())
         engine.variants = dict(variants) if variants else variants_from_ids(engine.served())
         if not engine.variants:
             raise RemoteError(f"{engine.base_url} serves no model")
@@ -256,10 +269,6 @@ class RemoteEngine:
             time.sleep(wait)
             wait *= 2
         raise AssertionError("unreachable")  # pragma: no cover
-
-
-def _client() -> httpx.Client:
-    return httpx.Client(timeout=httpx.Timeout(10.0, read=120.0))
 
 
 def _stream_error(name: str, data: Mapping[str, Any]) -> str | None:

@@ -28,6 +28,7 @@ from tutor.engine import threads
 from tutor.engine.errors import EngineError
 from tutor.engine.precisions import MEASURED, PRECISIONS
 from tutor.engine.protocol import DEFAULT_PORT, TOKEN_ENV, model_id, precision_of, sse
+from tutor.engine.remote import READ_TIMEOUT_S
 from tutor.service.host import READY, Cancelled, EngineHost, NotReadyError
 
 if TYPE_CHECKING:
@@ -392,10 +393,16 @@ def build_parser() -> argparse.ArgumentParser:
         "retrieval and the checks stay here",
     )
     parser.add_argument(
-        "--variants",
-        type=Path,
-        metavar="TOML",
-        help='with --generate-with: precision = "served model id" lines',
+        "--variant",
+        action="append",
+        metavar="PRECISION=ID",
+        help="with --generate-with: the served model id for a precision (repeat; default: the ids listed)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=READ_TIMEOUT_S,
+        help="with --generate-with: seconds a reply may go silent",
     )
     parser.add_argument("--cache-dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--watch-stdin", action="store_true", help=argparse.SUPPRESS)
@@ -426,7 +433,8 @@ def main(argv: list[str] | None = None) -> int:
         cache_dir=args.cache_dir,
         threads=args.threads,
         remote=args.generate_with,
-        variants=args.variants,
+        variants=dict(v.split("=", 1) for v in args.variant) if args.variant else None,
+        timeout_s=args.timeout,
     )
     threads.start(host.load, "load")
     config = uvicorn.Config(
