@@ -196,7 +196,9 @@ def test_ask_on_an_unreachable_engine_says_so_in_one_line(tmp_path: Path) -> Non
     config.parent.mkdir(parents=True, exist_ok=True)
     config.write_text('[engine]\nurl = "http://127.0.0.1:9/v1"\n')
     configured = qt("ask", "What is NF4?")  # the config file's server, with no --engine
-    assert configured.returncode == 2 and "cannot reach the engine at http://127.0.0.1:9/v1" in configured.stderr
+    assert (
+        configured.returncode == 2 and "cannot reach the engine at http://127.0.0.1:9/v1" in configured.stderr
+    )
 
 
 def test_the_app_refuses_bad_remote_options_before_it_starts(tmp_path: Path) -> None:

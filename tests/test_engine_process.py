@@ -381,7 +381,9 @@ def _scripted_server(replies: list[tuple[int, bytes, int | None]]) -> tuple[str,
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def _answer(self) -> None:
-            seen.append(self.path)
+            length = int(self.headers.get("Content-Length") or 0)
+            asked = json.loads(self.rfile.read(length)).get("model") if length else None
+            seen.append(self.path if asked is None else f"{self.path} {asked}")
             status, body, length = replies.pop(0)
             self.send_response(status)
             self.send_header("Content-Type", "text/event-stream" if status == 200 else "application/json")
@@ -402,7 +404,7 @@ def _scripted_server(replies: list[tuple[int, bytes, int | None]]) -> tuple[str,
 
 
 def test_remote_faults_are_said_in_one_line_and_what_arrived_stays() -> None:
-    from tutor.engine.remote import RemoteEngine, RemoteError, variants_from_ids
+    from tutor.engine.remote import RemoteEngine, RemoteError, Variant, variants_from_ids
 
     chunk = b'data: {"choices": [{"delta": {"content": "Int8 is"}}]}\n\n'
     done = b'data: {"choices": [{"delta": {}, "finish_reason": "stop"}]}\n\ndata: [DONE]\n\n'
@@ -413,7 +415,7 @@ def test_remote_faults_are_said_in_one_line_and_what_arrived_stays() -> None:
         + [(200, chunk + failed, None), (200, failed, None)]
         + [busy] * 3
     )
-    remote = RemoteEngine(url, {"q8": "m-q8"}, "q8", backoff_s=0.01)
+    remote = RemoteEngine(url, {"q8": Variant("m-q8")}, "q8", backoff_s=0.01)
     assert remote.generate("Hi").text == "Int8 is" and len(seen) == 3, "two 503s, then the reply"
     cut = remote.generate("Hi")  # the server closes mid-reply: what arrived stays, said cut
     assert cut.text == "Int8 is" and cut.stats.stop_reason.startswith("cut")
@@ -425,14 +427,30 @@ def test_remote_faults_are_said_in_one_line_and_what_arrived_stays() -> None:
         remote.generate("Hi")
     with pytest.raises(RemoteError, match=r"answered 503: the server failed \(overloaded\)"):
         remote.generate("Hi")
-    nobody = RemoteEngine("http://127.0.0.1:9/v1", {"q8": "m"}, "q8", backoff_s=0.01)
+    nobody = RemoteEngine("http://127.0.0.1:9/v1", {"q8": Variant("m")}, "q8", backoff_s=0.01)
     with pytest.raises(RemoteError, match=r"cannot reach the engine at http://127\.0\.0\.1:9/v1"):
         nobody.served()
     assert variants_from_ids(["m:bf16", "m:nf4", "llama3:8b-q4"]) == {
-        "bf16": "m:bf16",
-        "nf4": "m:nf4",
-        "llama3:8b-q4": "llama3:8b-q4",
+        "bf16": Variant("m:bf16"),
+        "nf4": Variant("m:nf4"),
+        "llama3:8b-q4": Variant("llama3:8b-q4"),
     }
+
+
+def test_a_variant_on_a_server_of_its_own_is_asked_there() -> None:
+    """One server per variant (vLLM serves one model per process): each reply goes to its own."""
+    from tutor.engine.remote import RemoteEngine, Variant, check_variants
+
+    reply = (200, b'data: {"choices": [{"delta": {"content": "Hi"}}]}\n\ndata: [DONE]\n\n', None)
+    first, first_seen = _scripted_server([reply])
+    second, second_seen = _scripted_server([reply])
+    variants = check_variants({"bf16": "m-16", "nf4": {"model": "m-4", "url": second + "/"}}, "test")
+    assert variants == {"bf16": Variant("m-16"), "nf4": Variant("m-4", second)}
+    remote = RemoteEngine(first, variants, "bf16", backoff_s=0.01)
+    assert remote.generate("Hi").stats.device == f"remote {first}"
+    assert "serves it as m-4" in remote.switch("nf4").describe() and second in remote.switch("nf4").describe()
+    assert remote.generate("Hi").stats.device == f"remote {second}"
+    assert first_seen == ["/v1/chat/completions m-16"] and second_seen == ["/v1/chat/completions m-4"]
 
 
 @pytest.mark.model
@@ -449,4 +467,4 @@ def test_ask_says_in_one_line_when_the_remote_engine_fails_mid_session(  # type:
     assert cli.run(cli.parse(["ask", "What is NF4?", "--engine", url])) == 2
     err = capsys.readouterr().err
     assert f"{url} answered 500: the server failed (boom)" in err and "Traceback" not in err
-    assert seen == ["/v1/models"] + ["/v1/chat/completions"] * 3, "tried three times"
+    assert seen == ["/v1/models"] + ["/v1/chat/completions m:bf16"] * 3, "tried three times"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tutor.engine.remote import RemoteError
+from tutor.engine.remote import RemoteError, Variant
 from tutor.engine.settings import EngineSettings, config_file, engine_settings
 
 
@@ -27,16 +27,20 @@ def test_the_config_file_names_a_server_and_the_command_line_overrides_it(
 ) -> None:
     _config(
         '[engine]\nurl = "http://gpu:8000/v1"\ntimeout_s = 30\n'
-        '[engine.variants]\nbf16 = "qwen-7b"\nnf4 = "qwen-7b-bnb-4bit"\n'
+        '[engine.variants]\nbf16 = "qwen-7b"\n'
+        'nf4 = { model = "qwen-7b-bnb-4bit", url = "http://gpu:8001/v1/" }\n'
     )
     monkeypatch.setenv("QUANT_TUTOR_REMOTE_KEY", "sk-test")
     found = engine_settings()
-    assert found == EngineSettings("http://gpu:8000/v1", {"bf16": "qwen-7b", "nf4": "qwen-7b-bnb-4bit"}, 30.0)
+    variants = {"bf16": Variant("qwen-7b"), "nf4": Variant("qwen-7b-bnb-4bit", "http://gpu:8001/v1")}
+    assert found == EngineSettings("http://gpu:8000/v1", variants, 30.0)
     assert found.api_key == "sk-test", "the key comes from the environment"
     assert engine_settings("local") == EngineSettings(timeout_s=30.0)
     assert engine_settings("local").api_key is None
     (tmp_path / "v.toml").write_text('int8 = "qwen-7b-w8a8"\n')
-    assert engine_settings("http://other/v1", tmp_path / "v.toml").variants == {"int8": "qwen-7b-w8a8"}
+    assert engine_settings("http://other/v1", tmp_path / "v.toml").variants == {
+        "int8": Variant("qwen-7b-w8a8")
+    }
     assert engine_settings("http://other/v1").variants is None, "another server's ids are its own"
 
 

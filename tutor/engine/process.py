@@ -10,6 +10,7 @@ terminal the app draws on.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import shutil
@@ -23,6 +24,7 @@ from pathlib import Path
 
 from tutor.engine.client import EngineClient, EngineGone
 from tutor.engine.protocol import TOKEN_ENV
+from tutor.engine.remote import Variants
 
 START_TIMEOUT_S = 60.0  # until the socket answers; loading the model is reported separately
 
@@ -40,7 +42,7 @@ class EngineProcess:
     cache_dir: Path | None = None
     threads: int | None = None
     remote: str | None = None  # an OpenAI-compatible server that generates the replies
-    variants: dict[str, str] | None = None  # with ``remote``: precision -> served model id
+    variants: Variants | None = None  # with ``remote``: precision -> served model id (and server)
     timeout_s: float | None = None  # with ``remote``: how long a reply may go silent
     folder: Path | None = None
     token: str = field(default="", repr=False)
@@ -60,8 +62,8 @@ class EngineProcess:
         ]:
             if value is not None:
                 command += [flag, str(value)]
-        for precision, served in (self.variants or {}).items():
-            command += ["--variant", f"{precision}={served}"]
+        if self.variants:
+            command += ["--variants-json", json.dumps({p: v.as_dict() for p, v in self.variants.items()})]
         return command
 
     def start(self) -> EngineClient:

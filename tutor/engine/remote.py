@@ -5,7 +5,9 @@ check stay local; only the model's reply moves.
 Precision becomes a choice among *served variants*: each precision name maps to a model id the
 server serves. ``quant-tutor serve`` names its ids ``<model>:<precision>``, so its variants are
 found by listing ``/models``; any other server's ids are offered under their own names, and a
-mapping file (TOML, ``bf16 = "served-model-id"``) names them. TTFT and tok/s are measured here,
+mapping file (TOML, ``bf16 = "served-model-id"``) names them. A variant may live on a server of
+its own (``nf4 = { model = "id", url = "http://host:8001/v1" }``): vLLM serves one model per
+process, so two precisions of one model are two servers. TTFT and tok/s are measured here,
 on the client: they include the network. Context-aware decoding needs the model's logits, so a
 remote reply is plain decoding.
 """
@@ -40,7 +42,21 @@ class RemoteError(EngineError):
     """The server could not be reached or refused; the message names the server and why."""
 
 
-def read_variants(path: Path) -> dict[str, str]:
+@dataclass(frozen=True)
+class Variant:
+    """One served variant: the model id to ask for, and its own server's URL (None: the engine's)."""
+
+    model: str
+    url: str | None = None
+
+    def as_dict(self) -> dict[str, str | None]:
+        return asdict(self)
+
+
+Variants = dict[str, Variant]
+
+
+def read_variants(path: Path) -> Variants:
     """A mapping file: ``precision = "served model id"`` per line (TOML)."""
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -49,24 +65,34 @@ def read_variants(path: Path) -> dict[str, str]:
     return check_variants(data, str(path))
 
 
-def check_variants(data: object, where: str) -> dict[str, str]:
-    """``data`` as a precision -> served id mapping, or a RemoteError naming ``where`` it was read."""
-    if not isinstance(data, dict):
+def check_variants(data: object, where: str) -> Variants:
+    """``data`` (precision = "id" or = { model = "id", url = "…/v1" }) as variants, or a
+    RemoteError naming ``where`` it was read and the first bad line."""
+    if not isinstance(data, dict) or not data:
         raise RemoteError(f'{where}: must be precision = "served model id" lines')
-    bad = [key for key, value in data.items() if not isinstance(value, str) or not value]
-    if bad or not data:
-        raise RemoteError(f'{where}: each line must be precision = "served model id" (bad: {bad or "empty"})')
-    return dict(data)
+    found: Variants = {}
+    for name, value in data.items():
+        if isinstance(value, dict) and set(value) <= {"model", "url"}:
+            model, url = value.get("model"), value.get("url")
+        else:
+            model, url = value, None
+        if not (isinstance(model, str) and model) or not (url is None or (isinstance(url, str) and url)):
+            raise RemoteError(
+                f'{where}: each line must be precision = "served model id" or '
+                f'precision = {{ model = "id", url = "http://…/v1" }} (bad: {name})'
+            )
+        found[str(name)] = Variant(model, None if url is None else url.rstrip("/"))
+    return found
 
 
-def variants_from_ids(ids: Sequence[str]) -> dict[str, str]:
+def variants_from_ids(ids: Sequence[str]) -> Variants:
     """Served ids as variants: ``<model>:<precision>`` under its precision, any other under its id."""
     from tutor.engine.precisions import PRECISIONS
 
-    found: dict[str, str] = {}
+    found: Variants = {}
     for served in ids:
         name = served.rsplit(":", 1)[-1] if ":" in served else served
-        found.setdefault(name if name in PRECISIONS else served, served)
+        found.setdefault(name if name in PRECISIONS else served, Variant(served))
     return found
 
 
@@ -82,11 +108,11 @@ class ServedSwitch:
     precision: str
     previous: str
     served: str
-    base_url: str
+    url: str
     weights_mib: None = None  # the server's, not reported to a client
 
     def describe(self) -> str:
-        return f"switched {self.previous} -> {self.precision}: {self.base_url} serves it as {self.served}."
+        return f"switched {self.previous} -> {self.precision}: {self.url} serves it as {self.served}."
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -97,7 +123,7 @@ class RemoteEngine:
     """What ``tutor.assistant.tutor_chat.ask`` needs of an engine, over HTTP."""
 
     base_url: str  # ends in /v1
-    variants: dict[str, str]  # precision (or a served id) -> the model id to ask for
+    variants: Variants  # precision (or a served id) -> the model id to ask for, and where
     precision: str
     api_key: str | None = None
     http: httpx.Client = field(default_factory=client)
@@ -109,7 +135,7 @@ class RemoteEngine:
         base_url: str,
         *,
         api_key: str | None = None,
-        variants: Mapping[str, str] | None = None,
+        variants: Mapping[str, Variant] | None = None,
         precision: str | None = None,
         http: httpx.Client | None = None,
     ) -> RemoteEngine:
@@ -123,11 +149,13 @@ class RemoteEngine:
 
     @property
     def device(self) -> str:
-        return f"remote {self.base_url}"
+        """Where the current variant is served."""
+        variant = self.variants.get(self.precision)
+        return f"remote {(variant.url if variant else None) or self.base_url}"
 
     def served(self) -> list[str]:
         """The model ids the server lists."""
-        response = self._send("GET", "/models")
+        response = self._send(self.base_url, "GET", "/models")
         try:
             return [str(model["id"]) for model in response.json()["data"]]
         except (ValueError, KeyError, TypeError) as exc:
@@ -139,7 +167,8 @@ class RemoteEngine:
                 f"{self.base_url} serves no variant for {precision!r}; it serves: {', '.join(self.variants)}"
             )
         previous, self.precision = self.precision, precision
-        return ServedSwitch(precision, previous, self.variants[precision], self.base_url)
+        variant = self.variants[precision]
+        return ServedSwitch(precision, previous, variant.model, variant.url or self.base_url)
 
     def generate(
         self,
@@ -160,7 +189,7 @@ class RemoteEngine:
         if prefix:
             chat.append({"role": "assistant", "content": prefix})
         body = {
-            "model": self.variants[self.precision],
+            "model": self.variants[self.precision].model,
             "messages": chat,
             "max_tokens": max_new_tokens,
             "temperature": 0,
@@ -173,7 +202,8 @@ class RemoteEngine:
         usage: dict[str, Any] = {}
         stop_reason = "max_tokens"
         # Leaving the block closes the stream: the server stops the reply.
-        with contextlib.closing(self._stream("/chat/completions", body)) as response:
+        where = self.variants[self.precision].url or self.base_url
+        with contextlib.closing(self._stream(where, "/chat/completions", body)) as response:
             try:
                 for event in parse_sse(response.iter_lines()):
                     if event.data == "[DONE]":
@@ -182,7 +212,7 @@ class RemoteEngine:
                         continue
                     failure = _stream_error(event.name, event.data)
                     if failure and not pieces:
-                        raise RemoteError(f"{self.base_url} could not answer: {failure}")
+                        raise RemoteError(f"{where} could not answer: {failure}")
                     if failure:
                         stop_reason = f"cut ({failure})"
                         break
@@ -235,21 +265,19 @@ class RemoteEngine:
     def _headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
-    def _send(self, method: str, path: str) -> httpx.Response:
-        return self._retrying(
-            lambda: self.http.request(method, self.base_url + path, headers=self._headers())
-        )
+    def _send(self, url: str, method: str, path: str) -> httpx.Response:
+        return self._retrying(url, lambda: self.http.request(method, url + path, headers=self._headers()))
 
-    def _stream(self, path: str, body: dict[str, Any]) -> httpx.Response:
+    def _stream(self, url: str, path: str, body: dict[str, Any]) -> httpx.Response:
         def start() -> httpx.Response:
             request = self.http.build_request(
-                "POST", self.base_url + path, headers=self._headers(), content=json.dumps(body)
+                "POST", url + path, headers=self._headers(), content=json.dumps(body)
             )
             return self.http.send(request, stream=True)
 
-        return self._retrying(start)
+        return self._retrying(url, start)
 
-    def _retrying(self, send: Callable[[], httpx.Response]) -> httpx.Response:
+    def _retrying(self, url: str, send: Callable[[], httpx.Response]) -> httpx.Response:
         """``send()`` until it answers 2xx; 429, 5xx and refused connections are tried again."""
         wait = self.backoff_s
         for attempt in range(1, RETRIES + 1):
@@ -257,14 +285,14 @@ class RemoteEngine:
                 response = send()
             except httpx.HTTPError as exc:
                 if attempt == RETRIES or not isinstance(exc, httpx.ConnectError):
-                    raise RemoteError(f"cannot reach the engine at {self.base_url}: {_why(exc)}") from None
+                    raise RemoteError(f"cannot reach the engine at {url}: {_why(exc)}") from None
             else:
                 if response.status_code < 400:
                     return response
                 response.read()
                 retry = response.status_code == 429 or response.status_code >= 500
                 if not retry or attempt == RETRIES:
-                    raise RemoteError(_refusal(self.base_url, response)) from None
+                    raise RemoteError(_refusal(url, response)) from None
                 response.close()
             time.sleep(wait)
             wait *= 2

@@ -9,7 +9,7 @@ config folder::
 
     [engine.variants]                # precision = "served model id" (default: the ids listed)
     bf16 = "qwen2.5-7b-instruct"
-    nf4 = "qwen2.5-7b-instruct-bnb-4bit"
+    nf4 = { model = "qwen2.5-7b-instruct-bnb-4bit", url = "http://gpu-box:8001/v1" }  # its own server
 
 The server's API key is never read from the file (it would sit there in plain text): it comes
 from ``QUANT_TUTOR_REMOTE_KEY``. ``--engine URL`` (or ``--engine local``) and ``--variants FILE``
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tutor.engine.remote import KEY_ENV, READ_TIMEOUT_S, RemoteError, check_variants, read_variants
+from tutor.engine.remote import KEY_ENV, READ_TIMEOUT_S, RemoteError, Variants, check_variants, read_variants
 from tutor.paths import config_dir
 
 LOCAL = "local"
@@ -35,7 +35,7 @@ KEY_NAMES = ("key", "api_key", "token")
 @dataclass(frozen=True)
 class EngineSettings:
     url: str | None = None  # None: the embedded model, in this machine's engine process
-    variants: dict[str, str] | None = None  # None: the ids the server lists
+    variants: Variants | None = None  # None: the ids the server lists
     timeout_s: float = READ_TIMEOUT_S
 
     @property

@@ -21,7 +21,7 @@ from tutor.engine import threads
 from tutor.engine.errors import EngineError
 from tutor.engine.precisions import PRECISIONS, check_precision
 from tutor.engine.protocol import MODEL_NAME
-from tutor.engine.remote import KEY_ENV, READ_TIMEOUT_S, RemoteEngine, client
+from tutor.engine.remote import KEY_ENV, READ_TIMEOUT_S, RemoteEngine, Variants, client
 from tutor.library.content import Library
 
 if TYPE_CHECKING:
@@ -55,7 +55,7 @@ class EngineHost:
     cache_dir: Path | None = None
     threads: int | None = None
     remote: str | None = None  # an OpenAI-compatible server that generates the replies instead
-    variants: dict[str, str] | None = None  # with ``remote``: precision -> served model id (None: listed)
+    variants: Variants | None = None  # with ``remote``: precision -> served model id (None: listed)
     timeout_s: float = READ_TIMEOUT_S  # with ``remote``: how long a reply may go silent
     state: str = STARTING
     stage: str = ""

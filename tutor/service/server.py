@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import secrets
 import socket
@@ -28,7 +29,7 @@ from tutor.engine import threads
 from tutor.engine.errors import EngineError
 from tutor.engine.precisions import MEASURED, PRECISIONS
 from tutor.engine.protocol import DEFAULT_PORT, TOKEN_ENV, model_id, precision_of, sse
-from tutor.engine.remote import READ_TIMEOUT_S
+from tutor.engine.remote import READ_TIMEOUT_S, check_variants
 from tutor.service.host import READY, Cancelled, EngineHost, NotReadyError
 
 if TYPE_CHECKING:
@@ -393,10 +394,10 @@ def build_parser() -> argparse.ArgumentParser:
         "retrieval and the checks stay here",
     )
     parser.add_argument(
-        "--variant",
-        action="append",
-        metavar="PRECISION=ID",
-        help="with --generate-with: the served model id for a precision (repeat; default: the ids listed)",
+        "--variants-json",
+        metavar="JSON",
+        help='with --generate-with: {"precision": {"model": "served id", "url": null}, …} '
+        "(default: the ids the server lists)",
     )
     parser.add_argument(
         "--timeout",
@@ -433,7 +434,9 @@ def main(argv: list[str] | None = None) -> int:
         cache_dir=args.cache_dir,
         threads=args.threads,
         remote=args.generate_with,
-        variants=dict(v.split("=", 1) for v in args.variant) if args.variant else None,
+        variants=check_variants(json.loads(args.variants_json), "--variants-json")
+        if args.variants_json
+        else None,
         timeout_s=args.timeout,
     )
     threads.start(host.load, "load")
