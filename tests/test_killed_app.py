@@ -99,6 +99,7 @@ async def test_sigkill_mid_quiz_keeps_the_answers_and_resumes_at_question_4(
             os.write(master, b"\r")
             _until(f"question {done + 2}", lambda n=done + 2: f"Question {n} of 10".encode() in screen)
         engine = psutil.Process(app.pid).children(recursive=True)
+        sockets = [c.cmdline()[c.cmdline().index("--uds") + 1] for c in engine if "--uds" in c.cmdline()]
         app.send_signal(signal.SIGKILL)
         assert app.wait(timeout=10) == -signal.SIGKILL
     finally:
@@ -108,6 +109,8 @@ async def test_sigkill_mid_quiz_keeps_the_answers_and_resumes_at_question_4(
     assert engine, "the app had started its engine process"
     _, alive = psutil.wait_procs(engine, timeout=15)
     assert not alive, f"the engine outlived the killed app: {alive}"
+    private = [Path(socket).parent for socket in sockets]
+    assert private and not any(folder.exists() for folder in private), "the engine removed its folder"
 
     store = Store(db)
     try:

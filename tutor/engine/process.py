@@ -26,6 +26,7 @@ from tutor.engine.client import EngineClient, EngineGone
 from tutor.engine.protocol import TOKEN_ENV
 from tutor.engine.remote import Variants
 
+PRIVATE_PREFIX = "quant-tutor-engine-"  # the engine's private folder (socket and log)
 START_TIMEOUT_S = 60.0  # until the socket answers; loading the model is reported separately
 
 
@@ -74,7 +75,7 @@ class EngineProcess:
     def spawn(self) -> None:
         """Start the child and return at once (``answering`` waits for its socket)."""
         self.stop()
-        folder = Path(tempfile.mkdtemp(prefix="quant-tutor-engine-"))
+        folder = Path(tempfile.mkdtemp(prefix=PRIVATE_PREFIX))
         token = secrets.token_urlsafe(24)
         with open(folder / "engine.log", "wb") as log:
             self.popen = subprocess.Popen(

@@ -79,8 +79,8 @@ class EngineHost:
     # --- loading ---------------------------------------------------------------------
 
     def load(self) -> None:
-        """Index the learner's lesson and its related ones, load the model, then warm bitsandbytes
-        and index the other lessons (blocking; the server runs it in a thread).
+        """Index the learner's lesson and its related ones, load the embedding model and the model,
+        then warm bitsandbytes and index the other lessons (blocking; the server runs it in a thread).
 
         One after the other: most of each is imports, and importing transformers from two threads
         at once saved about a second here but failed one start in seven (an import deadlock).
@@ -100,6 +100,10 @@ class EngineHost:
                 cache_dir=self.cache_dir,
                 lessons=lesson_and_related(self.library, self.lesson),
             )
+            # Before the model, not after ready: every question's retrieval needs it, so a
+            # question asked right at ready would wait for it (0.7 s on the AVX-512 EPYC).
+            self.stage, self.detail = "index", "loading the embedding model"
+            self.retriever.warm()
             self.engine = self._load_model()
             self.load_seconds = round(time.perf_counter() - started, 2)
             self.state, self.stage, self.detail, self.fraction = READY, "", "", 1.0
@@ -113,7 +117,7 @@ class EngineHost:
             threads.start(self._after_ready, "after ready")
 
     def _after_ready(self) -> None:
-        """Load the embedding model and bitsandbytes, then index the other lessons.
+        """Import bitsandbytes, then index the other lessons.
 
         After ready, not before: the first question does not wait for them, and a switch asked
         for later pays only for quantizing. Each step runs in a brief thread of its own while
@@ -125,7 +129,6 @@ class EngineHost:
         retriever = self.retriever
         assert retriever is not None
         try:
-            threads.briefly(retriever.warm, "warm")
             if self.remote is None:
                 threads.briefly(preload_bitsandbytes, "warm")
             retriever.index_rest(pause=self._idle.wait, run=lambda step: threads.briefly(step, "index"))

@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import secrets
+import shutil
 import socket
 import sys
 import threading
@@ -28,6 +29,7 @@ from tutor.assistant.tutor_chat import MAX_SENTENCES
 from tutor.engine import threads
 from tutor.engine.errors import EngineError
 from tutor.engine.precisions import MEASURED, PRECISIONS
+from tutor.engine.process import PRIVATE_PREFIX
 from tutor.engine.protocol import DEFAULT_PORT, TOKEN_ENV, model_id, precision_of, sse
 from tutor.engine.remote import READ_TIMEOUT_S, check_variants
 from tutor.service.host import READY, Cancelled, EngineHost, NotReadyError
@@ -360,12 +362,15 @@ def tcp_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _watch_parent(server: Any) -> None:
-    """Exit when the app that started us goes away (its end of our stdin closes), even on kill -9."""
+def _watch_parent(server: Any, private: Path | None) -> None:
+    """Exit when the app that started us goes away (its end of our stdin closes), even on kill -9,
+    and remove the private folder the app made for us (the app is gone: nobody reads our log)."""
     with contextlib.suppress(OSError):
         while sys.stdin.buffer.read(4096):
             pass
     server.should_exit = True
+    if private is not None:
+        shutil.rmtree(private, ignore_errors=True)
     time.sleep(5)
     os._exit(0)  # a job that ignores the shutdown must not keep the process alive
 
@@ -445,7 +450,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     server = uvicorn.Server(config)
     if args.watch_stdin:
-        threading.Thread(target=_watch_parent, args=(server,), name="parent", daemon=True).start()
+        # The app makes a folder of its own for our socket and log (tutor.engine.process).
+        private = args.uds.parent if args.uds and args.uds.parent.name.startswith(PRIVATE_PREFIX) else None
+        threading.Thread(target=_watch_parent, args=(server, private), name="parent", daemon=True).start()
     if not args.uds:
         address, port = sock.getsockname()[:2]
         print(f"quant-tutor engine: http://{address}:{port}/v1", flush=True)
