@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 
 from tutor.engine.client import EngineClient, EngineRefused
 from tutor.engine.process import EngineProcess
@@ -277,6 +278,50 @@ def test_the_tutor_answers_through_a_remote_engine(engine_process: EngineProcess
         RemoteError, match="answered 401: the API key was refused; set QUANT_TUTOR_REMOTE_KEY"
     ):
         refused.generate("Hi", max_new_tokens=2)
+
+
+@pytest.mark.model
+def test_the_cliff_is_estimated_from_a_servers_prompt_log_probabilities(  # type: ignore[no-untyped-def]
+    engine_process: EngineProcess, shared_engine, library
+) -> None:
+    """`cliff --engine`: the server scores each window (an OpenAI completion with echo and
+    logprobs); PPL is the local figure for the same tokens, KL an estimate that the cliff shows."""
+    import math
+
+    from tutor.engine.remote import RemoteEngine, RemoteError
+    from tutor.lab.remote_estimate import estimate_rows, text_windows
+
+    transport = httpx.HTTPTransport(uds=str(engine_process.socket_path))
+    http = httpx.Client(transport=transport, timeout=httpx.Timeout(10.0, read=120.0))
+    remote = RemoteEngine.connect(
+        "http://engine/v1", api_key=engine_process.token, precision="fp32", http=http
+    )
+    rows = estimate_rows(remote, library, ["bf16", "fp4"], windows=2)
+    assert remote.precision == "fp32", "the variant it had"
+    bf16, fp4 = rows
+    assert (bf16.precision, bf16.ppl_ratio, bf16.kl_estimate, bf16.same_top) == ("bf16", 1.0, 0.0, 1.0)
+    assert fp4.tokens == bf16.tokens > 100 and fp4.kl_estimate > 0.02 and fp4.same_top < 0.95
+    assert fp4.ppl_ratio > 1.05, "the 4-bit cliff shows in the estimate"
+    # The same PPL from the local engine on the same tokens (the server read them at bf16).
+    texts = text_windows(library)
+    nll = tokens = 0.0
+    shared_engine.switch("bf16", wait=True)
+    for index in (len(texts) // 4, 3 * len(texts) // 4):  # pick_windows' two, spread over the text
+        ids = shared_engine.tokenizer(texts[index], add_special_tokens=False)["input_ids"]
+        logprobs = shared_engine.window_logprobs([ids], batch_size=1)[0, :-1]
+        chosen = logprobs.gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
+        half = len(chosen) // 2
+        nll -= float(chosen[half:].sum())
+        tokens += len(chosen) - half
+    assert tokens == bf16.tokens and math.isclose(math.exp(nll / tokens), bf16.ppl, rel_tol=2e-3)
+    with pytest.raises(RemoteError, match="serves no variant for q3"):
+        estimate_rows(remote, library, ["q3"], windows=1)
+    refused = http.post(
+        "http://engine/v1/completions",
+        headers={"Authorization": f"Bearer {engine_process.token}"},
+        json={"model": "smollm2-135m-instruct:bf16", "prompt": "Hi there", "max_tokens": 16},
+    )
+    assert refused.status_code == 400 and "generate with /v1/chat/completions" in refused.text
 
 
 def _serve(model_cache: Path) -> tuple[subprocess.Popen[str], str, str]:

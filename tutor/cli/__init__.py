@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
         "folder", nargs="?", type=Path, help="the lesson folder (default: --content, or the shipped lessons)"
     )
 
-    from tutor.cli.model import add_model_options
+    from tutor.cli.model import add_engine_options, add_model_options
 
     ask = sub.add_parser("ask", help="ask the tutor; it answers from the lessons with the local model")
     ask.add_argument("question", nargs="?", help="the question (or use --questions)")
@@ -106,15 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="bf16 (default), fp32, int8, int8-wo, nf4, fp4, int4, gptq4; with --engine: a variant",
     )
     ask.add_argument("--json", action="store_true", help="print JSON (an array with --questions)")
-    ask.add_argument(
-        "--engine",
-        metavar="URL",
-        help="generate on an OpenAI-compatible server (…/v1: vLLM, llama-server, Ollama, quant-tutor serve; "
-        "its API key from $QUANT_TUTOR_REMOTE_KEY), or local (default: the config file's, else local)",
-    )
-    ask.add_argument(
-        "--variants", type=Path, metavar="TOML", help='with --engine: precision = "served model id" lines'
-    )
+    add_engine_options(ask, "generate on")
     add_model_options(ask)
 
     cliff = sub.add_parser(
@@ -139,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
         "lesson's claims as experiments (e); full: all lesson text, QA and every claim (M; default)",
     )
     cliff.add_argument("--quick", action="store_true", help="the same as --plan quick")
+    add_engine_options(cliff, "estimate PPL and KL from the log-probabilities of")
     add_model_options(cliff)
 
     evaluate = sub.add_parser(

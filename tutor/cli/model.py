@@ -64,6 +64,68 @@ def connect_remote(settings: EngineSettings, precision: str | None) -> RemoteEng
         raise ModelCommandError(str(exc)) from None
 
 
+def _settings(args: argparse.Namespace) -> EngineSettings:
+    """The engine ``--engine``/``--variants`` or the config file name."""
+    from tutor.engine.remote import RemoteError
+    from tutor.engine.settings import engine_settings
+
+    try:
+        return engine_settings(args.engine, args.variants)
+    except RemoteError as exc:
+        raise ModelCommandError(str(exc)) from None
+
+
+def _estimate_remotely(
+    settings: EngineSettings,
+    args: argparse.Namespace,
+    library: Library,
+    precisions: list[str],
+    out: TextIO,
+    err: TextIO,
+) -> int:
+    """``cliff --engine URL``: PPL and a top-k KL estimate from the server's log-probabilities."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from tutor.engine.remote import RemoteError
+    from tutor.lab.remote_estimate import estimate_rows, method_text
+
+    remote = connect_remote(settings, None)
+    err.write(f"Estimating on {settings.url} (PPL and KL from the log-probabilities it returns)…\n")
+
+    def progress(what: str, done: int, total: int) -> None:
+        err.write(f"\r  {what}: {done}/{total}" + ("\n" if done == total else ""))
+        err.flush()
+
+    windows = args.windows or 12
+    try:
+        rows = estimate_rows(remote, library, precisions, windows=windows, progress=progress)
+    except RemoteError as exc:
+        raise ModelCommandError(str(exc)) from None
+    method = method_text(rows, windows, settings.url or "")
+    if args.json:
+        json.dump({"rows": [r.as_dict() for r in rows], "method": method, "estimate": True}, out, indent=2)
+        out.write("\n")
+        return 0
+    table = Table(title=f"The quality cliff, estimated on {settings.url}")
+    for column in ("precision", "served as", "PPL", "PPL×", "KL (estimate)", "same top token", "tokens"):
+        table.add_column(column, justify="left" if column in ("precision", "served as") else "right")
+    for row in rows:
+        table.add_row(
+            row.precision,
+            row.served,
+            f"{row.ppl:.2f}",
+            f"{row.ppl_ratio:.3f}",
+            f"{row.kl_estimate:.4f}",
+            f"{100 * row.same_top:.1f}%",
+            str(row.tokens),
+        )
+    console = Console(file=out)
+    console.print(table)
+    console.print(method)
+    return 0
+
+
 def load_retriever(library: Library, err: TextIO) -> Retriever:
     from tutor.assistant.retrieval import Retriever
 
@@ -108,8 +170,6 @@ def _print_answer(answer: Any, out: TextIO) -> None:
 def cmd_ask(args: argparse.Namespace, library: Library, out: TextIO, err: TextIO) -> int:
     from tutor.assistant.tutor_chat import ask
     from tutor.engine import EngineError
-    from tutor.engine.remote import RemoteError
-    from tutor.engine.settings import engine_settings
 
     if bool(args.question) == bool(args.questions):
         raise ModelCommandError("give one QUESTION or --questions FILE")
@@ -117,10 +177,7 @@ def cmd_ask(args: argparse.Namespace, library: Library, out: TextIO, err: TextIO
         raise ModelCommandError(f"no lesson {args.ask_lesson!r}; known lessons: {', '.join(library.lessons)}")
     questions = _read_questions(args.questions) if args.questions else [args.question]
     engine: Engine | RemoteEngine
-    try:
-        settings = engine_settings(args.engine, args.variants)
-    except RemoteError as exc:
-        raise ModelCommandError(str(exc)) from None
+    settings = _settings(args)
     if settings.url:  # reached first: a wrong URL or key is said before the index loads
         engine = connect_remote(settings, args.precision)
         retriever = load_retriever(library, err)
@@ -159,6 +216,9 @@ def cmd_cliff(args: argparse.Namespace, library: Library, out: TextIO, err: Text
         precisions = parse_precisions(args.precisions)
     except EngineError as exc:
         raise ModelCommandError(str(exc)) from None
+    settings = _settings(args)
+    if settings.url:
+        return _estimate_remotely(settings, args, library, precisions, out, err)
     plan = QUICK if getattr(args, "quick", False) else PLANS[getattr(args, "plan", "full")]
     qa = plan.qa_questions if getattr(args, "qa", None) is None else args.qa
     engine = load_model(args, err)
@@ -253,6 +313,18 @@ def cmd_eval(args: argparse.Namespace, library: Library, out: TextIO, err: TextI
         json.dump(results, out, indent=2)
         out.write("\n")
     return 0
+
+
+def add_engine_options(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--engine",
+        metavar="URL",
+        help=f"{what} an OpenAI-compatible server (…/v1: vLLM, llama-server, Ollama, quant-tutor serve; "
+        "its API key from $QUANT_TUTOR_REMOTE_KEY), or local (default: the config file's, else local)",
+    )
+    parser.add_argument(
+        "--variants", type=Path, metavar="TOML", help='with --engine: precision = "served model id" lines'
+    )
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:

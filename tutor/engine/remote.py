@@ -233,6 +233,36 @@ class RemoteEngine:
                 stop_reason = f"cut ({_why(exc)})"  # what arrived stays
         return Reply("".join(pieces), [], self._stats(started, first, len(pieces), usage, stop_reason))
 
+    def prompt_logprobs(self, text: str, top: int) -> tuple[list[float], list[dict[str, float]]]:
+        """Each token of ``text`` after the first: its log-probability given the ones before it
+        and the ``top`` likeliest tokens there, at the current variant. Asked as an OpenAI
+        completion with ``echo`` and ``logprobs`` (``max_tokens`` 1, which some servers require;
+        the generated token is dropped). A server that returns none raises RemoteError."""
+        variant = self.variants[self.precision]
+        where = variant.url or self.base_url
+        body = {
+            "model": variant.model,
+            "prompt": text,
+            "max_tokens": 1,
+            "echo": True,
+            "logprobs": top,
+            "temperature": 0,
+        }
+        response = self._retrying(
+            where,
+            lambda: self.http.post(where + "/completions", headers=self._headers(), content=json.dumps(body)),
+        )
+        try:
+            found = response.json()["choices"][0]["logprobs"]
+            offsets, chosen, tops = found["text_offset"], found["token_logprobs"], found["top_logprobs"]
+            inside = [i for i, at in enumerate(offsets) if at < len(text)][1:]  # the prompt's, bar the first
+            return [float(chosen[i]) for i in inside], [dict(tops[i]) for i in inside]
+        except (ValueError, KeyError, IndexError, TypeError) as exc:
+            raise RemoteError(
+                f"{where} returned no prompt log-probabilities (an OpenAI completion with echo and "
+                f"logprobs; {_why(exc)}): PPL and KL need them, or the local engine"
+            ) from None
+
     def _stats(
         self, started: float, first: float | None, pieces: int, usage: Mapping[str, Any], stop_reason: str
     ) -> ReplyStats:

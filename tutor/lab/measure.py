@@ -162,11 +162,17 @@ def _log_softmax_(logits: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class _Tally:
+class Sums:
+    """Running sums over the scored places of one precision (a remote estimate keeps them too)."""
+
     nll: float = 0.0
     kl: float = 0.0
     same_top: int = 0
     tokens: int = 0
+
+
+@dataclass
+class _Tally(Sums):
     # Read while the precision is installed: by the time its row is written, a GPU engine's
     # memory bound may have dropped that precision again.
     weights_mib: float = math.nan

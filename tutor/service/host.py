@@ -33,7 +33,8 @@ if TYPE_CHECKING:
 STARTING, LOADING, READY, FAILED = "starting", "loading", "ready", "failed"
 LAB_NEEDS_LOCAL = (
     "The Lab reads the model's own log-probabilities for every token, so it measures with the "
-    "local engine; this tutor's replies come from {url}. Start quant-tutor without --engine to measure."
+    "local engine; this tutor's replies come from {url}. Start quant-tutor without --engine to measure, "
+    "or estimate PPL and KL from that server's log-probabilities: quant-tutor cliff --engine {url}"
 )
 Emit = Callable[[str, Any], None]
 
@@ -319,6 +320,47 @@ class EngineHost:
                 seed=seed,
                 wait=True,
             )
+
+    def score_prompt(
+        self, text: str, precision: str | None, top: int, cancel: threading.Event
+    ) -> dict[str, Any]:
+        """The log-probability of each token of ``text`` given the ones before it, and the ``top``
+        likeliest tokens at each place: what an OpenAI completion with ``echo`` and ``logprobs``
+        returns (the first token has none). Text pieces name the tokens, as OpenAI's do."""
+        import torch
+
+        engine, _ = self._ready()
+        if isinstance(engine, RemoteEngine):
+            raise EngineError(
+                f"Prompt log-probabilities come from the local engine; {self.remote} generates here."
+            )
+        precision = check_precision(precision or engine.precision)
+        ids = engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if not 2 <= len(ids) <= engine.max_positions:
+            raise ValueError(f"the prompt must be 2 to {engine.max_positions} tokens; it is {len(ids)}")
+        with self._job(f"scoring a prompt at {precision}", cancel):
+            engine.switch(precision, wait=True)
+            logprobs = engine.window_logprobs([ids], batch_size=1)[0, :-1]
+        said = torch.tensor(ids[1:])
+        chosen = logprobs.gather(-1, said[:, None])[:, 0].tolist()
+        values, indices = logprobs.topk(max(top, 1), -1)
+        piece = engine.tokenizer.decode
+        tops: list[dict[str, float] | None] = [None]
+        for row_values, row_indices in zip(values.tolist(), indices.tolist(), strict=True):
+            found: dict[str, float] = {}
+            for token, value in zip(row_indices[:top], row_values[:top], strict=True):
+                found.setdefault(piece([token]), value)  # two ids may read alike: the likelier stays
+            tops.append(found)
+        pieces = [piece([token]) for token in ids]
+        offsets = [0]
+        for text_piece in pieces[:-1]:
+            offsets.append(offsets[-1] + len(text_piece))
+        return {
+            "tokens": pieces,
+            "token_logprobs": [None, *chosen],
+            "top_logprobs": tops if top else None,
+            "text_offset": offsets,
+        }
 
     def cliff(
         self, plan: str, precisions: Sequence[str], cancel: threading.Event, emit: Emit

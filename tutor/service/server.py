@@ -196,6 +196,46 @@ def build_app(host: EngineHost, token: str) -> Starlette:
 
         return _streamed(host, data.get("request_id"), work)
 
+    async def completions(request: Request) -> Response:
+        """OpenAI's legacy completions, for scoring a prompt: ``echo`` with ``max_tokens`` 0 and
+        ``logprobs`` k returns each prompt token's log-probability and the k likeliest tokens
+        (what the Lab's remote estimates read). Generation is /v1/chat/completions' job."""
+        try:
+            data = await body(request)
+            prompt = data.get("prompt")
+            if not isinstance(prompt, str) or not prompt:
+                raise ValueError("'prompt' must be a non-empty string")
+            engine = host.engine
+            precision = precision_of(data.get("model"), engine.precision if engine else "bf16")
+            top = int(data.get("logprobs") or 0)
+            if not 0 <= top <= MAX_LOGPROBS:
+                raise ValueError(f"'logprobs' must be 0 to {MAX_LOGPROBS}")
+            # Other servers want a token generated; here the prompt's scores come back alone.
+            if not data.get("echo") or int(data.get("max_tokens") or 0) > 1:
+                raise ValueError(
+                    "this server's /v1/completions scores prompts (echo: true, max_tokens 0 or 1); "
+                    "generate with /v1/chat/completions"
+                )
+        except (ValueError, TypeError) as exc:
+            return _error(400, str(exc))
+        try:
+            scored = await threads.in_own_thread(
+                lambda: host.score_prompt(prompt, precision, top, threading.Event()), "score"
+            )
+        except Exception as exc:
+            return _failure(exc)
+        count = len(scored["tokens"])
+        return JSONResponse(
+            {
+                "id": f"cmpl-{uuid.uuid4().hex[:24]}",
+                "object": "text_completion",
+                "created": int(time.time()),
+                "model": model_id(host.model_name, precision),
+                "choices": [{"index": 0, "text": prompt, "logprobs": scored, "finish_reason": "length"}],
+                "usage": {"prompt_tokens": count, "completion_tokens": 0, "total_tokens": count},
+            }
+        )
+
     async def chat_completions(request: Request) -> Response:
         try:
             data = await body(request)
@@ -280,6 +320,7 @@ def build_app(host: EngineHost, token: str) -> Starlette:
     routes = [
         Route("/v1/models", models, methods=["GET"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/completions", completions, methods=["POST"]),
         Route("/qt/status", status, methods=["GET"]),
         Route("/qt/precision", switch, methods=["POST"]),
         Route("/qt/cancel", cancel, methods=["POST"]),
@@ -287,6 +328,9 @@ def build_app(host: EngineHost, token: str) -> Starlette:
         Route("/qt/cliff", cliff, methods=["POST"]),
     ]
     return Starlette(routes=routes, middleware=[Middleware(BaseHTTPMiddleware, dispatch=authorize)])
+
+
+MAX_LOGPROBS = 20  # top tokens per place a completion may ask for (vLLM's default limit)
 
 
 def _messages(value: Any) -> list[dict[str, str]]:
