@@ -430,6 +430,8 @@ def _scripted_server(replies: list[tuple[int, bytes, int | None]]) -> tuple[str,
             asked = json.loads(self.rfile.read(length)).get("model") if length else None
             seen.append(self.path if asked is None else f"{self.path} {asked}")
             status, body, length = replies.pop(0)
+            if asked is not None and self.headers.get("Content-Type") != "application/json":
+                status, body, length = 415, b'{"error": {"message": "JSON bodies only"}}', None  # as FastAPI
             self.send_response(status)
             self.send_header("Content-Type", "text/event-stream" if status == 200 else "application/json")
             self.send_header("Content-Length", str(len(body) if length is None else length))
@@ -480,6 +482,32 @@ def test_remote_faults_are_said_in_one_line_and_what_arrived_stays() -> None:
         "nf4": Variant("m:nf4"),
         "llama3:8b-q4": Variant("llama3:8b-q4"),
     }
+
+
+def test_prompt_log_probabilities_shifted_by_one_place_are_refused() -> None:
+    """llama-cpp-python's server scores each prompt token with the prediction made after it;
+    those figures would make a PPL of thousands, so they are refused in one line."""
+    from tutor.engine.remote import RemoteEngine, RemoteError, Variant
+
+    tokens = [f" w{i}" for i in range(12)]
+    text = "".join(tokens)
+
+    def completion(shift: int) -> tuple[int, bytes, None]:
+        tops = [None] + [{tokens[min(i + shift, 11)]: -0.5, " other": -2.0} for i in range(1, 12)]
+        logprobs = {
+            "tokens": tokens,
+            "text_offset": [3 * i for i in range(12)],
+            "token_logprobs": [None] + [-0.5 if not shift else -9.0] * 11,
+            "top_logprobs": tops,
+        }
+        return 200, json.dumps({"choices": [{"text": text, "logprobs": logprobs}]}).encode(), None
+
+    url, _seen = _scripted_server([completion(0), completion(1)])
+    remote = RemoteEngine(url, {"bf16": Variant("m")}, "bf16", backoff_s=0.01)
+    scores, lists = remote.prompt_logprobs(text, 5)
+    assert scores == [-0.5] * 11 and lists[0] == {" w1": -0.5, " other": -2.0}
+    with pytest.raises(RemoteError, match="shifted by one place"):
+        remote.prompt_logprobs(text, 5)
 
 
 def test_a_variant_on_a_server_of_its_own_is_asked_there() -> None:

@@ -15,7 +15,6 @@ remote reply is plain decoding.
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
@@ -31,6 +30,7 @@ from tutor.engine.protocol import parse_sse
 from tutor.engine.reports import Reply, ReplyStats, TokenEvent
 
 READ_TIMEOUT_S = 120.0  # a reply silent this long counts as cut (the config file's timeout_s)
+DETAIL_CHARS = 240  # of a server's own error message, in the one line that reports it
 RETRIES = 3  # tries for a 429 or 5xx answer, or a connection refused, before giving up
 BACKOFF_S = 0.5  # the first wait between tries; doubled each time
 # The remote server's API key. Not TOKEN_ENV: the app hands its own engine process a token of
@@ -250,18 +250,28 @@ class RemoteEngine:
         }
         response = self._retrying(
             where,
-            lambda: self.http.post(where + "/completions", headers=self._headers(), content=json.dumps(body)),
+            lambda: self.http.post(where + "/completions", headers=self._headers(), json=body),
         )
         try:
             found = response.json()["choices"][0]["logprobs"]
             offsets, chosen, tops = found["text_offset"], found["token_logprobs"], found["top_logprobs"]
+            tokens = found["tokens"]
             inside = [i for i, at in enumerate(offsets) if at < len(text)][1:]  # the prompt's, bar the first
-            return [float(chosen[i]) for i in inside], [dict(tops[i]) for i in inside]
+            # Some servers add the prompt's own token to its place's list, however unlikely: the
+            # ``top`` likeliest are kept.
+            lists = [_likeliest(tops[i], top) for i in inside]
+            scores = [float(chosen[i]) for i in inside]
         except (ValueError, KeyError, IndexError, TypeError) as exc:
             raise RemoteError(
                 f"{where} returned no prompt log-probabilities (an OpenAI completion with echo and "
                 f"logprobs; {_why(exc)}): PPL and KL need them, or the local engine"
             ) from None
+        if _shifted(lists, [tokens[i] for i in inside], [tokens[i + 1] for i in inside[:-1]]):
+            raise RemoteError(
+                f"{where} returned prompt log-probabilities shifted by one place (each token scored by the "
+                "prediction made after it, a known bug of llama-cpp-python's server): they are not used"
+            )
+        return scores, lists
 
     def _stats(
         self, started: float, first: float | None, pieces: int, usage: Mapping[str, Any], stop_reason: str
@@ -300,9 +310,7 @@ class RemoteEngine:
 
     def _stream(self, url: str, path: str, body: dict[str, Any]) -> httpx.Response:
         def start() -> httpx.Response:
-            request = self.http.build_request(
-                "POST", url + path, headers=self._headers(), content=json.dumps(body)
-            )
+            request = self.http.build_request("POST", url + path, headers=self._headers(), json=body)
             return self.http.send(request, stream=True)
 
         return self._retrying(url, start)
@@ -329,6 +337,19 @@ class RemoteEngine:
         raise AssertionError("unreachable")  # pragma: no cover
 
 
+def _shifted(lists: Sequence[Mapping[str, float]], own: Sequence[str], following: Sequence[str]) -> bool:
+    """Whether the likeliest token at each place is far more often the *next* token than the
+    place's own: the lists were made after reading the token they should predict."""
+    first = [max(found, key=found.__getitem__) if found else None for found in lists]
+    hits = sum(best == token for best, token in zip(first, own, strict=False))
+    ahead = sum(best == token for best, token in zip(first, following, strict=False))
+    return ahead > max(2 * hits, len(lists) // 10)
+
+
+def _likeliest(found: Mapping[str, float], count: int) -> dict[str, float]:
+    return dict(sorted(found.items(), key=lambda item: -float(item[1]))[:count])
+
+
 def _stream_error(name: str, data: Mapping[str, Any]) -> str | None:
     """The message of an error the server sent inside the stream, if this event is one."""
     error = data.get("error")
@@ -347,11 +368,13 @@ def _refusal(base_url: str, response: httpx.Response) -> str:
     try:
         detail = response.json().get("error", {}).get("message", "")
     except (ValueError, AttributeError):
-        detail = response.text[:200]
+        detail = response.text
     hint = {
         401: f"the API key was refused; set {KEY_ENV} to the server's key",
         403: "the API key may not use this model",
         404: "no such model or route on this server",
         429: "the server is rate-limiting; try again later",
     }.get(code, "the server failed" if code >= 500 else "the request was refused")
+    detail = " ".join(str(detail).split())
+    detail = detail if len(detail) <= DETAIL_CHARS else detail[: DETAIL_CHARS - 1] + "…"
     return f"{base_url} answered {code}: {hint}" + (f" ({detail})" if detail else "")
