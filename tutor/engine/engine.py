@@ -382,6 +382,16 @@ class Engine:
         """Forget a prepared precision (never the current one); the next switch rebuilds it."""
         return self._manager.drop(precision)
 
+    def release_prepared(self) -> None:
+        """Forget every prepared precision but the current one and hand the freed memory back
+        to the OS (between the phases of a long measurement)."""
+        from tutor.engine.memory import give_back_freed
+
+        for precision in self.prepared():
+            if precision != self.precision:
+                self.drop_prepared(precision)
+        give_back_freed()
+
     # ------------------------------------------------------------------ prompts
 
     def encode(

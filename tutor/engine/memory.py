@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from collections.abc import Iterable
@@ -89,6 +90,21 @@ def peak_rss_bytes() -> int:
 
         info: Any = psutil.Process().memory_info()
         return int(getattr(info, "peak_wset", info.rss))
+
+
+def give_back_freed() -> None:
+    """Hand the heap's freed pages back to the OS (glibc's ``malloc_trim``; elsewhere nothing).
+
+    A measurement frees gigabytes in pieces below glibc's mmap threshold, which stay in the
+    process's heap: without this, each phase of the full Lab plan started where the last one
+    peaked (5.2 GB at the end here, against 4.1 GB with it)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    with contextlib.suppress(OSError, AttributeError):
+        if name and sys.platform.startswith("linux"):
+            ctypes.CDLL(name).malloc_trim(0)
 
 
 def available_bytes(device: str) -> int:

@@ -318,11 +318,6 @@ def run_cliff(
 
     sections: list[Section] = []
 
-    def publish(section: Section) -> None:
-        sections.append(section)
-        if on_section is not None:
-            on_section(section)
-
     def measured(names: Sequence[str], on_row: OnRow | None) -> list[QualityRow]:
         return quality_rows(
             engine,
@@ -344,8 +339,15 @@ def run_cliff(
         if progress is not None:
             progress("calibrating gptq4", done, total)
 
+    def publish(section: Section) -> None:
+        sections.append(section)
+        if on_section is not None:
+            on_section(section)
+        engine.release_prepared()  # each phase builds what it reads: the last one's need not stay
+
     with engine.at(REFERENCE):  # the engine goes back to the precision it had, whatever happens
         rows = measured([*shown, *NO_WAY_BACK] if plan.claims else shown, shown_row)
+        engine.release_prepared()
         check_cancel(cancel)
         if progress is not None:
             progress("weight lab", 0, 1)
