@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from tutor.engine.reports import LoadProgress
 
 STARTING, LOADING, READY, FAILED = "starting", "loading", "ready", "failed"
+TOKEN_PACE_S = 0.04  # a reply's tokens are sent together at most this often (the app draws every 0.08 s)
 LAB_NEEDS_LOCAL = (
     "The Lab reads the model's own log-probabilities for every token, so it measures with the "
     "local engine; this tutor's replies come from {url}. Start quant-tutor without --engine to measure, "
@@ -276,12 +277,27 @@ class EngineHost:
         def prepared(p: Prepared) -> None:
             emit("prepared", prepared_dict(p))
 
+        # Tokens go out together at most every TOKEN_PACE_S (the first at once): a message per
+        # token woke this process's event loop and the app's reader 60 times a second, each
+        # wake taking a core from the decode's two threads.
+        pending: list[str] = []
+        sent = 0.0
+
+        def send() -> None:
+            nonlocal sent
+            if pending:
+                emit("token", {"text": "".join(pending)})
+                pending.clear()
+                sent = time.monotonic()
+
         def token(event: TokenEvent) -> None:
-            emit("token", {"text": event.text})
+            pending.append(event.text)
+            if time.monotonic() - sent >= TOKEN_PACE_S:
+                send()
 
         with self._job(f"answering at {precision}", cancel, emit):
             engine.switch(precision, wait=True)
-            return ask(
+            answer = ask(
                 question,
                 retriever,
                 engine,
@@ -291,6 +307,8 @@ class EngineHost:
                 on_prepared=prepared,
                 max_sentences=max_sentences,
             )
+            send()
+            return answer
 
     def chat(
         self,
