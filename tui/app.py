@@ -166,9 +166,11 @@ class QuantTutorApp(App[None]):
         study = self.study
         if study is None:
             return
-        for tab, title in TABS.items():
+        for tab in TABS:
             yield SystemCommand(
-                f"Go to {title}", f"Show the {title.lower()} tab", partial(study.action_show_tab, tab)
+                f"Go to {tab.title}",
+                f"Show the {tab.title.lower()} tab",
+                partial(study.action_show_tab, tab.id),
             )
         yield SystemCommand("Toggle key terms", "Show or hide the key-terms panel", study.action_toggle_terms)
         yield SystemCommand(

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal
 from textual.content import Content
 from textual.screen import Screen
+from textual.widget import Widget
 from textual.widgets import Footer, TabbedContent, TabPane
 
 from tui.messages import AskTutor, JumpToSection, OpenLesson, ProgressChanged, ShowTab
@@ -23,34 +27,38 @@ from tutor.library.content import Library
 from tutor.library.models import Lesson
 from tutor.progress.store import Store
 
-TABS = {
-    "lesson": "Lesson",
-    "practice": "Practice",
-    "quiz": "Quiz",
-    "library": "Library",
-    "progress": "Progress",
-    "tutor": "Tutor",
-    "lab": "Lab",
-}
-TAB_KEYS = {
-    "lesson": "l",
-    "practice": "p",
-    "quiz": "q",
-    "library": "r",
-    "progress": "g",
-    "tutor": "t",
-    "lab": "b",
-}
+
+@dataclass(frozen=True)
+class Tab:
+    """One tab of the study screen: its id, title, key, what it shows and what takes focus."""
+
+    id: str
+    title: str
+    key: str
+    focus: str  # the selector focused when the tab is shown
+    view: Callable[[StudyScreen], Widget]
 
 
-def tab_label(tab: str) -> Content:
+TABS = (
+    Tab("lesson", "Lesson", "l", "#lesson-scroll", lambda s: LessonView(s.lesson, s.store)),
+    Tab("practice", "Practice", "p", "PracticeView", lambda s: PracticeView(s.lesson, s.store)),
+    Tab("quiz", "Quiz", "q", "QuizView", lambda s: QuizView(s.lesson, s.store)),
+    Tab("library", "Library", "r", "#library-search", lambda s: LibraryView(s.lesson, s.library, s.store)),
+    Tab("progress", "Progress", "g", "#progress-table", lambda s: ProgressView(s.library, s.store)),
+    Tab("tutor", "Tutor", "t", "#chat-input", lambda s: ChatView(s.lesson, s.store, s.runtime)),
+    Tab("lab", "Lab", "b", "LabView", lambda s: LabView(s.lesson, s.runtime)),
+)
+TAB_BY_ID = {tab.id: tab for tab in TABS}
+
+
+def tab_label(tab: Tab) -> Content:
     """'l Lesson': the key is in the tab itself, so the footer keeps room for the tab's own keys."""
-    return Content.assemble((TAB_KEYS[tab], "underline"), " ", TABS[tab])
+    return Content.assemble((tab.key, "underline"), " ", tab.title)
 
 
 class StudyScreen(Screen[None]):
     BINDINGS = [
-        *[Binding(key, f"show_tab('{tab}')", TABS[tab], show=False) for tab, key in TAB_KEYS.items()],
+        *[Binding(tab.key, f"show_tab('{tab.id}')", tab.title, show=False) for tab in TABS],
         Binding("k", "toggle_terms", "Key terms", show=False),
     ]
 
@@ -69,20 +77,9 @@ class StudyScreen(Screen[None]):
             yield Plain(literal(self.lesson.title), id="status-title")
             yield Plain(id="status-progress")
         with TabbedContent(initial="lesson", id="tabs"):
-            with TabPane(tab_label("lesson"), id="lesson"):
-                yield LessonView(self.lesson, self.store)
-            with TabPane(tab_label("practice"), id="practice"):
-                yield PracticeView(self.lesson, self.store)
-            with TabPane(tab_label("quiz"), id="quiz"):
-                yield QuizView(self.lesson, self.store)
-            with TabPane(tab_label("library"), id="library"):
-                yield LibraryView(self.lesson, self.library, self.store)
-            with TabPane(tab_label("progress"), id="progress"):
-                yield ProgressView(self.library, self.store)
-            with TabPane(tab_label("tutor"), id="tutor"):
-                yield ChatView(self.lesson, self.store, self.runtime)
-            with TabPane(tab_label("lab"), id="lab"):
-                yield LabView(self.lesson, self.runtime)
+            for tab in TABS:
+                with TabPane(tab_label(tab), id=tab.id):
+                    yield tab.view(self)
         yield Footer()
 
     def on_mount(self) -> None:
@@ -116,16 +113,7 @@ class StudyScreen(Screen[None]):
         self._focus_tab(tab)
 
     def _focus_tab(self, tab: str) -> None:
-        targets = {
-            "lesson": "#lesson-scroll",
-            "practice": "PracticeView",
-            "quiz": "QuizView",
-            "library": "#library-search",
-            "progress": "#progress-table",
-            "tutor": "#chat-input",
-            "lab": "LabView",
-        }
-        self.query_one(targets[tab]).focus()
+        self.query_one(TAB_BY_ID[tab].focus).focus()
         # Both list the whole library: they are filled when shown, never at start-up.
         if tab == "progress":
             self.query_one(ProgressView).refresh_rows()
