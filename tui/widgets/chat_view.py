@@ -23,6 +23,7 @@ from tui.messages import TutorStatus
 from tui.tutor_runtime import TutorState
 from tui.widgets.plain import Plain, literal
 from tutor.engine.client import EngineGone, EngineRefused
+from tutor.engine.precisions import MEASURED
 from tutor.library.models import Lesson
 from tutor.progress.store import Store
 from tutor.text import clean, plural
@@ -45,7 +46,6 @@ PRECISION_KEYS = {
     "f11": "int4",
     "f12": "gptq4",
 }
-EVERYDAY = ("bf16", "int8", "nf4", "fp4")
 DOUBT_STEP = 0  # practice step 1: "underline anything that sounds uncertain"
 # Streamed text is drawn at most this often: a redraw per token would take the engine's cores.
 FLUSH_S = 0.08
@@ -195,7 +195,7 @@ class DoubtsMarked(Message):
 class ChatView(Vertical):
     BINDINGS = [
         Binding("escape", "cancel", "Cancel / leave"),
-        *[Binding(key, f"switch('{p}')", p, show=p in EVERYDAY) for key, p in PRECISION_KEYS.items()],
+        *[Binding(key, f"switch('{p}')", p, show=p in MEASURED) for key, p in PRECISION_KEYS.items()],
         Binding("ctrl+r", "ask_again", "Ask again"),
         Binding("up", "history(-1)", "Previous question", show=False),
         Binding("down", "history(1)", "Next question", show=False),
