@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="bf16 (default), fp32, int8, int8-wo, nf4, fp4, int4, gptq4; with --engine: a variant",
     )
     ask.add_argument("--json", action="store_true", help="print JSON (an array with --questions)")
-    add_engine_options(ask, "generate on")
+    add_engine_options(ask, "generate on", "vLLM, llama-server, Ollama, quant-tutor serve")
     add_model_options(ask)
 
     cliff = sub.add_parser(
@@ -131,7 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
         "lesson's claims as experiments (e); full: all lesson text, QA and every claim (M; default)",
     )
     cliff.add_argument("--quick", action="store_true", help="the same as --plan quick")
-    add_engine_options(cliff, "estimate PPL and KL from the log-probabilities of")
+    add_engine_options(
+        cliff, "estimate PPL and KL from the prompt log-probabilities of", "vLLM, quant-tutor serve"
+    )
     add_model_options(cliff)
 
     evaluate = sub.add_parser(

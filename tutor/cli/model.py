@@ -315,12 +315,12 @@ def cmd_eval(args: argparse.Namespace, library: Library, out: TextIO, err: TextI
     return 0
 
 
-def add_engine_options(parser: argparse.ArgumentParser, what: str) -> None:
+def add_engine_options(parser: argparse.ArgumentParser, what: str, servers: str) -> None:
     parser.add_argument(
         "--engine",
         metavar="URL",
-        help=f"{what} an OpenAI-compatible server (…/v1: vLLM, llama-server, Ollama, quant-tutor serve; "
-        "its API key from $QUANT_TUTOR_REMOTE_KEY), or local (default: the config file's, else local)",
+        help=f"{what} an OpenAI-compatible server (…/v1: {servers}; its API key from "
+        "$QUANT_TUTOR_REMOTE_KEY), or local (default: the config file's, else local)",
     )
     parser.add_argument(
         "--variants", type=Path, metavar="TOML", help='with --engine: precision = "served model id" lines'
