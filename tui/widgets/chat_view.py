@@ -51,11 +51,53 @@ DOUBT_STEP = 0  # practice step 1: "underline anything that sounds uncertain"
 FLUSH_S = 0.08
 
 
-class TokenStreamed(Message):
-    def __init__(self, entry: ChatEntry, text: str) -> None:
+class ReplyEvent(Message):
+    """What the engine said about one entry's reply, posted by the reply's worker and drawn by
+    the chat on the UI thread, in the order it was said."""
+
+    def __init__(self, entry: ChatEntry) -> None:
         super().__init__()
         self.entry = entry
+
+
+class TokenStreamed(ReplyEvent):
+    def __init__(self, entry: ChatEntry, text: str) -> None:
+        super().__init__(entry)
         self.text = text
+
+
+class ReplyWaiting(ReplyEvent):
+    def __init__(self, entry: ChatEntry, job: str) -> None:
+        super().__init__(entry)
+        self.job = job
+
+
+class ReplyPrepared(ReplyEvent):
+    def __init__(self, entry: ChatEntry, prepared: dict[str, Any], precision: str) -> None:
+        super().__init__(entry)
+        self.prepared = prepared
+        self.precision = precision
+
+
+class ReplyFinished(ReplyEvent):
+    def __init__(self, entry: ChatEntry, answer: TutorAnswer) -> None:
+        super().__init__(entry)
+        self.answer = answer
+
+
+class ReplyFailed(ReplyEvent):
+    def __init__(self, entry: ChatEntry, why: str) -> None:
+        super().__init__(entry)
+        self.why = why
+
+
+class ReplyCut(ReplyEvent):
+    """The engine died mid-reply: ``text`` arrived before it did."""
+
+    def __init__(self, entry: ChatEntry, text: str, why: str) -> None:
+        super().__init__(entry)
+        self.text = text
+        self.why = why
 
 
 class ChatEntry(Vertical):
@@ -314,22 +356,37 @@ class ChatView(Vertical):
                         flushed = time.monotonic()
                         self.post_message(TokenStreamed(entry, "".join(pieces)))
                 elif event.name == "prepared":
-                    self.app.call_from_thread(entry.show_prepared, event.data, precision)
+                    self.post_message(ReplyPrepared(entry, event.data, precision))
                 elif event.name == "waiting":
-                    self.app.call_from_thread(entry.waiting, event.data["job"])
+                    self.post_message(ReplyWaiting(entry, event.data["job"]))
                 elif event.name == "answer":
-                    self.app.call_from_thread(entry.finish, TutorAnswer.from_dict(event.data))
+                    self.post_message(ReplyFinished(entry, TutorAnswer.from_dict(event.data)))
                 elif event.name == "error":
-                    self.app.call_from_thread(entry.failed, event.data["message"])
+                    self.post_message(ReplyFailed(entry, event.data["message"]))
         except EngineGone as exc:
             self.runtime.connection_lost(str(exc))
-            self.app.call_from_thread(entry.mark_cut, "".join(pieces), self.runtime.error)
-            self.app.call_from_thread(self.app.post_message, TutorStatus())
+            self.post_message(ReplyCut(entry, "".join(pieces), self.runtime.error))
+            self.app.post_message(TutorStatus())
         except EngineRefused as exc:
-            self.app.call_from_thread(entry.failed, str(exc))
+            self.post_message(ReplyFailed(entry, str(exc)))
         finally:
             if self._request == request_id:
                 self._request = None
+
+    def on_reply_prepared(self, message: ReplyPrepared) -> None:
+        message.entry.show_prepared(message.prepared, message.precision)
+
+    def on_reply_waiting(self, message: ReplyWaiting) -> None:
+        message.entry.waiting(message.job)
+
+    async def on_reply_finished(self, message: ReplyFinished) -> None:
+        await message.entry.finish(message.answer)
+
+    def on_reply_failed(self, message: ReplyFailed) -> None:
+        message.entry.failed(message.why)
+
+    def on_reply_cut(self, message: ReplyCut) -> None:
+        message.entry.mark_cut(message.text, message.why)
 
     def on_token_streamed(self, message: TokenStreamed) -> None:
         if message.entry.answer is None:  # a late batch must not overwrite the final text
@@ -397,4 +454,4 @@ class ChatView(Vertical):
             message, severity = f"Switch to {precision} failed: {runtime.error}", "error"
         runtime.switching = None
         self.app.call_from_thread(self.notify, message, title="Precision", severity=severity, timeout=8)
-        self.app.call_from_thread(self.app.post_message, TutorStatus())
+        self.app.post_message(TutorStatus())
