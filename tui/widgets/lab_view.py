@@ -11,6 +11,7 @@ from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.message import Message
 from textual.widgets import DataTable, Input, ProgressBar
 from textual_plotext import PlotextPlot
 
@@ -33,6 +34,51 @@ LAB_PRECISIONS = list(MEASURED)
 # third less waiting.
 COMPARE_SENTENCES = 2
 MARKERS = "●▲■◆✚"
+
+
+# What the Lab's workers report, drawn by the Lab on the UI thread in the order it arrived.
+
+
+class MeasureProgress(Message):
+    def __init__(self, plan: str, data: dict[str, Any]) -> None:
+        super().__init__()
+        self.plan, self.data = plan, data
+
+
+class MeasureRow(Message):
+    def __init__(self, data: dict[str, Any]) -> None:
+        super().__init__()
+        self.data = data
+
+
+class MeasureSection(Message):
+    def __init__(self, section: Section) -> None:
+        super().__init__()
+        self.section = section
+
+
+class MeasureResult(Message):
+    def __init__(self, data: dict[str, Any]) -> None:
+        super().__init__()
+        self.data = data
+
+
+class MeasureDone(Message):
+    def __init__(self, outcome: str) -> None:
+        super().__init__()
+        self.outcome = outcome  # "" when the result came, else why it stopped
+
+
+class CompareColumn(Message):
+    def __init__(self, precision: str, answers: dict[str, TutorAnswer]) -> None:
+        super().__init__()
+        self.precision, self.answers = precision, answers
+
+
+class CompareDone(Message):
+    def __init__(self, unanswered: list[str]) -> None:
+        super().__init__()
+        self.unanswered = unanswered
 
 
 def section_id(section: Section) -> str:
@@ -175,13 +221,13 @@ class LabView(VerticalScroll, can_focus=True):
                     if stop.is_set():
                         break  # closing the stream cancels the measurement in the engine
                     if event.name == "progress":
-                        self.app.call_from_thread(self._progress, plan, event.data)
+                        self.post_message(MeasureProgress(plan, event.data))
                     elif event.name == "row":
-                        self.app.call_from_thread(self._row, event.data)
+                        self.post_message(MeasureRow(event.data))
                     elif event.name == "section":
-                        self.app.call_from_thread(self._show_section, Section.from_dict(event.data))
+                        self.post_message(MeasureSection(Section.from_dict(event.data)))
                     elif event.name == "result":
-                        self.app.call_from_thread(self._show, event.data)
+                        self.post_message(MeasureResult(event.data))
                         outcome = ""
                     elif event.name == "error":
                         outcome = f"Measuring failed: {event.data['message']}"
@@ -193,28 +239,37 @@ class LabView(VerticalScroll, can_focus=True):
         except EngineRefused as exc:
             outcome = f"Measuring failed: {exc}"
         self._requests.pop("measure", None)
-        self.app.call_from_thread(self._done, outcome)
+        self.post_message(MeasureDone(outcome))
 
     def _engine_gone(self, why: str) -> None:
         """From a worker: the engine broke off; the header and Tutor tab say so too."""
         self.runtime.connection_lost(why)
-        self.app.call_from_thread(self.app.post_message, TutorStatus())
+        self.app.post_message(TutorStatus())
 
-    def _progress(self, plan: str, data: dict[str, Any]) -> None:
+    def on_measure_progress(self, message: MeasureProgress) -> None:
+        data = message.data
         self.query_one("#lab-progress", ProgressBar).update(total=data["total"], progress=data["done"])
-        self._status(f"Measuring ({plan}): {data['phase']} {data['done']}/{data['total']} (Esc stops)")
+        self._status(
+            f"Measuring ({message.plan}): {data['phase']} {data['done']}/{data['total']} (Esc stops)"
+        )
 
-    def _row(self, data: dict[str, Any]) -> None:
-        row = QualityRow(**data)
+    def on_measure_row(self, message: MeasureRow) -> None:
+        row = QualityRow(**message.data)
         self.rows.append(row)
         self.query_one("#lab-table", DataTable).add_row(*row.cells())
         self._chart(self.rows)
 
-    def _done(self, outcome: str) -> None:
+    def on_measure_section(self, message: MeasureSection) -> None:
+        self._show_section(message.section)
+
+    def on_measure_result(self, message: MeasureResult) -> None:
+        self._show(message.data)
+
+    def on_measure_done(self, message: MeasureDone) -> None:
         self._stop = None
         self.query_one("#lab-progress").display = False
         self._took = time.monotonic() - self._started
-        self._status(outcome or None)
+        self._status(message.outcome or None)
 
     def _show(self, result: dict[str, Any]) -> None:
         self.result = result
@@ -355,21 +410,22 @@ class LabView(VerticalScroll, can_focus=True):
                     events.close()  # type: ignore[attr-defined]
                 if stop.is_set():
                     break
-                self.app.call_from_thread(self._column, precision, answers)
+                self.post_message(CompareColumn(precision, dict(answers)))
         except EngineGone as exc:
             self._engine_gone(str(exc))
             self.app.call_from_thread(self.notify, f"Compare stopped: {self.runtime.error}", severity="error")
         except EngineRefused as exc:
             self.app.call_from_thread(self.notify, f"Compare stopped: {exc}", severity="error")
         self._requests.pop("compare", None)
-        self.app.call_from_thread(self._compare_done, [p for p in LAB_PRECISIONS if p not in answers])
+        self.post_message(CompareDone([p for p in LAB_PRECISIONS if p not in answers]))
 
-    def _compare_done(self, unanswered: list[str]) -> None:
+    def on_compare_done(self, message: CompareDone) -> None:
         self._compare_stop = None
-        for precision in unanswered:
+        for precision in message.unanswered:
             self.query_one(f"#col-{precision} Plain", Plain).show(f"{precision}: stopped")
 
-    def _column(self, precision: str, answers: dict[str, TutorAnswer]) -> None:
+    def on_compare_column(self, message: CompareColumn) -> None:
+        precision, answers = message.precision, message.answers
         answer = answers[precision]
         reference = answers[LAB_PRECISIONS[0]].generated
         head = f"{precision}{' (reference)' if precision == LAB_PRECISIONS[0] else ''}\n"
