@@ -367,11 +367,14 @@ async def test_the_app_asks_a_remote_engine_switches_its_variants_and_survives_i
             assert time.monotonic() < deadline, "timed out"
             await asyncio.sleep(0.05)
 
-    async def asked(question: str, *, then=None) -> ChatEntry:  # type: ignore[no-untyped-def]
+    async def asked(question: str, *, then=None, at_once=None) -> ChatEntry:  # type: ignore[no-untyped-def]
+        """Ask; ``at_once()`` as soon as the question is shown, ``then()`` once text arrived."""
         chat.query_one("#chat-input").focus()
         await pilot.press(*question, "enter")
         await until(lambda: chat.query(ChatEntry) and chat.query(ChatEntry).last().question == question)
         entry = chat.query(ChatEntry).last()
+        if at_once is not None:
+            at_once()
         if then is not None:
             await until(lambda: str(entry.query_one(".chat-model").visual).strip() != "")
             then()
@@ -394,7 +397,8 @@ async def test_the_app_asks_a_remote_engine_switches_its_variants_and_survives_i
 
             chat.action_switch("int8-wo")  # a served variant: the server builds it on its first request
             await until(lambda: runtime.switching is None and runtime.precision == "int8-wo")
-            entry = await asked("What is NF4?", then=lambda: chat.action_cancel())
+            # Esc at once: a reply that reached its end before the cancel did would prove nothing.
+            entry = await asked("What is NF4?", at_once=chat.action_cancel)
             assert entry.answer is not None and entry.answer.precision == "int8-wo"
             assert entry.answer.stats.cancelled and entry.answer.stats.tokens < 96
 
