@@ -10,7 +10,6 @@ loop streams its events.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import os
@@ -20,89 +19,24 @@ import socket
 import sys
 import threading
 import time
-import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tutor.assistant.tutor_chat import MAX_SENTENCES
 from tutor.engine import threads
-from tutor.engine.errors import EngineError
 from tutor.engine.precisions import MEASURED, PRECISIONS
 from tutor.engine.process import PRIVATE_PREFIX
-from tutor.engine.protocol import DEFAULT_PORT, TOKEN_ENV, model_id, precision_of, sse
+from tutor.engine.protocol import DEFAULT_PORT, TOKEN_ENV, model_id
 from tutor.engine.remote import READ_TIMEOUT_S, check_variants
-from tutor.service.host import READY, Cancelled, EngineHost, NotReadyError
+from tutor.service.host import EngineHost
+from tutor.service.http import error, failure, json_body, streamed
+from tutor.service.openai_api import openai_routes
 
 if TYPE_CHECKING:
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import Response
-
-KEEPALIVE_S = 1.0  # an idle stream sends a comment this often, so a closed client is noticed
-Work = Callable[[Callable[[str | None, Any], None], threading.Event], None]
-
-
-def _error(status: int, message: str, kind: str = "invalid_request_error") -> Response:
-    from starlette.responses import JSONResponse
-
-    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
-
-
-def _failure(exc: BaseException) -> Response:
-    if isinstance(exc, NotReadyError):
-        return _error(503, f"The model is not ready: {exc}", "not_ready")
-    if isinstance(exc, ValueError | EngineError):
-        return _error(400, str(exc))
-    return _error(500, f"{type(exc).__name__}: {exc}", "server_error")
-
-
-def _streamed(host: EngineHost, request_id: str | None, work: Work) -> Response:
-    """Run ``work(emit, cancel)`` in a thread and stream what it emits as server-sent events.
-
-    A client that goes away (closed stream, dead process) sets ``cancel``; the job stops at
-    its next check (a reply: before its next token).
-    """
-    from starlette.responses import StreamingResponse
-
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[tuple[str | None, Any] | None] = asyncio.Queue()
-    cancel = threading.Event()
-
-    def emit(event: str | None, data: Any) -> None:
-        with contextlib.suppress(RuntimeError):  # the loop is gone: the server is shutting down
-            loop.call_soon_threadsafe(queue.put_nowait, (event, data))
-
-    def run() -> None:
-        try:
-            with host.tracked(request_id, cancel):
-                work(emit, cancel)
-        except Cancelled as exc:
-            emit("error", {"message": str(exc), "cancelled": True})
-        except (ValueError, EngineError, NotReadyError) as exc:
-            emit("error", {"message": str(exc)})
-        except Exception as exc:
-            emit("error", {"message": f"{type(exc).__name__}: {exc}"})
-        finally:
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(queue.put_nowait, None)
-
-    async def events() -> AsyncIterator[bytes]:
-        try:
-            while True:
-                try:
-                    item = await asyncio.wait_for(queue.get(), KEEPALIVE_S)
-                except TimeoutError:
-                    yield b": keep-alive\n\n"
-                    continue
-                if item is None:
-                    return
-                yield sse(*item)
-        finally:
-            cancel.set()
-
-    threads.start(run, f"job-{request_id or 'anon'}")
-    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
 def build_app(host: EngineHost, token: str) -> Starlette:
@@ -117,55 +51,34 @@ def build_app(host: EngineHost, token: str) -> Starlette:
     async def authorize(request: Request, call_next: Callable[[Request], Any]) -> Response:
         given = request.headers.get("authorization", "")
         if not secrets.compare_digest(given.encode(), expected.encode()):
-            return _error(
+            return error(
                 401, "Missing or wrong API key (Authorization: Bearer <token>).", "authentication_error"
             )
         response: Response = await call_next(request)
         return response
-
-    async def body(request: Request) -> dict[str, Any]:
-        try:
-            data = await request.json()
-        except ValueError as exc:
-            raise ValueError(f"the request body is not JSON ({exc})") from None
-        if not isinstance(data, dict):
-            raise ValueError("the request body must be a JSON object")
-        return data
-
-    async def models(_request: Request) -> Response:
-        name = host.model_name
-        return JSONResponse(
-            {
-                "object": "list",
-                "data": [
-                    {"id": model_id(name, p), "object": "model", "created": 0, "owned_by": "quant-tutor"}
-                    for p in host.precisions()
-                ],
-            }
-        )
 
     async def status(_request: Request) -> Response:
         return JSONResponse(host.status())
 
     async def switch(request: Request) -> Response:
         try:
-            data = await body(request)
+            data = await json_body(request)
             precision = str(data.get("precision", ""))
             report = await threads.in_own_thread(lambda: host.switch(precision), "switch")
         except Exception as exc:
-            return _failure(exc)
+            return failure(exc)
         return JSONResponse(report)
 
     async def cancel(request: Request) -> Response:
         try:
-            data = await body(request)
+            data = await json_body(request)
         except ValueError as exc:
-            return _error(400, str(exc))
+            return error(400, str(exc))
         return JSONResponse({"cancelled": host.cancel(str(data.get("request_id", "")))})
 
     async def ask(request: Request) -> Response:
         try:
-            data = await body(request)
+            data = await json_body(request)
             question = data.get("question")
             if not isinstance(question, str) or not question.strip():
                 raise ValueError("'question' must be a non-empty string")
@@ -175,194 +88,36 @@ def build_app(host: EngineHost, token: str) -> Starlette:
             if not isinstance(sentences, int) or not 1 <= sentences <= MAX_SENTENCES:
                 raise ValueError(f"'max_sentences' must be a whole number from 1 to {MAX_SENTENCES}")
         except ValueError as exc:
-            return _error(400, str(exc))
+            return error(400, str(exc))
 
         def work(emit: Callable[[str | None, Any], None], flag: threading.Event) -> None:
             answer = host.ask(question, lesson_id, precision, flag, emit, max_sentences=sentences)
             emit("answer", answer.as_dict())
 
-        return _streamed(host, data.get("request_id"), work)
+        return streamed(host, data.get("request_id"), work)
 
     async def cliff(request: Request) -> Response:
         try:
-            data = await body(request)
+            data = await json_body(request)
             plan = str(data.get("plan", "quick"))
             precisions = [str(p) for p in data.get("precisions") or MEASURED]
         except ValueError as exc:
-            return _error(400, str(exc))
+            return error(400, str(exc))
 
         def work(emit: Callable[[str | None, Any], None], flag: threading.Event) -> None:
             emit("result", host.cliff(plan, precisions, flag, emit))
 
-        return _streamed(host, data.get("request_id"), work)
-
-    async def completions(request: Request) -> Response:
-        """OpenAI's legacy completions, for scoring a prompt: ``echo`` with ``max_tokens`` 0 and
-        ``logprobs`` k returns each prompt token's log-probability and the k likeliest tokens
-        (what the Lab's remote estimates read). Generation is /v1/chat/completions' job."""
-        try:
-            data = await body(request)
-            prompt = data.get("prompt")
-            if not isinstance(prompt, str) or not prompt:
-                raise ValueError("'prompt' must be a non-empty string")
-            engine = host.engine
-            precision = precision_of(data.get("model"), engine.precision if engine else "bf16")
-            top = int(data.get("logprobs") or 0)
-            if not 0 <= top <= MAX_LOGPROBS:
-                raise ValueError(f"'logprobs' must be 0 to {MAX_LOGPROBS}")
-            # Other servers want a token generated; here the prompt's scores come back alone.
-            if not data.get("echo") or int(data.get("max_tokens") or 0) > 1:
-                raise ValueError(
-                    "this server's /v1/completions scores prompts (echo: true, max_tokens 0 or 1); "
-                    "generate with /v1/chat/completions"
-                )
-        except (ValueError, TypeError) as exc:
-            return _error(400, str(exc))
-        try:
-            scored = await threads.in_own_thread(
-                lambda: host.score_prompt(prompt, precision, top, threading.Event()), "score"
-            )
-        except Exception as exc:
-            return _failure(exc)
-        count = len(scored["tokens"])
-        return JSONResponse(
-            {
-                "id": f"cmpl-{uuid.uuid4().hex[:24]}",
-                "object": "text_completion",
-                "created": int(time.time()),
-                "model": model_id(host.model_name, precision),
-                "choices": [{"index": 0, "text": prompt, "logprobs": scored, "finish_reason": "length"}],
-                "usage": {"prompt_tokens": count, "completion_tokens": 0, "total_tokens": count},
-            }
-        )
-
-    async def chat_completions(request: Request) -> Response:
-        try:
-            data = await body(request)
-            messages = _messages(data.get("messages"))
-            engine = host.engine
-            precision = precision_of(data.get("model"), engine.precision if engine else "bf16")
-            max_tokens = int(data.get("max_completion_tokens") or data.get("max_tokens") or 256)
-            temperature = data.get("temperature")
-            top_p = data.get("top_p")
-            seed = data.get("seed")
-        except (ValueError, TypeError) as exc:
-            return _error(400, str(exc))
-        if host.state != READY:  # before the stream starts, so a client can tell and try again
-            return _failure(NotReadyError(host.error or host.detail or host.state))
-        completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
-        created = int(time.time())
-        name = model_id(host.model_name, precision)
-
-        def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> dict[str, Any]:
-            return {
-                "id": completion_id,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": name,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-                **extra,
-            }
-
-        def generate(on_token: Callable[[Any], None], flag: threading.Event) -> Any:
-            return host.chat(
-                messages,
-                precision,
-                max_tokens=max_tokens,
-                temperature=temperature,
-                top_p=top_p,
-                seed=seed,
-                cancel=flag,
-                on_token=on_token,
-            )
-
-        if not data.get("stream"):
-            try:
-                reply = await threads.in_own_thread(
-                    lambda: generate(lambda _event: None, threading.Event()), completion_id
-                )
-            except Exception as exc:
-                return _failure(exc)
-            return JSONResponse(
-                {
-                    "id": completion_id,
-                    "object": "chat.completion",
-                    "created": created,
-                    "model": name,
-                    "choices": [
-                        {
-                            "index": 0,
-                            "message": {"role": "assistant", "content": reply.text},
-                            "finish_reason": _finish_reason(reply.stats.stop_reason),
-                        }
-                    ],
-                    "usage": _usage(reply),
-                    "x_stats": reply.stats.as_dict(),
-                }
-            )
-
-        def work(emit: Callable[[str | None, Any], None], flag: threading.Event) -> None:
-            emit(None, chunk({"role": "assistant", "content": ""}))
-            reply = generate(lambda event: emit(None, chunk({"content": event.text})), flag)
-            emit(
-                None,
-                chunk(
-                    {},
-                    _finish_reason(reply.stats.stop_reason),
-                    usage=_usage(reply),
-                    x_stats=reply.stats.as_dict(),
-                ),
-            )
-            emit(None, "[DONE]")
-
-        return _streamed(host, completion_id, work)
+        return streamed(host, data.get("request_id"), work)
 
     routes = [
-        Route("/v1/models", models, methods=["GET"]),
-        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-        Route("/v1/completions", completions, methods=["POST"]),
         Route("/qt/status", status, methods=["GET"]),
         Route("/qt/precision", switch, methods=["POST"]),
         Route("/qt/cancel", cancel, methods=["POST"]),
         Route("/qt/ask", ask, methods=["POST"]),
         Route("/qt/cliff", cliff, methods=["POST"]),
+        *openai_routes(host),
     ]
     return Starlette(routes=routes, middleware=[Middleware(BaseHTTPMiddleware, dispatch=authorize)])
-
-
-MAX_LOGPROBS = 20  # top tokens per place a completion may ask for (vLLM's default limit)
-
-
-def _messages(value: Any) -> list[dict[str, str]]:
-    if not isinstance(value, list) or not value:
-        raise ValueError("'messages' must be a non-empty list of {role, content}")
-    messages = []
-    for i, message in enumerate(value):
-        if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant"):
-            raise ValueError(f"messages[{i}] needs a role of system, user or assistant")
-        content = message.get("content")
-        if isinstance(content, list):  # content parts: keep the text ones
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
-        if not isinstance(content, str):
-            raise ValueError(f"messages[{i}].content must be text")
-        messages.append({"role": message["role"], "content": content})
-    return messages
-
-
-def _finish_reason(stop_reason: str) -> str:
-    return "length" if stop_reason == "max_tokens" else "stop"
-
-
-def _usage(reply: Any) -> dict[str, int]:
-    prompt = reply.stats.prompt_tokens
-    return {
-        "prompt_tokens": prompt,
-        "completion_tokens": reply.stats.tokens,
-        "total_tokens": prompt + reply.stats.tokens,
-    }
-
-
-# --- the socket and the process ------------------------------------------------------------
 
 
 class ServeError(Exception):
