@@ -252,7 +252,7 @@ def bench_rows(
                 row["plain_decode_tok_s"] = row["first_token_unlike_plain"] = None
             else:
                 row["plain_decode_tok_s"] = round(rate, 2)
-                # Other kernels: a near-tie may flip a greedy pick (tests/numerics.py), so this
+                # Other kernels: a near-tie may flip a greedy pick (tests/engine/numerics.py), so this
                 # is reported, not required.
                 pairs = zip(plain_tokens, reply.tokens, strict=False)
                 row["first_token_unlike_plain"] = next((i for i, (a, b) in enumerate(pairs) if a != b), None)

@@ -5,7 +5,7 @@ and again for the weights, and gguf's ``GGUFReader`` alone takes seconds on this
 numpy views for each of the ~98,000 vocabulary and merge strings. Here the file is read once,
 with a small reader for the parts of the format a model file uses (``read_gguf``), and the
 config, tokenizer and weights are built from that one read, reproducing what transformers' own
-GGUF loading makes of a llama file (``tests/test_checkpoint.py`` checks it tensor by tensor, field
+GGUF loading makes of a llama file (``tests/engine/test_checkpoint.py`` checks it tensor by tensor, field
 by field and token by token):
 
 - the config: ``transformers.integrations.ggml.GGUF_CONFIG_MAPPING["llama"]`` (and the tokenizer

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from tutor.engine import Engine
 
 LONG = 128  # tokens of each greedy continuation (the plans' default)
-# Two correct bf16 kernels move a top-2 gap by up to 0.375 here (tests/numerics.py): picks
+# Two correct bf16 kernels move a top-2 gap by up to 0.375 here (tests/engine/numerics.py): picks
 # within this many logits of bf16's best count as bf16's own.
 TIE = 0.5
 PROMPT_TOKENS = 64  # lesson text each continuation starts from

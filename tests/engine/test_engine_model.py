@@ -8,7 +8,7 @@ Numerics: floats are compared bit for bit only where the same weights go through
 kernels (a reply against an earlier reply of the same engine, bf16 after a round trip).
 Where the kernels differ (the fast decoder against transformers' modules, a batched window
 pass against cached decoding) the guarantee is a bounded logit difference, and the same
-greedy token wherever the reference is not near a tie; ``tests/numerics.py`` checks that and
+greedy token wherever the reference is not near a tie; ``tests/engine/numerics.py`` checks that and
 explains its tolerances (``TOLERANCES``, per precision) and the measurements behind them.
 """
 
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.numerics import (
+from tests.engine.numerics import (
     TOLERANCES,
     Trace,
     compare_decodes,
@@ -123,7 +123,7 @@ def test_engine_greedy_matches_plain_generate(engine, generic_engine, precision:
 
     Different kernels (oneDNN pre-packed and fused q|k|v, gate|up where the CPU allows, against
     transformers' modules), so not bit for bit: within ``TOLERANCES[precision]`` (see
-    tests/numerics.py). The reference is the transformers model at that precision: the
+    tests/engine/numerics.py). The reference is the transformers model at that precision: the
     engine's own model at bf16, int8, nf4 and fp4 (for the last three with the precision's
     bitsandbytes modules swapped in: the very quantized weights the fast decoder runs, unfused),
     and the generic engine's model upcast to fp32 at fp32.
@@ -450,7 +450,7 @@ def test_window_logits_agree_with_greedy_decoding(engine, bf16_tokens: list[int]
 def test_generic_decode_loop_matches_the_fast_one(engine, generic_engine, bf16_tokens: list[int]) -> None:  # type: ignore[no-untyped-def]
     """The generic loop (transformers' modules and KV caches) against the fast decoder.
 
-    Different kernels, so within ``TOLERANCES["bf16"]`` (tests/numerics.py), not bit for bit:
+    Different kernels, so within ``TOLERANCES["bf16"]`` (tests/engine/numerics.py), not bit for bit:
     the fast decoder's reply and logits are the reference; the generic engine's own greedy
     reply (a ``DynamicCache``) and a ``StaticCache`` session fed the fast reply's tokens are
     checked against them.

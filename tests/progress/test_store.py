@@ -22,7 +22,7 @@ from tutor.progress.records import AnswerRecord, LessonProgress, LessonSummary
 from tutor.progress.schema import SCHEMA_VERSION
 from tutor.progress.store import Store
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

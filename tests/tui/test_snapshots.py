@@ -1,6 +1,6 @@
 """Each screen at 80×24, compared with accepted SVG snapshots (pytest-textual-snapshot).
 
-Update after an intended change with: .venv/bin/pytest tests/test_snapshots.py --snapshot-update
+Update after an intended change with: .venv/bin/pytest tests/tui/test_snapshots.py --snapshot-update
 """
 
 from __future__ import annotations

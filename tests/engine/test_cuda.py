@@ -52,7 +52,7 @@ def test_each_precision_generates_on_the_gpu_with_its_own_memory_figures(cuda_en
 
 def test_bf16_on_the_gpu_agrees_with_the_cpu(cuda_engine, shared_engine) -> None:  # type: ignore[no-untyped-def]
     """Other kernels, same function: greedy tokens agree until a near-tie, logits within bounds."""
-    from tests.numerics import TOLERANCES, compare_decodes, engine_logits_along, engine_trace
+    from tests.engine.numerics import TOLERANCES, compare_decodes, engine_logits_along, engine_trace
 
     shared_engine.switch("bf16", wait=True)
     cuda_engine.switch("bf16", wait=True)

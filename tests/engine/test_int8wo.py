@@ -19,7 +19,7 @@ def test_codes_are_within_half_a_step_and_the_absmax_lands_on_a_code() -> None:
 
 
 def test_a_prompts_many_rows_take_the_dense_path() -> None:
-    """The same product, to bf16's rounding (the kernel's own path: tests/test_row_modules.py)."""
+    """The same product, to bf16's rounding (the kernel's own path: tests/engine/test_row_modules.py)."""
     torch.manual_seed(0)
     module = Int8WoLinear.of(torch.randn(96, 128) * 0.05)
     prompt = torch.randn(1, PREFILL_ROWS + 24, 128).bfloat16()
