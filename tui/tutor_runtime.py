@@ -122,9 +122,7 @@ class TutorRuntime:
                 content=self.library.root,
                 cache_dir=self.cache_dir,
                 threads=self.threads,
-                remote=self.settings.url,
-                variants=self.settings.variants,
-                timeout_s=self.settings.timeout_s if self.settings.url else None,
+                settings=self.settings,
             )
         self.process.lesson = lesson_id
         return self.process

@@ -48,18 +48,11 @@ def load_model(args: argparse.Namespace, err: TextIO) -> Engine:
 
 
 def connect_remote(settings: EngineSettings, precision: str | None) -> RemoteEngine:
-    """The OpenAI-compatible server ``settings`` name, its variants from them or its list."""
-    from tutor.engine.remote import RemoteEngine, RemoteError, client
+    """The OpenAI-compatible server ``settings`` name, or the command's one-line error."""
+    from tutor.engine.remote import RemoteError
 
-    assert settings.url is not None
     try:
-        return RemoteEngine.connect(
-            settings.url,
-            api_key=settings.api_key,
-            variants=settings.variants,
-            precision=precision,
-            http=client(settings.timeout_s),
-        )
+        return settings.connect(precision)
     except RemoteError as exc:
         raise ModelCommandError(str(exc)) from None
 

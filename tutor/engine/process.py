@@ -10,7 +10,6 @@ terminal the app draws on.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import secrets
 import shutil
@@ -24,7 +23,7 @@ from pathlib import Path
 
 from tutor.engine.client import EngineClient, EngineGone
 from tutor.engine.protocol import TOKEN_ENV
-from tutor.engine.remote import Variants
+from tutor.engine.settings import EngineSettings
 
 PRIVATE_PREFIX = "quant-tutor-engine-"  # the engine's private folder (socket and log)
 START_TIMEOUT_S = 60.0  # until the socket answers; loading the model is reported separately
@@ -42,9 +41,7 @@ class EngineProcess:
     lesson: str | None = None  # the lesson the learner has open (its passages are indexed first)
     cache_dir: Path | None = None
     threads: int | None = None
-    remote: str | None = None  # an OpenAI-compatible server that generates the replies
-    variants: Variants | None = None  # with ``remote``: precision -> served model id (and server)
-    timeout_s: float | None = None  # with ``remote``: how long a reply may go silent
+    settings: EngineSettings = field(default_factory=EngineSettings)  # local, or a server that generates
     folder: Path | None = None
     token: str = field(default="", repr=False)
     popen: subprocess.Popen[bytes] | None = field(default=None, repr=False)
@@ -58,14 +55,10 @@ class EngineProcess:
             ("--lesson", self.lesson),
             ("--cache-dir", self.cache_dir),
             ("--threads", self.threads),
-            ("--generate-with", self.remote),
-            ("--timeout", self.timeout_s),
         ]:
             if value is not None:
                 command += [flag, str(value)]
-        if self.variants:
-            command += ["--variants-json", json.dumps({p: v.as_dict() for p, v in self.variants.items()})]
-        return command
+        return command + self.settings.flags()
 
     def start(self) -> EngineClient:
         """Start the child and return a client once its socket answers (the model may still load)."""

@@ -248,10 +248,7 @@ class RemoteEngine:
             "logprobs": top,
             "temperature": 0,
         }
-        response = self._retrying(
-            where,
-            lambda: self.http.post(where + "/completions", headers=self._headers(), json=body),
-        )
+        response = self._send(where, "POST", "/completions", body)
         try:
             found = response.json()["choices"][0]["logprobs"]
             offsets, chosen, tops = found["text_offset"], found["token_logprobs"], found["top_logprobs"]
@@ -305,8 +302,10 @@ class RemoteEngine:
     def _headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
-    def _send(self, url: str, method: str, path: str) -> httpx.Response:
-        return self._retrying(url, lambda: self.http.request(method, url + path, headers=self._headers()))
+    def _send(self, url: str, method: str, path: str, body: dict[str, Any] | None = None) -> httpx.Response:
+        return self._retrying(
+            url, lambda: self.http.request(method, url + path, headers=self._headers(), json=body)
+        )
 
     def _stream(self, url: str, path: str, body: dict[str, Any]) -> httpx.Response:
         def start() -> httpx.Response:

@@ -18,6 +18,7 @@ override the file.
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
 from collections.abc import Mapping
@@ -25,7 +26,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tutor.engine.remote import KEY_ENV, READ_TIMEOUT_S, RemoteError, Variants, check_variants, read_variants
+from tutor.engine.remote import (
+    KEY_ENV,
+    READ_TIMEOUT_S,
+    RemoteEngine,
+    RemoteError,
+    Variants,
+    check_variants,
+    client,
+    read_variants,
+)
 from tutor.paths import config_dir
 
 LOCAL = "local"
@@ -41,6 +51,32 @@ class EngineSettings:
     @property
     def api_key(self) -> str | None:
         return os.environ.get(KEY_ENV) if self.url else None
+
+    def connect(self, precision: str | None = None) -> RemoteEngine:
+        """The server ``url`` names, its variants these or the ones it lists (RemoteError if not)."""
+        assert self.url is not None, "a local engine has no server to connect to"
+        return RemoteEngine.connect(
+            self.url,
+            api_key=self.api_key,
+            variants=self.variants,
+            precision=precision,
+            http=client(self.timeout_s),
+        )
+
+    def flags(self) -> list[str]:
+        """These settings as ``quant-tutor serve`` flags (none for the local model), which
+        ``from_flags`` reads back in the engine process."""
+        if self.url is None:
+            return []
+        flags = ["--generate-with", self.url, "--timeout", str(self.timeout_s)]
+        if self.variants:
+            flags += ["--variants-json", json.dumps({p: v.as_dict() for p, v in self.variants.items()})]
+        return flags
+
+    @classmethod
+    def from_flags(cls, url: str | None, variants_json: str | None, timeout_s: float) -> EngineSettings:
+        variants = check_variants(json.loads(variants_json), "--variants-json") if variants_json else None
+        return cls(url, variants, timeout_s)
 
 
 def config_file() -> Path:

@@ -8,7 +8,6 @@ in between and the precision a reply reports is the one that wrote it.
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 import time
 from collections import deque
@@ -21,7 +20,8 @@ from tutor.engine import threads
 from tutor.engine.errors import EngineError
 from tutor.engine.precisions import PRECISIONS, check_precision
 from tutor.engine.protocol import MODEL_NAME
-from tutor.engine.remote import KEY_ENV, READ_TIMEOUT_S, RemoteEngine, Variants, client
+from tutor.engine.remote import RemoteEngine
+from tutor.engine.settings import EngineSettings
 from tutor.library.content import Library
 
 if TYPE_CHECKING:
@@ -56,9 +56,7 @@ class EngineHost:
     device: str = "cpu"
     cache_dir: Path | None = None
     threads: int | None = None
-    remote: str | None = None  # an OpenAI-compatible server that generates the replies instead
-    variants: Variants | None = None  # with ``remote``: precision -> served model id (None: listed)
-    timeout_s: float = READ_TIMEOUT_S  # with ``remote``: how long a reply may go silent
+    settings: EngineSettings = field(default_factory=EngineSettings)  # local, or a server that generates
     state: str = STARTING
     stage: str = ""
     detail: str = ""
@@ -142,12 +140,7 @@ class EngineHost:
 
         if self.remote is not None:
             self.stage, self.detail = "load", f"connecting to {self.remote}"
-            return RemoteEngine.connect(
-                self.remote,
-                api_key=os.environ.get(KEY_ENV),
-                variants=self.variants,
-                http=client(self.timeout_s),
-            )
+            return self.settings.connect()
 
         def progress(step: LoadProgress) -> None:
             # Conversion (first run only) and loading share the bar after the index's tenth.
@@ -158,6 +151,11 @@ class EngineHost:
         return Engine.load(
             self.model, device=self.device, progress=progress, cache_dir=self.cache_dir, threads=self.threads
         )
+
+    @property
+    def remote(self) -> str | None:
+        """The server that generates the replies (None: the local model)."""
+        return self.settings.url
 
     def precisions(self) -> tuple[str, ...]:
         """What the tutor can switch to: every precision here, or the variants the remote server

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import secrets
 import shutil
@@ -28,7 +27,8 @@ from tutor.engine import threads
 from tutor.engine.precisions import MEASURED, PRECISIONS
 from tutor.engine.process import PRIVATE_PREFIX
 from tutor.engine.protocol import DEFAULT_PORT, TOKEN_ENV, model_id
-from tutor.engine.remote import READ_TIMEOUT_S, check_variants
+from tutor.engine.remote import READ_TIMEOUT_S
+from tutor.engine.settings import EngineSettings
 from tutor.service.host import EngineHost
 from tutor.service.http import error, failure, json_body, streamed
 from tutor.service.openai_api import openai_routes
@@ -237,11 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         device=args.device,
         cache_dir=args.cache_dir,
         threads=args.threads,
-        remote=args.generate_with,
-        variants=check_variants(json.loads(args.variants_json), "--variants-json")
-        if args.variants_json
-        else None,
-        timeout_s=args.timeout,
+        settings=EngineSettings.from_flags(args.generate_with, args.variants_json, args.timeout),
     )
     threads.start(host.load, "load")
     config = uvicorn.Config(
