@@ -81,7 +81,7 @@ def _estimate_remotely(
     from rich.table import Table
 
     from tutor.engine.remote import RemoteError
-    from tutor.lab.remote_estimate import estimate_rows, method_text
+    from tutor.lab.remote_estimate import WINDOWS, estimate_rows, method_text
 
     remote = connect_remote(settings, None)
     err.write(f"Estimating on {settings.url} (PPL and KL from the log-probabilities it returns)…\n")
@@ -90,7 +90,7 @@ def _estimate_remotely(
         err.write(f"\r  {what}: {done}/{total}" + ("\n" if done == total else ""))
         err.flush()
 
-    windows = args.windows or 12
+    windows = args.windows or WINDOWS
     try:
         rows = estimate_rows(remote, library, precisions, windows=windows, progress=progress)
     except RemoteError as exc:

@@ -31,6 +31,7 @@ from tutor.library.content import Library
 
 TOP = 5  # log-probabilities per place: OpenAI's limit, and what most servers return
 WINDOW_CHARS = 1000  # about 256 tokens of English for a Llama-family tokenizer
+WINDOWS = 12  # windows spread over the lessons that each variant scores, unless asked otherwise
 Progress = Callable[[str, int, int], None]
 
 
@@ -81,7 +82,7 @@ def estimate_rows(
     library: Library,
     precisions: Sequence[str],
     *,
-    windows: int | None = None,
+    windows: int = WINDOWS,
     progress: Progress | None = None,
     cancel: Cancel = None,
 ) -> list[EstimateRow]:

@@ -189,17 +189,17 @@ class EngineHost:
             else {**self.retriever.coverage(), "error": self.index_error},
         }
         engine = self.engine
-        if self.state == READY and engine is not None and self.remote is not None:
-            data["precision"] = engine.precision
-            data["weights_mib"] = None  # the server's own, not reported to a client
-            data["prepared"] = list(self.precisions())
-            data["memory"] = {}
-        elif self.state == READY and engine is not None:
-            assert not isinstance(engine, RemoteEngine)
-            data["precision"] = engine.precision
-            data["weights_mib"] = engine.weights().weights_mib
-            data["prepared"] = list(engine.prepared())
-            data["memory"] = engine.memory()
+        if self.state != READY or engine is None:
+            return data
+        data["precision"] = engine.precision
+        if isinstance(engine, RemoteEngine):  # the server's memory is not reported to a client
+            data.update(weights_mib=None, prepared=list(engine.variants), memory={})
+        else:
+            data.update(
+                weights_mib=engine.weights().weights_mib,
+                prepared=list(engine.prepared()),
+                memory=engine.memory(),
+            )
         return data
 
     def _ready(self) -> tuple[Engine | RemoteEngine, Retriever]:
