@@ -11,7 +11,6 @@ does not slow the timed replies).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import shutil
@@ -23,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import click
 from rich.console import Console
 from rich.table import Table
 from textual.widgets import TabbedContent
@@ -155,16 +155,26 @@ def _cell(value: float | None, digits: int = 1) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="quant-tutor bench --app",
-        description="The Tutor tab's decode speed and TTFT against `quant-tutor ask`, same questions.",
-    )
-    parser.add_argument("--precisions", default="bf16,nf4", help="comma-separated (default: %(default)s)")
-    parser.add_argument("--threads", type=int, help="the app engine's torch threads (default: one per core)")
-    parser.add_argument("--json", action="store_true", help="print the measurements as JSON")
-    args = parser.parse_args(argv)
-    precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
+@click.command(
+    "bench", help="The Tutor tab's decode speed and TTFT against `quant-tutor ask`, same questions."
+)
+@click.option(
+    "--app",
+    is_flag=True,
+    expose_value=False,
+    help="this bench (without it: the engine's `quant-tutor bench`)",
+)
+@click.option("--precisions", default="bf16,nf4", help="comma-separated (default: bf16,nf4)")
+@click.option("--threads", type=int, help="the app engine's torch threads (default: one per core)")
+@click.option("--json", "as_json", is_flag=True, help="print the measurements as JSON")
+def command(precisions: str, threads: int | None, as_json: bool) -> None:
+    """``quant-tutor bench --app`` (``tui.entry`` hands it to ``tutor.cli`` for that flag)."""
+    compare(precisions, threads, as_json)
+
+
+def compare(precisions_text: str, threads: int | None, as_json: bool) -> None:
+    """Ask the same questions through `quant-tutor ask` and the app; print both side by side."""
+    precisions = [p.strip() for p in precisions_text.split(",") if p.strip()]
     err = sys.stderr
     cli: dict[str, list[dict[str, Any]]] = {}
     lesson_id = next(iter(load_library().lessons))  # both sides prefer this lesson's passages
@@ -172,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         err.write(f"CLI: quant-tutor ask at {precision}…\n")
         cli[precision] = cli_stats(QUESTIONS, precision, lesson_id)
     err.write("App: driving the Tutor tab headless…\n")
-    app, ready_s, keys = asyncio.run(app_stats(QUESTIONS, precisions, args.threads, lesson_id))
+    app, ready_s, keys = asyncio.run(app_stats(QUESTIONS, precisions, threads, lesson_id))
     rows = []
     for precision in precisions:
         for question, mine, theirs in zip(QUESTIONS, app[precision], cli[precision], strict=True):
@@ -195,9 +205,9 @@ def main(argv: list[str] | None = None) -> int:
         "key_ms_max": None if not keys else round(1000 * max(keys), 1),
         "rows": rows,
     }
-    if args.json:
+    if as_json:
         print(json.dumps(summary, indent=2))
-        return 0
+        return
     table = Table(title="Tutor tab vs `quant-tutor ask` (same questions, greedy)")
     for column in [
         "precision",
@@ -244,4 +254,3 @@ def main(argv: list[str] | None = None) -> int:
         f"{summary['key_ms_max']} ms at most ({len(keys)} presses)."
     )
     console.print(f"Machine: {summary['machine']}")
-    return 0

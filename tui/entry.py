@@ -1,25 +1,26 @@
-"""The ``quant-tutor`` console script: plain subcommands, or the Textual app."""
+"""The ``quant-tutor`` console script: ``tutor.cli``'s commands, and with none the Textual app.
+
+``tutor.cli`` never imports textual or ``tui``: this module hands it what only the app side
+has, the app itself (:func:`open_app`) and the app's bench (``bench --app``).
+"""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
 
+import click
+
 from tutor import cli
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = cli.parse(argv)
-    if args.command == "bench" and "--app" in args.rest:
-        # It drives the Textual app, which the domain's own bench may not import.
-        from tui.app_bench import main as bench_app
-
-        return bench_app([a for a in args.rest if a != "--app"])
-    if args.command is not None:
-        return cli.run(args)
+def open_app(options: cli.AppOptions) -> int:
+    """``quant-tutor`` with no command: the engine process starts, then the app opens."""
     from tui.launch import launch
 
-    launched = launch(args.content, args.lesson, args.model, args.device, args.app_engine, args.app_variants)
+    launched = launch(
+        options.content, options.lesson, options.model, options.device, options.engine, options.variants
+    )
     if isinstance(launched, int):
         return launched
     # Imported only now: plain commands and --version never pay for textual, and the engine
@@ -27,6 +28,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     from tui.app import run_app
 
     return run_app(launched)
+
+
+def bench_app() -> click.Command:
+    """``quant-tutor bench --app``: it drives the Textual app, which the engine's bench may not import."""
+    from tui.app_bench import command
+
+    return command
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return cli.run(argv, open_app=open_app, bench_app=bench_app)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ set, so a change that costs more than that fails here, and README's table stays 
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from tutor.assistant.evaluation import (
     load_eval_set,
 )
 from tutor.assistant.retrieval import Retriever
-from tutor.cli import parse, run
+from tutor.cli import run
 from tutor.library.content import Library
 
 pytestmark = pytest.mark.model
@@ -95,7 +94,7 @@ def test_heldout_set_figures(
 def test_eval_command_names_a_broken_set(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     broken = tmp_path / "set.yaml"
     broken.write_text("on_lesson:\n  - {lesson: x, question: q}\n", encoding="utf-8")
-    assert run(parse(["eval", str(broken)]), io.StringIO(), io.StringIO()) == 2
+    assert run(["eval", str(broken)]) == 2
     assert f"{broken}: on_lesson item 1 has no 'section'" in capsys.readouterr().err
 
 

@@ -11,7 +11,11 @@ import sys
 import time
 from pathlib import Path
 
+import click
+import pytest
+
 from tests.conftest import SEED
+from tutor import cli
 from tutor.library.content import Library
 from tutor.library.models import LETTERS
 
@@ -128,6 +132,69 @@ def test_bench_options_reach_the_bench() -> None:
     result = qt("bench", "--help")
     assert result.returncode == 0 and "--tokens" in result.stdout and "--precisions" in result.stdout
     assert "bench" in qt("--help").stdout
+    app = qt("bench", "--app", "--help")  # the app's own bench (tui.app_bench), handed in by tui.entry
+    assert (
+        app.returncode == 0 and "The Tutor tab's decode speed" in app.stdout and "--tokens" not in app.stdout
+    )
+
+
+def _modules_after(*argv: str) -> list[str]:
+    """The heavy or app modules a fresh console-script process has loaded after running ``argv``."""
+    code = (
+        "import contextlib, io, sys; from tui.entry import main\n"
+        f"with contextlib.redirect_stdout(io.StringIO()): status = main({list(argv)!r})\n"
+        "assert status == 0, status\n"
+        "heavy = ('torch', 'transformers', 'sentence_transformers', 'textual', 'tutor.engine', 'tui.')\n"
+        "print(sorted(m for m in sys.modules if m.startswith(heavy) and m != 'tui.entry'))"
+    )
+    return json.loads(_modules_loaded_by(code).replace("'", '"'))
+
+
+def test_plain_commands_and_version_never_import_the_engine_or_textual() -> None:
+    for argv in (["--version"], ["--help"], ["lessons"], ["read", SEED], ["progress"]):
+        assert _modules_after(*argv) == [], argv
+    assert _modules_after("quiz", SEED, "--plain", "--review") == []
+    assert "tutor.engine" in _modules_after("ask", "--help"), "the commands that load the model load it"
+
+
+def test_no_command_opens_the_app_through_the_callback_it_was_handed() -> None:
+    code = (
+        "import sys; from tutor import cli\n"
+        "seen = []\n"
+        "app = lambda options: seen.append(options) or 7\n"
+        "status = cli.run(['--content', 'content', '--device', 'cuda'], open_app=app)\n"
+        "print(status, seen[0].content, seen[0].device, seen[0].lesson,"
+        " sorted(m for m in sys.modules if m.split('.')[0] in ('textual', 'tui', 'torch')))"
+    )
+    assert _modules_loaded_by(code) == "7 content cuda None []"
+
+
+def test_no_command_without_the_app_says_what_there_is(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.run([]) == 0
+    assert "Commands:" in capsys.readouterr().out
+
+
+def test_every_command_loads_and_has_help(capsys: pytest.CaptureFixture[str]) -> None:
+    """Click's advice for a lazy group: each command's --help, so each one imports."""
+    names = cli.quant_tutor.list_commands(click.Context(cli.quant_tutor))
+    assert " ".join(names) == "lessons read quiz progress schema validate ask cliff eval bench serve"
+    for name in names:
+        assert cli.run([name, "--help"]) == 0, name
+        assert f"Usage: quant-tutor {name} [OPTIONS]" in capsys.readouterr().out
+
+
+def test_usage_errors_name_the_bad_option_or_value(capsys: pytest.CaptureFixture[str]) -> None:
+    for argv, named in [
+        (["cliff", "--plan", "nope"], ["'--plan'", "'nope'"]),
+        (["cliff", "--window", "x"], ["'--window'", "'x'", "integer"]),
+        (["lessons", "--nope"], ["No such option", "--nope"]),
+        (["read"], ["Missing argument", "LESSON"]),
+        (["nope"], ["No such command", "'nope'"]),
+        (["bench", "--app"], ["No such option", "--app"]),  # no app handed in: the engine's bench alone
+    ]:
+        assert cli.run(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert all(word in err for word in named) and "Traceback" not in err, err
 
 
 def _pty_run(args: list[str], answers: list[str]) -> str:
@@ -192,6 +259,8 @@ def test_ask_on_an_unreachable_engine_says_so_in_one_line(tmp_path: Path) -> Non
         "ask", "What is NF4?", "--engine", "http://127.0.0.1:9/v1", "--variants", str(tmp_path / "v.toml")
     )
     assert bad.returncode == 2 and 'each line must be precision = "served model id"' in bad.stderr
+    before = qt("--engine", "http://127.0.0.1:9/v1", "ask", "What is NF4?")  # an option before the command
+    assert before.returncode == 2 and "cannot reach the engine at http://127.0.0.1:9/v1" in before.stderr
     config = Path(os.environ["QUANT_TUTOR_HOME"]) / "config" / "config.toml"
     config.parent.mkdir(parents=True, exist_ok=True)
     config.write_text('[engine]\nurl = "http://127.0.0.1:9/v1"\n')

@@ -531,10 +531,10 @@ def test_context_aware_decoding_is_one_batch_of_both_prompts(engine, generic_eng
     assert generic.stats.decoder == "cad" and len(generic.tokens) >= 1
 
 
-def test_bench_rows_and_cli(
-    shared_engine, engine_home: Path, monkeypatch: pytest.MonkeyPatch, capsys
-) -> None:  # type: ignore[no-untyped-def]
+def test_bench_rows_and_cli(shared_engine, engine_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     import json
+
+    from click.testing import CliRunner
 
     from tutor.engine import bench
 
@@ -549,8 +549,11 @@ def test_bench_rows_and_cli(
     assert rows[0]["weights_mib"] < rows[1]["weights_mib"]
     assert shared_engine.precision == "bf16"
     monkeypatch.setenv("QUANT_TUTOR_HOME", str(engine_home))
-    assert bench.main(["--precisions", "int8", "--tokens", "2", "--long-prompt", "0", "--json"]) == 0
-    out = json.loads(capsys.readouterr().out)
+    ran = CliRunner().invoke(
+        bench.command, ["--precisions", "int8", "--tokens", "2", "--long-prompt", "0", "--json"]
+    )
+    assert ran.exit_code == 0, ran.stderr
+    out = json.loads(ran.stdout)
     assert out[0]["precision"] == "int8" and out[0]["reload_s"] > 0 and out[0]["ttft_long_s"] is None
 
 

@@ -201,15 +201,18 @@ def test_text_stream_holds_back_partial_characters() -> None:
     assert stream.final() == "café!"
 
 
-def test_bench_parser_and_argument_errors(capsys: pytest.CaptureFixture[str]) -> None:
+def test_bench_options_and_argument_errors() -> None:
+    from click.testing import CliRunner
+
     from tutor.engine import bench
 
-    args = bench.build_parser().parse_args([])
-    assert args.precisions == "bf16,int8,nf4,fp4" and args.tokens == 64 and args.device == "cpu"
-    assert not args.json and args.threshold == 6.0
-    assert bench.main(["--tokens", "1"]) == 2
-    assert bench.main(["--precisions", "int3", "--tokens", "4"]) == 1
-    assert "Unknown precision" in capsys.readouterr().err
+    args = bench.command.make_context("bench", []).params
+    assert args["precisions"] == "bf16,int8,nf4,fp4" and args["tokens"] == 64 and args["device"] == "cpu"
+    assert not args["as_json"] and args["threshold"] == 6.0
+    few = CliRunner().invoke(bench.command, ["--tokens", "1"])
+    assert few.exit_code == 2 and "'--tokens': must be at least 2" in few.stderr
+    unknown = CliRunner().invoke(bench.command, ["--precisions", "int3", "--tokens", "4"])
+    assert unknown.exit_code == 1 and "Unknown precision" in unknown.stderr
 
 
 def test_bench_table_renders_rows() -> None:

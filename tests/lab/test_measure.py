@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tests.conftest import ROOT, SEED
-from tutor.cli import CLIFF_PLANS, parse
+from tutor.cli import model as cli_model
 from tutor.lab import measure
 from tutor.lab.cliff import CLAIMS, FULL, PLANS, QUICK, Cancelled, Plan, run_cliff, weight_lab
 from tutor.lab.diff import departures
@@ -363,7 +363,8 @@ def test_plans() -> None:
     assert not QUICK.claims and CLAIMS.claims
     # The claims read the quick plan's windows: after m, e reads the table from the cache.
     assert (CLAIMS.windows, CLAIMS.window, CLAIMS.qa_questions) == (QUICK.windows, QUICK.window, 0)
-    assert tuple(PLANS) == CLIFF_PLANS and parse(["cliff", "--plan", "claims"]).plan == "claims"
+    assert tuple(PLANS) == cli_model.CLIFF_PLANS, "the CLI's --plan choices are the lab's plans"
+    assert cli_model.cliff.make_context("cliff", ["--plan", "claims"]).params["plan"] == "claims"
     assert pick_windows(53, spread=6) == [4, 13, 22, 30, 39, 48]
     assert pick_windows(53, first=2) == [0, 1] and pick_windows(5, spread=9) == list(range(5))
     text = measure.method_text(256, windows=6, of_windows=53, tokens=762, qa_questions=3, max_new_tokens=64)

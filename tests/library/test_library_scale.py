@@ -124,14 +124,14 @@ def test_a_broken_lesson_among_many_names_its_file_and_line(
         library.get(folders[200].name)
     assert f"{quiz}:{_line_of(quiz, 'answer: z')}: questions.0.answer:" in str(raised.value)
 
-    assert cli.run(cli.parse(["validate", str(big)])) == 1
+    assert cli.run(["validate", str(big)]) == 1
     err = capsys.readouterr().err
     assert f"{front}:{_line_of(front, 'minutes: many')}: minutes:" in err
     assert f"{quiz}:{_line_of(quiz, 'answer: z')}: questions.0.answer:" in err
 
 
 def test_the_shipped_lessons_validate(capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.run(cli.parse(["validate"])) == 0
+    assert cli.run(["validate"]) == 0
     assert "4 lessons in" in capsys.readouterr().out
 
 

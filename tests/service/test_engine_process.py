@@ -541,7 +541,7 @@ def test_ask_says_in_one_line_when_the_remote_engine_fails_mid_session(  # type:
     monkeypatch.setattr(model, "load_retriever", lambda _library, _err: shared_retriever)
     models = (200, b'{"data": [{"id": "m:bf16"}]}', None)
     url, seen = _scripted_server([models] + [(500, b'{"error": {"message": "boom"}}', None)] * 3)
-    assert cli.run(cli.parse(["ask", "What is NF4?", "--engine", url])) == 2
+    assert cli.run(["ask", "What is NF4?", "--engine", url]) == 2
     err = capsys.readouterr().err
     assert f"{url} answered 500: the server failed (boom)" in err and "Traceback" not in err
     assert seen == ["/v1/models"] + ["/v1/chat/completions m:bf16"] * 3, "tried three times"

@@ -1,22 +1,28 @@
-"""The ``quant-tutor`` command line: plain subcommands for screen readers and scripts.
+"""The ``quant-tutor`` command line: plain commands for screen readers and scripts.
 
-``tui.entry`` owns the console script: with no subcommand it launches the Textual
-app, otherwise it hands the parsed arguments to :func:`run` here. Nothing in this
-module imports textual, and heavy libraries load only inside the commands that
-need them.
+One click group, :data:`quant_tutor`. With no command it opens the app, through the
+``open_app`` that ``tui.entry`` (the console script) hands :func:`run`: nothing in this package
+imports textual or ``tui``. The commands that load the model (``ask``, ``cliff``, ``eval``:
+``tutor.cli.model``), ``bench`` (``tutor.engine.bench``) and ``serve``
+(``tutor.service.server``) are imported only when they run, so ``--version`` and the plain
+commands here never import torch, transformers or the engine.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import IO, Any
+
+import click
+from click.core import ParameterSource
 
 from tutor import __version__
-from tutor.engine.precisions import MEASURED
+from tutor.cli.lazy import Lazy, LazyGroup
 from tutor.library.content import Library, json_schema, load_library, validate_library
 from tutor.library.models import LETTERS, QUIZ_LENGTH, ContentFileError, Lesson
 from tutor.library.plain import plain_text
@@ -25,161 +31,168 @@ from tutor.progress.records import LessonSummary
 from tutor.progress.store import Store
 from tutor.text import plural, when
 
-# tutor.lab.cliff's PLANS by name (importing tutor.lab.cliff here would slow every command's start).
-CLIFF_PLANS = ("quick", "claims", "full")
-
-# Subcommands whose own argparse lives with the code they run (imported only then).
-DELEGATED = {
-    "bench": ("tutor.engine.bench", "Measure every precision side by side: memory, switch time, speed."),
-    "serve": ("tutor.service.server", "Run the tutor's model as an OpenAI-compatible server."),
-}
+# A path option or argument: not checked here (the command says what is wrong with it).
+PATH = click.Path(path_type=Path)
 
 
-class CliError(Exception):
+class CliError(click.ClickException):
     """A problem the learner can fix; printed as one line, exit status 2."""
 
+    exit_code = 2
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="quant-tutor",
-        description="Learn AI model quantization in your terminal. With no command, opens the app.",
-    )
-    parser.add_argument("--version", action="version", version=f"quant-tutor {__version__}")
-    parser.add_argument("--content", type=Path, help="lesson folder to use instead of the shipped one")
-    parser.add_argument("--lesson", help="open the app at this lesson id")
-    parser.add_argument("--model", help="the tutor's model: local HF folder, .gguf file or hub id")
-    parser.add_argument("--device", default="cpu", help="where the tutor's model runs: cpu (default) or cuda")
-    # Not dest="engine": `ask --engine` has its own, and a subcommand's default would overwrite it.
-    parser.add_argument(
-        "--engine",
-        dest="app_engine",
-        metavar="URL",
-        help="the tutor's replies from this OpenAI-compatible server (vLLM, llama-server, Ollama, "
-        "quant-tutor serve; its key in QUANT_TUTOR_REMOTE_KEY), or local (default: the config file's, "
-        "else local)",
-    )
-    parser.add_argument(
-        "--variants",
-        dest="app_variants",
-        type=Path,
-        metavar="TOML",
-        help='with --engine: precision = "served model id" lines (default: the ids the server lists)',
-    )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
-    lessons = sub.add_parser("lessons", help="list the lessons")
-    lessons.add_argument("--json", action="store_true", help="print a JSON list")
-
-    read = sub.add_parser("read", help="print a lesson as plain text")
-    read.add_argument("lesson", help="lesson id (see `quant-tutor lessons`)")
-
-    quiz = sub.add_parser("quiz", help="take a lesson's quiz")
-    quiz.add_argument("lesson", help="lesson id")
-    quiz.add_argument(
-        "--plain", action="store_true", help="questions on stdout, one answer letter per line on stdin"
-    )
-    quiz.add_argument("--restart", action="store_true", help="start over instead of resuming")
-    quiz.add_argument(
-        "--review", action="store_true", help="show the wrong answers of your last finished attempt and stop"
-    )
-
-    progress = sub.add_parser("progress", help="show progress per lesson")
-    progress.add_argument("--json", action="store_true", help="print JSON keyed by lesson id")
-
-    sub.add_parser("schema", help="print the JSON Schema of lesson.md front matter and quiz.yaml")
-
-    validate = sub.add_parser(
-        "validate", help="check every lesson whole (front matter, body, quiz, related ids); exit 1 on errors"
-    )
-    validate.add_argument(
-        "folder", nargs="?", type=Path, help="the lesson folder (default: --content, or the shipped lessons)"
-    )
-
-    from tutor.cli.model import add_engine_options, add_model_options
-
-    ask = sub.add_parser("ask", help="ask the tutor; it answers from the lessons with the local model")
-    ask.add_argument("question", nargs="?", help="the question (or use --questions)")
-    ask.add_argument("--questions", type=Path, help="a file with one question per line (model loaded once)")
-    ask.add_argument("--lesson", dest="ask_lesson", metavar="ID", help="prefer passages from this lesson")
-    ask.add_argument(
-        "--precision",
-        help="bf16 (default), fp32, int8, int8-wo, nf4, fp4, int4, gptq4; with --engine: a variant",
-    )
-    ask.add_argument("--json", action="store_true", help="print JSON (an array with --questions)")
-    add_engine_options(ask, "generate on", "vLLM, llama-server, Ollama, quant-tutor serve")
-    add_model_options(ask)
-
-    cliff = sub.add_parser(
-        "cliff", help="measure quality against bf16 at every precision: PPL, KL, top-1, QA"
-    )
-    cliff.add_argument(
-        "--precisions", default=",".join(MEASURED), help="comma-separated (default: %(default)s)"
-    )
-    cliff.add_argument(
-        "--json", action="store_true", help='print {"rows", "weight_lab", "method", "machine"}'
-    )
-    cliff.add_argument("--window", type=int, default=256, help="tokens per window (default: %(default)s)")
-    cliff.add_argument("--windows", type=int, help="use only the first N windows (default: all lesson text)")
-    cliff.add_argument(
-        "--qa", type=int, help="QA questions answered per precision (0: skip; default: the plan's, 8 or 0)"
-    )
-    cliff.add_argument(
-        "--plan",
-        choices=CLIFF_PLANS,
-        default="full",
-        help="quick: the table on a few windows, no QA (the Lab's m); claims: the same table, then the "
-        "lesson's claims as experiments (e); full: all lesson text, QA and every claim (M; default)",
-    )
-    cliff.add_argument("--quick", action="store_true", help="the same as --plan quick")
-    add_engine_options(
-        cliff, "estimate PPL and KL from the prompt log-probabilities of", "vLLM, quant-tutor serve"
-    )
-    add_model_options(cliff)
-
-    evaluate = sub.add_parser(
-        "eval", help="score retrieval, the quote and the support check on the evaluation sets (no model)"
-    )
-    evaluate.add_argument(
-        "sets", nargs="*", default=["tuning", "heldout"], metavar="SET",
-        help="tuning, heldout, or a YAML file in their layout (default: both shipped sets)",
-    )  # fmt: skip
-    evaluate.add_argument("--json", action="store_true", help="print the figures as JSON, one object per set")
-    evaluate.add_argument("--details", action="store_true", help="also list every miss")
-    evaluate.add_argument(
-        "--generate", type=int, default=0, metavar="N",
-        help="also ask N questions of each set at every precision and check the model's sentences",
-    )  # fmt: skip
-    evaluate.add_argument(
-        "--precisions", default=",".join(MEASURED), help="with --generate (default: %(default)s)"
-    )
-    evaluate.add_argument(
-        "--alphas", help="with --generate: context-aware decoding alphas to compare, e.g. 0,0.5,1"
-    )
-    evaluate.add_argument(
-        "--openings", choices=["plain", "quote", "both"],
-        help="with --generate: the model starts from nothing (plain), continues after the quote, or both "
-        "(default: the tutor's own)",
-    )  # fmt: skip
-    add_model_options(evaluate)
-
-    for name, (_, help_text) in DELEGATED.items():
-        sub.add_parser(name, help=f"{help_text} (see `quant-tutor {name} --help`)", add_help=False)
-    return parser
+    def show(self, file: IO[Any] | None = None) -> None:
+        click.echo(f"quant-tutor: {self.format_message()}", file=file or sys.stderr)
 
 
-def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] in DELEGATED:
-        # Their options are theirs: argparse.REMAINDER would refuse ones that start with '-'.
-        return argparse.Namespace(command=args[0], rest=args[1:])
-    return build_parser().parse_args(args)
+@dataclass(frozen=True)
+class AppOptions:
+    """The options given before the command name. The app opens with them; every command reads
+    its lessons from ``content``; and each one given is the default of a command's own option of
+    the same name (``quant-tutor --model M ask …`` asks M)."""
+
+    content: Path | None = None
+    lesson: str | None = None
+    model: str | None = None
+    device: str = "cpu"
+    engine: str | None = None
+    variants: Path | None = None
 
 
-def _library(args: argparse.Namespace, err: TextIO) -> Library:
-    library = load_library(args.content)
-    for error in library.errors:
-        print(f"quant-tutor: warning: {error}", file=err)
-    return library
+@dataclass
+class Session:
+    """One run of the group (its context's ``obj``): what the Textual side handed :func:`run`, and
+    the options given before the command name."""
+
+    open_app: Callable[[AppOptions], int] | None = None  # no command: the app
+    bench_app: Callable[[], click.Command] | None = None  # `bench --app`: the app's own bench
+    options: AppOptions = field(default_factory=AppOptions)
+
+
+pass_session = click.make_pass_decorator(Session, ensure=True)
+
+
+class QuantTutorGroup(LazyGroup):
+    def resolve_command(
+        self, ctx: click.Context, args: list[str]
+    ) -> tuple[str | None, click.Command | None, list[str]]:
+        name, command, rest = super().resolve_command(ctx, args)
+        # `bench --app` measures the app, whose bench lives with it (tui.app_bench) and has
+        # options of its own: it takes the command's place, when the app handed it in.
+        session = ctx.find_object(Session)
+        if name == "bench" and "--app" in rest and session is not None and session.bench_app is not None:
+            command = session.bench_app()
+        return name, command, rest
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError:
+            # The reader stopped (`quant-tutor lessons | head -1`): it has what it wanted, and
+            # nothing is left to flush at exit (Python's "Note on SIGPIPE").
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
+
+
+@click.group(
+    cls=QuantTutorGroup,
+    invoke_without_command=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    help="Learn AI model quantization in your terminal. With no command, opens the app.\n\n"
+    "An option given before the command is also the default of the command's own option of that name.",
+    # Imported only when they run (or for their own --help): each imports the engine.
+    lazy_subcommands={
+        "ask": Lazy("tutor.cli.model:ask", "ask the tutor; it answers from the lessons with the local model"),
+        "cliff": Lazy(
+            "tutor.cli.model:cliff", "measure quality against bf16 at every precision: PPL, KL, top-1, QA"
+        ),
+        "eval": Lazy(
+            "tutor.cli.model:eval_command",
+            "score retrieval, the quote and the support check on the evaluation sets (no model)",
+        ),
+        "bench": Lazy(
+            "tutor.engine.bench:command", "Measure every precision side by side: memory, switch time, speed."
+        ),
+        "serve": Lazy(
+            "tutor.service.server:command", "Run the tutor's model as an OpenAI-compatible server."
+        ),
+    },
+)
+@click.version_option(__version__, prog_name="quant-tutor", message="%(prog)s %(version)s")
+@click.option("--content", type=PATH, help="lesson folder to use instead of the shipped one")
+@click.option("--lesson", help="open the app at this lesson id")
+@click.option("--model", help="the tutor's model: local HF folder, .gguf file or hub id")
+@click.option("--device", default="cpu", help="where the tutor's model runs: cpu (default) or cuda")
+@click.option(
+    "--engine",
+    metavar="URL",
+    help="the tutor's replies from this OpenAI-compatible server (vLLM, llama-server, Ollama, "
+    "quant-tutor serve; its key in QUANT_TUTOR_REMOTE_KEY), or local (default: the config file's, "
+    "else local)",
+)
+@click.option(
+    "--variants",
+    type=PATH,
+    metavar="TOML",
+    help='with --engine: precision = "served model id" lines (default: the ids the server lists)',
+)
+@click.pass_context
+def quant_tutor(
+    ctx: click.Context,
+    content: Path | None,
+    lesson: str | None,
+    model: str | None,
+    device: str,
+    engine: str | None,
+    variants: Path | None,
+) -> None:
+    session = ctx.ensure_object(Session)
+    session.options = AppOptions(content, lesson, model, device, engine, variants)
+    # Click's defaults for subcommands (ctx.default_map): an option given here is the default of
+    # the command's own option of the same name (`quant-tutor --device cuda cliff` runs on cuda).
+    given = {
+        name: value
+        for name, value in ctx.params.items()
+        if ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE
+    }
+    ctx.default_map = {name: given for name in quant_tutor.list_commands(ctx)}
+    if ctx.invoked_subcommand is None:
+        if session.open_app is None:  # run without the app (tutor.cli alone): say what there is
+            click.echo(ctx.get_help())
+            ctx.exit(0)
+        ctx.exit(session.open_app(session.options))
+
+
+def run(
+    argv: Sequence[str] | None = None,
+    *,
+    open_app: Callable[[AppOptions], int] | None = None,
+    bench_app: Callable[[], click.Command] | None = None,
+) -> int:
+    """Run ``quant-tutor`` with ``argv`` (default: the process's own); its exit status.
+
+    ``open_app`` runs when no command is given, ``bench_app`` gives the command that
+    ``bench --app`` runs: both come from ``tui.entry``, which this package never imports.
+    """
+    session = Session(open_app=open_app, bench_app=bench_app)
+    try:
+        status = quant_tutor.main(
+            None if argv is None else list(argv), prog_name="quant-tutor", standalone_mode=False, obj=session
+        )
+    except click.ClickException as exc:  # usage errors (exit 2, the option named) and CliError
+        exc.show()
+        return exc.exit_code
+    except click.Abort:  # Ctrl+C (click has ended the ^C line)
+        click.echo("quant-tutor: interrupted; everything answered so far is saved.", err=True)
+        return 130
+    return status if isinstance(status, int) else 0
+
+
+def library(session: Session) -> Library:
+    """The lessons (``--content``, else the shipped ones); a broken one is warned about."""
+    loaded = load_library(session.options.content)
+    for error in loaded.errors:
+        print(f"quant-tutor: warning: {error}", file=sys.stderr)
+    return loaded
 
 
 def _lesson(library: Library, lesson_id: str) -> Lesson:
@@ -191,59 +204,77 @@ def _lesson(library: Library, lesson_id: str) -> Lesson:
         raise CliError(f"lesson {lesson_id!r} cannot be opened:\n{exc}") from None
 
 
-def _open_store(err: TextIO) -> Store:
+def _open_store() -> Store:
     try:
         store = Store()
     except StoreError as exc:
         raise CliError(str(exc)) from None
     if store.notice:
-        print(f"quant-tutor: {store.notice}", file=err)
+        print(f"quant-tutor: {store.notice}", file=sys.stderr)
     return store
 
 
-def cmd_lessons(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    library = _library(args, err)
-    rows = [{"id": x.id, "title": x.title, "minutes": x.minutes} for x in library.lessons.values()]
-    if args.json:
-        json.dump(rows, out, ensure_ascii=False, indent=2)
-        out.write("\n")
-    else:
-        for row in rows:
-            out.write(f"{row['id']}  ({row['minutes']} min)  {row['title']}\n")
-    return 0
+def _print_json(data: Any) -> None:
+    json.dump(data, sys.stdout, indent=2, ensure_ascii=False)
+    sys.stdout.write("\n")
 
 
-def cmd_read(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    out.write(plain_text(_lesson(_library(args, err), args.lesson)))
-    return 0
+@quant_tutor.command(help="list the lessons")
+@click.option("--json", "as_json", is_flag=True, help="print a JSON list")
+@pass_session
+def lessons(session: Session, as_json: bool) -> None:
+    rows = [{"id": x.id, "title": x.title, "minutes": x.minutes} for x in library(session).lessons.values()]
+    if as_json:
+        _print_json(rows)
+        return
+    for row in rows:
+        sys.stdout.write(f"{row['id']}  ({row['minutes']} min)  {row['title']}\n")
 
 
-def cmd_schema(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    json.dump(json_schema(), out, indent=2, ensure_ascii=False)
-    out.write("\n")
-    return 0
+@quant_tutor.command(help="print a lesson as plain text\n\nLESSON: lesson id (see `quant-tutor lessons`)")
+@click.argument("lesson_id", metavar="LESSON")
+@pass_session
+def read(session: Session, lesson_id: str) -> None:
+    sys.stdout.write(plain_text(_lesson(library(session), lesson_id)))
 
 
-def cmd_validate(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    library = validate_library(args.folder or args.content)
-    for error in library.errors:
-        print(error, file=err)
-    if library.errors:
-        print(f"{plural(len(library.errors), 'problem')} in {library.root}", file=err)
-        return 1
-    out.write(f"{plural(len(library.lessons), 'lesson')} in {library.root}: all valid\n")
-    return 0
+@quant_tutor.command(help="take a lesson's quiz\n\nLESSON: lesson id")
+@click.argument("lesson_id", metavar="LESSON")
+@click.option("--plain", is_flag=True, help="questions on stdout, one answer letter per line on stdin")
+@click.option("--restart", is_flag=True, help="start over instead of resuming")
+@click.option("--review", is_flag=True, help="show the wrong answers of your last finished attempt and stop")
+@pass_session
+@click.pass_context
+def quiz(
+    ctx: click.Context, session: Session, lesson_id: str, plain: bool, restart: bool, review: bool
+) -> None:
+    if not plain:
+        raise CliError(
+            "the interactive quiz is in the app (run `quant-tutor`); add --plain for the text quiz"
+        )
+    lesson = _lesson(library(session), lesson_id)
+    store = _open_store()
+    try:
+        if review:
+            _review(lesson, store)
+        elif not _plain_quiz(lesson, store, restart):
+            ctx.exit(1)  # stopped before the end; the answers so far are saved
+    finally:
+        store.close()
 
 
-def cmd_progress(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    library = _library(args, err)
-    store = _open_store(err)
+@quant_tutor.command(help="show progress per lesson")
+@click.option("--json", "as_json", is_flag=True, help="print JSON keyed by lesson id")
+@pass_session
+def progress(session: Session, as_json: bool) -> None:
+    loaded = library(session)
+    store = _open_store()
     try:
         summaries = store.summaries()
     finally:
         store.close()
     rows: dict[str, dict[str, Any]] = {}
-    for entry in library.lessons.values():
+    for entry in loaded.lessons.values():
         p = summaries.get(entry.id, LessonSummary())
         rows[entry.id] = {
             "title": entry.title,
@@ -255,46 +286,52 @@ def cmd_progress(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             "attempts": p.attempts,
             "questions": QUIZ_LENGTH,
         }
-    if args.json:
-        json.dump(rows, out, indent=2, ensure_ascii=False)
-        out.write("\n")
-        return 0
+    if as_json:
+        _print_json(rows)
+        return
     for lesson_id, row in rows.items():
-        quiz = (
+        done = (
             "quiz not taken"
             if row["best_score"] is None
             else f"best {row['best_score']}/{row['questions']} over {plural(row['attempts'], 'attempt')}"
         )
         steps = f"{row['steps_done']}/{row['steps_total']}"
-        out.write(f"{lesson_id}: read {row['read_percent']}%, steps {steps}, {quiz}\n")
-    return 0
+        sys.stdout.write(f"{lesson_id}: read {row['read_percent']}%, steps {steps}, {done}\n")
 
 
-def cmd_quiz(args: argparse.Namespace, out: TextIO, err: TextIO, read_line: Callable[[], str]) -> int:
-    if not args.plain:
-        raise CliError(
-            "the interactive quiz is in the app (run `quant-tutor`); add --plain for the text quiz"
-        )
-    lesson = _lesson(_library(args, err), args.lesson)
-    store = _open_store(err)
-    try:
-        if args.review:
-            return _review(lesson, store, out)
-        return _plain_quiz(args, lesson, store, out, read_line)
-    finally:
-        store.close()
+@quant_tutor.command(help="print the JSON Schema of lesson.md front matter and quiz.yaml")
+def schema() -> None:
+    _print_json(json_schema())
 
 
-def _review(lesson: Lesson, store: Store, out: TextIO) -> int:
+@quant_tutor.command(
+    help="check every lesson whole (front matter, body, quiz, related ids); exit 1 on errors\n\n"
+    "FOLDER: the lesson folder (default: --content, or the shipped lessons)"
+)
+@click.argument("folder", required=False, type=PATH)
+@pass_session
+@click.pass_context
+def validate(ctx: click.Context, session: Session, folder: Path | None) -> None:
+    checked = validate_library(folder or session.options.content)
+    for error in checked.errors:
+        print(error, file=sys.stderr)
+    if checked.errors:
+        print(f"{plural(len(checked.errors), 'problem')} in {checked.root}", file=sys.stderr)
+        ctx.exit(1)
+    sys.stdout.write(f"{plural(len(checked.lessons), 'lesson')} in {checked.root}: all valid\n")
+
+
+def _review(lesson: Lesson, store: Store) -> None:
     from tutor.progress.quiz import choice_text, last_wrong_answers
 
+    out = sys.stdout
     if store.last_finished_attempt(lesson.id) is None:
         out.write(f"No finished attempt at {lesson.title} yet: take the quiz first.\n")
-        return 0
+        return
     wrong = last_wrong_answers(lesson, store)
     if not wrong:
         out.write("Your last finished attempt had no wrong answers.\n")
-        return 0
+        return
     out.write(f"Your last finished attempt: {plural(len(wrong), 'wrong answer')}.\n")
     for number, item in enumerate(wrong, 1):
         question = item.question
@@ -304,16 +341,15 @@ def _review(lesson: Lesson, store: Store, out: TextIO) -> int:
             f"✓ The answer is {choice_text(question, question.answer)}\n"
             f"Why: {question.explanation}\n(See the lesson section “{question.source}”.)\n"
         )
-    return 0
 
 
-def _plain_quiz(
-    args: argparse.Namespace, lesson: Lesson, store: Store, out: TextIO, read_line: Callable[[], str]
-) -> int:
+def _plain_quiz(lesson: Lesson, store: Store, restart: bool) -> bool:
+    """The quiz on stdout, answers from stdin; whether it reached the end."""
     from tutor.progress.quiz import QuizError, QuizSession, choice_keys, choice_text
 
+    out = sys.stdout
     pending = store.open_attempt(lesson.id)
-    if pending is not None and args.restart:
+    if pending is not None and restart:
         store.abandon_attempt(pending.attempt_id)
         pending = None
     session = QuizSession(lesson, store, resume=pending)
@@ -324,7 +360,7 @@ def _plain_quiz(
         )
     out.write(f"{lesson.title}: {session.total} questions. Answer each with its letter or number.\n")
     # Piped answers are not echoed by a terminal: write each one after its prompt, as typed.
-    echo = not _is_terminal(read_line)
+    echo = not sys.stdin.isatty()
     while not session.finished:
         question = session.current
         out.write(f"\nQuestion {session.index + 1} of {session.total}: {question.stem}\n")
@@ -333,13 +369,13 @@ def _plain_quiz(
         while True:
             out.write(f"Your answer ({choice_keys(question)}): ")
             out.flush()
-            line = read_line()
+            line = sys.stdin.readline()
             if not line:
                 out.write(
                     f"\nStopped after {len(session.results)} of {session.total}; your answers are saved. "
                     f"Run the same command to resume.\n"
                 )
-                return 1
+                return False
             if echo:
                 out.write(line if line.endswith("\n") else line + "\n")
             try:
@@ -357,51 +393,4 @@ def _plain_quiz(
     out.write(f"\nScore: {session.score}/{session.total}\n")
     if session.wrong_ids():
         out.write(f"See what you missed: quant-tutor quiz {lesson.id} --plain --review\n")
-    return 0
-
-
-def _is_terminal(read_line: Callable[[], str]) -> bool:
-    """Whether answers come from a terminal (which echoes them itself)."""
-    return read_line == sys.stdin.readline and sys.stdin.isatty()
-
-
-def cmd_model(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    from tutor.cli.model import run_model_command
-
-    return run_model_command(args.command, args, _library(args, err), out)
-
-
-def run(
-    args: argparse.Namespace,
-    out: TextIO | None = None,
-    err: TextIO | None = None,
-    read_line: Callable[[], str] | None = None,
-) -> int:
-    out = out or sys.stdout
-    err = err or sys.stderr
-    commands: dict[str, Callable[[argparse.Namespace, TextIO, TextIO], int]] = {
-        "lessons": cmd_lessons,
-        "read": cmd_read,
-        "schema": cmd_schema,
-        "validate": cmd_validate,
-        "progress": cmd_progress,
-        "quiz": lambda a, o, e: cmd_quiz(a, o, e, read_line or sys.stdin.readline),
-        "ask": cmd_model,
-        "cliff": cmd_model,
-        "eval": cmd_model,
-    }
-    try:
-        if args.command in DELEGATED:
-            import importlib
-
-            module = importlib.import_module(DELEGATED[args.command][0])
-            return int(module.main(list(args.rest)))
-        return commands[args.command](args, out, err)
-    except CliError as exc:
-        print(f"quant-tutor: {exc}", file=err)
-        return 2
-    except BrokenPipeError:
-        return 0
-    except KeyboardInterrupt:
-        print("\nquant-tutor: interrupted; everything answered so far is saved.", file=err)
-        return 130
+    return True

@@ -1,16 +1,21 @@
-"""The command-line commands that load the model: ``ask`` and ``cliff``.
+"""The commands that load the model or the lesson index: ``ask``, ``cliff`` and ``eval``.
 
-Imported only when one of them runs, so the plain commands stay instant.
+Imported only when one of them runs (``tutor.cli``'s lazy group), so the plain commands stay
+instant; the engine itself is imported inside each command.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+import click
+
+from tutor.cli import PATH, CliError, Session, library, pass_session
+from tutor.engine.precisions import MEASURED
 from tutor.library.content import Library
 
 if TYPE_CHECKING:
@@ -19,10 +24,6 @@ if TYPE_CHECKING:
     from tutor.engine.remote import RemoteEngine
     from tutor.engine.reports import LoadProgress
     from tutor.engine.settings import EngineSettings
-
-
-class ModelCommandError(Exception):
-    """A problem loading or using the model, said in one line."""
 
 
 def _progress_printer(err: TextIO) -> Any:
@@ -37,14 +38,14 @@ def _progress_printer(err: TextIO) -> Any:
     return show
 
 
-def load_model(args: argparse.Namespace, err: TextIO) -> Engine:
+def load_model(model: str | None, device: str, err: TextIO) -> Engine:
     from tutor.engine import Engine, EngineError
 
     err.write("Loading the tutor's model (the first run converts the embedded checkpoint once)…\n")
     try:
-        return Engine.load(args.model, device=args.device, progress=_progress_printer(err))
+        return Engine.load(model, device=device, progress=_progress_printer(err))
     except EngineError as exc:
-        raise ModelCommandError(str(exc)) from None
+        raise CliError(str(exc)) from None
 
 
 def connect_remote(settings: EngineSettings, precision: str | None) -> RemoteEngine:
@@ -54,28 +55,29 @@ def connect_remote(settings: EngineSettings, precision: str | None) -> RemoteEng
     try:
         return settings.connect(precision)
     except RemoteError as exc:
-        raise ModelCommandError(str(exc)) from None
+        raise CliError(str(exc)) from None
 
 
-def _settings(args: argparse.Namespace) -> EngineSettings:
+def _settings(engine: str | None, variants: Path | None) -> EngineSettings:
     """The engine ``--engine``/``--variants`` or the config file name."""
     from tutor.engine.remote import RemoteError
     from tutor.engine.settings import engine_settings
 
     try:
-        return engine_settings(args.engine, args.variants)
+        return engine_settings(engine, variants)
     except RemoteError as exc:
-        raise ModelCommandError(str(exc)) from None
+        raise CliError(str(exc)) from None
 
 
 def _estimate_remotely(
     settings: EngineSettings,
-    args: argparse.Namespace,
     library: Library,
     precisions: list[str],
+    max_windows: int | None,
+    as_json: bool,
     out: TextIO,
     err: TextIO,
-) -> int:
+) -> None:
     """``cliff --engine URL``: PPL and a top-k KL estimate from the server's log-probabilities."""
     from rich.console import Console
     from rich.table import Table
@@ -90,16 +92,16 @@ def _estimate_remotely(
         err.write(f"\r  {what}: {done}/{total}" + ("\n" if done == total else ""))
         err.flush()
 
-    windows = args.windows or WINDOWS
+    windows = max_windows or WINDOWS
     try:
         rows = estimate_rows(remote, library, precisions, windows=windows, progress=progress)
     except RemoteError as exc:
-        raise ModelCommandError(str(exc)) from None
+        raise CliError(str(exc)) from None
     method = method_text(rows, windows, settings.url or "")
-    if args.json:
+    if as_json:
         json.dump({"rows": [r.as_dict() for r in rows], "method": method, "estimate": True}, out, indent=2)
         out.write("\n")
-        return 0
+        return
     table = Table(title=f"The quality cliff, estimated on {settings.url}")
     for column in ("precision", "served as", "PPL", "PPL×", "KL (estimate)", "same top token", "tokens"):
         table.add_column(column, justify="left" if column in ("precision", "served as") else "right")
@@ -116,7 +118,6 @@ def _estimate_remotely(
     console = Console(file=out)
     console.print(table)
     console.print(method)
-    return 0
 
 
 def load_retriever(library: Library, err: TextIO) -> Retriever:
@@ -132,17 +133,17 @@ def _switch(engine: Engine, precision: str) -> None:
     try:
         engine.switch(precision, wait=True)
     except EngineError as exc:
-        raise ModelCommandError(str(exc)) from None
+        raise CliError(str(exc)) from None
 
 
 def _read_questions(path: Path) -> list[str]:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
-        raise ModelCommandError(f"cannot read questions file {path}: {exc}") from None
+        raise CliError(f"cannot read questions file {path}: {exc}") from None
     questions = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
     if not questions:
-        raise ModelCommandError(f"{path} has no questions (one per line)")
+        raise CliError(f"{path} has no questions (one per line)")
     return questions
 
 
@@ -160,63 +161,156 @@ def _print_answer(answer: Any, out: TextIO) -> None:
     out.write(f"  [{answer.stats.describe(answer.precision)}]\n\n")
 
 
-def cmd_ask(args: argparse.Namespace, library: Library, out: TextIO, err: TextIO) -> int:
-    from tutor.assistant.tutor_chat import ask
+# tutor.lab.cliff's PLANS by name (importing tutor.lab.cliff here would slow `cliff --help`).
+CLIFF_PLANS = ("quick", "claims", "full")
+Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+
+def engine_options(what: str, servers: str) -> Decorator:
+    """``--engine URL`` and ``--variants TOML``: ``what`` the command does on a remote server."""
+
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        command = click.option(
+            "--variants", type=PATH, metavar="TOML", help='with --engine: precision = "served model id" lines'
+        )(command)
+        return click.option(
+            "--engine",
+            metavar="URL",
+            help=f"{what} an OpenAI-compatible server (…/v1: {servers}; its API key from "
+            "$QUANT_TUTOR_REMOTE_KEY), or local (default: the config file's, else local)",
+        )(command)
+
+    return decorate
+
+
+def model_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """``--model`` and ``--device``: the local model a command loads."""
+    command = click.option("--device", default="cpu", help="cpu (default) or cuda")(command)
+    return click.option(
+        "--model", help="local HF folder, .gguf file or hub id (default: the embedded model)"
+    )(command)
+
+
+@click.command(
+    help="ask the tutor; it answers from the lessons with the local model\n\n"
+    "QUESTION: the question (or use --questions)"
+)
+@click.argument("question", required=False)
+@click.option("--questions", type=PATH, help="a file with one question per line (model loaded once)")
+@click.option("--lesson", metavar="ID", help="prefer passages from this lesson")
+@click.option(
+    "--precision", help="bf16 (default), fp32, int8, int8-wo, nf4, fp4, int4, gptq4; with --engine: a variant"
+)
+@click.option("--json", "as_json", is_flag=True, help="print JSON (an array with --questions)")
+@engine_options("generate on", "vLLM, llama-server, Ollama, quant-tutor serve")
+@model_options
+@pass_session
+def ask(
+    session: Session,
+    question: str | None,
+    questions: Path | None,
+    lesson: str | None,
+    precision: str | None,
+    as_json: bool,
+    engine: str | None,
+    variants: Path | None,
+    model: str | None,
+    device: str,
+) -> None:
+    from tutor.assistant.tutor_chat import ask as answer_question
     from tutor.engine import EngineError
 
-    if bool(args.question) == bool(args.questions):
-        raise ModelCommandError("give one QUESTION or --questions FILE")
-    if args.ask_lesson and args.ask_lesson not in library.lessons:
-        raise ModelCommandError(f"no lesson {args.ask_lesson!r}; known lessons: {', '.join(library.lessons)}")
-    questions = _read_questions(args.questions) if args.questions else [args.question]
-    engine: Engine | RemoteEngine
-    settings = _settings(args)
+    out, err = sys.stdout, sys.stderr
+    if bool(question) == bool(questions):
+        raise CliError("give one QUESTION or --questions FILE")
+    lessons = library(session)
+    if lesson and lesson not in lessons.lessons:
+        raise CliError(f"no lesson {lesson!r}; known lessons: {', '.join(lessons.lessons)}")
+    asked = _read_questions(questions) if questions else [question or ""]
+    generator: Engine | RemoteEngine
+    settings = _settings(engine, variants)
     if settings.url:  # reached first: a wrong URL or key is said before the index loads
-        engine = connect_remote(settings, args.precision)
-        retriever = load_retriever(library, err)
+        generator = connect_remote(settings, precision)
+        retriever = load_retriever(lessons, err)
     else:
-        retriever = load_retriever(library, err)
-        engine = load_model(args, err)
-        _switch(engine, args.precision or "bf16")
+        retriever = load_retriever(lessons, err)
+        generator = load_model(model, device, err)
+        _switch(generator, precision or "bf16")
     answers = []
 
     def cut_notice(prepared: Any) -> None:
         if prepared.question_cut:
             err.write(f"quant-tutor: question cut to {len(prepared.question)} characters\n")
 
-    for question in questions:
+    for text in asked:
         try:
-            answer = ask(question, retriever, engine, args.ask_lesson, on_prepared=cut_notice)
+            answer = answer_question(text, retriever, generator, lesson, on_prepared=cut_notice)
         except EngineError as exc:  # e.g. the remote server went away after it answered once
-            raise ModelCommandError(str(exc)) from None
+            raise CliError(str(exc)) from None
         answers.append(answer)
-        if not args.json:
+        if not as_json:
             _print_answer(answer, out)
-    if args.json:
+    if as_json:
         data: Any = [a.as_dict() for a in answers]
-        json.dump(data if args.questions else data[0], out, indent=2, ensure_ascii=False)
+        json.dump(data if questions else data[0], out, indent=2, ensure_ascii=False)
         out.write("\n")
-    return 0
 
 
-def cmd_cliff(args: argparse.Namespace, library: Library, out: TextIO, err: TextIO) -> int:
+@click.command(help="measure quality against bf16 at every precision: PPL, KL, top-1, QA")
+@click.option(
+    "--precisions", default=",".join(MEASURED), help=f"comma-separated (default: {','.join(MEASURED)})"
+)
+@click.option("--json", "as_json", is_flag=True, help='print {"rows", "weight_lab", "method", "machine"}')
+@click.option("--window", type=int, default=256, help="tokens per window (default: 256)")
+@click.option("--windows", type=int, help="use only the first N windows (default: all lesson text)")
+@click.option(
+    "--qa", type=int, help="QA questions answered per precision (0: skip; default: the plan's, 8 or 0)"
+)
+@click.option(
+    "--plan",
+    type=click.Choice(CLIFF_PLANS),
+    default="full",
+    help="quick: the table on a few windows, no QA (the Lab's m); claims: the same table, then the "
+    "lesson's claims as experiments (e); full: all lesson text, QA and every claim (M; default)",
+)
+@click.option("--quick", is_flag=True, help="the same as --plan quick")
+@engine_options("estimate PPL and KL from the prompt log-probabilities of", "vLLM, quant-tutor serve")
+@model_options
+@pass_session
+def cliff(
+    session: Session,
+    precisions: str,
+    as_json: bool,
+    window: int,
+    windows: int | None,
+    qa: int | None,
+    plan: str,
+    quick: bool,
+    engine: str | None,
+    variants: Path | None,
+    model: str | None,
+    device: str,
+) -> None:
     from tutor.engine import EngineError
     from tutor.engine.precisions import parse_precisions
     from tutor.lab.cliff import PLANS, QUICK, run_cliff
     from tutor.lab.measure import QualityRow
 
+    out, err = sys.stdout, sys.stderr
     try:
-        precisions = parse_precisions(args.precisions)
+        measured = parse_precisions(precisions)
     except EngineError as exc:
-        raise ModelCommandError(str(exc)) from None
-    settings = _settings(args)
+        raise CliError(str(exc)) from None
+    lessons = library(session)
+    settings = _settings(engine, variants)
     if settings.url:
-        return _estimate_remotely(settings, args, library, precisions, out, err)
-    plan = QUICK if getattr(args, "quick", False) else PLANS[getattr(args, "plan", "full")]
-    qa = plan.qa_questions if getattr(args, "qa", None) is None else args.qa
-    engine = load_model(args, err)
-    retriever = load_retriever(library, err) if qa else None
-    err.write(f"Measuring the {plan.name} plan (cached results are reused)…\n")
+        _estimate_remotely(settings, lessons, measured, windows, as_json, out, err)
+        return
+    chosen = QUICK if quick else PLANS[plan]
+    qa_questions = chosen.qa_questions if qa is None else qa
+    loaded = load_model(model, device, err)
+    retriever = load_retriever(lessons, err) if qa_questions else None
+    err.write(f"Measuring the {chosen.name} plan (cached results are reused)…\n")
 
     def progress(what: str, done: int, total: int) -> None:
         err.write(f"\r  {what}: {done}/{total}")
@@ -233,21 +327,21 @@ def cmd_cliff(args: argparse.Namespace, library: Library, out: TextIO, err: Text
         err.flush()
 
     result = run_cliff(
-        engine,
-        library,
-        precisions,
-        plan=plan,
+        loaded,
+        lessons,
+        measured,
+        plan=chosen,
         retriever=retriever,
-        qa_questions=qa,
-        max_windows=args.windows,
-        window=args.window,
+        qa_questions=qa_questions,
+        max_windows=windows,
+        window=window,
         progress=progress,
         on_row=on_row,
     )
-    if args.json:
+    if as_json:
         json.dump(result.as_dict(), out, indent=2)
         out.write("\n")
-        return 0
+        return
     from rich.console import Console
 
     console = Console(file=out)
@@ -255,10 +349,47 @@ def cmd_cliff(args: argparse.Namespace, library: Library, out: TextIO, err: Text
         console.print(table)
     console.print("\n".join([f"Method: {result.method}", *(s.method for s in result.sections)]))
     console.print(f"Machine: {result.machine}")
-    return 0
 
 
-def cmd_eval(args: argparse.Namespace, library: Library, out: TextIO, err: TextIO) -> int:
+@click.command(
+    "eval",
+    help="score retrieval, the quote and the support check on the evaluation sets (no model)\n\n"
+    "SET: tuning, heldout, or a YAML file in their layout (default: both shipped sets)",
+)
+@click.argument("sets", nargs=-1, metavar="[SET]...")
+@click.option("--json", "as_json", is_flag=True, help="print the figures as JSON, one object per set")
+@click.option("--details", is_flag=True, help="also list every miss")
+@click.option(
+    "--generate",
+    type=int,
+    default=0,
+    metavar="N",
+    help="also ask N questions of each set at every precision and check the model's sentences",
+)
+@click.option(
+    "--precisions", default=",".join(MEASURED), help=f"with --generate (default: {','.join(MEASURED)})"
+)
+@click.option("--alphas", help="with --generate: context-aware decoding alphas to compare, e.g. 0,0.5,1")
+@click.option(
+    "--openings",
+    type=click.Choice(["plain", "quote", "both"]),
+    help="with --generate: the model starts from nothing (plain), continues after the quote, or both "
+    "(default: the tutor's own)",
+)
+@model_options
+@pass_session
+def eval_command(
+    session: Session,
+    sets: tuple[str, ...],
+    as_json: bool,
+    details: bool,
+    generate: int,
+    precisions: str,
+    alphas: str | None,
+    openings: str | None,
+    model: str | None,
+    device: str,
+) -> None:
     from tutor.assistant.evaluation import (
         EvalSetError,
         answers_table,
@@ -269,66 +400,40 @@ def cmd_eval(args: argparse.Namespace, library: Library, out: TextIO, err: TextI
     from tutor.engine.errors import EngineError
     from tutor.engine.precisions import parse_precisions
 
+    out, err = sys.stdout, sys.stderr
     try:
-        sets = [load_eval_set(name) for name in args.sets]
+        eval_sets = [load_eval_set(name) for name in sets or ("tuning", "heldout")]
     except EvalSetError as exc:
-        raise ModelCommandError(str(exc)) from None
+        raise CliError(str(exc)) from None
     try:
-        precisions = parse_precisions(args.precisions) if args.generate else []
+        measured = parse_precisions(precisions) if generate else []
     except EngineError as exc:
-        raise ModelCommandError(f"--precisions: {exc}") from None
+        raise CliError(f"--precisions: {exc}") from None
     try:
-        alphas = [float(a) for a in args.alphas.split(",")] if args.alphas else None
+        alpha_values = [float(a) for a in alphas.split(",")] if alphas else None
     except ValueError:
-        raise ModelCommandError(f"--alphas: expected numbers such as 0,0.5,1, not {args.alphas!r}") from None
-    retriever = load_retriever(library, err)
-    engine = load_model(args, err) if args.generate else None
+        raise CliError(f"--alphas: expected numbers such as 0,0.5,1, not {alphas!r}") from None
+    retriever = load_retriever(library(session), err)
+    engine = load_model(model, device, err) if generate else None
     results = []
-    for eval_set in sets:
+    for eval_set in eval_sets:
         try:
             figures = evaluate(retriever, eval_set)
         except KeyError as exc:  # a claim naming a section no lesson has
-            raise ModelCommandError(f"{eval_set.name}: {exc.args[0]}") from None
+            raise CliError(f"{eval_set.name}: {exc.args[0]}") from None
         result = figures.as_dict()
-        if not args.json:
+        if not as_json:
             out.write(figures.report() + "\n")
-            if args.details:
+            if details:
                 out.write(figures.details() + "\n")
         if engine is not None:
-            err.write(f"{eval_set.name}: asking {args.generate} questions at {', '.join(precisions)}…\n")
-            openings = {None: None, "plain": [False], "quote": [True], "both": [False, True]}[args.openings]
-            rows = evaluate_answers(engine, retriever, eval_set, precisions, args.generate, alphas, openings)
+            err.write(f"{eval_set.name}: asking {generate} questions at {', '.join(measured)}…\n")
+            starts = {None: None, "plain": [False], "quote": [True], "both": [False, True]}[openings]
+            rows = evaluate_answers(engine, retriever, eval_set, measured, generate, alpha_values, starts)
             result["answers"] = [row.as_dict() for row in rows]
-            if not args.json:
+            if not as_json:
                 out.write(answers_table(eval_set.name, rows) + "\n")
         results.append(result)
-    if args.json:
+    if as_json:
         json.dump(results, out, indent=2)
         out.write("\n")
-    return 0
-
-
-def add_engine_options(parser: argparse.ArgumentParser, what: str, servers: str) -> None:
-    parser.add_argument(
-        "--engine",
-        metavar="URL",
-        help=f"{what} an OpenAI-compatible server (…/v1: {servers}; its API key from "
-        "$QUANT_TUTOR_REMOTE_KEY), or local (default: the config file's, else local)",
-    )
-    parser.add_argument(
-        "--variants", type=Path, metavar="TOML", help='with --engine: precision = "served model id" lines'
-    )
-
-
-def add_model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="local HF folder, .gguf file or hub id (default: the embedded model)")
-    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-
-
-def run_model_command(name: str, args: argparse.Namespace, library: Library, out: TextIO) -> int:
-    commands = {"ask": cmd_ask, "cliff": cmd_cliff, "eval": cmd_eval}
-    try:
-        return commands[name](args, library, out, sys.stderr)
-    except ModelCommandError as exc:
-        print(f"quant-tutor: {exc}", file=sys.stderr)
-        return 2

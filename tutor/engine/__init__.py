@@ -69,7 +69,7 @@ start + t + 1); ``engine.window_logprobs`` the same after log_softmax. For fp32 
 ``engine.continue_greedy(prompts, n)`` continues equal-length prompts greedily as one batch;
 ``engine.prefill_footprint(ids)`` -> (KV buffer bytes, peak allocation bytes) of reading ``ids``.
 
-Benchmark: ``tutor.engine.bench.main(argv)`` (``quant-tutor bench``) and
+Benchmark: ``tutor.engine.bench.command`` (the click command ``quant-tutor bench``) and
 ``tutor.engine.bench.bench_rows(...)``.
 """
 

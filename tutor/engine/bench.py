@@ -13,12 +13,13 @@ its greedy tokens first differ from the engine's (None: nowhere).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
+
+import click
 
 from tutor.engine.decode_profile import COLUMNS as PROFILE_COLUMNS
 from tutor.engine.decode_profile import profile_decode
@@ -406,89 +407,96 @@ def _caption(rows: list[dict[str, Any]]) -> str:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="quant-tutor bench",
-        description="Measure memory, switch time and speed of each precision on this machine.",
-    )
-    parser.add_argument(
-        "--precisions", default=",".join(MEASURED), help="comma-separated (default: %(default)s)"
-    )
-    parser.add_argument("--tokens", type=int, default=64, help="new tokens per reply (default: %(default)s)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
-    parser.add_argument("--json", action="store_true", help="print a JSON array instead of a table")
-    parser.add_argument(
-        "--model", default=None, help="local folder, .gguf file or hub id (default: embedded)"
-    )
-    parser.add_argument(
-        "--threshold", type=float, default=6.0, help="LLM.int8 outlier threshold (default: 6.0)"
-    )
-    parser.add_argument("--double-quant", action="store_true", help="4-bit: also quantize the absmax scales")
-    parser.add_argument("--random-weights", action="store_true", help="same architecture, random weights")
-    parser.add_argument("--no-reload", action="store_true", help="skip the reload-from-disk contrast")
-    parser.add_argument("--plain", action="store_true", help="also time transformers' model.generate")
-    parser.add_argument(
-        "--generic", action="store_true", help="use the generic decode loop, not the fast one"
-    )
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="the user message to answer")
-    parser.add_argument(
-        "--long-prompt",
-        type=int,
-        default=LONG_PROMPT_TOKENS,
-        help="tokens of the long prompt whose first token is timed (default: %(default)s; 0: skip)",
-    )
-    parser.add_argument(
-        "--profile", action="store_true", help="also break each decoded token's time down by kind of work"
-    )
-    parser.add_argument(
-        "--peer",
-        choices=["llama.cpp"],
-        default=None,
-        help="also decode the same GGUF with llama.cpp, in the same run (`make bench-peer` installs it)",
-    )
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
+@click.command(
+    "bench",
+    help="Measure memory, switch time and speed of each precision on this machine.",
+    epilog="`quant-tutor bench --app`: the app's Tutor tab against `quant-tutor ask` instead "
+    "(`quant-tutor bench --app --help`).",
+)
+@click.option(
+    "--precisions", default=",".join(MEASURED), help=f"comma-separated (default: {','.join(MEASURED)})"
+)
+@click.option("--tokens", type=int, default=64, help="new tokens per reply (default: 64)")
+@click.option("--device", default="cpu", help="cpu or cuda (default: cpu)")
+@click.option("--json", "as_json", is_flag=True, help="print a JSON array instead of a table")
+@click.option("--model", help="local folder, .gguf file or hub id (default: embedded)")
+@click.option("--threshold", type=float, default=6.0, help="LLM.int8 outlier threshold (default: 6.0)")
+@click.option("--double-quant", is_flag=True, help="4-bit: also quantize the absmax scales")
+@click.option("--random-weights", is_flag=True, help="same architecture, random weights")
+@click.option("--no-reload", is_flag=True, help="skip the reload-from-disk contrast")
+@click.option("--plain", is_flag=True, help="also time transformers' model.generate")
+@click.option("--generic", is_flag=True, help="use the generic decode loop, not the fast one")
+@click.option("--threads", type=int, help="torch intra-op threads (default: torch's)")
+@click.option("--prompt", default=DEFAULT_PROMPT, help="the user message to answer")
+@click.option(
+    "--long-prompt",
+    type=int,
+    default=LONG_PROMPT_TOKENS,
+    help=f"tokens of the long prompt whose first token is timed (default: {LONG_PROMPT_TOKENS}; 0: skip)",
+)
+@click.option("--profile", is_flag=True, help="also break each decoded token's time down by kind of work")
+@click.option(
+    "--peer",
+    type=click.Choice(["llama.cpp"]),
+    help="also decode the same GGUF with llama.cpp, in the same run (`make bench-peer` installs it)",
+)
+@click.pass_context
+def command(
+    ctx: click.Context,
+    precisions: str,
+    tokens: int,
+    device: str,
+    as_json: bool,
+    model: str | None,
+    threshold: float,
+    double_quant: bool,
+    random_weights: bool,
+    no_reload: bool,
+    plain: bool,
+    generic: bool,
+    threads: int | None,
+    prompt: str,
+    long_prompt: int,
+    profile: bool,
+    peer: str | None,
+) -> None:
+    """``quant-tutor bench`` (``tutor.cli`` imports this module only when it runs)."""
     from rich.console import Console
 
-    args = build_parser().parse_args(argv)
+    if tokens < 2:
+        raise click.BadParameter(
+            "must be at least 2 (decode speed needs two tokens)", param_hint="'--tokens'"
+        )
     err = Console(stderr=True)
-    if args.tokens < 2:
-        err.print("--tokens must be at least 2 (decode speed needs two tokens)")
-        return 2
     try:
-        precisions = parse_precisions(args.precisions)
         rows = bench_rows(
-            precisions,
-            tokens=args.tokens,
-            device=args.device,
-            model=args.model,
-            int8_threshold=args.threshold,
-            double_quant=args.double_quant,
-            random_weights=args.random_weights,
-            reload=not args.no_reload,
-            plain=args.plain,
-            fast=not args.generic,
-            threads=args.threads,
-            prompt=args.prompt,
-            profile=args.profile,
-            peer=args.peer,
-            long_prompt=args.long_prompt,
-            log=None if args.json else (lambda msg: err.print(f"[dim]{msg}[/dim]")),
+            parse_precisions(precisions),
+            tokens=tokens,
+            device=device,
+            model=model,
+            int8_threshold=threshold,
+            double_quant=double_quant,
+            random_weights=random_weights,
+            reload=not no_reload,
+            plain=plain,
+            fast=not generic,
+            threads=threads,
+            prompt=prompt,
+            profile=profile,
+            peer=peer,
+            long_prompt=long_prompt,
+            log=None if as_json else (lambda msg: err.print(f"[dim]{msg}[/dim]")),
         )
     except EngineError as exc:
         err.print(f"quant-tutor bench: {exc}")
-        return 1
-    if args.json:
+        ctx.exit(1)
+    if as_json:
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
     else:
         Console().print(render_table(rows))
-        if args.profile:
+        if profile:
             Console().print(render_profile(rows))
-    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())
+    command(prog_name="quant-tutor bench")

@@ -9,7 +9,6 @@ loop streams its events.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import secrets
@@ -21,6 +20,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import click
 
 from tutor.assistant.tutor_chat import MAX_SENTENCES
 from tutor.engine import threads
@@ -174,98 +175,111 @@ def _watch_parent(server: Any, private: Path | None) -> None:
     os._exit(0)  # a job that ignores the shutdown must not keep the process alive
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="quant-tutor serve",
-        description="Run the tutor's model as an OpenAI-compatible server (one model id per precision).",
-    )
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
-    parser.add_argument(
-        "--port", type=int, default=DEFAULT_PORT, help="port (default: %(default)s; 0: any free)"
-    )
-    parser.add_argument("--uds", type=Path, help="listen on this Unix socket instead of TCP (mode 0600)")
-    parser.add_argument("--model", help="local HF folder, .gguf file or hub id (default: the embedded model)")
-    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    parser.add_argument("--threads", type=int, help="torch threads (default: one per core)")
-    parser.add_argument("--content", type=Path, help="lesson folder to index instead of the shipped one")
-    parser.add_argument(
-        "--lesson", help="index this lesson and its related ones before the others (default: the first)"
-    )
-    parser.add_argument(
-        "--generate-with",
-        metavar="URL",
-        help="generate the replies on this OpenAI-compatible server (its key in QUANT_TUTOR_REMOTE_KEY); "
-        "retrieval and the checks stay here",
-    )
-    parser.add_argument(
-        "--variants-json",
-        metavar="JSON",
-        help='with --generate-with: {"precision": {"model": "served id", "url": null}, …} '
-        "(default: the ids the server lists)",
-    )
-    parser.add_argument(
-        "--timeout",
-        type=float,
-        default=READ_TIMEOUT_S,
-        help="with --generate-with: seconds a reply may go silent",
-    )
-    parser.add_argument("--cache-dir", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--watch-stdin", action="store_true", help=argparse.SUPPRESS)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
+@click.command(
+    "serve",
+    help="Run the tutor's model as an OpenAI-compatible server (one model id per precision).",
+)
+@click.option("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+@click.option("--port", type=int, default=DEFAULT_PORT, help=f"port (default: {DEFAULT_PORT}; 0: any free)")
+@click.option(
+    "--uds", type=click.Path(path_type=Path), help="listen on this Unix socket instead of TCP (mode 0600)"
+)
+@click.option("--model", help="local HF folder, .gguf file or hub id (default: the embedded model)")
+@click.option("--device", default="cpu", help="cpu (default) or cuda")
+@click.option("--threads", "torch_threads", type=int, help="torch threads (default: one per core)")
+@click.option(
+    "--content", type=click.Path(path_type=Path), help="lesson folder to index instead of the shipped one"
+)
+@click.option(
+    "--lesson", help="index this lesson and its related ones before the others (default: the first)"
+)
+@click.option(
+    "--generate-with",
+    metavar="URL",
+    help="generate the replies on this OpenAI-compatible server (its key in QUANT_TUTOR_REMOTE_KEY); "
+    "retrieval and the checks stay here",
+)
+@click.option(
+    "--variants-json",
+    metavar="JSON",
+    help='with --generate-with: {"precision": {"model": "served id", "url": null}, …} '
+    "(default: the ids the server lists)",
+)
+@click.option(
+    "--timeout",
+    type=float,
+    default=READ_TIMEOUT_S,
+    help="with --generate-with: seconds a reply may go silent",
+)
+@click.option("--cache-dir", type=click.Path(path_type=Path), hidden=True)
+@click.option("--watch-stdin", is_flag=True, hidden=True)  # the app's own engine process
+@click.pass_context
+def command(
+    ctx: click.Context,
+    host: str,
+    port: int,
+    uds: Path | None,
+    model: str | None,
+    device: str,
+    torch_threads: int | None,
+    content: Path | None,
+    lesson: str | None,
+    generate_with: str | None,
+    variants_json: str | None,
+    timeout: float,
+    cache_dir: Path | None,
+    watch_stdin: bool,
+) -> None:
+    """``quant-tutor serve``, and the app's engine process (``python -m tutor.service.server``)."""
     import uvicorn
 
     from tutor.library.content import load_library
 
-    args = build_parser().parse_args(argv)
-    library = load_library(args.content)
+    library = load_library(content)
     if not library.lessons:
         print("quant-tutor serve: no lesson could be loaded", file=sys.stderr)
-        return 2
+        ctx.exit(2)
     token = os.environ.get(TOKEN_ENV) or secrets.token_urlsafe(24)
     try:
-        sock = unix_socket(args.uds) if args.uds else tcp_socket(args.host, args.port)
+        sock = unix_socket(uds) if uds else tcp_socket(host, port)
     except ServeError as exc:
         print(f"quant-tutor serve: {exc}", file=sys.stderr)
-        return 2
-    host = EngineHost(
+        ctx.exit(2)
+    engine_host = EngineHost(
         library,
-        lesson=args.lesson,
-        model=args.model,
-        device=args.device,
-        cache_dir=args.cache_dir,
-        threads=args.threads,
-        settings=EngineSettings.from_flags(args.generate_with, args.variants_json, args.timeout),
+        lesson=lesson,
+        model=model,
+        device=device,
+        cache_dir=cache_dir,
+        threads=torch_threads,
+        settings=EngineSettings.from_flags(generate_with, variants_json, timeout),
     )
-    threads.start(host.load, "load")
+    threads.start(engine_host.load, "load")
     config = uvicorn.Config(
-        build_app(host, token), log_level="warning", lifespan="off", timeout_graceful_shutdown=2
+        build_app(engine_host, token), log_level="warning", lifespan="off", timeout_graceful_shutdown=2
     )
     server = uvicorn.Server(config)
-    if args.watch_stdin:
+    if watch_stdin:
         # The app makes a folder of its own for our socket and log (tutor.engine.process).
-        private = args.uds.parent if args.uds and args.uds.parent.name.startswith(PRIVATE_PREFIX) else None
+        private = uds.parent if uds and uds.parent.name.startswith(PRIVATE_PREFIX) else None
         threading.Thread(target=_watch_parent, args=(server, private), name="parent", daemon=True).start()
-    if not args.uds:
+    if not uds:
         address, port = sock.getsockname()[:2]
         print(f"quant-tutor engine: http://{address}:{port}/v1", flush=True)
         if not os.environ.get(TOKEN_ENV):
             print(f"API key (random for this launch): {token}", flush=True)
-        if args.generate_with is None:
-            print("Models: " + ", ".join(model_id(host.model_name, p) for p in PRECISIONS), flush=True)
+        if generate_with is None:
+            print("Models: " + ", ".join(model_id(engine_host.model_name, p) for p in PRECISIONS), flush=True)
         else:
-            print(f"Replies generated on: {args.generate_with}", flush=True)
+            print(f"Replies generated on: {generate_with}", flush=True)
     try:
         server.run(sockets=[sock])
     finally:
         sock.close()
-        if args.uds:
+        if uds:
             with contextlib.suppress(OSError):
-                args.uds.unlink()
-    return 0
+                uds.unlink()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    command(prog_name="quant-tutor serve")
