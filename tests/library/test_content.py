@@ -11,7 +11,7 @@ import pytest
 from tests.conftest import ROOT, SEED
 from tutor.library.content import Library, load_library, parse_sections, validate_library
 from tutor.library.models import QUIZ_LENGTH
-from tutor.library.plain import plain_text
+from tutor.library.plain import markdown_as_plain, plain_text
 
 RELATED = ["hermes-q4-vs-q8", "gguf-awq-gptq-decision", "fp16-q8-q6-q5-q4"]
 
@@ -152,3 +152,79 @@ def test_sections_split_at_level_two_and_three_headings_only() -> None:
     sections = parse_sections(body, 1)
     assert [(s.heading, s.level) for s in sections] == [("Why", 2), ("How", 3)]
     assert "#### Aside" in sections[0].body
+
+
+def test_headings_are_read_as_markdown_reads_them() -> None:
+    """What the lesson tab shows as a level-2 or level-3 heading is a section; a ``##`` line in
+    code is not (the regex split at one in a ``~~~`` fence, or in a fence of four backticks
+    that shows three, and cut the ``#`` off "C#")."""
+    body = "\n".join(
+        [
+            "## Shell",
+            "~~~sh",
+            "## not a section: a comment in the code",
+            "~~~",
+            "````markdown",
+            "```",
+            "## not a section either",
+            "```",
+            "````",
+            "## C#",
+            "text",
+            "   ### Indented three spaces",
+            "    ## indented four: code",
+            "Underlined",
+            "----------",
+            "last",
+        ]
+    )
+    sections = parse_sections(body, 10)
+    assert [(s.heading, s.level, s.line) for s in sections] == [
+        ("Shell", 2, 10),
+        ("C#", 2, 19),
+        ("Indented three spaces", 3, 21),
+        ("Underlined", 2, 23),
+    ]
+    assert "## not a section either" in sections[0].body and sections[0].body.endswith("````")
+    assert sections[2].body == "## indented four: code"  # a section's text is stripped
+    assert sections[3].body == "last"
+
+
+def test_plain_text_keeps_code_as_code() -> None:
+    """A comment in a code block stays a line of code (the regex underlined it as a heading and
+    left a stray backtick for each fence); marks inside code spans stay."""
+    markdown = "\n".join(
+        [
+            "## Download",
+            "",
+            "Run `a*b*c` in **two**",
+            "*steps*:",
+            "",
+            "```sh",
+            "# fetch the model",
+            "| not | a table |",
+            "```",
+            "",
+            "- see [the lab](quant-tutor:lab) and [a \\| pipe](https://example.org/a_(b))",
+            "",
+            "| Type | Bits |",
+            "|---|--:|",
+            "| `Q4_K_M` | 4.9 \\| 4.8 |",
+        ]
+    )
+    assert markdown_as_plain(markdown).splitlines() == [
+        "Download",
+        "========",
+        "",
+        "Run a*b*c in two",
+        "steps:",
+        "",
+        "    # fetch the model",
+        "    | not | a table |",
+        "",
+        "- see the lab and a | pipe (https://example.org/a_(b))",
+        "",
+        "Type    Bits",
+        "------  ---------",
+        "Q4_K_M  4.9 | 4.8",
+    ]

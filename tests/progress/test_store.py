@@ -6,6 +6,7 @@ import math
 import os
 import signal
 import sqlite3
+import stat
 import subprocess
 import sys
 import threading
@@ -43,6 +44,31 @@ def user_version(path: Path) -> int:
         return int(conn.execute("PRAGMA user_version").fetchone()[0])
     finally:
         conn.close()
+
+
+def answer_log(path: Path, lesson_id: str | None = None) -> list[tuple[Any, ...]]:
+    """The answers in the file, oldest first, as (attempt, lesson, question, choice, correct, seconds)."""
+    sql = "SELECT attempt_id, lesson_id, question_id, choice, correct, seconds FROM answers"
+    conn = sqlite3.connect(path)
+    try:
+        if lesson_id is None:
+            return conn.execute(f"{sql} ORDER BY answer_id").fetchall()
+        return conn.execute(f"{sql} WHERE lesson_id = ? ORDER BY answer_id", (lesson_id,)).fetchall()
+    finally:
+        conn.close()
+
+
+def attempt_states(path: Path, lesson_id: str) -> list[str]:
+    """Each attempt at the lesson in the file, oldest first: finished, abandoned or open."""
+    conn = sqlite3.connect(path)
+    try:
+        rows = conn.execute(
+            "SELECT finished_at, abandoned_at FROM attempts WHERE lesson_id = ? ORDER BY attempt_id",
+            (lesson_id,),
+        ).fetchall()
+    finally:
+        conn.close()
+    return ["finished" if finished else "abandoned" if abandoned else "open" for finished, abandoned in rows]
 
 
 def tables(path: Path) -> set[str]:
@@ -84,7 +110,6 @@ def test_fresh_database_is_at_latest_version_in_wal_mode(db: Path) -> None:
     with Store(db) as s:
         assert s.path == db
         assert s.moved_aside is None and s.notice is None
-        assert s.schema_version == SCHEMA_VERSION
     assert user_version(db) == SCHEMA_VERSION
     assert {"attempts", "answers", "lessons", "steps"} <= tables(db)
     conn = sqlite3.connect(db)
@@ -162,7 +187,7 @@ def test_appended_migration_step_upgrades_existing_database(
     monkeypatch.setattr(schema, "MIGRATIONS", steps)
     with Store(db) as s:
         assert s.moved_aside is None
-        assert s.schema_version == SCHEMA_VERSION + 1
+        assert user_version(db) == SCHEMA_VERSION + 1
         assert s.lesson("lesson").notes == {1: "keep me"}
     conn = sqlite3.connect(db)
     assert "colour" in {r[1] for r in conn.execute("PRAGMA table_info(steps)")}
@@ -221,14 +246,12 @@ def test_killed_mid_quiz_loses_nothing_and_offers_resume(
         assert resume.question_ids == ("q1", "q2", "q3", "q4", "q5", "q6")
         assert sorted(resume.answers) == ["q1", "q2", "q3", "q4"]
         assert resume.unanswered == ("q5", "q6")
-        log = s.answers()
-        assert [(r.question_id, r.choice, r.correct, r.seconds) for r in log] == [
-            ("q1", "a", True, 1.5),
-            ("q2", "b", False, 2.5),
-            ("q3", "c", True, 3.5),
-            ("q4", "d", False, 4.5),
+        assert answer_log(s.path) == [
+            (attempt_id, "lesson-a", "q1", "a", True, 1.5),
+            (attempt_id, "lesson-a", "q2", "b", False, 2.5),
+            (attempt_id, "lesson-a", "q3", "c", True, 3.5),
+            (attempt_id, "lesson-a", "q4", "d", False, 4.5),
         ]
-        assert all(r.attempt_id == attempt_id and r.lesson_id == "lesson-a" for r in log)
         assert s.lesson("lesson-a").notes == {0: "half-written thought"}
         # resume and finish
         s.record_answer(attempt_id, "q5", "a", True, 1.0)
@@ -279,7 +302,7 @@ def test_truncated_database_is_moved_aside_bytes_intact(db: Path) -> None:
         assert s.moved_aside is not None
         assert s.moved_aside.read_bytes() == truncated
         assert s.notice is not None and str(s.moved_aside) in s.notice
-        assert s.answers() == []
+        assert answer_log(db) == []
 
 
 def test_second_move_aside_never_overwrites_the_first(db: Path) -> None:
@@ -391,11 +414,10 @@ def test_two_processes_writing_at_once(db: Path) -> None:
     conn.close()
     with Store(db) as s:
         assert s.moved_aside is None
-        log = s.answers()
-        assert len(log) == 2 * n
+        assert len(answer_log(db)) == 2 * n
         for who in ("one", "two"):
-            mine = s.answers(f"lesson-{who}")
-            assert [r.question_id for r in mine] == [f"q{i}" for i in range(n)]
+            mine = answer_log(db, f"lesson-{who}")
+            assert [row[2] for row in mine] == [f"q{i}" for i in range(n)]
             progress = s.lesson(f"lesson-{who}")
             assert progress.best_score == n // 2 and progress.attempts == 1
             assert len(progress.notes) == n // 5
@@ -435,7 +457,81 @@ def test_instances_starting_together_on_a_corrupt_file_move_it_aside_once(db: Pa
     assert [f.read_bytes() for f in moved] == [garbage]
     with Store(db) as s:
         assert s.moved_aside is None
-        assert len(s.answers()) == 9
+        assert len(answer_log(db)) == 9
+
+
+HOLDER_SCRIPT = """
+import sys
+from filelock import FileLock
+with FileLock(sys.argv[1]):
+    print("holding", flush=True)
+    sys.stdin.readline()
+"""
+
+
+def test_opening_waits_for_another_opener_then_gives_up_clearly(
+    db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While another process holds the opening lock, a new instance waits for it; past the
+    timeout it says so; once the lock is released, opening goes ahead, the data as it was."""
+    with Store(db) as s:
+        s.save_note("lesson", 0, "kept")
+    lock = db.with_name(db.name + ".lock")
+    holder = child(HOLDER_SCRIPT, str(lock))
+    try:
+        expect_line(holder, "holding")
+        monkeypatch.setattr(database, "OPEN_LOCK_TIMEOUT_S", 1.0)
+        started = time.monotonic()
+        with pytest.raises(StoreError, match=r"Another quant-tutor has been opening .* for over 1 s"):
+            Store(db)
+        assert time.monotonic() - started >= 0.9  # it waited, about the timeout
+        monkeypatch.setattr(database, "OPEN_LOCK_TIMEOUT_S", 30.0)
+        opened: list[Store] = []
+        waiter = threading.Thread(target=lambda: opened.append(Store(db)))
+        waiter.start()
+        time.sleep(0.3)
+        assert not opened, "it waits while the other instance is opening"
+        assert holder.stdin is not None
+        holder.stdin.write("done\n")
+        holder.stdin.flush()
+        waiter.join(timeout=30)
+        [s] = opened
+        assert s.lesson("lesson").notes == {0: "kept"}
+        s.close()
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+        holder.communicate()
+
+
+def test_an_open_instance_does_not_hold_the_opening_lock(db: Path) -> None:
+    """Only opening is serialised: a running instance leaves the lock free for the next one."""
+    from filelock import FileLock
+
+    with Store(db) as first:
+        lock = FileLock(db.with_name(db.name + ".lock"), timeout=0)
+        with lock:  # would raise Timeout if the open store still held it
+            pass
+        with Store(db) as second:
+            first.save_note("lesson", 0, "one")
+            assert second.lesson("lesson").notes == {0: "one"}
+
+
+def test_lock_file_that_cannot_be_created_is_a_clear_error(db: Path) -> None:
+    db.with_name(db.name + ".lock").mkdir()
+    with pytest.raises(StoreError, match=r"Cannot create the lock file .*progress\.sqlite3\.lock"):
+        Store(db)
+    assert not db.exists()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX permission bits")
+def test_lock_file_is_private_to_the_user(db: Path) -> None:
+    old = os.umask(0o022)  # the usual umask would leave a plain new file readable by all
+    try:
+        Store(db).close()
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(db.with_name(db.name + ".lock").stat().st_mode) == 0o600
 
 
 def test_usable_from_several_threads(store: Store) -> None:
@@ -478,8 +574,8 @@ def test_record_answer_returns_the_logged_row(store: Store) -> None:
         3.25,
     )
     assert rec.answered_at.endswith("+00:00")
-    assert store.answers("lesson") == [rec]
     assert store.attempt_answers(a) == [rec]
+    assert answer_log(store.path) == [(a, "lesson", "q1", "c", False, 3.25)]
 
 
 def test_reanswering_appends_and_latest_answer_counts(store: Store) -> None:
@@ -494,7 +590,8 @@ def test_reanswering_appends_and_latest_answer_counts(store: Store) -> None:
     assert len(store.attempt_answers(a)) == 4  # append-only
     assert store.finish_attempt(a) == 1  # q1 right (latest), q2 wrong (latest), q3 unanswered
     assert store.finish_attempt(a) == 1  # finishing again returns the stored score
-    assert store.attempt(a).state == "finished" and store.attempt(a).score == 1
+    last = store.last_finished_attempt("lesson")
+    assert last is not None and (last.attempt_id, last.state, last.score) == (a, "finished", 1)
 
 
 def test_answers_log_is_append_only_in_the_database(store: Store, db: Path) -> None:
@@ -506,7 +603,7 @@ def test_answers_log_is_append_only_in_the_database(store: Store, db: Path) -> N
     with pytest.raises(sqlite3.IntegrityError, match="append-only"):
         conn.execute("DELETE FROM answers")
     conn.close()
-    assert len(store.answers()) == 1
+    assert len(answer_log(store.path)) == 1
 
 
 def test_record_answer_refuses_unknown_finished_abandoned_and_foreign(store: Store) -> None:
@@ -530,7 +627,7 @@ def test_record_answer_refuses_unknown_finished_abandoned_and_foreign(store: Sto
         store.finish_attempt(b)
     with pytest.raises(StoreError):
         store.attempt_answers(12345)
-    assert len(store.answers()) == 1
+    assert len(answer_log(store.path)) == 1
 
 
 def test_start_attempt_validates_arguments(store: Store) -> None:
@@ -582,7 +679,7 @@ def test_scores_best_last_and_attempt_counts(store: Store) -> None:
     assert full_attempt(2) == 2
     p = store.lesson("lesson")
     assert (p.best_score, p.last_score, p.attempts) == (3, 2, 3)
-    assert [i.state for i in store.attempts("lesson")] == [
+    assert attempt_states(store.path, "lesson") == [
         "finished",
         "finished",
         "abandoned",
@@ -629,9 +726,9 @@ def test_unseen_lesson_has_defaults(store: Store) -> None:
         attempts=0,
         last_opened=None,
     )
-    assert store.all_progress() == {}
+    assert store.summaries() == {}
     assert store.last_lesson() is None
-    assert store.marks("never", 1) == []
+    assert store.lesson("never").marks == {}
 
 
 def test_notes_are_saved_replaced_and_survive_reopen(db: Path) -> None:
@@ -651,15 +748,17 @@ def test_notes_are_saved_replaced_and_survive_reopen(db: Path) -> None:
 def test_marks_are_kept_with_the_notes(store: Store) -> None:
     store.save_note("lesson", 1, "my note")
     store.save_marks("lesson", 1, ["int4 is always fine.", "GGUF is a GPU kernel."])
-    assert store.marks("lesson", 1) == ["int4 is always fine.", "GGUF is a GPU kernel."]
     p = store.lesson("lesson")
     assert p.notes == {1: "my note"}
     assert p.marks == {1: ("int4 is always fine.", "GGUF is a GPU kernel.")}
     store.save_note("lesson", 1, "my note, edited")
-    assert store.marks("lesson", 1) == ["int4 is always fine.", "GGUF is a GPU kernel."]
+    store.set_step_done("lesson", 1, True)
+    p = store.lesson("lesson")
+    assert p.marks == {1: ("int4 is always fine.", "GGUF is a GPU kernel.")}, "a note or done keeps them"
+    assert p.steps_done == {1}
     store.save_marks("lesson", 1, [])
-    assert store.marks("lesson", 1) == []
-    assert store.lesson("lesson").notes == {1: "my note, edited"}
+    p = store.lesson("lesson")
+    assert p.marks == {} and p.notes == {1: "my note, edited"} and p.steps_done == {1}
     with pytest.raises(TypeError):
         store.save_marks("lesson", 1, "one string")
 
@@ -699,16 +798,18 @@ def test_touch_lesson_and_last_lesson(store: Store) -> None:
     assert store.last_lesson() == "a"
 
 
-def test_all_progress_lists_every_lesson_with_state(store: Store) -> None:
+def test_summaries_list_every_lesson_read_done_or_scored(store: Store) -> None:
     store.touch_lesson("read-only")
-    store.save_note("noted", 0, "x")
+    store.set_step_done("done", 0, True)
+    store.save_note("noted", 0, "x")  # a note alone is nothing to summarise
     a = store.start_attempt("quizzed", ["q1"])
     store.record_answer(a, "q1", "a", True, 1.0)
     store.finish_attempt(a)
-    everything = store.all_progress()
-    assert list(everything) == ["noted", "quizzed", "read-only"]
-    assert everything["quizzed"].best_score == 1
-    assert everything["noted"].notes == {0: "x"}
+    store.start_attempt("started", ["q1"])  # nor is an unfinished attempt
+    summaries = store.summaries()
+    assert list(summaries) == ["done", "quizzed", "read-only"]
+    assert summaries["quizzed"].best_score == 1
+    assert summaries["done"].steps_done == 1
 
 
 def test_closed_store_raises_store_error(db: Path) -> None:
@@ -729,7 +830,7 @@ def test_version_1_database_upgrades_keeping_its_data(db: Path) -> None:
     conn.execute("COMMIT")
     conn.close()
     with Store(db) as s:
-        assert s.moved_aside is None and s.schema_version == SCHEMA_VERSION
+        assert s.moved_aside is None and user_version(db) == SCHEMA_VERSION
         assert s.lesson("old").read_fraction == pytest.approx(0.4) and s.lesson("old").scroll_y == 12
         assert s.mark_read("old", [0], of=10) == pytest.approx(0.4), "a figure reached before is kept"
         assert s.setting("key_terms_shown", True) is True
@@ -788,8 +889,9 @@ def test_summaries_agree_with_each_lesson_and_use_the_new_indexes(store: Store, 
                 store.record_answer(attempt, question, "a", True, 1.0)
             store.finish_attempt(attempt)
     summaries = store.summaries()
-    for lesson_id, progress in store.all_progress().items():
-        summary = summaries[lesson_id]
+    assert len(summaries) == 60
+    for lesson_id, summary in summaries.items():
+        progress = store.lesson(lesson_id)
         assert summary.read_fraction == pytest.approx(progress.read_fraction)
         assert summary.steps_done == len(progress.steps_done)
         assert (summary.best_score, summary.last_score, summary.attempts) == (
@@ -817,7 +919,7 @@ def test_version_2_database_upgrades_to_the_indexes_keeping_its_data(db: Path) -
     conn.execute("COMMIT")
     conn.close()
     with Store(db) as s:
-        assert s.schema_version == SCHEMA_VERSION == 3
+        assert user_version(db) == SCHEMA_VERSION == 3
         assert s.last_lesson() == "old"
         expected = LessonSummary(read_fraction=0.5, best_score=7, last_score=7, attempts=1)
         assert s.summaries()["old"] == expected

@@ -202,4 +202,4 @@ async def test_step_one_doubts_are_marked_then_revealed_and_saved(  # type: igno
         await pilot.press("space", "v")
         checks = _text(entry.query_one(".chat-checks", Plain))
         assert "(you doubted this)" in checks
-        assert store.marks(SEED, 0) == [entry.answer.sentences[0].text]
+        assert store.lesson(SEED).marks == {0: (entry.answer.sentences[0].text,)}

@@ -3,6 +3,9 @@ the next action in view, review after a restart, a new attempt that asks first, 
 
 from __future__ import annotations
 
+import sqlite3
+from contextlib import closing
+
 import pytest
 from textual.widgets import TextArea
 
@@ -134,7 +137,11 @@ async def test_new_attempt_over_unfinished_answers_asks_first(library: Library, 
         await pilot.pause()
         fresh = store.open_attempt(SEED)
         assert fresh is not None and fresh.attempt_id != pending.attempt_id and not fresh.answers
-        assert store.attempt(pending.attempt_id).state == "abandoned"
+        with closing(sqlite3.connect(store.path)) as conn:
+            [(abandoned_at,)] = conn.execute(
+                "SELECT abandoned_at FROM attempts WHERE attempt_id = ?", (pending.attempt_id,)
+            )
+        assert abandoned_at is not None, "the unfinished attempt was set aside"
         assert "Question 1 of 10" in str(_study(app).query_one("#quiz-status", Plain).visual)
 
 

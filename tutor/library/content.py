@@ -1,7 +1,7 @@
 """Lessons and quizzes as data files: loading, validation and the JSON Schema.
 
 A lesson lives in ``content/<lesson-id>/``: ``lesson.md`` (YAML front matter plus a
-Markdown body whose ``##`` headings are the lesson's sections) and ``quiz.yaml``
+Markdown body whose ``##`` and ``###`` headings are the lesson's sections) and ``quiz.yaml``
 (exactly ten questions). A broken file never stops the other lessons from loading:
 :func:`load_library` returns the good lessons and a list of :class:`ContentError`,
 each naming the file, the field and the line. What the data is lives in
@@ -14,7 +14,6 @@ import contextlib
 import hashlib
 import importlib.resources
 import os
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from tutor.files import write_atomic
+from tutor.library.markdown import parse
 from tutor.library.models import (
     ContentError,
     ContentFileError,
@@ -35,8 +35,6 @@ from tutor.library.models import (
     Section,
     Strict,
 )
-
-_HEADING = re.compile(r"^(#{2,3})\s+(.+?)\s*#*\s*$")
 
 
 @dataclass
@@ -155,18 +153,20 @@ def split_front_matter(text: str, file: Path) -> tuple[str, str, int]:
 
 
 def parse_sections(body: str, first_line: int) -> tuple[Section, ...]:
-    """Split the Markdown body at ``##``/``###`` headings, outside fenced code."""
-    found: list[tuple[str, int, int, list[str]]] = []
-    in_fence = False
-    for offset, raw in enumerate(body.splitlines()):
-        if raw.lstrip().startswith("```"):
-            in_fence = not in_fence
-        match = None if in_fence else _HEADING.match(raw)
-        if match:
-            found.append((match.group(2).strip(), len(match.group(1)), first_line + offset, []))
-        elif found:
-            found[-1][3].append(raw)
-    return tuple(Section(h, level, line, "\n".join(text).strip()) for h, level, line, text in found)
+    """Split the Markdown body at its ``##`` and ``###`` headings: the level-2 and level-3
+    headings of the body itself, as markdown-it reads it (a ``#`` line in a code block, a quote
+    or a list is not one). A section's text is its source, up to the next section's heading."""
+    tokens, lines = parse(body, inline=False)  # a title's source is all a section needs
+    found = [
+        (token.map, int(token.tag[1]), tokens[index + 1].content)  # the inline token after is the title
+        for index, token in enumerate(tokens)
+        if token.type == "heading_open" and token.level == 0 and token.tag in ("h2", "h3") and token.map
+    ]
+    sections = []
+    for number, ((start, end), level, title) in enumerate(found):
+        stop = found[number + 1][0][0] if number + 1 < len(found) else len(lines)
+        sections.append(Section(title, level, first_line + start, "\n".join(lines[end:stop]).strip()))
+    return tuple(sections)
 
 
 def _read(file: Path) -> str:

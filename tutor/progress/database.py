@@ -22,18 +22,17 @@ How it stays safe:
   permission denied, a read-only file) raises :class:`StoreError` instead: moving it aside
   would not help, and the learner's data may be fine once the permissions are.
 * **One opener at a time.** Checking, moving aside, creating and upgrading the file happen
-  under an exclusive lock on ``progress.sqlite3.lock`` (flock / msvcrt), so two instances
-  starting together on a bad file move it aside once, not the fresh one too.
+  under an exclusive lock on ``progress.sqlite3.lock`` (:class:`filelock.FileLock`), so two
+  instances starting together on a bad file move it aside once, not the fresh one too.
 * **Append-only log.** Answers are only ever inserted; triggers refuse UPDATE and DELETE.
 
-Standard library only; importing this module costs milliseconds.
+Needs only sqlite3 and filelock: importing this module costs a few tens of milliseconds.
 """
 
 from __future__ import annotations
 
 import os
 import sqlite3
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -41,6 +40,8 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Self
+
+from filelock import FileLock, Timeout
 
 from tutor.progress import schema
 
@@ -78,38 +79,6 @@ def _file_id(path: Path) -> tuple[int, int, int] | None:
     except FileNotFoundError:
         return None
     return (st.st_ino, st.st_size, st.st_mtime_ns)
-
-
-def _try_lock(fd: int) -> bool:
-    """Take an exclusive lock on an open file without blocking; False if someone has it."""
-    if sys.platform == "win32":
-        import msvcrt
-
-        os.lseek(fd, 0, os.SEEK_SET)
-        try:
-            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
-        except OSError:
-            return False
-        return True
-    import fcntl
-
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    return True
-
-
-def _unlock(fd: int) -> None:
-    if sys.platform == "win32":
-        import msvcrt
-
-        os.lseek(fd, 0, os.SEEK_SET)
-        msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
-        return
-    import fcntl
-
-    fcntl.flock(fd, fcntl.LOCK_UN)
 
 
 def _is_corruption(exc: sqlite3.Error) -> bool:
@@ -159,32 +128,27 @@ class Database:
         Without it, two instances starting together on a bad file could both decide to
         move it aside, and the slower one would move away the fresh database the faster
         one had just created. Instances that are already running never take this lock:
-        once open, SQLite's own locking is all they need. The lock file stays (deleting
-        lock files is its own race); it holds nothing.
+        once open, SQLite's own locking is all they need. The lock file holds nothing; it
+        is readable and writable by the user alone.
         """
         lock_path = self.path.with_name(self.path.name + ".lock")
+        lock = FileLock(lock_path, timeout=OPEN_LOCK_TIMEOUT_S, mode=0o600)
         try:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+            lock.acquire()
+        except Timeout:
+            raise StoreError(
+                f"Another quant-tutor has been opening {self.path} for over "
+                f"{OPEN_LOCK_TIMEOUT_S:.0f} s; try again, or check for a stuck process."
+            ) from None
         except OSError as exc:
             raise StoreError(
                 f"Cannot create the lock file {lock_path} next to the progress database: {exc}. "
                 "Fix the folder's permissions, or set QUANT_TUTOR_HOME to use another folder."
             ) from exc
         try:
-            deadline = time.monotonic() + OPEN_LOCK_TIMEOUT_S
-            while not _try_lock(fd):
-                if time.monotonic() > deadline:
-                    raise StoreError(
-                        f"Another quant-tutor has been opening {self.path} for over "
-                        f"{OPEN_LOCK_TIMEOUT_S:.0f} s; try again, or check for a stuck process."
-                    )
-                time.sleep(0.02)
-            try:
-                yield
-            finally:
-                _unlock(fd)
+            yield
         finally:
-            os.close(fd)
+            lock.release()
 
     def _open_locked(self) -> sqlite3.Connection:
         # A few rounds, in case something outside quant-tutor changes the file meanwhile.
@@ -442,8 +406,3 @@ class Database:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self.path)!r})"
-
-    @property
-    def schema_version(self) -> int:
-        with self._use() as conn:
-            return int(conn.execute("PRAGMA user_version").fetchone()[0])

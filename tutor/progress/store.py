@@ -9,12 +9,13 @@ import math
 import sqlite3
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 from tutor.progress.database import Database, StoreError
 from tutor.progress.records import AnswerRecord, AttemptInfo, LessonProgress, LessonSummary, OpenAttempt
 
 KINDS = ("full", "review")
+_StepColumn = Literal["note", "done", "marks"]  # what one call sets in a practice step's row
 
 
 def _now() -> str:
@@ -93,8 +94,7 @@ class Store(Database):
                 answered_at=_now(),
             )
             conn.execute(
-                "INSERT INTO answers (attempt_id, lesson_id, question_id, choice, correct, seconds, "
-                "answered_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT INTO answers ({_ANSWER_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (
                     record.attempt_id,
                     record.lesson_id,
@@ -168,18 +168,6 @@ class Store(Database):
         ).fetchall()
         return [_answer(r) for r in rows]
 
-    def answers(self, lesson_id: str | None = None) -> list[AnswerRecord]:
-        """The answers log, oldest first; all lessons, or one."""
-        with self._use() as conn:
-            if lesson_id is None:
-                rows = conn.execute(f"SELECT {_ANSWER_COLUMNS} FROM answers ORDER BY answer_id").fetchall()
-            else:
-                rows = conn.execute(
-                    f"SELECT {_ANSWER_COLUMNS} FROM answers WHERE lesson_id = ? ORDER BY answer_id",
-                    (lesson_id,),
-                ).fetchall()
-        return [_answer(r) for r in rows]
-
     def attempt_answers(self, attempt_id: int) -> list[AnswerRecord]:
         """Every answer given in one attempt, oldest first (repeats included)."""
         with self._read() as conn:
@@ -196,60 +184,29 @@ class Store(Database):
             ).fetchone()
         return None if row is None else _attempt_info(row)
 
-    def attempt(self, attempt_id: int) -> AttemptInfo:
-        """One attempt's state (open, finished with score, or abandoned)."""
-        with self._use() as conn:
-            return self._attempt_row(conn, attempt_id)
-
-    def attempts(self, lesson_id: str | None = None) -> list[AttemptInfo]:
-        """Every attempt, oldest first; all lessons, or one."""
-        sql = f"SELECT {_ATTEMPT_COLUMNS} FROM attempts"
-        with self._use() as conn:
-            if lesson_id is None:
-                rows = conn.execute(sql + " ORDER BY attempt_id").fetchall()
-            else:
-                rows = conn.execute(sql + " WHERE lesson_id = ? ORDER BY attempt_id", (lesson_id,)).fetchall()
-        return [_attempt_info(r) for r in rows]
-
     # --- lesson state ------------------------------------------------------------------
 
     def save_note(self, lesson_id: str, step: int, text: str) -> None:
-        with self._write() as conn:
-            conn.execute(
-                "INSERT INTO steps (lesson_id, step, note, updated_at) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT (lesson_id, step) DO UPDATE SET note = excluded.note, "
-                "updated_at = excluded.updated_at",
-                (lesson_id, int(step), str(text), _now()),
-            )
+        self._save_step(lesson_id, step, "note", str(text))
 
     def set_step_done(self, lesson_id: str, step: int, done: bool) -> None:
-        with self._write() as conn:
-            conn.execute(
-                "INSERT INTO steps (lesson_id, step, done, updated_at) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT (lesson_id, step) DO UPDATE SET done = excluded.done, "
-                "updated_at = excluded.updated_at",
-                (lesson_id, int(step), int(bool(done)), _now()),
-            )
+        self._save_step(lesson_id, step, "done", int(bool(done)))
 
     def save_marks(self, lesson_id: str, step: int, marks: Sequence[str]) -> None:
         """Replace the sentences the learner marked as doubtful for this step."""
         if isinstance(marks, str):
             raise TypeError("marks must be a sequence of sentences, not one string")
-        payload = json.dumps([str(m) for m in marks], ensure_ascii=False)
+        self._save_step(lesson_id, step, "marks", json.dumps([str(m) for m in marks], ensure_ascii=False))
+
+    def _save_step(self, lesson_id: str, step: int, column: _StepColumn, value: str | int) -> None:
+        """Set one field of a practice step's row, creating the row with the others at their defaults."""
         with self._write() as conn:
             conn.execute(
-                "INSERT INTO steps (lesson_id, step, marks, updated_at) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT (lesson_id, step) DO UPDATE SET marks = excluded.marks, "
+                f"INSERT INTO steps (lesson_id, step, {column}, updated_at) VALUES (?, ?, ?, ?) "
+                f"ON CONFLICT (lesson_id, step) DO UPDATE SET {column} = excluded.{column}, "
                 "updated_at = excluded.updated_at",
-                (lesson_id, int(step), payload, _now()),
+                (lesson_id, int(step), value, _now()),
             )
-
-    def marks(self, lesson_id: str, step: int) -> list[str]:
-        with self._use() as conn:
-            row = conn.execute(
-                "SELECT marks FROM steps WHERE lesson_id = ? AND step = ?", (lesson_id, int(step))
-            ).fetchone()
-        return [] if row is None else list(json.loads(row[0]))
 
     def save_reading(self, lesson_id: str, scroll_y: float, fraction: float = 0.0) -> None:
         """Remember the scroll offset; the read fraction only ever grows (clamped to 0..1)."""
@@ -310,36 +267,32 @@ class Store(Database):
     def lesson(self, lesson_id: str) -> LessonProgress:
         """Everything known about one lesson; defaults for a lesson never seen."""
         with self._read() as conn:
-            return self._lesson(conn, lesson_id)
-
-    def _lesson(self, conn: sqlite3.Connection, lesson_id: str) -> LessonProgress:
-        row = conn.execute(
-            "SELECT read_fraction, scroll_y, last_opened FROM lessons WHERE lesson_id = ?", (lesson_id,)
-        ).fetchone()
-        read_fraction, scroll_y, last_opened = row if row is not None else (0.0, 0.0, None)
-        done: set[int] = set()
-        notes: dict[int, str] = {}
-        marks: dict[int, tuple[str, ...]] = {}
-        for step, is_done, note, marks_json in conn.execute(
-            "SELECT step, done, note, marks FROM steps WHERE lesson_id = ? ORDER BY step", (lesson_id,)
-        ):
-            if is_done:
-                done.add(int(step))
-            if note:
-                notes[int(step)] = str(note)
-            step_marks = tuple(json.loads(marks_json))
-            if step_marks:
-                marks[int(step)] = step_marks
-        count, best = conn.execute(
-            "SELECT count(*), max(score) FROM attempts "
-            "WHERE lesson_id = ? AND kind = 'full' AND finished_at IS NOT NULL",
-            (lesson_id,),
-        ).fetchone()
-        last = conn.execute(
-            "SELECT score FROM attempts WHERE lesson_id = ? AND kind = 'full' AND finished_at IS NOT NULL "
-            "ORDER BY finished_at DESC, attempt_id DESC LIMIT 1",
-            (lesson_id,),
-        ).fetchone()
+            row = conn.execute(
+                "SELECT read_fraction, scroll_y, last_opened FROM lessons WHERE lesson_id = ?", (lesson_id,)
+            ).fetchone()
+            read_fraction, scroll_y, last_opened = row if row is not None else (0.0, 0.0, None)
+            done: set[int] = set()
+            notes: dict[int, str] = {}
+            marks: dict[int, tuple[str, ...]] = {}
+            for step, is_done, note, marks_json in conn.execute(
+                "SELECT step, done, note, marks FROM steps WHERE lesson_id = ? ORDER BY step", (lesson_id,)
+            ):
+                if is_done:
+                    done.add(int(step))
+                if note:
+                    notes[int(step)] = str(note)
+                step_marks = tuple(json.loads(marks_json))
+                if step_marks:
+                    marks[int(step)] = step_marks
+            count, best = conn.execute(
+                f"SELECT count(*), max(score) FROM attempts WHERE lesson_id = ? AND {_FINISHED_FULL}",
+                (lesson_id,),
+            ).fetchone()
+            last = conn.execute(
+                f"SELECT score FROM attempts WHERE lesson_id = ? AND {_FINISHED_FULL} "
+                "ORDER BY finished_at DESC, attempt_id DESC LIMIT 1",
+                (lesson_id,),
+            ).fetchone()
         return LessonProgress(
             lesson_id=lesson_id,
             read_fraction=float(read_fraction),
@@ -352,18 +305,6 @@ class Store(Database):
             last_opened=last_opened,
             marks=marks,
         )
-
-    def all_progress(self) -> dict[str, LessonProgress]:
-        """Progress of every lesson the store knows anything about, by lesson id (sorted)."""
-        with self._read() as conn:
-            ids = [
-                r[0]
-                for r in conn.execute(
-                    "SELECT lesson_id FROM lessons UNION SELECT lesson_id FROM steps "
-                    "UNION SELECT lesson_id FROM attempts ORDER BY 1"
-                )
-            ]
-            return {lesson_id: self._lesson(conn, lesson_id) for lesson_id in ids}
 
     def summaries(self) -> dict[str, LessonSummary]:
         """Every lesson the store knows anything about, summarised, in four grouped queries
