@@ -271,6 +271,18 @@ async def test_model_text_is_inert(library: Library, store: Store) -> None:
         assert not passage._open_links, "a link in it would not open"
 
 
+async def test_a_lesson_link_to_a_tab_opens_it(library: Library, store: Store) -> None:
+    """The lesson's "[open the Precision lab](quant-tutor:lab)" shows the Lab."""
+    app = QuantTutorApp(library, store, tutor=UnloadedTutor(library))
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        lesson = _study(app).query_one(LessonView)
+        markdown = lesson.query_one(Markdown)
+        markdown.post_message(Markdown.LinkClicked(markdown, "quant-tutor:lab"))  # as a click posts it
+        await pilot.pause()
+        assert _study(app).query_one(TabbedContent).active == "lab"
+
+
 async def test_k_hides_and_shows_the_key_terms(library: Library, store: Store) -> None:
     app = QuantTutorApp(library, store)
     async with app.run_test(size=(100, 30)) as pilot:

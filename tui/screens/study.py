@@ -128,7 +128,7 @@ class StudyScreen(Screen[None]):
         self.query_one(LabView).tutor_changed()
 
     def on_show_tab(self, message: ShowTab) -> None:
-        if message.tab in TABS:
+        if message.tab in TAB_BY_ID:
             self.action_show_tab(message.tab)
 
     def on_open_lesson(self, message: OpenLesson) -> None:
