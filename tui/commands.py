@@ -54,8 +54,11 @@ class StudyCommands(Provider):
     def commands(self) -> Iterator[SimpleCommand]:
         study = self._study
         for tab in TABS:
-            title, show = f"Go to {tab.title}", partial(study.action_show_tab, tab.id)
-            yield SimpleCommand(title, show, f"Show the {tab.title.lower()} tab")
+            yield SimpleCommand(
+                f"Go to {tab.title}",
+                partial(study.action_show_tab, tab.id),
+                f"Show the {tab.title.lower()} tab",
+            )
         yield SimpleCommand("Toggle key terms", study.action_toggle_terms, "Show or hide the key-terms panel")
         quiz = partial(_in_tab, study, "quiz", QuizView)
         yield SimpleCommand(
@@ -100,6 +103,7 @@ class StudyCommands(Provider):
             )
 
     async def discover(self) -> Hits:
+        # By title, as Textual's system commands are listed (those come as a block of their own).
         for name, callback, help_text in sorted(self.commands(), key=lambda command: command.name):
             yield DiscoveryHit(name, callback, help=help_text)
 
