@@ -6,9 +6,12 @@ import asyncio
 import os
 import time
 from collections.abc import Callable, Iterator
+from inspect import isclass
 from pathlib import Path
 
 import pytest
+from textual.app import App
+from textual.command import DiscoveryHit, Hit
 from textual.pilot import Pilot
 
 from tui.tutor_runtime import TutorRuntime
@@ -69,6 +72,18 @@ class UnloadedTutor(TutorRuntime):
 
     def load(self, changed: Callable[[], None], lesson_id: str | None = None) -> None:
         return None
+
+
+async def palette(app: App[None]) -> dict[str, DiscoveryHit | Hit]:
+    """What the command palette lists when it opens on the app's screen, by title: each provider
+    of the app's COMMANDS and the screen's, asked as the palette asks them (discover)."""
+    hits: dict[str, DiscoveryHit | Hit] = {}
+    for source in [*app.COMMANDS, *app.screen.COMMANDS]:
+        provider = (source if isclass(source) else source())(app.screen)
+        async for hit in provider.discover():
+            assert hit.text is not None
+            hits[hit.text] = hit
+    return hits
 
 
 # --- the real model and index, loaded once per test session (CPU) ---------------------

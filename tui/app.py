@@ -1,25 +1,20 @@
-"""The Textual app: a study screen per lesson, every action also in the command palette."""
+"""The Textual app: a study screen per lesson, every action also in the command palette (tui/commands.py)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
 from contextlib import suppress
 from functools import cached_property, partial
 
-from textual.app import App, SystemCommand
+from textual.app import App
 from textual.css.query import NoMatches
 from textual.events import Resize
-from textual.screen import Screen
 
 from tui.commands import LessonCommands
 from tui.launch import Launch, start_lesson
 from tui.messages import TutorStatus
-from tui.screens.study import TABS, StudyScreen
+from tui.screens.study import StudyScreen
 from tui.screens.too_small import MIN_HEIGHT, MIN_WIDTH, TooSmallScreen
 from tui.tutor_runtime import TutorRuntime, TutorState
-from tui.widgets.chat_view import PRECISION_KEYS, ChatView
-from tui.widgets.practice_view import PracticeView
-from tui.widgets.quiz_view import QuizView
 from tutor.library.content import Library
 from tutor.library.finder import LessonFinder
 from tutor.library.models import ContentFileError
@@ -30,7 +25,9 @@ from tutor.text import plural
 class QuantTutorApp(App[None]):
     CSS_PATH = "app.tcss"
     TITLE = "quant-tutor"
-    COMMANDS = App.COMMANDS | {LessonCommands}  # "Open lesson: …", searched in the library index
+    # "Open lesson: …", searched in the library index; the study screen adds its own (StudyCommands),
+    # and get_system_commands keeps Textual's app-wide ones (Quit, Keys, Theme…).
+    COMMANDS = App.COMMANDS | {LessonCommands}
 
     def __init__(
         self,
@@ -158,76 +155,6 @@ class QuantTutorApp(App[None]):
             self.push_screen(TooSmallScreen())
         elif not small and showing:
             self.pop_screen()
-
-    # --- command palette -----------------------------------------------------------
-
-    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
-        yield from super().get_system_commands(screen)
-        study = self.study
-        if study is None:
-            return
-        for tab in TABS:
-            yield SystemCommand(
-                f"Go to {tab.title}",
-                f"Show the {tab.title.lower()} tab",
-                partial(study.action_show_tab, tab.id),
-            )
-        yield SystemCommand("Toggle key terms", "Show or hide the key-terms panel", study.action_toggle_terms)
-        yield SystemCommand(
-            "Quiz: new attempt",
-            "Start the quiz from question 1",
-            partial(self._quiz, QuizView.action_new_attempt),
-        )
-        yield SystemCommand(
-            "Quiz: continue", "Start or resume the quiz", partial(self._quiz, QuizView.action_primary)
-        )
-        yield SystemCommand(
-            "Quiz: review my wrong answers",
-            "Your last finished attempt's misses, with explanations (w)",
-            partial(self._quiz, QuizView.action_review),
-        )
-        yield SystemCommand(
-            "Quiz: read the question's section",
-            "Jump to where the lesson teaches it",
-            partial(self._quiz, QuizView.action_jump),
-        )
-        chat = study.query_one(ChatView)
-        for key, precision in PRECISION_KEYS.items():
-            yield SystemCommand(
-                f"Tutor: switch to {precision}",
-                f"Requantize the tutor's model live ({key.upper()})",
-                partial(self._chat, partial(ChatView.action_switch, precision=precision)),
-            )
-        yield SystemCommand(
-            "Tutor: ask again at this precision",
-            "Re-run the last question (Ctrl+R)",
-            partial(self._chat, ChatView.action_ask_again),
-        )
-        if chat.runtime.state is TutorState.IDLE:
-            yield SystemCommand(
-                "Tutor: load the model now", "Start loading in the background", self.start_tutor
-            )
-        practice = study.query_one(PracticeView)
-        for index, step in enumerate(study.lesson.meta.practice):
-            yield SystemCommand(
-                f"Practice: mark step {index + 1} done / not done",
-                step.title,
-                partial(practice.toggle_done, index),
-            )
-
-    def _chat(self, action: Callable[[ChatView], object]) -> None:
-        """A palette command of the Tutor tab: show the tab, then run ``action`` on its chat."""
-        study = self.study
-        if study is not None:
-            study.action_show_tab("tutor")
-            action(study.query_one(ChatView))
-
-    def _quiz(self, action: Callable[[QuizView], object]) -> None:
-        """A palette command of the Quiz tab: show the tab, then run ``action`` on its quiz."""
-        study = self.study
-        if study is not None:
-            study.action_show_tab("quiz")
-            action(study.query_one(QuizView))
 
 
 def run_app(launched: Launch) -> int:

@@ -29,7 +29,8 @@ from textual.widgets import TabbedContent
 
 from tui.app import QuantTutorApp
 from tui.tutor_runtime import TutorRuntime, TutorState
-from tui.widgets.chat_view import ChatEntry, ChatView
+from tui.widgets.chat_entry import ChatEntry
+from tui.widgets.chat_view import ChatView
 from tutor.engine.machine import describe
 from tutor.library.content import load_library
 from tutor.progress.store import Store

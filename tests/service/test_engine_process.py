@@ -172,7 +172,8 @@ from tutor.library.content import load_library
 from tutor.progress.store import Store
 from tui.app import QuantTutorApp
 from tui.tutor_runtime import TutorRuntime
-from tui.widgets.chat_view import ChatEntry, ChatView
+from tui.widgets.chat_entry import ChatEntry
+from tui.widgets.chat_view import ChatView
 
 async def until(pilot, condition, seconds=300):
     loop = asyncio.get_running_loop(); deadline = loop.time() + seconds
@@ -349,7 +350,8 @@ async def test_the_app_asks_a_remote_engine_switches_its_variants_and_survives_i
     engine process keeps retrieval and the checks and sends generation to the server."""
     from tui.app import QuantTutorApp
     from tui.tutor_runtime import TutorRuntime
-    from tui.widgets.chat_view import ChatEntry, ChatView
+    from tui.widgets.chat_entry import ChatEntry
+    from tui.widgets.chat_view import ChatView
     from tui.widgets.lab_view import LabView
     from tutor.engine.settings import EngineSettings
 

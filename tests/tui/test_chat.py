@@ -10,7 +10,8 @@ from textual.widgets import Input
 from tests.conftest import SEED, until
 from tui.app import QuantTutorApp
 from tui.tutor_runtime import TutorRuntime, TutorState
-from tui.widgets.chat_view import ChatEntry, ChatView
+from tui.widgets.chat_entry import ChatEntry
+from tui.widgets.chat_view import ChatView
 from tui.widgets.plain import Plain
 from tui.widgets.quiz_view import QuizView
 from tutor.library.content import Library

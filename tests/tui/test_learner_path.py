@@ -9,7 +9,7 @@ from contextlib import closing
 import pytest
 from textual.widgets import TextArea
 
-from tests.conftest import SEED, until
+from tests.conftest import SEED, palette, until
 from tui.app import QuantTutorApp
 from tui.screens.confirm import ConfirmDiscard
 from tui.screens.study import StudyScreen
@@ -100,10 +100,8 @@ async def test_wrong_answers_can_be_reviewed_after_a_restart(library: Library, s
         assert review.count("✗ You answered") == 2
         assert "Reviewing 2 wrong answers" in str(quiz.query_one("#quiz-status", Plain).visual)
         await pilot.press("l")
-        review_command = {c.title: c for c in app.get_system_commands(app.screen)}[
-            "Quiz: review my wrong answers"
-        ]
-        review_command.callback()
+        review_command = (await palette(app))["Quiz: review my wrong answers"]
+        review_command.command()
         await pilot.pause()
         assert quiz.body_text == review, "the palette command opens the same review"
 
@@ -118,9 +116,7 @@ async def test_new_attempt_over_unfinished_answers_asks_first(library: Library, 
         pending = store.open_attempt(SEED)
         assert pending is not None and len(pending.answers) == 2
 
-        def new_attempt() -> None:
-            {c.title: c for c in app.get_system_commands(app.screen)}["Quiz: new attempt"].callback()
-
+        new_attempt = (await palette(app))["Quiz: new attempt"].command
         new_attempt()
         await pilot.pause()
         assert isinstance(app.screen, ConfirmDiscard)

@@ -10,9 +10,9 @@ from textual.containers import VerticalScroll
 from textual.widgets import Checkbox, Markdown, TabbedContent, TextArea
 from textual.widgets._markdown import MarkdownParagraph, MarkdownTable
 
-from tests.conftest import SEED, UnloadedTutor
+from tests.conftest import SEED, UnloadedTutor, palette
 from tui.app import QuantTutorApp
-from tui.commands import LessonCommands
+from tui.commands import LessonCommands, StudyCommands
 from tui.screens.study import StudyScreen
 from tui.screens.too_small import TooSmallScreen
 from tui.widgets.lesson_view import LessonView
@@ -154,7 +154,7 @@ async def test_every_action_is_in_the_command_palette(library: Library, store: S
     app = QuantTutorApp(library, store)
     async with app.run_test(size=SIZE) as pilot:
         await pilot.pause()
-        titles = {c.title: c for c in app.get_system_commands(app.screen)}
+        titles = await palette(app)
         for title in [
             "Go to Lesson",
             "Go to Practice",
@@ -169,24 +169,46 @@ async def test_every_action_is_in_the_command_palette(library: Library, store: S
             "Quit",
         ]:
             assert title in titles, title
+        # The study screen's commands are its own provider's; the app's system commands keep
+        # only Textual's app-wide ones.
+        system = {c.title for c in app.get_system_commands(app.screen)}
+        assert "Quit" in system and not {t for t in system if t.startswith(("Go to", "Quiz:", "Tutor:"))}
+        study = StudyCommands(app.screen)
+        found = [hit async for hit in study.search("switch to int8")]
+        assert max(found, key=lambda hit: hit.score).text == "Tutor: switch to int8"
+        assert titles["Tutor: switch to int8"].help == "Requantize the tutor's model live (F6)"
         lessons = LessonCommands(app.screen)
         for other in library.lessons.values():  # searched in the library index, not listed one by one
             hits = [hit async for hit in lessons.search(f"open lesson {other.title}")]
             assert hits and hits[0].text == f"Open lesson: {other.title}"
         related = [hit.text async for hit in lessons.discover()]
         assert related == [f"Open lesson: {library.lessons[i].title}" for i in library.get(SEED).meta.related]
-        titles["Go to Quiz"].callback()
+        titles["Go to Quiz"].command()
         await pilot.pause()
         assert _study(app).query_one(TabbedContent).active == "quiz"
-        titles["Go to Lesson"].callback()
+        titles["Go to Lesson"].command()
         await pilot.pause()
-        titles["Quiz: continue"].callback()  # shows the quiz tab, then starts the quiz there
+        titles["Quiz: continue"].command()  # shows the quiz tab, then starts the quiz there
         await pilot.pause()
         assert _study(app).query_one(TabbedContent).active == "quiz"
         assert _study(app).query_one(QuizView).session is not None
-        titles["Practice: mark step 2 done / not done"].callback()
+        titles["Practice: mark step 2 done / not done"].command()
         await pilot.pause()
         assert store.lesson(SEED).steps_done == frozenset({1})
+
+
+async def test_the_palette_runs_a_study_command_typed_into_it(library: Library, store: Store) -> None:
+    app = QuantTutorApp(library, store, tutor=UnloadedTutor(library))
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("ctrl+p", *"go to progress")
+        for _ in range(100):  # the palette searches in a worker
+            await pilot.pause(0.05)
+            if app.screen.query("CommandList") and app.screen.query_one("CommandList").option_count:
+                break
+        await pilot.press("enter")
+        await pilot.pause()
+        assert isinstance(app.screen, StudyScreen)
+        assert app.screen.query_one(TabbedContent).active == "progress"
 
 
 async def test_text_is_shown_literally(library: Library, store: Store) -> None:
@@ -208,7 +230,8 @@ PASSAGE = "[link=https://x.test]passage[/link]\n\n| bits | levels |\n|---|---|\n
 
 async def test_model_text_is_inert(library: Library, store: Store) -> None:
     """Markup, an OSC 8 hyperlink, ANSI colour and a Markdown link from the model stay plain text."""
-    from tui.widgets.chat_view import ChatEntry, ChatView
+    from tui.widgets.chat_entry import ChatEntry
+    from tui.widgets.chat_view import ChatView
 
     app = QuantTutorApp(library, store, tutor=UnloadedTutor(library))
     async with app.run_test(size=(100, 40)) as pilot:
@@ -246,6 +269,18 @@ async def test_model_text_is_inert(library: Library, store: Store) -> None:
         assert passage.source == PASSAGE and passage.query(MarkdownTable), "its table is drawn as a table"
         assert "[link=https://x.test]passage[/link]" in str(passage.query_one(MarkdownParagraph)._content)
         assert not passage._open_links, "a link in it would not open"
+
+
+async def test_a_lesson_link_to_a_tab_opens_it(library: Library, store: Store) -> None:
+    """The lesson's "[open the Precision lab](quant-tutor:lab)" shows the Lab."""
+    app = QuantTutorApp(library, store, tutor=UnloadedTutor(library))
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        lesson = _study(app).query_one(LessonView)
+        markdown = lesson.query_one(Markdown)
+        markdown.post_message(Markdown.LinkClicked(markdown, "quant-tutor:lab"))  # as a click posts it
+        await pilot.pause()
+        assert _study(app).query_one(TabbedContent).active == "lab"
 
 
 async def test_k_hides_and_shows_the_key_terms(library: Library, store: Store) -> None:

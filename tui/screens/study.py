@@ -1,62 +1,31 @@
-"""The study screen: one lesson, with tabs for reading, practice, quiz, the library and progress."""
+"""The study screen: one lesson, with tabs for reading, practice, quiz, the library, progress, the
+tutor and the Lab (their table: study_tabs.py; their palette commands: tui/commands.py)."""
 
 from __future__ import annotations
-
-from collections.abc import Callable
-from dataclasses import dataclass
 
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal
-from textual.content import Content
 from textual.screen import Screen
-from textual.widget import Widget
 from textual.widgets import Footer, TabbedContent, TabPane
 
+from tui.commands import StudyCommands
 from tui.messages import AskTutor, JumpToSection, OpenLesson, ProgressChanged, ShowTab
+from tui.screens.study_tabs import TAB_BY_ID, TABS, tab_label
 from tui.tutor_runtime import TutorRuntime, TutorState
 from tui.widgets.chat_view import ChatView
 from tui.widgets.lab_view import LabView
 from tui.widgets.lesson_view import LessonView
 from tui.widgets.library_view import LibraryView
 from tui.widgets.plain import Plain, literal
-from tui.widgets.practice_view import PracticeView
 from tui.widgets.progress_view import ProgressView
-from tui.widgets.quiz_view import QuizView
 from tutor.library.content import Library
 from tutor.library.models import Lesson
 from tutor.progress.store import Store
 
 
-@dataclass(frozen=True)
-class Tab:
-    """One tab of the study screen: its id, title, key, what it shows and what takes focus."""
-
-    id: str
-    title: str
-    key: str
-    focus: str  # the selector focused when the tab is shown
-    view: Callable[[StudyScreen], Widget]
-
-
-TABS = (
-    Tab("lesson", "Lesson", "l", "#lesson-scroll", lambda s: LessonView(s.lesson, s.store)),
-    Tab("practice", "Practice", "p", "PracticeView", lambda s: PracticeView(s.lesson, s.store)),
-    Tab("quiz", "Quiz", "q", "QuizView", lambda s: QuizView(s.lesson, s.store)),
-    Tab("library", "Library", "r", "#library-search", lambda s: LibraryView(s.lesson, s.library, s.store)),
-    Tab("progress", "Progress", "g", "#progress-table", lambda s: ProgressView(s.library, s.store)),
-    Tab("tutor", "Tutor", "t", "#chat-input", lambda s: ChatView(s.lesson, s.store, s.runtime)),
-    Tab("lab", "Lab", "b", "LabView", lambda s: LabView(s.lesson, s.runtime)),
-)
-TAB_BY_ID = {tab.id: tab for tab in TABS}
-
-
-def tab_label(tab: Tab) -> Content:
-    """'l Lesson': the key is in the tab itself, so the footer keeps room for the tab's own keys."""
-    return Content.assemble((tab.key, "underline"), " ", tab.title)
-
-
 class StudyScreen(Screen[None]):
+    COMMANDS = {StudyCommands}  # the palette's commands for this screen: each tab, the quiz, the tutor…
     BINDINGS = [
         *[Binding(tab.key, f"show_tab('{tab.id}')", tab.title, show=False) for tab in TABS],
         Binding("k", "toggle_terms", "Key terms", show=False),
@@ -159,7 +128,7 @@ class StudyScreen(Screen[None]):
         self.query_one(LabView).tutor_changed()
 
     def on_show_tab(self, message: ShowTab) -> None:
-        if message.tab in TABS:
+        if message.tab in TAB_BY_ID:
             self.action_show_tab(message.tab)
 
     def on_open_lesson(self, message: OpenLesson) -> None:
