@@ -23,9 +23,10 @@ from tutor.assistant.grounding import (
     prepare,
     sentences,
 )
+from tutor.assistant.hits import Hit, SearchResult
 from tutor.assistant.intent import lesson_part, question_type
 from tutor.assistant.quote import best_quote, leans_back, spans
-from tutor.assistant.retrieval import Hit, Retriever, SearchResult
+from tutor.assistant.retrieval import Retriever
 from tutor.assistant.support import check_support, negated
 from tutor.assistant.tutor_chat import tidy
 

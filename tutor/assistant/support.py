@@ -12,8 +12,9 @@ from typing import Any, Literal
 import numpy as np
 
 from tutor.assistant.contradiction import contradiction
+from tutor.assistant.embedder import Embedder
+from tutor.assistant.hits import Hit
 from tutor.assistant.quote import overlap
-from tutor.assistant.retrieval import Embedder, Hit
 from tutor.text import clean, content_tokens, sentences, word_set
 
 # Support check, tuned on the `claims` in content/eval_questions.yaml: a generated sentence
