@@ -37,7 +37,7 @@ from tutor.engine import (
     SwitchError,
     TokenEvent,
 )
-from tutor.engine.bench import DEFAULT_PROMPT as BENCH_PROMPT
+from tutor.engine.bench_rows import DEFAULT_PROMPT as BENCH_PROMPT
 
 pytestmark = pytest.mark.model
 
@@ -86,7 +86,7 @@ def generic_engine(shared_engine):  # type: ignore[no-untyped-def]
 
 @pytest.fixture
 def engine_home(tmp_path: Path, model_cache: Path) -> Path:
-    """A QUANT_TUTOR_HOME whose cache is the session's model cache (for ``bench.main``)."""
+    """A QUANT_TUTOR_HOME whose cache is the session's model cache (for ``bench.command``)."""
     home = tmp_path / "bench-home"
     home.mkdir()
     (home / "cache").symlink_to(model_cache, target_is_directory=True)
@@ -536,12 +536,14 @@ def test_bench_rows_and_cli(shared_engine, engine_home: Path, monkeypatch: pytes
 
     from click.testing import CliRunner
 
-    from tutor.engine import bench
+    from tutor.engine import bench, bench_rows
 
-    rows = bench.bench_rows(["nf4", "bf16"], tokens=3, engine=shared_engine, reload=False, long_prompt=120)
+    rows = bench_rows.bench_rows(
+        ["nf4", "bf16"], tokens=3, engine=shared_engine, reload=False, long_prompt=120
+    )
     assert [r["precision"] for r in rows] == ["nf4", "bf16"]
     for row in rows:
-        for column in bench.COLUMNS:
+        for column in bench_rows.COLUMNS:
             assert column in row
         assert row["decode_tok_s"] > 0 and row["bound_tok_s"] > 0 and row["switch_s"] >= 0
         assert abs(row["long_prompt_tokens"] - 120) <= 8 and row["ttft_long_s"] > 0
@@ -560,15 +562,15 @@ def test_bench_rows_and_cli(shared_engine, engine_home: Path, monkeypatch: pytes
 def test_the_peer_row_sits_beside_ours_with_the_ratio(shared_engine) -> None:  # type: ignore[no-untyped-def]
     """llama.cpp on the GGUF the app ships, same prompt tokens and threads (where `make bench-peer`
     installed it; without it the benchmark says how to get it)."""
-    from tutor.engine import bench, peer
+    from tutor.engine import bench_rows, peer
 
     try:
         import llama_cpp  # noqa: F401
     except ImportError:
         with pytest.raises(EngineError, match="make bench-peer"):
-            bench.bench_rows(["bf16"], tokens=2, engine=shared_engine, reload=False, peer="llama.cpp")
+            bench_rows.bench_rows(["bf16"], tokens=2, engine=shared_engine, reload=False, peer="llama.cpp")
         return
-    rows = bench.bench_rows(["bf16"], tokens=8, engine=shared_engine, reload=False, peer="llama.cpp")
+    rows = bench_rows.bench_rows(["bf16"], tokens=8, engine=shared_engine, reload=False, peer="llama.cpp")
     ours, theirs = rows
     assert (ours["engine"], theirs["engine"], theirs["precision"]) == ("quant-tutor", "llama.cpp", "Q4_1")
     assert theirs["tokens"] == 8 and theirs["prompt_tokens"] == ours["prompt_tokens"]

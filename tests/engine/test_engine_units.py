@@ -218,9 +218,10 @@ def test_bench_options_and_argument_errors() -> None:
 def test_bench_table_renders_rows() -> None:
     from rich.console import Console
 
-    from tutor.engine import bench
+    from tutor.engine import bench_table
+    from tutor.engine.bench_rows import COLUMNS
 
-    row = {c: 1.0 for c in bench.COLUMNS} | {
+    row = {c: 1.0 for c in COLUMNS} | {
         "precision": "nf4",
         "device": "cpu",
         "reload_s": None,
@@ -231,7 +232,7 @@ def test_bench_table_renders_rows() -> None:
         "kept_16bit": "embedding/lm_head",
     }
     console = Console(width=80, record=True)
-    console.print(bench.render_table([row]))
+    console.print(bench_table.render_table([row]))
     text = console.export_text()
     assert "nf4" in text and "decode" in text and "embedding/lm_head" in text
 

@@ -70,7 +70,7 @@ start + t + 1); ``engine.window_logprobs`` the same after log_softmax. For fp32 
 ``engine.prefill_footprint(ids)`` -> (KV buffer bytes, peak allocation bytes) of reading ``ids``.
 
 Benchmark: ``tutor.engine.bench.command`` (the click command ``quant-tutor bench``) and
-``tutor.engine.bench.bench_rows(...)``.
+``tutor.engine.bench_rows.bench_rows(...)`` (the measuring; ``bench_table`` prints its rows).
 """
 
 from __future__ import annotations

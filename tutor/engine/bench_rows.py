@@ -1,0 +1,295 @@
+"""What ``quant-tutor bench`` measures: every precision on this machine, one row each.
+
+For each precision, in the order given: ``switch_s`` is the first in-place switch to it (from
+the previous precision, nothing prepared), ``reswitch_s`` a switch back to it once prepared,
+``reload_s`` a fresh load from disk plus building that precision (what a switch would cost
+without in-place switching), then one greedy reply of ``--tokens`` tokens gives ``ttft_s``,
+``prefill_tok_s`` and ``decode_tok_s``. ``bound_tok_s`` is the measured memory read bandwidth
+divided by the bytes of weights read per token: the speed if decoding were purely
+bandwidth-bound. ``--plain`` adds ``plain_decode_tok_s``: transformers' own ``model.generate``
+on the same model, prompt and precision, for contrast, and ``first_token_unlike_plain``: where
+its greedy tokens first differ from the engine's (None: nowhere).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from tutor.engine.decode_profile import profile_decode
+from tutor.engine.errors import EngineError
+from tutor.engine.precisions import MEASURED
+from tutor.engine.reports import MIB
+
+if TYPE_CHECKING:
+    from tutor.engine.engine import Engine
+
+DEFAULT_PROMPT = "Explain in a few sentences what quantizing a neural network's weights to 4 bits does."
+# A long grounded prompt: the tutor's system text, three passages and a question run to 250-370
+# tokens on the shipped lessons; 600 is a tutor prompt with longer passages (issue 14's mark).
+LONG_PROMPT_TOKENS = 600
+COLUMNS = (
+    "precision",
+    "device",
+    "weights_mib",
+    "switch_s",
+    "reswitch_s",
+    "reload_s",
+    "ttft_s",
+    "ttft_long_s",
+    "prefill_tok_s",
+    "decode_tok_s",
+    "bound_tok_s",
+)
+
+
+def read_bandwidth_gbs(device: str = "cpu", mib: int = 512, repeats: int = 5) -> float:
+    """Measured memory read bandwidth in GB/s: the best of ``repeats`` sums over a ``mib`` MiB buffer."""
+    import torch
+
+    buffer = torch.ones(mib * MIB // 4, dtype=torch.float32, device=device)
+    cuda = buffer.device.type == "cuda"
+    best = float("inf")
+    with torch.inference_mode():
+        for _ in range(repeats + 1):
+            if cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            buffer.sum()
+            if cuda:
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - start)
+    del buffer
+    return mib * MIB / best / 1e9
+
+
+def bytes_read_per_token(engine: Engine) -> int:
+    """Weight bytes one decode step reads: every decoder weight once, plus the lm_head.
+
+    With tied embeddings the lm_head *is* the embedding table, so this equals the weights'
+    size; an untied embedding table is only looked up one row at a time and is left out.
+    """
+    weights = engine.weights()
+    model = engine.model
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if embed is not None and head is not None and embed.weight.data_ptr() != head.weight.data_ptr():
+        scale = 2 if engine.precision == "fp32" and embed.weight.element_size() == 2 else 1
+        return weights.weights_bytes - embed.weight.numel() * embed.weight.element_size() * scale
+    return weights.weights_bytes
+
+
+def plain_generate_tok_s(engine: Engine, prompt_ids: list[int], tokens: int) -> tuple[float, list[int]]:
+    """Decode tokens/s of transformers' ``model.generate`` (greedy) at the engine's precision."""
+    import torch
+
+    model = engine.model
+    if engine.precision == "fp32" and engine.decoder_kind == "fast":
+        raise EngineError("plain generate at fp32 needs --generic (the fast path keeps its own fp32 copies)")
+    ids = torch.tensor([prompt_ids], device=engine.torch_device)
+    mask = torch.ones_like(ids)
+    stamps: list[float] = []
+
+    class Clock:  # a streamer that only timestamps each new token
+        def put(self, value: Any) -> None:
+            stamps.append(time.perf_counter())
+
+        def end(self) -> None:
+            pass
+
+    with torch.inference_mode():
+        out = model.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=tokens,
+            min_new_tokens=tokens,
+            do_sample=False,
+            streamer=Clock(),
+            pad_token_id=engine.tokenizer.pad_token_id or 0,
+        )
+    new = out[0, len(prompt_ids) :].tolist()
+    # the streamer is fed the prompt first, then each new token
+    token_stamps = stamps[1:]
+    if len(token_stamps) < 2:
+        return float("nan"), new
+    return (len(token_stamps) - 1) / (token_stamps[-1] - token_stamps[0]), new
+
+
+def _threads() -> int:
+    import torch
+
+    return int(torch.get_num_threads())
+
+
+def _other(precision: str, order: Sequence[str]) -> str:
+    for candidate in (*order, "bf16", "int8"):
+        if candidate != precision:
+            return candidate
+    return "bf16"
+
+
+def long_prompt_ids(engine: Engine, tokens: int = LONG_PROMPT_TOKENS) -> list[int]:
+    """About ``tokens`` tokens of the lessons' quiz prose, in a chat turn: what a long grounded
+    prompt costs to read (its words do not change the time, its length does)."""
+    from tutor.engine.calibration import calibration_text
+
+    def turn(passages: str) -> list[int]:
+        return engine.encode(f"Answer from these passages.\n{passages}\nWhat do they say?")
+
+    ids = engine.tokenizer(calibration_text(), add_special_tokens=False)["input_ids"]
+    room = tokens - len(turn(""))
+    return turn(engine.tokenizer.decode(ids[:room]))  # within a few tokens of the mark
+
+
+def bench_rows(
+    precisions: Sequence[str] = MEASURED,
+    *,
+    tokens: int = 64,
+    device: str = "cpu",
+    model: str | None = None,
+    int8_threshold: float = 6.0,
+    double_quant: bool = False,
+    random_weights: bool = False,
+    reload: bool = True,
+    plain: bool = False,
+    fast: bool = True,
+    threads: int | None = None,
+    prompt: str = DEFAULT_PROMPT,
+    profile: bool = False,
+    peer: str | None = None,
+    long_prompt: int = LONG_PROMPT_TOKENS,
+    engine: Engine | None = None,
+    log: Callable[[str], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Measure each precision and return one dict per row (keys: ``COLUMNS`` and a few more).
+
+    ``peer="llama.cpp"`` adds llama.cpp's row on the same GGUF file, prompt tokens, token count
+    and threads (``tutor.engine.peer``), and gives every row its decode speed as a multiple of
+    the peer's (``decode_vs_peer``). ``long_prompt`` tokens (0: none) give ``ttft_long_s``."""
+    from tutor.engine.engine import Engine
+    from tutor.engine.loading import preload_bitsandbytes
+
+    say = log or (lambda _msg: None)
+    options: dict[str, Any] = {
+        "device": device,
+        "int8_threshold": int8_threshold,
+        "double_quant": double_quant,
+        "fast": fast,
+        "random_weights": random_weights,
+        "threads": threads,
+    }
+    if random_weights:
+        import torch
+
+        # Random weights drive some activations subnormal, which real weights do not; CPUs
+        # handle subnormals in slow microcode (here bf16 decode fell from ~45 to ~1 tok/s).
+        # Flushing them keeps the timing about memory and kernels. Recorded in each row.
+        torch.set_flush_denormal(True)
+    if engine is None:
+        say("loading the model")
+        engine = Engine.load(model, **options)
+    preload_bitsandbytes()  # a switch's time is quantizing, not a one-off import
+    say(f"measuring memory bandwidth on {engine.device}")
+    bandwidth = read_bandwidth_gbs(engine.device)
+    prompt_ids = engine.encode(prompt)
+    long_ids = long_prompt_ids(engine, long_prompt) if long_prompt else []
+    engine.generate(prompt_ids=prompt_ids, max_new_tokens=2)  # warm-up: first-call costs are not decode speed
+    rows: list[dict[str, Any]] = []
+    for precision in precisions:
+        say(f"{precision}: switching")
+        if engine.precision == precision:
+            engine.switch(_other(precision, precisions), wait=True)
+        engine.drop_prepared(precision)
+        first = engine.switch(precision, wait=True)
+        engine.switch(first.previous, wait=True)
+        again = engine.switch(precision, wait=True)
+        say(f"{precision}: generating {tokens} tokens")
+        engine.generate(prompt_ids=prompt_ids, max_new_tokens=2)
+        reply = engine.generate(prompt_ids=prompt_ids, max_new_tokens=tokens)
+        stats = reply.stats
+        long_ttft = None
+        if long_ids:
+            say(f"{precision}: a {len(long_ids)}-token prompt")
+            engine.generate(prompt_ids=long_ids, max_new_tokens=1)  # a long prefill's first call sets up
+            long_ttft = engine.generate(prompt_ids=long_ids, max_new_tokens=1).stats.ttft_s
+        per_token = bytes_read_per_token(engine)
+        row: dict[str, Any] = {
+            "precision": precision,
+            "device": engine.device,
+            "weights_mib": first.weights.weights_mib,
+            "switch_s": round(first.seconds, 3),
+            "reswitch_s": round(again.seconds, 4),
+            "reload_s": None,
+            "ttft_s": stats.ttft_s,
+            "ttft_long_s": long_ttft,
+            "long_prompt_tokens": len(long_ids) or None,
+            "prefill_tok_s": stats.prefill_tok_s,
+            "decode_tok_s": stats.decode_tok_s,
+            "bound_tok_s": round(bandwidth * 1e9 / per_token, 1),
+            "checkpoint": str(engine.checkpoint.path),
+            "tokens": stats.tokens,
+            "prompt_tokens": stats.prompt_tokens,
+            "bandwidth_gbs": round(bandwidth, 1),
+            "read_mib_per_token": round(per_token / MIB, 1),
+            "quantized_modules": first.weights.quantized_modules,
+            "kept_16bit": ", ".join(first.weights.kept_modules),
+            "decoder": stats.decoder,
+            "peak_rss_mib": stats.peak_rss_mib,
+            "cuda_peak_mib": stats.cuda_peak_mib,
+            "switched_from": first.previous,
+            "threads": _threads(),
+            "random_weights": random_weights,
+        }
+        if plain:
+            say(f"{precision}: plain model.generate for contrast")
+            try:
+                rate, plain_tokens = plain_generate_tok_s(engine, prompt_ids, tokens)
+            except EngineError:  # fp32 on the fast path lives outside the transformers model
+                row["plain_decode_tok_s"] = row["first_token_unlike_plain"] = None
+            else:
+                row["plain_decode_tok_s"] = round(rate, 2)
+                # Other kernels: a near-tie may flip a greedy pick (tests/engine/numerics.py), so this
+                # is reported, not required.
+                pairs = zip(plain_tokens, reply.tokens, strict=False)
+                row["first_token_unlike_plain"] = next((i for i, (a, b) in enumerate(pairs) if a != b), None)
+        if profile:
+            say(f"{precision}: profiling {tokens} tokens")
+            row["profile_ms_per_token"] = profile_decode(engine, prompt_ids, tokens)["ms_per_token"]
+        if reload:
+            say(f"{precision}: reloading from disk for contrast")
+            started = time.perf_counter()
+            fresh = Engine.load(engine.checkpoint.path, precision=precision, **options)
+            row["reload_s"] = round(time.perf_counter() - started, 3)
+            fresh.close()
+            del fresh
+        rows.append(row)
+    if peer is not None:
+        rows = _with_peer(rows, peer, model, prompt_ids, tokens, say)
+    return rows
+
+
+def _with_peer(
+    rows: list[dict[str, Any]],
+    peer: str,
+    model: str | None,
+    prompt_ids: list[int],
+    tokens: int,
+    say: Callable[[str], None],
+) -> list[dict[str, Any]]:
+    from pathlib import Path
+
+    from tutor.engine.checkpoint import embedded_gguf_path
+    from tutor.engine.peer import PEERS, llama_cpp_row
+
+    if peer not in PEERS:
+        raise EngineError(f"Unknown peer {peer!r}; choose one of: {', '.join(PEERS)}.")
+    if model is not None and not str(model).endswith(".gguf"):
+        raise EngineError("--peer llama.cpp reads a GGUF file: the embedded model, or --model FILE.gguf.")
+    gguf = embedded_gguf_path() if model is None else Path(model)
+    say(f"{peer}: generating {tokens} tokens from {gguf.name}")
+    theirs = llama_cpp_row(gguf, prompt_ids, tokens, _threads())
+    for row in (*rows, theirs):
+        row.setdefault("engine", "quant-tutor")
+        ours, base = row.get("decode_tok_s"), theirs["decode_tok_s"]
+        row["decode_vs_peer"] = round(ours / base, 2) if ours and base else None
+    return [*rows, theirs]
