@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import ROOT, SEED
-from tutor.assistant import retrieval
+from tutor.assistant import embedder
 from tutor.assistant.chunks import FRONT_MATTER, PRACTICE, Chunk, lesson_chunks
 from tutor.assistant.hits import SearchResult
 from tutor.assistant.retrieval import Retriever
@@ -158,7 +158,7 @@ def test_index_is_cached_per_lesson_and_rebuilt_for_a_changed_lesson_only(tmp_pa
 
     second = Retriever.load(load_library(content), cache_dir=cache)
     assert second.embedded == 0 and second.embedded_lessons == []
-    assert second.model is None, "with the index on disk the model waits for the first question"
+    assert second.embedder.model is None, "with the index on disk the model waits for the first question"
     assert {p.name: p.stat().st_mtime_ns for p in index.iterdir()} == mtimes
     assert second.chunks == first.chunks and (second.vectors == first.vectors).all()
     query = "Why do quantized models feel faster?"
@@ -202,7 +202,7 @@ def test_importing_the_domain_does_not_import_torch() -> None:
 def test_the_memo_starts_over_without_losing_the_texts_of_the_call(
     shared_retriever: Retriever, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(retrieval, "MEMO_SIZE", 3)
+    monkeypatch.setattr(embedder, "MEMO_SIZE", 3)
     first = shared_retriever.embed(["alpha one", "beta two"])
     # One text remembered, two new: the memo overflows and starts over mid-call.
     again = shared_retriever.embed(["alpha one", "gamma three", "delta four"])

