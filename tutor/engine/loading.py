@@ -49,7 +49,7 @@ def preload_bitsandbytes() -> None:
     A missing or broken install is not an error here: quantized precisions then fail to switch,
     with the reason, and bf16 / fp32 keep working.
     """
-    from tutor.engine.quantize import import_bitsandbytes
+    from tutor.engine.bnb_modules import import_bitsandbytes
 
     with contextlib.suppress(Exception):
         import_bitsandbytes()
