@@ -1,17 +1,23 @@
 """Loading a model for the Engine: the device checked, the transformers model and tokenizer
-read, the memory the prepared precisions may hold, and bitsandbytes imported ahead."""
+read (a damaged converted cache rebuilt once), the fast decoder and the precision manager set up
+over it with the memory the prepared precisions may hold, and bitsandbytes imported ahead."""
 
 from __future__ import annotations
 
 import contextlib
+import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tutor.engine.checkpoint import Checkpoint
-from tutor.engine.errors import DeviceError, EngineError, ModelLoadError, reason
+from tutor.engine.checkpoint import Checkpoint, discard, resolve_checkpoint
+from tutor.engine.errors import DeviceError, EngineError, ModelLoadError, SwitchError, reason
 from tutor.engine.reports import LoadProgress, ProgressCallback
 
 if TYPE_CHECKING:
     import torch
+
+    from tutor.engine.decoder import FastDecoder
+    from tutor.engine.precision import PrecisionManager
 
 
 def check_device(name: str) -> torch.device:
@@ -95,3 +101,70 @@ def load_pretrained(
         except Exception as exc:
             raise DeviceError(f"Could not move the model to {device} ({reason(exc)}).") from exc
     return model, tokenizer
+
+
+def load_checkpoint(
+    model: str | os.PathLike[str] | None,
+    device: torch.device,
+    *,
+    cache_dir: Path | None,
+    progress: ProgressCallback | None,
+    random_weights: bool,
+) -> tuple[Checkpoint, Any, Any]:
+    """``model``'s checkpoint and its transformers model and tokenizer on ``device``."""
+    checkpoint = resolve_checkpoint(model, cache_dir=cache_dir, progress=progress)
+    try:
+        return checkpoint, *load_pretrained(checkpoint, device, progress, random_weights)
+    except ModelLoadError:
+        if not checkpoint.derived or checkpoint.converted_now:
+            raise
+    discard(checkpoint)  # a damaged cache: rebuild it once from the GGUF file
+    checkpoint = resolve_checkpoint(model, cache_dir=cache_dir, progress=progress)
+    return checkpoint, *load_pretrained(checkpoint, device, progress, random_weights)
+
+
+def precision_parts(
+    hf_model: Any,
+    device: torch.device,
+    *,
+    int8_threshold: float,
+    double_quant: bool,
+    prepared_limit_bytes: int | None,
+    fast: bool,
+    workers: int | None,
+    progress: ProgressCallback | None,
+) -> tuple[FastDecoder | None, PrecisionManager]:
+    """The fast decoder (``fast`` and a model it runs) and the manager of ``hf_model``'s
+    precisions, bounded by ``prepared_limit_bytes`` (default: ``default_limit_bytes``)."""
+    from tutor.engine.decoder import FastDecoder, fast_path_problem
+    from tutor.engine.memory import cpu_count
+    from tutor.engine.precision import PrecisionManager
+
+    if progress is not None:
+        progress(LoadProgress("load", 2, 3, "preparing the bf16 weights"))
+    decoder = FastDecoder(hf_model, device) if fast and fast_path_problem(hf_model) is None else None
+    master_bytes = sum(
+        m.weight.numel() * m.weight.element_size()
+        for m in hf_model.modules()
+        if type(m).__name__ == "Linear" and m is not hf_model.get_output_embeddings()
+    )
+    limit = (
+        prepared_limit_bytes
+        if prepared_limit_bytes is not None
+        else default_limit_bytes(master_bytes, device)
+    )
+    try:
+        manager = PrecisionManager(
+            hf_model,
+            decoder=decoder,
+            device=device,
+            limit_bytes=limit,
+            int8_threshold=int8_threshold,
+            double_quant=double_quant,
+            workers=workers if workers is not None else min(2, cpu_count()),
+        )
+    except SwitchError as exc:
+        raise ModelLoadError(str(exc)) from exc
+    if progress is not None:
+        progress(LoadProgress("load", 3, 3, "ready"))
+    return decoder, manager
