@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Unpack
 
 from tutor.engine import prompts, switching
 from tutor.engine.checkpoint import Checkpoint
@@ -23,6 +23,7 @@ from tutor.engine.generate import (
     Cancel,
     Messages,
     OnToken,
+    ReplyOptions,
     ReplyStream,
     RunContext,
     Sampling,
@@ -285,21 +286,26 @@ class Engine:
         weights = self._current_weights() if self._decoder is not None else None
         return open_session(self.model, self._decoder, weights, self.torch_device, max_len, contrast)
 
-    def _run(
+    def _reply(
         self,
         messages: Messages | None,
-        *,
-        prompt_ids: Sequence[int] | None,
-        max_new_tokens: int,
         cancel: Cancel,
-        sampling: Sampling,
-        system: str | None,
-        raw: bool,
-        wait: bool | float,
+        *,
+        prompt_ids: Sequence[int] | None = None,
+        max_new_tokens: int = 256,
+        sample: bool = False,
+        temperature: float = 0.7,
+        top_p: float = 0.9,
+        top_k: int = 0,
+        seed: int | None = None,
+        system: str | None = None,
+        raw: bool = False,
+        wait: bool | float = False,
         contrast: Messages | None = None,
         alpha: float = 0.0,
         prefix: str = "",
     ) -> Generator[TokenEvent, None, Reply]:
+        """The reply's events, the engine held from the first to the last (``ReplyOptions``)."""
         started = time.perf_counter()
         with self._exclusive(wait):
             if prompt_ids is None:
@@ -324,7 +330,7 @@ class Engine:
                 tokenizer=self.tokenizer,
                 stop_ids=self.stop_ids,
                 max_new_tokens=budget,
-                sampling=sampling,
+                sampling=Sampling(sample, temperature, top_p, top_k, seed),
                 cancel=cancel,
                 started=started,
             )
@@ -334,45 +340,22 @@ class Engine:
         self,
         messages: Messages | None = None,
         *,
-        prompt_ids: Sequence[int] | None = None,
-        max_new_tokens: int = 256,
         on_token: OnToken = None,
         cancel: Cancel = None,
-        sample: bool = False,
-        temperature: float = 0.7,
-        top_p: float = 0.9,
-        top_k: int = 0,
-        seed: int | None = None,
-        system: str | None = None,
-        raw: bool = False,
-        wait: bool | float = False,
-        contrast: Messages | None = None,
-        alpha: float = 0.0,
-        prefix: str = "",
+        **options: Unpack[ReplyOptions],
     ) -> Reply:
         """Generate a reply to ``messages`` (or to ready ``prompt_ids``), calling ``on_token`` per token.
 
-        Greedy by default; ``sample=True`` samples (seeded by ``seed``). ``cancel`` (an Event or a
-        callable) stops the reply before the next token. Raises EngineBusyError if another reply
-        or a switch holds the engine (``wait=True`` waits instead). ``contrast`` (the same
-        conversation without its context) and ``alpha`` > 0 decode context-aware: each token's
-        logits are ``(1 + alpha) * with - alpha * without``, both computed in one batch.
-        ``prefix`` opens the reply (in both prompts); the reply is what the model adds after it.
+        Greedy by default; ``sample=True`` samples (``temperature``, ``top_p``, ``top_k``; seeded
+        by ``seed``). ``max_new_tokens`` (256) caps the reply; ``system`` and ``raw`` are as in
+        ``encode``. ``cancel`` (an Event or a callable) stops the reply before the next token.
+        Raises EngineBusyError if another reply or a switch holds the engine (``wait=True``
+        waits instead). ``contrast`` (the same conversation without its context) and ``alpha``
+        > 0 decode context-aware: each token's logits are ``(1 + alpha) * with - alpha *
+        without``, both computed in one batch. ``prefix`` opens the reply (in both prompts);
+        the reply is what the model adds after it.
         """
-        sampling = Sampling(sample, temperature, top_p, top_k, seed)
-        events = self._run(
-            messages,
-            prompt_ids=prompt_ids,
-            max_new_tokens=max_new_tokens,
-            cancel=cancel,
-            sampling=sampling,
-            system=system,
-            raw=raw,
-            wait=wait,
-            contrast=contrast,
-            alpha=alpha,
-            prefix=prefix,
-        )
+        events = self._reply(messages, cancel, **options)
         while True:
             try:
                 event = next(events)
@@ -385,32 +368,12 @@ class Engine:
         self,
         messages: Messages | None = None,
         *,
-        prompt_ids: Sequence[int] | None = None,
-        max_new_tokens: int = 256,
         cancel: threading.Event | None = None,
-        sample: bool = False,
-        temperature: float = 0.7,
-        top_p: float = 0.9,
-        top_k: int = 0,
-        seed: int | None = None,
-        system: str | None = None,
-        raw: bool = False,
-        wait: bool | float = False,
+        **options: Unpack[ReplyOptions],
     ) -> ReplyStream:
         """Like ``generate`` but as an iterator of TokenEvents (``.reply`` once exhausted)."""
         event = cancel or threading.Event()
-        sampling = Sampling(sample, temperature, top_p, top_k, seed)
-        events = self._run(
-            messages,
-            prompt_ids=prompt_ids,
-            max_new_tokens=max_new_tokens,
-            cancel=event,
-            sampling=sampling,
-            system=system,
-            raw=raw,
-            wait=wait,
-        )
-        return ReplyStream(events, event)
+        return ReplyStream(self._reply(messages, event, **options), event)
 
     # ------------------------------------------------------------------ the lab's reads
 
