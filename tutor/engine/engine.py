@@ -9,7 +9,6 @@ reply, a switch and a measurement from running into each other.
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
@@ -30,11 +29,10 @@ from tutor.engine.generate import (
     Session,
     run_tokens,
 )
-from tutor.engine.loading import check_device, load_checkpoint, precision_parts
-from tutor.engine.precisions import DEFAULT_PRECISION, PRECISIONS, check_precision
+from tutor.engine.loading import build_engine
+from tutor.engine.precisions import PRECISIONS, check_precision
 from tutor.engine.reports import (
     PrepareReport,
-    ProgressCallback,
     Reply,
     SwitchReport,
     TokenEvent,
@@ -86,67 +84,9 @@ class Engine:
 
     # ------------------------------------------------------------------ loading
 
-    @classmethod
-    def load(
-        cls,
-        model: str | os.PathLike[str] | None = None,
-        *,
-        device: str = "cpu",
-        precision: str = DEFAULT_PRECISION,
-        progress: ProgressCallback | None = None,
-        cache_dir: Path | None = None,
-        int8_threshold: float = 6.0,
-        double_quant: bool = False,
-        prepared_limit_bytes: int | None = None,
-        fast: bool = True,
-        workers: int | None = None,
-        random_weights: bool = False,
-        threads: int | None = None,
-    ) -> Engine:
-        """Load ``model`` (None: the embedded SmolLM2-135M-Instruct) on ``device`` at ``precision``.
-
-        Converts the embedded GGUF on first use (``progress`` gets LoadProgress events). Raises
-        ModelNotFoundError, ModelLoadError, DeviceError or UnsupportedPrecisionError.
-        ``fast=False`` uses the generic transformers decode loop; ``random_weights=True`` builds
-        the architecture from the checkpoint's config with random weights (benchmarks only);
-        ``workers`` threads build quantized modules (default: up to 2). ``threads`` sets torch's
-        intra-op threads for the whole process (default: torch's choice, one per core); on a
-        small machine that is also drawing a UI, ``cores - 1`` avoids stalls (see bench notes).
-        """
-        precision = check_precision(precision)
-        torch_device = check_device(device)
-        if threads is not None:
-            import torch
-
-            torch.set_num_threads(max(1, int(threads)))
-        started = time.perf_counter()
-        checkpoint, hf_model, tokenizer = load_checkpoint(
-            model, torch_device, cache_dir=cache_dir, progress=progress, random_weights=random_weights
-        )
-        decoder, manager = precision_parts(
-            hf_model,
-            torch_device,
-            int8_threshold=int8_threshold,
-            double_quant=double_quant,
-            prepared_limit_bytes=prepared_limit_bytes,
-            fast=fast,
-            workers=workers,
-            progress=progress,
-        )
-        engine = cls(
-            model=hf_model,
-            tokenizer=tokenizer,
-            checkpoint=checkpoint,
-            device=torch_device,
-            manager=manager,
-            decoder=decoder,
-            load_seconds=time.perf_counter() - started,
-            cache_dir=cache_dir,
-        )
-        if precision != DEFAULT_PRECISION:
-            engine.switch(precision)
-        engine.load_seconds = time.perf_counter() - started
-        return engine
+    # Engine.load(model=None, *, device="cpu", precision="bf16", ...): loading.build_engine reads
+    # the model and builds this class around it (its docstring has the options).
+    load = classmethod(build_engine)
 
     # ------------------------------------------------------------------ state
 

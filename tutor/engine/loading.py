@@ -1,4 +1,4 @@
-"""Loading a model for the Engine: the device checked, the transformers model and tokenizer
+"""Loading a model into an Engine: the device checked, the transformers model and tokenizer
 read (a damaged converted cache rebuilt once), the fast decoder and the precision manager set up
 over it with the memory the prepared precisions may hold, and bitsandbytes imported ahead."""
 
@@ -6,17 +6,20 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tutor.engine.checkpoint import Checkpoint, discard, resolve_checkpoint
 from tutor.engine.errors import DeviceError, EngineError, ModelLoadError, SwitchError, reason
+from tutor.engine.precisions import DEFAULT_PRECISION, check_precision
 from tutor.engine.reports import LoadProgress, ProgressCallback
 
 if TYPE_CHECKING:
     import torch
 
     from tutor.engine.decoder import FastDecoder
+    from tutor.engine.engine import Engine
     from tutor.engine.precision import PrecisionManager
 
 
@@ -168,3 +171,65 @@ def precision_parts(
     if progress is not None:
         progress(LoadProgress("load", 3, 3, "ready"))
     return decoder, manager
+
+
+def build_engine(
+    cls: type[Engine],
+    model: str | os.PathLike[str] | None = None,
+    *,
+    device: str = "cpu",
+    precision: str = DEFAULT_PRECISION,
+    progress: ProgressCallback | None = None,
+    cache_dir: Path | None = None,
+    int8_threshold: float = 6.0,
+    double_quant: bool = False,
+    prepared_limit_bytes: int | None = None,
+    fast: bool = True,
+    workers: int | None = None,
+    random_weights: bool = False,
+    threads: int | None = None,
+) -> Engine:
+    """Load ``model`` (None: the embedded SmolLM2-135M-Instruct) on ``device`` at ``precision``.
+
+    Converts the embedded GGUF on first use (``progress`` gets LoadProgress events). Raises
+    ModelNotFoundError, ModelLoadError, DeviceError or UnsupportedPrecisionError.
+    ``fast=False`` uses the generic transformers decode loop; ``random_weights=True`` builds
+    the architecture from the checkpoint's config with random weights (benchmarks only);
+    ``workers`` threads build quantized modules (default: up to 2). ``threads`` sets torch's
+    intra-op threads for the whole process (default: torch's choice, one per core); on a
+    small machine that is also drawing a UI, ``cores - 1`` avoids stalls (see bench notes).
+    """
+    precision = check_precision(precision)
+    torch_device = check_device(device)
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(max(1, int(threads)))
+    started = time.perf_counter()
+    checkpoint, hf_model, tokenizer = load_checkpoint(
+        model, torch_device, cache_dir=cache_dir, progress=progress, random_weights=random_weights
+    )
+    decoder, manager = precision_parts(
+        hf_model,
+        torch_device,
+        int8_threshold=int8_threshold,
+        double_quant=double_quant,
+        prepared_limit_bytes=prepared_limit_bytes,
+        fast=fast,
+        workers=workers,
+        progress=progress,
+    )
+    engine = cls(
+        model=hf_model,
+        tokenizer=tokenizer,
+        checkpoint=checkpoint,
+        device=torch_device,
+        manager=manager,
+        decoder=decoder,
+        load_seconds=time.perf_counter() - started,
+        cache_dir=cache_dir,
+    )
+    if precision != DEFAULT_PRECISION:
+        engine.switch(precision)
+    engine.load_seconds = time.perf_counter() - started
+    return engine
