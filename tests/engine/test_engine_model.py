@@ -312,12 +312,12 @@ def test_failing_switch_keeps_the_old_precision_working(engine) -> None:  # type
 
 
 def test_failing_quantizer_keeps_the_old_precision(engine, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
-    from tutor.engine import quantize
+    from tutor.engine import bnb_codes
 
     engine.drop_prepared("nf4")
     before = engine.generate(PROMPT, max_new_tokens=4).tokens
     calls = {"n": 0}
-    real = quantize._codes
+    real = bnb_codes._codes
 
     def flaky(chunk, quant_type):  # type: ignore[no-untyped-def]
         calls["n"] += 1
@@ -325,7 +325,7 @@ def test_failing_quantizer_keeps_the_old_precision(engine, monkeypatch: pytest.M
             raise ValueError("bitsandbytes error (simulated)")
         return real(chunk, quant_type)
 
-    monkeypatch.setattr(quantize, "_codes", flaky)
+    monkeypatch.setattr(bnb_codes, "_codes", flaky)
     with pytest.raises(SwitchError, match="bitsandbytes error"):
         engine.switch("nf4")
     assert engine.precision == "bf16"

@@ -99,7 +99,7 @@ def test_hub_id_without_network_fails_with_a_sentence(monkeypatch: pytest.Monkey
 def _reference_4bit(weight, quant_type: str):  # type: ignore[no-untyped-def]
     import torch
 
-    from tutor.engine.quantize import import_bitsandbytes
+    from tutor.engine.bnb_modules import import_bitsandbytes
 
     import_bitsandbytes()
     return torch.ops.bitsandbytes.quantize_4bit.default(weight, 64, quant_type, torch.uint8)
@@ -110,7 +110,7 @@ def _reference_4bit(weight, quant_type: str):  # type: ignore[no-untyped-def]
 def test_fast_4bit_quantizer_equals_bitsandbytes(quant_type: str, dtype: str) -> None:
     import torch
 
-    from tutor.engine.quantize import _lookup_table, quantize_4bit_cpu
+    from tutor.engine.bnb_codes import _lookup_table, quantize_4bit_cpu
 
     gen = torch.Generator().manual_seed(1)
     weight = (torch.randn(192, 256, generator=gen) * 0.05).to(getattr(torch, dtype))
@@ -134,7 +134,7 @@ def test_fast_4bit_quantizer_equals_bitsandbytes(quant_type: str, dtype: str) ->
 def test_built_modules_equal_bitsandbytes_own_quantization(precision: str, double_quant: bool) -> None:
     import torch
 
-    from tutor.engine.quantize import build_quantized, import_bitsandbytes
+    from tutor.engine.bnb_modules import build_quantized, import_bitsandbytes
 
     import_bitsandbytes()
     from bitsandbytes.nn import Int8Params, Linear4bit, Linear8bitLt, Params4bit
@@ -241,7 +241,8 @@ def test_bench_table_renders_rows() -> None:
 def test_tiled_layout_equals_bitsandbytes_cpu_repacking(quant_type: str) -> None:
     import torch
 
-    from tutor.engine.quantize import import_bitsandbytes, quantize_4bit_cpu_tiled
+    from tutor.engine.bnb_codes import quantize_4bit_cpu_tiled
+    from tutor.engine.bnb_modules import import_bitsandbytes
 
     bnb = import_bitsandbytes()
     gen = torch.Generator().manual_seed(3)
@@ -260,10 +261,10 @@ def test_fused_groups_compute_the_separate_modules(
 ) -> None:
     import torch
 
-    from tutor.engine import quantize
+    from tutor.engine import bnb_modules, quantize
 
     if not tiled:
-        monkeypatch.setattr(quantize, "_cpu_tiled_ok", lambda weight: False)
+        monkeypatch.setattr(bnb_modules, "_cpu_tiled_ok", lambda weight: False)
     gen = torch.Generator().manual_seed(4)
     masters = {}
     for name, rows in (("q", 128), ("k", 64), ("v", 64), ("o", 96)):

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import torch
 import yaml
@@ -32,6 +32,9 @@ from torch import nn
 from tutor.engine.decoder import DecoderWeights, FastDecoder
 from tutor.engine.int4 import GROUP, Codes, gptq_batch
 from tutor.engine.row_modules import stacked
+
+if TYPE_CHECKING:
+    from tutor.engine.precision import PrecisionManager
 
 WINDOW = 128  # tokens per calibration window
 # 32 windows spread over the quiz text (4,096 tokens), dampened by 0.03 of the Hessian's mean
@@ -194,4 +197,23 @@ def load(path: Path) -> tuple[dict[tuple[str, ...], Codes], Calibration] | None:
             codes[tuple(key.split(","))] = Codes(unpacked, scale, zero)
     except (OSError, ValueError, KeyError, TypeError, SafetensorError):
         return None
+    return codes, report
+
+
+def cached_or_calibrated(
+    path: Path,
+    text: str,
+    tokenizer: Any,
+    decoder: FastDecoder,
+    manager: PrecisionManager,
+    step: Callable[[int, int], None] | None,
+) -> tuple[dict[tuple[str, ...], Codes], Calibration]:
+    """The codes cached at ``path``, or calibrated now on ``text`` against ``manager``'s bf16
+    masters (``step`` as in ``calibrate``) and cached there."""
+    cached = load(path)
+    if cached is not None:
+        return cached
+    windows = calibration_windows(tokenizer, text)
+    codes, report = calibrate(decoder, manager.reference_weights(), manager.masters, windows, step)
+    save(path, codes, report)
     return codes, report

@@ -1,40 +1,38 @@
-"""The Engine: one loaded model, its tokenizer, its current precision, and its reply loop."""
+"""The Engine: one loaded model, its tokenizer, its current precision, and its reply loop.
+
+The work itself lives beside it: loading in ``loading``, switching in ``switching``, prompts in
+``prompts``, the token loop in ``generate`` and ``sessions``, the lab's window reads in
+``scoring`` and ``probes``. The Engine holds the state they share and the lock that keeps a
+reply, a switch and a measurement from running into each other.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Unpack
 
-from tutor.engine.checkpoint import Checkpoint, discard, resolve_checkpoint
-from tutor.engine.errors import (
-    EngineBusyError,
-    EngineError,
-    ModelLoadError,
-    PromptTooLongError,
-    SwitchError,
-    reason,
-)
+from tutor.engine import prompts, switching
+from tutor.engine.checkpoint import Checkpoint
+from tutor.engine.errors import EngineBusyError, EngineError
 from tutor.engine.generate import (
     Cancel,
     Messages,
     OnToken,
+    ReplyOptions,
     ReplyStream,
     RunContext,
     Sampling,
     Session,
     run_tokens,
 )
-from tutor.engine.loading import check_device, default_limit_bytes, load_pretrained
-from tutor.engine.precisions import DEFAULT_PRECISION, PRECISIONS, check_precision
+from tutor.engine.loading import build_engine
+from tutor.engine.precisions import PRECISIONS, check_precision
 from tutor.engine.reports import (
-    LoadProgress,
     PrepareReport,
-    ProgressCallback,
     Reply,
     SwitchReport,
     TokenEvent,
@@ -80,142 +78,15 @@ class Engine:
         self._busy = threading.Lock()
         config = model.config
         self.max_positions = int(getattr(config, "max_position_embeddings", 2048))
-        self.stop_ids = self._stop_ids()
+        self.stop_ids = prompts.stop_ids(model, tokenizer)
         if decoder is not None:
             manager.calibrated = self._gptq_codes
 
     # ------------------------------------------------------------------ loading
 
-    @classmethod
-    def load(
-        cls,
-        model: str | os.PathLike[str] | None = None,
-        *,
-        device: str = "cpu",
-        precision: str = DEFAULT_PRECISION,
-        progress: ProgressCallback | None = None,
-        cache_dir: Path | None = None,
-        int8_threshold: float = 6.0,
-        double_quant: bool = False,
-        prepared_limit_bytes: int | None = None,
-        fast: bool = True,
-        workers: int | None = None,
-        random_weights: bool = False,
-        threads: int | None = None,
-    ) -> Engine:
-        """Load ``model`` (None: the embedded SmolLM2-135M-Instruct) on ``device`` at ``precision``.
-
-        Converts the embedded GGUF on first use (``progress`` gets LoadProgress events). Raises
-        ModelNotFoundError, ModelLoadError, DeviceError or UnsupportedPrecisionError.
-        ``fast=False`` uses the generic transformers decode loop; ``random_weights=True`` builds
-        the architecture from the checkpoint's config with random weights (benchmarks only);
-        ``workers`` threads build quantized modules (default: up to 2). ``threads`` sets torch's
-        intra-op threads for the whole process (default: torch's choice, one per core); on a
-        small machine that is also drawing a UI, ``cores - 1`` avoids stalls (see bench notes).
-        """
-        precision = check_precision(precision)
-        torch_device = check_device(device)
-        if threads is not None:
-            import torch
-
-            torch.set_num_threads(max(1, int(threads)))
-        started = time.perf_counter()
-        checkpoint = resolve_checkpoint(model, cache_dir=cache_dir, progress=progress)
-        try:
-            hf_model, tokenizer = load_pretrained(checkpoint, torch_device, progress, random_weights)
-        except ModelLoadError:
-            if not checkpoint.derived or checkpoint.converted_now:
-                raise
-            discard(checkpoint)  # a damaged cache: rebuild it once from the GGUF file
-            checkpoint = resolve_checkpoint(model, cache_dir=cache_dir, progress=progress)
-            hf_model, tokenizer = load_pretrained(checkpoint, torch_device, progress, random_weights)
-        engine = cls._assemble(
-            hf_model,
-            tokenizer,
-            checkpoint,
-            torch_device,
-            int8_threshold=int8_threshold,
-            double_quant=double_quant,
-            prepared_limit_bytes=prepared_limit_bytes,
-            fast=fast,
-            workers=workers,
-            progress=progress,
-            started=started,
-            cache_dir=cache_dir,
-        )
-        if precision != DEFAULT_PRECISION:
-            engine.switch(precision)
-        engine.load_seconds = time.perf_counter() - started
-        return engine
-
-    @classmethod
-    def _assemble(
-        cls,
-        hf_model: Any,
-        tokenizer: Any,
-        checkpoint: Checkpoint,
-        device: torch.device,
-        *,
-        int8_threshold: float,
-        double_quant: bool,
-        prepared_limit_bytes: int | None,
-        fast: bool,
-        workers: int | None,
-        progress: ProgressCallback | None,
-        started: float,
-        cache_dir: Path | None,
-    ) -> Engine:
-        from tutor.engine.decoder import FastDecoder, fast_path_problem
-        from tutor.engine.memory import cpu_count
-        from tutor.engine.precision import PrecisionManager
-
-        if progress is not None:
-            progress(LoadProgress("load", 2, 3, "preparing the bf16 weights"))
-        decoder = FastDecoder(hf_model, device) if fast and fast_path_problem(hf_model) is None else None
-        master_bytes = sum(
-            m.weight.numel() * m.weight.element_size()
-            for m in hf_model.modules()
-            if type(m).__name__ == "Linear" and m is not hf_model.get_output_embeddings()
-        )
-        limit = (
-            prepared_limit_bytes
-            if prepared_limit_bytes is not None
-            else default_limit_bytes(master_bytes, device)
-        )
-        try:
-            manager = PrecisionManager(
-                hf_model,
-                decoder=decoder,
-                device=device,
-                limit_bytes=limit,
-                int8_threshold=int8_threshold,
-                double_quant=double_quant,
-                workers=workers if workers is not None else min(2, cpu_count()),
-            )
-        except SwitchError as exc:
-            raise ModelLoadError(str(exc)) from exc
-        if progress is not None:
-            progress(LoadProgress("load", 3, 3, "ready"))
-        return cls(
-            model=hf_model,
-            tokenizer=tokenizer,
-            checkpoint=checkpoint,
-            device=device,
-            manager=manager,
-            decoder=decoder,
-            load_seconds=time.perf_counter() - started,
-            cache_dir=cache_dir,
-        )
-
-    def _stop_ids(self) -> set[int]:
-        ids: set[int] = set()
-        for source in (getattr(self.model, "generation_config", None), self.model.config, self.tokenizer):
-            value = getattr(source, "eos_token_id", None)
-            if isinstance(value, int):
-                ids.add(value)
-            elif isinstance(value, list | tuple):
-                ids.update(int(v) for v in value)
-        return ids
+    # Engine.load(model=None, *, device="cpu", precision="bf16", ...): loading.build_engine reads
+    # the model and builds this class around it (its docstring has the options).
+    load = classmethod(build_engine)
 
     # ------------------------------------------------------------------ state
 
@@ -239,10 +110,6 @@ class Engine:
     def int8_threshold(self) -> float:
         return self._manager.int8_threshold
 
-    @property
-    def prepared_limit_bytes(self) -> int:
-        return self._manager.limit_bytes
-
     def prepared(self) -> tuple[str, ...]:
         return self._manager.prepared()
 
@@ -255,21 +122,15 @@ class Engine:
 
     def memory(self) -> dict[str, float | None]:
         """Measured memory now, in MiB."""
-        import torch
+        from tutor.engine.memory import memory_mib
 
-        from tutor.engine.memory import peak_rss_bytes, rss_bytes
-        from tutor.engine.reports import mib
+        return memory_mib(self._manager, self.torch_device)
 
-        cuda = self.torch_device.type == "cuda"
-        return {
-            "weights_mib": self.weights().weights_mib,
-            "master_mib": mib(self._manager.master_bytes),
-            "prepared_mib": mib(self._manager.prepared_bytes()),
-            "prepared_limit_mib": mib(self._manager.limit_bytes),
-            "rss_mib": mib(rss_bytes()),
-            "peak_rss_mib": mib(peak_rss_bytes()),
-            "cuda_allocated_mib": mib(torch.cuda.memory_allocated(self.torch_device)) if cuda else None,
-        }
+    def _current_weights(self) -> DecoderWeights:
+        """The fast decoder's view of the current precision (only where there is a fast decoder)."""
+        weights = self._manager.current().weights
+        assert weights is not None  # the fast decoder builds its view of every precision
+        return weights
 
     # ------------------------------------------------------------------ switching
 
@@ -297,37 +158,7 @@ class Engine:
         """
         precision = check_precision(precision)
         with self._exclusive(wait):
-            return self._switch_locked(precision)
-
-    def _switch_locked(self, precision: str) -> SwitchReport:
-        manager = self._manager
-        previous = manager.active
-        started = time.perf_counter()
-        if precision == previous:
-            prepared, from_cache = manager.current(), True
-        else:
-            prepared, from_cache = manager.prepare(precision)
-            try:
-                manager.install(prepared)
-            except Exception as exc:
-                raise SwitchError(
-                    f"Could not switch to {precision} ({reason(exc)}); still running at {previous}.",
-                    precision=precision,
-                    kept=previous,
-                ) from exc
-        seconds = time.perf_counter() - started
-        return SwitchReport(
-            precision=precision,
-            previous=previous,
-            seconds=round(seconds, 4),
-            from_cache=from_cache,
-            prepare_seconds=0.0 if from_cache else round(prepared.seconds, 4),
-            weights=prepared.report,
-            prepared=manager.prepared(),
-            prepared_bytes=manager.prepared_bytes(),
-            prepared_limit_bytes=manager.limit_bytes,
-            master_bytes=manager.master_bytes,
-        )
+            return switching.switch_to(self._manager, precision)
 
     def prepare(self, precision: str, *, exclusive: bool = True, wait: bool | float = True) -> PrepareReport:
         """Build ``precision`` ahead so a later switch to it is a reference swap.
@@ -339,17 +170,8 @@ class Engine:
         Raises SwitchError if building fails, EngineBusyError if ``wait`` runs out.
         """
         started = time.perf_counter()
-        if exclusive:
-            with self._exclusive(wait):
-                prepared, held = self._manager.prepare(precision)
-        else:
-            prepared, held = self._manager.prepare(precision)
-        return PrepareReport(
-            precision=prepared.precision,
-            seconds=round(time.perf_counter() - started, 4),
-            from_cache=held,
-            prepared_bytes=self._manager.prepared_bytes(),
-        )
+        with self._exclusive(wait) if exclusive else contextlib.nullcontext():
+            return switching.prepare(self._manager, precision, started)
 
     @contextlib.contextmanager
     def at(self, precision: str) -> Iterator[SwitchReport]:
@@ -363,20 +185,13 @@ class Engine:
             with contextlib.suppress(EngineError):
                 self.switch(previous, wait=True)
 
-    @contextlib.contextmanager
-    def pinned(self, precisions: Iterable[str]) -> Iterator[None]:
+    def pinned(self, precisions: Iterable[str]) -> contextlib.AbstractContextManager[None]:
         """Keep ``precisions`` prepared inside, over the memory bound if need be.
 
         A measurement switches among its precisions once per batch of windows; were the bound
         to drop one, each batch would rebuild it.
         """
-        manager = self._manager
-        before = manager.pinned
-        manager.pinned = before | {check_precision(p) for p in precisions}
-        try:
-            yield
-        finally:
-            manager.pinned = before
+        return switching.pinned(self._manager, precisions)
 
     def drop_prepared(self, precision: str) -> bool:
         """Forget a prepared precision (never the current one); the next switch rebuilds it."""
@@ -392,7 +207,7 @@ class Engine:
                 self.drop_prepared(precision)
         give_back_freed()
 
-    # ------------------------------------------------------------------ prompts
+    # ------------------------------------------------------------------ replies
 
     def encode(
         self, messages: Messages, *, system: str | None = None, raw: bool = False, prefix: str = ""
@@ -401,67 +216,36 @@ class Engine:
 
         ``raw=True`` encodes a string as plain text with no chat template (continuation).
         ``prefix`` opens the assistant's turn: the model continues after it."""
-        if prefix:
-            start = self.tokenizer(prefix, add_special_tokens=False)["input_ids"]
-            return self.encode(messages, system=system, raw=raw) + [int(t) for t in start]
-        if raw:
-            if not isinstance(messages, str):
-                raise TypeError("raw=True takes a string")
-            return list(self.tokenizer(messages)["input_ids"])
-        chat: list[Mapping[str, str]] = (
-            [{"role": "user", "content": messages}] if isinstance(messages, str) else list(messages)
-        )
-        if system is not None:
-            chat = [{"role": "system", "content": system}, *chat]
-        encoded = self.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
-        if isinstance(encoded, Mapping) or hasattr(encoded, "input_ids"):
-            encoded = encoded["input_ids"]
-        return [int(t) for t in encoded]
+        return prompts.encode(self.tokenizer, messages, system=system, raw=raw, prefix=prefix)
 
     def _session(self, max_len: int, contrast: tuple[list[int], float] | None = None) -> Session:
         """A decoding session; with ``contrast`` (the prompt without the passages, alpha), one
         that decodes context-aware (``tutor.engine.sessions.mix_contrast``)."""
-        from tutor.engine.sessions import (
-            FastContrastSession,
-            FastSession,
-            GenericSession,
-            PairContrastSession,
-        )
+        from tutor.engine.sessions import open_session
 
-        if self._decoder is not None:
-            weights = self._manager.current().weights
-            assert weights is not None
-            if contrast is not None:
-                return FastContrastSession(self._decoder, weights, max_len, *contrast)
-            return FastSession(self._decoder, weights, max_len)
-        static = self.torch_device.type == "cuda"
-        if contrast is not None:
-            plain_ids, alpha = contrast
-            return PairContrastSession(
-                GenericSession(self.model, self.torch_device, max_len, static=static),
-                GenericSession(self.model, self.torch_device, len(plain_ids) + max_len, static=static),
-                plain_ids,
-                alpha,
-            )
-        return GenericSession(self.model, self.torch_device, max_len, static=static)
+        weights = self._current_weights() if self._decoder is not None else None
+        return open_session(self.model, self._decoder, weights, self.torch_device, max_len, contrast)
 
-    # ------------------------------------------------------------------ generating
-
-    def _run(
+    def _reply(
         self,
         messages: Messages | None,
-        *,
-        prompt_ids: Sequence[int] | None,
-        max_new_tokens: int,
         cancel: Cancel,
-        sampling: Sampling,
-        system: str | None,
-        raw: bool,
-        wait: bool | float,
+        *,
+        prompt_ids: Sequence[int] | None = None,
+        max_new_tokens: int = 256,
+        sample: bool = False,
+        temperature: float = 0.7,
+        top_p: float = 0.9,
+        top_k: int = 0,
+        seed: int | None = None,
+        system: str | None = None,
+        raw: bool = False,
+        wait: bool | float = False,
         contrast: Messages | None = None,
         alpha: float = 0.0,
         prefix: str = "",
     ) -> Generator[TokenEvent, None, Reply]:
+        """The reply's events, the engine held from the first to the last (``ReplyOptions``)."""
         started = time.perf_counter()
         with self._exclusive(wait):
             if prompt_ids is None:
@@ -469,14 +253,7 @@ class Engine:
                     raise TypeError("give messages or prompt_ids")
                 prompt_ids = self.encode(messages, system=system, raw=raw, prefix=prefix)
             ids = [int(t) for t in prompt_ids]
-            if not ids:
-                raise PromptTooLongError("The prompt is empty.")
-            room = self.max_positions - len(ids)
-            if room < 1:
-                raise PromptTooLongError(
-                    f"The prompt has {len(ids)} tokens; this model reads at most {self.max_positions}."
-                )
-            budget = max(0, min(int(max_new_tokens), room))
+            budget = prompts.reply_budget(ids, self.max_positions, max_new_tokens)
             plain = None
             if contrast is not None and alpha > 0:
                 plain = (self.encode(contrast, system=system, raw=raw, prefix=prefix), float(alpha))
@@ -493,7 +270,7 @@ class Engine:
                 tokenizer=self.tokenizer,
                 stop_ids=self.stop_ids,
                 max_new_tokens=budget,
-                sampling=sampling,
+                sampling=Sampling(sample, temperature, top_p, top_k, seed),
                 cancel=cancel,
                 started=started,
             )
@@ -503,45 +280,22 @@ class Engine:
         self,
         messages: Messages | None = None,
         *,
-        prompt_ids: Sequence[int] | None = None,
-        max_new_tokens: int = 256,
         on_token: OnToken = None,
         cancel: Cancel = None,
-        sample: bool = False,
-        temperature: float = 0.7,
-        top_p: float = 0.9,
-        top_k: int = 0,
-        seed: int | None = None,
-        system: str | None = None,
-        raw: bool = False,
-        wait: bool | float = False,
-        contrast: Messages | None = None,
-        alpha: float = 0.0,
-        prefix: str = "",
+        **options: Unpack[ReplyOptions],
     ) -> Reply:
         """Generate a reply to ``messages`` (or to ready ``prompt_ids``), calling ``on_token`` per token.
 
-        Greedy by default; ``sample=True`` samples (seeded by ``seed``). ``cancel`` (an Event or a
-        callable) stops the reply before the next token. Raises EngineBusyError if another reply
-        or a switch holds the engine (``wait=True`` waits instead). ``contrast`` (the same
-        conversation without its context) and ``alpha`` > 0 decode context-aware: each token's
-        logits are ``(1 + alpha) * with - alpha * without``, both computed in one batch.
-        ``prefix`` opens the reply (in both prompts); the reply is what the model adds after it.
+        Greedy by default; ``sample=True`` samples (``temperature``, ``top_p``, ``top_k``; seeded
+        by ``seed``). ``max_new_tokens`` (256) caps the reply; ``system`` and ``raw`` are as in
+        ``encode``. ``cancel`` (an Event or a callable) stops the reply before the next token.
+        Raises EngineBusyError if another reply or a switch holds the engine (``wait=True``
+        waits instead). ``contrast`` (the same conversation without its context) and ``alpha``
+        > 0 decode context-aware: each token's logits are ``(1 + alpha) * with - alpha *
+        without``, both computed in one batch. ``prefix`` opens the reply (in both prompts);
+        the reply is what the model adds after it.
         """
-        sampling = Sampling(sample, temperature, top_p, top_k, seed)
-        events = self._run(
-            messages,
-            prompt_ids=prompt_ids,
-            max_new_tokens=max_new_tokens,
-            cancel=cancel,
-            sampling=sampling,
-            system=system,
-            raw=raw,
-            wait=wait,
-            contrast=contrast,
-            alpha=alpha,
-            prefix=prefix,
-        )
+        events = self._reply(messages, cancel, **options)
         while True:
             try:
                 event = next(events)
@@ -554,34 +308,14 @@ class Engine:
         self,
         messages: Messages | None = None,
         *,
-        prompt_ids: Sequence[int] | None = None,
-        max_new_tokens: int = 256,
         cancel: threading.Event | None = None,
-        sample: bool = False,
-        temperature: float = 0.7,
-        top_p: float = 0.9,
-        top_k: int = 0,
-        seed: int | None = None,
-        system: str | None = None,
-        raw: bool = False,
-        wait: bool | float = False,
+        **options: Unpack[ReplyOptions],
     ) -> ReplyStream:
         """Like ``generate`` but as an iterator of TokenEvents (``.reply`` once exhausted)."""
         event = cancel or threading.Event()
-        sampling = Sampling(sample, temperature, top_p, top_k, seed)
-        events = self._run(
-            messages,
-            prompt_ids=prompt_ids,
-            max_new_tokens=max_new_tokens,
-            cancel=event,
-            sampling=sampling,
-            system=system,
-            raw=raw,
-            wait=wait,
-        )
-        return ReplyStream(events, event)
+        return ReplyStream(self._reply(messages, event, **options), event)
 
-    # ------------------------------------------------------------------ scoring
+    # ------------------------------------------------------------------ the lab's reads
 
     def window_logits(
         self,
@@ -600,29 +334,27 @@ class Engine:
         precision per decoder layer, computing in one dtype) reads them with each layer at its
         own precision instead: mixed precision, on the fast decoder.
         """
-        import torch
+        from tutor.engine import scoring
 
-        mixed = self._mixed_weights(mix) if mix is not None else None
+        mixed = scoring.mixed_weights(self._decoder, self._manager, mix) if mix is not None else None
+        ids = scoring.window_ids(windows, start, self.max_positions)
+        with self._exclusive(wait):
+            weights = mixed or (self._current_weights() if self._decoder is not None else None)
+            return scoring.window_logits(
+                self.model,
+                self._decoder,
+                weights,
+                ids,
+                start=start,
+                batch_size=batch_size,
+                device=self.torch_device,
+            )
 
-        ids = windows if isinstance(windows, torch.Tensor) else torch.tensor([list(w) for w in windows])
-        if ids.dim() != 2 or ids.shape[1] < 1:
-            raise ValueError("windows must be a (batch, length) batch of token ids")
-        if not 0 <= start < ids.shape[1]:
-            raise ValueError(f"start must be in [0, {ids.shape[1]}), got {start}")
-        if ids.shape[1] > self.max_positions:
-            raise PromptTooLongError(f"Windows of {ids.shape[1]} tokens exceed {self.max_positions}.")
-        outputs: list[torch.Tensor] = []
-        with self._exclusive(wait), torch.inference_mode():
-            for first in range(0, ids.shape[0], max(1, batch_size)):
-                chunk = ids[first : first + batch_size].to(self.torch_device, dtype=torch.long)
-                if self._decoder is not None:
-                    weights = mixed or self._manager.current().weights
-                    assert weights is not None
-                    logits = self._decoder.forward(weights, chunk, None, last_only=False, keep_from=start)
-                else:
-                    logits = self.model(input_ids=chunk, use_cache=False).logits[:, start:]
-                outputs.append(logits.float().cpu())
-        return torch.cat(outputs)
+    def window_logprobs(
+        self, windows: Sequence[Sequence[int]] | torch.Tensor, *, start: int = 0, batch_size: int = 4
+    ) -> torch.Tensor:
+        """``log_softmax`` of ``window_logits`` (float32, CPU)."""
+        return self.window_logits(windows, start=start, batch_size=batch_size).log_softmax(-1)
 
     def linear_inputs(self, windows: Sequence[Sequence[int]], see: See) -> None:
         """Read ``windows`` (one batch) at the reference precision, showing each decoder Linear's
@@ -631,25 +363,43 @@ class Engine:
         the pass; the exception reaches the caller."""
         import torch
 
+        from tutor.engine.probes import show_linear_inputs
+
         ids = torch.tensor([list(w) for w in windows], dtype=torch.long, device=self.torch_device)
-        with self._exclusive(True), torch.inference_mode():
-            if self._decoder is not None:
-                weights = self._manager.reference_weights()
-                self._decoder.forward(self._decoder.tapped(weights, see), ids, None)
-                return
-            if self._manager.active != DEFAULT_PRECISION:
-                raise EngineError(f"Switch to {DEFAULT_PRECISION} first: the model holds {self.precision}.")
-            hooks = [
-                module.register_forward_pre_hook(
-                    lambda m, inputs, name=name: see((name,), inputs[0].reshape(-1, m.in_features))
-                )
-                for name, module in self._manager.masters.items()
+        with self._exclusive(True):
+            show_linear_inputs(self.model, self._decoder, self._manager, ids, see)
+
+    def prefill_footprint(self, ids: Sequence[int]) -> tuple[int, int]:
+        """Read ``ids`` into a fresh KV buffer at the current precision, as a reply's prompt is
+        read; returns (the buffer's bytes, the peak of torch's allocations during the read above
+        what was allocated before: activations and scratch). On a CPU that peak comes from the
+        profiler's record of every allocation and free (``profile_memory``), on CUDA from the
+        caching allocator's own statistics."""
+        from tutor.engine.probes import prefill_footprint
+
+        if self._decoder is None:
+            raise EngineError(
+                "Measuring a prefill's memory needs the fast decoder (a Llama-architecture model)."
+            )
+        with self._exclusive(True):
+            return prefill_footprint(self._decoder, self._current_weights(), ids)
+
+    def continue_greedy(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
+        """Greedy continuations of ``prompts`` at the current precision, each cut before its first
+        stop token. Prompts of one length decode as one batch on the fast decoder (a step for four
+        costs little more than for one on a CPU); others one by one, as ``generate`` does."""
+        from tutor.engine.scoring import greedy_batch
+
+        if self._decoder is None or len({len(p) for p in prompts}) != 1:
+            return [
+                self.generate(prompt_ids=p, max_new_tokens=max_new_tokens, wait=True).tokens for p in prompts
             ]
-            try:
-                self.model(input_ids=ids, use_cache=False)
-            finally:
-                for hook in hooks:
-                    hook.remove()
+        with self._exclusive(True):
+            return greedy_batch(
+                self._decoder, self._current_weights(), prompts, max_new_tokens, self.stop_ids
+            )
+
+    # ------------------------------------------------------------------ gptq4's calibration
 
     def _gptq_cache(self, text: str) -> Path:
         from tutor.engine import calibration
@@ -680,101 +430,12 @@ class Engine:
         build: no engine lock is taken here) and cached."""
         from tutor.engine import calibration
 
-        text = calibration.calibration_text()
-        path = self._gptq_cache(text)
-        cached = calibration.load(path)
-        if cached is not None:
-            codes, self.calibration = cached
-            return codes
         assert self._decoder is not None
-        windows = calibration.calibration_windows(self.tokenizer, text)
-        weights, masters = self._manager.reference_weights(), self._manager.masters
-        codes, self.calibration = calibration.calibrate(self._decoder, weights, masters, windows, step)
-        calibration.save(path, codes, self.calibration)
+        text = calibration.calibration_text()
+        codes, self.calibration = calibration.cached_or_calibrated(
+            self._gptq_cache(text), text, self.tokenizer, self._decoder, self._manager, step
+        )
         return codes
-
-    def _mixed_weights(self, mix: Sequence[str]) -> DecoderWeights:
-        """The fast decoder's weights with layer ``i`` taken from precision ``mix[i]``'s (each
-        built now if it is not held; all of them kept while held here)."""
-        from dataclasses import replace
-
-        if self._decoder is None or len(mix) != self._decoder.n_layers:
-            raise EngineError("A mix needs the fast decoder and one precision for each of its layers.")
-        names = [check_precision(p) for p in mix]
-        held: dict[str, DecoderWeights] = {}
-        for name in dict.fromkeys(names):
-            weights = self._manager.prepare(name)[0].weights
-            assert weights is not None  # the fast decoder builds its view of every precision
-            held[name] = weights
-        if len({w.act_dtype for w in held.values()}) != 1:
-            raise EngineError("A mix needs precisions that compute in one dtype (bf16, int8, nf4, fp4).")
-        layers = [held[name].layers[i] for i, name in enumerate(names)]
-        return replace(next(iter(held.values())), precision="mixed", layers=layers, copies=[])
-
-    def window_logprobs(
-        self, windows: Sequence[Sequence[int]] | torch.Tensor, *, start: int = 0, batch_size: int = 4
-    ) -> torch.Tensor:
-        """``log_softmax`` of ``window_logits`` (float32, CPU)."""
-        return self.window_logits(windows, start=start, batch_size=batch_size).log_softmax(-1)
-
-    def prefill_footprint(self, ids: Sequence[int]) -> tuple[int, int]:
-        """Read ``ids`` into a fresh KV buffer at the current precision, as a reply's prompt is
-        read; returns (the buffer's bytes, the peak of torch's allocations during the read above
-        what was allocated before: activations and scratch). On a CPU that peak comes from the
-        profiler's record of every allocation and free (``profile_memory``), on CUDA from the
-        caching allocator's own statistics."""
-        import torch
-        from torch.profiler import ProfilerActivity, profile
-
-        if self._decoder is None:
-            raise EngineError(
-                "Measuring a prefill's memory needs the fast decoder (a Llama-architecture model)."
-            )
-        cuda = self.torch_device.type == "cuda"
-        with self._exclusive(True), torch.inference_mode():
-            weights = self._manager.current().weights
-            assert weights is not None
-            cache = self._decoder.new_cache(len(ids), weights.act_dtype)
-            tensor = torch.tensor([list(ids)], dtype=torch.long, device=self.torch_device)
-            if cuda:  # the caching allocator keeps its own peak
-                torch.cuda.reset_peak_memory_stats(self.torch_device)
-                before = torch.cuda.memory_allocated(self.torch_device)
-                self._decoder.forward(weights, tensor, cache)
-                return cache.data.nbytes, torch.cuda.max_memory_allocated(self.torch_device) - before
-            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-                self._decoder.forward(weights, tensor, cache)
-        events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-        live = peak = 0
-        for event in sorted(events, key=lambda e: e.start_ns()):
-            live += event.nbytes()
-            peak = max(peak, live)
-        return cache.data.nbytes, peak
-
-    def continue_greedy(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
-        """Greedy continuations of ``prompts`` at the current precision, each cut before its first
-        stop token. Prompts of one length decode as one batch on the fast decoder (a step for four
-        costs little more than for one on a CPU); others one by one, as ``generate`` does."""
-        import torch
-
-        if self._decoder is None or len({len(p) for p in prompts}) != 1:
-            return [
-                self.generate(prompt_ids=p, max_new_tokens=max_new_tokens, wait=True).tokens for p in prompts
-            ]
-        steps: list[torch.Tensor] = []
-        with self._exclusive(True), torch.inference_mode():
-            weights = self._manager.current().weights
-            assert weights is not None
-            ids = torch.tensor([list(p) for p in prompts], dtype=torch.long, device=self.torch_device)
-            cache = self._decoder.new_cache(
-                ids.shape[1] + max_new_tokens, weights.act_dtype, batch=len(prompts)
-            )
-            logits = self._decoder.forward(weights, ids, cache)
-            for step in range(max_new_tokens):
-                steps.append(logits.argmax(-1))
-                if step + 1 < max_new_tokens:
-                    logits = self._decoder.forward(weights, steps[-1][:, None], cache)
-        rows = torch.stack(steps, 1).tolist() if steps else [[] for _ in prompts]
-        return [row[: next((i for i, t in enumerate(row) if t in self.stop_ids), len(row))] for row in rows]
 
     def close(self) -> None:
         """Drop prepared precisions and references so the memory can be reclaimed."""

@@ -7,7 +7,7 @@ import threading
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypedDict
 
 from tutor.engine.errors import EngineError
 from tutor.engine.reports import MIB, Reply, ReplyStats, TokenEvent
@@ -18,6 +18,24 @@ if TYPE_CHECKING:
 Messages = str | Sequence[Mapping[str, str]]
 Cancel = threading.Event | Callable[[], bool] | None
 OnToken = Callable[[TokenEvent], None] | None
+
+
+class ReplyOptions(TypedDict, total=False):
+    """The keyword arguments ``Engine.generate`` and ``Engine.stream`` share (see ``generate``)."""
+
+    prompt_ids: Sequence[int] | None
+    max_new_tokens: int
+    sample: bool
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int | None
+    system: str | None
+    raw: bool
+    wait: bool | float
+    contrast: Messages | None
+    alpha: float
+    prefix: str
 
 
 class Session(Protocol):

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
+    from tutor.engine.precision import PrecisionManager
+
 
 def tensor_bytes(tensors: Iterable[Any], seen: set[int] | None = None) -> int:
     """Bytes of the distinct storages behind ``tensors``: views of one buffer count it once, whole."""
@@ -130,3 +132,22 @@ def available_bytes(device: str) -> int:
 
 def cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def memory_mib(manager: PrecisionManager, device: torch.device) -> dict[str, float | None]:
+    """Measured memory now, in MiB: the current weights, the bf16 masters, the prepared
+    precisions and their bound, the process's resident set (now and at its peak), CUDA's."""
+    import torch
+
+    from tutor.engine.reports import mib
+
+    cuda = device.type == "cuda"
+    return {
+        "weights_mib": manager.weights_report(None).weights_mib,
+        "master_mib": mib(manager.master_bytes),
+        "prepared_mib": mib(manager.prepared_bytes()),
+        "prepared_limit_mib": mib(manager.limit_bytes),
+        "rss_mib": mib(rss_bytes()),
+        "peak_rss_mib": mib(peak_rss_bytes()),
+        "cuda_allocated_mib": mib(torch.cuda.memory_allocated(device)) if cuda else None,
+    }

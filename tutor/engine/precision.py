@@ -207,6 +207,7 @@ class PrecisionManager:
         import torch
 
         from tutor.engine import quantize
+        from tutor.engine.bnb_modules import restored
 
         start = time.perf_counter()
         if self.build_hook is not None:
@@ -235,7 +236,7 @@ class PrecisionManager:
             )
             modules, fused = built.modules, built.fused
             if info.restored_from is not None:
-                modules = {name: quantize.restored(m, act) for name, m in modules.items()}
+                modules = {name: restored(m, act) for name, m in modules.items()}
         if modules is not None:
             from tutor.engine.memory import module_bytes
 

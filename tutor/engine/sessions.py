@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from tutor.engine.decoder import DecoderWeights, FastDecoder, KVCache
+from tutor.engine.generate import Session
 
 
 def mix_contrast(logits: torch.Tensor, plain: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -136,3 +137,31 @@ class GenericSession:
 
     def step(self, token: int) -> torch.Tensor:
         return self._run([token])
+
+
+def open_session(
+    model: Any,
+    decoder: FastDecoder | None,
+    weights: DecoderWeights | None,
+    device: torch.device,
+    max_len: int,
+    contrast: tuple[list[int], float] | None = None,
+) -> Session:
+    """A session for one reply of up to ``max_len`` positions: on the fast decoder with
+    ``weights`` when there is one, else through ``model``. With ``contrast`` (the prompt without
+    the passages, alpha) it decodes context-aware (``mix_contrast``)."""
+    if decoder is not None:
+        assert weights is not None
+        if contrast is not None:
+            return FastContrastSession(decoder, weights, max_len, *contrast)
+        return FastSession(decoder, weights, max_len)
+    static = device.type == "cuda"
+    if contrast is not None:
+        plain_ids, alpha = contrast
+        return PairContrastSession(
+            GenericSession(model, device, max_len, static=static),
+            GenericSession(model, device, len(plain_ids) + max_len, static=static),
+            plain_ids,
+            alpha,
+        )
+    return GenericSession(model, device, max_len, static=static)
