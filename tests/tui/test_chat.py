@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from textual.containers import VerticalScroll
 from textual.widgets import Input
 
 from tests.conftest import SEED, until
@@ -82,6 +83,9 @@ async def test_ask_streams_an_answer_with_citations_and_switches_live(  # type: 
         assert _text(second.query_one(".chat-stats", Plain)).startswith("nf4-bf16 · TTFT")
         assert "asked again at nf4-bf16" in _text(second.query(Plain).first())
         assert "tutor nf4-bf16" in _text(chat.query_one("#chat-badge", Plain))
+        log = chat.query_one("#chat-log", VerticalScroll)
+        await pilot.pause()
+        assert 0 < log.max_scroll_y == log.scroll_y, "the log followed the reply to its end"
 
 
 async def test_escape_cancels_through_the_engine_and_markup_is_literal(  # type: ignore[no-untyped-def]

@@ -129,7 +129,10 @@ class ChatView(Vertical):
         entry = ChatEntry(question, note, step)
         log = self.query_one("#chat-log", VerticalScroll)
         log.mount(entry)
-        log.scroll_end(animate=False)
+        # Anchored, the log follows the reply as it grows with no scroll request per batch of
+        # tokens (each one laid the whole screen out again, on the cores the decode needs), and
+        # the learner can scroll up to read while it streams without being pulled back down.
+        log.anchor()
         self.reply_id = uuid.uuid4().hex
         answer(self, entry, question, self.reply_id, self.runtime.precision)  # a worker: chat_reply.py
 
@@ -151,7 +154,6 @@ class ChatView(Vertical):
     def on_token_streamed(self, message: TokenStreamed) -> None:
         if message.entry.answer is None:  # a late batch must not overwrite the final text
             message.entry.set_text(message.text)
-            self.query_one("#chat-log", VerticalScroll).scroll_end(animate=False)
 
     def on_doubts_marked(self, message: DoubtsMarked) -> None:
         self.store.save_marks(self.lesson.id, DOUBT_STEP, message.sentences)
