@@ -9,6 +9,7 @@ from textual.app import App
 from textual.css.query import NoMatches
 from textual.events import Resize
 
+from tui import heap
 from tui.commands import LessonCommands
 from tui.launch import Launch, start_lesson
 from tui.messages import TutorStatus
@@ -70,6 +71,9 @@ class QuantTutorApp(App[None]):
         if self.start_engine:
             # Loading starts once the lesson is drawn, so the tutor is ready by the time it is opened.
             self.call_after_refresh(self.start_tutor)
+
+    def on_ready(self) -> None:
+        heap.settle()  # everything built for the first frame lives as long as the app
 
     def _check_engine(self) -> None:
         """Notice an engine that died while idle (no I/O: a look at the child's exit status)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import pytest
@@ -50,12 +51,16 @@ async def test_ask_streams_an_answer_with_citations_and_switches_live(  # type: 
             original(entry, text)
 
         ChatEntry.set_text = spy  # type: ignore[method-assign]
+        gc.unfreeze()
         try:
             await pilot.press(*"Is 4-bit good enough for a chatbot?", "enter")
             entry = chat.query(ChatEntry).last()
             await until(pilot, lambda: entry.answer is not None)
+            await pilot.pause()
+            assert gc.get_freeze_count() > 0, "the finished reply is left out of full collections"
         finally:
             ChatEntry.set_text = original  # type: ignore[method-assign]
+            gc.unfreeze()
         answer = entry.answer
         assert answer is not None and answer.grounded and answer.precision == "bf16"
         assert len(streamed) > 1, "the reply was drawn as it streamed, not only at the end"

@@ -18,6 +18,7 @@ from textual.binding import Binding
 from textual.containers import Vertical, VerticalScroll
 from textual.widgets import Input
 
+from tui import heap
 from tui.messages import TutorStatus
 from tui.tutor_runtime import TutorState
 from tui.widgets.chat_entry import DOUBT_STEP, ChatEntry, DoubtsMarked
@@ -144,6 +145,7 @@ class ChatView(Vertical):
 
     async def on_reply_finished(self, message: ReplyFinished) -> None:
         await message.entry.finish(message.answer)
+        heap.settle()  # the finished reply's widgets stay for the rest of the conversation
 
     def on_reply_failed(self, message: ReplyFailed) -> None:
         message.entry.failed(message.why)
