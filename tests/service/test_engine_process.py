@@ -391,7 +391,8 @@ async def test_the_app_asks_a_remote_engine_switches_its_variants_and_survives_i
             await until(lambda: runtime.ready or runtime.error != "")
             assert runtime.ready, runtime.error
             chat = app.screen.query_one(ChatView)
-            assert "tutor bf16 · remote" in str(chat.query_one("#chat-badge").visual)
+            # The badge is redrawn when the UI handles the ready status, just after the flag.
+            await until(lambda: "tutor bf16 · remote" in str(chat.query_one("#chat-badge").visual))
             first = (await asked("What does KL divergence measure?")).answer
             assert first is not None and first.grounded and first.generated.strip()
             assert first.precision == "bf16" and first.stats.device == f"remote {url}"

@@ -248,7 +248,7 @@ def decline_message(result: SearchResult, lesson_id: str | None = None, max_sect
 
 
 @dataclass
-class Prepared:
+class PreparedAnswer:
     """Everything before the model runs: the search, the quote and the prompt (or a decline)."""
 
     question: str
@@ -275,14 +275,14 @@ def prepare(
     k: int = 3,
     max_sentences: int = 3,
     style: PromptStyle = "user",
-) -> Prepared:
+) -> PreparedAnswer:
     """Retrieve, pick the quote and build the prompt; decide whether to decline."""
     question, cut = limit_question(question)
     result = retriever.search(question, k=k, lesson_id=lesson_id)
     part = lesson_part(question) if lesson_id is not None else None
     if part is not None and lesson_id is not None:
         result = with_part(result, part_hit(retriever, lesson_id, part), k)
-    prepared = Prepared(question, result, lesson_id, question_cut=cut)
+    prepared = PreparedAnswer(question, result, lesson_id, question_cut=cut)
     if not result.covered:
         prepared.decline = decline_message(result, lesson_id)
         return prepared
@@ -308,7 +308,7 @@ def with_part(result: SearchResult, hit: Hit, k: int) -> SearchResult:
 
 
 def finish(
-    prepared: Prepared,
+    prepared: PreparedAnswer,
     generated: str,
     stats: AnswerStats,
     embed: Embedder,

@@ -67,7 +67,7 @@ def ask(
     lesson_id: str | None = None,
     on_token: Callable[[TokenEvent], None] | None = None,
     cancel: threading.Event | None = None,
-    on_prepared: Callable[[grounding.Prepared], None] | None = None,
+    on_prepared: Callable[[grounding.PreparedAnswer], None] | None = None,
     max_new_tokens: int = MAX_NEW_TOKENS,
     max_sentences: int = MAX_SENTENCES,
     alpha: float = CAD_ALPHA,

@@ -34,7 +34,7 @@ from tutor.engine.int4 import GROUP, Codes, gptq_batch
 from tutor.engine.row_modules import stacked
 
 if TYPE_CHECKING:
-    from tutor.engine.precision import PrecisionManager
+    from tutor.engine.precision_manager import PrecisionManager
 
 WINDOW = 128  # tokens per calibration window
 # 32 windows spread over the quiz text (4,096 tokens), dampened by 0.03 of the Hessian's mean

@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     from tutor.engine.decoder import DecoderWeights, FastDecoder
     from tutor.engine.int4 import Codes
     from tutor.engine.linears import See
-    from tutor.engine.precision import PrecisionManager
+    from tutor.engine.precision_manager import PrecisionManager
 
 BUSY_MESSAGE = "A reply is being generated; wait for it to finish or cancel it, then try again."
 

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
     from tutor.engine.decoder import FastDecoder
     from tutor.engine.engine import Engine
-    from tutor.engine.precision import PrecisionManager
+    from tutor.engine.precision_manager import PrecisionManager
 
 
 def check_device(name: str) -> torch.device:
@@ -141,7 +141,7 @@ def precision_parts(
     precisions, bounded by ``prepared_limit_bytes`` (default: ``default_limit_bytes``)."""
     from tutor.engine.decoder import FastDecoder, fast_path_problem
     from tutor.engine.memory import cpu_count
-    from tutor.engine.precision import PrecisionManager
+    from tutor.engine.precision_manager import PrecisionManager
 
     if progress is not None:
         progress(LoadProgress("load", 2, 3, "preparing the bf16 weights"))

@@ -18,7 +18,7 @@ from tutor.engine.precisions import DEFAULT_PRECISION
 if TYPE_CHECKING:
     from tutor.engine.decoder import DecoderWeights, FastDecoder
     from tutor.engine.linears import See
-    from tutor.engine.precision import PrecisionManager
+    from tutor.engine.precision_manager import PrecisionManager
 
 
 def show_linear_inputs(

@@ -17,7 +17,7 @@ from tutor.engine.precisions import check_precision
 
 if TYPE_CHECKING:
     from tutor.engine.decoder import DecoderWeights, FastDecoder
-    from tutor.engine.precision import PrecisionManager
+    from tutor.engine.precision_manager import PrecisionManager
 
 
 def window_ids(

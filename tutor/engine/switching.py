@@ -16,7 +16,7 @@ from tutor.engine.precisions import check_precision
 from tutor.engine.reports import PrepareReport, SwitchReport
 
 if TYPE_CHECKING:
-    from tutor.engine.precision import PrecisionManager
+    from tutor.engine.precision_manager import PrecisionManager
 
 
 def switch_to(manager: PrecisionManager, precision: str) -> SwitchReport:

@@ -19,20 +19,19 @@ each window's tokens is scored, as locally.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from tutor.engine.generate import Cancel
 from tutor.engine.remote import RemoteEngine, RemoteError
-from tutor.lab.measure import REFERENCE, Sums, check_cancel
+from tutor.lab.measure import REFERENCE, Progress, Sums, check_cancel
 from tutor.lab.windows import lesson_text, pick_windows
 from tutor.library.content import Library
 
 TOP = 5  # log-probabilities per place: OpenAI's limit, and what most servers return
 WINDOW_CHARS = 1000  # about 256 tokens of English for a Llama-family tokenizer
 WINDOWS = 12  # windows spread over the lessons that each variant scores, unless asked otherwise
-Progress = Callable[[str, int, int], None]
 
 
 @dataclass(frozen=True)

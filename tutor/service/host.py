@@ -25,7 +25,7 @@ from tutor.engine.settings import EngineSettings
 from tutor.library.content import Library
 
 if TYPE_CHECKING:
-    from tutor.assistant.grounding import Prepared, TutorAnswer
+    from tutor.assistant.grounding import PreparedAnswer, TutorAnswer
     from tutor.assistant.retrieval import Retriever
     from tutor.engine import Engine, Reply, TokenEvent
     from tutor.engine.reports import LoadProgress
@@ -272,7 +272,7 @@ class EngineHost:
         engine, retriever = self._ready()
         precision = check_precision(precision or engine.precision)
 
-        def prepared(p: Prepared) -> None:
+        def prepared(p: PreparedAnswer) -> None:
             emit("prepared", prepared_dict(p))
 
         # Tokens go out together at most every TOKEN_PACE_S (the first at once): a message per
@@ -406,7 +406,7 @@ class EngineHost:
         return result.as_dict()
 
 
-def prepared_dict(prepared: Prepared) -> dict[str, Any]:
+def prepared_dict(prepared: PreparedAnswer) -> dict[str, Any]:
     """What the learner sees before the model runs: the quote and citations, or the decline."""
     return {
         "question": prepared.question,

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class Prepared:
+class PreparedPrecision:
     """What one precision needs beyond the masters."""
 
     precision: str
@@ -91,7 +91,7 @@ class PrecisionManager:
         self.master_bytes = sum(m.weight.numel() * m.weight.element_size() for m in self.masters.values())
         self._kept_names, self._kept_bytes = self._describe_kept()
         self.active = "bf16"
-        self._prepared: OrderedDict[str, Prepared] = OrderedDict()
+        self._prepared: OrderedDict[str, PreparedPrecision] = OrderedDict()
         self._lock = threading.RLock()  # guards _prepared and installs
         self._build_lock = threading.Lock()  # one build at a time
         self.last_evicted: list[str] = []
@@ -127,7 +127,7 @@ class PrecisionManager:
             total += self.decoder.head_bytes()
         return total
 
-    def current(self) -> Prepared:
+    def current(self) -> PreparedPrecision:
         with self._lock:
             return self._prepared[self.active]
 
@@ -203,7 +203,7 @@ class PrecisionManager:
             names.append("norms")
         return tuple(names), tensor_bytes(param.data for _name, param in kept)
 
-    def _build(self, precision: str) -> Prepared:
+    def _build(self, precision: str) -> PreparedPrecision:
         import torch
 
         from tutor.engine import quantize
@@ -253,7 +253,9 @@ class PrecisionManager:
 
             extra += tensor_bytes(param_data.values())
         report = self._measure(precision, modules)
-        return Prepared(precision, modules, param_data, weights, extra, time.perf_counter() - start, report)
+        return PreparedPrecision(
+            precision, modules, param_data, weights, extra, time.perf_counter() - start, report
+        )
 
     def _build_on_torch_kernel(
         self, precision: str, groups: list[tuple[str, ...]]
@@ -275,7 +277,7 @@ class PrecisionManager:
             codes = int4.rounded_to_nearest(self.masters, groups)
         return int4.build_int4(self.masters, codes)
 
-    def prepare(self, precision: str) -> tuple[Prepared, bool]:
+    def prepare(self, precision: str) -> tuple[PreparedPrecision, bool]:
         """Build ``precision`` if it is not held yet; returns (prepared, was_already_held)."""
         precision = check_precision(precision)
         with self._lock:
@@ -327,7 +329,7 @@ class PrecisionManager:
 
     # ------------------------------------------------------------------ installing
 
-    def install(self, prepared: Prepared) -> None:
+    def install(self, prepared: PreparedPrecision) -> None:
         """Make ``prepared`` the model's precision (reference swaps only; cannot half-fail)."""
         with self._lock:
             previous = self._prepared.get(self.active)
@@ -342,7 +344,7 @@ class PrecisionManager:
             self._prepared.move_to_end(prepared.precision)
             self._enforce_limit(keep={prepared.precision})
 
-    def _swap_in(self, prepared: Prepared) -> None:
+    def _swap_in(self, prepared: PreparedPrecision) -> None:
         targets = prepared.modules or {}
         for name, master in self.masters.items():
             parent, child = _parent_and_child(self.model, name)
