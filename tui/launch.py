@@ -15,7 +15,7 @@ from tui.tutor_runtime import TutorRuntime
 from tutor.engine.remote import RemoteError
 from tutor.engine.settings import engine_settings
 from tutor.library.content import Library, load_library
-from tutor.progress.database import StoreError
+from tutor.progress.errors import StoreError
 from tutor.progress.store import Store
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from tutor.progress import database, schema
-from tutor.progress.database import StoreError
+from tutor.progress.errors import StoreError
 from tutor.progress.records import AnswerRecord, LessonProgress, LessonSummary
 from tutor.progress.schema import SCHEMA_VERSION
 from tutor.progress.store import Store

@@ -2,10 +2,10 @@
 
 One click group, :data:`quant_tutor`. With no command it opens the app, through the
 ``open_app`` that ``tui.entry`` (the console script) hands :func:`run`: nothing in this package
-imports textual or ``tui``. The commands that load the model (``ask``, ``cliff``, ``eval``:
-``tutor.cli.model``), ``bench`` (``tutor.engine.bench``) and ``serve``
-(``tutor.service.server``) are imported only when they run, so ``--version`` and the plain
-commands here never import torch, transformers or the engine.
+imports textual or ``tui``. The commands that load the model (``ask``, ``cliff``:
+``tutor.cli.model``; ``eval``: ``tutor.cli.evaluate``), ``bench`` (``tutor.engine.bench``) and
+``serve`` (``tutor.service.server``) are imported only when they run, so ``--version`` and the
+plain commands here never import torch, transformers or the engine.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from tutor.cli.lazy import Lazy, LazyGroup
 from tutor.library.content import Library, json_schema, load_library, validate_library
 from tutor.library.models import LETTERS, QUIZ_LENGTH, ContentFileError, Lesson
 from tutor.library.plain import plain_text
-from tutor.progress.database import StoreError
+from tutor.progress.errors import StoreError
 from tutor.progress.records import LessonSummary
 from tutor.progress.store import Store
 from tutor.text import plural, when
@@ -106,7 +106,7 @@ class QuantTutorGroup(LazyGroup):
             "tutor.cli.model:cliff", "measure quality against bf16 at every precision: PPL, KL, top-1, QA"
         ),
         "eval": Lazy(
-            "tutor.cli.model:eval_command",
+            "tutor.cli.evaluate:eval_command",
             "score retrieval, the quote and the support check on the evaluation sets (no model)",
         ),
         "bench": Lazy(

@@ -13,7 +13,8 @@ How it stays safe:
   never has to upgrade a read lock (which SQLite refuses in WAL mode rather than wait).
 * **Schema upgrades.** ``PRAGMA user_version`` holds the schema version; ``MIGRATIONS[i]``
   (:mod:`tutor.progress.schema`) takes the database from version ``i`` to ``i + 1``. All
-  pending steps run in one transaction: an upgrade is applied whole or not at all.
+  pending steps run in one transaction (:func:`tutor.progress.migrations.migrate`): an upgrade
+  is applied whole or not at all.
 * **Corrupt or foreign files.** A file that is not a database, fails ``PRAGMA
   quick_check``, or carries a ``user_version`` newer than this code knows is renamed to
   ``progress.sqlite3.corrupt-<UTC timestamp>`` (with its ``-wal``/``-shm``) and a fresh
@@ -44,6 +45,8 @@ from typing import Self
 from filelock import FileLock, Timeout
 
 from tutor.progress import schema
+from tutor.progress.errors import StoreError
+from tutor.progress.migrations import migrate
 
 DB_NAME = "progress.sqlite3"
 BUSY_TIMEOUT_MS = 15_000
@@ -60,10 +63,6 @@ _ACCESS_HINT = (
 )
 _ZEROS = bytes(len(_SQLITE_HEADER))
 _GONE = "the file disappeared while being checked"  # another instance moved it: look again
-
-
-class StoreError(Exception):
-    """The progress store cannot do what was asked; the message says why, for a human."""
 
 
 def default_path() -> Path:
@@ -170,7 +169,7 @@ class Database:
             conn = self._connect()
             try:
                 self._prepare(conn)
-                self._migrate(conn)
+                migrate(conn, self.path)
             except BaseException:
                 conn.close()
                 raise
@@ -324,36 +323,6 @@ class Database:
             raise StoreError(
                 f"Cannot set up the progress database {self.path}: {exc}. {_ACCESS_HINT}"
             ) from exc
-
-    def _migrate(self, conn: sqlite3.Connection) -> None:
-        latest = len(schema.MIGRATIONS)
-        try:
-            if int(conn.execute("PRAGMA user_version").fetchone()[0]) == latest:
-                return
-            conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            raise StoreError(f"Cannot upgrade the progress database {self.path}: {exc}") from exc
-        version = latest
-        try:
-            version = int(conn.execute("PRAGMA user_version").fetchone()[0])  # re-read under the lock
-            if version > latest:
-                raise StoreError(
-                    f"The progress database {self.path} was just upgraded by a newer quant-tutor "
-                    f"(schema version {version}; this version understands up to {latest})."
-                )
-            for step in range(version, latest):
-                schema.MIGRATIONS[step](conn)
-            conn.execute(f"PRAGMA user_version = {latest}")
-            conn.execute("COMMIT")
-        except BaseException as exc:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            if isinstance(exc, sqlite3.Error):
-                raise StoreError(
-                    f"Upgrading the progress database {self.path} from schema version {version} to "
-                    f"{latest} failed ({exc}); it was left unchanged."
-                ) from exc
-            raise
 
     # --- plumbing ----------------------------------------------------------------------
 

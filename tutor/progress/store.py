@@ -11,7 +11,8 @@ from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from tutor.progress.database import Database, StoreError
+from tutor.progress.database import Database
+from tutor.progress.errors import StoreError
 from tutor.progress.records import AnswerRecord, AttemptInfo, LessonProgress, LessonSummary, OpenAttempt
 
 KINDS = ("full", "review")

@@ -23,6 +23,7 @@ from tutor.engine.protocol import MODEL_NAME
 from tutor.engine.remote import RemoteEngine
 from tutor.engine.settings import EngineSettings
 from tutor.library.content import Library
+from tutor.service.wire import prepared_dict, prompt_logprobs_dict
 
 if TYPE_CHECKING:
     from tutor.assistant.grounding import PreparedAnswer, TutorAnswer
@@ -343,8 +344,6 @@ class EngineHost:
         """The log-probability of each token of ``text`` given the ones before it, and the ``top``
         likeliest tokens at each place: what an OpenAI completion with ``echo`` and ``logprobs``
         returns (the first token has none). Text pieces name the tokens, as OpenAI's do."""
-        import torch
-
         engine, _ = self._ready()
         if isinstance(engine, RemoteEngine):
             raise EngineError(
@@ -357,26 +356,7 @@ class EngineHost:
         with self._job(f"scoring a prompt at {precision}", cancel):
             engine.switch(precision, wait=True)
             logprobs = engine.window_logprobs([ids], batch_size=1)[0, :-1]
-        said = torch.tensor(ids[1:])
-        chosen = logprobs.gather(-1, said[:, None])[:, 0].tolist()
-        values, indices = logprobs.topk(max(top, 1), -1)
-        piece = engine.tokenizer.decode
-        tops: list[dict[str, float] | None] = [None]
-        for row_values, row_indices in zip(values.tolist(), indices.tolist(), strict=True):
-            found: dict[str, float] = {}
-            for token, value in zip(row_indices[:top], row_values[:top], strict=True):
-                found.setdefault(piece([token]), value)  # two ids may read alike: the likelier stays
-            tops.append(found)
-        pieces = [piece([token]) for token in ids]
-        offsets = [0]
-        for text_piece in pieces[:-1]:
-            offsets.append(offsets[-1] + len(text_piece))
-        return {
-            "tokens": pieces,
-            "token_logprobs": [None, *chosen],
-            "top_logprobs": tops if top else None,
-            "text_offset": offsets,
-        }
+        return prompt_logprobs_dict(ids, logprobs, top, engine.tokenizer.decode)
 
     def cliff(
         self, plan: str, precisions: Sequence[str], cancel: threading.Event, emit: Emit
@@ -404,15 +384,3 @@ class EngineHost:
                 cancel=cancel,
             )
         return result.as_dict()
-
-
-def prepared_dict(prepared: PreparedAnswer) -> dict[str, Any]:
-    """What the learner sees before the model runs: the quote and citations, or the decline."""
-    return {
-        "question": prepared.question,
-        "question_cut": prepared.question_cut,
-        "grounded": prepared.grounded,
-        "decline": prepared.decline,
-        "quote": prepared.quote.as_dict() if prepared.quote else None,
-        "citations": [c.as_dict() for c in prepared.citations],
-    }
