@@ -2,8 +2,8 @@
 
 ``run_cliff`` gathers three measurements: quality of every precision against bf16 on the
 lesson text (:mod:`tutor.lab.measure`), QA agreement and groundedness on the tutor's evaluation
-questions, and the weight lab (:mod:`tutor.lab.weight_lab`) on one real layer; then the sections
-that test one lesson claim each (:mod:`tutor.lab.sections`).
+questions (:mod:`tutor.lab.qa`), and the weight lab (:mod:`tutor.lab.weight_lab`) on one real
+layer; then the sections that test one lesson claim each (:mod:`tutor.lab.sections`).
 
 Three plans, shared by ``quant-tutor cliff --plan`` and the Lab tab (``m``: QUICK, ``e``:
 CLAIMS, ``M``: FULL), so each plan's results are measured once and cached for both; QUICK and
@@ -16,15 +16,10 @@ batches and questions (``Cancelled``), caching only finished rows.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
-
-import yaml
+from typing import TYPE_CHECKING, Any
 
 from tutor.engine.machine import describe
 from tutor.engine.precisions import CALIBRATION, INT4, NO_WAY_BACK
@@ -40,15 +35,15 @@ from tutor.lab.measure import (
     QAResult,
     QualityRow,
     check_cancel,
-    is_cancelled,
     method_text,
     quality_rows,
 )
 from tutor.lab.mixed_precision import SCAN_WINDOW, mixed_precision
+from tutor.lab.qa import QA_MAX_NEW_TOKENS, load_qa_questions, qa_answers, qa_label
 from tutor.lab.sections import Section, calibrated, easy_hard, memory, mixed, no_way_back
 from tutor.lab.weight_lab import LabRow, run_lab
 from tutor.lab.windows import WINDOW, lesson_windows, pick_windows
-from tutor.library.content import Library, default_content_dir
+from tutor.library.content import Library
 
 if TYPE_CHECKING:
     from tutor.assistant.retrieval import Retriever
@@ -56,8 +51,6 @@ if TYPE_CHECKING:
 
 __all__ = ["CLAIMS", "FULL", "PLANS", "QUICK", "Cancelled", "CliffResult", "Plan", "run_cliff"]
 
-QA_SET = default_content_dir() / "eval_questions.yaml"
-QA_MAX_NEW_TOKENS = 96  # the tutor's own cap (tutor.assistant.tutor_chat.MAX_NEW_TOKENS)
 # 2: errors on held-out text, GPTQ calibrated on the windows before it; 3: the int4 kernel's grid
 WEIGHT_LAB_VERSION = 3
 CALIBRATION_WINDOWS = 8  # lesson windows whose inputs calibrate GPTQ in the weight lab
@@ -147,59 +140,6 @@ class CliffResult:
         return [quality, lab, *(s.table() for s in self.sections)]
 
 
-def load_qa_questions(limit: int, path: Path = QA_SET) -> list[tuple[str, str]]:
-    """(question, lesson id) pairs spread evenly over the tutor's on-lesson evaluation set."""
-    if limit <= 0 or not path.exists():
-        return []
-    items = yaml.safe_load(path.read_text(encoding="utf-8"))["on_lesson"]
-    step = max(1, len(items) // limit)
-    return [(item["question"], item["lesson"]) for item in items[::step][:limit]]
-
-
-class _CancelFlag:
-    """``cancel`` (an Event or a callable) as the Event-like object ``ask`` polls per token."""
-
-    def __init__(self, cancel: Cancel) -> None:
-        self._cancel = cancel
-
-    def is_set(self) -> bool:
-        return is_cancelled(self._cancel)
-
-
-def qa_answers(
-    engine: Engine,
-    retriever: Retriever,
-    questions: Sequence[tuple[str, str]],
-    precision: str,
-    *,
-    max_new_tokens: int = QA_MAX_NEW_TOKENS,
-    progress: Progress | None = None,
-    cancel: Cancel = None,
-) -> list[QAResult]:
-    """The tutor's answers to ``questions`` at ``precision`` (``progress`` phase "qa <precision>").
-
-    Raises Cancelled between questions, or within one token of an answer, once ``cancel`` is set.
-    """
-    from tutor.assistant.tutor_chat import ask
-
-    phase = f"qa {precision}"
-    stop = None if cancel is None else cast("threading.Event", _CancelFlag(cancel))
-    engine.switch(precision, wait=True)
-    if progress is not None:
-        progress(phase, 0, len(questions))
-    results = []
-    for done, (question, lesson_id) in enumerate(questions, 1):
-        check_cancel(cancel)
-        answer = ask(question, retriever, engine, lesson_id, cancel=stop, max_new_tokens=max_new_tokens)
-        check_cancel(cancel)  # a cancelled answer is cut short: not a measurement
-        results.append(
-            QAResult(answer.generated, sum(s.supported for s in answer.sentences), len(answer.sentences))
-        )
-        if progress is not None:
-            progress(phase, done, len(questions))
-    return results
-
-
 def lab_layer(engine: Engine) -> tuple[str, Any]:
     """The layer the weight lab uses: the MLP down-projection of the middle decoder layer."""
     layers = engine.model.model.layers
@@ -247,11 +187,6 @@ def weight_lab(
     rows = run_lab(weight, held_out, calibration)
     write_json(path, {"layer": name, "rows": [r.as_dict() for r in rows]})
     return name, rows
-
-
-def _qa_label(questions: Sequence[tuple[str, str]], max_new_tokens: int) -> str:
-    digest = hashlib.sha256(json.dumps(list(questions)).encode()).hexdigest()[:12]
-    return f"{QA_SET.name}:{len(questions)}:{digest}:tokens={max_new_tokens}"
 
 
 NOTES = [
@@ -327,7 +262,7 @@ def run_cliff(
             max_windows=max_windows,
             spread=spread,
             qa=qa,
-            qa_label=_qa_label(questions, plan.max_new_tokens),
+            qa_label=qa_label(questions, plan.max_new_tokens),
             folder=folder,
             progress=progress,
             on_row=on_row,

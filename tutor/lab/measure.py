@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from tutor.engine.generate import Cancel, is_cancelled
 from tutor.lab.cache import cache_file, cache_key, read_json, write_json
+from tutor.lab.divergence import Reference, Tally
 from tutor.lab.windows import WINDOW, lesson_windows, pick_windows
 from tutor.library.content import Library
 
@@ -135,68 +136,6 @@ class QualityRow:
 OnRow = Callable[[QualityRow], None]
 
 
-@dataclass
-class _Reference:
-    """One window's reference distributions, as the tally needs them (``n`` scored positions)."""
-
-    logprobs: torch.Tensor  # (n, vocab)
-    probs: torch.Tensor  # (n, vocab)
-    top: torch.Tensor  # (n,) the reference's top token
-    nll: float  # the reference's own negative log-likelihood of the targets, summed
-
-    @classmethod
-    def from_logits(cls, logits: torch.Tensor, targets: torch.Tensor) -> _Reference:
-        """From ``(n, vocab)`` logits, normalized in place (the tensor becomes ``logprobs``)."""
-        logprobs = _log_softmax_(logits)
-        return cls(
-            logprobs=logprobs,
-            probs=logprobs.exp(),
-            top=logprobs.argmax(-1),
-            nll=-float(logprobs.gather(-1, targets.unsqueeze(-1)).sum()),
-        )
-
-
-def _log_softmax_(logits: torch.Tensor) -> torch.Tensor:
-    """``log_softmax`` over the last dimension, in place (one window's temporary at most)."""
-    return logits.sub_(logits.logsumexp(-1, keepdim=True))
-
-
-@dataclass
-class Sums:
-    """Running sums over the scored places of one precision (a remote estimate keeps them too)."""
-
-    nll: float = 0.0
-    kl: float = 0.0
-    same_top: int = 0
-    tokens: int = 0
-
-
-@dataclass
-class _Tally(Sums):
-    # Read while the precision is installed: by the time its row is written, a GPU engine's
-    # memory bound may have dropped that precision again.
-    weights_mib: float = math.nan
-
-    def add(self, logits: torch.Tensor, targets: torch.Tensor, reference: _Reference) -> None:
-        """Add one window: ``logits`` ``(n, vocab)`` at this precision, consumed (changed in place).
-
-        KL(p ‖ q) = Σ p (log p - log q) is summed from the elementwise differences, so a
-        small divergence is not lost in the rounding of two large sums.
-        """
-        logprobs = _log_softmax_(logits)
-        self.nll -= float(logprobs.gather(-1, targets.unsqueeze(-1)).sum())
-        self.same_top += int((logprobs.argmax(-1) == reference.top).sum())
-        difference = logprobs.sub_(reference.logprobs)  # log q - log p, in place
-        self.kl -= float((reference.probs.unsqueeze(1) @ difference.unsqueeze(2)).sum())
-        self.tokens += targets.numel()
-
-    def add_reference(self, reference: _Reference, tokens: int) -> None:
-        """The reference against itself: KL 0 and every top token shared, by definition."""
-        self.nll += reference.nll
-        self.same_top += tokens
-        self.tokens += tokens
-
-
 def _vocab(engine: Engine) -> int:
     head = engine.model.get_output_embeddings()
     return int(head.weight.shape[0]) if head is not None else int(engine.model.config.vocab_size)
@@ -231,7 +170,7 @@ def _scores(
     hold_bytes: int = HOLD_BYTES,
     progress: Progress | None = None,
     cancel: Cancel = None,
-) -> Iterator[tuple[str, _Tally]]:
+) -> Iterator[tuple[str, Tally]]:
     """Yield ``(precision, tally)`` for the reference and then each precision, as each is final.
 
     When the reference's distributions for all ``windows`` fit in ``hold_bytes`` they are read
@@ -260,22 +199,22 @@ def _scores(
         if progress is not None:
             progress("windows", done, total)
 
-    def read(precision: str, part: slice, tally: _Tally) -> torch.Tensor:
+    def read(precision: str, part: slice, tally: Tally) -> torch.Tensor:
         check_cancel(cancel)
         engine.switch(precision, wait=True)
         tally.weights_mib = engine.weights(precision).weights_mib
         return _batch_logits(engine, ids[part], half, batch_invariant(engine, precision))
 
-    def read_reference(part: slice, tally: _Tally) -> list[_Reference]:
+    def read_reference(part: slice, tally: Tally) -> list[Reference]:
         logits = read(REFERENCE, part, tally)
-        found = [_Reference.from_logits(row, t) for row, t in zip(logits, targets[part], strict=True)]
+        found = [Reference.from_logits(row, t) for row, t in zip(logits, targets[part], strict=True)]
         del logits
         for reference, t in zip(found, targets[part], strict=True):
             tally.add_reference(reference, t.numel())
         advance(len(found))
         return found
 
-    def score(precision: str, part: slice, references: list[_Reference], tally: _Tally) -> None:
+    def score(precision: str, part: slice, references: list[Reference], tally: Tally) -> None:
         logits = read(precision, part, tally)
         for row, t, reference in zip(logits, targets[part], references, strict=True):
             tally.add(row, t, reference)
@@ -286,17 +225,17 @@ def _scores(
     if progress is not None:
         progress("windows", 0, total)
     if held_bytes <= hold_bytes:
-        tally = _Tally()
+        tally = Tally()
         held = [read_reference(part, tally) for part in batches]
         yield REFERENCE, tally
         for precision in order[1:]:
-            tally = _Tally()
+            tally = Tally()
             for part, references in zip(batches, held, strict=True):
                 score(precision, part, references, tally)
             engine.switch(REFERENCE, wait=True)
             yield precision, tally
         return
-    tallies = {p: _Tally() for p in order}
+    tallies = {p: Tally() for p in order}
     # Batch-major switches among all of them once per batch: the memory bound must not drop one.
     with engine.pinned(order):
         for part in batches:
@@ -316,7 +255,7 @@ def score_windows(
     *,
     batch_size: int = BATCH,
     cancel: Cancel = None,
-) -> dict[str, _Tally]:
+) -> dict[str, Tally]:
     """Tally PPL, KL and top-1 agreement of every precision against the reference.
 
     Batch-major: only one batch's reference distributions are held at a time; the engine

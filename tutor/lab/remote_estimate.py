@@ -25,7 +25,8 @@ from typing import Any
 
 from tutor.engine.generate import Cancel
 from tutor.engine.remote import RemoteEngine, RemoteError
-from tutor.lab.measure import REFERENCE, Progress, Sums, check_cancel
+from tutor.lab.divergence import Sums
+from tutor.lab.measure import REFERENCE, Progress, check_cancel
 from tutor.lab.windows import lesson_text, pick_windows
 from tutor.library.content import Library
 
