@@ -55,7 +55,7 @@ def test_gptq4_calibrates_once_and_beats_rounding_to_nearest(  # type: ignore[no
     from tutor.engine import calibration
 
     monkeypatch.setattr(calibration, "WINDOWS", 8)
-    bf16_engine.cache_dir = tmp_path
+    bf16_engine.gptq.cache_root = tmp_path
     steps: list[tuple[int, int]] = []
 
     def stop_after_the_pass(done: int, total: int) -> None:
@@ -63,15 +63,15 @@ def test_gptq4_calibrates_once_and_beats_rounding_to_nearest(  # type: ignore[no
         raise Cancelled
 
     with pytest.raises(Cancelled):  # the Lab's Esc: stopped between steps, nothing cached
-        bf16_engine.calibrate_gptq(stop_after_the_pass)
+        bf16_engine.gptq.calibrate(stop_after_the_pass)
     assert len(steps) == 1 and steps[0][0] == 1 < steps[0][1] and not list(tmp_path.rglob("*.safetensors"))
-    assert bf16_engine.gptq_calibration() is None
+    assert bf16_engine.gptq.report() is None
     rows = measure.quality_rows(
         bf16_engine, library, ["bf16", "nf4", "int4", "gptq4"], window=WINDOW, max_windows=2, folder=tmp_path
     )
-    first = bf16_engine.calibration
+    first = bf16_engine.gptq.calibration
     assert first is not None and not first.cached and first.tokens == 8 * calibration.WINDOW
-    section = calibrated(rows[1:], bf16_engine.gptq_calibration())
+    section = calibrated(rows[1:], bf16_engine.gptq.report())
     four, rtn, fitted = (QualityRow(**r) for r in section.rows)
     assert [four.precision, rtn.precision, fitted.precision] == ["nf4", "int4", "gptq4"]
     assert fitted.kl_mean < 0.85 * rtn.kl_mean, (fitted.kl_mean, rtn.kl_mean)
@@ -86,7 +86,7 @@ def test_gptq4_calibrates_once_and_beats_rounding_to_nearest(  # type: ignore[no
     assert bf16_engine.drop_prepared("gptq4")
     monkeypatch.setattr(calibration, "calibrate", None)  # would fail if called
     bf16_engine.switch("gptq4", wait=True)
-    assert bf16_engine.calibration is not None and bf16_engine.calibration.cached
+    assert bf16_engine.gptq.calibration is not None and bf16_engine.gptq.calibration.cached
     assert torch.equal(bf16_engine.window_logits(windows), before)
     reply = bf16_engine.generate([{"role": "user", "content": "What is GPTQ?"}], max_new_tokens=8, wait=True)
     assert reply.stats.precision == "gptq4" and len(reply.tokens) == 8

@@ -21,6 +21,7 @@ import importlib.resources
 import json
 import time
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -29,7 +30,9 @@ import torch
 import yaml
 from torch import nn
 
-from tutor.engine.decoder import DecoderWeights, FastDecoder
+from tutor.engine.decoder import FastDecoder
+from tutor.engine.decoder_weights import DecoderWeights, tapped
+from tutor.engine.errors import EngineError
 from tutor.engine.int4 import GROUP, Codes, gptq_batch
 from tutor.engine.row_modules import stacked
 
@@ -127,7 +130,7 @@ def calibrate(
 
     ids = torch.tensor(windows, dtype=torch.long, device=decoder.device)
     with torch.inference_mode():
-        decoder.forward(decoder.tapped(weights, see), ids, None, last_only=True)
+        decoder.forward(tapped(weights, see), ids, None, last_only=True)
         codes: dict[tuple[str, ...], Codes] = {}
         by_shape: dict[tuple[int, ...], list[tuple[str, ...]]] = {}
         for names in hessians:
@@ -217,3 +220,59 @@ def cached_or_calibrated(
     codes, report = calibrate(decoder, manager.reference_weights(), manager.masters, windows, step)
     save(path, codes, report)
     return codes, report
+
+
+class GptqCodes:
+    """gptq4's codes for one engine's model, and what they were calibrated on.
+
+    ``engine.gptq``: ``report()`` says what gptq4 was calibrated on and how long that took
+    (this run's calibration, or the cached codes'; None before either); ``calibrate(step)``
+    calibrates now unless the codes are cached, holding the engine as a reply does; ``codes``
+    is what the precision manager asks for when it builds gptq4.
+    """
+
+    def __init__(
+        self,
+        cache_root: Path | None,
+        model: str,
+        tokenizer: Any,
+        decoder: FastDecoder | None,
+        manager: PrecisionManager,
+        exclusive: Callable[[], AbstractContextManager[None]],
+    ) -> None:
+        self.cache_root, self.model, self.tokenizer = cache_root, model, tokenizer
+        self.decoder, self.manager, self.exclusive = decoder, manager, exclusive
+        self.calibration: Calibration | None = None  # once calibrated or read from the cache
+        if decoder is not None:
+            manager.calibrated = self.codes
+
+    def _cache(self, text: str) -> Path:
+        from tutor.paths import cache_dir
+
+        return cache_path(self.cache_root or cache_dir(), self.model, text)
+
+    def report(self) -> Calibration | None:
+        """What gptq4 was calibrated on and how long that took: this run's, or the cached codes'."""
+        if self.calibration is not None:
+            return self.calibration
+        return read_report(self._cache(calibration_text()))
+
+    def calibrate(self, step: Callable[[int, int], None] | None = None) -> Calibration:
+        """Calibrate gptq4 now unless its codes are cached (``step(done, total)`` as it goes; it
+        may raise to stop, and nothing is cached then), so a later switch only reads them."""
+        if self.decoder is None:
+            raise EngineError("gptq4 calibrates on the fast decoder, which this model does not run on.")
+        with self.exclusive():
+            self.codes(step)
+        assert self.calibration is not None
+        return self.calibration
+
+    def codes(self, step: Callable[[int, int], None] | None = None) -> Mapping[tuple[str, ...], Codes]:
+        """gptq4's codes: from the cache, or calibrated now (on the caller's thread, inside a
+        build: no engine lock is taken here) and cached."""
+        assert self.decoder is not None
+        text = calibration_text()
+        codes, self.calibration = cached_or_calibrated(
+            self._cache(text), text, self.tokenizer, self.decoder, self.manager, step
+        )
+        return codes

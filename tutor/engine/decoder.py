@@ -12,7 +12,8 @@ top of that:
   q/k/v and gate/up fused into one matmul each;
 * quantized precisions call the installed bitsandbytes modules directly.
 
-The Linear slots are :mod:`tutor.engine.linears`; the sessions that decode a reply on it are
+The Linear slots are :mod:`tutor.engine.linears`, the weights per precision they make up
+:mod:`tutor.engine.decoder_weights`; the sessions that decode a reply on it are
 :mod:`tutor.engine.sessions`, whose ``GenericSession`` runs any causal LM through
 ``model(...)`` with a transformers cache (``StaticCache`` on CUDA), for architectures the fast
 path does not cover or when asked for.
@@ -21,7 +22,7 @@ path does not cover or when asked for.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 # This module is imported only once a model is being loaded, so torch at the top is fine here.
@@ -29,11 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tutor.engine.linears import ModuleLinear, PackedLinear, PlainLinear, See, Slot, Tap, mkldnn_linear_works
+from tutor.engine.decoder_weights import LINEAR_NAMES, DecoderWeights, LayerWeights, linear_names
+from tutor.engine.linears import ModuleLinear, PackedLinear, PlainLinear, Slot, mkldnn_linear_works
 
 FAST_ARCHITECTURES = ("LlamaForCausalLM",)
 STATIC_ROPE = ("default", "linear", "llama3")
-LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def fast_path_problem(model: Any) -> str | None:
@@ -50,39 +51,6 @@ def fast_path_problem(model: Any) -> str | None:
     if getattr(config, "pretraining_tp", 1) not in (1, None):
         return "pretraining_tp > 1"
     return None
-
-
-@dataclass
-class LayerWeights:
-    q: Slot | None
-    k: Slot | None
-    v: Slot | None
-    qkv: Slot | None  # fused q|k|v when available
-    o: Slot
-    gate: Slot | None
-    up: Slot | None
-    gate_up: Slot | None  # fused gate|up when available
-    down: Slot
-    ln1: torch.Tensor
-    ln2: torch.Tensor
-
-
-@dataclass
-class DecoderWeights:
-    """Everything the fast decoder computes with at one precision."""
-
-    precision: str
-    act_dtype: torch.dtype
-    layers: list[LayerWeights]
-    norm: torch.Tensor
-    head: Slot
-    copies: list[torch.Tensor] = field(default_factory=list)  # tensors held only for this precision
-
-    @property
-    def copy_bytes(self) -> int:
-        from tutor.engine.memory import tensor_bytes
-
-        return tensor_bytes(self.copies)
 
 
 @dataclass
@@ -172,41 +140,6 @@ class FastDecoder:
             groups.append((f"{mlp}.gate_proj", f"{mlp}.up_proj"))
         return groups
 
-    @staticmethod
-    def linear_names(layer: int) -> dict[str, str]:
-        """``q_proj`` -> ``model.layers.{layer}.self_attn.q_proj`` and so on, for each Linear."""
-        return {
-            n: f"model.layers.{layer}.{'self_attn' if n in LINEAR_NAMES[:4] else 'mlp'}.{n}"
-            for n in LINEAR_NAMES
-        }
-
-    def tapped(self, weights: DecoderWeights, see: See) -> DecoderWeights:
-        """``weights`` with each decoder Linear slot showing its input to ``see`` (a fused slot
-        once, with the names of all the modules it computes)."""
-        from dataclasses import replace
-
-        parts: dict[str, tuple[str, ...]] = {
-            "q": ("q_proj",),
-            "k": ("k_proj",),
-            "v": ("v_proj",),
-            "qkv": ("q_proj", "k_proj", "v_proj"),
-            "o": ("o_proj",),
-            "gate": ("gate_proj",),
-            "up": ("up_proj",),
-            "gate_up": ("gate_proj", "up_proj"),
-            "down": ("down_proj",),
-        }
-        layers = []
-        for i, lw in enumerate(weights.layers):
-            full = self.linear_names(i)
-            taps: dict[str, Any] = {
-                field: Tap(slot, tuple(full[n] for n in names), see)
-                for field, names in parts.items()
-                if (slot := getattr(lw, field)) is not None
-            }
-            layers.append(replace(lw, **taps))
-        return replace(weights, layers=layers, copies=[])
-
     def build_weights(
         self,
         precision: str,
@@ -276,7 +209,7 @@ class FastDecoder:
         layers: list[LayerWeights] = []
         with torch.no_grad():
             for i, layer in enumerate(self.layers):
-                full = self.linear_names(i)
+                full = linear_names(i)
                 get = {n: linears[full[n]] for n in LINEAR_NAMES}
                 qkv = fuse((full["q_proj"], full["k_proj"], full["v_proj"]))
                 gate_up = fuse((full["gate_proj"], full["up_proj"]))

@@ -2,8 +2,9 @@
 
 The work itself lives beside it: loading in ``loading``, switching in ``switching``, prompts in
 ``prompts``, the token loop in ``generate`` and ``sessions``, the lab's window reads in
-``scoring`` and ``probes``. The Engine holds the state they share and the lock that keeps a
-reply, a switch and a measurement from running into each other.
+``scoring`` and ``probes``, gptq4's calibration in ``calibration`` (``engine.gptq``). The Engine
+holds the state they share and the lock (``lock``) that keeps a reply, a switch and a
+measurement from running into each other.
 """
 
 from __future__ import annotations
@@ -11,13 +12,13 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Unpack
 
 from tutor.engine import prompts, switching
 from tutor.engine.checkpoint import Checkpoint
-from tutor.engine.errors import EngineBusyError, EngineError
+from tutor.engine.errors import EngineError
 from tutor.engine.generate import (
     Cancel,
     Messages,
@@ -30,6 +31,7 @@ from tutor.engine.generate import (
     run_tokens,
 )
 from tutor.engine.loading import build_engine
+from tutor.engine.lock import EngineLock
 from tutor.engine.precisions import PRECISIONS, check_precision
 from tutor.engine.reports import (
     PrepareReport,
@@ -42,13 +44,10 @@ from tutor.engine.reports import (
 if TYPE_CHECKING:
     import torch
 
-    from tutor.engine.calibration import Calibration
-    from tutor.engine.decoder import DecoderWeights, FastDecoder
-    from tutor.engine.int4 import Codes
+    from tutor.engine.decoder import FastDecoder
+    from tutor.engine.decoder_weights import DecoderWeights
     from tutor.engine.linears import See
     from tutor.engine.precision_manager import PrecisionManager
-
-BUSY_MESSAGE = "A reply is being generated; wait for it to finish or cancel it, then try again."
 
 
 class Engine:
@@ -73,14 +72,14 @@ class Engine:
         self._manager = manager
         self._decoder = decoder
         self.load_seconds = load_seconds
-        self.cache_dir = cache_dir
-        self.calibration: Calibration | None = None  # gptq4's, once calibrated or read from the cache
-        self._busy = threading.Lock()
+        self._busy = EngineLock()
         config = model.config
         self.max_positions = int(getattr(config, "max_position_embeddings", 2048))
         self.stop_ids = prompts.stop_ids(model, tokenizer)
-        if decoder is not None:
-            manager.calibrated = self._gptq_codes
+        from tutor.engine.calibration import GptqCodes
+
+        # gptq4's codes (the manager asks it for them when it builds gptq4) and its calibration
+        self.gptq = GptqCodes(cache_dir, str(checkpoint.path), tokenizer, decoder, manager, self._hold)
 
     # ------------------------------------------------------------------ loading
 
@@ -105,6 +104,9 @@ class Engine:
     @property
     def busy(self) -> bool:
         return self._busy.locked()
+
+    def _hold(self) -> contextlib.AbstractContextManager[None]:
+        return self._busy.held(True)
 
     @property
     def int8_threshold(self) -> float:
@@ -134,21 +136,6 @@ class Engine:
 
     # ------------------------------------------------------------------ switching
 
-    @contextlib.contextmanager
-    def _exclusive(self, wait: bool | float) -> Iterator[None]:
-        if wait is True:
-            acquired = self._busy.acquire()
-        elif wait is False:
-            acquired = self._busy.acquire(blocking=False)
-        else:
-            acquired = self._busy.acquire(timeout=float(wait))
-        if not acquired:
-            raise EngineBusyError(BUSY_MESSAGE)
-        try:
-            yield
-        finally:
-            self._busy.release()
-
     def switch(self, precision: str, *, wait: bool | float = False) -> SwitchReport:
         """Run at ``precision`` from now on; returns what it took and what it holds.
 
@@ -157,7 +144,7 @@ class Engine:
         its previous precision, working.
         """
         precision = check_precision(precision)
-        with self._exclusive(wait):
+        with self._busy.held(wait):
             return switching.switch_to(self._manager, precision)
 
     def prepare(self, precision: str, *, exclusive: bool = True, wait: bool | float = True) -> PrepareReport:
@@ -170,7 +157,7 @@ class Engine:
         Raises SwitchError if building fails, EngineBusyError if ``wait`` runs out.
         """
         started = time.perf_counter()
-        with self._exclusive(wait) if exclusive else contextlib.nullcontext():
+        with self._busy.held(wait) if exclusive else contextlib.nullcontext():
             return switching.prepare(self._manager, precision, started)
 
     @contextlib.contextmanager
@@ -247,7 +234,7 @@ class Engine:
     ) -> Generator[TokenEvent, None, Reply]:
         """The reply's events, the engine held from the first to the last (``ReplyOptions``)."""
         started = time.perf_counter()
-        with self._exclusive(wait):
+        with self._busy.held(wait):
             if prompt_ids is None:
                 if messages is None:
                     raise TypeError("give messages or prompt_ids")
@@ -338,7 +325,7 @@ class Engine:
 
         mixed = scoring.mixed_weights(self._decoder, self._manager, mix) if mix is not None else None
         ids = scoring.window_ids(windows, start, self.max_positions)
-        with self._exclusive(wait):
+        with self._busy.held(wait):
             weights = mixed or (self._current_weights() if self._decoder is not None else None)
             return scoring.window_logits(
                 self.model,
@@ -366,7 +353,7 @@ class Engine:
         from tutor.engine.probes import show_linear_inputs
 
         ids = torch.tensor([list(w) for w in windows], dtype=torch.long, device=self.torch_device)
-        with self._exclusive(True):
+        with self._busy.held(True):
             show_linear_inputs(self.model, self._decoder, self._manager, ids, see)
 
     def prefill_footprint(self, ids: Sequence[int]) -> tuple[int, int]:
@@ -381,7 +368,7 @@ class Engine:
             raise EngineError(
                 "Measuring a prefill's memory needs the fast decoder (a Llama-architecture model)."
             )
-        with self._exclusive(True):
+        with self._busy.held(True):
             return prefill_footprint(self._decoder, self._current_weights(), ids)
 
     def continue_greedy(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
@@ -394,52 +381,14 @@ class Engine:
             return [
                 self.generate(prompt_ids=p, max_new_tokens=max_new_tokens, wait=True).tokens for p in prompts
             ]
-        with self._exclusive(True):
+        with self._busy.held(True):
             return greedy_batch(
                 self._decoder, self._current_weights(), prompts, max_new_tokens, self.stop_ids
             )
 
-    # ------------------------------------------------------------------ gptq4's calibration
-
-    def _gptq_cache(self, text: str) -> Path:
-        from tutor.engine import calibration
-        from tutor.paths import cache_dir
-
-        return calibration.cache_path(self.cache_dir or cache_dir(), str(self.checkpoint.path), text)
-
-    def gptq_calibration(self) -> Calibration | None:
-        """What gptq4 was calibrated on and how long that took: this run's, or the cached codes'."""
-        from tutor.engine import calibration
-
-        if self.calibration is not None:
-            return self.calibration
-        return calibration.read_report(self._gptq_cache(calibration.calibration_text()))
-
-    def calibrate_gptq(self, step: Callable[[int, int], None] | None = None) -> Calibration:
-        """Calibrate gptq4 now unless its codes are cached (``step(done, total)`` as it goes; it
-        may raise to stop, and nothing is cached then), so a later switch only reads them."""
-        if self._decoder is None:
-            raise EngineError("gptq4 calibrates on the fast decoder, which this model does not run on.")
-        with self._exclusive(True):
-            self._gptq_codes(step)
-        assert self.calibration is not None
-        return self.calibration
-
-    def _gptq_codes(self, step: Callable[[int, int], None] | None = None) -> Mapping[tuple[str, ...], Codes]:
-        """gptq4's codes: from the cache, or calibrated now (on the caller's thread, inside a
-        build: no engine lock is taken here) and cached."""
-        from tutor.engine import calibration
-
-        assert self._decoder is not None
-        text = calibration.calibration_text()
-        codes, self.calibration = calibration.cached_or_calibrated(
-            self._gptq_cache(text), text, self.tokenizer, self._decoder, self._manager, step
-        )
-        return codes
-
     def close(self) -> None:
         """Drop prepared precisions and references so the memory can be reclaimed."""
-        with self._exclusive(True):
+        with self._busy.held(True):
             for name in list(self._manager.prepared()):
                 self._manager.drop(name)
 

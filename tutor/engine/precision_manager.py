@@ -30,7 +30,8 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from tutor.engine.decoder import DecoderWeights, FastDecoder
+    from tutor.engine.decoder import FastDecoder
+    from tutor.engine.decoder_weights import DecoderWeights
     from tutor.engine.int4 import Codes
 
 

@@ -12,11 +12,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from tutor.engine.decoder_weights import tapped
 from tutor.engine.errors import EngineError
 from tutor.engine.precisions import DEFAULT_PRECISION
 
 if TYPE_CHECKING:
-    from tutor.engine.decoder import DecoderWeights, FastDecoder
+    from tutor.engine.decoder import FastDecoder
+    from tutor.engine.decoder_weights import DecoderWeights
     from tutor.engine.linears import See
     from tutor.engine.precision_manager import PrecisionManager
 
@@ -29,7 +31,7 @@ def show_linear_inputs(
     else through hooks on the model's own Linears, which must hold the reference precision."""
     with torch.inference_mode():
         if decoder is not None:
-            decoder.forward(decoder.tapped(manager.reference_weights(), see), ids, None)
+            decoder.forward(tapped(manager.reference_weights(), see), ids, None)
             return
         if manager.active != DEFAULT_PRECISION:
             raise EngineError(f"Switch to {DEFAULT_PRECISION} first: the model holds {manager.active}.")

@@ -16,7 +16,8 @@ from tutor.engine.errors import EngineError, PromptTooLongError
 from tutor.engine.precisions import check_precision
 
 if TYPE_CHECKING:
-    from tutor.engine.decoder import DecoderWeights, FastDecoder
+    from tutor.engine.decoder import FastDecoder
+    from tutor.engine.decoder_weights import DecoderWeights
     from tutor.engine.precision_manager import PrecisionManager
 
 

@@ -7,7 +7,8 @@ from typing import Any
 
 import torch
 
-from tutor.engine.decoder import DecoderWeights, FastDecoder, KVCache
+from tutor.engine.decoder import FastDecoder, KVCache
+from tutor.engine.decoder_weights import DecoderWeights
 from tutor.engine.generate import Session
 
 

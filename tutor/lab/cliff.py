@@ -292,13 +292,11 @@ def run_cliff(
         if plan.claims:
             publish(no_way_back([r for r in rows if r.precision in NO_WAY_BACK]))
             if plan.calibrate:  # after the table: GPTQ's first calibration takes half a minute
-                if engine.gptq_calibration() is None:
+                if engine.gptq.report() is None:
                     calibrating(0, 1)  # its first step, the tapped pass, takes a while before it counts steps
-                    engine.calibrate_gptq(calibrating)
+                    engine.gptq.calibrate(calibrating)
                 rows += [r for r in measured([REFERENCE, *INT4], None) if r.precision in INT4]
-                publish(
-                    calibrated([r for r in rows if r.precision in CALIBRATION], engine.gptq_calibration())
-                )
+                publish(calibrated([r for r in rows if r.precision in CALIBRATION], engine.gptq.report()))
             each: dict[str, Any] = {
                 "folder": folder,
                 "progress": progress,
