@@ -21,7 +21,6 @@ import importlib.resources
 import json
 import time
 from collections.abc import Callable, Mapping
-from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -34,6 +33,7 @@ from tutor.engine.decoder import FastDecoder
 from tutor.engine.decoder_weights import DecoderWeights, tapped
 from tutor.engine.errors import EngineError
 from tutor.engine.int4 import GROUP, Codes, gptq_batch
+from tutor.engine.lock import EngineLock
 from tutor.engine.row_modules import stacked
 
 if TYPE_CHECKING:
@@ -238,10 +238,10 @@ class GptqCodes:
         tokenizer: Any,
         decoder: FastDecoder | None,
         manager: PrecisionManager,
-        exclusive: Callable[[], AbstractContextManager[None]],
+        lock: EngineLock,
     ) -> None:
         self.cache_root, self.model, self.tokenizer = cache_root, model, tokenizer
-        self.decoder, self.manager, self.exclusive = decoder, manager, exclusive
+        self.decoder, self.manager, self.lock = decoder, manager, lock
         self.calibration: Calibration | None = None  # once calibrated or read from the cache
         if decoder is not None:
             manager.calibrated = self.codes
@@ -262,7 +262,7 @@ class GptqCodes:
         may raise to stop, and nothing is cached then), so a later switch only reads them."""
         if self.decoder is None:
             raise EngineError("gptq4 calibrates on the fast decoder, which this model does not run on.")
-        with self.exclusive():
+        with self.lock.held(True):
             self.codes(step)
         assert self.calibration is not None
         return self.calibration

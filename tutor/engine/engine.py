@@ -79,7 +79,7 @@ class Engine:
         from tutor.engine.calibration import GptqCodes
 
         # gptq4's codes (the manager asks it for them when it builds gptq4) and its calibration
-        self.gptq = GptqCodes(cache_dir, str(checkpoint.path), tokenizer, decoder, manager, self._hold)
+        self.gptq = GptqCodes(cache_dir, str(checkpoint.path), tokenizer, decoder, manager, self._busy)
 
     # ------------------------------------------------------------------ loading
 
@@ -104,9 +104,6 @@ class Engine:
     @property
     def busy(self) -> bool:
         return self._busy.locked()
-
-    def _hold(self) -> contextlib.AbstractContextManager[None]:
-        return self._busy.held(True)
 
     @property
     def int8_threshold(self) -> float:
