@@ -104,7 +104,6 @@ class ChatEntry(Vertical):
         if answer.grounded:
             # The stream showed tokens as they came; show the cleaned, final text.
             self.set_text(answer.generated or "(no text)")
-        if answer.grounded:
             self.query_one(".chat-stats", Plain).show(answer.stats.describe(answer.precision))
         if self.step == DOUBT_STEP and answer.sentences:
             hint = Plain(
