@@ -20,7 +20,7 @@ from tutor.lab.cliff import CLAIMS, FULL, PLANS, QUICK, Cancelled, Plan, run_cli
 from tutor.lab.diff import departures
 from tutor.lab.easy_hard import EasyHardRow
 from tutor.lab.footprint import FootprintRow
-from tutor.lab.measure import QualityRow
+from tutor.lab.measure import QAResult, QualityRow
 from tutor.lab.mixed_precision import MixedRow
 from tutor.lab.sections import calibrated
 from tutor.lab.weight_lab import run_lab
@@ -128,33 +128,42 @@ def test_tally_matches_a_separate_pass(bf16_engine, library: Library) -> None:  
     assert bf16_engine.precision == "bf16", "scoring leaves the reference installed"
 
 
-def test_both_orders_measure_the_same_under_a_tight_memory_bound(  # type: ignore[no-untyped-def]
+def test_a_lean_engine_builds_each_precision_once_and_drops_it_after(  # type: ignore[no-untyped-def]
     bf16_engine, library: Library, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Reference held for all windows (precision by precision) or one batch at a time: same rows.
-
-    With no room for prepared precisions (a GPU's bound holds about one beside the masters),
-    every switch drops the others: rows still carry their own precision's weights, and the
-    batch-major order, which switches once per batch, pins what it reads instead of rebuilding it.
-    """
-    monkeypatch.setattr(bf16_engine._manager, "limit_bytes", 0)
+    """Precision by precision against the spooled reference: each precision is built once, its
+    QA answered while it is installed, and dropped when the next one is read; the figures match
+    a measurement that holds everything."""
     built: list[str] = []
     monkeypatch.setattr(bf16_engine._manager, "build_hook", built.append)
+    for name in ("int8", "nf4"):
+        bf16_engine.drop_prepared(name)
     kwargs: dict[str, Any] = {"window": WINDOW, "max_windows": 3, "batch_size": 2}
-    held = measure.quality_rows(bf16_engine, library, ["bf16", "nf4"], folder=tmp_path / "a", **kwargs)
-    assert not bf16_engine._manager.is_prepared("nf4"), "the bound dropped nf4 after its row"
-    built.clear()
-    batched = measure.quality_rows(
-        bf16_engine, library, ["bf16", "nf4"], folder=tmp_path / "b", hold_bytes=0, **kwargs
+    held_while_answering: list[tuple[str, ...]] = []
+
+    def qa(precision: str) -> list[QAResult]:
+        held_while_answering.append(bf16_engine.prepared())
+        assert bf16_engine.precision == precision, "the row's precision is still installed"
+        return []
+
+    with bf16_engine.lean():
+        lean = measure.quality_rows(
+            bf16_engine, library, ["bf16", "int8", "nf4"], folder=tmp_path / "a", qa=qa, **kwargs
+        )
+    assert built == ["int8", "nf4"], "each precision built once, though three batches each"
+    assert [set(held) for held in held_while_answering] == [{"bf16"}, {"bf16", "int8"}, {"bf16", "nf4"}]
+    assert not list((tmp_path / "a" / "cliff").glob("reference-*")), "the spooled reference is deleted"
+    plain = measure.quality_rows(
+        bf16_engine, library, ["bf16", "int8", "nf4"], folder=tmp_path / "b", **kwargs
     )
-    assert built == ["nf4"], "two batches, one build: nf4 stayed prepared between them"
-    assert [r.weights_mib for r in held] == [r.weights_mib for r in batched]
-    assert held[0].weights_mib > 2 * held[1].weights_mib
-    for a, b in zip(held, batched, strict=True):
+    assert [r.weights_mib for r in lean] == [r.weights_mib for r in plain]
+    assert lean[0].weights_mib > 1.5 * lean[1].weights_mib > lean[2].weights_mib
+    for a, b in zip(lean, plain, strict=True):
         assert a.tokens_scored == b.tokens_scored == 3 * (WINDOW - WINDOW // 2 - 1)
         assert a.perplexity == pytest.approx(b.perplexity, rel=1e-6)
         assert a.kl_mean == pytest.approx(b.kl_mean, rel=1e-5, abs=1e-9)
         assert a.top1_agreement == b.top1_agreement
+    assert bf16_engine.precision == "bf16"
 
 
 def test_int8_drifts_less_than_4bit(bf16_engine, library: Library) -> None:  # type: ignore[no-untyped-def]
@@ -249,16 +258,14 @@ def test_rows_arrive_live_then_come_from_the_cache(  # type: ignore[no-untyped-d
     assert quick.rows[0].qa_token_f1 == 1.0 and quick.plan == "tiny quick"
     assert "2 of the" in quick.method and "QA on 1 evaluation question" in quick.method
     assert bf16_engine.precision == "nf4", "the engine is left at the precision it had"
-    # Then the claims (the Lab's e): the same table from the cache, nf4-bf16's row (its QA F1
-    # against bf16's answers, asked again: answers are not cached apart from rows) and each claim.
+    # Then the claims (the Lab's e): the same table from the cache, nf4-bf16's row (windows only:
+    # its section reads no answers, so bf16's are not asked again) and each claim.
     events.clear()
     result = cliff(plan=TINY, progress=progress, on_row=on_row)
     assert events[:2] == [("row", "bf16"), ("row", "nf4")] and result.rows == quick.rows
     phases = [what for kind, what in events if kind == "progress"]
     assert set(phases) == {
         "windows",
-        "qa bf16",
-        "qa nf4-bf16",
         "weight lab",
         "easy vs hard",
         "memory",
@@ -332,7 +339,6 @@ def test_cancel_raises_and_caches_nothing(bf16_engine, library: Library, tmp_pat
             window=WINDOW,
             max_windows=4,
             batch_size=1,
-            hold_bytes=0,
             folder=tmp_path,
             progress=progress,
             cancel=stop,

@@ -32,7 +32,7 @@ from tutor.engine.generate import (
 )
 from tutor.engine.loading import build_engine
 from tutor.engine.lock import EngineLock
-from tutor.engine.precisions import PRECISIONS, check_precision
+from tutor.engine.precisions import DEFAULT_PRECISION, PRECISIONS, check_precision
 from tutor.engine.reports import (
     PrepareReport,
     Reply,
@@ -170,12 +170,16 @@ class Engine:
                 self.switch(previous, wait=True)
 
     def pinned(self, precisions: Iterable[str]) -> contextlib.AbstractContextManager[None]:
-        """Keep ``precisions`` prepared inside, over the memory bound if need be.
-
-        A measurement switches among its precisions once per batch of windows; were the bound
-        to drop one, each batch would rebuild it.
-        """
+        """Keep ``precisions`` prepared inside, over the memory bound if need be (a mixed
+        precision reads layers of several at once; were the bound to drop one, each read would
+        rebuild it)."""
         return switching.pinned(self._manager, precisions)
+
+    def lean(self, keep: str = DEFAULT_PRECISION) -> contextlib.AbstractContextManager[None]:
+        """Hold as few precisions as the work inside allows: each switch drops every prepared
+        precision but ``keep``, the one installed and any pinned (a long measurement visits
+        each precision once; holding them all took the Lab's full plan past 3 GB)."""
+        return switching.lean(self._manager, keep)
 
     def drop_prepared(self, precision: str) -> bool:
         """Forget a prepared precision (never the current one); the next switch rebuilds it."""

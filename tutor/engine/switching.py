@@ -12,6 +12,7 @@ from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from tutor.engine.errors import SwitchError, reason
+from tutor.engine.memory import give_back_freed
 from tutor.engine.precisions import check_precision
 from tutor.engine.reports import PrepareReport, SwitchReport
 
@@ -26,6 +27,7 @@ def switch_to(manager: PrecisionManager, precision: str) -> SwitchReport:
     if precision == previous:
         prepared, from_cache = manager.current(), True
     else:
+        held = set(manager.prepared())
         prepared, from_cache = manager.prepare(precision)
         try:
             manager.install(prepared)
@@ -35,6 +37,8 @@ def switch_to(manager: PrecisionManager, precision: str) -> SwitchReport:
                 precision=precision,
                 kept=previous,
             ) from exc
+        if held - set(manager.prepared()):
+            give_back_freed()  # what the bound dropped would otherwise stay in the heap
     seconds = time.perf_counter() - started
     return SwitchReport(
         precision=precision,
@@ -71,3 +75,18 @@ def pinned(manager: PrecisionManager, precisions: Iterable[str]) -> Iterator[Non
         yield
     finally:
         manager.pinned = before
+
+
+@contextlib.contextmanager
+def lean(manager: PrecisionManager, keep: str) -> Iterator[None]:
+    """Inside, only ``keep``, the precision installed and one being built stay prepared (see
+    ``Engine.lean``); pinned precisions too."""
+    before = manager.limit_bytes, manager.pinned
+    manager.limit_bytes, manager.pinned = 0, before[1] | {check_precision(keep)}
+    for name in manager.prepared():
+        if name not in manager.pinned:
+            manager.drop(name)  # never the installed one
+    try:
+        yield
+    finally:
+        manager.limit_bytes, manager.pinned = before

@@ -246,6 +246,8 @@ def run_cliff(
     spread = None if max_windows is not None else plan.windows
     picked = pick_windows(total, first=max_windows, spread=spread)
     shown = list(dict.fromkeys([REFERENCE, *precisions]))
+    calibrating_too = plan.claims and plan.calibrate and engine.device == "cpu"  # int4's kernel is CPU-only
+    asked = [*shown, *INT4] if calibrating_too else shown  # the precisions whose rows show QA
 
     def shown_row(row: QualityRow) -> None:  # the sections' own rows arrive with the result
         if on_row is not None and row.precision in shown:
@@ -262,6 +264,7 @@ def run_cliff(
             max_windows=max_windows,
             spread=spread,
             qa=qa,
+            qa_precisions=asked,  # no-way-back's section compares windows only
             qa_label=qa_label(questions, plan.max_new_tokens),
             folder=folder,
             progress=progress,
@@ -280,8 +283,15 @@ def run_cliff(
             on_section(section)
         engine.release_prepared()  # each phase builds what it reads: the last one's need not stay
 
-    with engine.at(REFERENCE):  # the engine goes back to the precision it had, whatever happens
-        rows = measured([*shown, *NO_WAY_BACK] if plan.claims else shown, shown_row)
+    # The engine goes back to the precision it had, whatever happens; inside, each phase visits
+    # the precisions one by one, and only the reference and the one in use stay built.
+    with engine.at(REFERENCE), engine.lean(REFERENCE):
+        if calibrating_too and engine.gptq.report() is None:  # once per machine, about half a minute
+            calibrating(0, 1)  # its first step, the tapped pass, takes a while before it counts steps
+            engine.gptq.calibrate(calibrating)
+        # One table for every row the sections need too: the reference is read and its QA
+        # answered once.
+        rows = measured([*asked, *NO_WAY_BACK] if plan.claims else shown, shown_row)
         engine.release_prepared()
         check_cancel(cancel)
         if progress is not None:
@@ -291,11 +301,7 @@ def run_cliff(
             progress("weight lab", 1, 1)
         if plan.claims:
             publish(no_way_back([r for r in rows if r.precision in NO_WAY_BACK]))
-            if plan.calibrate:  # after the table: GPTQ's first calibration takes half a minute
-                if engine.gptq.report() is None:
-                    calibrating(0, 1)  # its first step, the tapped pass, takes a while before it counts steps
-                    engine.gptq.calibrate(calibrating)
-                rows += [r for r in measured([REFERENCE, *INT4], None) if r.precision in INT4]
+            if calibrating_too:
                 publish(calibrated([r for r in rows if r.precision in CALIBRATION], engine.gptq.report()))
             each: dict[str, Any] = {
                 "folder": folder,

@@ -1,7 +1,8 @@
 """The per-token math of the quality measurement: one precision's next-token distributions
 against the reference's, summed over the scored places of the lesson windows.
 
-``Reference`` holds one window's reference distributions; ``Tally`` adds each window at one
+``Reference`` holds one window's reference distributions; ``SpooledReferences`` keeps every
+window's on disk while the other precisions read theirs; ``Tally`` adds each window at one
 precision to its running ``Sums`` (negative log-likelihood, KL(reference ‖ precision), same top
 token, tokens), from which :mod:`tutor.lab.measure` makes PPL, mean KL and top-1 agreement.
 """
@@ -9,7 +10,10 @@ token, tokens), from which :mod:`tutor.lab.measure` makes PPL, mean KL and top-1
 from __future__ import annotations
 
 import math
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -35,6 +39,45 @@ class Reference:
             top=logprobs.argmax(-1),
             nll=-float(logprobs.gather(-1, targets.unsqueeze(-1)).sum()),
         )
+
+
+class SpooledReferences:
+    """Every window's reference distributions in a temporary file, read back one window at a time.
+
+    All lesson text is 53 windows of 127 scored places over a 49,152-token vocabulary: 1.3 GB of
+    float32 log-probs, more than the whole measurement may hold. As llama.cpp's
+    ``--kl-divergence-base`` file does, they go to disk once and each precision is scored
+    against them window by window; only the top tokens and the NLL stay in memory. The file is
+    deleted when closed, or by the OS if the process dies.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self._file = tempfile.TemporaryFile(dir=folder, prefix="reference-")  # noqa: SIM115 (closed by __exit__)
+        self._held: list[tuple[int, torch.Size, torch.dtype, torch.Tensor, float]] = []
+
+    def __enter__(self) -> SpooledReferences:
+        return self
+
+    def __exit__(self, *_exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+        self._file.close()
+
+    def append(self, reference: Reference) -> None:
+        import torch
+
+        logprobs = reference.logprobs.contiguous()
+        offset = self._file.seek(0, 2)
+        self._file.write(logprobs.view(-1).view(torch.uint8).numpy().data)
+        self._held.append((offset, logprobs.shape, logprobs.dtype, reference.top, reference.nll))
+
+    def __getitem__(self, index: int) -> Reference:
+        import torch
+
+        offset, shape, dtype, top, nll = self._held[index]
+        logprobs = torch.empty(shape, dtype=dtype)
+        self._file.seek(offset)
+        self._file.readinto(logprobs.view(-1).view(torch.uint8).numpy().data)
+        return Reference(logprobs=logprobs, probs=logprobs.exp(), top=top, nll=nll)
 
 
 def log_softmax_(logits: torch.Tensor) -> torch.Tensor:

@@ -11,12 +11,10 @@ content, windows, QA set, method).
 
 How the work is ordered (``quality_rows``): windows are read in batches, one forward pass
 per batch and precision (one per window for int8, whose outlier columns depend on the
-batch). When the reference's distributions for every selected window fit in ``hold_bytes`` (a
-quick measure: a few windows), the reference is read once and kept, and each other
-precision is then scored and its QA answered in turn, so each row is ready as soon as its
-own work is done. Otherwise (all lesson text) the windows are scored batch-major, holding
-only one batch's reference distributions at a time, then the QA set is answered precision by
-precision, each row ready after its answers.
+batch). The reference reads every window first and its distributions go to a temporary file;
+then each other precision in turn reads the windows, is scored against the file, and answers
+its QA set, so each row is ready as soon as its own work is done and only one precision
+besides the reference need be built at a time.
 """
 
 from __future__ import annotations
@@ -24,16 +22,17 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tutor.engine.generate import Cancel, is_cancelled
 from tutor.lab.cache import cache_file, cache_key, read_json, write_json
-from tutor.lab.divergence import Reference, Tally
+from tutor.lab.divergence import Reference, SpooledReferences, Tally
 from tutor.lab.windows import WINDOW, lesson_windows, pick_windows
 from tutor.library.content import Library
+from tutor.paths import cache_dir
 
 if TYPE_CHECKING:
     import torch
@@ -45,7 +44,6 @@ METHOD_VERSION = 2  # 2: windows read in batches, QA settings and question texts
 # Windows per forward pass. Against 4 on the AVX2 EPYC: quick plan 135 s vs 130 s, engine peak
 # 1905 vs 2043 MiB, and Esc waits for one pass of two windows, not four.
 BATCH = 2
-HOLD_BYTES = 320 * 1024**2  # reference distributions that may be held to score precision by precision
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
 
 
@@ -136,11 +134,6 @@ class QualityRow:
 OnRow = Callable[[QualityRow], None]
 
 
-def _vocab(engine: Engine) -> int:
-    head = engine.model.get_output_embeddings()
-    return int(head.weight.shape[0]) if head is not None else int(engine.model.config.vocab_size)
-
-
 def batch_invariant(engine: Engine, precision: str) -> bool:
     """Whether reading windows together gives each the same result as reading it alone.
 
@@ -167,18 +160,18 @@ def _scores(
     precisions: Sequence[str],
     *,
     batch_size: int = BATCH,
-    hold_bytes: int = HOLD_BYTES,
+    folder: Path | None = None,
     progress: Progress | None = None,
     cancel: Cancel = None,
 ) -> Iterator[tuple[str, Tally]]:
     """Yield ``(precision, tally)`` for the reference and then each precision, as each is final.
 
-    When the reference's distributions for all ``windows`` fit in ``hold_bytes`` they are read
-    once and kept, and the generator yields each precision right after scoring it (the caller
-    may use the engine between yields, e.g. to answer that precision's QA set); otherwise the
-    windows are scored batch-major, holding one batch's reference at a time, and everything is
-    yielded at the end. ``progress("windows", done, total)`` counts window passes (a window
-    read at one precision). Leaves the reference installed.
+    Precision by precision: the reference reads every window and its distributions go to a
+    temporary file (``SpooledReferences``, under ``folder``'s cache); each other precision
+    then reads the windows and is scored against them, one window's reference in memory at a
+    time. Each precision is yielded while it is still installed, so the caller may use it (e.g.
+    answer its QA set) before the next is built. ``progress("windows", done, total)`` counts
+    window passes (a window read at one precision). Leaves the reference installed.
     """
     import torch
 
@@ -190,7 +183,7 @@ def _scores(
     ids = torch.tensor([list(w) for w in windows], dtype=torch.long)
     targets = ids[:, half + 1 :]
     step = max(1, batch_size)
-    batches = [slice(first, first + step) for first in range(0, len(windows), step)]
+    batches = [range(first, min(first + step, len(windows))) for first in range(0, len(windows), step)]
     total, done = len(windows) * len(order), 0
 
     def advance(count: int) -> None:
@@ -199,52 +192,38 @@ def _scores(
         if progress is not None:
             progress("windows", done, total)
 
-    def read(precision: str, part: slice, tally: Tally) -> torch.Tensor:
+    def read(precision: str, part: range, tally: Tally) -> torch.Tensor:
         check_cancel(cancel)
         engine.switch(precision, wait=True)
         tally.weights_mib = engine.weights(precision).weights_mib
-        return _batch_logits(engine, ids[part], half, batch_invariant(engine, precision))
+        batch = ids[part.start : part.stop]
+        return _batch_logits(engine, batch, half, batch_invariant(engine, precision))
 
-    def read_reference(part: slice, tally: Tally) -> list[Reference]:
-        logits = read(REFERENCE, part, tally)
-        found = [Reference.from_logits(row, t) for row, t in zip(logits, targets[part], strict=True)]
-        del logits
-        for reference, t in zip(found, targets[part], strict=True):
-            tally.add_reference(reference, t.numel())
-        advance(len(found))
-        return found
-
-    def score(precision: str, part: slice, references: list[Reference], tally: Tally) -> None:
-        logits = read(precision, part, tally)
-        for row, t, reference in zip(logits, targets[part], references, strict=True):
-            tally.add(row, t, reference)
-        del logits
-        advance(len(references))
-
-    held_bytes = len(windows) * (length - half - 1) * _vocab(engine) * 8  # log-probs and probs
     if progress is not None:
         progress("windows", 0, total)
-    if held_bytes <= hold_bytes:
+    with SpooledReferences((folder or cache_dir()) / "cliff") as held:
         tally = Tally()
-        held = [read_reference(part, tally) for part in batches]
+        for part in batches:
+            logits = read(REFERENCE, part, tally)
+            for row, index in zip(logits, part, strict=True):
+                reference = Reference.from_logits(row, targets[index])
+                tally.add_reference(reference, targets[index].numel())
+                held.append(reference)
+            del logits, reference
+            advance(len(part))
         yield REFERENCE, tally
         for precision in order[1:]:
-            tally = Tally()
-            for part, references in zip(batches, held, strict=True):
-                score(precision, part, references, tally)
+            # Back to the reference first: a bound that keeps one other precision drops the last one.
             engine.switch(REFERENCE, wait=True)
+            tally = Tally()
+            for part in batches:
+                logits = read(precision, part, tally)
+                for row, index in zip(logits, part, strict=True):
+                    tally.add(row, targets[index], held[index])
+                del logits
+                advance(len(part))
             yield precision, tally
-        return
-    tallies = {p: Tally() for p in order}
-    # Batch-major switches among all of them once per batch: the memory bound must not drop one.
-    with engine.pinned(order):
-        for part in batches:
-            references = read_reference(part, tallies[REFERENCE])
-            for precision in order[1:]:
-                score(precision, part, references, tallies[precision])
-            del references
     engine.switch(REFERENCE, wait=True)
-    yield from tallies.items()
 
 
 def score_windows(
@@ -254,17 +233,22 @@ def score_windows(
     progress: Progress | None = None,
     *,
     batch_size: int = BATCH,
+    folder: Path | None = None,
     cancel: Cancel = None,
 ) -> dict[str, Tally]:
     """Tally PPL, KL and top-1 agreement of every precision against the reference.
 
-    Batch-major: only one batch's reference distributions are held at a time; the engine
-    keeps prepared precisions, so switching back and forth is a reference swap. Leaves the
-    reference installed. Raises Cancelled between batches when ``cancel`` is set.
+    Leaves the reference installed. Raises Cancelled between batches when ``cancel`` is set.
     """
     tallies = dict(
         _scores(
-            engine, windows, precisions, batch_size=batch_size, hold_bytes=0, progress=progress, cancel=cancel
+            engine,
+            windows,
+            precisions,
+            batch_size=batch_size,
+            folder=folder,
+            progress=progress,
+            cancel=cancel,
         )
     )
     return {p: tallies[p] for p in precisions}
@@ -303,19 +287,21 @@ def quality_rows(
     max_windows: int | None = None,
     spread: int | None = None,
     qa: Callable[[str], list[QAResult]] | None = None,
+    qa_precisions: Collection[str] | None = None,
     qa_label: str = "",
     folder: Path | None = None,
     progress: Progress | None = None,
     on_row: OnRow | None = None,
     cancel: Cancel = None,
     batch_size: int = BATCH,
-    hold_bytes: int = HOLD_BYTES,
 ) -> list[QualityRow]:
     """One row per precision, from the cache where the same measurement was made before.
 
     Windows: the first ``max_windows`` of all lesson text, or ``spread`` of them evenly spread
     over it, or all. ``qa(precision)`` (optional) answers the QA set at that precision, in a
-    fixed order; ``qa_label`` names that set (and its settings) in the cache key.
+    fixed order, for ``qa_precisions`` only if given (the reference's answers, which the others
+    are compared with, only when one of those is measured); ``qa_label`` names that set (and its
+    settings) in the cache key.
     ``on_row(row)`` gets each row as soon as it is final: cached rows at once, then the
     reference first, then the others in the order given. ``cancel`` (an Event or a callable)
     raises Cancelled between batches and questions; only finished rows are ever cached.
@@ -340,6 +326,9 @@ def quality_rows(
             if on_row is not None:
                 on_row(row)
     missing = [p for p in dict.fromkeys(precisions) if p not in rows]
+    answered = [p for p in missing if qa is not None and (qa_precisions is None or p in qa_precisions)]
+    if answered:
+        answered.append(REFERENCE)
     if missing:
         check_cancel(cancel)
         reference_ppl = math.nan
@@ -349,12 +338,12 @@ def quality_rows(
             windows,
             missing,
             batch_size=batch_size,
-            hold_bytes=hold_bytes,
+            folder=folder,
             progress=progress,
             cancel=cancel,
         ):
             ppl = math.exp(tally.nll / tally.tokens)
-            answers = qa(precision) if qa is not None else []
+            answers = qa(precision) if qa is not None and precision in answered else []
             check_cancel(cancel)
             if precision == REFERENCE:
                 reference_ppl, reference_answers = ppl, answers

@@ -112,18 +112,19 @@ def mixed_precision(
         mix[layer] = LOW
         sensitivity.append(_divergence(reference, read(mix))[0])
     order = sorted(range(layers), key=lambda i: -sensitivity[i])
-    for precision in (LOW, HIGH):
-        engine.prepare(precision)  # held already after the scan (nf4); int8 is built here once
-    kept = engine.weights(REFERENCE).kept_bytes
-    per_layer = {p: (engine.weights(p).weights_bytes - kept) / layers for p in (LOW, HIGH)}
     rows = []
-    for k in [0, *ks, layers]:
-        chosen = sorted(order[:k])
-        mix = [HIGH if i in chosen else LOW for i in range(layers)]
-        kl, same = _divergence(reference, read(mix))
-        variant = LOW if k == 0 else HIGH if k == layers else f"{LOW} + {k} at {HIGH}"
-        weights = kept + k * per_layer[HIGH] + (layers - k) * per_layer[LOW]
-        rows.append(MixedRow(variant, chosen, round(weights / MIB, 1), kl, same, int(reference.shape[0])))
+    with engine.pinned([LOW, HIGH]):  # every variant reads both: a lean engine must not drop one
+        for precision in (LOW, HIGH):
+            engine.prepare(precision)  # held already after the scan (nf4); int8 is built here once
+        kept = engine.weights(REFERENCE).kept_bytes
+        per_layer = {p: (engine.weights(p).weights_bytes - kept) / layers for p in (LOW, HIGH)}
+        for k in [0, *ks, layers]:
+            chosen = sorted(order[:k])
+            mix = [HIGH if i in chosen else LOW for i in range(layers)]
+            kl, same = _divergence(reference, read(mix))
+            variant = LOW if k == 0 else HIGH if k == layers else f"{LOW} + {k} at {HIGH}"
+            weights = kept + k * per_layer[HIGH] + (layers - k) * per_layer[LOW]
+            rows.append(MixedRow(variant, chosen, round(weights / MIB, 1), kl, same, int(reference.shape[0])))
     result = MixedResult(sensitivity, rows)
     write_json(path, result.as_dict())
     return result
