@@ -18,16 +18,38 @@ def test_codes_are_within_half_a_step_and_the_absmax_lands_on_a_code() -> None:
     assert bool((module.codes.abs().amax(1) >= LEVELS - 1).all()), "each row's largest weight near ±127"
 
 
-def test_a_prompts_many_rows_take_the_dense_path() -> None:
-    """The same product, to bf16's rounding (the kernel's own path: tests/engine/test_row_modules.py)."""
+@pytest.mark.parametrize("emulated", [True, False], ids=["fp32 dense (AVX2)", "bf16 dense (native bf16)"])
+def test_a_prompts_many_rows_take_the_dense_path(emulated: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same product, to bf16's rounding, on either dense path (each CPU takes one; the
+    kernel's own path: tests/engine/test_row_modules.py)."""
+    from tutor.engine import int8wo
+
+    monkeypatch.setattr(int8wo, "bf16_matmul_is_emulated", lambda: emulated)
+    linear, called = torch.nn.functional.linear, []
+
+    def spy(x: torch.Tensor, weight: torch.Tensor, *rest: object) -> torch.Tensor:
+        called.append(weight.dtype)
+        return linear(x, weight, *rest)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(torch.nn.functional, "linear", spy)
     torch.manual_seed(0)
     module = Int8WoLinear.of(torch.randn(96, 128) * 0.05)
     prompt = torch.randn(1, PREFILL_ROWS + 24, 128).bfloat16()
-    dense = module(prompt)
-    assert torch.allclose(dense.float(), prompt.float() @ module.dequantized().T, rtol=2**-7, atol=1e-3)
-    assert torch.allclose(
-        dense[0, :PREFILL_ROWS].float(), module(prompt[:, :PREFILL_ROWS]).float(), rtol=2**-7, atol=1e-3
+    dense = module(prompt).double()
+    exact = prompt.double() @ module.dequantized().double().T
+
+    def rms(t: torch.Tensor) -> float:
+        return float(t.pow(2).mean().sqrt())
+
+    # fp32: only the output's rounding to bf16; bf16: the weight's rounding to bf16 as well.
+    rounding = rms(exact.bfloat16().double() - exact)
+    assert rms(dense - exact) <= (1.0 if emulated else 1.6) * rounding + 1e-9
+    kernel = module(prompt[:, :PREFILL_ROWS]).double()  # few rows: the int8 kernel
+    assert rms(kernel - exact[:, :PREFILL_ROWS]) <= 1.05 * rms(
+        exact[:, :PREFILL_ROWS].bfloat16().double() - exact[:, :PREFILL_ROWS]
     )
+    assert rms(dense[:, :PREFILL_ROWS] - kernel) <= 2 * rounding
+    assert called == [torch.float32 if emulated else torch.bfloat16], "one dense matmul, then the kernel"
 
 
 def test_build_fuses_groups_as_row_views_of_one_weight() -> None:
