@@ -32,7 +32,7 @@ from tutor.engine.generate import (
 )
 from tutor.engine.loading import build_engine
 from tutor.engine.lock import EngineLock
-from tutor.engine.precisions import DEFAULT_PRECISION, PRECISIONS, check_precision
+from tutor.engine.precisions import PRECISIONS, check_precision
 from tutor.engine.reports import (
     PrepareReport,
     Reply,
@@ -175,11 +175,12 @@ class Engine:
         rebuild it)."""
         return switching.pinned(self._manager, precisions)
 
-    def lean(self, keep: str = DEFAULT_PRECISION) -> contextlib.AbstractContextManager[None]:
+    def lean(self) -> contextlib.AbstractContextManager[None]:
         """Hold as few precisions as the work inside allows: each switch drops every prepared
-        precision but ``keep``, the one installed and any pinned (a long measurement visits
-        each precision once; holding them all took the Lab's full plan past 3 GB)."""
-        return switching.lean(self._manager, keep)
+        precision but the one installed and any pinned (a long measurement visits each precision
+        once; holding them all took the Lab's full plan past 3 GB). The bf16 masters stay: a
+        switch back to bf16 only packs them again."""
+        return switching.lean(self._manager)
 
     def drop_prepared(self, precision: str) -> bool:
         """Forget a prepared precision (never the current one); the next switch rebuilds it."""

@@ -78,15 +78,15 @@ def pinned(manager: PrecisionManager, precisions: Iterable[str]) -> Iterator[Non
 
 
 @contextlib.contextmanager
-def lean(manager: PrecisionManager, keep: str) -> Iterator[None]:
-    """Inside, only ``keep``, the precision installed and one being built stay prepared (see
-    ``Engine.lean``); pinned precisions too."""
-    before = manager.limit_bytes, manager.pinned
-    manager.limit_bytes, manager.pinned = 0, before[1] | {check_precision(keep)}
+def lean(manager: PrecisionManager) -> Iterator[None]:
+    """Inside, only the precision installed, one being built and pinned ones stay prepared
+    (see ``Engine.lean``)."""
+    before = manager.limit_bytes
+    manager.limit_bytes = 0
     for name in manager.prepared():
         if name not in manager.pinned:
             manager.drop(name)  # never the installed one
     try:
         yield
     finally:
-        manager.limit_bytes, manager.pinned = before
+        manager.limit_bytes = before

@@ -284,8 +284,8 @@ def run_cliff(
         engine.release_prepared()  # each phase builds what it reads: the last one's need not stay
 
     # The engine goes back to the precision it had, whatever happens; inside, each phase visits
-    # the precisions one by one, and only the reference and the one in use stay built.
-    with engine.at(REFERENCE), engine.lean(REFERENCE):
+    # the precisions one by one, and only the one in use stays built.
+    with engine.at(REFERENCE), engine.lean():
         if calibrating_too and engine.gptq.report() is None:  # once per machine, about half a minute
             calibrating(0, 1)  # its first step, the tapped pass, takes a while before it counts steps
             engine.gptq.calibrate(calibrating)

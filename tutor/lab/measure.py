@@ -213,7 +213,7 @@ def _scores(
             advance(len(part))
         yield REFERENCE, tally
         for precision in order[1:]:
-            # Back to the reference first: a bound that keeps one other precision drops the last one.
+            # Back to the reference first: a lean engine drops the last one before the next is built.
             engine.switch(REFERENCE, wait=True)
             tally = Tally()
             for part in batches:
