@@ -330,3 +330,31 @@ def test_a_job_runs_in_a_thread_that_ends_with_it() -> None:
     assert not third.is_alive()
     with pytest.raises(ZeroDivisionError):
         briefly(lambda: 1 / 0)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_the_4bit_kernel_called_straight_gives_the_modules_own_output(
+    quant_type: str, double_quant: bool
+) -> None:
+    """Bit for bit, for one row (a decode step) and many (a prompt); where bitsandbytes has no
+    packed CPU kernel, the slot is the module itself."""
+    import torch
+
+    from tutor.engine import quantize
+    from tutor.engine.linears import Bnb4bitCpuLinear, ModuleLinear, module_slot
+
+    gen = torch.Generator().manual_seed(5)
+    master = torch.nn.Linear(192, 96, bias=False, dtype=torch.bfloat16)
+    with torch.no_grad():
+        master.weight.copy_(torch.randn(96, 192, generator=gen) * 0.05)
+    module = quantize.build_all(quant_type, {"o": master}, double_quant=double_quant).modules["o"]
+    slot = module_slot(module)
+    if not getattr(module.weight.quant_state, "packing_format_for_cpu", False):
+        assert type(slot) is ModuleLinear
+        pytest.skip("no AVX-512 BF16: bitsandbytes runs its generic 4-bit path, called as the module")
+    assert type(slot) is Bnb4bitCpuLinear
+    with torch.inference_mode():
+        for rows in (1, 37):
+            x = torch.randn(rows, 192, generator=gen).to(torch.bfloat16)
+            assert torch.equal(slot(x), module(x)), rows

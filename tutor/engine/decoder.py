@@ -30,8 +30,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tutor.engine.attention import one_query_attention, pad_mask
 from tutor.engine.decoder_weights import LINEAR_NAMES, DecoderWeights, LayerWeights, linear_names
-from tutor.engine.linears import ModuleLinear, PackedLinear, PlainLinear, Slot, mkldnn_linear_works
+from tutor.engine.linears import (
+    ModuleLinear,
+    PackedLinear,
+    PlainLinear,
+    Slot,
+    mkldnn_linear_works,
+    module_slot,
+)
 
 FAST_ARCHITECTURES = ("LlamaForCausalLM",)
 STATIC_ROPE = ("default", "linear", "llama3")
@@ -178,7 +186,7 @@ class FastDecoder:
                     plain = PlainLinear(weight_of(module), bias_of(module))
                     copies.extend(plain.tensors())
                     return plain
-            return ModuleLinear(module)
+            return module_slot(module)
 
         ready = fused or {}
 
@@ -186,7 +194,7 @@ class FastDecoder:
             if not self.fuse:
                 return None
             if names in ready:
-                return ModuleLinear(ready[names])
+                return module_slot(ready[names])
             modules: list[Any] = [linears[n] for n in names]
             if not pack or not all(plain_linear(m) for m in modules):
                 return None
@@ -318,7 +326,7 @@ class FastDecoder:
         sin = sin_table[rope_from + start : rope_from + end].view(1, steps, 1, dim)
         x = F.embedding(ids, self.embed).to(act).view(batch * steps, self.hidden)
         causal = steps > 1
-        mask = None if pad is None else _pad_mask(pad, start, end)
+        mask = None if pad is None else pad_mask(pad, start, end)
         gqa = heads != kv_heads
         for index, lw in enumerate(weights.layers):
             h = self._rms(x, lw.ln1, self.eps)
@@ -340,7 +348,7 @@ class FastDecoder:
                 k = layer_cache[0, :, :, :end]
                 v = layer_cache[1, :, :, :end]
             if steps == 1 and q.device.type == "cpu":
-                attn = _one_query_attention(q, k, v, mask, self.scaling)
+                attn = one_query_attention(q, k, v, mask, self.scaling)
             else:
                 attn = F.scaled_dot_product_attention(
                     q,
@@ -370,29 +378,3 @@ class FastDecoder:
         x = self._rms(x, weights.norm, self.eps)
         logits = weights.head(x)
         return logits if last_only else logits.view(batch, steps - keep_from, -1)
-
-
-def _one_query_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
-) -> torch.Tensor:
-    """A decode step's attention: one new position per row over the cache, in float32, each
-    query head grouped with the others that share its KV head (as transformers' ``repeat_kv``
-    pairs them). CPU SDPA's flash kernel is slow for one query: over 300 cached positions it took
-    122 µs a layer against 57 µs for these few ops (700: 295 against 92), 2-3 ms of a token."""
-    batch, heads, _, dim = q.shape
-    kv_heads = k.shape[1]
-    grouped = q.reshape(batch, kv_heads, heads // kv_heads, dim).float()
-    scores = torch.matmul(grouped, k.float().transpose(-1, -2)).mul_(scale)
-    if mask is not None:  # (batch, 1, 1, positions): each row's padding hidden
-        scores.masked_fill_(~mask, float("-inf"))
-    out = torch.matmul(scores.softmax(-1), v.float())
-    return out.reshape(batch, heads, 1, dim).to(q.dtype)
-
-
-def _pad_mask(pad: torch.Tensor, start: int, end: int) -> torch.Tensor:
-    """``(batch, 1, end - start, end)``: causal, blind to each row's padding (a padding position
-    sees only itself, so a padding query's unused output stays finite)."""
-    keys = torch.arange(end, device=pad.device)
-    queries = torch.arange(start, end, device=pad.device)
-    allowed = (keys[None, None, :] <= queries[None, :, None]) & (keys[None, None, :] >= pad[:, None, None])
-    return (allowed | (keys[None, None, :] == queries[None, :, None]))[:, None]

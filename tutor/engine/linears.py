@@ -2,8 +2,9 @@
 
 A slot is a callable ``x -> x @ W.T (+ b)`` holding its weight in the layout its kernel wants:
 oneDNN's pre-packed blocks on CPU (``PackedLinear``), a cast copy (``PlainLinear``), the
-model's own module, bf16 master or bitsandbytes (``ModuleLinear``), or any of them with its
-input shown to the weight lab and GPTQ (``Tap``).
+model's own module, bf16 master or bitsandbytes (``ModuleLinear``), bitsandbytes' 4-bit CPU
+kernel called straight (``Bnb4bitCpuLinear``), or any of them with its input shown to the
+weight lab and GPTQ (``Tap``).
 """
 
 from __future__ import annotations
@@ -115,6 +116,85 @@ class ModuleLinear:
         return []
 
 
+class Bnb4bitCpuLinear:
+    """A bitsandbytes 4-bit module on its AVX-512 BF16 CPU kernel, called straight.
+
+    ``Linear4bit.forward`` reaches that kernel through four Python layers (``matmul_4bit``,
+    ``gemv_4bit``, the op's CPU implementation, ctypes), which cast the absmax and read the code
+    table's sign again on every call: 120 calls a token, a third of an nf4 token here. This slot
+    holds what they compute once (the packed codes, the absmax in bf16, the shapes) and calls
+    the same C function on the same bytes, so the output is bit for bit the module's.
+    """
+
+    __slots__ = ("absmax", "args", "function", "out_features", "weight")
+
+    def __init__(self, module: Any, function: Any) -> None:
+        import ctypes
+
+        import bitsandbytes as bnb
+
+        state = module.weight.quant_state
+        absmax = state.absmax
+        if state.nested:  # double quantization: the absmax itself is quantized
+            absmax = bnb.functional.dequantize_blockwise(absmax, state.state2) + state.offset
+        self.absmax = absmax.to(torch.bfloat16).contiguous()
+        self.weight = module.weight.data.contiguous().view(torch.uint8)
+        self.out_features, in_features = (int(n) for n in state.shape)
+        self.function = function
+        c = ctypes.c_int64
+        self.args = (
+            c(self.out_features),
+            c(in_features),
+            ctypes.c_void_p(self.weight.data_ptr()),
+            ctypes.c_void_p(self.absmax.data_ptr()),
+            c(int(state.blocksize)),
+        )
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        import ctypes
+
+        x = x.to(torch.bfloat16).contiguous()
+        out = torch.empty((x.shape[0], self.out_features), dtype=torch.bfloat16)
+        n, k, weight, absmax, blocksize = self.args
+        self.function(
+            ctypes.c_int64(x.shape[0]),
+            n,
+            k,
+            ctypes.c_void_p(x.data_ptr()),
+            weight,
+            absmax,
+            ctypes.c_void_p(out.data_ptr()),
+            blocksize,
+            ctypes.c_int64(x.stride(0)),
+            ctypes.c_int64(out.stride(0)),
+        )
+        return out
+
+    def tensors(self) -> list[torch.Tensor]:
+        return []  # the module's own bytes (the absmax's bf16 copy is a few KiB)
+
+
+def module_slot(module: Any) -> Slot:
+    """The slot for one of the model's modules: bitsandbytes' 4-bit kernel called straight where
+    the module runs on it (``Bnb4bitCpuLinear``), else the module as is."""
+    state = getattr(getattr(module, "weight", None), "quant_state", None)
+    if state is not None and getattr(state, "packing_format_for_cpu", False) and module.bias is None:
+        function = _bnb_cpu_4bit_function(state.quant_type)
+        if function is not None:
+            return Bnb4bitCpuLinear(module, function)
+    return ModuleLinear(module)
+
+
+def _bnb_cpu_4bit_function(quant_type: str) -> Any:
+    """bitsandbytes' C function for 4-bit codes times bf16 on AVX-512 BF16 CPUs, or None."""
+    try:
+        from bitsandbytes.cextension import lib
+
+        return getattr(lib, f"gemv_4bit_inference_cpu_{quant_type}_bf16", None)
+    except (ImportError, RuntimeError):  # pragma: no cover - a build without its CPU library
+        return None
+
+
 class Tap:
     """A slot that shows its input to ``see(names, x)`` before computing: ``names`` are the
     model's Linear modules it computes (the weight lab's inputs, GPTQ's calibration). ``see`` may
@@ -133,7 +213,7 @@ class Tap:
         return []
 
 
-Slot = PackedLinear | PlainLinear | ModuleLinear | Tap
+Slot = PackedLinear | PlainLinear | ModuleLinear | Bnb4bitCpuLinear | Tap
 See = Callable[[tuple[str, ...], torch.Tensor], None]
 
 
