@@ -13,8 +13,8 @@ How the work is ordered (``quality_rows``): windows are read in batches, one for
 per batch and precision (one per window for int8, whose outlier columns depend on the
 batch). The reference reads every window first and its distributions go to a temporary file;
 then each other precision in turn reads the windows, is scored against the file, and answers
-its QA set, so each row is ready as soon as its own work is done and only one precision
-besides the reference need be built at a time.
+its QA set, so each row is ready as soon as its own work is done and only the precision being
+read need be built (``Engine.lean``).
 """
 
 from __future__ import annotations
