@@ -70,6 +70,12 @@ def is_cancelled(cancel: Cancel) -> bool:
     return bool(cancel())
 
 
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """The top token of each row. argmax over bf16 logits took 157 µs here, over float32 27 µs:
+    the cast pays for itself."""
+    return logits.float().argmax(-1)
+
+
 class Picker:
     """Chooses the next token from logits: argmax, or seeded temperature / top-k / top-p sampling."""
 
@@ -87,8 +93,7 @@ class Picker:
         import torch
 
         if not self.sampling.sample:
-            # argmax over bf16 logits took 157 µs here, over float32 27 µs: the cast pays for itself
-            return int(logits.float().argmax(-1))
+            return int(greedy(logits))
         scores = logits.float().cpu() / max(self.sampling.temperature, 1e-5)
         if self.sampling.top_k > 0:
             kth = torch.topk(scores, min(self.sampling.top_k, scores.numel())).values[-1]

@@ -9,6 +9,7 @@ weight lab and GPTQ (``Tap``).
 
 from __future__ import annotations
 
+import ctypes
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -129,8 +130,6 @@ class Bnb4bitCpuLinear:
     __slots__ = ("absmax", "args", "function", "out_features", "weight")
 
     def __init__(self, module: Any, function: Any) -> None:
-        import ctypes
-
         import bitsandbytes as bnb
 
         state = module.weight.quant_state
@@ -151,8 +150,6 @@ class Bnb4bitCpuLinear:
         )
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        import ctypes
-
         x = x.to(torch.bfloat16).contiguous()
         out = torch.empty((x.shape[0], self.out_features), dtype=torch.bfloat16)
         n, k, weight, absmax, blocksize = self.args

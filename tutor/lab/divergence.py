@@ -9,6 +9,7 @@ token, tokens), from which :mod:`tutor.lab.measure` makes PPL, mean KL and top-1
 
 from __future__ import annotations
 
+import functools
 import math
 import tempfile
 from dataclasses import dataclass
@@ -25,9 +26,14 @@ class Reference:
     """One window's reference distributions, as the tally needs them (``n`` scored positions)."""
 
     logprobs: torch.Tensor  # (n, vocab)
-    probs: torch.Tensor  # (n, vocab)
     top: torch.Tensor  # (n,) the reference's top token
     nll: float  # the reference's own negative log-likelihood of the targets, summed
+
+    @functools.cached_property
+    def probs(self) -> torch.Tensor:
+        """``(n, vocab)``, when a precision is scored against this window (the reference's own
+        pass, which spools the log-probs, never needs them)."""
+        return self.logprobs.exp()
 
     @classmethod
     def from_logits(cls, logits: torch.Tensor, targets: torch.Tensor) -> Reference:
@@ -35,7 +41,6 @@ class Reference:
         logprobs = log_softmax_(logits)
         return cls(
             logprobs=logprobs,
-            probs=logprobs.exp(),
             top=logprobs.argmax(-1),
             nll=-float(logprobs.gather(-1, targets.unsqueeze(-1)).sum()),
         )
@@ -77,7 +82,7 @@ class SpooledReferences:
         logprobs = torch.empty(shape, dtype=dtype)
         self._file.seek(offset)
         self._file.readinto(logprobs.view(-1).view(torch.uint8).numpy().data)
-        return Reference(logprobs=logprobs, probs=logprobs.exp(), top=top, nll=nll)
+        return Reference(logprobs=logprobs, top=top, nll=nll)
 
 
 def log_softmax_(logits: torch.Tensor) -> torch.Tensor:
