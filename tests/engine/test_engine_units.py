@@ -358,3 +358,34 @@ def test_the_4bit_kernel_called_straight_gives_the_modules_own_output(
         for rows in (1, 37):
             x = torch.randn(rows, 192, generator=gen).to(torch.bfloat16)
             assert torch.equal(slot(x), module(x)), rows
+
+
+MAPPED_PROBE = """
+import ctypes
+from tutor.engine.memory import _glibc, large_blocks_mapped
+
+class Info(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+
+info, malloc, free = _glibc("mallinfo2"), _glibc("malloc"), _glibc("free")
+info.restype, malloc.restype, free.argtypes = Info, ctypes.c_void_p, [ctypes.c_void_p]
+
+def mapped(size):  # is a block of this size mapped on its own while it is held?
+    before = info().hblks
+    block = malloc(size)
+    now = info().hblks
+    free(block)
+    return now - before
+
+free(malloc(16 << 20))  # glibc's sliding threshold rises to 16 MiB: 1 MiB blocks go to the heap
+with large_blocks_mapped():
+    inside = mapped(1 << 20)
+print(inside, mapped(1 << 20))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_large_blocks_are_mapped_only_inside_the_lab_s_long_reads() -> None:
+    done = subprocess.run([sys.executable, "-c", MAPPED_PROBE], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["1", "0"]  # a 1 MiB block: its own mapping inside, the heap after

@@ -199,6 +199,9 @@ def build_engine(
     intra-op threads for the whole process (default: torch's choice, one per core); on a
     small machine that is also drawing a UI, ``cores - 1`` avoids stalls (see bench notes).
     """
+    from tutor.engine.memory import bound_kernel_cache
+
+    bound_kernel_cache()  # before the first matmul
     precision = check_precision(precision)
     torch_device = check_device(device)
     if threads is not None:

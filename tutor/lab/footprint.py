@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tutor.engine.memory import large_blocks_mapped
 from tutor.engine.reports import MIB
 from tutor.lab.cache import cache_file, cache_key, read_json, write_json
 from tutor.lab.measure import REFERENCE, Cancel, Progress, check_cancel
@@ -93,7 +94,8 @@ def footprint_rows(
         measured = []
         for context in contexts:
             check_cancel(cancel)
-            kv, activations = engine.prefill_footprint(text[:context])
+            with large_blocks_mapped():  # LLM.int8's long reads would leave the heap gigabytes larger
+                kv, activations = engine.prefill_footprint(text[:context])
             measured.append(
                 FootprintRow(
                     precision,

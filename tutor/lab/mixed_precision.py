@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tutor.engine.memory import large_blocks_mapped
 from tutor.engine.reports import MIB
 from tutor.lab.cache import cache_file, cache_key, read_json, write_json
 from tutor.lab.measure import REFERENCE, Cancel, Progress, check_cancel
@@ -95,7 +96,8 @@ def mixed_precision(
         check_cancel(cancel)
         # One window per pass where int8 is in: LLM.int8's outlier columns span the batch.
         together = mix is None or HIGH not in mix
-        logits = engine.window_logits(ids, start=half, batch_size=len(ids) if together else 1, mix=mix)
+        with large_blocks_mapped():  # int8's reads would leave the heap larger after each
+            logits = engine.window_logits(ids, start=half, batch_size=len(ids) if together else 1, mix=mix)
         if mix is not None:
             done += 1
             if progress is not None:
@@ -114,9 +116,10 @@ def mixed_precision(
     order = sorted(range(layers), key=lambda i: -sensitivity[i])
     rows = []
     with engine.pinned([LOW, HIGH]):  # every variant reads both: a lean engine must not drop one
-        for precision in (LOW, HIGH):
-            engine.prepare(precision)  # held already after the scan (nf4); int8 is built here once
-        kept = engine.weights(REFERENCE).kept_bytes
+        # At nf4, a lean engine drops bf16's packed copy, which no variant reads; int8 is built once.
+        engine.switch(LOW, wait=True)
+        engine.prepare(HIGH)
+        kept = engine.weights(LOW).kept_bytes  # what stays 16-bit, the same at every precision
         per_layer = {p: (engine.weights(p).weights_bytes - kept) / layers for p in (LOW, HIGH)}
         for k in [0, *ks, layers]:
             chosen = sorted(order[:k])
