@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tutor.engine.int8wo import LEVELS, PREFILL_ROWS, Int8WoLinear, build_int8wo
+from tutor.engine.int8wo import LEVELS, Int8WoLinear, build_int8wo
+from tutor.engine.linears import PREFILL_ROWS
 
 
 def test_codes_are_within_half_a_step_and_the_absmax_lands_on_a_code() -> None:
@@ -22,9 +23,9 @@ def test_codes_are_within_half_a_step_and_the_absmax_lands_on_a_code() -> None:
 def test_a_prompts_many_rows_take_the_dense_path(emulated: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """The same product, to bf16's rounding, on either dense path (each CPU takes one; the
     kernel's own path: tests/engine/test_row_modules.py)."""
-    from tutor.engine import int8wo
+    from tutor.engine import linears
 
-    monkeypatch.setattr(int8wo, "bf16_matmul_is_emulated", lambda: emulated)
+    monkeypatch.setattr(linears, "bf16_matmul_is_emulated", lambda: emulated)
     linear, called = torch.nn.functional.linear, []
 
     def spy(x: torch.Tensor, weight: torch.Tensor, *rest: object) -> torch.Tensor:

@@ -13,17 +13,10 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from tutor.engine.linears import bf16_matmul_is_emulated
+from tutor.engine.linears import PREFILL_ROWS, dense_prefill
 from tutor.engine.row_modules import assemble, built_per_job
 
 LEVELS = 127  # symmetric: -127..127, so a row's absmax lands on a code
-# Above this many rows (a prompt being read), the weight is dequantized for one dense matmul:
-# torch's int8 kernel is built for decoding's one row, and read a 600-token prompt at half
-# bf16's pace on an AVX2 EPYC (the dense fp32 path: 6.6 ms against 13.3 for a 600x576x1536
-# matmul). Where the CPU multiplies bf16 natively the dense matmul is bf16 on the weight
-# rounded to bf16 once: 1.3 ms against fp32's 5.2 and the kernel's 3.5 on an AVX-512 EPYC, its
-# output 2.3e-3 (relative RMS) from the exact product against 1.7e-3 for the kernel's.
-PREFILL_ROWS = 16
 
 
 def row_absmax(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,10 +50,8 @@ class Int8WoLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        if flat.shape[0] > PREFILL_ROWS and bf16_matmul_is_emulated():
-            out = torch.nn.functional.linear(flat.float(), self.dequantized()).to(torch.bfloat16)
-        elif flat.shape[0] > PREFILL_ROWS:
-            out = torch.nn.functional.linear(flat, self.dequantized().to(torch.bfloat16))
+        if flat.shape[0] > PREFILL_ROWS:
+            out = dense_prefill(flat, self.dequantized)
         else:
             out = torch._weight_int8pack_mm(flat, self.codes, self.scales)
         return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
