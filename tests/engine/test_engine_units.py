@@ -360,6 +360,31 @@ def test_the_4bit_kernel_called_straight_gives_the_modules_own_output(
             assert torch.equal(slot(x), module(x)), rows
 
 
+@pytest.mark.parametrize("threshold", [6.0, 0.0], ids=["outliers held back", "no threshold"])
+@pytest.mark.parametrize("bias", [False, True], ids=["no bias", "bias"])
+def test_llm_int8_in_fewer_ops_gives_the_modules_own_output(threshold: float, bias: bool) -> None:
+    """Bit for bit, for one row (a decode step) and many (a prompt), with outlier columns in
+    the input and without."""
+    import torch
+
+    from tutor.engine import quantize
+    from tutor.engine.linears import LlmInt8Linear, module_slot
+
+    gen = torch.Generator().manual_seed(7)
+    master = torch.nn.Linear(192, 96, bias=bias, dtype=torch.bfloat16)
+    with torch.no_grad():
+        master.weight.copy_(torch.randn(96, 192, generator=gen) * 0.05)
+    module = quantize.build_all("int8", {"o": master}, int8_threshold=threshold).modules["o"]
+    slot = module_slot(module)
+    assert type(slot) is LlmInt8Linear
+    with torch.inference_mode():
+        for rows, outliers in ((1, 0), (1, 2), (37, 0), (37, 5)):
+            x = torch.randn(rows, 192, generator=gen)
+            x[:, torch.randperm(192, generator=gen)[:outliers]] *= 12  # some columns past the threshold
+            x = x.to(torch.bfloat16)
+            assert torch.equal(slot(x), module(x)), (rows, outliers)
+
+
 MAPPED_PROBE = """
 import ctypes
 from tutor.engine.memory import _glibc, large_blocks_mapped

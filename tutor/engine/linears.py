@@ -3,8 +3,8 @@
 A slot is a callable ``x -> x @ W.T (+ b)`` holding its weight in the layout its kernel wants:
 oneDNN's pre-packed blocks on CPU (``PackedLinear``), a cast copy (``PlainLinear``), the
 model's own module, bf16 master or bitsandbytes (``ModuleLinear``), bitsandbytes' 4-bit CPU
-kernel called straight (``Bnb4bitCpuLinear``), or any of them with its input shown to the
-weight lab and GPTQ (``Tap``).
+kernel called straight (``Bnb4bitCpuLinear``), LLM.int8 in fewer ops (``LlmInt8Linear``), or
+any of them with its input shown to the weight lab and GPTQ (``Tap``).
 """
 
 from __future__ import annotations
@@ -189,6 +189,58 @@ class Bnb4bitCpuLinear:
         return []  # the module's own bytes (the absmax's bf16 copy is a few KiB)
 
 
+class LlmInt8Linear:
+    """A bitsandbytes LLM.int8 module (inference) with its math in fewer passes.
+
+    ``Linear8bitLt.forward`` reaches the int8 matmul through ``MatMul8bitLt`` and three default
+    ops, about 35 small ops a call: |x| twice, the outliers zeroed and restored by index, the
+    product scaled in three allocations. This slot computes the same quantities in the same
+    float order (each row's absmax of the fp16 input without its outliers, codes rounded from
+    the same float32 product with the outlier columns zeroed, the int8 matmul through
+    bitsandbytes' own op, its dequantization, the outlier columns in 16-bit added back), so the
+    output is bit for bit the module's; it holds nothing of its own.
+    """
+
+    __slots__ = ("bias", "codes", "in_features", "out_features", "scales", "threshold")
+
+    def __init__(self, module: Any) -> None:
+        state = module.state
+        self.codes, self.scales = state.CB, state.SCB  # (N, K) int8, (N,) float32
+        self.out_features, self.in_features = (int(n) for n in self.codes.shape)
+        self.threshold = float(state.threshold)
+        self.bias = module.bias
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        half = rows.to(torch.float16)  # bitsandbytes quantizes an fp16 copy
+        magnitude = half.abs()
+        columns = None
+        if self.threshold > 0:
+            outliers = magnitude >= self.threshold
+            columns = outliers.any(0).nonzero().view(-1)
+            if columns.numel():
+                magnitude.masked_fill_(outliers, 0)
+            else:
+                columns = None
+        absmax = magnitude.amax(1).float().unsqueeze(-1)
+        scaled = half * (127.0 / absmax)
+        if columns is not None:  # held back: computed in 16-bit below
+            scaled.index_fill_(1, columns, 0)
+        codes = scaled.round_().to(torch.int8)
+        product = torch.ops.bitsandbytes.int8_linear_matmul.default(codes, self.codes)
+        out = (absmax * self.scales.unsqueeze(0)).mul_(product).mul_(6.200124e-05)
+        if self.bias is not None:
+            out += self.bias
+        out = out.to(rows.dtype)
+        if columns is not None:
+            weight = self.codes[:, columns] * self.scales.view(-1, 1) * 7.874015718698502e-3
+            out = out.addmm(rows[:, columns], weight.to(rows.dtype).t())
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return []  # the module's own
+
+
 def module_slot(module: Any) -> Slot:
     """The slot for one of the model's modules: bitsandbytes' 4-bit kernel called straight where
     the module runs on it (``Bnb4bitCpuLinear``), else the module as is."""
@@ -197,6 +249,13 @@ def module_slot(module: Any) -> Slot:
         function = _bnb_cpu_4bit_function(state.quant_type)
         if function is not None:
             return Bnb4bitCpuLinear(module, function)
+    int8: Any = getattr(module, "state", None)  # LLM.int8's, once its codes are in place (a first call)
+    if (
+        getattr(int8, "CB", None) is not None
+        and not int8.has_fp16_weights
+        and module.weight.device.type == "cpu"
+    ):
+        return LlmInt8Linear(module)
     return ModuleLinear(module)
 
 
@@ -228,7 +287,7 @@ class Tap:
         return []
 
 
-Slot = PackedLinear | PlainLinear | ModuleLinear | Bnb4bitCpuLinear | Tap
+Slot = PackedLinear | PlainLinear | ModuleLinear | Bnb4bitCpuLinear | LlmInt8Linear | Tap
 See = Callable[[tuple[str, ...], torch.Tensor], None]
 
 
