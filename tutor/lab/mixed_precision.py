@@ -16,7 +16,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tutor.engine.memory import large_blocks_mapped
 from tutor.engine.reports import MIB
 from tutor.lab.cache import cache_file, cache_key, read_json, write_json
 from tutor.lab.measure import REFERENCE, Cancel, Progress, check_cancel
@@ -60,12 +59,19 @@ class MixedResult:
         return cls(data["sensitivity"], [MixedRow(**r) for r in data["rows"]])
 
 
+ROWS = 64  # positions scored at a time: each step's full-vocabulary temporaries stay a few MB
+
+
 def _divergence(reference: torch.Tensor, logits: torch.Tensor) -> tuple[float, float]:
-    """Mean KL(reference ‖ logits) and top-1 agreement over ``(n, vocab)`` rows."""
-    logprobs = logits.log_softmax(-1)
-    kl = (reference.exp() * (reference - logprobs)).sum(-1)
-    same = (logprobs.argmax(-1) == reference.argmax(-1)).float()
-    return max(0.0, float(kl.mean())), float(same.mean())
+    """Mean KL(reference ‖ logits) and top-1 agreement over ``(n, vocab)`` rows, ``ROWS`` at a
+    time (all of them at once held four temporaries of every row's vocabulary, 75 MB each)."""
+    kl, same = 0.0, 0
+    for ref, rows in zip(reference.split(ROWS), logits.split(ROWS), strict=True):
+        logprobs = rows.log_softmax(-1)
+        kl += float((ref.exp() * (ref - logprobs)).sum())
+        same += int((logprobs.argmax(-1) == ref.argmax(-1)).sum())
+    count = int(reference.shape[0])
+    return max(0.0, kl / count), same / count
 
 
 def mixed_precision(
@@ -96,8 +102,7 @@ def mixed_precision(
         check_cancel(cancel)
         # One window per pass where int8 is in: LLM.int8's outlier columns span the batch.
         together = mix is None or HIGH not in mix
-        with large_blocks_mapped():  # int8's reads would leave the heap larger after each
-            logits = engine.window_logits(ids, start=half, batch_size=len(ids) if together else 1, mix=mix)
+        logits = engine.window_logits(ids, start=half, batch_size=len(ids) if together else 1, mix=mix)
         if mix is not None:
             done += 1
             if progress is not None:
