@@ -394,6 +394,8 @@ class Info(ctypes.Structure):
                 "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
 
 info, malloc, free = _glibc("mallinfo2"), _glibc("malloc"), _glibc("free")
+if info is None:  # glibc before 2.33
+    raise SystemExit("no mallinfo2")
 info.restype, malloc.restype, free.argtypes = Info, ctypes.c_void_p, [ctypes.c_void_p]
 
 def mapped(size):  # is a block of this size mapped on its own while it is held?
@@ -412,5 +414,8 @@ print(inside, mapped(1 << 20))
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
 def test_large_blocks_are_mapped_only_inside_the_lab_s_long_reads() -> None:
-    done = subprocess.run([sys.executable, "-c", MAPPED_PROBE], capture_output=True, text=True, check=True)
+    done = subprocess.run([sys.executable, "-c", MAPPED_PROBE], capture_output=True, text=True)
+    if "no mallinfo2" in done.stderr:
+        pytest.skip("this C library cannot count mapped blocks (glibc 2.33 or later can)")
+    assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["1", "0"]  # a 1 MiB block: its own mapping inside, the heap after
