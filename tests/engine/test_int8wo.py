@@ -17,6 +17,8 @@ def test_codes_are_within_half_a_step_and_the_absmax_lands_on_a_code() -> None:
     step = module.scales.float()[:, None]
     assert bool(((module.dequantized() - weight).abs() <= step / 2 + 1e-7).all())
     assert bool((module.codes.abs().amax(1) >= LEVELS - 1).all()), "each row's largest weight near ±127"
+    # A prompt's dense matmul takes the weight straight in bf16: the float32 one rounded once.
+    assert torch.equal(module.dequantized(torch.bfloat16), module.dequantized().to(torch.bfloat16))
 
 
 @pytest.mark.parametrize("emulated", [True, False], ids=["fp32 dense (AVX2)", "bf16 dense (native bf16)"])

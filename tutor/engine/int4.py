@@ -163,11 +163,13 @@ class Int4Linear(nn.Module):
             out = torch._weight_int4pack_mm_for_cpu(flat, self.packed, GROUP, self.scales_zeros)
         return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
-    def dequantized(self) -> torch.Tensor:
-        """The float32 weight the kernel multiplies by, from its packed codes, scales and zeros."""
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight the kernel multiplies by (computed in float32, then in ``dtype``), from its
+        packed codes, scales and zeros."""
         codes = unpacked(self.packed, self.in_features).view(self.out_features, -1, GROUP).float()
         scale, zero = (part.t().float().unsqueeze(-1) for part in self.scales_zeros.unbind(-1))
-        return codes.sub_(2 ** (BITS - 1)).mul_(scale).add_(zero).view(self.out_features, self.in_features)
+        weight = codes.sub_(2 ** (BITS - 1)).mul_(scale).add_(zero)
+        return weight.view(self.out_features, self.in_features).to(dtype)
 
     def rows(self, start: int, stop: int) -> nn.Module:
         """The rows ``start:stop`` as a module of their own (the codes shared, not copied).

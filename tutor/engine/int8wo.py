@@ -44,9 +44,12 @@ class Int8WoLinear(nn.Module):
     def of(cls, weight: torch.Tensor) -> Int8WoLinear:
         return cls(*row_absmax(weight.float())).eval()
 
-    def dequantized(self) -> torch.Tensor:
-        """The float32 weight the codes stand for."""
-        return self.codes.float() * self.scales.float()[:, None]
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight the codes stand for, in ``dtype``. A code times a bf16 scale is exact in
+        float32, so in bf16 it is rounded once, as the float32 weight cast to bf16 is."""
+        if dtype == torch.bfloat16:
+            return self.codes.to(dtype) * self.scales[:, None]
+        return (self.codes.float() * self.scales.float()[:, None]).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).to(torch.bfloat16)

@@ -70,12 +70,12 @@ class PlainLinear:
 PREFILL_ROWS = 16
 
 
-def dense_prefill(rows: torch.Tensor, dequantized: Callable[[], torch.Tensor]) -> torch.Tensor:
-    """``rows`` (bf16) times the float32 weight ``dequantized()`` gives, as one dense matmul:
-    fp32 where bf16 matmul is emulated, else bf16 on the weight rounded once. bf16 out."""
+def dense_prefill(rows: torch.Tensor, dequantized: Callable[[torch.dtype], torch.Tensor]) -> torch.Tensor:
+    """``rows`` (bf16) times the weight ``dequantized(dtype)`` gives, as one dense matmul: fp32
+    where bf16 matmul is emulated, else bf16 on the weight rounded to bf16 once. bf16 out."""
     if bf16_matmul_is_emulated():
-        return F.linear(rows.float(), dequantized()).to(torch.bfloat16)
-    return F.linear(rows, dequantized().to(torch.bfloat16))
+        return F.linear(rows.float(), dequantized(torch.float32)).to(torch.bfloat16)
+    return F.linear(rows, dequantized(torch.bfloat16))
 
 
 # From this many rows (tokens in one pass) on, a CPU without native bf16 matmul computes a bf16
