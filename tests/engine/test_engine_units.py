@@ -419,3 +419,19 @@ def test_large_blocks_are_mapped_only_inside_the_lab_s_long_reads() -> None:
         pytest.skip("this C library cannot count mapped blocks (glibc 2.33 or later can)")
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["1", "0"]  # a 1 MiB block: its own mapping inside, the heap after
+
+
+def test_the_lab_trims_the_heap_only_once_it_has_grown(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tutor.engine import memory
+
+    resident, trims = [1000], []
+    monkeypatch.setattr(memory, "rss_bytes", lambda: resident[0])
+    monkeypatch.setattr(memory, "give_back_freed", lambda: trims.append(resident[0]))
+    monkeypatch.setattr(memory, "_trimmed_at", 1000)
+    memory.give_back_freed_when_grown(100)
+    resident[0] = 1050  # grown, but by less than the step
+    memory.give_back_freed_when_grown(100)
+    resident[0] = 1200
+    memory.give_back_freed_when_grown(100)
+    memory.give_back_freed_when_grown(100)  # no growth since that trim
+    assert trims == [1200]
