@@ -243,7 +243,8 @@ class LlmInt8Linear:
 
 def module_slot(module: Any) -> Slot:
     """The slot for one of the model's modules: bitsandbytes' 4-bit kernel called straight where
-    the module runs on it (``Bnb4bitCpuLinear``), else the module as is."""
+    the module runs on it (``Bnb4bitCpuLinear``), LLM.int8 on a CPU in fewer ops
+    (``LlmInt8Linear``), else the module as is."""
     state = getattr(getattr(module, "weight", None), "quant_state", None)
     if state is not None and getattr(state, "packing_format_for_cpu", False) and module.bias is None:
         function = _bnb_cpu_4bit_function(state.quant_type)

@@ -106,9 +106,8 @@ def give_back_freed() -> None:
         trim(0)
 
 
-_trimmed_at = (
-    0  # the resident set after the last trim by give_back_freed_when_grown (the heap is the process's)
-)
+# The resident set after give_back_freed_when_grown's last trim (one heap per process).
+_trimmed_at = 0
 
 
 def give_back_freed_when_grown(step: int) -> None:
@@ -163,7 +162,7 @@ def _glibc(name: str) -> Any:
 
 
 # oneDNN keeps every matmul it has set up, 1,024 by default, and each new prompt length sets up
-# new ones: the Lab's full plan held 215 MB more in them by its end (mallinfo's bytes in use).
+# new ones: by the end of the Lab's table they held 215 MB more (mallinfo's bytes in use).
 # A reply's decoding reuses a handful; 16 kept bf16, int8 and nf4 decoding at their pace here.
 KERNEL_CACHE = "16"
 
