@@ -324,10 +324,12 @@ class Engine:
         own precision instead: mixed precision, on the fast decoder.
         """
         from tutor.engine import scoring
+        from tutor.engine.memory import give_back_freed_when_grown
 
         mixed = scoring.mixed_weights(self._decoder, self._manager, mix) if mix is not None else None
         ids = scoring.window_ids(windows, start, self.max_positions)
         with self._busy.held(wait):
+            give_back_freed_when_grown()  # what the last reads freed, before this one adds to it
             weights = mixed or (self._current_weights() if self._decoder is not None else None)
             return scoring.window_logits(
                 self.model,

@@ -32,7 +32,7 @@ STEP = 16  # GPTQ's columns updated one by one before the rest of their group ta
 # (``dense_prefill``): unpacking them costs about 1.3 ms a layer, so on an AVX-512 EPYC the
 # kernel wins below 128 rows (2.8 ms a layer against 3.0), the dense matmul above 192 (256
 # rows: 4.6 against 5.6; 600: 7.0 against 12.7). A grounded tutor prompt is 250-370 tokens.
-PREFILL_ROWS = 160
+DENSE_ROWS = 160
 
 
 @dataclass
@@ -157,7 +157,7 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        if flat.shape[0] > PREFILL_ROWS and unpacks(self.out_features):
+        if flat.shape[0] > DENSE_ROWS and unpacks(self.out_features):
             out = dense_prefill(flat, self.dequantized)
         else:
             out = torch._weight_int4pack_mm_for_cpu(flat, self.packed, GROUP, self.scales_zeros)

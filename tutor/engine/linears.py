@@ -60,13 +60,13 @@ class PlainLinear:
         return [t for t in (self.weight, self.bias) if t is not None]
 
 
-# Above this many rows (a prompt being read), a weight-only kernel's weight is dequantized for
-# one dense matmul: torch's int8 and int4 CPU kernels are built for decoding's one row. int8's
-# read a 600-token prompt at half bf16's pace on an AVX2 EPYC (the dense fp32 path: 6.6 ms
-# against 13.3 for a 600x576x1536 matmul). Where the CPU multiplies bf16 natively the dense
-# matmul is bf16 on the weight rounded to bf16 once: 1.3 ms against fp32's 5.2 and the int8
-# kernel's 3.5 on an AVX-512 EPYC, its output 2.3e-3 (relative RMS) from the exact product
-# against 1.7e-3 for the kernel's; int4's 600x576x3072, unpacking included: 3.4 ms against 6.4.
+# Above this many rows (a prompt being read), int8-wo's weight is dequantized for one dense
+# matmul (``dense_prefill``; int4 has its own threshold, ``int4.DENSE_ROWS``): torch's int8
+# kernel is built for decoding's one row, and read a 600-token prompt at half bf16's pace on an
+# AVX2 EPYC (the dense fp32 path: 6.6 ms against 13.3 for a 600x576x1536 matmul). Where the CPU
+# multiplies bf16 natively the dense matmul is bf16 on the weight rounded to bf16 once: 1.3 ms
+# against fp32's 5.2 and the kernel's 3.5 on an AVX-512 EPYC, its output 2.3e-3 (relative RMS)
+# from the exact product against 1.7e-3 for the kernel's.
 PREFILL_ROWS = 16
 
 
@@ -214,14 +214,13 @@ class LlmInt8Linear:
         rows = x.reshape(-1, self.in_features)
         half = rows.to(torch.float16)  # bitsandbytes quantizes an fp16 copy
         magnitude = half.abs()
-        columns = None
+        columns = None  # the outlier columns, if any
         if self.threshold > 0:
             outliers = magnitude >= self.threshold
-            columns = outliers.any(0).nonzero().view(-1)
-            if columns.numel():
+            found = outliers.any(0).nonzero().view(-1)
+            if found.numel():
                 magnitude.masked_fill_(outliers, 0)
-            else:
-                columns = None
+                columns = found
         absmax = magnitude.amax(1).float().unsqueeze(-1)
         scaled = half * (127.0 / absmax)
         if columns is not None:  # held back: computed in 16-bit below

@@ -21,9 +21,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tutor.engine.memory import give_back_freed_when_grown
 from tutor.lab.cache import cache_file, cache_key, read_json, write_json
-from tutor.lab.measure import REFERENCE, TRIM_STEP, Cancel, Progress, check_cancel
+from tutor.lab.measure import REFERENCE, Cancel, Progress, check_cancel
 from tutor.lab.windows import lesson_windows, pick_windows
 from tutor.library.content import Library
 from tutor.library.models import Question
@@ -69,7 +68,6 @@ def choice_picks(engine: Engine, questions: Sequence[Question]) -> list[int]:
     after "Question: … Answer:"), at the engine's precision: a classification with no decoding."""
     picks = []
     for question in questions:
-        give_back_freed_when_grown(TRIM_STEP)
         prefix = engine.tokenizer(f"Question: {question.stem}\nAnswer:", add_special_tokens=False)[
             "input_ids"
         ]
@@ -122,7 +120,6 @@ def identical_shares(engine: Engine, paths: Sequence[_Path], long: int) -> list[
     would have decoded greedily too: its top token is bf16's, or one bf16 ranks as a near-tie."""
     agree_until = []
     for path in paths:
-        give_back_freed_when_grown(TRIM_STEP)
         picks = _picks_along(engine, path)
         same = [
             pick == token or pick in near

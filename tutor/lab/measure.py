@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tutor.engine.generate import Cancel, is_cancelled
-from tutor.engine.memory import give_back_freed_when_grown
 from tutor.lab.cache import cache_file, cache_key, read_json, write_json
 from tutor.lab.divergence import Reference, SpooledReferences, Tally
 from tutor.lab.windows import WINDOW, lesson_windows, pick_windows
@@ -45,9 +44,6 @@ METHOD_VERSION = 2  # 2: windows read in batches, QA settings and question texts
 # Windows per forward pass. Against 4 on the AVX2 EPYC: quick plan 135 s vs 130 s, engine peak
 # 1905 vs 2043 MiB, and Esc waits for one pass of two windows, not four.
 BATCH = 2
-# The Lab's loops hand freed heap back once the process has grown by this much since the last
-# time (``give_back_freed_when_grown``): without it each read lands in heap earlier phases left.
-TRIM_STEP = 128 * 1024 * 1024
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
 
 
@@ -198,7 +194,6 @@ def _scores(
 
     def read(precision: str, part: range, tally: Tally) -> torch.Tensor:
         check_cancel(cancel)
-        give_back_freed_when_grown(TRIM_STEP)
         engine.switch(precision, wait=True)
         tally.weights_mib = engine.weights(precision).weights_mib
         batch = ids[part.start : part.stop]

@@ -16,10 +16,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tutor.engine.memory import give_back_freed_when_grown
 from tutor.engine.reports import MIB
 from tutor.lab.cache import cache_file, cache_key, read_json, write_json
-from tutor.lab.measure import REFERENCE, TRIM_STEP, Cancel, Progress, check_cancel
+from tutor.lab.measure import REFERENCE, Cancel, Progress, check_cancel
 from tutor.lab.windows import lesson_windows, pick_windows
 from tutor.library.content import Library
 
@@ -101,7 +100,6 @@ def mixed_precision(
     def read(mix: Sequence[str] | None) -> torch.Tensor:
         nonlocal done
         check_cancel(cancel)
-        give_back_freed_when_grown(TRIM_STEP)
         # One window per pass where int8 is in: LLM.int8's outlier columns span the batch.
         together = mix is None or HIGH not in mix
         logits = engine.window_logits(ids, start=half, batch_size=len(ids) if together else 1, mix=mix)

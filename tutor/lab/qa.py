@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, cast
 import yaml
 
 from tutor.engine.memory import give_back_freed_when_grown
-from tutor.lab.measure import TRIM_STEP, Cancel, Progress, QAResult, check_cancel, is_cancelled
+from tutor.lab.measure import Cancel, Progress, QAResult, check_cancel, is_cancelled
 from tutor.library.content import default_content_dir
 
 if TYPE_CHECKING:
@@ -72,7 +72,7 @@ def qa_answers(
     results = []
     for done, (question, lesson_id) in enumerate(questions, 1):
         check_cancel(cancel)
-        give_back_freed_when_grown(TRIM_STEP)
+        give_back_freed_when_grown()  # a window read trims the same way (Engine.window_logits)
         answer = ask(question, retriever, engine, lesson_id, cancel=stop, max_new_tokens=max_new_tokens)
         check_cancel(cancel)  # a cancelled answer is cut short: not a measurement
         results.append(
