@@ -293,7 +293,9 @@ def test_question_types_and_lesson_parts() -> None:
 def test_a_question_naming_a_lesson_part_is_answered_from_it(retriever: Retriever) -> None:
     gist = prepare("Give me the gist.", retriever, SEED)
     assert gist.grounded and gist.result.hits[0].section == PREMISE
+    # The premise's point and the sentence that carries it, not one of the two.
     assert gist.quote is not None and "int8 is typically near-lossless" in gist.quote.text
+    assert "storing its weights in lower precision" in gist.quote.text
     step = prepare("What's the second practice step?", retriever, SEED)
     assert step.grounded and step.result.hits[0].section == PRACTICE
     assert step.quote is not None and "two possible next steps" in step.quote.text

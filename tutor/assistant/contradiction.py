@@ -44,6 +44,9 @@ ANTONYMS: tuple[tuple[str, str], ...] = (
     ("up", "down"),
     ("multiplies", "divides"),
     ("multiplied", "divided"),
+    ("finer", "coarser"),
+    ("rises", "falls"),
+    ("rise", "fall"),
 )
 _OPPOSITE: dict[str, set[str]] = {}
 for _a, _b in ANTONYMS:

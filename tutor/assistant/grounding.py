@@ -288,7 +288,9 @@ def prepare(
         return prepared
     # A question that names a lesson part is answered from that part (the first hit).
     quoted = result.hits[:1] if part is not None else result.hits
-    prepared.quote = best_quote(question, quoted, retriever.embed, result.query_vector)
+    prepared.quote = best_quote(
+        question, quoted, retriever.embed, result.query_vector, whole_part=part is not None
+    )
     prepared.messages = build_messages(question, result.hits, max_sentences, style)
     return prepared
 

@@ -6,7 +6,10 @@ leans on the one before it ("That is why …", "This is …") or says too little
 well they fit the question: embedding similarity, the share of the question's words they
 contain, and whether their form matches the question's type (a "why" question wants a
 reason, a "how much" question a number, "what is X" a definition); a span from a lower-ranked
-passage pays a small penalty, and a two-sentence span must earn its length.
+passage pays a small penalty, and a two-sentence span must earn its length. A question that
+names a lesson part ("what's the gist?", "what's step two?") is quoted two sentences of that
+part: a premise, summary or practice step is written as a point and the sentence that carries
+it, and the first alone (or the second alone) is half of what the learner asked for.
 """
 
 from __future__ import annotations
@@ -120,12 +123,19 @@ def spans(hits: Sequence[Hit]) -> list[Span]:
 
 
 def best_quote(
-    question: str, hits: Sequence[Hit], embed: Embedder, query_vector: np.ndarray | None = None
+    question: str,
+    hits: Sequence[Hit],
+    embed: Embedder,
+    query_vector: np.ndarray | None = None,
+    whole_part: bool = False,
 ) -> Quote | None:
-    """The span of the retrieved passages that best answers ``question`` (None without passages)."""
+    """The span of the retrieved passages that best answers ``question`` (None without passages);
+    with ``whole_part`` (the question names a lesson part), a two-sentence span where there is one."""
     candidates = spans(hits)
     long_enough = [c for c in candidates if len(c.text.split()) >= MIN_ANY_WORDS]
     candidates = long_enough or candidates
+    if whole_part:
+        candidates = [c for c in candidates if c.pair] or candidates
     if not candidates:
         return None
     if query_vector is None:
