@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tutor.engine.int4 import GROUP, build_int4, gptq, round_to_nearest, spread_error
+from tutor.engine.calibration import batch_of
+from tutor.engine.int4 import GROUP, build_int4, gptq, gptq_batch, round_to_nearest, spread_error
 
 
 def test_a_gptq_step_is_the_least_squares_solve() -> None:
@@ -48,6 +49,19 @@ def test_gptq_beats_rounding_on_the_layer_output_not_on_the_weights() -> None:
 
     assert output_error(calibrated.dequantized()) < 0.8 * output_error(rtn.dequantized())
     assert float((calibrated.dequantized() - weight).norm()) > float((rtn.dequantized() - weight).norm())
+
+
+def test_a_weights_codes_do_not_depend_on_its_batch() -> None:
+    """Calibration batches same-shaped weights by memory (three down_proj, more of the smaller
+    ones): each weight's codes are the ones it gets alone."""
+    torch.manual_seed(0)
+    inputs = [torch.randn(512, 2 * GROUP) for _ in range(3)]
+    weights = torch.randn(3, 40, 2 * GROUP) * 0.02
+    together = gptq_batch(weights, torch.stack([x.T @ x for x in inputs]), damp=0.03)
+    for weight, x, batched in zip(weights, inputs, together, strict=True):
+        alone = gptq(weight, x.T @ x, damp=0.03)
+        assert torch.equal(alone.codes, batched.codes) and torch.equal(alone.scale, batched.scale)
+    assert (batch_of((576, 1536)), batch_of((3072, 576))) == (3, 7)
 
 
 def test_build_int4_fuses_groups_and_names_what_is_missing() -> None:

@@ -5,10 +5,12 @@ lessons and about what they teach, yet none of it is in the lesson text the Lab 
 Lab's figures for ``gptq4`` are measured on text it was not calibrated on.
 
 The fast decoder reads all of it as one batch at bf16, its Linear slots tapped: each slot sees
-its whole input once, so the moment a slot's input is seen its Hessian (Xᵀ X) is complete and
-GPTQ rounds that slot's rows (q|k|v together, as the decoder computes them). Only one Hessian
-is alive at a time. Every layer is calibrated on the bf16 model's own activations (not on those
-of the layers already rounded, as the paper does layer by layer).
+its whole input once, so the moment a slot's input is seen its Hessian (Xᵀ X) is complete.
+GPTQ rounds the rows of slots of one shape together (q|k|v stacked, as the decoder computes
+them), as many at a time as ``BATCH_BYTES`` allow, as soon as that many Hessians are complete:
+the pass holds no more than a batch of each shape (all 120 at once were 400 MB). Every layer is
+calibrated on the bf16 model's own activations (not on those of the layers already rounded, as
+the paper does layer by layer).
 
 The codes are cached beside the model's other caches, keyed by the model, the text and the
 settings; calibration runs once per machine.
@@ -30,7 +32,7 @@ import yaml
 from torch import nn
 
 from tutor.engine.decoder import FastDecoder
-from tutor.engine.decoder_weights import DecoderWeights, tapped
+from tutor.engine.decoder_weights import DecoderWeights, slots, tapped
 from tutor.engine.errors import EngineError
 from tutor.engine.int4 import GROUP, Codes, gptq_batch
 from tutor.engine.lock import EngineLock
@@ -46,7 +48,10 @@ WINDOW = 128  # tokens per calibration window
 # 0.121); round-to-nearest int4 was 0.256 and nf4 0.231.
 WINDOWS = 32
 DAMP = 0.03
-CHUNK = 10  # weights per batched GPTQ (bounds its working memory: 10 down_proj take about 250 MB)
+# Working memory of one batched GPTQ: it rounds as many same-shaped weights at once as fit, each
+# taking about three float32 copies of its (K, K) Hessian and two of its (N, K) weight (three
+# down_proj, seven gate_up). Ten down_proj at once were the calibration's peak, 270 MB over the pass.
+BATCH_BYTES = 128 << 20
 VERSION = 1
 
 
@@ -110,6 +115,24 @@ def cache_path(cache_dir: Path, model: str, text: str) -> Path:
     return cache_dir / "quantized" / f"gptq4-{digest}.safetensors"
 
 
+def _shape(masters: Mapping[str, nn.Linear], names: tuple[str, ...]) -> tuple[int, int]:
+    """(rows, columns) of the weight GPTQ rounds for one decoder slot (q|k|v stacked)."""
+    return sum(masters[n].out_features for n in names), masters[names[0]].in_features
+
+
+def batch_of(shape: tuple[int, int]) -> int:
+    """Weights of ``shape`` (rows, columns) per batched GPTQ."""
+    rows, cols = shape
+    return max(1, BATCH_BYTES // (4 * cols * (3 * cols + 2 * rows)))
+
+
+def _slots_by_shape(weights: DecoderWeights, masters: Mapping[str, nn.Linear]) -> dict[tuple[int, int], int]:
+    counts: dict[tuple[int, int], int] = {}
+    for _layer, _slot, names in slots(weights):
+        counts[_shape(masters, names)] = counts.get(_shape(masters, names), 0) + 1
+    return counts
+
+
 def calibrate(
     decoder: FastDecoder,
     weights: DecoderWeights,
@@ -118,33 +141,40 @@ def calibrate(
     step: Callable[[int, int], None] | None = None,
 ) -> tuple[dict[tuple[str, ...], Codes], Calibration]:
     """GPTQ codes for every decoder Linear (``masters``: the bf16 modules by name), from one
-    tapped pass over ``windows`` with the bf16 ``weights``; then GPTQ on all layers' q|k|v at
-    once, all their o, and so on (the same shapes, one batch each, ``CHUNK`` layers at a time).
-    ``step(done, total)`` is called after the pass and after each batch; it may raise to stop."""
+    tapped pass over ``windows`` with the bf16 ``weights``, GPTQ rounding the layers' q|k|v
+    in batches, their o, and so on, each batch once its Hessians are complete (``BATCH_BYTES``).
+    ``step(done, total)`` is called after each batch; it may raise to stop."""
     started = time.perf_counter()
-    hessians: dict[tuple[str, ...], torch.Tensor] = {}
+    codes: dict[tuple[str, ...], Codes] = {}
+    waiting: dict[tuple[int, int], dict[tuple[str, ...], torch.Tensor]] = {}  # Hessians by shape
+    counts = _slots_by_shape(weights, masters)
+    total = sum(-(-count // batch_of(shape)) for shape, count in counts.items())
+    done = 0
+
+    def round_rows(group: dict[tuple[str, ...], torch.Tensor]) -> None:
+        nonlocal done
+        chunk = list(group)
+        weights_of = torch.stack([stacked(masters, names) for names in chunk])
+        found = gptq_batch(weights_of, torch.stack([group.pop(names) for names in chunk]), damp=DAMP)
+        codes.update(zip(chunk, found, strict=True))
+        done += 1
+        if step is not None:
+            step(done, total)
 
     def see(names: tuple[str, ...], x: torch.Tensor) -> None:
         inputs = x.float()
-        hessians[names] = inputs.T @ inputs
+        shape = _shape(masters, names)
+        group = waiting.setdefault(shape, {})
+        group[names] = inputs.T @ inputs
+        if len(group) == batch_of(shape):  # GPTQ as the pass goes
+            round_rows(group)
 
     ids = torch.tensor(windows, dtype=torch.long, device=decoder.device)
     with torch.inference_mode():
         decoder.forward(tapped(weights, see), ids, None, last_only=True)
-        codes: dict[tuple[str, ...], Codes] = {}
-        by_shape: dict[tuple[int, ...], list[tuple[str, ...]]] = {}
-        for names in hessians:
-            shape = (sum(masters[n].out_features for n in names), masters[names[0]].in_features)
-            by_shape.setdefault(shape, []).append(names)
-        chunks = [group[i : i + CHUNK] for group in by_shape.values() for i in range(0, len(group), CHUNK)]
-        if step is not None:
-            step(1, len(chunks) + 1)
-        for done, chunk in enumerate(chunks, start=2):
-            weights_of = torch.stack([stacked(masters, names) for names in chunk])
-            found = gptq_batch(weights_of, torch.stack([hessians.pop(names) for names in chunk]), damp=DAMP)
-            codes.update(zip(chunk, found, strict=True))
-            if step is not None:
-                step(done, len(chunks) + 1)
+        for group in waiting.values():
+            if group:
+                round_rows(group)
     tokens = int(ids.numel())
     return codes, Calibration(tokens, len(windows), round(time.perf_counter() - started, 1), cached=False)
 

@@ -6,6 +6,7 @@ precision; ``tapped`` gives a copy whose slots show their inputs (calibration, t
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -57,27 +58,35 @@ def linear_names(layer: int) -> dict[str, str]:
     }
 
 
+# The decoder Linear slots and the modules each computes (a fused slot computes several).
+_SLOT_MODULES: dict[str, tuple[str, ...]] = {
+    "q": ("q_proj",),
+    "k": ("k_proj",),
+    "v": ("v_proj",),
+    "qkv": ("q_proj", "k_proj", "v_proj"),
+    "o": ("o_proj",),
+    "gate": ("gate_proj",),
+    "up": ("up_proj",),
+    "gate_up": ("gate_proj", "up_proj"),
+    "down": ("down_proj",),
+}
+
+
+def slots(weights: DecoderWeights) -> Iterator[tuple[int, str, tuple[str, ...]]]:
+    """(layer, slot attribute, the full names of the modules it computes) for every Linear slot
+    ``weights`` has, in the order a forward pass reads them."""
+    for i, lw in enumerate(weights.layers):
+        full = linear_names(i)
+        for attr, names in _SLOT_MODULES.items():
+            if getattr(lw, attr) is not None:
+                yield i, attr, tuple(full[n] for n in names)
+
+
 def tapped(weights: DecoderWeights, see: See) -> DecoderWeights:
     """``weights`` with each decoder Linear slot showing its input to ``see`` (a fused slot
     once, with the names of all the modules it computes)."""
-    parts: dict[str, tuple[str, ...]] = {
-        "q": ("q_proj",),
-        "k": ("k_proj",),
-        "v": ("v_proj",),
-        "qkv": ("q_proj", "k_proj", "v_proj"),
-        "o": ("o_proj",),
-        "gate": ("gate_proj",),
-        "up": ("up_proj",),
-        "gate_up": ("gate_proj", "up_proj"),
-        "down": ("down_proj",),
-    }
-    layers = []
-    for i, lw in enumerate(weights.layers):
-        full = linear_names(i)
-        taps: dict[str, Any] = {
-            attr: Tap(slot, tuple(full[n] for n in names), see)
-            for attr, names in parts.items()
-            if (slot := getattr(lw, attr)) is not None
-        }
-        layers.append(replace(lw, **taps))
+    taps: list[dict[str, Any]] = [{} for _ in weights.layers]
+    for i, attr, names in slots(weights):
+        taps[i][attr] = Tap(getattr(weights.layers[i], attr), names, see)
+    layers = [replace(lw, **layer_taps) for lw, layer_taps in zip(weights.layers, taps, strict=True)]
     return replace(weights, layers=layers, copies=[])

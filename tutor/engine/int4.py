@@ -105,9 +105,16 @@ def gptq_batch(
     rounded column ends on the grid, so its codes are read back from it once the group is done."""
     w = weights.float().clone()
     batch, rows, cols = w.shape
-    h = hessians.float().clone()
+    h = hessians.to(torch.float32, copy=True)
     h += (damp * h.diagonal(dim1=-2, dim2=-1).mean(-1))[:, None, None] * torch.eye(cols)
-    inverse = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    # Each step's input freed as soon as the next exists: (B, K, K) float32 is 9 MB a weight
+    # for K = 1536, and three of them alive at once were the peak of GPTQ's calibration.
+    factor = torch.linalg.cholesky(h)
+    del h
+    inverted = torch.cholesky_inverse(factor)
+    del factor
+    inverse = torch.linalg.cholesky(inverted, upper=True)
+    del inverted
     codes = torch.empty(batch, rows, cols, dtype=torch.uint8)
     scales, zeros = torch.empty(batch, rows, cols // GROUP), torch.empty(batch, rows, cols // GROUP)
     errors = torch.empty(batch, rows, GROUP)
