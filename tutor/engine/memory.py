@@ -140,16 +140,24 @@ def large_blocks_mapped() -> Iterator[None]:
     heap by 1.4 GB here while torch's allocations peaked at 122 MB. Mapping them costs a page
     fault per page (a 600-token int8 prompt read 0.5 s -> 0.85 s with a 4 MiB threshold), so
     only the Lab's long reads run inside; after, large blocks stay in the heap as they do once
-    glibc's own sliding threshold has reached its maximum, which any long prompt makes it do."""
+    glibc's own sliding threshold has reached its maximum, which any long prompt makes it do.
+
+    The heap is trimmed on the way in and out. A block glibc can place in a free chunk of the
+    heap goes there, not to its own mapping, and after the Lab's earlier phases the heap holds
+    hundreds of MB of free chunks whose pages a trim gave back: a read landing there touches
+    them again (the memory section of the full plan peaked at 2.12-2.18 GiB, under 1.97 with
+    the trims; the section took 12.8-13.2 s either way)."""
     mallopt = _glibc("mallopt")
     if mallopt is None:
         yield
         return
+    give_back_freed()
     mallopt(M_MMAP_THRESHOLD, MAPPED_FROM)
     try:
         yield
     finally:
         mallopt(M_MMAP_THRESHOLD, DYNAMIC_MAX)
+        give_back_freed()
 
 
 @functools.cache

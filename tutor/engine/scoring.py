@@ -57,8 +57,13 @@ def window_logits(
                 logits = decoder.forward(weights, chunk, None, last_only=False, keep_from=start)
             else:
                 logits = model(input_ids=chunk, use_cache=False).logits[:, start:]
-            outputs.append(logits.float().cpu())
-    return torch.cat(outputs)
+            outputs.append(logits)
+    # Made outside inference mode, as ordinary tensors: the Lab normalizes them in place. One
+    # pass (the Lab's usual read) is converted with no second copy (tens of MB a batch).
+    if len(outputs) == 1:
+        only = outputs[0].cpu()
+        return only.float() if only.dtype != torch.float32 else only.clone()
+    return torch.cat([logits.float().cpu() for logits in outputs])
 
 
 def mixed_weights(

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from tutor.engine.reports import MIB
 from tutor.lab.cache import cache_file, cache_key, read_json, write_json
+from tutor.lab.divergence import log_softmax_
 from tutor.lab.measure import REFERENCE, Cancel, Progress, check_cancel
 from tutor.lab.windows import lesson_windows, pick_windows
 from tutor.library.content import Library
@@ -63,15 +64,22 @@ ROWS = 64  # positions scored at a time: each step's full-vocabulary temporaries
 
 
 def _divergence(reference: torch.Tensor, logits: torch.Tensor) -> tuple[float, float]:
-    """Mean KL(reference ‖ logits) and top-1 agreement over ``(n, vocab)`` rows, ``ROWS`` at a
-    time (all of them at once held four temporaries of every row's vocabulary, 75 MB each)."""
+    """Mean KL(reference ‖ logits) and top-1 agreement over ``(windows, positions, vocab)``,
+    ``ROWS`` positions at a time (all of them at once held four temporaries of every position's
+    vocabulary, 75 MB each)."""
     kl, same = 0.0, 0
-    for ref, rows in zip(reference.split(ROWS), logits.split(ROWS), strict=True):
-        logprobs = rows.log_softmax(-1)
-        kl += float((ref.exp() * (ref - logprobs)).sum())
-        same += int((logprobs.argmax(-1) == ref.argmax(-1)).sum())
-    count = int(reference.shape[0])
+    for ref_window, window in zip(reference, logits, strict=True):
+        for ref, rows in zip(ref_window.split(ROWS), window.split(ROWS), strict=True):
+            logprobs = rows.log_softmax(-1)
+            kl += float((ref.exp() * (ref - logprobs)).sum())
+            same += int((logprobs.argmax(-1) == ref.argmax(-1)).sum())
+    count = positions(reference)
     return max(0.0, kl / count), same / count
+
+
+def positions(scores: torch.Tensor) -> int:
+    """The scored positions of ``(windows, positions, vocab)``."""
+    return int(scores.shape[0]) * int(scores.shape[1])
 
 
 def mixed_precision(
@@ -107,12 +115,12 @@ def mixed_precision(
             done += 1
             if progress is not None:
                 progress("mixed precision", done, steps)
-        return logits[:, :-1].reshape(-1, logits.shape[-1])
+        return logits[:, :-1]  # a view: a copy of every position's vocabulary is 75 MB
 
     if progress is not None:
         progress("mixed precision", 0, steps)
     engine.switch(REFERENCE, wait=True)
-    reference = read(None).log_softmax(-1)
+    reference = log_softmax_(read(None))
     sensitivity = []
     for layer in range(layers):
         mix = [REFERENCE] * layers
@@ -132,7 +140,7 @@ def mixed_precision(
             kl, same = _divergence(reference, read(mix))
             variant = LOW if k == 0 else HIGH if k == layers else f"{LOW} + {k} at {HIGH}"
             weights = kept + k * per_layer[HIGH] + (layers - k) * per_layer[LOW]
-            rows.append(MixedRow(variant, chosen, round(weights / MIB, 1), kl, same, int(reference.shape[0])))
+            rows.append(MixedRow(variant, chosen, round(weights / MIB, 1), kl, same, positions(reference)))
     result = MixedResult(sensitivity, rows)
     write_json(path, result.as_dict())
     return result
