@@ -23,7 +23,9 @@ if TYPE_CHECKING:
     from tutor.assistant.grounding import TutorAnswer
 
 # Streamed text is drawn at most this often: a redraw per token would take the engine's cores.
-FLUSH_S = 0.08
+# About seven redraws a second: every 0.08 s the Tutor tab decoded nf4 at 0.83-0.91x `ask`'s
+# speed, every 0.15 s at 0.85-1.00x (README, "Precision trade-off": attention at a decode step).
+FLUSH_S = 0.15
 
 
 class ReplyEvent(Message):
