@@ -126,11 +126,13 @@ def batch_of(shape: tuple[int, int]) -> int:
     return max(1, BATCH_BYTES // (4 * cols * (3 * cols + 2 * rows)))
 
 
-def _slots_by_shape(weights: DecoderWeights, masters: Mapping[str, nn.Linear]) -> dict[tuple[int, int], int]:
+def _batches(weights: DecoderWeights, masters: Mapping[str, nn.Linear]) -> int:
+    """How many batched GPTQ runs calibration makes (its progress steps)."""
     counts: dict[tuple[int, int], int] = {}
     for _layer, _slot, names in slots(weights):
-        counts[_shape(masters, names)] = counts.get(_shape(masters, names), 0) + 1
-    return counts
+        shape = _shape(masters, names)
+        counts[shape] = counts.get(shape, 0) + 1
+    return sum(-(-count // batch_of(shape)) for shape, count in counts.items())
 
 
 def calibrate(
@@ -147,9 +149,7 @@ def calibrate(
     started = time.perf_counter()
     codes: dict[tuple[str, ...], Codes] = {}
     waiting: dict[tuple[int, int], dict[tuple[str, ...], torch.Tensor]] = {}  # Hessians by shape
-    counts = _slots_by_shape(weights, masters)
-    total = sum(-(-count // batch_of(shape)) for shape, count in counts.items())
-    done = 0
+    total, done = _batches(weights, masters), 0
 
     def round_rows(group: dict[tuple[str, ...], torch.Tensor]) -> None:
         nonlocal done
