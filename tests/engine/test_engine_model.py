@@ -447,6 +447,33 @@ def test_window_logits_agree_with_greedy_decoding(engine, bf16_tokens: list[int]
     assert float((quantized[0] - logits[0].log_softmax(-1)).abs().max()) > TOLERANCES["nf4"].logit
 
 
+def test_a_mix_resumed_from_recorded_residuals_is_the_whole_pass(engine, bf16_tokens: list[int]) -> None:  # type: ignore[no-untyped-def]
+    """Mixed precision's scan starts each pass at its nf4 layer from the stream a bf16 pass
+    recorded: the same inputs and kernels as the whole pass, so the same logits bit for bit."""
+    import torch
+
+    from tutor.engine.decoder import Residuals
+
+    window = engine.encode(PROMPT) + bf16_tokens
+    windows = [window, window[::-1]]
+    layers = engine.model.config.num_hidden_layers
+    entering = Residuals()
+    reference = engine.window_logits(windows, start=1, batch_size=2, residuals=entering)
+    assert len(entering.entering) == layers
+    assert torch.equal(reference, engine.window_logits(windows, start=1, batch_size=2))
+    for layer in (1, layers // 2, layers - 1):
+        mix = ["bf16"] * layers
+        mix[layer] = "nf4"
+        whole = engine.window_logits(windows, start=1, batch_size=2, mix=mix)
+        resumed = engine.window_logits(
+            windows, start=1, batch_size=2, mix=mix, residuals=Residuals(entering.entering, layer)
+        )
+        assert torch.equal(resumed, whole)
+        assert not torch.equal(resumed, reference)
+    with pytest.raises(EngineError, match="one pass"):
+        engine.window_logits(windows, start=1, batch_size=1, residuals=Residuals())
+
+
 def test_generic_decode_loop_matches_the_fast_one(engine, generic_engine, bf16_tokens: list[int]) -> None:  # type: ignore[no-untyped-def]
     """The generic loop (transformers' modules and KV caches) against the fast decoder.
 

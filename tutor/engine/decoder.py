@@ -22,7 +22,7 @@ path does not cover or when asked for.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 # This module is imported only once a model is being loaded, so torch at the top is fine here.
@@ -71,6 +71,17 @@ class KVCache:
     @property
     def max_len(self) -> int:
         return int(self.data.shape[4])
+
+
+@dataclass
+class Residuals:
+    """The residual stream entering each decoder layer in one pass over some ids (``entering``,
+    recorded by a pass given these empty), so that a later pass over the same ids whose layers
+    before ``first`` are the same ones can start at layer ``first``: same inputs, same kernels,
+    the same stream, bit for bit, without computing it again."""
+
+    entering: list[torch.Tensor] = field(default_factory=list)
+    first: int = 0
 
 
 class FastDecoder:
@@ -296,6 +307,7 @@ class FastDecoder:
         keep_from: int = 0,
         pad: torch.Tensor | None = None,
         rope_from: int = 0,
+        residuals: Residuals | None = None,
     ) -> torch.Tensor:
         """Logits for ``ids`` (``(batch, T)``), continuing ``cache`` (or without one).
 
@@ -304,7 +316,9 @@ class FastDecoder:
         length, decode as one batch. RoPE scores depend only on the distance
         between two positions, so a row shifted right by its padding gives the same logits as
         alone. ``rope_from`` rotates as if the cache's first slot were that position (a row
-        prefilled on its own into a cache view that starts after its padding).
+        prefilled on its own into a cache view that starts after its padding). ``residuals``
+        empty: record the stream entering each layer there; recorded: start at its ``first``
+        layer from the stream recorded there (no cache).
 
         Returns ``(batch, vocab)`` for the last position when ``last_only``, else
         ``(batch, T - keep_from, vocab)`` for positions ``keep_from`` on; in the precision's
@@ -324,11 +338,23 @@ class FastDecoder:
         cos_table, sin_table = self._rope_tables(rope_from + end, act)
         cos = cos_table[rope_from + start : rope_from + end].view(1, steps, 1, dim)
         sin = sin_table[rope_from + start : rope_from + end].view(1, steps, 1, dim)
-        x = F.embedding(ids, self.embed).to(act).view(batch * steps, self.hidden)
+        stream = None if residuals is None else residuals.entering
+        recording = stream if stream is not None and not stream else None
+        first = residuals.first if residuals is not None and recording is None else 0
+        if stream and first:
+            if cache is not None:
+                raise ValueError("a pass that starts after the first layer fills no KV cache")
+            x = stream[first]
+        else:
+            x = F.embedding(ids, self.embed).to(act).view(batch * steps, self.hidden)
         causal = steps > 1
         mask = None if pad is None else pad_mask(pad, start, end)
         gqa = heads != kv_heads
         for index, lw in enumerate(weights.layers):
+            if index < first:
+                continue
+            if recording is not None:
+                recording.append(x)
             h = self._rms(x, lw.ln1, self.eps)
             if lw.qkv is not None:
                 qkv = lw.qkv(h)

@@ -44,7 +44,7 @@ from tutor.engine.reports import (
 if TYPE_CHECKING:
     import torch
 
-    from tutor.engine.decoder import FastDecoder
+    from tutor.engine.decoder import FastDecoder, Residuals
     from tutor.engine.decoder_weights import DecoderWeights
     from tutor.engine.linears import See
     from tutor.engine.precision_manager import PrecisionManager
@@ -314,6 +314,7 @@ class Engine:
         batch_size: int = 4,
         wait: bool | float = True,
         mix: Sequence[str] | None = None,
+        residuals: Residuals | None = None,
     ) -> torch.Tensor:
         """Next-token logits at the current precision, float32 on the CPU.
 
@@ -321,7 +322,10 @@ class Engine:
         ``(B, T - start, vocab)`` where row ``t`` predicts token ``start + t + 1``. Each window is
         read from scratch (no KV cache), in micro-batches of ``batch_size``. ``mix`` (one
         precision per decoder layer, computing in one dtype) reads them with each layer at its
-        own precision instead: mixed precision, on the fast decoder.
+        own precision instead: mixed precision, on the fast decoder. ``residuals`` (one pass
+        over every window) records the stream entering each layer, or starts at a later layer
+        from one recorded (``FastDecoder.forward``): a mix whose first layers are the recording
+        pass's computes only the rest.
         """
         from tutor.engine import scoring
         from tutor.engine.memory import give_back_freed_when_grown
@@ -339,6 +343,7 @@ class Engine:
                 start=start,
                 batch_size=batch_size,
                 device=self.torch_device,
+                residuals=residuals,
             )
 
     def window_logprobs(

@@ -17,7 +17,7 @@ from tutor.engine.generate import greedy
 from tutor.engine.precisions import check_precision
 
 if TYPE_CHECKING:
-    from tutor.engine.decoder import FastDecoder
+    from tutor.engine.decoder import FastDecoder, Residuals
     from tutor.engine.decoder_weights import DecoderWeights
     from tutor.engine.precision_manager import PrecisionManager
 
@@ -45,16 +45,23 @@ def window_logits(
     start: int,
     batch_size: int,
     device: torch.device,
+    residuals: Residuals | None = None,
 ) -> torch.Tensor:
     """Logits from position ``start`` on of every window in ``ids``, float32 on the CPU: on the
-    fast decoder with ``weights`` when there is one, else through ``model``; no KV cache."""
+    fast decoder with ``weights`` when there is one, else through ``model``; no KV cache.
+    ``residuals`` (the fast decoder's, for one pass over all of ``ids``) records or resumes
+    the residual stream (``FastDecoder.forward``)."""
+    if residuals is not None and (decoder is None or batch_size < ids.shape[0]):
+        raise EngineError("Residuals are kept for one pass of the fast decoder over every window.")
     outputs: list[torch.Tensor] = []
     with torch.inference_mode():
         for first in range(0, ids.shape[0], max(1, batch_size)):
             chunk = ids[first : first + batch_size].to(device, dtype=torch.long)
             if decoder is not None:
                 assert weights is not None
-                logits = decoder.forward(weights, chunk, None, last_only=False, keep_from=start)
+                logits = decoder.forward(
+                    weights, chunk, None, last_only=False, keep_from=start, residuals=residuals
+                )
             else:
                 logits = model(input_ids=chunk, use_cache=False).logits[:, start:]
             outputs.append(logits)

@@ -28,6 +28,8 @@ from tutor.library.content import Library
 from tutor.library.models import Question
 
 if TYPE_CHECKING:
+    import torch
+
     from tutor.engine import Engine
 
 LONG = 128  # tokens of each greedy continuation (the plans' default)
@@ -85,18 +87,18 @@ def choice_picks(engine: Engine, questions: Sequence[Question]) -> list[int]:
 
 @dataclass(frozen=True)
 class _Path:
-    """A lesson-text prompt, bf16's greedy continuation of it, and at each of its positions the
-    tokens bf16 itself ranks within ``TIE`` of its best (near-ties a kernel change may flip)."""
+    """A lesson-text prompt, bf16's greedy continuation of it, and at each of its positions
+    bf16's top token read this way (``own``) and the tokens bf16 ranks within ``TIE`` of it
+    (near-ties a kernel change may flip)."""
 
     prompt: list[int]
     tokens: list[int]
+    own: list[int]
     near: list[set[int]]
 
 
-def _picks_along(engine: Engine, path: _Path) -> list[int]:
-    return (
-        engine.window_logits([path.prompt + path.tokens], start=len(path.prompt) - 1)[0].argmax(-1).tolist()
-    )
+def _logits_along(engine: Engine, prompt: list[int], tokens: list[int]) -> torch.Tensor:
+    return engine.window_logits([prompt + tokens], start=len(prompt) - 1)[0]
 
 
 def reference_paths(
@@ -105,22 +107,26 @@ def reference_paths(
     """Read bf16's continuations with bf16 (the engine's precision) and note its near-ties."""
     paths = []
     for prompt, tokens in zip(prompts, continuations, strict=True):
-        logits = engine.window_logits([prompt + tokens], start=len(prompt) - 1)[0]
+        logits = _logits_along(engine, prompt, tokens)
         best = logits.max(-1, keepdim=True).values
         near = [
             set(map(int, (row >= top - TIE).nonzero()[:, 0].tolist()))
             for row, top in zip(logits, best, strict=True)
         ]
-        paths.append(_Path(list(prompt), list(tokens), near))
+        paths.append(_Path(list(prompt), list(tokens), logits.argmax(-1).tolist(), near))
     return paths
 
 
 def identical_shares(engine: Engine, paths: Sequence[_Path], long: int) -> list[float]:
     """For k = 1..long, the share of continuations whose first k tokens the engine's precision
-    would have decoded greedily too: its top token is bf16's, or one bf16 ranks as a near-tie."""
+    would have decoded greedily too: its top token is bf16's, or one bf16 ranks as a near-tie.
+    At bf16 itself, the paths' own reading is that precision's (the same pass, no second read)."""
     agree_until = []
     for path in paths:
-        picks = _picks_along(engine, path)
+        if engine.precision == REFERENCE:
+            picks = path.own
+        else:
+            picks = _logits_along(engine, path.prompt, path.tokens).argmax(-1).tolist()
         same = [
             pick == token or pick in near
             for pick, token, near in zip(picks, path.tokens, path.near, strict=False)

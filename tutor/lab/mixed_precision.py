@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -94,6 +94,7 @@ def mixed_precision(
     cancel: Cancel = None,
 ) -> MixedResult:
     """The scan and the variants (cached: measured once per model, lessons and settings)."""
+    from tutor.engine.decoder import Residuals
 
     layers = int(engine.model.config.num_hidden_layers)
     ks = sorted({k for k in ks if 0 < k < layers})
@@ -105,12 +106,14 @@ def mixed_precision(
     half = window // 2
     steps, done = layers + len(ks) + 2, 0
 
-    def read(mix: Sequence[str] | None) -> torch.Tensor:
+    def read(mix: Sequence[str] | None, residuals: Residuals | None = None) -> torch.Tensor:
         nonlocal done
         check_cancel(cancel)
         # One window per pass where int8 is in: LLM.int8's outlier columns span the batch.
         together = mix is None or HIGH not in mix
-        logits = engine.window_logits(ids, start=half, batch_size=len(ids) if together else 1, mix=mix)
+        logits = engine.window_logits(
+            ids, start=half, batch_size=len(ids) if together else 1, mix=mix, residuals=residuals
+        )
         if mix is not None:
             done += 1
             if progress is not None:
@@ -120,12 +123,16 @@ def mixed_precision(
     if progress is not None:
         progress("mixed precision", 0, steps)
     engine.switch(REFERENCE, wait=True)
-    reference = log_softmax_(read(None))
+    # The scan's layers before the one at nf4 are bf16's: each pass starts at that layer from
+    # the stream the reference pass recorded (about half the scan's compute).
+    entering = Residuals()
+    reference = log_softmax_(read(None, entering))
     sensitivity = []
     for layer in range(layers):
         mix = [REFERENCE] * layers
         mix[layer] = LOW
-        sensitivity.append(_divergence(reference, read(mix))[0])
+        sensitivity.append(_divergence(reference, read(mix, replace(entering, first=layer)))[0])
+    del entering
     order = sorted(range(layers), key=lambda i: -sensitivity[i])
     rows = []
     with engine.pinned([LOW, HIGH]):  # every variant reads both: a lean engine must not drop one
