@@ -216,10 +216,12 @@ class LlmInt8Linear:
         magnitude = half.abs()
         columns = None  # the outlier columns, if any
         if self.threshold > 0:
-            outliers = magnitude >= self.threshold
-            found = outliers.any(0).nonzero().view(-1)
+            # Every value past the threshold lies in a column whose largest value is past it: the
+            # columns first (one reduction), then the mask over those columns alone, not all.
+            found = (magnitude.amax(0) >= self.threshold).nonzero().view(-1)
             if found.numel():
-                magnitude.masked_fill_(outliers, 0)
+                held = magnitude[:, found]
+                magnitude[:, found] = held.masked_fill_(held >= self.threshold, 0)
                 columns = found
         absmax = magnitude.amax(1).float().unsqueeze(-1)
         scaled = half * (127.0 / absmax)
