@@ -102,7 +102,8 @@ def _caption(rows: list[dict[str, Any]]) -> str:
     return (
         "switch: first in-place switch from the row above; resw: switching to it again once prepared; "
         "reload: fresh load from disk + quantize; bound: read bandwidth / weight bytes per token; "
-        f"ttft long: the first token of a {first.get('long_prompt_tokens') or '-'}-token prompt. "
+        f"ttft long: the first token of a {first.get('long_prompt_tokens') or '-'}-token prompt "
+        "(median of three). "
         f"Checkpoint {first['checkpoint']}; {first['prompt_tokens']}-token prompt, {first['tokens']} new "
         f"tokens, greedy, {first.get('threads')} threads; read bandwidth {first['bandwidth_gbs']} GB/s; "
         "kept in 16-bit when quantized: "
