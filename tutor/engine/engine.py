@@ -315,8 +315,10 @@ class Engine:
         wait: bool | float = True,
         mix: Sequence[str] | None = None,
         residuals: Residuals | None = None,
+        as_computed: bool = False,
     ) -> torch.Tensor:
-        """Next-token logits at the current precision, float32 on the CPU.
+        """Next-token logits at the current precision, float32 on the CPU (``as_computed``: in
+        the dtype the precision computes in, not to be changed in place).
 
         ``windows`` is a batch of equal-length token windows ``(B, T)``; the result is
         ``(B, T - start, vocab)`` where row ``t`` predicts token ``start + t + 1``. Each window is
@@ -344,6 +346,7 @@ class Engine:
                 batch_size=batch_size,
                 device=self.torch_device,
                 residuals=residuals,
+                as_computed=as_computed,
             )
 
     def window_logprobs(

@@ -46,11 +46,13 @@ def window_logits(
     batch_size: int,
     device: torch.device,
     residuals: Residuals | None = None,
+    as_computed: bool = False,
 ) -> torch.Tensor:
     """Logits from position ``start`` on of every window in ``ids``, float32 on the CPU: on the
     fast decoder with ``weights`` when there is one, else through ``model``; no KV cache.
     ``residuals`` (the fast decoder's, for one pass over all of ``ids``) records or resumes
-    the residual stream (``FastDecoder.forward``)."""
+    the residual stream (``FastDecoder.forward``). ``as_computed``: in the dtype they were
+    computed in (bf16 is half float32's bytes), for a caller that only reads them."""
     if residuals is not None and (decoder is None or batch_size < ids.shape[0]):
         raise EngineError("Residuals are kept for one pass of the fast decoder over every window.")
     outputs: list[torch.Tensor] = []
@@ -65,6 +67,8 @@ def window_logits(
             else:
                 logits = model(input_ids=chunk, use_cache=False).logits[:, start:]
             outputs.append(logits)
+    if as_computed:
+        return outputs[0].cpu() if len(outputs) == 1 else torch.cat([logits.cpu() for logits in outputs])
     # Made outside inference mode, as ordinary tensors: the Lab normalizes them in place. One
     # pass (the Lab's usual read) is converted with no second copy (tens of MB a batch).
     if len(outputs) == 1:

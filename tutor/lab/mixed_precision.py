@@ -64,13 +64,13 @@ ROWS = 64  # positions scored at a time: each step's full-vocabulary temporaries
 
 
 def _divergence(reference: torch.Tensor, logits: torch.Tensor) -> tuple[float, float]:
-    """Mean KL(reference ‖ logits) and top-1 agreement over ``(windows, positions, vocab)``,
-    ``ROWS`` positions at a time (all of them at once held four temporaries of every position's
-    vocabulary, 75 MB each)."""
+    """Mean KL(reference ‖ logits) and top-1 agreement over ``(windows, positions, vocab)``
+    (``logits`` as computed, in float32 ``ROWS`` positions at a time: all of them at once held
+    four temporaries of every position's vocabulary, 75 MB each)."""
     kl, same = 0.0, 0
     for ref_window, window in zip(reference, logits, strict=True):
         for ref, rows in zip(ref_window.split(ROWS), window.split(ROWS), strict=True):
-            logprobs = rows.log_softmax(-1)
+            logprobs = rows.float().log_softmax(-1)
             kl += float((ref.exp() * (ref - logprobs)).sum())
             same += int((logprobs.argmax(-1) == ref.argmax(-1)).sum())
     count = positions(reference)
@@ -94,6 +94,8 @@ def mixed_precision(
     cancel: Cancel = None,
 ) -> MixedResult:
     """The scan and the variants (cached: measured once per model, lessons and settings)."""
+    import torch
+
     from tutor.engine.decoder import Residuals
 
     layers = int(engine.model.config.num_hidden_layers)
@@ -112,7 +114,12 @@ def mixed_precision(
         # One window per pass where int8 is in: LLM.int8's outlier columns span the batch.
         together = mix is None or HIGH not in mix
         logits = engine.window_logits(
-            ids, start=half, batch_size=len(ids) if together else 1, mix=mix, residuals=residuals
+            ids,
+            start=half,
+            batch_size=len(ids) if together else 1,
+            mix=mix,
+            residuals=residuals,
+            as_computed=True,  # in bf16, half float32's bytes: _divergence widens a few rows at a time
         )
         if mix is not None:
             done += 1
@@ -126,7 +133,7 @@ def mixed_precision(
     # The scan's layers before the one at nf4 are bf16's: each pass starts at that layer from
     # the stream the reference pass recorded (about half the scan's compute).
     entering = Residuals()
-    reference = log_softmax_(read(None, entering))
+    reference = log_softmax_(read(None, entering).to(torch.float32, copy=True))
     sensitivity = []
     for layer in range(layers):
         mix = [REFERENCE] * layers
