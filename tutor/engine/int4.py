@@ -173,7 +173,7 @@ class Int4Linear(nn.Module):
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight the kernel multiplies by (computed in float32, then in ``dtype``), from its
         packed codes, scales and zeros."""
-        codes = unpacked(self.packed, self.in_features, torch.float32).view(self.out_features, -1, GROUP)
+        codes = unpacked(self.packed, self.in_features).view(self.out_features, -1, GROUP).float()
         scale, zero = (part.t().float().unsqueeze(-1) for part in self.scales_zeros.unbind(-1))
         weight = codes.sub_(2 ** (BITS - 1)).mul_(scale).add_(zero)
         return weight.view(self.out_features, self.in_features).to(dtype)
@@ -223,18 +223,14 @@ def packed_row_block() -> int:
     return 256
 
 
-def unpacked(packed: torch.Tensor, in_features: int, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
-    """The ``(N, K)`` codes (as ``dtype``) in torch's CPU packing ``(N, K/2)``: for each block of
-    rows and each column, half a block of bytes, the low nibbles the block's first half of rows,
-    the high nibbles its second (what ``unpacks`` checks on this CPU). Each half is written
-    straight into place, converted on the way (a prompt's dequantization reads every weight)."""
+def unpacked(packed: torch.Tensor, in_features: int) -> torch.Tensor:
+    """The ``(N, K)`` codes in torch's CPU packing ``(N, K/2)``: for each block of rows and each
+    column, half a block of bytes, the low nibbles the block's first half of rows, the high
+    nibbles its second (what ``unpacks`` checks on this CPU)."""
     block = packed_row_block()
     rows = int(packed.shape[0])
     halves = packed.view(rows // block, in_features, block // 2)
-    codes = torch.empty(rows // block, block, in_features, dtype=dtype)
-    codes[:, : block // 2].copy_((halves & 15).transpose(1, 2))
-    codes[:, block // 2 :].copy_((halves >> 4).transpose(1, 2))
-    return codes.view(rows, in_features)
+    return torch.cat([halves & 15, halves >> 4], dim=-1).transpose(1, 2).reshape(rows, in_features)
 
 
 @functools.cache
