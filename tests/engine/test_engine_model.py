@@ -461,6 +461,8 @@ def test_a_mix_resumed_from_recorded_residuals_is_the_whole_pass(engine, bf16_to
     reference = engine.window_logits(windows, start=1, batch_size=2, residuals=entering)
     assert len(entering.entering) == layers
     assert torch.equal(reference, engine.window_logits(windows, start=1, batch_size=2))
+    computed = engine.window_logits(windows, start=1, batch_size=2, as_computed=True)  # mixed's own reads
+    assert computed.dtype == torch.bfloat16 and torch.equal(computed.float(), reference)
     for layer in (1, layers // 2, layers - 1):
         mix = ["bf16"] * layers
         mix[layer] = "nf4"
