@@ -338,21 +338,18 @@ class FastDecoder:
         cos_table, sin_table = self._rope_tables(rope_from + end, act)
         cos = cos_table[rope_from + start : rope_from + end].view(1, steps, 1, dim)
         sin = sin_table[rope_from + start : rope_from + end].view(1, steps, 1, dim)
-        stream = None if residuals is None else residuals.entering
-        recording = stream if stream is not None and not stream else None
+        recording = residuals.entering if residuals is not None and not residuals.entering else None
         first = residuals.first if residuals is not None and recording is None else 0
-        if stream and first:
+        if residuals is not None and first:
             if cache is not None:
                 raise ValueError("a pass that starts after the first layer fills no KV cache")
-            x = stream[first]
+            x = residuals.entering[first]
         else:
             x = F.embedding(ids, self.embed).to(act).view(batch * steps, self.hidden)
         causal = steps > 1
         mask = None if pad is None else pad_mask(pad, start, end)
         gqa = heads != kv_heads
-        for index, lw in enumerate(weights.layers):
-            if index < first:
-                continue
+        for index, lw in enumerate(weights.layers[first:], start=first):
             if recording is not None:
                 recording.append(x)
             h = self._rms(x, lw.ln1, self.eps)

@@ -139,7 +139,7 @@ def mixed_precision(
         mix = [REFERENCE] * layers
         mix[layer] = LOW
         sensitivity.append(_divergence(reference, read(mix, replace(entering, first=layer)))[0])
-    del entering
+    del entering  # the variants start at the first layer: the recorded stream is 26 MB
     order = sorted(range(layers), key=lambda i: -sensitivity[i])
     rows = []
     with engine.pinned([LOW, HIGH]):  # every variant reads both: a lean engine must not drop one
