@@ -274,3 +274,38 @@ def compare_decodes(
     if diverged < common and along_reference is not None:
         result = compare_logits(reference, along_reference(), tol, f"{what}, along the reference's tokens")
     return result
+
+
+def graph_against_eager(
+    engine: Any, prompt_ids: Sequence[int], max_new_tokens: int
+) -> tuple[Any, Comparison]:
+    """The engine's greedy decode with its steps on ``tutor.engine.graphs`` (recorded as a CUDA
+    graph on a GPU, run as they are elsewhere) against the same decode with eager steps, at the
+    engine's precision. Returns the graph decode's reply and the comparison (within the
+    precision's tolerance: the static step attends over the whole cache, another sum order)."""
+    decoder = engine._decoder
+    was = decoder.graphs
+    try:
+        decoder.graphs = False
+        _, eager = engine_trace(engine, prompt_ids, max_new_tokens)
+        decoder.graphs = True
+        reply, graphed = engine_trace(engine, prompt_ids, max_new_tokens)
+    finally:
+        decoder.graphs = was
+    comparison = compare_decodes(
+        eager,
+        graphed,
+        TOLERANCES[engine.precision],
+        f"{engine.precision} graph steps vs eager",
+        along_reference=lambda: _graph_logits_along(engine, prompt_ids, eager.tokens),
+    )
+    return reply, comparison
+
+
+def _graph_logits_along(engine: Any, prompt_ids: Sequence[int], tokens: Sequence[int]) -> torch.Tensor:
+    decoder = engine._decoder
+    was, decoder.graphs = decoder.graphs, True
+    try:
+        return engine_logits_along(engine, prompt_ids, tokens)
+    finally:
+        decoder.graphs = was

@@ -69,6 +69,30 @@ def test_bf16_on_the_gpu_agrees_with_the_cpu(cuda_engine, shared_engine) -> None
     print(result.describe())
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp32", "nf4", "fp4", "int8"])
+def test_decode_steps_replay_a_cuda_graph_and_decode_as_eager_steps(cuda_engine, precision: str) -> None:  # type: ignore[no-untyped-def]
+    """Each token one replay of a recorded graph, the same greedy decode as eager steps (within
+    the precision's tolerance), at a short prompt and at one past the smallest cache; LLM.int8
+    decodes eagerly (its outlier lookup is on the host) and says why."""
+    from tests.engine.numerics import graph_against_eager
+    from tutor.engine.bench_rows import long_prompt_ids
+    from tutor.engine.graphs import SMALLEST_CACHE
+
+    cuda_engine.switch(precision, wait=True)
+    for ids in (cuda_engine.encode(PROMPT), long_prompt_ids(cuda_engine, SMALLEST_CACHE + 100)):
+        reply, comparison = graph_against_eager(cuda_engine, ids, 16)
+        print(comparison.describe())
+        weights = cuda_engine._current_weights()
+        if precision == "int8":
+            assert reply.stats.decoder == "fast" and "LLM.int8" in str(weights.graph_problem)
+        else:
+            assert reply.stats.decoder == "graph", weights.graph_problem
+            assert all(step.graph is not None for step in weights.steps.values())
+    if precision != "int8":
+        assert sorted(cuda_engine._current_weights().steps) == [SMALLEST_CACHE, 2 * SMALLEST_CACHE]
+    cuda_engine.switch("bf16", wait=True)
+
+
 def test_a_measurement_scores_every_precision_on_the_gpu(  # type: ignore[no-untyped-def]
     cuda_engine, library: Library, tmp_path: Path
 ) -> None:

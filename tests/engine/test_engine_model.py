@@ -27,6 +27,7 @@ from tests.engine.numerics import (
     compare_logits,
     engine_logits_along,
     engine_trace,
+    graph_against_eager,
     reference_trace,
 )
 from tutor.engine import (
@@ -474,6 +475,33 @@ def test_a_mix_resumed_from_recorded_residuals_is_the_whole_pass(engine, bf16_to
         assert not torch.equal(resumed, reference)
     with pytest.raises(EngineError, match="one pass"):
         engine.window_logits(windows, start=1, batch_size=1, residuals=Residuals())
+
+
+@pytest.mark.parametrize("precision", ["bf16", "nf4"])
+def test_the_static_step_a_cuda_graph_records_decodes_as_the_eager_one(engine, precision: str) -> None:  # type: ignore[no-untyped-def]
+    """The step CUDA graphs record (``tutor.engine.graphs``), run here as it is: the same greedy
+    decode as the eager steps, within the precision's tolerance; one step per cache size serves
+    the replies after it; LLM.int8 (host lookups each step) decodes eagerly and says why."""
+    from tutor.engine.graphs import SMALLEST_CACHE, cache_size
+
+    assert [cache_size(n, 2500) for n in (100, 1024, 1025, 2400, 3000)] == [1024, 1024, 2048, 2500, 3000]
+    engine.switch(precision, wait=True)
+    ids = engine.encode(PROMPT)
+    reply, comparison = graph_against_eager(engine, ids, 12)
+    print(comparison.describe())
+    assert reply.stats.decoder == "graph"
+    weights = engine._current_weights()
+    assert list(weights.steps) == [SMALLEST_CACHE] and weights.graph_problem is None
+    step = weights.steps[SMALLEST_CACHE]
+    again, _ = graph_against_eager(engine, ids, 12)
+    assert again.tokens == reply.tokens and weights.steps[SMALLEST_CACHE] is step
+    engine.switch("int8", wait=True)
+    engine._decoder.graphs = True
+    try:
+        fallback = engine.generate(prompt_ids=ids, max_new_tokens=3)
+    finally:
+        engine._decoder.graphs = False
+    assert fallback.stats.decoder == "fast" and "LLM.int8" in str(engine._current_weights().graph_problem)
 
 
 def test_generic_decode_loop_matches_the_fast_one(engine, generic_engine, bf16_tokens: list[int]) -> None:  # type: ignore[no-untyped-def]

@@ -106,6 +106,7 @@ class FastDecoder:
         self.embed = model.model.embed_tokens.weight
         self.tied = model.lm_head.weight.data_ptr() == self.embed.data_ptr()
         self.fuse = True  # fuse q|k|v and gate|up into one packed matmul each
+        self.graphs = device.type == "cuda"  # replay decode steps as CUDA graphs (tutor.engine.graphs)
         self._packed_ok: dict[torch.dtype, bool] = {}
         self._rope: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
         self._heads: dict[torch.dtype, Slot] = {}
@@ -207,7 +208,7 @@ class FastDecoder:
             if names in ready:
                 return module_slot(ready[names])
             modules: list[Any] = [linears[n] for n in names]
-            if not pack or not all(plain_linear(m) for m in modules):
+            if not (pack or self.device.type == "cuda") or not all(plain_linear(m) for m in modules):
                 return None
             weight = torch.cat([weight_of(m) for m in modules])
             biases = [bias_of(m) for m in modules]
@@ -216,12 +217,14 @@ class FastDecoder:
                 if all(b is None for b in biases)
                 else torch.cat(
                     [
-                        b if b is not None else torch.zeros(m.out_features, dtype=act_dtype)
+                        b
+                        if b is not None
+                        else torch.zeros(m.out_features, dtype=act_dtype, device=weight.device)
                         for b, m in zip(biases, modules, strict=True)
                     ]
                 )
             )
-            slot = PackedLinear(weight, bias)
+            slot = PackedLinear(weight, bias) if pack else PlainLinear(weight, bias)
             copies.extend(slot.tensors())
             return slot
 
@@ -268,7 +271,7 @@ class FastDecoder:
         shape = (self.n_layers, 2, batch, self.n_kv, max_len, self.head_dim)
         return KVCache(torch.empty(shape, dtype=act_dtype, device=self.device))
 
-    def _rope_tables(self, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def rope_tables(self, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sign-folded sin, each ``(max_len, head_dim)``.
 
         ``rotate_half(x) * sin == roll(x, head_dim / 2) * sin_signed`` exactly (only signs move).
@@ -290,11 +293,18 @@ class FastDecoder:
 
     @staticmethod
     def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """RMSNorm as transformers computes it: normalised in float32, rounded, then scaled.
 
+        On CUDA torch's own ``rms_norm`` does the float32 part in one kernel instead of five (a
+        decode step there is bound by its number of kernels); on CPU the five ops stay, which
+        keep the fast decoder's logits those of transformers' modules bit for bit."""
         dtype = x.dtype
-        h = x.to(torch.float32)
-        variance = h.pow(2).mean(-1, keepdim=True)
-        h = h * torch.rsqrt(variance + eps)
+        if x.is_cuda:
+            h = F.rms_norm(x.to(torch.float32), (x.shape[-1],), eps=eps)
+        else:
+            h = x.to(torch.float32)
+            variance = h.pow(2).mean(-1, keepdim=True)
+            h = h * torch.rsqrt(variance + eps)
         return weight * h.to(dtype)
 
     def forward(
@@ -334,8 +344,7 @@ class FastDecoder:
             raise ValueError(f"KV cache holds {cache.max_len} positions, {end} needed")
         act = weights.act_dtype
         heads, kv_heads, dim = self.n_heads, self.n_kv, self.head_dim
-        q_width = heads * dim
-        cos_table, sin_table = self._rope_tables(rope_from + end, act)
+        cos_table, sin_table = self.rope_tables(rope_from + end, act)
         cos = cos_table[rope_from + start : rope_from + end].view(1, steps, 1, dim)
         sin = sin_table[rope_from + start : rope_from + end].view(1, steps, 1, dim)
         recording = residuals.entering if residuals is not None and not residuals.entering else None
@@ -352,18 +361,7 @@ class FastDecoder:
         for index, lw in enumerate(weights.layers[first:], start=first):
             if recording is not None:
                 recording.append(x)
-            h = self._rms(x, lw.ln1, self.eps)
-            if lw.qkv is not None:
-                qkv = lw.qkv(h)
-            else:
-                assert lw.q is not None and lw.k is not None and lw.v is not None
-                qkv = torch.cat([lw.q(h), lw.k(h), lw.v(h)], dim=-1)
-            qkv = qkv.view(batch, steps, heads + 2 * kv_heads, dim)
-            qk = qkv[:, :, : heads + kv_heads]
-            qk = qk * cos + qk.roll(dim // 2, dims=-1) * sin
-            q = qk[:, :, :heads].transpose(1, 2)
-            k = qk[:, :, heads:].transpose(1, 2)
-            v = qkv[:, :, heads + kv_heads :].transpose(1, 2)
+            q, k, v = self._attention_inputs(lw, x, batch, steps, cos, sin)
             if cache is not None:
                 layer_cache = cache.data[index]
                 layer_cache[0, :, :, start:end] = k
@@ -382,22 +380,86 @@ class FastDecoder:
                     scale=self.scaling,
                     enable_gqa=gqa,
                 )
-            attn = attn.transpose(1, 2).reshape(batch * steps, q_width)
-            x = x + lw.o(attn)
-            h = self._rms(x, lw.ln2, self.eps)
-            if lw.gate_up is not None:
-                gate_up = lw.gate_up(h)
-                gate, up = gate_up[:, : self.intermediate], gate_up[:, self.intermediate :]
-            else:
-                assert lw.gate is not None and lw.up is not None
-                gate, up = lw.gate(h), lw.up(h)
-            x = x + lw.down(F.silu(gate) * up)
+            x = self._after_attention(lw, x, attn, batch * steps)
         if cache is not None:
             cache.length = end
         if last_only:
             x = x.view(batch, steps, self.hidden)[:, -1]
         elif keep_from:
             x = x.view(batch, steps, self.hidden)[:, keep_from:].reshape(-1, self.hidden)
-        x = self._rms(x, weights.norm, self.eps)
-        logits = weights.head(x)
+        logits = weights.head(self._rms(x, weights.norm, self.eps))
         return logits if last_only else logits.view(batch, steps - keep_from, -1)
+
+    def _attention_inputs(
+        self, lw: LayerWeights, x: torch.Tensor, batch: int, steps: int, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A layer's q, k, v for the stream ``x``: ``(batch, heads, steps, head_dim)`` each, q and k
+        rotated."""
+        heads, kv_heads, dim = self.n_heads, self.n_kv, self.head_dim
+        h = self._rms(x, lw.ln1, self.eps)
+        if lw.qkv is not None:
+            qkv = lw.qkv(h)
+        else:
+            assert lw.q is not None and lw.k is not None and lw.v is not None
+            qkv = torch.cat([lw.q(h), lw.k(h), lw.v(h)], dim=-1)
+        qkv = qkv.view(batch, steps, heads + 2 * kv_heads, dim)
+        qk = qkv[:, :, : heads + kv_heads]
+        qk = qk * cos + qk.roll(dim // 2, dims=-1) * sin
+        q = qk[:, :, :heads].transpose(1, 2)
+        k = qk[:, :, heads:].transpose(1, 2)
+        v = qkv[:, :, heads + kv_heads :].transpose(1, 2)
+        return q, k, v
+
+    def _after_attention(
+        self, lw: LayerWeights, x: torch.Tensor, attn: torch.Tensor, rows: int
+    ) -> torch.Tensor:
+        """The rest of a layer once its attention is ``attn``: output projection, residual, MLP."""
+        x = x + lw.o(attn.transpose(1, 2).reshape(rows, self.n_heads * self.head_dim))
+        h = self._rms(x, lw.ln2, self.eps)
+        if lw.gate_up is not None:
+            gate_up = lw.gate_up(h)
+            gate, up = gate_up[:, : self.intermediate], gate_up[:, self.intermediate :]
+        else:
+            assert lw.gate is not None and lw.up is not None
+            gate, up = lw.gate(h), lw.up(h)
+        return x + lw.down(F.silu(gate) * up)
+
+    def static_step(
+        self,
+        weights: DecoderWeights,
+        token: torch.Tensor,
+        position: torch.Tensor,
+        cache: KVCache,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        keys: torch.Tensor,
+    ) -> torch.Tensor:
+        """One decode step in which no shape or host value changes from step to step, so a CUDA
+        graph can record it once and replay it at every position (``tutor.engine.graphs``).
+
+        ``token`` ``(1, 1)`` and ``position`` ``(1,)`` are device tensors; the step writes its
+        keys and values at ``position`` and attends over the whole cache with the slots after it
+        masked out. ``rope`` are tables covering the cache (held by the caller: a graph reads
+        them where they were) and ``keys`` is ``arange(cache.max_len)``. The same logits as
+        ``forward`` for that step, up to rounding (another attention kernel, over the longer cache).
+        """
+        act, dim = weights.act_dtype, self.head_dim
+        heads, kv_heads = self.n_heads, self.n_kv
+        cos = rope[0].index_select(0, position).view(1, 1, 1, dim)
+        sin = rope[1].index_select(0, position).view(1, 1, 1, dim)
+        # Added to the scores: 0 up to ``position``, -inf after it; made once for every layer.
+        hidden = torch.zeros(1, 1, 1, keys.shape[0], dtype=act, device=keys.device)
+        hidden.masked_fill_(keys > position, float("-inf"))
+        x = F.embedding(token, self.embed).to(act).view(1, self.hidden)
+        for index, lw in enumerate(weights.layers):
+            q, k, v = self._attention_inputs(lw, x, 1, 1, cos, sin)
+            layer_cache = cache.data[index]
+            layer_cache[0].index_copy_(2, position, k)
+            layer_cache[1].index_copy_(2, position, v)
+            # The query heads sharing a KV head are that head's queries (as ``repeat_kv`` pairs
+            # them): plain multi-head attention with kv_heads heads, one SDPA kernel.
+            grouped = q.reshape(1, kv_heads, heads // kv_heads, dim)
+            attn = F.scaled_dot_product_attention(
+                grouped, layer_cache[0], layer_cache[1], attn_mask=hidden, scale=self.scaling
+            )
+            x = self._after_attention(lw, x, attn.reshape(1, heads, 1, dim), 1)
+        return weights.head(self._rms(x, weights.norm, self.eps))

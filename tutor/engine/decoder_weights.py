@@ -43,6 +43,10 @@ class DecoderWeights:
     norm: torch.Tensor
     head: Slot
     copies: list[torch.Tensor] = field(default_factory=list)  # tensors held only for this precision
+    # Its decode steps recorded as CUDA graphs, by cache size (``tutor.engine.graphs``), or why
+    # they cannot be.
+    steps: dict[int, Any] = field(default_factory=dict)
+    graph_problem: str | None = None
 
     @property
     def copy_bytes(self) -> int:
@@ -89,4 +93,4 @@ def tapped(weights: DecoderWeights, see: See) -> DecoderWeights:
     for i, attr, names in slots(weights):
         taps[i][attr] = Tap(getattr(weights.layers[i], attr), names, see)
     layers = [replace(lw, **layer_taps) for lw, layer_taps in zip(weights.layers, taps, strict=True)]
-    return replace(weights, layers=layers, copies=[])
+    return replace(weights, layers=layers, copies=[], steps={})

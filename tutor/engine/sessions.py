@@ -149,12 +149,19 @@ def open_session(
     contrast: tuple[list[int], float] | None = None,
 ) -> Session:
     """A session for one reply of up to ``max_len`` positions: on the fast decoder with
-    ``weights`` when there is one, else through ``model``. With ``contrast`` (the prompt without
+    ``weights`` when there is one (its steps replayed as a CUDA graph where the decoder records
+    them and the precision allows), else through ``model``. With ``contrast`` (the prompt without
     the passages, alpha) it decodes context-aware (``mix_contrast``)."""
     if decoder is not None:
         assert weights is not None
         if contrast is not None:
             return FastContrastSession(decoder, weights, max_len, *contrast)
+        if decoder.graphs:
+            from tutor.engine.graphs import GraphSession, static_step
+
+            step = static_step(decoder, weights, max_len)
+            if step is not None:
+                return GraphSession(step, weights)
         return FastSession(decoder, weights, max_len)
     static = device.type == "cuda"
     if contrast is not None:
