@@ -34,6 +34,8 @@ LONG_PROMPT_TOKENS = 600
 # run to run here (int4 and gptq4, the same kernels, 0.45 and 0.38 s in one table), so the
 # column is the median of these.
 LONG_PROMPT_RUNS = 3
+# transformers' generate is timed this many times per precision (its fastest is reported).
+PLAIN_RUNS = 3
 COLUMNS = (
     "precision",
     "device",
@@ -252,7 +254,10 @@ def bench_rows(
         if plain:
             say(f"{precision}: plain model.generate for contrast")
             try:
-                rate, plain_tokens = plain_generate_tok_s(engine, prompt_ids, tokens)
+                # its fastest of a few runs, so the ratio to ours is not flattered: on a GPU one
+                # run of the same generate decoded at 17 tok/s and a later one at 54
+                plain_runs = [plain_generate_tok_s(engine, prompt_ids, tokens) for _ in range(PLAIN_RUNS)]
+                rate, plain_tokens = max(plain_runs, key=lambda run: run[0])
             except EngineError:  # fp32 on the fast path lives outside the transformers model
                 row["plain_decode_tok_s"] = row["first_token_unlike_plain"] = None
             else:
