@@ -172,8 +172,11 @@ class _Recording:
         return self._keep(self.session.step(token))
 
 
-def engine_trace(engine: Any, prompt_ids: Sequence[int], max_new_tokens: int) -> tuple[Any, Trace]:
-    """``engine.generate`` (greedy) and the logits it picked each token from.
+def engine_trace(
+    engine: Any, prompt_ids: Sequence[int], max_new_tokens: int, **options: Any
+) -> tuple[Any, Trace]:
+    """``engine.generate`` (greedy; ``options``: its other keywords) and the logits it picked
+    each token from.
 
     Returns ``(reply, trace)``; the trace's tokens include a stop token the reply ended on
     (``reply.tokens`` never does), as ``model.generate``'s do.
@@ -184,7 +187,7 @@ def engine_trace(engine: Any, prompt_ids: Sequence[int], max_new_tokens: int) ->
     make_session = engine._session
     engine._session = lambda max_len, contrast=None: _Recording(make_session(max_len, contrast), rows)
     try:
-        reply = engine.generate(prompt_ids=list(prompt_ids), max_new_tokens=max_new_tokens)
+        reply = engine.generate(prompt_ids=list(prompt_ids), max_new_tokens=max_new_tokens, **options)
     finally:
         del engine._session  # the class's method again
     logits = torch.stack(rows) if rows else torch.empty(0, 0)
@@ -195,15 +198,21 @@ def engine_trace(engine: Any, prompt_ids: Sequence[int], max_new_tokens: int) ->
     return reply, trace
 
 
-def engine_logits_along(engine: Any, prompt_ids: Sequence[int], tokens: Sequence[int]) -> torch.Tensor:
+def engine_logits_along(
+    engine: Any, prompt_ids: Sequence[int], tokens: Sequence[int], **options: Any
+) -> torch.Tensor:
     """The engine's decode logits along ``tokens`` (teacher forcing), float32 ``(len(tokens), vocab)``.
 
     Row ``i`` predicts ``tokens[i]`` from ``prompt_ids + tokens[:i]``: a prefill, then one cached
-    step per token, in the very session (kernels, KV cache) ``engine.generate`` decodes with.
+    step per token, in the very session (kernels, KV cache) ``engine.generate`` decodes with
+    (context-aware with ``options`` ``contrast`` and ``alpha``, as ``generate``'s).
     """
     import torch
 
-    session = engine._session(len(prompt_ids) + max(len(tokens), 1))
+    contrast = None
+    if options.get("alpha"):
+        contrast = (engine.encode(options["contrast"]), float(options["alpha"]))
+    session = engine._session(len(prompt_ids) + max(len(tokens), 1), contrast)
     rows = []
     with torch.inference_mode():
         rows.append(session.prefill(list(prompt_ids)).float().cpu())
@@ -277,35 +286,42 @@ def compare_decodes(
 
 
 def graph_against_eager(
-    engine: Any, prompt_ids: Sequence[int], max_new_tokens: int
+    engine: Any, prompt_ids: Sequence[int], max_new_tokens: int, **options: Any
 ) -> tuple[Any, Comparison]:
     """The engine's greedy decode with its steps on ``tutor.engine.graphs`` (recorded as a CUDA
     graph on a GPU, run as they are elsewhere) against the same decode with eager steps, at the
-    engine's precision. Returns the graph decode's reply and the comparison (within the
-    precision's tolerance: the static step attends over the whole cache, another sum order)."""
+    engine's precision (``options``: ``engine.generate``'s, e.g. ``contrast`` and ``alpha``).
+    Returns the graph decode's reply and the comparison (within the precision's tolerance,
+    three times it context-aware, as ``mix_contrast`` scales each side's rounding: the static
+    step attends over the whole cache, another sum order)."""
     decoder = engine._decoder
     was = decoder.graphs
     try:
         decoder.graphs = False
-        _, eager = engine_trace(engine, prompt_ids, max_new_tokens)
+        _, eager = engine_trace(engine, prompt_ids, max_new_tokens, **options)
         decoder.graphs = True
-        reply, graphed = engine_trace(engine, prompt_ids, max_new_tokens)
+        reply, graphed = engine_trace(engine, prompt_ids, max_new_tokens, **options)
     finally:
         decoder.graphs = was
+    tol = TOLERANCES[engine.precision]
+    if options.get("alpha"):
+        tol = Tolerance(3 * tol.logit, 3 * tol.margin)
     comparison = compare_decodes(
         eager,
         graphed,
-        TOLERANCES[engine.precision],
+        tol,
         f"{engine.precision} graph steps vs eager",
-        along_reference=lambda: _graph_logits_along(engine, prompt_ids, eager.tokens),
+        along_reference=lambda: _graph_logits_along(engine, prompt_ids, eager.tokens, options),
     )
     return reply, comparison
 
 
-def _graph_logits_along(engine: Any, prompt_ids: Sequence[int], tokens: Sequence[int]) -> torch.Tensor:
+def _graph_logits_along(
+    engine: Any, prompt_ids: Sequence[int], tokens: Sequence[int], options: dict[str, Any]
+) -> torch.Tensor:
     decoder = engine._decoder
     was, decoder.graphs = decoder.graphs, True
     try:
-        return engine_logits_along(engine, prompt_ids, tokens)
+        return engine_logits_along(engine, prompt_ids, tokens, **options)
     finally:
         decoder.graphs = was

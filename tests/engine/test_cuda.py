@@ -72,8 +72,9 @@ def test_bf16_on_the_gpu_agrees_with_the_cpu(cuda_engine, shared_engine) -> None
 @pytest.mark.parametrize("precision", ["bf16", "fp32", "nf4", "fp4", "int8"])
 def test_decode_steps_replay_a_cuda_graph_and_decode_as_eager_steps(cuda_engine, precision: str) -> None:  # type: ignore[no-untyped-def]
     """Each token one replay of a recorded graph, the same greedy decode as eager steps (within
-    the precision's tolerance), at a short prompt and at one past the smallest cache; LLM.int8
-    decodes eagerly (its outlier lookup is on the host) and says why."""
+    the precision's tolerance), at a short prompt and at one past the smallest cache, and
+    context-aware (two rows); LLM.int8 decodes eagerly (its outlier lookup is on the host) and
+    says why."""
     from tests.engine.numerics import graph_against_eager
     from tutor.engine.bench_rows import long_prompt_ids
     from tutor.engine.graphs import SMALLEST_CACHE
@@ -89,7 +90,15 @@ def test_decode_steps_replay_a_cuda_graph_and_decode_as_eager_steps(cuda_engine,
             assert reply.stats.decoder == "graph", weights.graph_problem
             assert all(step.graph is not None for step in weights.steps.values())
     if precision != "int8":
-        assert sorted(cuda_engine._current_weights().steps) == [SMALLEST_CACHE, 2 * SMALLEST_CACHE]
+        assert sorted(cuda_engine._current_weights().steps) == [(1, SMALLEST_CACHE), (1, 2 * SMALLEST_CACHE)]
+    passages = "Passages:\n[1] NF4 and FP4: NF4 usually preserves quality better than FP4.\n\n"
+    question = "Question: Which 4-bit type keeps quality better?"
+    contrast = {"contrast": [{"role": "user", "content": question}], "alpha": 1.0}
+    held, comparison = graph_against_eager(
+        cuda_engine, cuda_engine.encode(passages + question), 16, **contrast
+    )
+    print(comparison.describe())
+    assert held.stats.decoder == ("fast+cad" if precision == "int8" else "graph+cad")
     cuda_engine.switch("bf16", wait=True)
 
 

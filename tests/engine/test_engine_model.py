@@ -480,8 +480,9 @@ def test_a_mix_resumed_from_recorded_residuals_is_the_whole_pass(engine, bf16_to
 @pytest.mark.parametrize("precision", ["bf16", "nf4"])
 def test_the_static_step_a_cuda_graph_records_decodes_as_the_eager_one(engine, precision: str) -> None:  # type: ignore[no-untyped-def]
     """The step CUDA graphs record (``tutor.engine.graphs``), run here as it is: the same greedy
-    decode as the eager steps, within the precision's tolerance; one step per cache size serves
-    the replies after it; LLM.int8 (host lookups each step) decodes eagerly and says why."""
+    decode as the eager steps, within the precision's tolerance, plain and context-aware (two
+    rows, the shorter one padded); one step per row count and cache size serves the replies
+    after it; LLM.int8 (host lookups each step) decodes eagerly and says why."""
     from tutor.engine.graphs import SMALLEST_CACHE, cache_size
 
     assert [cache_size(n, 2500) for n in (100, 1024, 1025, 2400, 3000)] == [1024, 1024, 2048, 2500, 3000]
@@ -491,10 +492,18 @@ def test_the_static_step_a_cuda_graph_records_decodes_as_the_eager_one(engine, p
     print(comparison.describe())
     assert reply.stats.decoder == "graph"
     weights = engine._current_weights()
-    assert list(weights.steps) == [SMALLEST_CACHE] and weights.graph_problem is None
-    step = weights.steps[SMALLEST_CACHE]
+    assert list(weights.steps) == [(1, SMALLEST_CACHE)] and weights.graph_problem is None
+    step = weights.steps[(1, SMALLEST_CACHE)]
     again, _ = graph_against_eager(engine, ids, 12)
-    assert again.tokens == reply.tokens and weights.steps[SMALLEST_CACHE] is step
+    assert again.tokens == reply.tokens and weights.steps[(1, SMALLEST_CACHE)] is step
+
+    passages = "Passages:\n[1] NF4 and FP4: NF4 usually preserves quality better than FP4.\n\n"
+    question = "Question: Which 4-bit type keeps quality better?"
+    contrast = {"contrast": [{"role": "user", "content": question}], "alpha": 1.0}
+    held, comparison = graph_against_eager(engine, engine.encode(passages + question), 8, **contrast)
+    print(comparison.describe())
+    assert held.stats.decoder == "graph+cad" and (2, SMALLEST_CACHE) in weights.steps
+
     engine.switch("int8", wait=True)
     engine._decoder.graphs = True
     try:

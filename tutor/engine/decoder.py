@@ -424,6 +424,7 @@ class FastDecoder:
         weights: DecoderWeights,
         token: torch.Tensor,
         position: torch.Tensor,
+        first: torch.Tensor,
         cache: KVCache,
         rope: tuple[torch.Tensor, torch.Tensor],
         keys: torch.Tensor,
@@ -431,30 +432,35 @@ class FastDecoder:
         """One decode step in which no shape or host value changes from step to step, so a CUDA
         graph can record it once and replay it at every position (``tutor.engine.graphs``).
 
-        ``token`` ``(1, 1)`` and ``position`` ``(1,)`` are device tensors; the step writes its
-        keys and values at ``position`` and attends over the whole cache with the slots after it
-        masked out. ``rope`` are tables covering the cache (held by the caller: a graph reads
-        them where they were) and ``keys`` is ``arange(cache.max_len)``. The same logits as
-        ``forward`` for that step, up to rounding (another attention kernel, over the longer cache).
+        ``token`` ``(rows, 1)``, ``position`` ``(1,)`` and ``first`` ``(rows,)`` (each row's
+        first slot: the padding before it is hidden, as ``forward``'s ``pad``) are device
+        tensors; the step writes each row's keys and values at ``position`` and attends over the
+        whole cache with the slots outside ``first..position`` masked out. ``rope`` are tables
+        covering the cache (held by the caller: a graph reads them where they were) and ``keys``
+        is ``arange(cache.max_len)``. The same logits as ``forward`` for that step, up to
+        rounding (another attention kernel, over the longer cache). ``(rows, vocab)``.
         """
         act, dim = weights.act_dtype, self.head_dim
         heads, kv_heads = self.n_heads, self.n_kv
+        rows, slots = token.shape[0], keys.shape[0]
         cos = rope[0].index_select(0, position).view(1, 1, 1, dim)
         sin = rope[1].index_select(0, position).view(1, 1, 1, dim)
-        # Added to the scores: 0 up to ``position``, -inf after it; made once for every layer.
-        hidden = torch.zeros(1, 1, 1, keys.shape[0], dtype=act, device=keys.device)
-        hidden.masked_fill_(keys > position, float("-inf"))
-        x = F.embedding(token, self.embed).to(act).view(1, self.hidden)
+        # Added to the scores: 0 on each row's slots up to ``position``, -inf elsewhere; made
+        # once for every layer.
+        hidden = torch.zeros(rows, 1, 1, slots, dtype=act, device=keys.device)
+        outside = (keys > position) | (keys < first[:, None])
+        hidden.masked_fill_(outside.view(rows, 1, 1, slots), float("-inf"))
+        x = F.embedding(token, self.embed).to(act).view(rows, self.hidden)
         for index, lw in enumerate(weights.layers):
-            q, k, v = self._attention_inputs(lw, x, 1, 1, cos, sin)
+            q, k, v = self._attention_inputs(lw, x, rows, 1, cos, sin)
             layer_cache = cache.data[index]
             layer_cache[0].index_copy_(2, position, k)
             layer_cache[1].index_copy_(2, position, v)
             # The query heads sharing a KV head are that head's queries (as ``repeat_kv`` pairs
             # them): plain multi-head attention with kv_heads heads, one SDPA kernel.
-            grouped = q.reshape(1, kv_heads, heads // kv_heads, dim)
+            grouped = q.reshape(rows, kv_heads, heads // kv_heads, dim)
             attn = F.scaled_dot_product_attention(
                 grouped, layer_cache[0], layer_cache[1], attn_mask=hidden, scale=self.scaling
             )
-            x = self._after_attention(lw, x, attn.reshape(1, heads, 1, dim), 1)
+            x = self._after_attention(lw, x, attn.reshape(rows, heads, 1, dim), rows)
         return weights.head(self._rms(x, weights.norm, self.eps))

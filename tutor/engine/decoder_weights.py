@@ -43,9 +43,9 @@ class DecoderWeights:
     norm: torch.Tensor
     head: Slot
     copies: list[torch.Tensor] = field(default_factory=list)  # tensors held only for this precision
-    # Its decode steps recorded as CUDA graphs, by cache size (``tutor.engine.graphs``), or why
-    # they cannot be.
-    steps: dict[int, Any] = field(default_factory=dict)
+    # Its decode steps recorded as CUDA graphs, by row count and cache size
+    # (``tutor.engine.graphs``), or why they cannot be.
+    steps: dict[tuple[int, int], Any] = field(default_factory=dict)
     graph_problem: str | None = None
 
     @property

@@ -3,6 +3,7 @@ or on any causal LM through transformers (``GenericSession``)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -17,12 +18,28 @@ def mix_contrast(logits: torch.Tensor, plain: torch.Tensor, alpha: float) -> tor
     return (1 + alpha) * logits.float() - alpha * plain.float()
 
 
+def prefill_rows(
+    decoder: FastDecoder, weights: DecoderWeights, cache: KVCache, rows: Sequence[list[int]]
+) -> tuple[list[torch.Tensor], list[int]]:
+    """Each prompt of ``rows`` prefilled on its own (no pass over padding) into its row of
+    ``cache``, right-aligned to the longest after zeroed padding slots that a step's mask hides.
+    Returns each row's last logits and its padding."""
+    length = max(len(row) for row in rows)
+    pads = [length - len(row) for row in rows]
+    logits = []
+    for index, (row, pad) in enumerate(zip(rows, pads, strict=True)):
+        cache.data[:, :, index, :, :pad].zero_()  # hidden by the mask; zeros, not garbage
+        view = KVCache(cache.data[:, :, index : index + 1, :, pad:])
+        tensor = torch.tensor([row], dtype=torch.long, device=decoder.device)
+        logits.append(decoder.forward(weights, tensor, view, rope_from=pad)[0])
+    cache.length = length
+    return logits, pads
+
+
 class FastContrastSession:
     """Context-aware decoding on the fast decoder: the prompt with the passages and the one
-    without them decode as one batch of two (one pass per token).
-
-    Each prompt is prefilled on its own (no pass over padding), into its row of one KV cache,
-    the shorter one right-aligned after zeroed padding slots that the mask hides."""
+    without them decode as one batch of two (one pass per token), each prefilled on its own
+    into its row of one KV cache (``prefill_rows``)."""
 
     kind = "fast+cad"
 
@@ -37,20 +54,10 @@ class FastContrastSession:
         self._tokens = torch.zeros(2, 1, dtype=torch.long, device=decoder.device)
 
     def prefill(self, ids: list[int]) -> torch.Tensor:
-        rows = (ids, self.plain_ids)
-        length = max(len(row) for row in rows)
-        device = self.decoder.device
-        pads = [length - len(row) for row in rows]
-        self.pad = torch.tensor(pads, device=device)
         extra = max(0, len(self.plain_ids) - len(ids))  # the cache is sized for the longer prompt
         self.cache = self.decoder.new_cache(self.max_len + extra, self.weights.act_dtype, batch=2)
-        logits = []
-        for index, (row, pad) in enumerate(zip(rows, pads, strict=True)):
-            self.cache.data[:, :, index, :, :pad].zero_()  # hidden by the mask; zeros, not garbage
-            view = KVCache(self.cache.data[:, :, index : index + 1, :, pad:])
-            tensor = torch.tensor([row], dtype=torch.long, device=device)
-            logits.append(self.decoder.forward(self.weights, tensor, view, rope_from=pad)[0])
-        self.cache.length = length
+        logits, pads = prefill_rows(self.decoder, self.weights, self.cache, (ids, self.plain_ids))
+        self.pad = torch.tensor(pads, device=self.decoder.device)
         return mix_contrast(logits[0], logits[1], self.alpha)
 
     def step(self, token: int) -> torch.Tensor:
@@ -154,14 +161,16 @@ def open_session(
     the passages, alpha) it decodes context-aware (``mix_contrast``)."""
     if decoder is not None:
         assert weights is not None
-        if contrast is not None:
-            return FastContrastSession(decoder, weights, max_len, *contrast)
         if decoder.graphs:
             from tutor.engine.graphs import GraphSession, static_step
 
-            step = static_step(decoder, weights, max_len)
+            # Room for either prompt: a reply's positions after the longer one.
+            longest = max_len + (len(contrast[0]) if contrast is not None else 0)
+            step = static_step(decoder, weights, longest, rows=1 if contrast is None else 2)
             if step is not None:
-                return GraphSession(step, weights)
+                return GraphSession(step, weights, contrast)
+        if contrast is not None:
+            return FastContrastSession(decoder, weights, max_len, *contrast)
         return FastSession(decoder, weights, max_len)
     static = device.type == "cuda"
     if contrast is not None:
