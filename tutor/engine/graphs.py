@@ -78,7 +78,9 @@ class StaticStep:
                 self._compute(weights)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # Only this thread's calls are checked while recording: a precision built alongside a
+        # reply (``Engine.prepare(exclusive=False)``) may use the GPU from another thread.
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             self.logits = self._compute(weights)
         self.graph = graph
 
