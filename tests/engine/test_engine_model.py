@@ -616,13 +616,25 @@ def test_bench_rows_and_cli(shared_engine, engine_home: Path, monkeypatch: pytes
         assert row["checkpoint"] == str(shared_engine.checkpoint.path)
     assert rows[0]["weights_mib"] < rows[1]["weights_mib"]
     assert shared_engine.precision == "bf16"
+    # --eager: the same reply with eager steps beside the graph replays (the static step runs
+    # uncaptured here, as on a GPU it replays); nothing to contrast where steps are eager already
+    assert not shared_engine.cuda_graphs
+    shared_engine._decoder.graphs = True
+    try:
+        graphed = bench_rows.bench_rows(
+            ["bf16"], tokens=3, engine=shared_engine, reload=False, long_prompt=0, eager=True
+        )
+    finally:
+        shared_engine._decoder.graphs = False
+    assert graphed[0]["decoder"] == "graph" and graphed[0]["eager_decode_tok_s"] > 0
     monkeypatch.setenv("QUANT_TUTOR_HOME", str(engine_home))
     ran = CliRunner().invoke(
-        bench.command, ["--precisions", "int8", "--tokens", "2", "--long-prompt", "0", "--json"]
+        bench.command, ["--precisions", "int8", "--tokens", "2", "--long-prompt", "0", "--eager", "--json"]
     )
     assert ran.exit_code == 0, ran.stderr
     out = json.loads(ran.stdout)
     assert out[0]["precision"] == "int8" and out[0]["reload_s"] > 0 and out[0]["ttft_long_s"] is None
+    assert out[0]["decoder"] == "fast" and out[0]["eager_decode_tok_s"] is None
 
 
 def test_the_peer_row_sits_beside_ours_with_the_ratio(shared_engine) -> None:  # type: ignore[no-untyped-def]

@@ -43,6 +43,11 @@ from tutor.engine.precisions import MEASURED, parse_precisions
 )
 @click.option("--profile", is_flag=True, help="also break each decoded token's time down by kind of work")
 @click.option(
+    "--eager",
+    is_flag=True,
+    help="also decode with eager steps where the engine replays CUDA graphs (a GPU), for contrast",
+)
+@click.option(
     "--peer",
     type=click.Choice(["llama.cpp"]),
     help="also decode the same GGUF with llama.cpp, in the same run (`make bench-peer` installs it)",
@@ -65,6 +70,7 @@ def command(
     prompt: str,
     long_prompt: int,
     profile: bool,
+    eager: bool,
     peer: str | None,
 ) -> None:
     """``quant-tutor bench`` (``tutor.cli`` imports this module only when it runs)."""
@@ -90,6 +96,7 @@ def command(
             threads=threads,
             prompt=prompt,
             profile=profile,
+            eager=eager,
             peer=peer,
             long_prompt=long_prompt,
             log=None if as_json else (lambda msg: err.print(f"[dim]{msg}[/dim]")),

@@ -8,7 +8,9 @@ without in-place switching), then one greedy reply of ``--tokens`` tokens gives 
 divided by the bytes of weights read per token: the speed if decoding were purely
 bandwidth-bound. ``--plain`` adds ``plain_decode_tok_s``: transformers' own ``model.generate``
 on the same model, prompt and precision, for contrast, and ``first_token_unlike_plain``: where
-its greedy tokens first differ from the engine's (None: nowhere).
+its greedy tokens first differ from the engine's (None: nowhere). ``--eager`` adds
+``eager_decode_tok_s``: the same reply with eager decode steps, where the engine replays CUDA
+graphs (None elsewhere: its steps are eager already).
 """
 
 from __future__ import annotations
@@ -163,6 +165,7 @@ def bench_rows(
     threads: int | None = None,
     prompt: str = DEFAULT_PROMPT,
     profile: bool = False,
+    eager: bool = False,
     peer: str | None = None,
     long_prompt: int = LONG_PROMPT_TOKENS,
     engine: Engine | None = None,
@@ -251,6 +254,8 @@ def bench_rows(
             "threads": _threads(),
             "random_weights": random_weights,
         }
+        if eager:
+            row["eager_decode_tok_s"] = _eager_decode_tok_s(engine, prompt_ids, tokens)
         if plain:
             say(f"{precision}: plain model.generate for contrast")
             try:
@@ -280,6 +285,18 @@ def bench_rows(
     if peer is not None:
         rows = _with_peer(rows, peer, model, prompt_ids, tokens, say)
     return rows
+
+
+def _eager_decode_tok_s(engine: Engine, prompt_ids: list[int], tokens: int) -> float | None:
+    """The reply's decode speed with eager steps, where the engine replays CUDA graphs."""
+    if not engine.cuda_graphs:
+        return None
+    engine.cuda_graphs = False
+    try:
+        engine.generate(prompt_ids=prompt_ids, max_new_tokens=2)  # set up as the graph reply was
+        return engine.generate(prompt_ids=prompt_ids, max_new_tokens=tokens).stats.decode_tok_s
+    finally:
+        engine.cuda_graphs = True
 
 
 def _with_peer(

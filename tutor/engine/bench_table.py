@@ -29,6 +29,7 @@ HEADERS = {
     "prefill_tok_s": "prefill\ntok/s",
     "decode_tok_s": "decode\ntok/s",
     "bound_tok_s": "bound\ntok/s",
+    "eager_decode_tok_s": "eager\ntok/s",
     "plain_decode_tok_s": "plain\ntok/s",
     "decode_vs_peer": "decode\n× peer",
 }
@@ -38,7 +39,9 @@ def render_table(rows: list[dict[str, Any]]) -> Any:
     from rich import box
     from rich.table import Table
 
-    extra = [c for c in ("plain_decode_tok_s", "decode_vs_peer") if any(c in r for r in rows)]
+    extra = [
+        c for c in ("eager_decode_tok_s", "plain_decode_tok_s", "decode_vs_peer") if any(c in r for r in rows)
+    ]
     table = Table(
         title="quant-tutor bench",
         caption=_caption(rows),
@@ -102,12 +105,20 @@ def _caption(rows: list[dict[str, Any]]) -> str:
     return (
         "switch: first in-place switch from the row above; resw: switching to it again once prepared; "
         "reload: fresh load from disk + quantize; bound: read bandwidth / weight bytes per token; "
-        f"ttft long: the first token of a {first.get('long_prompt_tokens') or '-'}-token prompt "
-        "(median of three). "
-        f"Checkpoint {first['checkpoint']}; {first['prompt_tokens']}-token prompt, {first['tokens']} new "
+        + (
+            f"ttft long: the first token of a {first['long_prompt_tokens']}-token prompt (median of three). "
+            if first.get("long_prompt_tokens")
+            else ""
+        )
+        + f"Checkpoint {first['checkpoint']}; {first['prompt_tokens']}-token prompt, {first['tokens']} new "
         f"tokens, greedy, {first.get('threads')} threads; read bandwidth {first['bandwidth_gbs']} GB/s; "
         "kept in 16-bit when quantized: "
         f"{next((r['kept_16bit'] for r in rows if r.get('kept_16bit')), '-')}"
+        + (
+            "; eager: the same reply with eager decode steps instead of CUDA graph replays"
+            if any(r.get("eager_decode_tok_s") is not None for r in rows)
+            else ""
+        )
         + "".join(
             f"; × peer: decode tok/s over {r['engine']}'s ({r['peer_version']}, the {r['precision']} GGUF "
             f"as shipped, loaded in {r['load_s']} s)"

@@ -98,6 +98,17 @@ class Engine:
         return str(self.torch_device)
 
     @property
+    def cuda_graphs(self) -> bool:
+        """Whether decode steps replay recorded CUDA graphs (``tutor.engine.graphs``): by default
+        on CUDA with the fast decoder; set False to decode eagerly (a benchmark's contrast)."""
+        return self._decoder is not None and self._decoder.graphs
+
+    @cuda_graphs.setter
+    def cuda_graphs(self, on: bool) -> None:
+        if self._decoder is not None:
+            self._decoder.graphs = on and self.torch_device.type == "cuda"
+
+    @property
     def decoder_kind(self) -> str:
         return "fast" if self._decoder is not None else "generic"
 
