@@ -119,3 +119,17 @@ def test_a_prompts_memory_on_the_gpu(cuda_engine) -> None:  # type: ignore[no-un
     kv, peak = cuda_engine.prefill_footprint(ids)
     kv2, _ = cuda_engine.prefill_footprint(ids + ids)
     assert kv2 == 2 * kv > 0 and peak > 0
+
+
+def test_bench_sets_graph_replays_beside_eager_steps_and_generate(cuda_engine) -> None:  # type: ignore[no-untyped-def]
+    """``bench --eager --plain`` on the GPU: the graph reply, the same reply with eager steps and
+    transformers' generate, in one row (the README's GPU table comes from this command)."""
+    from tutor.engine.bench_rows import bench_rows
+
+    cuda_engine.switch("bf16", wait=True)
+    row = bench_rows(
+        ["bf16"], tokens=16, engine=cuda_engine, reload=False, long_prompt=0, eager=True, plain=True
+    )[0]
+    print({k: row[k] for k in ("decoder", "decode_tok_s", "eager_decode_tok_s", "plain_decode_tok_s")})
+    assert row["decoder"] == "graph" and cuda_engine.cuda_graphs
+    assert row["decode_tok_s"] > 0 and row["eager_decode_tok_s"] > 0 and row["plain_decode_tok_s"] > 0
