@@ -123,7 +123,7 @@ def test_a_prompts_memory_on_the_gpu(cuda_engine) -> None:  # type: ignore[no-un
 
 def test_bench_sets_graph_replays_beside_eager_steps_and_generate(cuda_engine) -> None:  # type: ignore[no-untyped-def]
     """``bench --eager --plain`` on the GPU: the graph reply, the same reply with eager steps and
-    transformers' generate, in one row (the README's GPU table comes from this command)."""
+    transformers' generate, in one row: what the next GPU table can come from."""
     from tutor.engine.bench_rows import bench_rows
 
     cuda_engine.switch("bf16", wait=True)
