@@ -293,6 +293,10 @@ def test_question_types_and_lesson_parts() -> None:
 def test_a_question_naming_a_lesson_part_is_answered_from_it(retriever: Retriever) -> None:
     gist = prepare("Give me the gist.", retriever, SEED)
     assert gist.grounded and gist.result.hits[0].section == PREMISE
+    # The lesson's other overview comes second: "the gist" is either of them.
+    assert gist.result.hits[1].section == SUMMARY and len(gist.result.hits) == 3
+    summary = prepare("Sum it up in one line", retriever, SEED)
+    assert [h.section for h in summary.result.hits[:2]] == [SUMMARY, PREMISE]
     # The premise's point and the sentence that carries it, not one of the two.
     assert gist.quote is not None and "int8 is typically near-lossless" in gist.quote.text
     assert "storing its weights in lower precision" in gist.quote.text

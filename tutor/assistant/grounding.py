@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from tutor.assistant.answer_stats import AnswerStats
+from tutor.assistant.chunks import PREMISE, SUMMARY
 from tutor.assistant.embedder import Embedder
 from tutor.assistant.hits import Hit, SearchResult
 from tutor.assistant.intent import LessonPart, lesson_part
@@ -41,6 +42,8 @@ Messages = list[dict[str, str]]
 Generate = Callable[[Messages], tuple[str, AnswerStats]]
 
 DECLINE = "The lesson doesn't cover that."
+# The lesson's two overviews: a question naming one gets the other as its second passage.
+OVERVIEWS = (PREMISE, SUMMARY)
 MAX_QUESTION_CHARS = 500
 # The prompt's passages stay under this many tokens (estimated at 4 characters a token),
 # so the prompt fits SmolLM2-135M's small context with room for the answer.
@@ -281,7 +284,7 @@ def prepare(
     result = retriever.search(question, k=k, lesson_id=lesson_id)
     part = lesson_part(question) if lesson_id is not None else None
     if part is not None and lesson_id is not None:
-        result = with_part(result, part_hit(retriever, lesson_id, part), k)
+        result = with_parts(result, named_parts(retriever, lesson_id, part), k)
     prepared = PreparedAnswer(question, result, lesson_id, question_cut=cut)
     if not result.covered:
         prepared.decline = decline_message(result, lesson_id)
@@ -303,10 +306,24 @@ def part_hit(retriever: Retriever, lesson_id: str, part: LessonPart) -> Hit:
     return dataclasses.replace(hits[0], text="\n\n".join(h.text for h in hits))
 
 
-def with_part(result: SearchResult, hit: Hit, k: int) -> SearchResult:
-    """The search with the named part first: covered, whatever the similarity said."""
-    rest = [h for h in (result.hits or result.closest) if h.section != hit.section][: k - 1]
-    return dataclasses.replace(result, hits=[hit, *rest], closest=[hit, *rest], covered=True)
+def named_parts(retriever: Retriever, lesson_id: str, part: LessonPart) -> list[Hit]:
+    """The part a question names, as passages: the part, and for one of the lesson's two
+    overviews (its premise and its summary, each the whole case in a line) the other as well,
+    since "the gist" or "the core message" is either."""
+    hits = [part_hit(retriever, lesson_id, part)]
+    if part.section in OVERVIEWS:
+        other = next(section for section in OVERVIEWS if section != part.section)
+        if retriever.section_hits(lesson_id, other):
+            hits.append(part_hit(retriever, lesson_id, LessonPart(other)))
+    return hits
+
+
+def with_parts(result: SearchResult, named: Sequence[Hit], k: int) -> SearchResult:
+    """The search with the named parts first: covered, whatever the similarity said."""
+    sections = {hit.section for hit in named}
+    rest = [h for h in (result.hits or result.closest) if h.section not in sections]
+    hits = [*named, *rest][:k]
+    return dataclasses.replace(result, hits=hits, closest=hits, covered=True)
 
 
 def finish(
