@@ -296,8 +296,8 @@ class FastDecoder:
         """RMSNorm as transformers computes it: normalised in float32, rounded, then scaled.
 
         The float32 part is torch's own ``rms_norm``: one kernel for transformers' five. A decode
-        step on CUDA is bound by its number of kernels, and on CPU each of a step's 61 norms
-        took 11 µs instead of 24 here. Its output was the five ops' bit for bit on this CPU."""
+        step on CUDA is bound by its number of kernels; on CPU a one-row norm took 10.9 µs
+        instead of 12.0 here (decode speed did not move), its output the five ops' bit for bit."""
         dtype = x.dtype
         h = F.rms_norm(x.to(torch.float32), (x.shape[-1],), eps=eps)
         return weight * h.to(dtype)
