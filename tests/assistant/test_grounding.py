@@ -28,7 +28,7 @@ from tutor.assistant.intent import lesson_part, question_type
 from tutor.assistant.quote import best_quote, leans_back, spans
 from tutor.assistant.retrieval import Retriever
 from tutor.assistant.support import check_support, negated
-from tutor.assistant.tutor_chat import tidy
+from tutor.assistant.tutor_chat import loop_start, tidy
 
 STATS = AnswerStats(ttft_s=0.2, tokens=12, tokens_per_s=30.0, weights_mib=256.0, stop="eos")
 
@@ -135,6 +135,17 @@ def test_the_contrast_prompt_is_the_request_without_its_passages() -> None:
         assert "Passages" not in json.dumps(plain) and "Passages" in json.dumps(messages)
         assert plain[-1]["content"].endswith("Is int8 lossless?")
         assert plain[0]["content"].startswith("You are a friendly tutor.")
+
+
+def test_a_loop_is_cut_to_its_first_round() -> None:
+    """SmolLM2-135M's answer to "Give me the gist." at bf16 ran on as "… speed speed speed" to
+    the token cap; the answer stops once a phrase comes round three times and keeps one round."""
+    said = "It gives a fuller picture: perplexity speed KL divergence speed speed speed speed"
+    assert tidy(said) == "It gives a fuller picture: perplexity speed KL divergence speed…"
+    assert tidy("It works out, it works out, it works out") == "It works out…"
+    assert tidy("Q8 is 8 bits. Q8 is 8 bits. Q8 is 8 bits.") == "Q8 is 8 bits."  # no "…" after a stop
+    assert loop_start("speed speed") is None and loop_start("int8 is near-lossless. int4 is not.") is None
+    assert loop_start("a b c a b c a b c") == 6  # the second round of a three-word phrase
 
 
 def test_tidy_drops_echoed_passage_numbers() -> None:
@@ -345,6 +356,8 @@ def test_answer_stats_read_the_same_everywhere_and_survive_the_wire() -> None:
     assert cut.describe("bf16") == line
     assert STATS.describe() == "TTFT 0.2 s · 12 tokens · 30 tok/s · weights 256 MiB"
     assert AnswerStats().describe("nf4") == "nf4 · TTFT – s · 0 tokens · – tok/s · weights – MiB"
+    looped = AnswerStats(ttft_s=0.15, tokens=51, tokens_per_s=70.0, weights_mib=256.6, stop="loop")
+    assert looped.describe().endswith("· stopped: it was repeating itself")
     data = json.loads(json.dumps(cut.as_dict()))
     assert data["cancelled"] is True and data["stop"] == "cancelled"
     assert AnswerStats.from_dict({**data, "added_later": 1}) == cut

@@ -23,7 +23,8 @@ class AnswerStats:
     weights_mib: float | None = None
     device: str | None = None
     peak_rss_mib: float | None = None
-    # "eos", "max_tokens", "sentences" (enough said), "cancelled" or "cut (why)" (a remote stream
+    # "eos", "max_tokens", "sentences" (enough said), "loop" (the model went round in circles: cut
+    # to the first round), "cancelled" or "cut (why)" (a remote stream
     # broke off); "" if no model ran
     stop: str = ""
     retrieval_ms: float | None = None
@@ -66,6 +67,8 @@ class AnswerStats:
             parts.append("cancelled")
         elif self.stop.startswith("cut"):  # a remote server's stream broke off: what arrived stays
             parts.append(f"✗ {self.stop}")
+        elif self.stop == "loop":
+            parts.append("stopped: it was repeating itself")
         return " · ".join(parts)
 
 

@@ -52,10 +52,38 @@ def complete_sentences(text: str) -> list[str]:
 _PASSAGE_NUMBER = re.compile(r"(?:^|(?<=\s))\[(?:passage )?\d{1,2}\]\s*", re.IGNORECASE)
 
 
+# A small model sometimes loops: "… KL divergence speed speed speed speed …" to the token cap.
+# The answer stops once its last few words have come round this many times in a row, and keeps
+# the first round.
+LOOP_ROUNDS = 3
+LOOP_MAX_WORDS = 8  # the longest looping phrase looked for, in words
+_WORD = re.compile(r"\S+")
+
+
+def loop_start(text: str) -> int | None:
+    """Where ``text`` ends in a loop, the index its second round starts at (what to cut), else
+    None: its last n words (n up to ``LOOP_MAX_WORDS``, punctuation and case aside) repeated
+    ``LOOP_ROUNDS`` times or more in a row."""
+    words = [w.group(0).strip(".,;:!?\"'()").casefold() for w in _WORD.finditer(text)]
+    starts = [w.start() for w in _WORD.finditer(text)]
+    for n in range(1, LOOP_MAX_WORDS + 1):
+        phrase = words[-n:]
+        rounds = 0
+        while len(words) >= (rounds + 1) * n and words[len(words) - (rounds + 1) * n :][:n] == phrase:
+            rounds += 1
+        if rounds >= LOOP_ROUNDS:
+            return starts[len(words) - (rounds - 1) * n]
+    return None
+
+
 def tidy(text: str, max_sentences: int = MAX_SENTENCES) -> str:
     """At most ``max_sentences`` distinct finished sentences, without echoed passage numbers; a
-    lone unfinished one is kept as is."""
+    lone unfinished one is kept as is. A loop at the end is cut to its first round, marked "…"."""
     text = _PASSAGE_NUMBER.sub("", text)
+    cut = loop_start(text)
+    if cut is not None:
+        text = text[:cut].rstrip(" ,;:")
+        text += "" if text.endswith(_ENDINGS) else "…"
     done = complete_sentences(text)
     return " ".join(done[:max_sentences]) if done else text.strip()
 
@@ -92,10 +120,11 @@ def ask(
             on_token(event)
 
     def stop() -> bool:
-        # Stop once the answer has its sentences, instead of letting the model repeat them.
-        return (cancel is not None and cancel.is_set()) or len(
-            complete_sentences("".join(pieces))
-        ) >= max_sentences
+        # Stop once the answer has its sentences, or loops, instead of letting the model repeat.
+        if cancel is not None and cancel.is_set():
+            return True
+        text = "".join(pieces)
+        return len(complete_sentences(text)) >= max_sentences or loop_start(text) is not None
 
     reply = engine.generate(
         prepared.messages,
@@ -109,8 +138,10 @@ def ask(
     )
     if cancel is not None and cancel.is_set():
         why = "cancelled"
-    else:  # the engine's own cancel here is the sentence count's stop()
-        why = "sentences" if reply.stats.cancelled else reply.stats.stop_reason
+    elif reply.stats.cancelled:  # the engine's own cancel here is stop(): enough said, or a loop
+        why = "loop" if loop_start(reply.text) is not None else "sentences"
+    else:
+        why = reply.stats.stop_reason
     stats = AnswerStats.from_reply(reply.stats, why)
     text = tidy(reply.text, max_sentences)
     return grounding.finish(prepared, text, stats, retriever.embed, reply.stats.precision)
