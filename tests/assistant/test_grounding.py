@@ -319,6 +319,21 @@ def test_a_question_naming_a_lesson_part_is_answered_from_it(retriever: Retrieve
 # --- the support check ----------------------------------------------------------------------
 
 
+def test_a_wrong_clause_inside_a_run_on_sentence_is_caught(retriever: Retriever) -> None:
+    """SmolLM2-135M's bf16 answer to "What's the main idea of this lesson?": close to the premise
+    as a whole, with int8 and int4 swapped in its second clause."""
+    premise = retriever.section_hits(SEED, "Premise")
+    said = (
+        "Quantization cuts an AI model's memory and raises its throughput by storing its weights in "
+        "lower precision; int8 hits noticeable quality cliffs on hard tasks."
+    )
+    [check] = check_support(said, premise, retriever.embed)
+    assert check.verdict == "contradicts" and "in “int8 hits noticeable quality cliffs" in check.reason
+    assert "int4 hits noticeable quality cliffs" in check.evidence
+    right = said.replace("int8 hits", "int4 hits")
+    assert [c.verdict for c in check_support(right, premise, retriever.embed)] == ["supported"]
+
+
 def test_verbatim_lesson_sentences_are_supported(retriever: Retriever) -> None:
     hits = retriever.section_hits(SEED, "What quantization cannot do")
     text = " ".join(sentences(hits[0].text + " " + hits[1].text)[:4])
