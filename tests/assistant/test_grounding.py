@@ -334,6 +334,20 @@ def test_a_wrong_clause_inside_a_run_on_sentence_is_caught(retriever: Retriever)
     assert [c.verdict for c in check_support(right, premise, retriever.embed)] == ["supported"]
 
 
+def test_a_lesson_sentence_said_of_another_name_contradicts(retriever: Retriever) -> None:
+    """SmolLM2-135M's bf16 answer to "How much smaller is Q5_K_M than Q8_0?" gave Q8_0's block
+    layout as Q5_K_S's, word for word; where the lesson says it of the name asked, it stands."""
+    from tutor.assistant.contradiction import renamed
+
+    hits = retriever.section_hits("fp16-q8-q6-q5-q4", "Q8_0")
+    layout = "stores weights in blocks of 32, each block holding 32 eight-bit integers and one 16-bit scale."
+    [check] = check_support(f"Q5_K_S {layout}", hits, retriever.embed)
+    assert check.verdict == "contradicts" and "another name: q5_k_s / q8_0" in check.reason, check
+    assert [c.verdict for c in check_support(f"Q8_0 {layout}", hits, retriever.embed)] == ["supported"]
+    assert renamed("NF4 keeps quality.", "NF4 keeps quality.") is None  # the same name
+    assert renamed("Q6_K is small and fast.", "Q8_0 stores 32 weights a block.") is None  # little shared
+
+
 def test_verbatim_lesson_sentences_are_supported(retriever: Retriever) -> None:
     hits = retriever.section_hits(SEED, "What quantization cannot do")
     text = " ".join(sentences(hits[0].text + " " + hits[1].text)[:4])

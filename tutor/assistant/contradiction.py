@@ -6,7 +6,9 @@ these ways contradicts the lesson rather than merely being absent from it:
 
 - an antonym: "a higher number is better" against "lower is better";
 - a number: "about 28 GB" against "about 7 GB" (the same unit, a different value);
-- swapped roles: "FP4 usually preserves quality better than NF4" against the reverse.
+- swapped roles: "FP4 usually preserves quality better than NF4" against the reverse;
+- another name (``renamed``, asked of the closest lesson sentence only): the lesson's sentence
+  about Q8_0 said of Q5_K_S.
 
 Negation ("can" against "cannot") is judged by polarity in ``tutor.assistant.grounding``.
 """
@@ -170,6 +172,23 @@ def swapped(sentence: str, evidence: str) -> str | None:
     if winner == theirs[1] or (loser is not None and loser == theirs[0] and winner != theirs[0]):
         return f"{winner} / {loser or theirs[0]} swapped"
     return None
+
+
+# How much of the rest two sentences must share for one to be the other with a name changed.
+RENAMED_SHARED = 0.7
+
+
+def renamed(sentence: str, evidence: str) -> str | None:
+    """The lesson sentence said of another name: "Q5_K_S stores weights in blocks of 32, each
+    block holding 32 eight-bit integers" against the lesson's "Q8_0 stores …". The two name
+    different things and share most of their other words (``RENAMED_SHARED``)."""
+    mine, theirs = names(sentence), names(evidence)
+    if not mine or not theirs or set(mine) & set(theirs):
+        return None
+    said, lesson = words(_NAME.sub(" ", sentence)), words(_NAME.sub(" ", evidence))
+    if not said or len(said & lesson) / len(said | lesson) < RENAMED_SHARED:
+        return None
+    return f"{mine[0]} / {theirs[0]}"
 
 
 def contradiction(sentence: str, evidence: str) -> str | None:

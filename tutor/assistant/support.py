@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from tutor.assistant.contradiction import contradiction
+from tutor.assistant.contradiction import contradiction, renamed
 from tutor.assistant.embedder import Embedder
 from tutor.assistant.hits import Hit
 from tutor.assistant.quote import overlap
@@ -226,12 +226,18 @@ def _clause_clash(
 def _clash(sentence: str, evidence: Sequence[str], cosines: np.ndarray) -> tuple[int, str] | None:
     """The closest passage sentences that say otherwise than ``sentence`` (another number in
     the same unit, the opposite word, two names swapped), with how; None when none does."""
-    for index in np.argsort(-cosines)[:CLASH_NEIGHBOURS]:
+    order = np.argsort(-cosines)
+    for index in order[:CLASH_NEIGHBOURS]:
         if float(cosines[index]) < CLASH_MIN_COSINE:
             break
         how = contradiction(sentence, evidence[int(index)])
         if how is not None:
             return int(index), how
+    # Another name only against the closest: where the lesson says the same of the sentence's
+    # own name, that sentence is the closest, and a parallel one about another name comes next.
+    closest = int(order[0])
+    if float(cosines[closest]) >= CLASH_MIN_COSINE and (how := renamed(sentence, evidence[closest])):
+        return closest, f"another name: {how}"
     return None
 
 
