@@ -34,6 +34,9 @@ CONTRADICTION_MIN_COSINE = 0.5
 # same two names the other way round (tutor.assistant.contradiction).
 CLASH_NEIGHBOURS = 2
 CLASH_MIN_COSINE = 0.6
+# Raised whenever the same text can get another verdict: measurements that cached verdicts
+# (the Lab's QA groundedness) name it in their keys. 2: clauses checked, another name.
+CHECK_VERSION = 2
 
 
 Verdict = Literal["supported", "not_found", "contradicts"]

@@ -84,9 +84,11 @@ def qa_answers(
 
 
 def qa_label(questions: Sequence[tuple[str, str]], max_new_tokens: int) -> str:
-    """The QA set as the cache key names it: file, count, the questions' digest, the token cap and
-    the rule that cuts a looping answer."""
-    from tutor.assistant.tutor_chat import LOOP_ROUNDS  # how an answer that loops is cut
+    """The QA set as the cache key names it: file, count, the questions' digest, the token cap,
+    the rule that cuts a looping answer and the support check's version."""
+    from tutor.assistant.support import CHECK_VERSION
+    from tutor.assistant.tutor_chat import LOOP_ROUNDS
 
     digest = hashlib.sha256(json.dumps(list(questions)).encode()).hexdigest()[:12]
-    return f"{QA_SET.name}:{len(questions)}:{digest}:tokens={max_new_tokens}:loop_rounds={LOOP_ROUNDS}"
+    rules = f"loop_rounds={LOOP_ROUNDS}:check={CHECK_VERSION}"
+    return f"{QA_SET.name}:{len(questions)}:{digest}:tokens={max_new_tokens}:{rules}"
