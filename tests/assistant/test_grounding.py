@@ -301,6 +301,16 @@ def test_question_types_and_lesson_parts() -> None:
     assert lesson_part("What is NF4?") is None
 
 
+def test_the_quote_names_what_the_question_names(retriever: Retriever) -> None:
+    """A question naming two things ("a 7B model", "int8") is quoted a span naming both: the
+    lesson's row for a 7B model at int8, not LLM.int8()'s history, which names 6.7B."""
+    from tutor.assistant.quote import names_all
+
+    quote = prepare("How big is a 7B model in int8?", retriever, SEED).quote
+    assert quote is not None and "7 GB" in quote.text and "int8" in quote.text, quote
+    assert names_all(["7b", "int8"], quote.text) and not names_all(["7b"], quote.text)  # two or more
+
+
 def test_a_question_naming_a_lesson_part_is_answered_from_it(retriever: Retriever) -> None:
     gist = prepare("Give me the gist.", retriever, SEED)
     assert gist.grounded and gist.result.hits[0].section == PREMISE

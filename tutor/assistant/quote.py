@@ -4,8 +4,10 @@ A quote is a span of one or two consecutive sentences of a retrieved passage. A 
 leans on the one before it ("That is why …", "This is …") or says too little on its own
 ("GGUF names follow a pattern.") only comes with its predecessor. Spans are ranked by how
 well they fit the question: embedding similarity, the share of the question's words they
-contain, and whether their form matches the question's type (a "why" question wants a
-reason, a "how much" question a number, "what is X" a definition); a span from a lower-ranked
+contain, whether their form matches the question's type (a "why" question wants a
+reason, a "how much" question a number, "what is X" a definition), and whether they name every
+one of the things a question names ("a 7B model in int8": the row for 7B at int8, not the one
+about LLM.int8() at 6.7B); a span from a lower-ranked
 passage pays a small penalty, and a two-sentence span must earn its length. A question that
 names a lesson part ("what's the gist?", "what's step two?") is quoted two sentences of that
 part: a premise, summary or practice step is written as a point and the sentence that carries
@@ -21,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from tutor.assistant.contradiction import names
 from tutor.assistant.embedder import Embedder
 from tutor.assistant.hits import Hit
 from tutor.assistant.intent import QuestionType, question_type
@@ -31,6 +34,7 @@ OVERLAP_WEIGHT = 0.5  # times the share of the question's content words the span
 RANK_PENALTY = 0.2  # per place the span's passage ranks below the first
 TYPE_BONUS = 0.1  # a span whose form matches the question's type
 PAIR_PENALTY = 0.04  # a two-sentence span must beat its best single sentence by this much
+NAMES_BONUS = 0.15  # a span naming every one of the two or more things the question names
 MIN_WORDS = 10  # a sentence shorter than this does not stand alone
 MIN_ANY_WORDS = 4  # nor is anything shorter than this quoted when something longer exists
 
@@ -143,10 +147,12 @@ def best_quote(
     cosines = embed([c.text for c in candidates]) @ query_vector
     asked = content_tokens(question)
     kind = question_type(question)
+    named = names(question)
     scores = [
         float(cosine)
         + OVERLAP_WEIGHT * overlap(asked, set(content_tokens(c.text)))
         + TYPE_BONUS * fits_type(kind, c.text)
+        + NAMES_BONUS * names_all(named, c.text)
         - RANK_PENALTY * c.rank
         - PAIR_PENALTY * c.pair
         for cosine, c in zip(cosines, candidates, strict=True)
@@ -156,6 +162,11 @@ def best_quote(
     return Quote(
         clean(chosen.text), chosen.hit.lesson_id, chosen.hit.section, chosen.hit.lesson_title, scores[best]
     )
+
+
+def names_all(named: Sequence[str], text: str) -> bool:
+    """Whether ``text`` names each of ``named`` (two or more: "BF16 … compared with FP16")."""
+    return len(named) >= 2 and set(named) <= set(names(text))
 
 
 def overlap(tokens: Sequence[str], reference: set[str]) -> float:
