@@ -24,7 +24,7 @@ from tutor.assistant.grounding import (
     sentences,
 )
 from tutor.assistant.hits import Hit, SearchResult
-from tutor.assistant.intent import lesson_part, question_type
+from tutor.assistant.intent import LessonPart, lesson_part, question_type
 from tutor.assistant.quote import best_quote, leans_back, spans
 from tutor.assistant.retrieval import Retriever
 from tutor.assistant.support import check_support, negated
@@ -297,6 +297,7 @@ def test_question_types_and_lesson_parts() -> None:
     assert lesson_part("What are the key terms?").section == KEY_TERMS  # type: ignore[union-attr]
     step = lesson_part("What's step two of the practice?")
     assert step is not None and (step.section, step.index) == (PRACTICE, 1)
+    assert lesson_part("What's the last practice step?") == LessonPart(PRACTICE, -1)
     assert lesson_part("Does int8 lose quality at all?") is None
     assert lesson_part("What is NF4?") is None
 
@@ -324,6 +325,9 @@ def test_a_question_naming_a_lesson_part_is_answered_from_it(retriever: Retrieve
     step = prepare("What's the second practice step?", retriever, SEED)
     assert step.grounded and step.result.hits[0].section == PRACTICE
     assert step.quote is not None and "two possible next steps" in step.quote.text
+    # No number: the one step whose words the question shares
+    memory = prepare("What's the memory math exercise?", retriever, "hermes-q4-vs-q8")
+    assert memory.quote is not None and "Work out which Hermes 3 8B file fits" in memory.quote.text
 
 
 # --- the support check ----------------------------------------------------------------------

@@ -27,13 +27,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from tutor.assistant.answer_stats import AnswerStats
-from tutor.assistant.chunks import PREMISE, SUMMARY
+from tutor.assistant.chunks import PRACTICE, PREMISE, SUMMARY
 from tutor.assistant.embedder import Embedder
 from tutor.assistant.hits import Hit, SearchResult
 from tutor.assistant.intent import LessonPart, lesson_part
 from tutor.assistant.quote import Quote, best_quote
 from tutor.assistant.support import SentenceCheck, check_support
-from tutor.text import clean, sentences
+from tutor.text import clean, content_tokens, sentences
 
 if TYPE_CHECKING:  # pragma: no cover
     from tutor.assistant.retrieval import Retriever
@@ -44,6 +44,8 @@ Generate = Callable[[Messages], tuple[str, AnswerStats]]
 DECLINE = "The lesson doesn't cover that."
 # The lesson's two overviews: a question naming one gets the other as its second passage.
 OVERVIEWS = (PREMISE, SUMMARY)
+# Words that name the practice part itself, not what a step is about.
+_PART_WORDS = frozenset({"practice", "practise", "exercise", "exercises", "step", "steps", "lesson", "task"})
 MAX_QUESTION_CHARS = 500
 # The prompt's passages stay under this many tokens (estimated at 4 characters a token),
 # so the prompt fits SmolLM2-135M's small context with room for the answer.
@@ -284,7 +286,7 @@ def prepare(
     result = retriever.search(question, k=k, lesson_id=lesson_id)
     part = lesson_part(question) if lesson_id is not None else None
     if part is not None and lesson_id is not None:
-        result = with_parts(result, named_parts(retriever, lesson_id, part), k)
+        result = with_parts(result, named_parts(retriever, lesson_id, part, question), k)
     prepared = PreparedAnswer(question, result, lesson_id, question_cut=cut)
     if not result.covered:
         prepared.decline = decline_message(result, lesson_id)
@@ -298,19 +300,25 @@ def prepare(
     return prepared
 
 
-def part_hit(retriever: Retriever, lesson_id: str, part: LessonPart) -> Hit:
-    """The lesson part as one passage: the step asked for, or the whole part."""
+def part_hit(retriever: Retriever, lesson_id: str, part: LessonPart, question: str = "") -> Hit:
+    """The lesson part as one passage: the step asked for (by number, or as the one step whose
+    words the question shares most: "the memory math exercise"), or the whole part."""
     hits = retriever.section_hits(lesson_id, part.section)
     if part.index is not None and part.index < len(hits):
         return hits[part.index]
+    if part.section == PRACTICE and len(hits) > 1:
+        asked = set(content_tokens(question)) - _PART_WORDS
+        shared = [len(asked & set(content_tokens(h.text))) for h in hits]
+        if max(shared) > 0 and shared.count(max(shared)) == 1:
+            return hits[shared.index(max(shared))]
     return dataclasses.replace(hits[0], text="\n\n".join(h.text for h in hits))
 
 
-def named_parts(retriever: Retriever, lesson_id: str, part: LessonPart) -> list[Hit]:
+def named_parts(retriever: Retriever, lesson_id: str, part: LessonPart, question: str = "") -> list[Hit]:
     """The part a question names, as passages: the part, and for one of the lesson's two
     overviews (its premise and its summary, each the whole case in a line) the other as well,
     since "the gist" or "the core message" is either."""
-    hits = [part_hit(retriever, lesson_id, part)]
+    hits = [part_hit(retriever, lesson_id, part, question)]
     if part.section in OVERVIEWS:
         other = next(section for section in OVERVIEWS if section != part.section)
         if retriever.section_hits(lesson_id, other):

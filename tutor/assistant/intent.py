@@ -51,16 +51,28 @@ _PREMISE = re.compile(
 )
 _KEY_TERMS = re.compile(r"\b(?:key terms?|glossary|vocabulary|terms? (?:should|do|must) i know|jargon)\b")
 _PRACTICE = re.compile(r"\b(?:practi[cs]e|exercises?|step (?:one|two|three|four|\d))\b")
-_ORDINALS = {"one": 1, "first": 1, "two": 2, "second": 2, "three": 3, "third": 3, "four": 4, "fourth": 4}
+# "last" and "final" count from the end (index 0: one before the first).
+_ORDINALS = {
+    "one": 1,
+    "first": 1,
+    "two": 2,
+    "second": 2,
+    "three": 3,
+    "third": 3,
+    "four": 4,
+    "fourth": 4,
+    "last": 0,
+    "final": 0,
+}
 _STEP = re.compile(
-    r"\b(?:step (\d|one|two|three|four)|(first|second|third|fourth) (?:step|exercise|practice))\b"
+    r"\b(?:step (\d|one|two|three|four)|(first|second|third|fourth|last|final) (?:step|exercise|practice))\b"
 )
 
 
 @dataclass(frozen=True)
 class LessonPart:
     section: str  # one of tutor.assistant.chunks.FRONT_MATTER
-    index: int | None = None  # the practice step asked for (0-based), when one is named
+    index: int | None = None  # the practice step asked for (0-based, -1 the last), when one is named
 
 
 def lesson_part(question: str) -> LessonPart | None:
