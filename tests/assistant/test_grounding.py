@@ -362,6 +362,17 @@ def test_a_lesson_sentence_said_of_another_name_contradicts(retriever: Retriever
     assert renamed("Q6_K is small and fast.", "Q8_0 stores 32 weights a block.") is None  # little shared
 
 
+def test_a_lot_lost_against_practically_nothing_lost_is_the_opposite() -> None:
+    from tutor.assistant.contradiction import contradiction, degree
+
+    lesson = "Q8_0 is about half the size of 16-bit with practically the same quality."
+    how = contradiction("Q8_0 loses a lot of quality compared with 16-bit.", lesson)
+    assert how == "the opposite degree: a lot lost / practically nothing lost"
+    assert degree("int8 is near-lossless.", lesson) is None  # the same degree
+    # A side that says both (int8 near-lossless; int4 a big loss) says neither
+    assert degree("Q4 loses a lot.", "int8 is near-lossless; int4 loses a lot on hard tasks.") is None
+
+
 def test_verbatim_lesson_sentences_are_supported(retriever: Retriever) -> None:
     hits = retriever.section_hits(SEED, "What quantization cannot do")
     text = " ".join(sentences(hits[0].text + " " + hits[1].text)[:4])

@@ -7,6 +7,7 @@ these ways contradicts the lesson rather than merely being absent from it:
 - an antonym: "a higher number is better" against "lower is better";
 - a number: "about 28 GB" against "about 7 GB" (the same unit, a different value);
 - swapped roles: "FP4 usually preserves quality better than NF4" against the reverse;
+- the opposite degree: "Q8_0 loses a lot of quality" against "practically the same quality";
 - another name (``renamed``, asked of the closest lesson sentence only): the lesson's sentence
   about Q8_0 said of Q5_K_S.
 
@@ -64,6 +65,35 @@ _NAME = re.compile(
     r"\b(?:[A-Za-z]+\d+[A-Za-z0-9_]*|\d+(?:\.\d+)?B|[A-Z]{2,}[A-Za-z0-9]*|(?i:smaller|bigger|larger|small|large|big)"
     r" (?:models?|ones?))\b"
 )
+
+
+# How much quality a sentence says is lost: a lot, or practically none. One side saying a lot
+# and the other practically none is the opposite claim, in degree rather than in one word.
+_MUCH_LOST = re.compile(
+    r"\b(?:los(?:es|e|ing|t)|hurts?|damages?|degrades?)\b[^.;]{0,24}?"
+    r"\b(?:a lot|much|significantly|badly|heavily|greatly)\b|"
+    r"\b(?:a lot of|significant|major|heavy|large|big)\s+(?:quality\s+)?loss(?:es)?\b",
+    re.IGNORECASE,
+)
+_NOTHING_LOST = re.compile(
+    r"\b(?:practically|nearly|almost|virtually) (?:the same|identical|lossless)\b|\bnear-lossless\b|"
+    r"\bhard to tell apart\b|\bnegligible\b|\bwithin measurement noise\b|\bindistinguishable\b",
+    re.IGNORECASE,
+)
+
+
+def degree(sentence: str, evidence: str) -> str | None:
+    """A lot of quality lost on one side, practically none on the other ("Q8_0 loses a lot of
+    quality" against "practically the same quality"); each side must say only one of the two."""
+
+    def says(text: str) -> str | None:
+        much, none = bool(_MUCH_LOST.search(text)), bool(_NOTHING_LOST.search(text))
+        return (
+            "a lot lost" if much and not none else "practically nothing lost" if none and not much else None
+        )
+
+    mine, theirs = says(sentence), says(evidence)
+    return f"{mine} / {theirs}" if mine and theirs and mine != theirs else None
 
 
 def words(text: str) -> set[str]:
@@ -193,7 +223,12 @@ def renamed(sentence: str, evidence: str) -> str | None:
 
 def contradiction(sentence: str, evidence: str) -> str | None:
     """How ``sentence`` says the opposite of ``evidence`` (a close lesson sentence), or None."""
-    tests = ((number_clash, "a different number"), (swapped, "swapped roles"), (antonym, "the opposite word"))
+    tests = (
+        (number_clash, "a different number"),
+        (swapped, "swapped roles"),
+        (antonym, "the opposite word"),
+        (degree, "the opposite degree"),
+    )
     for test, label in tests:
         found = test(sentence, evidence)
         if found:

@@ -35,8 +35,9 @@ CONTRADICTION_MIN_COSINE = 0.5
 CLASH_NEIGHBOURS = 2
 CLASH_MIN_COSINE = 0.6
 # Raised whenever the same text can get another verdict: measurements that cached verdicts
-# (the Lab's QA groundedness) name it in their keys. 2: clauses checked, another name.
-CHECK_VERSION = 2
+# (the Lab's QA groundedness) name it in their keys. 2: clauses checked, another name;
+# 3: the opposite degree.
+CHECK_VERSION = 3
 
 
 Verdict = Literal["supported", "not_found", "contradicts"]
