@@ -346,6 +346,13 @@ def test_a_wrong_clause_inside_a_run_on_sentence_is_caught(retriever: Retriever)
     assert "int4 hits noticeable quality cliffs" in check.evidence
     right = said.replace("int8 hits", "int4 hits")
     assert [c.verdict for c in check_support(right, premise, retriever.embed)] == ["supported"]
+    # A clause clashes only with a unit about the same thing; a question asserts nothing
+    decision = retriever.section_hits("gguf-awq-gptq-decision", "The decision: memory and quality")
+    said_there = "At FP16 it needs a 24 GB GPU or more when both fit, but avoid going below about 4 bits."
+    [loose] = check_support(said_there, decision, retriever.embed)
+    assert "avoid going below" not in loose.reason, loose  # not against "5 and 6 bits are very close"
+    [asked] = check_support("Is int8 good enough, or do I lose a lot of quality?", premise, retriever.embed)
+    assert asked.verdict == "not_found" and asked.reason == "a question, not a claim"
 
 
 def test_a_lesson_sentence_said_of_another_name_contradicts(retriever: Retriever) -> None:

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from tutor.assistant.contradiction import contradiction, renamed
+from tutor.assistant.contradiction import contradiction, quantities, renamed
 from tutor.assistant.embedder import Embedder
 from tutor.assistant.hits import Hit
 from tutor.assistant.quote import overlap
@@ -36,8 +36,8 @@ CLASH_NEIGHBOURS = 2
 CLASH_MIN_COSINE = 0.6
 # Raised whenever the same text can get another verdict: measurements that cached verdicts
 # (the Lab's QA groundedness) name it in their keys. 2: clauses checked, another name;
-# 3: the opposite degree.
-CHECK_VERSION = 3
+# 3: the opposite degree; 4: a clause's clash needs shared words, a question is no claim.
+CHECK_VERSION = 4
 
 
 Verdict = Literal["supported", "not_found", "contradicts"]
@@ -165,6 +165,9 @@ def check_support(generated_text: str, hits: Sequence[Hit], embed: Embedder) -> 
         if not tokens:
             checks.append(SentenceCheck(clean(sentence), False, 0.0, "", "nothing to check"))
             continue
+        if sentence.rstrip().endswith("?"):  # the model echoing a question asserts nothing
+            checks.append(SentenceCheck(clean(sentence), False, 0.0, "", "a question, not a claim"))
+            continue
         cosines = evidence_vectors @ vector
         closest = int(np.argmax(cosines))
         same = polarity == negated(sentence)
@@ -215,16 +218,32 @@ def clauses(sentence: str) -> list[str]:
     return parts if len(parts) > 1 else []
 
 
+# A clause and the passage unit it clashes with share at least this many content words besides
+# numbers and their units: a short clause is close in meaning to many short units ("avoid going
+# below about 4 bits" to "5 and 6 bits are very close"), few of which are about the same thing.
+CLAUSE_SHARED_WORDS = 2
+
+
 def _clause_clash(
     parts: Sequence[str], vectors: np.ndarray, evidence: Sequence[str], evidence_vectors: np.ndarray
 ) -> tuple[int, str] | None:
     """The first of a sentence's clauses (``vectors``: theirs) that clashes with a passage
-    sentence (``_clash``), with the clause quoted in how; None when none does."""
+    sentence about the same thing (``_clash``, ``CLAUSE_SHARED_WORDS``), with the clause quoted
+    in how; None when none does."""
     for clause, vector in zip(parts, vectors, strict=True):
         clash = _clash(clause, evidence, evidence_vectors @ vector)
-        if clash is not None:
+        if (
+            clash is not None
+            and len(_topic_words(clause) & _topic_words(evidence[clash[0]])) >= CLAUSE_SHARED_WORDS
+        ):
             return clash[0], f"{clash[1]}, in “{clause}”"
     return None
+
+
+def _topic_words(text: str) -> set[str]:
+    """Content words that are neither numbers nor the units after them."""
+    units = {unit for unit in quantities(text)}
+    return {t for t in content_tokens(text) if not t[0].isdigit() and t.rstrip("s") not in units}
 
 
 def _clash(sentence: str, evidence: Sequence[str], cosines: np.ndarray) -> tuple[int, str] | None:
