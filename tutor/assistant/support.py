@@ -242,7 +242,7 @@ def _clause_clash(
 
 def _topic_words(text: str) -> set[str]:
     """Content words that are neither numbers nor the units after them."""
-    units = {unit for unit in quantities(text)}
+    units = set(quantities(text))
     return {t for t in content_tokens(text) if not t[0].isdigit() and t.rstrip("s") not in units}
 
 

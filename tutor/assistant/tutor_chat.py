@@ -64,15 +64,15 @@ def loop_start(text: str) -> int | None:
     """Where ``text`` ends in a loop, the index its second round starts at (what to cut), else
     None: its last n words (n up to ``LOOP_MAX_WORDS``, punctuation and case aside) repeated
     ``LOOP_ROUNDS`` times or more in a row."""
-    words = [w.group(0).strip(".,;:!?\"'()").casefold() for w in _WORD.finditer(text)]
-    starts = [w.start() for w in _WORD.finditer(text)]
+    found = list(_WORD.finditer(text))
+    words = [w.group(0).strip(".,;:!?\"'()").casefold() for w in found]
     for n in range(1, LOOP_MAX_WORDS + 1):
         phrase = words[-n:]
         rounds = 0
         while len(words) >= (rounds + 1) * n and words[len(words) - (rounds + 1) * n :][:n] == phrase:
             rounds += 1
         if rounds >= LOOP_ROUNDS:
-            return starts[len(words) - (rounds - 1) * n]
+            return found[len(words) - (rounds - 1) * n].start()
     return None
 
 
