@@ -208,3 +208,16 @@ def test_the_memo_starts_over_without_losing_the_texts_of_the_call(
     again = shared_retriever.embed(["alpha one", "gamma three", "delta four"])
     assert again.shape == (3, first.shape[1])
     assert np.allclose(again[0], first[0], atol=1e-6)
+
+
+def test_a_released_embedder_loads_its_model_again_and_embeds_the_same() -> None:
+    """The Lab lets the embedding model go while it measures what embeds nothing."""
+    from tutor.assistant.embedder import MemoEmbedder
+
+    embedder = MemoEmbedder()
+    before = embedder.embed(["What does NF4 store?"])
+    embedder.release()
+    assert embedder.model is None and not embedder._memo
+    again = embedder.embed(["What does NF4 store?"])
+    assert embedder.model is not None
+    assert np.allclose(again, before, atol=1e-6)

@@ -259,6 +259,7 @@ def test_rows_arrive_live_then_come_from_the_cache(  # type: ignore[no-untyped-d
     assert quick.rows[0].qa_token_f1 == 1.0 and quick.plan == "tiny quick"
     assert "2 of the" in quick.method and "QA on 1 evaluation question" in quick.method
     assert bf16_engine.precision == "nf4", "the engine is left at the precision it had"
+    assert shared_retriever.embedder.model is None, "the embedding model let go once QA is answered"
     # Then the claims (the Lab's e): the same table from the cache, nf4-bf16's row (windows only:
     # its section reads no answers, so bf16's are not asked again) and each claim.
     events.clear()

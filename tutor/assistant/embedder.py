@@ -68,6 +68,12 @@ def load_model(path: Path | None = None) -> SentenceTransformer:
         return model
 
 
+def forget_model(path: Path | None = None) -> None:
+    """Drop the process's hold on the model loaded from ``path``; the next ``load_model`` loads it again."""
+    with _model_lock:
+        _models.pop(str(path or default_model_path()), None)
+
+
 @dataclass
 class MemoEmbedder:
     """The embedding model behind a lock (a worker thread may search while another checks an
@@ -84,6 +90,14 @@ class MemoEmbedder:
         with self._lock:
             if self.model is None:
                 self.model = load_model(self.model_path)
+
+    def release(self) -> None:
+        """Let the model and the memo go (the Lab, while it measures what embeds nothing: about
+        50 MB); the next text loads the model again (about 0.05 s here)."""
+        with self._lock:
+            self.model = None
+            self._memo.clear()
+            forget_model(self.model_path)
 
     def embed(self, texts: Sequence[str], remember: bool = True, width: int = EMBED_DIM) -> np.ndarray:
         """Unit-length float32 embeddings, one row per text (no texts: no rows, ``width`` columns).

@@ -228,11 +228,14 @@ def run_cliff(
     count = plan.qa_questions if qa_questions is None else qa_questions
     questions = load_qa_questions(count) if retriever is not None else []
     qa = None
+    calibrating_too = plan.claims and plan.calibrate and engine.device == "cpu"  # int4's kernel is CPU-only
+    shown = list(dict.fromkeys([REFERENCE, *precisions]))
+    asked = [*shown, *INT4] if calibrating_too else shown  # the precisions whose rows show QA
     if retriever is not None and questions:
-        found = retriever
+        found, unanswered = retriever, set(asked)
 
         def qa(precision: str) -> list[QAResult]:
-            return qa_answers(
+            answers = qa_answers(
                 engine,
                 found,
                 questions,
@@ -241,13 +244,14 @@ def run_cliff(
                 progress=progress,
                 cancel=cancel,
             )
+            unanswered.discard(precision)
+            if not unanswered:  # what follows embeds nothing: its peaks need not hold the model
+                found.embedder.release()
+            return answers
 
     total = len(lesson_windows(engine.tokenizer, library, window))
     spread = None if max_windows is not None else plan.windows
     picked = pick_windows(total, first=max_windows, spread=spread)
-    shown = list(dict.fromkeys([REFERENCE, *precisions]))
-    calibrating_too = plan.claims and plan.calibrate and engine.device == "cpu"  # int4's kernel is CPU-only
-    asked = [*shown, *INT4] if calibrating_too else shown  # the precisions whose rows show QA
 
     def shown_row(row: QualityRow) -> None:  # the sections' own rows arrive with the result
         if on_row is not None and row.precision in shown:
@@ -292,6 +296,8 @@ def run_cliff(
         # One table for every row the sections need too: the reference is read and its QA
         # answered once.
         rows = measured([*asked, *NO_WAY_BACK] if plan.claims else shown, shown_row)
+        if retriever is not None:  # also when the QA rows came from the cache, and ``qa`` never ran
+            retriever.embedder.release()
         engine.release_prepared()
         check_cancel(cancel)
         if progress is not None:
