@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tutor.engine.memory import give_back_freed
 from tutor.engine.reports import MIB
 from tutor.lab.cache import cache_file, cache_key, read_json, write_json
 from tutor.lab.divergence import log_softmax_
@@ -130,22 +131,26 @@ def mixed_precision(
     if progress is not None:
         progress("mixed precision", 0, steps)
     engine.switch(REFERENCE, wait=True)
-    # The scan's layers before the one at nf4 are bf16's: each pass starts at that layer from
-    # the stream the reference pass recorded (about half the scan's compute).
-    entering = Residuals()
-    reference = log_softmax_(read(None, entering).to(torch.float32, copy=True))
-    sensitivity = []
-    for layer in range(layers):
-        mix = [REFERENCE] * layers
-        mix[layer] = LOW
-        sensitivity.append(_divergence(reference, read(mix, replace(entering, first=layer)))[0])
-    del entering  # the variants start at the first layer: the recorded stream is 26 MB
-    order = sorted(range(layers), key=lambda i: -sensitivity[i])
     rows = []
-    with engine.pinned([LOW, HIGH]):  # every variant reads both: a lean engine must not drop one
+    with engine.pinned([LOW, HIGH]):  # the scan reads nf4, every variant both: a lean engine keeps them
+        # Built first: its scratch on top of the reference's scores and the recorded stream was
+        # the full Lab measure's peak.
+        engine.prepare(LOW)
+        # The scan's layers before the one at nf4 are bf16's: each pass starts at that layer from
+        # the stream the reference pass recorded (about half the scan's compute).
+        entering = Residuals()
+        reference = log_softmax_(read(None, entering).to(torch.float32, copy=True))
+        sensitivity = []
+        for layer in range(layers):
+            mix = [REFERENCE] * layers
+            mix[layer] = LOW
+            sensitivity.append(_divergence(reference, read(mix, replace(entering, first=layer)))[0])
+        del entering  # the variants start at the first layer: the recorded stream is 26 MB
+        order = sorted(range(layers), key=lambda i: -sensitivity[i])
         # At nf4, a lean engine drops bf16's packed copy, which no variant reads; int8 is built once.
         engine.switch(LOW, wait=True)
         engine.prepare(HIGH)
+        give_back_freed()  # the build's scratch, before the variants' reads land on it
         kept = engine.weights(LOW).kept_bytes  # what stays 16-bit, the same at every precision
         per_layer = {p: (engine.weights(p).weights_bytes - kept) / layers for p in (LOW, HIGH)}
         for k in [0, *ks, layers]:
