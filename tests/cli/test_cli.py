@@ -177,7 +177,7 @@ def test_no_command_without_the_app_says_what_there_is(capsys: pytest.CaptureFix
 def test_every_command_loads_and_has_help(capsys: pytest.CaptureFixture[str]) -> None:
     """Click's advice for a lazy group: each command's --help, so each one imports."""
     names = cli.quant_tutor.list_commands(click.Context(cli.quant_tutor))
-    assert " ".join(names) == "lessons read quiz progress schema validate ask cliff eval bench serve"
+    assert " ".join(names) == "lessons read quiz progress schema validate ask cliff eval bench serve warm"
     for name in names:
         assert cli.run([name, "--help"]) == 0, name
         assert f"Usage: quant-tutor {name} [OPTIONS]" in capsys.readouterr().out
@@ -277,3 +277,26 @@ def test_the_app_refuses_bad_remote_options_before_it_starts(tmp_path: Path) -> 
     bad = qt("--engine", "http://127.0.0.1:9/v1", "--variants", str(tmp_path / "v.toml"))
     assert bad.returncode == 2 and "cannot read the variants file" in bad.stderr
     assert "Traceback" not in alone.stderr + bad.stderr
+
+
+def test_warm_caches_the_index_and_gptq4_so_a_second_run_waits_for_neither(
+    home: Path, model_cache: Path, shared_engine: object
+) -> None:
+    """``make install`` runs ``warm``: the app then opens ready and the Lab's first full measure
+    does not calibrate. The model's conversion is the session's (``shared_engine`` made it)."""
+    (home / "cache").mkdir(parents=True)
+    (home / "cache" / "models").symlink_to(model_cache / "models", target_is_directory=True)
+
+    def warm() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(SCRIPT), "warm"], capture_output=True, text=True, timeout=600, env=os.environ.copy()
+        )
+
+    first = warm()
+    assert first.returncode == 0, first.stderr
+    assert "gptq4: calibrated in" in first.stderr
+    assert list((home / "cache" / "quantized").glob("gptq4-*.safetensors"))
+    assert any((home / "cache" / "index").iterdir())
+    again = warm()
+    assert again.returncode == 0, again.stderr
+    assert "Calibrating" not in again.stderr and "Ready:" in again.stderr

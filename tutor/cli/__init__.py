@@ -115,6 +115,10 @@ class QuantTutorGroup(LazyGroup):
         "serve": Lazy(
             "tutor.service.server:command", "Run the tutor's model as an OpenAI-compatible server."
         ),
+        "warm": Lazy(
+            "tutor.cli.model:warm",
+            "convert the model, index the lessons and calibrate gptq4 now, once (make install runs this)",
+        ),
     },
 )
 @click.version_option(__version__, prog_name="quant-tutor", message="%(prog)s %(version)s")

@@ -40,6 +40,16 @@ def _progress_printer(err: TextIO) -> Any:
     return show
 
 
+def _counter(err: TextIO) -> Callable[[str, int, int], None]:
+    """``progress(what, done, total)``: one line per phase, rewritten in place as it counts."""
+
+    def show(what: str, done: int, total: int) -> None:
+        err.write(f"\r  {what}: {done}/{total}" + ("\n" if done == total else ""))
+        err.flush()
+
+    return show
+
+
 def load_model(model: str | None, device: str, err: TextIO) -> Engine:
     from tutor.engine import Engine, EngineError
 
@@ -90,13 +100,9 @@ def _estimate_remotely(
     remote = connect_remote(settings, None)
     err.write(f"Estimating on {settings.url} (PPL and KL from the log-probabilities it returns)…\n")
 
-    def progress(what: str, done: int, total: int) -> None:
-        err.write(f"\r  {what}: {done}/{total}" + ("\n" if done == total else ""))
-        err.flush()
-
     windows = max_windows or WINDOWS
     try:
-        rows = estimate_rows(remote, library, precisions, windows=windows, progress=progress)
+        rows = estimate_rows(remote, library, precisions, windows=windows, progress=_counter(err))
     except RemoteError as exc:
         raise CliError(str(exc)) from None
     method = method_text(rows, windows, settings.url or "")
@@ -314,12 +320,6 @@ def cliff(
     retriever = load_retriever(lessons, err) if qa_questions else None
     err.write(f"Measuring the {chosen.name} plan (cached results are reused)…\n")
 
-    def progress(what: str, done: int, total: int) -> None:
-        err.write(f"\r  {what}: {done}/{total}")
-        err.flush()
-        if done == total:
-            err.write("\n")
-
     def on_row(row: QualityRow) -> None:
         cells = row.cells()
         err.write(
@@ -337,7 +337,7 @@ def cliff(
         qa_questions=qa_questions,
         max_windows=windows,
         window=window,
-        progress=progress,
+        progress=_counter(err),
         on_row=on_row,
     )
     if as_json:
@@ -351,3 +351,27 @@ def cliff(
         console.print(table)
     console.print("\n".join([f"Method: {result.method}", *(s.method for s in result.sections)]))
     console.print(f"Machine: {result.machine}")
+
+
+@click.command(
+    help="convert the model, index the lessons and calibrate gptq4 now, once: the app then opens "
+    "ready and the Lab's first measure does not wait for them (make install runs this)"
+)
+@model_options
+@pass_session
+def warm(session: Session, model: str | None, device: str) -> None:
+    import time
+
+    err = sys.stderr
+    started = time.perf_counter()
+    lessons = library(session)
+    load_retriever(lessons, err)  # every lesson indexed and cached
+    loaded = load_model(model, device, err)
+    # gptq4 runs on the int4 kernel, which is CPU-only
+    if loaded.device == "cpu" and loaded.gptq.report() is None:
+        err.write("Calibrating gptq4 (once per machine)…\n")
+        count = _counter(err)
+        report = loaded.gptq.calibrate(lambda done, total: count("calibrating gptq4", done, total))
+        err.write(f"  gptq4: calibrated in {report.seconds:.0f} s\n")
+    took = time.perf_counter() - started
+    err.write(f"Ready: the model, the lesson index and gptq4's codes are cached ({took:.0f} s).\n")
