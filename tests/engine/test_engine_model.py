@@ -216,6 +216,12 @@ def test_nf4_restored_to_bf16_costs_bf16_memory_and_keeps_nf4s_loss(engine, bf16
     assert float((restored.logits - bf16.logits).abs().max()) > TOLERANCES["nf4"].logit
     assert abs(restored_mib - bf16_mib) <= 0.02 * bf16_mib
     assert nf4_mib < 0.6 * restored_mib
+    # A lean engine (the Lab) computes on the restored weights themselves, with no packed copy.
+    engine.drop_prepared("nf4-bf16")
+    with engine.lean():
+        lean, _ = logits("nf4-bf16")
+        assert engine._manager.current().weights.copy_bytes == 0
+    compare_logits(restored, lean.logits, TOLERANCES["bf16"], "nf4-bf16 unpacked vs packed")
 
 
 def test_batched_greedy_continuation_is_generates(engine, bf16_tokens: list[int]) -> None:  # type: ignore[no-untyped-def]

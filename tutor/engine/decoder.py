@@ -167,16 +167,18 @@ class FastDecoder:
         act_dtype: torch.dtype,
         *,
         fused: Mapping[tuple[str, ...], nn.Module] | None = None,
+        copies_allowed: bool = True,
     ) -> DecoderWeights:
         """Weights for ``precision`` from ``linears`` (module name -> master or bitsandbytes module).
 
         Masters (``nn.Linear``) are packed / cast to ``act_dtype`` where that helps (q|k|v and
         gate|up stacked into one packed matmul each); ``fused`` supplies ready modules for such
-        groups (bitsandbytes); any other module is called as is.
+        groups (bitsandbytes); any other module is called as is. Without ``copies_allowed``
+        plain Linears are called as they are, in their own storage (no packed copy).
         """
 
         copies: list[torch.Tensor] = []
-        pack = self.can_pack(act_dtype)
+        pack = copies_allowed and self.can_pack(act_dtype)
 
         def plain_linear(module: Any) -> bool:
             return type(module) is nn.Linear
@@ -208,7 +210,9 @@ class FastDecoder:
             if names in ready:
                 return module_slot(ready[names])
             modules: list[Any] = [linears[n] for n in names]
-            if not (pack or self.device.type == "cuda") or not all(plain_linear(m) for m in modules):
+            if not copies_allowed or not (pack or self.device.type == "cuda"):
+                return None
+            if not all(plain_linear(m) for m in modules):
                 return None
             weight = torch.cat([weight_of(m) for m in modules])
             biases = [bias_of(m) for m in modules]
