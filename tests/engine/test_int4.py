@@ -106,32 +106,3 @@ def test_a_prompts_many_rows_take_a_dense_matmul_on_the_unpacked_codes(
     rounding = rms(exact.bfloat16().double() - exact)
     assert rms(dense - exact) <= 1.6 * rounding
     assert rms(dense - kernel) <= 2 * rounding
-
-
-def test_dense_weights_kept_dequantize_once_for_the_same_products(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A Lab window read at int4 keeps the weights it dequantizes for the next passes: the very
-    same products, one unpacking, and nothing kept once the block ends."""
-    from tutor.engine import linears
-    from tutor.engine.int4 import DENSE_ROWS, Int4Linear, unpacks
-
-    if not unpacks(128):
-        pytest.skip("this CPU packs int4 codes in a layout the prompt path does not read: the kernel serves")
-    torch.manual_seed(0)
-    module = Int4Linear.from_codes(round_to_nearest(torch.randn(128, 256) * 0.05))
-    prompts = [torch.randn(DENSE_ROWS + 8, 256).bfloat16() for _ in range(3)]
-    each = [module(p) for p in prompts]
-    unpacked, dequantized = [], Int4Linear.dequantized
-
-    def counted(self: Int4Linear, dtype: torch.dtype) -> torch.Tensor:
-        unpacked.append(1)
-        return dequantized(self, dtype)
-
-    monkeypatch.setattr(Int4Linear, "dequantized", counted)
-    with linears.dense_weights_kept():
-        kept = [module(p) for p in prompts]
-        assert linears._kept
-    assert len(unpacked) == 1
-    assert all(torch.equal(a, b) for a, b in zip(each, kept, strict=True))
-    assert linears._kept is None
-    module(prompts[0])
-    assert len(unpacked) == 2, "after the block each read dequantizes again"

@@ -193,14 +193,6 @@ class Engine:
         switch back to bf16 only packs them again."""
         return switching.lean(self._manager)
 
-    def dense_weights_kept(self) -> contextlib.AbstractContextManager[None]:
-        """Inside, a precision that dequantizes its weights for each long read (int4, gptq4,
-        int8-wo) does so once and keeps them: for many window reads at one precision
-        (``tutor.engine.linears.dense_weights_kept``)."""
-        from tutor.engine.linears import dense_weights_kept
-
-        return dense_weights_kept()
-
     def drop_prepared(self, precision: str) -> bool:
         """Forget a prepared precision (never the current one); the next switch rebuilds it."""
         return self._manager.drop(precision)

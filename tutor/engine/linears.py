@@ -9,10 +9,9 @@ any of them with its input shown to the weight lab and GPTQ (``Tap``).
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -75,41 +74,8 @@ def dense_prefill(rows: torch.Tensor, dequantized: Callable[[torch.dtype], torch
     """``rows`` (bf16) times the weight ``dequantized(dtype)`` gives, as one dense matmul: fp32
     where bf16 matmul is emulated, else bf16 on the weight rounded to bf16 once. bf16 out."""
     if bf16_matmul_is_emulated():
-        return F.linear(rows.float(), _dense(dequantized, torch.float32)).to(torch.bfloat16)
-    return F.linear(rows, _dense(dequantized, torch.bfloat16))
-
-
-# Inside ``dense_weights_kept``: each weight dense_prefill has dequantized, by its ``dequantized``
-# (a bound method: equal for one module) and dtype.
-_kept: dict[tuple[Callable[[torch.dtype], torch.Tensor], torch.dtype], torch.Tensor] | None = None
-
-
-def _dense(dequantized: Callable[[torch.dtype], torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    if _kept is None:
-        return dequantized(dtype)
-    key = (dequantized, dtype)
-    weight = _kept.get(key)
-    if weight is None:
-        from tutor.engine.memory import blocks_mapped
-
-        with blocks_mapped():  # handed back whole when the block ends, not left as heap
-            weight = _kept[key] = dequantized(dtype)
-    return weight
-
-
-@contextlib.contextmanager
-def dense_weights_kept() -> Iterator[None]:
-    """Inside, a weight ``dense_prefill`` dequantizes is dequantized once and kept for the passes
-    after: the same products, without unpacking 120 weights a pass (int4 read the Lab's windows
-    in 7.6 s against bf16's 5.2 here). Holds one dense copy of the precision's weights (212 MB
-    in bf16 for this model) until the block ends, so a block should cover one precision's reads."""
-    global _kept
-    outer = _kept
-    _kept = {} if outer is None else outer
-    try:
-        yield
-    finally:
-        _kept = outer
+        return F.linear(rows.float(), dequantized(torch.float32)).to(torch.bfloat16)
+    return F.linear(rows, dequantized(torch.bfloat16))
 
 
 # From this many rows (tokens in one pass) on, a CPU without native bf16 matmul computes a bf16

@@ -216,13 +216,12 @@ def _scores(
             # Back to the reference first: a lean engine drops the last one before the next is built.
             engine.switch(REFERENCE, wait=True)
             tally = Tally()
-            with engine.dense_weights_kept():  # let go before the next precision is built
-                for part in batches:
-                    logits = read(precision, part, tally)
-                    for row, index in zip(logits, part, strict=True):
-                        tally.add(row, targets[index], held[index])
-                    del logits
-                    advance(len(part))
+            for part in batches:
+                logits = read(precision, part, tally)
+                for row, index in zip(logits, part, strict=True):
+                    tally.add(row, targets[index], held[index])
+                del logits
+                advance(len(part))
             yield precision, tally
     engine.switch(REFERENCE, wait=True)
 
