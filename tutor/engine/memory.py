@@ -147,17 +147,28 @@ def large_blocks_mapped() -> Iterator[None]:
     hundreds of MB of free chunks whose pages a trim gave back: a read landing there touches
     them again (the memory section of the full plan peaked at 2.12-2.18 GiB, under 1.97 with
     the trims; the section took 12.8-13.2 s either way)."""
+    give_back_freed()
+    try:
+        with blocks_mapped():
+            yield
+    finally:
+        give_back_freed()
+
+
+@contextlib.contextmanager
+def blocks_mapped() -> Iterator[None]:
+    """Inside, blocks of 128 KiB or more come straight from the OS (``large_blocks_mapped``
+    without its trims: for tensors made once and kept a while, which in the heap would leave
+    their scratch's pages the process's after it is freed)."""
     mallopt = _glibc("mallopt")
     if mallopt is None:
         yield
         return
-    give_back_freed()
     mallopt(M_MMAP_THRESHOLD, MAPPED_FROM)
     try:
         yield
     finally:
         mallopt(M_MMAP_THRESHOLD, DYNAMIC_MAX)
-        give_back_freed()
 
 
 @functools.cache
