@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tutor.engine.memory import large_blocks_mapped
+from tutor.engine.precisions import PRECISIONS
 from tutor.engine.reports import MIB
 from tutor.lab.cache import cache_file, cache_key, read_json, write_json
 from tutor.lab.measure import REFERENCE, Cancel, Progress, check_cancel
@@ -75,12 +76,15 @@ def footprint_rows(
     """One row per precision (bf16 first) and context length, from the cache where measured before."""
     key = cache_key(engine, library, contexts=list(contexts), version=VERSION)
     order = list(dict.fromkeys([REFERENCE, *precisions]))
+    # Visited fewest bits first, so each is built beside the last one measured, which a lean
+    # engine still holds: int8 built beside bf16's 212 MB packed copy was the full measure's top.
+    visits = sorted(order, key=lambda p: -1 if p == REFERENCE else PRECISIONS[p].bits)
     rows: list[FootprintRow] = []
     # Once, before any read: a prefill's scratch, freed, may stay in the process's heap after.
     held = {name: value or 0.0 for name, value in engine.memory().items()}
     runtime = held["rss_mib"] - held["master_mib"] - held["prepared_mib"]
     text: list[int] = []  # tokenized once, when something is measured
-    for done, precision in enumerate(order):
+    for done, precision in enumerate(visits):
         path = cache_file({**key, "precision": precision}, folder, f"footprint-{precision}")
         with contextlib.suppress(TypeError):  # absent, or another version's rows
             rows += [FootprintRow(**row) for row in read_json(path)]
@@ -110,4 +114,4 @@ def footprint_rows(
         rows += measured
     if progress is not None:
         progress("memory", len(order), len(order))
-    return rows
+    return sorted(rows, key=lambda row: order.index(row.precision))
