@@ -69,8 +69,9 @@ class LabView(VerticalScroll, can_focus=True):
             "(a few windows of lesson text, no QA, under a minute). e then tests the lesson's claims "
             "as experiments (no way back from 4 bits, calibration: GPTQ against rounding, easy vs "
             "hard tasks, memory beyond weights, mixed precision; minutes). M measures everything "
-            "with the tutor's answers (as `quant-tutor cliff`, many minutes). Esc stops; all are "
-            "cached. c answers one question at every precision side by side (two sentences each).",
+            "with the tutor's answers (as `quant-tutor cliff`; about three minutes on 2 cores). Esc "
+            "stops; all are cached. c answers one question at every precision side by side (two "
+            "sentences each).",
             id="lab-intro",
         )
         yield ProgressBar(id="lab-progress", show_eta=False)
