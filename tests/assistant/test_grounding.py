@@ -422,3 +422,15 @@ def test_answer_stats_read_the_same_everywhere_and_survive_the_wire() -> None:
     data = json.loads(json.dumps(cut.as_dict()))
     assert data["cancelled"] is True and data["stop"] == "cancelled"
     assert AnswerStats.from_dict({**data, "added_later": 1}) == cut
+
+
+def test_a_question_from_a_field_elsewhere_is_declined_and_named(retriever: Retriever) -> None:
+    # Close to the lessons' sentences about bits, but about audio: declined, with the field named.
+    model = FakeModel("Record at 24-bit.")
+    result = answer("What bit depth should I record my band at?", retriever, model, lesson_id=SEED)
+    assert model.calls == [] and not result.grounded
+    assert result.answer.startswith(f"{DECLINE} It reads as a question about ")
+    assert "audio" in result.answer and "closest sections" in result.answer
+    # The same words asked of the lessons' subject are answered.
+    asked = answer("What bit width should I quantize my model to?", retriever, None, lesson_id=SEED)
+    assert asked.grounded

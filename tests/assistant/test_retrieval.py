@@ -221,3 +221,13 @@ def test_a_released_embedder_loads_its_model_again_and_embeds_the_same() -> None
     again = embedder.embed(["What does NF4 store?"])
     assert embedder.model is not None
     assert np.allclose(again, before, atol=1e-6)
+
+
+def test_fields_elsewhere_are_compared_with_the_closest_passage() -> None:
+    from tutor.assistant.elsewhere import ELSEWHERE, ELSEWHERE_MARGIN, field_of
+
+    fields = np.eye(len(ELSEWHERE), 4 + len(ELSEWHERE), dtype=np.float32)
+    query = fields[2] * 0.6
+    assert field_of(query, fields, 0.6 - ELSEWHERE_MARGIN) == ELSEWHERE[2]
+    assert field_of(query, fields, 0.6 - ELSEWHERE_MARGIN / 2) == ""
+    assert field_of(query, fields[:0], 0.0) == ""

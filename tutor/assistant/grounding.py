@@ -238,12 +238,14 @@ def limit_question(text: str) -> tuple[str, bool]:
 
 
 def decline_message(result: SearchResult, lesson_id: str | None = None, max_sections: int = 2) -> str:
-    """ "The lesson doesn't cover that." plus where the lessons come closest."""
+    """ "The lesson doesn't cover that." plus the field elsewhere the question reads as, if any,
+    and where the lessons come closest."""
     closest = result.closest[:max_sections]
+    said = f"{DECLINE} It reads as a question about {result.elsewhere}." if result.elsewhere else DECLINE
     if not closest:
-        return DECLINE
+        return said
     named = [f"“{h.section}” ({h.lesson_title})" for h in closest]
-    text = f"{DECLINE} The closest sections are {' and '.join(named)}."
+    text = f"{said} The closest sections are {' and '.join(named)}."
     if lesson_id is not None and closest[0].lesson_id != lesson_id:
         text += f" The related lesson “{closest[0].lesson_title}” comes closest."
     return clean(text)

@@ -45,6 +45,7 @@ class SearchResult:
     elapsed_ms: float = 0.0
     lesson_id: str | None = None
     query_vector: np.ndarray | None = field(default=None, repr=False, compare=False)
+    elsewhere: str = ""  # the field elsewhere the query reads as (tutor.assistant.elsewhere), if any
 
     @property
     def sections(self) -> list[tuple[str, str]]:

@@ -5,13 +5,16 @@ word tokens, and the two rankings are fused by reciprocal rank fusion; the top k
 hit per section) come back, preferring the lesson the learner is reading. The question counts
 as covered only when the best chunk's cosine similarity clears a threshold tuned on
 ``content/eval_questions.yaml`` (a slightly lower one when the lessons use the question's own
-words); below it the tutor says the lesson doesn't cover it instead of asking the model.
+words); below it the tutor says the lesson doesn't cover it instead of asking the model. Nor
+is it covered when it reads as a question about another field that uses the lessons' words
+(``tutor.assistant.elsewhere``: audio bit depth, computer RAM, …).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from tutor.assistant.elsewhere import field_of
 from tutor.assistant.hits import Hit, SearchResult
 from tutor.assistant.search_index import IndexView
 from tutor.text import clean, content_tokens
@@ -36,10 +39,16 @@ KNOWN_WORDS_SHARE = 0.75
 
 
 def rank(
-    view: IndexView, query: str, query_vector: np.ndarray, k: int, lesson_id: str | None
+    view: IndexView,
+    query: str,
+    query_vector: np.ndarray,
+    k: int,
+    lesson_id: str | None,
+    fields: np.ndarray | None = None,
 ) -> SearchResult:
     """The top k sections of ``view`` for ``query`` (cleaned, not empty; ``view`` has passages),
-    and whether they cover it; ``lesson_id`` is the lesson the learner is reading, if any."""
+    and whether they cover it; ``lesson_id`` is the lesson the learner is reading, if any, and
+    ``fields`` the vectors of the fields elsewhere (``tutor.assistant.elsewhere``), if any."""
     chunks = view.chunks
     # Practice steps are tasks, not answers: found when a question names them
     # (tutor.assistant.intent), never by similarity ("explain it plainly" is no explanation).
@@ -95,7 +104,8 @@ def rank(
     best_cosine = float(cosines[int(np.argmax(cosines))])
     distinct = set(tokens)
     known_share = len(distinct & view.vocabulary) / len(distinct) if distinct else 0.0
-    covered = is_covered(best_cosine, known_share)
+    elsewhere = field_of(query_vector, fields, best_cosine) if fields is not None else ""
+    covered = is_covered(best_cosine, known_share) and not elsewhere
     return SearchResult(
         query,
         closest if covered else [],
@@ -105,6 +115,7 @@ def rank(
         known_share,
         lesson_id=lesson_id,
         query_vector=query_vector,
+        elsewhere=elsewhere,
     )
 
 

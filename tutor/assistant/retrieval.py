@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from tutor.assistant.chunks import Chunk, lesson_and_related, lesson_chunks
+from tutor.assistant.elsewhere import ELSEWHERE
 from tutor.assistant.embedder import BATCH_SIZE, EMBED_DIM, MemoEmbedder, model_id
 from tutor.assistant.hits import Hit, SearchResult
 from tutor.assistant.lesson_vectors import lesson_key, read_vectors, write_vectors
@@ -63,6 +64,7 @@ class Retriever:
     _view: IndexView = field(default_factory=lambda: IndexView.of([]), repr=False)
     _state: threading.Lock = field(default_factory=threading.Lock, repr=False)  # _indexed
     _publish: threading.Lock = field(default_factory=threading.Lock, repr=False)  # _view
+    _fields: np.ndarray | None = field(default=None, repr=False)  # ELSEWHERE's vectors, once embedded
 
     @classmethod
     def load(
@@ -243,7 +245,9 @@ class Retriever:
         if not query or not view.chunks:
             return SearchResult(query, [], False, [], 0.0, 0.0, 0.0, lesson_id)
         query_vector = self.embed([query])[0]
-        result = rank(view, query, query_vector, k, lesson_id)
+        if self._fields is None:
+            self._fields = self.embed(ELSEWHERE, remember=False)
+        result = rank(view, query, query_vector, k, lesson_id, self._fields)
         return dataclasses.replace(result, elapsed_ms=(time.perf_counter() - started) * 1000)
 
     def section_hits(self, lesson_id: str, section: str) -> list[Hit]:
