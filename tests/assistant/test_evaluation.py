@@ -74,7 +74,7 @@ def test_tuning_set_figures(
     assert shares["on_topic_wrongly_declined"] <= 0.03, tuning.report()
     assert shares["key_fact_quoted"] >= 0.68, tuning.report()
     recall = shares["claims_recall"]
-    assert recall["supported"] >= 0.84 and recall["contradicts"] >= 0.75, tuning.report()
+    assert recall["supported"] >= 0.84 and recall["contradicts"] >= 0.82, tuning.report()
 
 
 def test_heldout_set_figures(
@@ -82,15 +82,15 @@ def test_heldout_set_figures(
 ) -> None:
     heldout = figures["heldout"]
     record_property(MEASURED, heldout.report())
-    # Measured when set (README, "How well the tutor answers"): 63/67 hits, 19/20 declined (15
-    # before the fields elsewhere), 2/67 wrongly declined, 46/67 key facts (44 before a lesson
-    # part was quoted two sentences, 45 before a quote had to name what the question names),
-    # claims 8/10, 5/5, 11/17.
-    assert heldout.hits >= 62 and heldout.declined >= 18 and heldout.wrongly_declined <= 3, heldout.report()
-    assert heldout.key_fact_quoted >= 45, heldout.report()
+    # Measured when set (README, "How well the tutor answers"): 63/67 hits, 18/20 declined (15
+    # before the fields elsewhere, 19 before the lower known-words threshold), 1/67 wrongly
+    # declined (2 before that threshold), 47/67 key facts, claims 8/10, 5/5, 13/17 (11 before
+    # turned-round sentences contradicted).
+    assert heldout.hits >= 62 and heldout.declined >= 17 and heldout.wrongly_declined <= 2, heldout.report()
+    assert heldout.key_fact_quoted >= 46, heldout.report()
     row = heldout.confusion
     assert row["supported"]["supported"] >= 7 and row["not_found"]["not_found"] >= 4, heldout.report()
-    assert row["contradicts"]["contradicts"] >= 10, heldout.report()
+    assert row["contradicts"]["contradicts"] >= 12, heldout.report()
 
 
 def test_eval_command_names_a_broken_set(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -299,6 +299,10 @@ def test_question_types_and_lesson_parts() -> None:
     assert step is not None and (step.section, step.index) == (PRACTICE, 1)
     assert lesson_part("What's the last practice step?") == LessonPart(PRACTICE, -1)
     assert lesson_part("Does int8 lose quality at all?") is None
+    # A step named by its title in quotes, straight or curly; "the step from Q4 to Q8" is no step.
+    assert lesson_part('What do I do in the "estimate before you download" step?') == LessonPart(PRACTICE)
+    assert lesson_part("What's the “write your own rule” step?") == LessonPart(PRACTICE)
+    assert lesson_part("Is the step from Q4 to Q8 worth it?") is None
     assert lesson_part("What is NF4?") is None
 
 
@@ -378,6 +382,31 @@ def test_a_lot_lost_against_practically_nothing_lost_is_the_opposite() -> None:
     assert degree("int8 is near-lossless.", lesson) is None  # the same degree
     # A side that says both (int8 near-lossless; int4 a big loss) says neither
     assert degree("Q4 loses a lot.", "int8 is near-lossless; int4 loses a lot on hard tasks.") is None
+
+
+def test_a_sentence_that_reads_as_the_lesson_once_turned_round_contradicts(retriever: Retriever) -> None:
+    """An opposite word, or two names exchanged, found word for word in a lesson sentence too long
+    to be close in meaning to the claim."""
+    from tutor.assistant.contradiction import turned
+
+    gptq = retriever.section_hits("gguf-awq-gptq-decision", "GPTQ")
+    [check] = check_support(
+        "The act-order option quantizes the least important columns first.", gptq, retriever.embed
+    )
+    assert (
+        check.verdict == "contradicts"
+        and check.reason == "the lesson says otherwise (turned round: least / most)"
+    ), check
+    lesson = ["It makes a small difference at Q6_K and above and a larger one at Q4 and below."]
+    swapped = (
+        "The importance matrix makes a small difference at Q4 and below and a larger one at Q6_K and above."
+    )
+    assert turned(swapped, lesson) == (0, "q4 / q6_k swapped")
+    assert turned(lesson[0], lesson) is None  # as the lesson says it
+    # Where the lesson says it both ways, the sentence as written stands.
+    assert turned("Small models lose more.", ["Small models lose more.", "Large models lose less."]) is None
+    # Stopwords alone are no context: "is more than" says nothing about what is more.
+    assert turned("It is more than that.", ["It is less than that."]) is None
 
 
 def test_verbatim_lesson_sentences_are_supported(retriever: Retriever) -> None:

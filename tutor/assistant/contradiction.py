@@ -9,7 +9,11 @@ these ways contradicts the lesson rather than merely being absent from it:
 - swapped roles: "FP4 usually preserves quality better than NF4" against the reverse;
 - the opposite degree: "Q8_0 loses a lot of quality" against "practically the same quality";
 - another name (``renamed``, asked of the closest lesson sentence only): the lesson's sentence
-  about Q8_0 said of Q5_K_S.
+  about Q8_0 said of Q5_K_S;
+- turned round (``turned``, asked of every lesson sentence, since it needs no closeness in
+  meaning): the sentence with one word made its opposite, or two names exchanged, reads word
+  for word as the lesson does where the sentence as written does not ("quantizes the least
+  important columns first" against "... the most important columns first").
 
 Negation ("can" against "cannot") is judged by polarity in ``tutor.assistant.grounding``.
 """
@@ -17,6 +21,9 @@ Negation ("can" against "cannot") is judged by polarity in ``tutor.assistant.gro
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
+
+from tutor.text import STOPWORDS
 
 # Pairs of words that say opposite things about the same subject. Kept small and specific to
 # the lessons' claims; each pair works both ways.
@@ -233,4 +240,66 @@ def contradiction(sentence: str, evidence: str) -> str | None:
         found = test(sentence, evidence)
         if found:
             return f"{label}: {found}"
+    return None
+
+
+# How many words next to a turned word (on one side) must read as the lesson does.
+CONTEXT_WORDS = 2
+_TOKEN = re.compile(r"[a-z0-9]+(?:[._'-][a-z0-9]+)*", re.IGNORECASE)
+
+
+def _tokens(text: str) -> list[str]:
+    """The words as written (names keep their case: "GPTQ", "70B")."""
+    return _TOKEN.findall(text.replace("’", "'"))
+
+
+def _holds(tokens: list[str], run: list[str]) -> bool:
+    return any(tokens[i : i + len(run)] == run for i in range(len(tokens) - len(run) + 1))
+
+
+def _reads(tokens: list[str], said: list[str], positions: tuple[int, ...], named: bool = False) -> set[str]:
+    """The sides ("left", "right") on which ``tokens`` (the lesson's) hold, at every one of
+    ``positions`` of ``said``, the word with its CONTEXT_WORDS neighbours on that side; unless
+    the words are ``named`` (names are specific enough), a neighbour must be a content word:
+    "the most important", not "is more than"."""
+    sides = set()
+    for side in ("left", "right"):
+        runs = [
+            said[max(0, p - CONTEXT_WORDS) : p + 1] if side == "left" else said[p : p + CONTEXT_WORDS + 1]
+            for p in positions
+        ]
+        if all(
+            len(run) == CONTEXT_WORDS + 1
+            and (named or any(w not in STOPWORDS and w != said[p] for w in run))
+            and _holds(tokens, run)
+            for run, p in zip(runs, positions, strict=True)
+        ):
+            sides.add(side)
+    return sides
+
+
+def turned(sentence: str, evidence: Sequence[str]) -> tuple[int, str] | None:
+    """The lesson sentence (its index in ``evidence``) that has the opposite of one of the
+    sentence's words ("least / most"), or two of its names the other way round, word for word:
+    next to the change, on one side, the turned sentence reads as that lesson sentence does,
+    and the sentence as written reads so in none; with how."""
+    written = _tokens(sentence)
+    said = [w.casefold() for w in written]
+    lessons = [[w.casefold() for w in _tokens(unit)] for unit in evidence]
+    named = [i for i, word in enumerate(written) if _NAME.fullmatch(word)]
+    changes: list[tuple[list[str], tuple[int, ...], bool, str]] = []
+    for i, word in enumerate(said):
+        for opposite in sorted(_OPPOSITE.get(word, ())):
+            changes.append(([*said[:i], opposite, *said[i + 1 :]], (i,), False, f"{word} / {opposite}"))
+    for a, i in enumerate(named):
+        for j in named[a + 1 :]:
+            if said[i] != said[j]:
+                other = said.copy()
+                other[i], other[j] = said[j], said[i]
+                changes.append((other, (i, j), True, f"{said[i]} / {said[j]} swapped"))
+    for other, positions, names_only, how in changes:
+        as_written = set().union(*(_reads(lesson, said, positions, names_only) for lesson in lessons))
+        for index, lesson in enumerate(lessons):
+            if _reads(lesson, other, positions, names_only) - as_written:
+                return index, how
     return None

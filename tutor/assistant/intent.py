@@ -50,7 +50,10 @@ _PREMISE = re.compile(
     r"trade-?offs?|the catch)"
 )
 _KEY_TERMS = re.compile(r"\b(?:key terms?|glossary|vocabulary|terms? (?:should|do|must) i know|jargon)\b")
-_PRACTICE = re.compile(r"\b(?:practi[cs]e|exercises?|step (?:one|two|three|four|\d))\b")
+# A step named by its title in quotes counts too: 'the "estimate before you download" step'.
+_PRACTICE = re.compile(
+    r"\b(?:practi[cs]e|exercises?|step (?:one|two|three|four|\d))\b|[\"'“‘][^\"'“”‘]{3,}[\"'”’] step\b"
+)
 # "last" and "final" count from the end (index 0: one before the first).
 _ORDINALS = {
     "one": 1,

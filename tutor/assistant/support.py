@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from tutor.assistant.contradiction import contradiction, quantities, renamed
+from tutor.assistant.contradiction import contradiction, quantities, renamed, turned
 from tutor.assistant.embedder import Embedder
 from tutor.assistant.hits import Hit
 from tutor.assistant.quote import overlap
@@ -36,8 +36,9 @@ CLASH_NEIGHBOURS = 2
 CLASH_MIN_COSINE = 0.6
 # Raised whenever the same text can get another verdict: measurements that cached verdicts
 # (the Lab's QA groundedness) name it in their keys. 2: clauses checked, another name;
-# 3: the opposite degree; 4: a clause's clash needs shared words, a question is no claim.
-CHECK_VERSION = 4
+# 3: the opposite degree; 4: a clause's clash needs shared words, a question is no claim;
+# 5: turned round.
+CHECK_VERSION = 5
 
 
 Verdict = Literal["supported", "not_found", "contradicts"]
@@ -180,6 +181,10 @@ def check_support(generated_text: str, hits: Sequence[Hit], embed: Embedder) -> 
         score = max(0.0, min(1.0, SUPPORT_COSINE_WEIGHT * cosine + (1 - SUPPORT_COSINE_WEIGHT) * share))
         reason, contradicts = "", False
         clash = _clash(sentence, evidence, cosines)
+        if clash is None and (found := turned(sentence, evidence)) is not None:
+            # Asked of every passage unit: a word-for-word match needs no closeness in meaning,
+            # and a long lesson sentence is far in meaning from a short claim.
+            clash = found[0], f"turned round: {found[1]}"
         if (
             polarity[closest] != negated(sentence)
             and float(cosines[closest]) >= CONTRADICTION_MIN_COSINE
