@@ -409,6 +409,16 @@ def test_a_sentence_that_reads_as_the_lesson_once_turned_round_contradicts(retri
     assert turned("It is more than that.", ["It is less than that."]) is None
 
 
+def test_a_value_given_for_another_condition_in_a_list_contradicts() -> None:
+    from tutor.assistant.contradiction import number_clash, pairs
+
+    lesson = "The cache takes about 1 GB at 8K tokens, 4 GB at 32K and 16 GB at the full 128K."
+    assert pairs(lesson) == {("gb", "8k"): {"1"}, ("gb", "32k"): {"4"}, ("gb", "128k"): {"16"}}
+    assert number_clash("The KV cache takes about 4 GB at 8K tokens.", lesson) == "4 gb at 8k / 1 gb"
+    assert number_clash("The KV cache takes about 4 GB at 32K tokens.", lesson) is None
+    assert number_clash("Hermes 3 8B needs 16 GB in FP16.", "About 5 GB at Q4_K_M and 16 GB in FP16.") is None
+
+
 def test_verbatim_lesson_sentences_are_supported(retriever: Retriever) -> None:
     hits = retriever.section_hits(SEED, "What quantization cannot do")
     text = " ".join(sentences(hits[0].text + " " + hits[1].text)[:4])

@@ -136,7 +136,8 @@ def quantities(text: str) -> dict[str, set[str]]:
 
 def number_clash(sentence: str, evidence: str) -> str | None:
     """A value the sentence gives in a unit the lesson sentence also uses, with other values;
-    or the lesson's value in another size unit. Sentences about models of different sizes
+    the lesson's value in another size unit; or another value for the same unit and condition
+    ("4 GB at 8K tokens" against "1 GB at 8K tokens, 4 GB at 32K"). Sentences about models of different sizes
     ("8B", "70B") are about different things."""
     sizes, their_sizes = _model_sizes(sentence), _model_sizes(evidence)
     if sizes and their_sizes and not sizes & their_sizes:
@@ -150,7 +151,31 @@ def number_clash(sentence: str, evidence: str) -> str | None:
             for other in _SIZES & lesson.keys():
                 if values & lesson[other]:
                     return f"{sorted(values & lesson[other])[0]} {unit} / {other}"
+    paired = pairs(evidence)
+    for key, values in pairs(sentence).items():
+        theirs = paired.get(key)
+        if theirs and not values & theirs:
+            unit, condition = key
+            return f"{sorted(values)[0]} {unit} at {condition} / {sorted(theirs)[0]} {unit}"
     return None
+
+
+# A quantity said of a condition: "1 GB at 8K tokens", "about 5 GB at Q4_K_M", "16 GB in FP16".
+_PAIR = re.compile(
+    r"(\d+(?:[.,]\d+)*)\s*(%|[a-zA-Z]+)\s+(?:at|in|for)\s+(?:the\s+)?(?:full\s+)?"
+    r"(\d+(?:\.\d+)?[kKmM]?\b|[A-Za-z]+\d+[A-Za-z0-9_]*|\d+-bit)"
+)
+
+
+def pairs(text: str) -> dict[tuple[str, str], set[str]]:
+    """Values by (unit, condition): {("gb", "8k"): {"1"}}. A list ("1 GB at 8K tokens, 4 GB at
+    32K") gives each value its own condition, which the unit alone does not."""
+    out: dict[tuple[str, str], set[str]] = {}
+    for value, unit, condition in _PAIR.findall(text):
+        unit = unit.casefold()
+        unit = unit[:-1] if len(unit) > 2 and unit.endswith("s") else unit
+        out.setdefault((unit, condition.casefold()), set()).add(value.replace(",", ""))
+    return out
 
 
 def _model_sizes(text: str) -> set[str]:
