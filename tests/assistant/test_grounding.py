@@ -407,6 +407,14 @@ def test_a_sentence_that_reads_as_the_lesson_once_turned_round_contradicts(retri
     assert turned("Small models lose more.", ["Small models lose more.", "Large models lose less."]) is None
     # Stopwords alone are no context: "is more than" says nothing about what is more.
     assert turned("It is more than that.", ["It is less than that."]) is None
+    # Negation the other way round, taken out or put in.
+    step = ["There is no calibration step and no special file."]
+    assert turned("There is a calibration step when bitsandbytes loads a model.", step) == (0, "is a / is no")
+    assert turned("There is no calibration step at all.", step) is None
+    assert turned("GGUF cannot use calibration data.", ["GGUF can use calibration data."]) == (
+        0,
+        "cannot / can",
+    )
 
 
 def test_a_value_given_for_another_condition_in_a_list_contradicts() -> None:

@@ -305,9 +305,10 @@ def _reads(tokens: list[str], said: list[str], positions: tuple[int, ...], named
 
 def turned(sentence: str, evidence: Sequence[str]) -> tuple[int, str] | None:
     """The lesson sentence (its index in ``evidence``) that has the opposite of one of the
-    sentence's words ("least / most"), or two of its names the other way round, word for word:
-    next to the change, on one side, the turned sentence reads as that lesson sentence does,
-    and the sentence as written reads so in none; with how."""
+    sentence's words ("least / most"), two of its names the other way round, or its negation
+    the other way ("there is a calibration step" / "there is no calibration step"), word for
+    word: next to the change the turned sentence reads as that lesson sentence does, and the
+    sentence as written reads so in none; with how."""
     written = _tokens(sentence)
     said = [w.casefold() for w in written]
     lessons = [[w.casefold() for w in _tokens(unit)] for unit in evidence]
@@ -327,4 +328,40 @@ def turned(sentence: str, evidence: Sequence[str]) -> tuple[int, str] | None:
         for index, lesson in enumerate(lessons):
             if _reads(lesson, other, positions, names_only) - as_written:
                 return index, how
+    for other, at, how in _negations(said):
+        # The words either side of the change, turned and as written.
+        run, written_run = (seq[max(0, at - CONTEXT_WORDS) : at + CONTEXT_WORDS + 1] for seq in (other, said))
+        if any(w not in STOPWORDS for w in run) and not any(
+            _holds(lesson, written_run) for lesson in lessons
+        ):
+            for index, lesson in enumerate(lessons):
+                if _holds(lesson, run):
+                    return index, how
     return None
+
+
+_NEGATORS = frozenset({"not", "no", "never"})
+_AUXILIARIES = frozenset(
+    {"is", "are", "was", "were", "does", "do", "did", "will", "should", "must", "has", "have"}
+)
+
+
+def _negations(said: list[str]) -> list[tuple[list[str], int, str]]:
+    """The sentence with its negation taken out ("is not" → "is") or one put in ("there is a
+    step" → "there is no step", "can" → "cannot"): each with the position of the change."""
+    out = []
+    for i, word in enumerate(said):
+        if word in _NEGATORS:
+            out.append(([*said[:i], *said[i + 1 :]], i, f"{word} / (no {word})"))
+        elif word == "cannot":
+            out.append(([*said[:i], "can", *said[i + 1 :]], i, "cannot / can"))
+        elif word == "can" and (i + 1 == len(said) or said[i + 1] not in _NEGATORS):
+            out.append(([*said[:i], "cannot", *said[i + 1 :]], i, "can / cannot"))
+        elif word in _AUXILIARIES and i + 1 < len(said) and said[i + 1] not in _NEGATORS:
+            if said[i + 1] in {"a", "an", "any", "some"}:
+                out.append(
+                    ([*said[: i + 1], "no", *said[i + 2 :]], i + 1, f"{word} {said[i + 1]} / {word} no")
+                )
+            else:
+                out.append(([*said[: i + 1], "not", *said[i + 1 :]], i + 1, f"{word} / {word} not"))
+    return out

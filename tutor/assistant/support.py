@@ -37,7 +37,7 @@ CLASH_MIN_COSINE = 0.6
 # Raised whenever the same text can get another verdict: measurements that cached verdicts
 # (the Lab's QA groundedness) name it in their keys. 2: clauses checked, another name;
 # 3: the opposite degree; 4: a clause's clash needs shared words, a question is no claim;
-# 5: turned round, a value for another condition.
+# 5: turned round (an opposite word, names, negation), a value for another condition.
 CHECK_VERSION = 5
 
 
