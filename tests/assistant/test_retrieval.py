@@ -40,6 +40,19 @@ def test_tokenizer_keeps_quant_names() -> None:
     assert content_tokens("saving") == content_tokens("saves") == content_tokens("save")
 
 
+def test_embedded_text_drops_emphasis_but_keeps_names_whole() -> None:
+    from tutor.assistant.chunks import plain_markdown
+
+    text = "Types such as **IQ4_XS**, `desc_act` and Q4_K_M, _emphasis_ and __strong__ *it*."
+    assert plain_markdown(text) == "Types such as IQ4_XS, desc_act and Q4_K_M, emphasis and strong it."
+
+
+def test_a_name_in_a_passage_body_is_found_by_its_words(retriever: Retriever) -> None:
+    # IQ4_XS is named in the body of "Below 4 bits", not in its heading.
+    result = retriever.search("how many bits per weight is IQ4_XS?", lesson_id="fp16-q8-q6-q5-q4")
+    assert "Below 4 bits: Q3_K, Q2_K and IQ quants" in [h.section for h in result.hits]
+
+
 def test_chunks_have_stable_unique_anchors(library: Library) -> None:
     chunks = library_chunks(library)
     again = library_chunks(load_library())

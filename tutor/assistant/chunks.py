@@ -45,7 +45,11 @@ def plain_markdown(text: str) -> str:
         if stripped.startswith("|"):
             stripped = "; ".join(c.strip() for c in stripped.strip("|").split("|")) + "."
         lines.append(stripped)
-    return re.sub(r"[`*_]{1,3}(?=\S)|(?<=\S)[`*]{1,3}", "", unlink(" ".join(lines))).strip()
+    return _EMPHASIS.sub("", unlink(" ".join(lines))).strip()
+
+
+# Emphasis and code marks; an underscore only at a word's edge, so "Q4_K_M" and "IQ4_XS" keep theirs.
+_EMPHASIS = re.compile(r"[`*]{1,3}(?=\S)|(?<=\S)[`*]{1,3}|(?<!\w)_{1,3}(?=\S)|(?<=\S)_{1,3}(?!\w)")
 
 
 def _paragraphs(body: str) -> list[str]:

@@ -20,7 +20,7 @@ import numpy as np
 
 from tutor.files import write_atomic
 
-INDEX_FORMAT = 4  # bump when the chunking or this file's layout changes
+INDEX_FORMAT = 5  # bump when the chunking, the embedded text or this file's layout changes
 
 
 def lesson_key(lesson_md: bytes, model_name: str) -> str:
