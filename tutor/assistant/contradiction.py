@@ -11,11 +11,13 @@ these ways contradicts the lesson rather than merely being absent from it:
 - another name (``renamed``, asked of the closest lesson sentence only): the lesson's sentence
   about Q8_0 said of Q5_K_S;
 - turned round (``turned``, asked of every lesson sentence, since it needs no closeness in
-  meaning): the sentence with one word made its opposite, or two names exchanged, reads word
-  for word as the lesson does where the sentence as written does not ("quantizes the least
-  important columns first" against "... the most important columns first").
+  meaning): the sentence with one word made its opposite, a negation taken out or put in, or
+  two names exchanged, reads word for word as the lesson does where the sentence as written
+  does not ("quantizes the least important columns first" against "... the most important
+  columns first").
 
-Negation ("can" against "cannot") is judged by polarity in ``tutor.assistant.grounding``.
+Negation ("can" against "cannot") in a close sentence is judged by polarity in
+``tutor.assistant.support``.
 """
 
 from __future__ import annotations
