@@ -54,6 +54,7 @@ ELSEWHERE: tuple[str, ...] = (
     "fine-tuning, RLHF and instruction tuning of language models",
     "prompt engineering and writing prompts for chatbots",
     "computer vision, image classification and object detection",
+    "speculative decoding with a draft model, beam search and other decoding strategies",
     # names the lessons use
     "llamas and alpacas, the animals",
     "Greek mythology, Hermes the messenger god",
