@@ -365,7 +365,7 @@ def warm(session: Session, model: str | None, device: str) -> None:
     err = sys.stderr
     started = time.perf_counter()
     lessons = library(session)
-    load_retriever(lessons, err)  # every lesson indexed and cached
+    load_retriever(lessons, err).warm()  # every lesson indexed and cached, the fields elsewhere too
     loaded = load_model(model, device, err)
     # gptq4 runs on the int4 kernel, which is CPU-only
     if loaded.device == "cpu" and loaded.gptq.report() is None:
