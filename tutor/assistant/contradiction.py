@@ -284,22 +284,31 @@ def _holds(tokens: list[str], run: list[str]) -> bool:
     return any(tokens[i : i + len(run)] == run for i in range(len(tokens) - len(run) + 1))
 
 
-def _reads(tokens: list[str], said: list[str], positions: tuple[int, ...], named: bool = False) -> set[str]:
-    """The sides ("left", "right") on which ``tokens`` (the lesson's) hold, at every one of
-    ``positions`` of ``said``, the word with its CONTEXT_WORDS neighbours on that side; unless
-    the words are ``named`` (names are specific enough), a neighbour must be a content word:
-    "the most important", not "is more than"."""
+def _runs(tokens: list[str]) -> frozenset[tuple[str, ...]]:
+    """Every run of CONTEXT_WORDS + 1 consecutive words in ``tokens``."""
+    return frozenset(zip(*(tokens[i:] for i in range(CONTEXT_WORDS + 1)), strict=False))
+
+
+def _reads(
+    runs: frozenset[tuple[str, ...]], said: list[str], positions: tuple[int, ...], named: bool = False
+) -> set[str]:
+    """The sides ("left", "right") on which ``runs`` (a lesson sentence's, ``_runs``) hold, at
+    every one of ``positions`` of ``said``, the word with its CONTEXT_WORDS neighbours on that
+    side; unless the words are ``named`` (names are specific enough), a neighbour must be a
+    content word: "the most important", not "is more than"."""
     sides = set()
     for side in ("left", "right"):
-        runs = [
-            said[max(0, p - CONTEXT_WORDS) : p + 1] if side == "left" else said[p : p + CONTEXT_WORDS + 1]
+        wanted = [
+            tuple(
+                said[max(0, p - CONTEXT_WORDS) : p + 1] if side == "left" else said[p : p + CONTEXT_WORDS + 1]
+            )
             for p in positions
         ]
         if all(
             len(run) == CONTEXT_WORDS + 1
             and (named or any(w not in STOPWORDS and w != said[p] for w in run))
-            and _holds(tokens, run)
-            for run, p in zip(runs, positions, strict=True)
+            and run in runs
+            for run, p in zip(wanted, positions, strict=True)
         ):
             sides.add(side)
     return sides
@@ -314,6 +323,8 @@ def turned(sentence: str, evidence: Sequence[str]) -> tuple[int, str] | None:
     written = _tokens(sentence)
     said = [w.casefold() for w in written]
     lessons = [[w.casefold() for w in _tokens(unit)] for unit in evidence]
+    runs = [_runs(lesson) for lesson in lessons]
+    every = frozenset().union(*runs)
     named = [i for i, word in enumerate(written) if _NAME.fullmatch(word)]
     changes: list[tuple[list[str], tuple[int, ...], bool, str]] = []
     for i, word in enumerate(said):
@@ -326,10 +337,14 @@ def turned(sentence: str, evidence: Sequence[str]) -> tuple[int, str] | None:
                 other[i], other[j] = said[j], said[i]
                 changes.append((other, (i, j), True, f"{said[i]} / {said[j]} swapped"))
     for other, positions, names_only, how in changes:
-        as_written = set().union(*(_reads(lesson, said, positions, names_only) for lesson in lessons))
-        for index, lesson in enumerate(lessons):
-            if _reads(lesson, other, positions, names_only) - as_written:
-                return index, how
+        # Read in any lesson sentence as written, on a side: not turned round on that side.
+        turned_sides = _reads(every, other, positions, names_only) - _reads(
+            every, said, positions, names_only
+        )
+        if turned_sides:
+            for index, lesson_runs in enumerate(runs):
+                if _reads(lesson_runs, other, positions, names_only) & turned_sides:
+                    return index, how
     for other, at, how in _negations(said):
         # The words either side of the change, turned and as written.
         run, written_run = (seq[max(0, at - CONTEXT_WORDS) : at + CONTEXT_WORDS + 1] for seq in (other, said))
