@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from tui.widgets.chat_entry import ChatEntry
 from tui.widgets.chat_view import ChatView
 from tui.widgets.plain import Plain
 from tui.widgets.quiz_view import QuizView
+from tutor.assistant.support import SentenceCheck
 from tutor.library.content import Library
 from tutor.progress.store import Store
 
@@ -72,6 +74,14 @@ async def test_ask_streams_an_answer_with_citations_and_switches_live(  # type: 
         marks = ("✓ supported by the lesson", "? not found in the lesson", "✗ contradicts the lesson")
         assert all(check.mark in checks for check in answer.sentences) and any(m in checks for m in marks)
         assert _text(entry.query_one(".chat-stats", Plain)).startswith("bf16 · TTFT")
+        # A contradicting sentence is shown with what the lesson says instead, as text.
+        lesson = "NF4 usually preserves quality better than [b]FP4[/b]."
+        clash = SentenceCheck("FP4 beats NF4.", False, 0.6, lesson, "the lesson says otherwise", True)
+        entry.answer = dataclasses.replace(answer, sentences=[clash])
+        entry.reveal_checks()
+        shown = _text(entry.query_one(".chat-checks", Plain))
+        assert f"✗ contradicts the lesson: FP4 beats NF4.\n   the lesson says: “{lesson}”" in shown
+        entry.answer = answer
 
         # Switch mid-conversation: the conversation stays, the next reply is tagged with the new
         # precision: F9 fp32, then F10 nf4-bf16 (nf4's weights in 16-bit storage, which decodes

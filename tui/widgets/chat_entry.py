@@ -135,6 +135,9 @@ class ChatEntry(Vertical):
                 check.text,
                 (mine, "dim"),
             ]
+            if check.verdict == "contradicts" and check.evidence:
+                # What the lesson says instead, so the learner can see the clash for themselves.
+                parts.append((f"\n   the lesson says: “{check.evidence}”", "dim"))
         self.query_one(".chat-checks", Plain).show(literal(*parts))
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
