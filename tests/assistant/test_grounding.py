@@ -108,11 +108,11 @@ def test_build_messages_carries_numbered_passages() -> None:
     assert [m["role"] for m in messages] == ["system", "user"]
     assert "only the passages" in messages[0]["content"] and "at most 2" in messages[0]["content"]
     user = messages[1]["content"]
-    assert "[1] What quantization does well: int4 is usable for chat." in user
-    assert "[2] How quality is measured: Averages hide damage." in user
+    assert "[1] int4 is usable for chat.\n[2] Averages hide damage." in user
+    assert "How quality is measured" not in user  # a section's name was echoed as an answer's opening
     assert user.rstrip().endswith("Question: Is 4-bit OK for chat?")
     system_style = build_messages("Is 4-bit OK for chat?", hits, style="system")
-    assert "[1] What quantization does well" in system_style[0]["content"]
+    assert "[1] int4 is usable for chat." in system_style[0]["content"]
     assert system_style[1]["content"] == "Is 4-bit OK for chat?"
 
 
