@@ -94,9 +94,12 @@ def test_sentences(text: str, expected: list[str]) -> None:
 def test_negation_parity() -> None:
     assert negated("4-bit is not usable for chat.")
     assert not negated("int4 is usable for chat.")
-    assert negated("Lost capability can be recovered without more precision.")
-    assert not negated("Quantization cannot recover lost capability without re-introducing precision.")
+    # "without" negates its object, not the sentence: these two still say opposite things.
+    assert not negated("Lost capability can be recovered without more precision.")
+    assert negated("Quantization cannot recover lost capability without re-introducing precision.")
+    assert not negated("bitsandbytes quantizes the model while it loads, without any calibration.")
     assert negated("It doesn't help.") and negated("It can’t help.")
+    assert not negated("It is not that it cannot help.")
 
 
 # --- the prompt -----------------------------------------------------------------------------

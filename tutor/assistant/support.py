@@ -37,7 +37,8 @@ CLASH_MIN_COSINE = 0.6
 # Raised whenever the same text can get another verdict: measurements that cached verdicts
 # (the Lab's QA groundedness) name it in their keys. 2: clauses checked, another name;
 # 3: the opposite degree; 4: a clause's clash needs shared words, a question is no claim;
-# 5: turned round (an opposite word, names, negation), a value for another condition.
+# 5: turned round (an opposite word, names, negation), a value for another condition, and
+# "without" no longer negates a sentence.
 CHECK_VERSION = 5
 
 
@@ -91,17 +92,20 @@ class SentenceCheck:
         )
 
 
+# "without" is not among them: it negates its object, not the sentence ("it quantizes while it
+# loads, without any calibration" says that it quantizes). Counted, it turned that true claim
+# into ✗ against "it quantizes … as it loads"; left out, the tuning claims lost nothing.
 _NEGATIONS = word_set(
     """
     not no never cannot can't won't don't doesn't didn't isn't aren't wasn't weren't shouldn't
-    couldn't wouldn't hasn't haven't hadn't without none nothing neither nor
+    couldn't wouldn't hasn't haven't hadn't none nothing neither nor
     """
 )
 _NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
 
 
 def negated(text: str) -> bool:
-    """Polarity: an odd number of negating words ("cannot ... without" cancels out)."""
+    """Polarity: an odd number of negating words ("it is not that it cannot" cancels out)."""
     words = re.findall(r"[a-z]+(?:['’][a-z]+)?", text.lower().replace("’", "'"))
     count = sum(w in _NEGATIONS or w.endswith("n't") for w in words)
     return count % 2 == 1
