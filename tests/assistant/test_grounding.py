@@ -28,7 +28,7 @@ from tutor.assistant.hits import Hit, SearchResult
 from tutor.assistant.intent import LessonPart, lesson_part, question_type
 from tutor.assistant.quote import best_quote, leans_back, spans
 from tutor.assistant.retrieval import Retriever
-from tutor.assistant.support import check_support, negated
+from tutor.assistant.support import check_support, evidence_units, negated
 from tutor.assistant.tutor_chat import loop_start, tidy
 
 STATS = AnswerStats(ttft_s=0.2, tokens=12, tokens_per_s=30.0, weights_mib=256.0, stop="eos")
@@ -100,6 +100,9 @@ def test_negation_parity() -> None:
     assert not negated("bitsandbytes quantizes the model while it loads, without any calibration.")
     assert negated("It doesn't help.") and negated("It can’t help.")
     assert not negated("It is not that it cannot help.")
+    # A ", not …" phrase is a clause of its own, so the sentence's positive half is a unit too.
+    awq = [hit("AWQ protects salient channels by scaling, not by storing them in higher precision.")]
+    assert "AWQ protects salient channels by scaling" in evidence_units(awq)
 
 
 # --- the prompt -----------------------------------------------------------------------------

@@ -37,8 +37,8 @@ CLASH_MIN_COSINE = 0.6
 # Raised whenever the same text can get another verdict: measurements that cached verdicts
 # (the Lab's QA groundedness) name it in their keys. 2: clauses checked, another name;
 # 3: the opposite degree; 4: a clause's clash needs shared words, a question is no claim;
-# 5: turned round (an opposite word, names, negation), a value for another condition, and
-# "without" no longer negates a sentence.
+# 5: turned round (an opposite word, names, negation), a value for another condition,
+# "without" no longer negates a sentence, a clause before ", not".
 CHECK_VERSION = 5
 
 
@@ -115,7 +115,9 @@ def _numbers(text: str) -> set[str]:
     return {n.replace(",", "") for n in _NUMBER.findall(text)}
 
 
-_CLAUSE = re.compile(r"\s*(?:;|:|,\s+(?:but|and|so|while|which|whereas)\b)\s*")
+# Clauses: at ";", ":", ", but" and the like, and before ", not …" (so "AWQ protects salient
+# channels by scaling, not by storing them in higher precision" also yields its positive half).
+_CLAUSE = re.compile(r"\s*(?:;|:|,\s+(?:but|and|so|while|which|whereas)\b|,\s+(?=not\b))\s*")
 
 
 def evidence_units(hits: Sequence[Hit]) -> list[str]:
