@@ -51,6 +51,12 @@ MAX_QUESTION_CHARS = 500
 # so the prompt fits SmolLM2-135M's small context with room for the answer.
 PASSAGE_TOKEN_BUDGET = 700
 CHARS_PER_TOKEN = 4
+# What the contrast prompt of context-aware decoding has under "Passages:" (contrast_messages).
+NO_PASSAGES = "(none)"
+# Raised whenever the prompts change: measurements that cached the model's answers (the Lab's
+# QA) name it in their keys. 2: the contrast prompt keeps the "Passages:" label; 3: passages
+# are not named by section.
+PROMPT_VERSION = 3
 
 # --- results ------------------------------------------------------------------------
 
@@ -229,13 +235,6 @@ def contrast_messages(messages: Messages) -> Messages:
             content = content.split("\n\nPassages:\n", 1)[0] + f"\n\nPassages:\n{NO_PASSAGES}"
         out.append({"role": message["role"], "content": content})
     return out
-
-
-NO_PASSAGES = "(none)"
-# Raised whenever the prompts change: measurements that cached the model's answers (the Lab's
-# QA) name it in their keys. 2: the contrast prompt keeps the "Passages:" label; 3: passages
-# are not named by section.
-PROMPT_VERSION = 3
 
 
 def limit_question(text: str) -> tuple[str, bool]:

@@ -46,11 +46,11 @@ def rank(
     query_vector: np.ndarray,
     k: int,
     lesson_id: str | None,
-    fields: np.ndarray | None = None,
+    fields: np.ndarray,
 ) -> SearchResult:
     """The top k sections of ``view`` for ``query`` (cleaned, not empty; ``view`` has passages),
     and whether they cover it; ``lesson_id`` is the lesson the learner is reading, if any, and
-    ``fields`` the vectors of the fields elsewhere (``tutor.assistant.elsewhere``), if any."""
+    ``fields`` the vectors of the fields elsewhere (``tutor.assistant.elsewhere``)."""
     chunks = view.chunks
     # Practice steps are tasks, not answers: found when a question names them
     # (tutor.assistant.intent), never by similarity ("explain it plainly" is no explanation).
@@ -106,7 +106,7 @@ def rank(
     best_cosine = float(cosines[int(np.argmax(cosines))])
     distinct = set(tokens)
     known_share = len(distinct & view.vocabulary) / len(distinct) if distinct else 0.0
-    elsewhere = field_of(query_vector, fields, best_cosine) if fields is not None else ""
+    elsewhere = field_of(query_vector, fields, best_cosine)
     covered = is_covered(best_cosine, known_share) and not elsewhere
     return SearchResult(
         query,
