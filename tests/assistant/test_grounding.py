@@ -434,6 +434,16 @@ def test_a_value_given_for_another_condition_in_a_list_contradicts() -> None:
     assert number_clash("The KV cache takes about 4 GB at 8K tokens.", lesson) == "4 gb at 8k / 1 gb"
     assert number_clash("The KV cache takes about 4 GB at 32K tokens.", lesson) is None
     assert number_clash("Hermes 3 8B needs 16 GB in FP16.", "About 5 GB at Q4_K_M and 16 GB in FP16.") is None
+    # Another format's row says nothing of this one's; a sentence is about its section's format.
+    row = "Precision: FP32; Bits per weight: 32; Weights of a 7B model: about 28 GB"
+    assert number_clash("In FP16, a 7B model's weights take roughly 14 GB.", row) is None
+    assert number_clash("In FP32, a 7B model's weights take roughly 14 GB.", row) == "14 gb / 28 gb"
+    unnamed = (
+        "llama.cpp lists a perplexity increase of about 0.18 for Llama 3 8B, around three times Q5_K_M's."
+    )
+    claim = "llama.cpp lists a perplexity increase of about 0.47 for Q4_K_S."
+    assert number_clash(claim, unnamed) is None
+    assert number_clash(claim, unnamed, "Q4_K_S") is not None
 
 
 def test_verbatim_lesson_sentences_are_supported(retriever: Retriever) -> None:
@@ -454,6 +464,7 @@ def test_unrelated_and_contradicting_sentences_are_not_supported(retriever: Retr
         (cannot, "Yes, you can.", "not_found"),  # SmolLM2-135M's own answer: nothing to check
         (cannot, "Lost capability can be recovered without more precision.", "contradicts"),
         (memory, "The weights of a 7B model take about 28 GB in int8.", "contradicts"),  # a number
+        (memory, "In FP16, the weights of a 7B model take roughly 14 GB.", "supported"),  # not FP32's row
         (nf4, "FP4 usually preserves quality better than NF4.", "contradicts"),  # swapped roles
         (nf4, "NF4 usually preserves quality better than FP4.", "supported"),
     ]

@@ -5,7 +5,8 @@ are close to a generated sentence in meaning; a sentence that is close *and* dif
 these ways contradicts the lesson rather than merely being absent from it:
 
 - an antonym: "a higher number is better" against "lower is better";
-- a number: "about 28 GB" against "about 7 GB" (the same unit, a different value);
+- a number: "about 28 GB" against "about 7 GB" (the same unit, a different value), unless
+  the two are about different formats ("in FP16 … 14 GB" against FP32's row);
 - swapped roles: "FP4 usually preserves quality better than NF4" against the reverse;
 - the opposite degree: "Q8_0 loses a lot of quality" against "practically the same quality";
 - another name (``renamed``, asked of the closest lesson sentence only): the lesson's sentence
@@ -136,13 +137,15 @@ def quantities(text: str) -> dict[str, set[str]]:
     return out
 
 
-def number_clash(sentence: str, evidence: str) -> str | None:
+def number_clash(sentence: str, evidence: str, about: str = "") -> str | None:
     """A value the sentence gives in a unit the lesson sentence also uses, with other values;
     the lesson's value in another size unit; or another value for the same unit and condition
     ("4 GB at 8K tokens" against "1 GB at 8K tokens, 4 GB at 32K"). Sentences about models of different sizes
     ("8B", "70B") are about different things."""
     sizes, their_sizes = _model_sizes(sentence), _model_sizes(evidence)
     if sizes and their_sizes and not sizes & their_sizes:
+        return None
+    if not _same_format(_formats(sentence), _formats(f"{evidence} {about}")):
         return None
     lesson = quantities(evidence)
     for unit, values in quantities(sentence).items():
@@ -182,6 +185,19 @@ def pairs(text: str) -> dict[tuple[str, str], set[str]]:
 
 def _model_sizes(text: str) -> set[str]:
     return {m.casefold() for m in re.findall(r"\b\d+(?:\.\d+)?B\b", text)}
+
+
+def _formats(text: str) -> set[str]:
+    """The number formats and quant types a text names: "fp16", "q4_k_m", "int8", "nf4"."""
+    return {m.casefold() for m in re.findall(r"\b[A-Za-z]+\d+[A-Za-z0-9_]*\b", text)}
+
+
+def _same_format(formats: set[str], theirs: set[str]) -> bool:
+    """Whether two texts can be about the same format: one names none, or they share one
+    ("Q4" is Q4_K_M's family). A table row for FP32 says nothing about FP16's size."""
+    return (
+        not formats or not theirs or any(a.startswith(b) or b.startswith(a) for a in formats for b in theirs)
+    )
 
 
 def names(text: str) -> list[str]:
@@ -255,17 +271,14 @@ def renamed(sentence: str, evidence: str) -> str | None:
     return f"{mine[0]} / {theirs[0]}"
 
 
-def contradiction(sentence: str, evidence: str) -> str | None:
-    """How ``sentence`` says the opposite of ``evidence`` (a close lesson sentence), or None."""
-    tests = (
-        (number_clash, "a different number"),
-        (swapped, "swapped roles"),
-        (antonym, "the opposite word"),
-        (degree, "the opposite degree"),
-    )
+def contradiction(sentence: str, evidence: str, about: str = "") -> str | None:
+    """How ``sentence`` says the opposite of ``evidence`` (a close lesson sentence, from the
+    section titled ``about``), or None."""
+    if found := number_clash(sentence, evidence, about):
+        return f"a different number: {found}"
+    tests = ((swapped, "swapped roles"), (antonym, "the opposite word"), (degree, "the opposite degree"))
     for test, label in tests:
-        found = test(sentence, evidence)
-        if found:
+        if found := test(sentence, evidence):
             return f"{label}: {found}"
     return None
 

@@ -38,8 +38,9 @@ CLASH_MIN_COSINE = 0.6
 # (the Lab's QA groundedness) name it in their keys. 2: clauses checked, another name;
 # 3: the opposite degree; 4: a clause's clash needs shared words, a question is no claim;
 # 5: turned round (an opposite word, names, negation), a value for another condition,
-# "without" no longer negates a sentence, a clause before ", not".
-CHECK_VERSION = 5
+# "without" no longer negates a sentence, a clause before ", not"; 6: no number clash with a
+# sentence about another format (its own or its section's).
+CHECK_VERSION = 6
 
 
 Verdict = Literal["supported", "not_found", "contradicts"]
@@ -123,7 +124,13 @@ _CLAUSE = re.compile(r"\s*(?:;|:|,\s+(?:but|and|so|while|which|whereas)\b|,\s+(?
 def evidence_units(hits: Sequence[Hit]) -> list[str]:
     """The passages' sentences, plus their clauses (so "X is not tuned, and Y is" yields a
     positive "Y is" as well as the negated whole)."""
-    units: list[str] = []
+    return [text for text, _ in _units(hits)]
+
+
+def _units(hits: Sequence[Hit]) -> list[tuple[str, str]]:
+    """``evidence_units`` with the section each comes from: a sentence in the Q4_K_S section
+    is about Q4_K_S when it does not name it."""
+    units: list[tuple[str, str]] = []
     seen: set[str] = set()
     for candidate in _candidates(hits):
         parts = [candidate.text]
@@ -133,7 +140,7 @@ def evidence_units(hits: Sequence[Hit]) -> list[str]:
         for part in parts:
             if part not in seen:
                 seen.add(part)
-                units.append(part)
+                units.append((part, candidate.hit.section))
     return units
 
 
@@ -154,7 +161,8 @@ def check_support(generated_text: str, hits: Sequence[Hit], embed: Embedder) -> 
     said = sentences(generated_text)
     if not said:
         return []
-    evidence = evidence_units(hits)
+    units = _units(hits)
+    evidence, sections = [text for text, _ in units], [section for _, section in units]
     if not evidence:
         return [SentenceCheck(clean(s), False, 0.0, "", "no passage") for s in said]
     passage_tokens = {t for unit in evidence for t in content_tokens(unit)}
@@ -186,7 +194,7 @@ def check_support(generated_text: str, hits: Sequence[Hit], embed: Embedder) -> 
         share = overlap(tokens, passage_tokens)
         score = max(0.0, min(1.0, SUPPORT_COSINE_WEIGHT * cosine + (1 - SUPPORT_COSINE_WEIGHT) * share))
         reason, contradicts = "", False
-        clash = _clash(sentence, evidence, cosines)
+        clash = _clash(sentence, evidence, sections, cosines)
         if clash is None and (found := turned(sentence, evidence)) is not None:
             # Asked of every passage unit: a word-for-word match needs no closeness in meaning,
             # and a long lesson sentence is far in meaning from a short claim.
@@ -205,6 +213,7 @@ def check_support(generated_text: str, hits: Sequence[Hit], embed: Embedder) -> 
                 parts[position],
                 clause_vectors[starts[position] : starts[position + 1]],
                 evidence,
+                sections,
                 evidence_vectors,
             )
         ) is not None:
@@ -236,13 +245,17 @@ CLAUSE_SHARED_WORDS = 2
 
 
 def _clause_clash(
-    parts: Sequence[str], vectors: np.ndarray, evidence: Sequence[str], evidence_vectors: np.ndarray
+    parts: Sequence[str],
+    vectors: np.ndarray,
+    evidence: Sequence[str],
+    sections: Sequence[str],
+    evidence_vectors: np.ndarray,
 ) -> tuple[int, str] | None:
     """The first of a sentence's clauses (``vectors``: theirs) that clashes with a passage
     sentence about the same thing (``_clash``, ``CLAUSE_SHARED_WORDS``), with the clause quoted
     in how; None when none does."""
     for clause, vector in zip(parts, vectors, strict=True):
-        clash = _clash(clause, evidence, evidence_vectors @ vector)
+        clash = _clash(clause, evidence, sections, evidence_vectors @ vector)
         if (
             clash is not None
             and len(_topic_words(clause) & _topic_words(evidence[clash[0]])) >= CLAUSE_SHARED_WORDS
@@ -257,14 +270,17 @@ def _topic_words(text: str) -> set[str]:
     return {t for t in content_tokens(text) if not t[0].isdigit() and t.rstrip("s") not in units}
 
 
-def _clash(sentence: str, evidence: Sequence[str], cosines: np.ndarray) -> tuple[int, str] | None:
-    """The closest passage sentences that say otherwise than ``sentence`` (another number in
-    the same unit, the opposite word, two names swapped), with how; None when none does."""
+def _clash(
+    sentence: str, evidence: Sequence[str], sections: Sequence[str], cosines: np.ndarray
+) -> tuple[int, str] | None:
+    """The closest passage sentences (from ``sections``) that say otherwise than ``sentence``
+    (another number in the same unit, the opposite word, two names swapped), with how; None
+    when none does."""
     order = np.argsort(-cosines)
     for index in order[:CLASH_NEIGHBOURS]:
         if float(cosines[index]) < CLASH_MIN_COSINE:
             break
-        how = contradiction(sentence, evidence[int(index)])
+        how = contradiction(sentence, evidence[int(index)], sections[int(index)])
         if how is not None:
             return int(index), how
     # Another name only against the closest: where the lesson says the same of the sentence's
