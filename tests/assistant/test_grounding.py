@@ -444,6 +444,10 @@ def test_a_value_given_for_another_condition_in_a_list_contradicts() -> None:
     claim = "llama.cpp lists a perplexity increase of about 0.47 for Q4_K_S."
     assert number_clash(claim, unnamed) is None
     assert number_clash(claim, unnamed, "Q4_K_S") is not None
+    # A value belongs to the model size it follows: 42 GB is 70B's, whatever 8B is compared with.
+    both = "Hermes 3 70B at Q4_K_M needs about 42 GB, and it usually outperforms the 8B model."
+    assert number_clash("Hermes 3 8B at Q4_K_M runs on a GPU with 12 GB of memory.", both) is None
+    assert number_clash("Hermes 3 70B at Q4_K_M needs about 24 GB.", both) == "24 gb / 42 gb"
 
 
 def test_verbatim_lesson_sentences_are_supported(retriever: Retriever) -> None:

@@ -130,24 +130,29 @@ def quantities(text: str) -> dict[str, set[str]]:
     model rather than measuring something, so it is left out."""
     out: dict[str, set[str]] = {}
     for value, unit in _QUANTITY.findall(text):
-        unit = unit.casefold()
-        unit = unit[:-1] if len(unit) > 2 and unit.endswith("s") else unit
-        if unit != "b":
+        if (unit := _unit(unit)) != "b":
             out.setdefault(unit, set()).add(value.replace(",", ""))
     return out
+
+
+def _unit(written: str) -> str:
+    """A unit as compared: "GBs" and "gb" are one; "b" is a model size ("8B")."""
+    unit = written.casefold()
+    return unit[:-1] if len(unit) > 2 and unit.endswith("s") else unit
 
 
 def number_clash(sentence: str, evidence: str, about: str = "") -> str | None:
     """A value the sentence gives in a unit the lesson sentence also uses, with other values;
     the lesson's value in another size unit; or another value for the same unit and condition
-    ("4 GB at 8K tokens" against "1 GB at 8K tokens, 4 GB at 32K"). Sentences about models of different sizes
-    ("8B", "70B") are about different things."""
+    ("4 GB at 8K tokens" against "1 GB at 8K tokens, 4 GB at 32K"). Sentences about models of
+    different sizes ("8B", "70B") or different formats ("FP16", "FP32") are about different
+    things, and a value belongs to the model size it follows."""
     sizes, their_sizes = _model_sizes(sentence), _model_sizes(evidence)
     if sizes and their_sizes and not sizes & their_sizes:
         return None
     if not _same_format(_formats(sentence), _formats(f"{evidence} {about}")):
         return None
-    lesson = quantities(evidence)
+    lesson = quantities(_said_of(evidence, sizes))
     for unit, values in quantities(sentence).items():
         theirs = lesson.get(unit)
         if theirs and not values & theirs:
@@ -156,7 +161,7 @@ def number_clash(sentence: str, evidence: str, about: str = "") -> str | None:
             for other in _SIZES & lesson.keys():
                 if values & lesson[other]:
                     return f"{sorted(values & lesson[other])[0]} {unit} / {other}"
-    paired = pairs(evidence)
+    paired = pairs(_said_of(evidence, sizes))
     for key, values in pairs(sentence).items():
         theirs = paired.get(key)
         if theirs and not values & theirs:
@@ -177,14 +182,29 @@ def pairs(text: str) -> dict[tuple[str, str], set[str]]:
     32K") gives each value its own condition, which the unit alone does not."""
     out: dict[tuple[str, str], set[str]] = {}
     for value, unit, condition in _PAIR.findall(text):
-        unit = unit.casefold()
-        unit = unit[:-1] if len(unit) > 2 and unit.endswith("s") else unit
-        out.setdefault((unit, condition.casefold()), set()).add(value.replace(",", ""))
+        if (unit := _unit(unit)) != "b":  # "8B at Q4_K_M" names a model, as in quantities
+            out.setdefault((unit, condition.casefold()), set()).add(value.replace(",", ""))
     return out
 
 
+_MODEL_SIZE = re.compile(r"\b\d+(?:\.\d+)?B\b")
+
+
 def _model_sizes(text: str) -> set[str]:
-    return {m.casefold() for m in re.findall(r"\b\d+(?:\.\d+)?B\b", text)}
+    return {m.casefold() for m in _MODEL_SIZE.findall(text)}
+
+
+def _said_of(text: str, sizes: set[str]) -> str:
+    """The parts of ``text`` said of one of ``sizes`` (from a model size to the next) and the
+    part before any size: "70B at Q4_K_M needs about 42 GB … than the 8B model" gives 42 GB
+    to 70B, not to 8B. The whole text when ``sizes`` is empty."""
+    if not sizes:
+        return text
+    parts = _MODEL_SIZE.split(text)
+    owners = [None, *(m.casefold() for m in _MODEL_SIZE.findall(text))]
+    return " ".join(
+        part for part, owner in zip(parts, owners, strict=True) if owner is None or owner in sizes
+    )
 
 
 def _formats(text: str) -> set[str]:

@@ -39,7 +39,8 @@ CLASH_MIN_COSINE = 0.6
 # 3: the opposite degree; 4: a clause's clash needs shared words, a question is no claim;
 # 5: turned round (an opposite word, names, negation), a value for another condition,
 # "without" no longer negates a sentence, a clause before ", not"; 6: no number clash with a
-# sentence about another format (its own or its section's).
+# sentence about another format (its own or its section's), nor with a value said of another
+# model size.
 CHECK_VERSION = 6
 
 
