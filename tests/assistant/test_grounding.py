@@ -29,7 +29,7 @@ from tutor.assistant.intent import LessonPart, lesson_part, question_type
 from tutor.assistant.quote import best_quote, leans_back, spans
 from tutor.assistant.retrieval import Retriever
 from tutor.assistant.support import check_support, evidence_units, negated
-from tutor.assistant.tutor_chat import loop_start, tidy
+from tutor.assistant.tutor_chat import complete_sentences, loop_start, tidy
 
 STATS = AnswerStats(ttft_s=0.2, tokens=12, tokens_per_s=30.0, weights_mib=256.0, stop="eos")
 
@@ -155,6 +155,15 @@ def test_a_loop_is_cut_to_its_first_round() -> None:
     assert tidy("Q8 is 8 bits. Q8 is 8 bits. Q8 is 8 bits.") == "Q8 is 8 bits."  # no "…" after a stop
     assert loop_start("speed speed") is None and loop_start("int8 is near-lossless. int4 is not.") is None
     assert loop_start("a b c a b c a b c") == 6  # the second round of a three-word phrase
+
+
+def test_a_number_ending_in_a_full_stop_ends_no_sentence_while_the_answer_streams() -> None:
+    # nf4's answer to "Why is int8 called near-lossless?" stopped at its third "sentence":
+    # "… values above a threshold (6." — the stream was about to say "6.0".
+    said = "int8 is near-lossless. It halves memory. Outliers above a threshold (6."
+    assert len(complete_sentences(said, streaming=True)) == 2
+    assert len(complete_sentences(said + "0 by default) stay in 16-bit.", streaming=True)) == 3
+    assert len(complete_sentences("Q4_K works out to 4.5.")) == 1  # once the answer has ended
 
 
 def test_tidy_drops_echoed_passage_numbers() -> None:

@@ -85,13 +85,16 @@ def qa_answers(
 
 def qa_label(questions: Sequence[tuple[str, str]], max_new_tokens: int) -> str:
     """The QA set as the cache key names it: file, count, the questions' digest, the token cap,
-    the rule that cuts a looping answer, the support check's version, the index format (the
+    the rules that cut a looping answer and end one, the support check's version, the index format (the
     passages a question is answered from) and the prompts' version."""
     from tutor.assistant.grounding import PROMPT_VERSION
     from tutor.assistant.lesson_vectors import INDEX_FORMAT
     from tutor.assistant.support import CHECK_VERSION
-    from tutor.assistant.tutor_chat import LOOP_ROUNDS
+    from tutor.assistant.tutor_chat import LOOP_ROUNDS, STOP_VERSION
 
     digest = hashlib.sha256(json.dumps(list(questions)).encode()).hexdigest()[:12]
-    rules = f"loop_rounds={LOOP_ROUNDS}:check={CHECK_VERSION}:index={INDEX_FORMAT}:prompt={PROMPT_VERSION}"
+    rules = (
+        f"loop_rounds={LOOP_ROUNDS}:stop={STOP_VERSION}:check={CHECK_VERSION}:index={INDEX_FORMAT}"
+        f":prompt={PROMPT_VERSION}"
+    )
     return f"{QA_SET.name}:{len(questions)}:{digest}:tokens={max_new_tokens}:{rules}"
