@@ -93,9 +93,20 @@ async def test_lab_shows_a_result_and_compares(  # type: ignore[no-untyped-def]
         def column(precision: str) -> str:
             return str(lab.query_one(f"#col-{precision} Plain", Plain).visual)
 
+        def on_screen(widget_id: str) -> bool:
+            """Whether the top of the lab's child ``widget_id`` is inside the lab's view."""
+            top = lab.query_one(widget_id).virtual_region.y
+            return lab.scroll_y <= top < lab.scroll_y + lab.scrollable_content_region.height
+
         client = engine_runtime.client
-        await pilot.press("c", *"What does KL divergence measure?", "enter")  # short answers
+        # Below the measured result, the question box and the answers scroll into view.
+        await pilot.press("c")
+        await pilot.pause()
+        assert not on_screen("#lab-table") and on_screen("#lab-question")
+        await pilot.press(*"What does KL divergence measure?", "enter")  # short answers
         await until(pilot, lambda: "waiting" not in column("bf16"))
+        await pilot.pause()
+        assert on_screen("#lab-question") and on_screen("#lab-compare")
         assert column("bf16").startswith("bf16 (reference)") and "«" not in column("bf16")
         assert "TTFT" in column("bf16") and "int8: waiting" in column("int8")
         await until(pilot, lambda: "int8" in client.status().get("prepared", []) and client.status()["job"])

@@ -212,8 +212,11 @@ class LabView(VerticalScroll, can_focus=True):
         box = self.query_one("#lab-question", Input)
         box.display = True
         box.focus()
+        # Below a measured table the box is off screen; it has a place to scroll to only once
+        # the layout has made room for it.
+        self.call_after_refresh(box.scroll_visible)
 
-    def on_input_submitted(self, event: Input.Submitted) -> None:
+    async def on_input_submitted(self, event: Input.Submitted) -> None:
         question = event.value.strip()
         if not question:
             return
@@ -225,15 +228,16 @@ class LabView(VerticalScroll, can_focus=True):
             self.notify("Already comparing; Esc stops it.")
             return
         columns = self.query_one("#lab-compare", Horizontal)
-        columns.remove_children()
-        for precision in LAB_PRECISIONS:
-            columns.mount(
-                Vertical(
-                    Plain(f"{precision}: waiting…", classes="lab-answer"),
-                    id=f"col-{precision}",
-                    classes="lab-column",
-                )
+        await columns.remove_children()
+        await columns.mount_all(
+            Vertical(
+                Plain(f"{precision}: waiting…", classes="lab-answer"),
+                id=f"col-{precision}",
+                classes="lab-column",
             )
+            for precision in LAB_PRECISIONS
+        )
+        self._question_on_top()
         self._compare_stop = threading.Event()
         compare(self, question, self._compare_stop)  # a worker: lab_workers.py
 
@@ -245,3 +249,9 @@ class LabView(VerticalScroll, can_focus=True):
     def on_compare_column(self, message: CompareColumn) -> None:
         column = self.query_one(f"#col-{message.precision}", Vertical)
         column.query_one(Plain).show(compare_column(message.precision, message.answers))
+        self._question_on_top()
+
+    def _question_on_top(self) -> None:
+        """The compared question at the top of the view, its columns under it as they fill in
+        (scrolled once the layout has made room for them)."""
+        self.call_after_refresh(self.query_one("#lab-question", Input).scroll_visible, top=True)
