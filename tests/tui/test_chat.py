@@ -103,6 +103,28 @@ async def test_ask_streams_an_answer_with_citations_and_switches_live(  # type: 
         assert 0 < log.max_scroll_y == log.scroll_y, "the log followed the reply to its end"
 
 
+async def test_a_reply_taller_than_the_view_keeps_its_question_and_quote_in_view(  # type: ignore[no-untyped-def]
+    library: Library, store: Store, engine_runtime
+) -> None:
+    # In a small terminal the reply (quote, explanation, checks, cited passage) outgrows the log:
+    # following its end would scroll the quote, what the learner reads first, out of view.
+    app = QuantTutorApp(library, store, tutor=engine_runtime)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("t")
+        chat = app.screen.query_one(ChatView)
+        await pilot.press(*"What is NF4?", "enter")
+        entry = chat.query(ChatEntry).last()
+        await until(pilot, lambda: entry.answer is not None)
+        await pilot.pause()
+        log = chat.query_one("#chat-log", VerticalScroll)
+        view = log.scrollable_content_region.height
+        assert entry.outer_size.height > view and not log.is_anchored
+        quote = entry.query_one(".chat-quote", Plain)
+        top = entry.virtual_region.y
+        assert log.scroll_y == top, "the question at the top of the view"
+        assert quote.virtual_region.y + quote.outer_size.height <= view, "the quote whole, under it"
+
+
 async def test_escape_cancels_through_the_engine_and_markup_is_literal(  # type: ignore[no-untyped-def]
     library: Library, store: Store, engine_runtime
 ) -> None:

@@ -139,12 +139,14 @@ class ChatView(Vertical):
 
     def on_reply_prepared(self, message: ReplyPrepared) -> None:
         message.entry.show_prepared(message.prepared, message.precision)
+        self.call_after_refresh(self._keep_question_in_view, message.entry)
 
     def on_reply_waiting(self, message: ReplyWaiting) -> None:
         message.entry.waiting(message.job)
 
     async def on_reply_finished(self, message: ReplyFinished) -> None:
         await message.entry.finish(message.answer)
+        self.call_after_refresh(self._keep_question_in_view, message.entry)
         heap.settle()  # the finished reply's widgets stay for the rest of the conversation
 
     def on_reply_failed(self, message: ReplyFailed) -> None:
@@ -156,6 +158,16 @@ class ChatView(Vertical):
     def on_token_streamed(self, message: TokenStreamed) -> None:
         if message.entry.answer is None:  # a late batch must not overwrite the final text
             message.entry.set_text(message.text)
+            self.call_after_refresh(self._keep_question_in_view, message.entry)
+
+    def _keep_question_in_view(self, entry: ChatEntry) -> None:
+        """Stop following the reply once it is taller than the log's view, with the question at
+        the top: the lesson's quote under it is what the learner reads first, and following the
+        end of a tall reply (a short terminal) would scroll it away."""
+        log = self.query_one("#chat-log", VerticalScroll)
+        if log.is_anchored and entry.outer_size.height > log.scrollable_content_region.height:
+            log.anchor(False)
+            log.scroll_to_widget(entry, top=True, animate=False, immediate=True)
 
     def on_doubts_marked(self, message: DoubtsMarked) -> None:
         self.store.save_marks(self.lesson.id, DOUBT_STEP, message.sentences)
