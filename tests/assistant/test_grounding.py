@@ -459,6 +459,36 @@ def test_a_value_given_for_another_condition_in_a_list_contradicts() -> None:
     assert number_clash("Hermes 3 70B at Q4_K_M needs about 24 GB.", both) == "24 gb / 42 gb"
 
 
+def test_two_things_said_the_other_way_round_across_clauses(retriever: Retriever) -> None:
+    from tutor.assistant.contradiction import crossed
+
+    lesson = [
+        "GPTQ quantizes a layer's weights column by column.",
+        "AWQ scales those channels up before quantizing.",
+    ]
+    said = ["AWQ quantizes weights column by column", "GPTQ scales the salient channels up"]
+    assert crossed(said, lesson) == (0, "awq / gptq swapped between clauses")
+    assert (
+        crossed(["GPTQ quantizes weights column by column", "AWQ scales the salient channels up"], lesson)
+        is None
+    )
+    # One clause the other way round is not enough: the lesson must say each of the other name.
+    assert crossed(["AWQ quantizes weights column by column", "GPTQ uses a calibration set"], lesson) is None
+    # Nor is one topic word of two ("models"): SmolLM2's "Q5_K_M models are released in 8B;
+    # community uploads of 70B models" against the lesson's FP8 versions of the 70B model.
+    fp8 = [
+        "For GPU servers, Nous also publishes FP8 versions of the 70B and 405B models.",
+        "Community uploads of the 8B come in every K-quant.",
+    ]
+    assert crossed(["Q5_K_M models are released in 8B", "community uploads of 70B models"], fp8) is None
+    outliers = retriever.section_hits(SEED, "LLM.int8(): keeping the outliers")
+    swapped = "Feature dimensions above the threshold are multiplied in int8, and the rest in 16-bit."
+    [check] = check_support(swapped, outliers, retriever.embed)
+    assert check.verdict == "contradicts" and "swapped between clauses" in check.reason, check
+    right = "Feature dimensions above the threshold are multiplied in 16-bit, and the rest in int8."
+    assert check_support(right, outliers, retriever.embed)[0].verdict != "contradicts"
+
+
 def test_verbatim_lesson_sentences_are_supported(retriever: Retriever) -> None:
     hits = retriever.section_hits(SEED, "What quantization cannot do")
     text = " ".join(sentences(hits[0].text + " " + hits[1].text)[:4])

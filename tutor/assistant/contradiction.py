@@ -11,6 +11,8 @@ these ways contradicts the lesson rather than merely being absent from it:
 - the opposite degree: "Q8_0 loses a lot of quality" against "practically the same quality";
 - another name (``renamed``, asked of the closest lesson sentence only): the lesson's sentence
   about Q8_0 said of Q5_K_S;
+- crossed (``crossed``, asked of a sentence's clauses): "AWQ quantizes column by column, while
+  GPTQ scales the salient channels up", each clause what the lesson says of the other name;
 - turned round (``turned``, asked of every lesson sentence, since it needs no closeness in
   meaning): the sentence with one word made its opposite, a negation taken out or put in, or
   two names exchanged, reads word for word as the lesson does where the sentence as written
@@ -26,7 +28,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from tutor.text import STOPWORDS
+from tutor.text import STOPWORDS, content_tokens
 
 # Pairs of words that say opposite things about the same subject. Kept small and specific to
 # the lessons' claims; each pair works both ways.
@@ -415,3 +417,58 @@ def _negations(said: list[str]) -> list[tuple[list[str], int, str]]:
             else:
                 out.append(([*said[: i + 1], "not", *said[i + 1 :]], i + 1, f"{word} / {word} not"))
     return out
+
+
+# How much of a clause's topic a lesson sentence about the other name must hold (``crossed``),
+# and at least two of its words (or its one): at one shared word of two, a model's sentence
+# ("Q5_K_M models are released in 8B; community uploads of 70B models") crossed by "models".
+CROSSED_SHARE = 0.5
+_BITS = re.compile(r"\b\d+-bit\b", re.IGNORECASE)
+
+
+def crossed(parts: Sequence[str], evidence: Sequence[str]) -> tuple[int, str] | None:
+    """Two clauses that say the lesson's two things the other way round: "AWQ quantizes column by
+    column, while GPTQ scales the salient channels up", where the lesson says the first of GPTQ
+    and the second of AWQ. Each clause names something the other does not, and each is said, in
+    its topic words, by a lesson sentence that names what the other clause names and not its
+    own (and not by one that names its own). The first such sentence's index, with how."""
+    named = [_crossing_names(part) for part in parts]
+    for i, first in enumerate(parts):
+        for j in range(i + 1, len(parts)):
+            mine, theirs = named[i] - named[j], named[j] - named[i]
+            if not mine or not theirs:
+                continue
+            there = _said_about(first, theirs, mine, evidence)
+            back = _said_about(parts[j], mine, theirs, evidence)
+            if there is not None and back is not None:
+                return there, f"{sorted(mine)[0]} / {sorted(theirs)[0]} swapped between clauses"
+    return None
+
+
+def _crossing_names(text: str) -> set[str]:
+    return set(names(text)) | {b.casefold() for b in _BITS.findall(text)}
+
+
+def _said_about(clause: str, names_: set[str], not_names: set[str], evidence: Sequence[str]) -> int | None:
+    """The first lesson sentence that says ``clause``'s topic words (CROSSED_SHARE of them, two at
+    least) of
+    one of ``names_`` and names none of ``not_names``; None when none does, or when one says it
+    of the clause's own names (``not_names``) instead."""
+    topic = _topic(clause)
+    if not topic:
+        return None
+    found = None
+    for index, unit in enumerate(evidence):
+        shared = len(topic & _topic(unit))
+        if shared < CROSSED_SHARE * len(topic) or shared < min(2, len(topic)):
+            continue
+        unit_names = _crossing_names(unit)
+        if unit_names & not_names and not unit_names & names_:
+            return None  # the lesson says it of the clause's own name: as written
+        if found is None and unit_names & names_ and not unit_names & not_names:
+            found = index
+    return found
+
+
+def _topic(text: str) -> set[str]:
+    return {t for t in content_tokens(_BITS.sub(" ", _NAME.sub(" ", text))) if not t[0].isdigit()}

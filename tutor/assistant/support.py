@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from tutor.assistant.contradiction import contradiction, quantities, renamed, turned
+from tutor.assistant.contradiction import contradiction, crossed, quantities, renamed, turned
 from tutor.assistant.embedder import Embedder
 from tutor.assistant.hits import Hit
 from tutor.assistant.quote import overlap
@@ -40,7 +40,7 @@ CLASH_MIN_COSINE = 0.6
 # 5: turned round (an opposite word, names, negation), a value for another condition,
 # "without" no longer negates a sentence, a clause before ", not"; 6: no number clash with a
 # sentence about another format (its own or its section's), nor with a value said of another
-# model size.
+# model size; two names swapped between clauses.
 CHECK_VERSION = 6
 
 
@@ -155,7 +155,8 @@ def check_support(generated_text: str, hits: Sequence[Hit], embed: Embedder) -> 
     - its closest passage sentence has the opposite polarity, is close, and clearly beats
       every same-polarity one (CONTRADICTION_*): "4-bit is not usable for chat", or
     - one of its closest passage sentences (CLASH_*) gives another number in the same unit,
-      the opposite word, or two names the other way round (``tutor.assistant.contradiction``).
+      the opposite word, or two names the other way round (``tutor.assistant.contradiction``),
+      or its clauses say of two names what the lesson says of each other (``crossed``).
     It is *not found* when it states a number the passages don't contain, scores below the
     threshold, or has no content words to check ("Yes, you can.").
     """
@@ -206,19 +207,18 @@ def check_support(generated_text: str, hits: Sequence[Hit], embed: Embedder) -> 
             and float(cosines[closest]) - cosine >= CONTRADICTION_MARGIN
         ):
             reason, index, contradicts = "the lesson says the opposite", closest, True
-        elif clash is not None:
-            (index, how), contradicts = clash, True
-            reason = f"the lesson says otherwise ({how})"
         elif (
-            inner := _clause_clash(
+            otherwise := clash
+            or _clause_clash(
                 parts[position],
                 clause_vectors[starts[position] : starts[position + 1]],
                 evidence,
                 sections,
                 evidence_vectors,
             )
+            or crossed(parts[position], evidence)
         ) is not None:
-            (index, how), contradicts = inner, True
+            (index, how), contradicts = otherwise, True
             reason = f"the lesson says otherwise ({how})"
         elif _numbers(sentence) - passage_numbers:
             reason = "states a number the lesson doesn't"
