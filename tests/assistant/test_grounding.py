@@ -98,6 +98,8 @@ def test_negation_parity() -> None:
     assert not negated("Lost capability can be recovered without more precision.")
     assert negated("Quantization cannot recover lost capability without re-introducing precision.")
     assert not negated("bitsandbytes quantizes the model while it loads, without any calibration.")
+    assert not negated("bitsandbytes quantizes a model as it loads, with no calibration step.")
+    assert negated("There is no calibration step.")
     assert negated("It doesn't help.") and negated("It can’t help.")
     assert not negated("It is not that it cannot help.")
     # A ", not …" phrase is a clause of its own, so the sentence's positive half is a unit too.

@@ -40,7 +40,7 @@ CLASH_MIN_COSINE = 0.6
 # 5: turned round (an opposite word, names, negation), a value for another condition,
 # "without" no longer negates a sentence, a clause before ", not"; 6: no number clash with a
 # sentence about another format (its own or its section's), nor with a value said of another
-# model size; two names swapped between clauses.
+# model size; two names swapped between clauses; "with no" negates no sentence.
 CHECK_VERSION = 6
 
 
@@ -96,7 +96,8 @@ class SentenceCheck:
 
 # "without" is not among them: it negates its object, not the sentence ("it quantizes while it
 # loads, without any calibration" says that it quantizes). Counted, it turned that true claim
-# into ✗ against "it quantizes … as it loads"; left out, the tuning claims lost nothing.
+# into ✗ against "it quantizes … as it loads"; left out, the tuning claims lost nothing. Nor is
+# "no" after "with" ("as it loads, with no calibration"), for the same reason.
 _NEGATIONS = word_set(
     """
     not no never cannot can't won't don't doesn't didn't isn't aren't wasn't weren't shouldn't
@@ -109,7 +110,10 @@ _NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
 def negated(text: str) -> bool:
     """Polarity: an odd number of negating words ("it is not that it cannot" cancels out)."""
     words = re.findall(r"[a-z]+(?:['’][a-z]+)?", text.lower().replace("’", "'"))
-    count = sum(w in _NEGATIONS or w.endswith("n't") for w in words)
+    count = sum(
+        (w in _NEGATIONS or w.endswith("n't")) and not (w == "no" and i and words[i - 1] == "with")
+        for i, w in enumerate(words)
+    )
     return count % 2 == 1
 
 
