@@ -438,7 +438,12 @@ def test_a_sentence_that_reads_as_the_lesson_once_turned_round_contradicts(retri
 
 
 def test_a_value_given_for_another_condition_in_a_list_contradicts() -> None:
-    from tutor.assistant.contradiction import number_clash, pairs
+    from tutor.assistant.contradiction import number_clash, pairs, quantities
+
+    # Digits inside a name and words such as "or", "at", "for" after a number are not amounts.
+    assert quantities("Hermes runs at Q4_K_M or Q6_K; Q8_0 or NF4 weights in blocks") == {}
+    assert quantities("released in 2024, fine-tuned from Llama 3.1 at 8B") == {}
+    assert quantities("about 4 to 5 bits, 1,024 samples") == {"bit": {"4", "5"}, "sample": {"1024"}}
 
     lesson = "The cache takes about 1 GB at 8K tokens, 4 GB at 32K and 16 GB at the full 128K."
     assert pairs(lesson) == {("gb", "8k"): {"1"}, ("gb", "32k"): {"4"}, ("gb", "128k"): {"16"}}
@@ -449,10 +454,8 @@ def test_a_value_given_for_another_condition_in_a_list_contradicts() -> None:
     row = "Precision: FP32; Bits per weight: 32; Weights of a 7B model: about 28 GB"
     assert number_clash("In FP16, a 7B model's weights take roughly 14 GB.", row) is None
     assert number_clash("In FP32, a 7B model's weights take roughly 14 GB.", row) == "14 gb / 28 gb"
-    unnamed = (
-        "llama.cpp lists a perplexity increase of about 0.18 for Llama 3 8B, around three times Q5_K_M's."
-    )
-    claim = "llama.cpp lists a perplexity increase of about 0.47 for Q4_K_S."
+    unnamed = "It works out to about 4.6 bits per weight, a little under Q5_K_M's 5.7."
+    claim = "Q4_K_S works out to about 5.5 bits per weight."
     assert number_clash(claim, unnamed) is None
     assert number_clash(claim, unnamed, "Q4_K_S") is not None
     # A value belongs to the model size it follows: 42 GB is 70B's, whatever 8B is compared with.

@@ -70,7 +70,9 @@ for _a, _b in ANTONYMS:
 
 _WORD = re.compile(r"[a-z]+")
 # A number with the unit or noun after it: "7 GB", "4 bits", "8.5 bits", "1,024 samples".
-_QUANTITY = re.compile(r"(\d+(?:[.,]\d+)*)\s*(%|[a-zA-Z]+)")
+# Not a number inside a name ("Q8_0", "NF4"), and a range's first value takes the unit after
+# the second ("4 to 5 bits": both bits).
+_QUANTITY = re.compile(r"(?<![\w.])(\d+(?:[.,]\d+)*)(?:\s*(?:to|-|–)\s*(\d+(?:[.,]\d+)*))?\s*(%|[a-zA-Z]+)")
 # Names whose order carries a claim: quant types and formats (NF4, Q4_K_M, int8, LLM.int8()),
 # model sizes (8B, 70B) and capitalised method names (AWQ, GPTQ).
 _NAME = re.compile(
@@ -131,9 +133,9 @@ def quantities(text: str) -> dict[str, set[str]]:
     """Numbers by the unit that follows them: {"gb": {"7", "28"}}. A model size ("8B") names a
     model rather than measuring something, so it is left out."""
     out: dict[str, set[str]] = {}
-    for value, unit in _QUANTITY.findall(text):
-        if (unit := _unit(unit)) != "b":
-            out.setdefault(unit, set()).add(value.replace(",", ""))
+    for value, upper, unit in _QUANTITY.findall(text):
+        if (unit := _unit(unit)) != "b" and unit not in STOPWORDS:  # not "2024 at", "0.47 for"
+            out.setdefault(unit, set()).update(v.replace(",", "") for v in (value, upper) if v)
     return out
 
 

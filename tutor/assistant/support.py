@@ -40,7 +40,8 @@ CLASH_MIN_COSINE = 0.6
 # 5: turned round (an opposite word, names, negation), a value for another condition,
 # "without" no longer negates a sentence, a clause before ", not"; 6: no number clash with a
 # sentence about another format (its own or its section's), nor with a value said of another
-# model size; two names swapped between clauses; "with no" negates no sentence.
+# model size; two names swapped between clauses; "with no" negates no sentence; no amount read
+# from a name's digits or with a stop word for its unit.
 CHECK_VERSION = 6
 
 
