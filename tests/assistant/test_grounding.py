@@ -494,6 +494,16 @@ def test_two_things_said_the_other_way_round_across_clauses(retriever: Retriever
     assert check_support(right, outliers, retriever.embed)[0].verdict != "contradicts"
 
 
+def test_a_lesson_sentence_is_not_contradicted_by_its_neighbour(retriever: Retriever) -> None:
+    # The tutor's own hits for "What does double quantization do to the scales?": the sentence,
+    # word for word, sat next to "… fits in 8 bits, 4 bits or fewer" and was ✗ by its bits.
+    hits = retriever.section_hits(SEED, "What quantization is") + retriever.section_hits(SEED, "NF4 and FP4")
+    said = "Double quantization then quantizes those scales too, saving about 0.37 bits per weight."
+    assert [c.verdict for c in check_support(said, hits, retriever.embed)] == ["supported"]
+    wrong = "Double quantization then quantizes those scales too, saving about 4 bits per weight."
+    assert [c.verdict for c in check_support(wrong, hits, retriever.embed)] == ["contradicts"]
+
+
 def test_verbatim_lesson_sentences_are_supported(retriever: Retriever) -> None:
     hits = retriever.section_hits(SEED, "What quantization cannot do")
     text = " ".join(sentences(hits[0].text + " " + hits[1].text)[:4])
