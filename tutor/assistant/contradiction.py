@@ -131,7 +131,8 @@ _SIZES = frozenset({"kb", "mb", "gb", "tb"})
 
 def quantities(text: str) -> dict[str, set[str]]:
     """Numbers by the unit that follows them: {"gb": {"7", "28"}}. A model size ("8B") names a
-    model rather than measuring something, so it is left out."""
+    model rather than measuring something, so it is left out, as are the digits of a name
+    ("Q8_0 or") and a number followed by a stop word ("released in 2024 at")."""
     out: dict[str, set[str]] = {}
     for value, upper, unit in _QUANTITY.findall(text):
         if (unit := _unit(unit)) != "b" and unit not in STOPWORDS:  # not "2024 at", "0.47 for"
