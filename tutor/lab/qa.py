@@ -85,8 +85,8 @@ def qa_answers(
 
 def qa_label(questions: Sequence[tuple[str, str]], max_new_tokens: int) -> str:
     """The QA set as the cache key names it: file, count, the questions' digest, the token cap,
-    the rules that cut a looping answer and end one, the support check's version, the index format (the
-    passages a question is answered from) and the prompts' version."""
+    the rules that cut a looping answer and end one, the support check's version, the index
+    format (the passages a question is answered from) and the prompts' version."""
     from tutor.assistant.grounding import PROMPT_VERSION
     from tutor.assistant.lesson_vectors import INDEX_FORMAT
     from tutor.assistant.support import CHECK_VERSION
