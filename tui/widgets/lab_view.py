@@ -212,9 +212,7 @@ class LabView(VerticalScroll, can_focus=True):
         box = self.query_one("#lab-question", Input)
         box.display = True
         box.focus()
-        # Below a measured table the box is off screen; it has a place to scroll to only once
-        # the layout has made room for it.
-        self.call_after_refresh(box.scroll_visible)
+        self._question_on_top()  # below a measured result it opens off screen
 
     async def on_input_submitted(self, event: Input.Submitted) -> None:
         question = event.value.strip()

@@ -75,8 +75,10 @@ _WORD = re.compile(r"[a-z]+")
 _QUANTITY = re.compile(r"(?<![\w.])(\d+(?:[.,]\d+)*)(?:\s*(?:to|-|–)\s*(\d+(?:[.,]\d+)*))?\s*(%|[a-zA-Z]+)")
 # Names whose order carries a claim: quant types and formats (NF4, Q4_K_M, int8, LLM.int8()),
 # model sizes (8B, 70B) and capitalised method names (AWQ, GPTQ).
+# A number format or quant type: "FP16", "Q4_K_M", "int8", "NF4".
+_FORMAT = r"[A-Za-z]+\d+[A-Za-z0-9_]*"
 _NAME = re.compile(
-    r"\b(?:[A-Za-z]+\d+[A-Za-z0-9_]*|\d+(?:\.\d+)?B|[A-Z]{2,}[A-Za-z0-9]*|(?i:smaller|bigger|larger|small|large|big)"
+    rf"\b(?:{_FORMAT}|\d+(?:\.\d+)?B|[A-Z]{{2,}}[A-Za-z0-9]*|(?i:smaller|bigger|larger|small|large|big)"
     r" (?:models?|ones?))\b"
 )
 
@@ -157,7 +159,8 @@ def number_clash(sentence: str, evidence: str, about: str = "") -> str | None:
         return None
     if not _same_format(_formats(sentence), _formats(f"{evidence} {about}")):
         return None
-    lesson = quantities(_said_of(evidence, sizes))
+    said = _said_of(evidence, sizes)
+    lesson = quantities(said)
     for unit, values in quantities(sentence).items():
         theirs = lesson.get(unit)
         if theirs and not values & theirs:
@@ -166,7 +169,7 @@ def number_clash(sentence: str, evidence: str, about: str = "") -> str | None:
             for other in _SIZES & lesson.keys():
                 if values & lesson[other]:
                     return f"{sorted(values & lesson[other])[0]} {unit} / {other}"
-    paired = pairs(_said_of(evidence, sizes))
+    paired = pairs(said)
     for key, values in pairs(sentence).items():
         theirs = paired.get(key)
         if theirs and not values & theirs:
@@ -178,7 +181,7 @@ def number_clash(sentence: str, evidence: str, about: str = "") -> str | None:
 # A quantity said of a condition: "1 GB at 8K tokens", "about 5 GB at Q4_K_M", "16 GB in FP16".
 _PAIR = re.compile(
     r"(\d+(?:[.,]\d+)*)\s*(%|[a-zA-Z]+)\s+(?:at|in|for)\s+(?:the\s+)?(?:full\s+)?"
-    r"(\d+(?:\.\d+)?[kKmM]?\b|[A-Za-z]+\d+[A-Za-z0-9_]*|\d+-bit)"
+    rf"(\d+(?:\.\d+)?[kKmM]?\b|{_FORMAT}|\d+-bit)"
 )
 
 
@@ -212,9 +215,12 @@ def _said_of(text: str, sizes: set[str]) -> str:
     )
 
 
+_FORMATS = re.compile(rf"\b{_FORMAT}\b")
+
+
 def _formats(text: str) -> set[str]:
     """The number formats and quant types a text names: "fp16", "q4_k_m", "int8", "nf4"."""
-    return {m.casefold() for m in re.findall(r"\b[A-Za-z]+\d+[A-Za-z0-9_]*\b", text)}
+    return {m.casefold() for m in _FORMATS.findall(text)}
 
 
 def _same_format(formats: set[str], theirs: set[str]) -> bool:
@@ -453,10 +459,9 @@ def _crossing_names(text: str) -> set[str]:
 
 
 def _said_about(clause: str, names_: set[str], not_names: set[str], evidence: Sequence[str]) -> int | None:
-    """The first lesson sentence that says ``clause``'s topic words (CROSSED_SHARE of them, two at
-    least) of
-    one of ``names_`` and names none of ``not_names``; None when none does, or when one says it
-    of the clause's own names (``not_names``) instead."""
+    """The first lesson sentence that says ``clause``'s topic words (CROSSED_SHARE of them, two
+    at least) of one of ``names_`` and names none of ``not_names``; None when none does, or when
+    one says it of the clause's own names (``not_names``) instead."""
     topic = _topic(clause)
     if not topic:
         return None

@@ -7,8 +7,8 @@ short description of audio recording, the first is closer to that, the second to
 The list was written by going through the words the lessons lean on (bits, quantization,
 precision, memory, model, GPU, speed, calibration, and the names llama, Hermes, perplexity)
 and naming the fields where each means something else, plus the parts of machine learning,
-serving and tooling the lessons leave out. It is not a list of questions: each line names a field in the words
-its own questions use.
+serving and tooling the lessons leave out. It is not a list of questions: each line names a
+field in the words its own questions use.
 """
 
 from __future__ import annotations
