@@ -75,7 +75,7 @@ def test_tuning_set_figures(
     assert shares["on_topic_wrongly_declined"] <= 0.03, tuning.report()
     assert shares["key_fact_quoted"] >= 0.68, tuning.report()
     recall = shares["claims_recall"]
-    assert recall["supported"] >= 0.90 and recall["contradicts"] >= 0.86, tuning.report()
+    assert recall["supported"] >= 0.90 and recall["contradicts"] >= 0.92, tuning.report()
 
 
 def test_heldout_set_figures(
@@ -87,12 +87,13 @@ def test_heldout_set_figures(
     # passages' quant names lost their underscores), 19/20 declined (15 before the fields
     # elsewhere), 1/67 wrongly declined (2 before the lower known-words threshold), 48/67 key
     # facts, claims 9/10 (8 while "without" negated a sentence), 5/5, 13/17 (11 before
-    # turned-round sentences contradicted).
+    # turned-round sentences contradicted; 14/17 once block sizes, a new number against the whole
+    # passage and another kind of thing were checked).
     assert heldout.hits >= 63 and heldout.declined >= 18 and heldout.wrongly_declined <= 2, heldout.report()
     assert heldout.key_fact_quoted >= 47, heldout.report()
     row = heldout.confusion
     assert row["supported"]["supported"] >= 8 and row["not_found"]["not_found"] >= 4, heldout.report()
-    assert row["contradicts"]["contradicts"] >= 12, heldout.report()
+    assert row["contradicts"]["contradicts"] >= 14, heldout.report()
 
 
 def test_eval_command_names_a_broken_set(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -464,6 +464,50 @@ def test_a_value_given_for_another_condition_in_a_list_contradicts() -> None:
     assert number_clash("Hermes 3 70B at Q4_K_M needs about 24 GB.", both) == "24 gb / 42 gb"
 
 
+def test_a_block_size_is_one_quantity_however_it_is_written(retriever: Retriever) -> None:
+    from tutor.assistant.contradiction import BLOCK_UNIT, quantities
+
+    for written in ("in blocks of 64", "64 weights per block", "scales per block of 64 weights"):
+        assert quantities(written)[BLOCK_UNIT] == {"64"}, written
+    # Levels per block are levels, and a super-block is another thing.
+    assert BLOCK_UNIT not in quantities("with 256 levels per block, super-blocks of 256")
+    nf4 = retriever.section_hits(SEED, "NF4 and FP4")
+    for size, verdict in (("128", "contradicts"), ("64", "supported")):
+        said = f"bitsandbytes scales NF4 weights in blocks of {size}."
+        assert [c.verdict for c in check_support(said, nf4, retriever.embed)] == [verdict]
+
+
+def test_a_new_number_is_held_against_the_whole_passage(retriever: Retriever) -> None:
+    # "That works out to (32 × 8 + 16) ÷ 32 = 8.5 bits per weight" is not among the claim's
+    # closest sentences; it is in its section (Q8_0) and says the same of the same thing.
+    q8 = retriever.section_hits("fp16-q8-q6-q5-q4", "Q8_0")
+    [wrong] = check_support("Q8_0 works out to 9.5 bits per weight.", q8, retriever.embed)
+    assert wrong.verdict == "contradicts" and "9.5 bit / 8.5 bit" in wrong.reason, wrong
+    [right] = check_support("Q8_0 works out to 8.5 bits per weight.", q8, retriever.embed)
+    assert right.verdict == "supported", right
+    # A number about another name is only not found.
+    [other] = check_support("Q6_K works out to 6.6 bits per weight.", q8, retriever.embed)
+    assert other.verdict == "not_found", other
+
+
+def test_a_name_called_another_kind_of_thing_contradicts(retriever: Retriever) -> None:
+    from tutor.assistant.contradiction import kinds
+
+    assert kinds("GGUF is a quantization method, while GPTQ and AWQ are file formats.") == {
+        "gguf": "method",
+        "gptq": "format",
+        "awq": "format",
+    }
+    assert kinds("GGUF is not a method.") == {} and kinds("NF4 is neither a format nor a method.") == {}
+    formats = retriever.section_hits("gguf-awq-gptq-decision", "Formats versus methods")
+    for said, verdict in (
+        ("GGUF is a quantization method, while GPTQ and AWQ are file formats.", "contradicts"),
+        ("GPTQ is a file format.", "contradicts"),
+        ("GGUF is a file format, and GPTQ and AWQ are methods.", "supported"),
+    ):
+        assert [c.verdict for c in check_support(said, formats, retriever.embed)] == [verdict], said
+
+
 def test_two_things_said_the_other_way_round_across_clauses(retriever: Retriever) -> None:
     from tutor.assistant.contradiction import crossed
 

@@ -139,7 +139,19 @@ def quantities(text: str) -> dict[str, set[str]]:
     for value, upper, unit in _QUANTITY.findall(text):
         if (unit := _unit(unit)) != "b" and unit not in STOPWORDS:  # not "2024 at", "0.47 for"
             out.setdefault(unit, set()).update(v.replace(",", "") for v in (value, upper) if v)
+    for match in _BLOCK.finditer(text):
+        out.setdefault(BLOCK_UNIT, set()).add(next(v for v in match.groups() if v))
     return out
+
+
+# A block's (or group's) size, however it is written: "blocks of 128", "64 weights per block",
+# "a group size such as 128" are one quantity, which the number's next word does not name.
+BLOCK_UNIT = "per block"
+_BLOCK = re.compile(
+    r"(?<![\w-])(?:blocks?|groups?) of (\d+)\b|\b(\d+) (?:weights? |values? )?per (?:block|group)\b|"
+    r"\b(?:block|group) size (?:of |such as )?(\d+)\b|\b(\d+)-weight (?:blocks?|groups?)\b",
+    re.IGNORECASE,
+)
 
 
 def _unit(written: str) -> str:
@@ -480,3 +492,36 @@ def _said_about(clause: str, names_: set[str], not_names: set[str], evidence: Se
 
 def _topic(text: str) -> set[str]:
     return {t for t in content_tokens(_BITS.sub(" ", _NAME.sub(" ", text))) if not t[0].isdigit()}
+
+
+# What a named thing is, where the kinds exclude each other: GGUF is a file format, GPTQ and
+# AWQ are methods. A claim that calls one of them the other kind says the opposite.
+KINDS = ("format", "method", "library")
+_KIND_OF = re.compile(
+    rf"((?:{_NAME.pattern})(?:(?:,\s*|,?\s+(?:and|or)\s+)(?:{_NAME.pattern}))*)\s+(?:is|are)\s+"
+    rf"(?:(?:an?|the|both|all)\s+)?(?:(?!(?:not|no|neither|nor|never)\b)[\w-]+\s+){{0,2}}?"
+    rf"({'|'.join(KINDS)})s?\b"
+)
+
+
+def kinds(text: str) -> dict[str, str]:
+    """What ``text`` says each name is, among KINDS: {"gguf": "format"} from "GGUF is a file format"."""
+    out: dict[str, str] = {}
+    for subject, kind in _KIND_OF.findall(text):
+        for name in names(subject):
+            out.setdefault(name, kind)
+    return out
+
+
+def recategorized(sentence: str, evidence: Sequence[str]) -> tuple[int, str] | None:
+    """The first lesson sentence that says one of the sentence's names is another kind of thing
+    than the sentence says (KINDS: "GGUF is a quantization method" against "GGUF is a file
+    format"), with how; None when none does."""
+    said = kinds(sentence)
+    if not said:
+        return None
+    for index, unit in enumerate(evidence):
+        for name, kind in kinds(unit).items():
+            if said.get(name, kind) != kind:
+                return index, f"{name}: {said[name]} / {kind}"
+    return None

@@ -11,7 +11,16 @@ from typing import Any, Literal
 
 import numpy as np
 
-from tutor.assistant.contradiction import contradiction, crossed, quantities, renamed, turned
+from tutor.assistant.contradiction import (
+    contradiction,
+    crossed,
+    names,
+    number_clash,
+    quantities,
+    recategorized,
+    renamed,
+    turned,
+)
 from tutor.assistant.embedder import Embedder
 from tutor.assistant.hits import Hit
 from tutor.assistant.quote import overlap
@@ -46,8 +55,9 @@ SAME_SENTENCE_COSINE = 0.95
 # sentence about another format (its own or its section's), nor with a value said of another
 # model size; two names swapped between clauses; "with no" negates no sentence; no amount read
 # from a name's digits or with a stop word for its unit; a lesson sentence's neighbour does not
-# contradict it.
-CHECK_VERSION = 6
+# contradict it; 7: a block size however written, a number the passages don't state held against
+# any of their sentences about the same name, a name called another kind of thing.
+CHECK_VERSION = 7
 
 
 Verdict = Literal["supported", "not_found", "contradicts"]
@@ -166,7 +176,10 @@ def check_support(generated_text: str, hits: Sequence[Hit], embed: Embedder) -> 
       every same-polarity one (CONTRADICTION_*): "4-bit is not usable for chat", or
     - one of its closest passage sentences (CLASH_*) gives another number in the same unit,
       the opposite word, or two names the other way round (``tutor.assistant.contradiction``),
-      or its clauses say of two names what the lesson says of each other (``crossed``).
+      or its clauses say of two names what the lesson says of each other (``crossed``), or
+      it calls a name another kind of thing than the lesson does (``recategorized``), or
+    - it states a number the passages don't, and one of their sentences about the same names
+      gives another value for it (``_number_elsewhere``).
     It is *not found* when it states a number the passages don't contain, scores below the
     threshold, or has no content words to check ("Yes, you can.").
     """
@@ -211,6 +224,8 @@ def check_support(generated_text: str, hits: Sequence[Hit], embed: Embedder) -> 
             # Asked of every passage unit: a word-for-word match needs no closeness in meaning,
             # and a long lesson sentence is far in meaning from a short claim.
             clash = found[0], f"turned round: {found[1]}"
+        if clash is None and (found := recategorized(sentence, evidence)) is not None:
+            clash = found[0], f"another kind of thing: {found[1]}"
         if (
             polarity[closest] != negated(sentence)
             and float(cosines[closest]) >= CONTRADICTION_MIN_COSINE
@@ -232,6 +247,9 @@ def check_support(generated_text: str, hits: Sequence[Hit], embed: Embedder) -> 
             reason = f"the lesson says otherwise ({how})"
         elif _numbers(sentence) - passage_numbers:
             reason = "states a number the lesson doesn't"
+            if (found_number := _number_elsewhere(sentence, evidence, sections)) is not None:
+                (index, how), contradicts = found_number, True
+                reason = f"the lesson says otherwise ({how})"
         elif score < SUPPORT_THRESHOLD:
             reason = "not close to any passage sentence"
         checks.append(
@@ -272,6 +290,27 @@ def _clause_clash(
             and len(_topic_words(clause) & _topic_words(evidence[clash[0]])) >= CLAUSE_SHARED_WORDS
         ):
             return clash[0], f"{clash[1]}, in “{clause}”"
+    return None
+
+
+def _number_elsewhere(
+    sentence: str, evidence: Sequence[str], sections: Sequence[str]
+) -> tuple[int, str] | None:
+    """A passage unit anywhere in the passages, not only among the closest, that gives another
+    value for a number the sentence states and the passages don't: about the same names (the
+    sentence's formats and methods, in the unit or its section) and sharing
+    CLAUSE_SHARED_WORDS topic words. A long lesson sentence with a formula ("That works out to
+    (32 × 8 + 16) ÷ 32 = 8.5 bits per weight") is far in meaning from "Q8_0 works out to 9.5
+    bits per weight"."""
+    named = set(names(sentence))
+    topic = _topic_words(sentence)
+    for index, (unit, section) in enumerate(zip(evidence, sections, strict=True)):
+        if named and not named & set(names(f"{unit} {section}")):
+            continue
+        if len(topic & _topic_words(unit)) < CLAUSE_SHARED_WORDS:
+            continue
+        if (how := number_clash(sentence, unit, section)) is not None:
+            return index, f"a different number: {how}"
     return None
 
 
