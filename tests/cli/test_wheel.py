@@ -39,6 +39,9 @@ def test_a_wheel_installed_elsewhere_ships_every_lesson(library: Library, tmp_pa
             wanted = f"tutor/lessons/{folder.name}/{name}"
             assert wanted in shipped, f"{folder.name}/{name} is not in the wheel"
     assert "tutor/lessons/eval_questions.yaml" in shipped, "the Lab's QA set is not in the wheel"
+    assert "tutor/engine/native/decode_step.cpp" in shipped, (
+        "the native decode step's source is not in the wheel"
+    )
 
     venv = tmp_path / "venv"
     made = run(sys.executable, "-m", "venv", "--without-pip", venv)  # this pip installs into it

@@ -516,7 +516,7 @@ def test_the_static_step_a_cuda_graph_records_decodes_as_the_eager_one(engine, p
         fallback = engine.generate(prompt_ids=ids, max_new_tokens=3)
     finally:
         engine._decoder.graphs = False
-    assert fallback.stats.decoder == "fast" and "LLM.int8" in str(engine._current_weights().graph_problem)
+    assert fallback.stats.decoder == "native" and "LLM.int8" in str(engine._current_weights().graph_problem)
 
 
 def test_generic_decode_loop_matches_the_fast_one(engine, generic_engine, bf16_tokens: list[int]) -> None:  # type: ignore[no-untyped-def]
@@ -596,9 +596,9 @@ def test_context_aware_decoding_is_one_batch_of_both_prompts(engine, generic_eng
 
     plain_reply = engine.generate(with_passages, max_new_tokens=6)
     same = engine.generate(with_passages, max_new_tokens=6, contrast=without, alpha=0.0)
-    assert same.tokens == plain_reply.tokens and same.stats.decoder == plain_reply.stats.decoder == "fast"
+    assert same.tokens == plain_reply.tokens and same.stats.decoder == plain_reply.stats.decoder == "native"
     held = engine.generate(with_passages, max_new_tokens=6, contrast=without, alpha=1.0)
-    assert held.stats.decoder == "fast+cad" and len(held.tokens) >= 1
+    assert held.stats.decoder == "native+cad" and len(held.tokens) >= 1
     generic = generic_engine.generate(with_passages, max_new_tokens=6, contrast=without, alpha=1.0)
     assert generic.stats.decoder == "cad" and len(generic.tokens) >= 1
 
@@ -640,7 +640,8 @@ def test_bench_rows_and_cli(shared_engine, engine_home: Path, monkeypatch: pytes
     assert ran.exit_code == 0, ran.stderr
     out = json.loads(ran.stdout)
     assert out[0]["precision"] == "int8" and out[0]["reload_s"] > 0 and out[0]["ttft_long_s"] is None
-    assert out[0]["decoder"] == "fast" and out[0]["eager_decode_tok_s"] is None
+    # on a CPU the native step runs, and --eager is the Python loop beside it
+    assert out[0]["decoder"] == "native" and out[0]["eager_decode_tok_s"] > 0
 
 
 def test_the_peer_row_sits_beside_ours_with_the_ratio(shared_engine) -> None:  # type: ignore[no-untyped-def]

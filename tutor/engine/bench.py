@@ -45,7 +45,8 @@ from tutor.engine.precisions import MEASURED, parse_precisions
 @click.option(
     "--eager",
     is_flag=True,
-    help="also decode with eager steps where the engine replays CUDA graphs (a GPU), for contrast",
+    help="also decode with eager steps (the Python loop) where the engine replays CUDA graphs (a GPU) "
+    "or runs the native step (a CPU), for contrast",
 )
 @click.option(
     "--peer",

@@ -9,8 +9,8 @@ divided by the bytes of weights read per token: the speed if decoding were purel
 bandwidth-bound. ``--plain`` adds ``plain_decode_tok_s``: transformers' own ``model.generate``
 on the same model, prompt and precision, for contrast, and ``first_token_unlike_plain``: where
 its greedy tokens first differ from the engine's (None: nowhere). ``--eager`` adds
-``eager_decode_tok_s``: the same reply with eager decode steps, where the engine replays CUDA
-graphs (None elsewhere: its steps are eager already).
+``eager_decode_tok_s``: the same reply with eager decode steps (the Python loop), where the
+engine replays CUDA graphs or runs the native step (None elsewhere: its steps are eager already).
 """
 
 from __future__ import annotations
@@ -288,14 +288,16 @@ def bench_rows(
 
 
 def _eager_decode_tok_s(engine: Engine, prompt_ids: list[int], tokens: int) -> float | None:
-    """The reply's decode speed with eager steps, where the engine replays CUDA graphs."""
-    if not engine.cuda_graphs:
+    """The reply's decode speed with eager steps (the Python loop), where the engine replays CUDA
+    graphs or runs the native step."""
+    switch = "cuda_graphs" if engine.cuda_graphs else "native_step" if engine.native_step else None
+    if switch is None:
         return None
-    engine.cuda_graphs = False
+    setattr(engine, switch, False)
     try:
         return _set_up_reply(engine, prompt_ids, tokens).stats.decode_tok_s
     finally:
-        engine.cuda_graphs = True
+        setattr(engine, switch, True)
 
 
 def _set_up_reply(engine: Engine, prompt_ids: list[int], tokens: int) -> Reply:

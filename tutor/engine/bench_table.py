@@ -115,7 +115,8 @@ def _caption(rows: list[dict[str, Any]]) -> str:
         "kept in 16-bit when quantized: "
         f"{next((r['kept_16bit'] for r in rows if r.get('kept_16bit')), '-')}"
         + (
-            "; eager: the same reply with eager decode steps instead of CUDA graph replays"
+            "; eager: the same reply with eager decode steps (the Python loop) instead of CUDA graph "
+            "replays or the native step"
             if any(r.get("eager_decode_tok_s") is not None for r in rows)
             else ""
         )

@@ -107,6 +107,10 @@ class FastDecoder:
         self.tied = model.lm_head.weight.data_ptr() == self.embed.data_ptr()
         self.fuse = True  # fuse q|k|v and gate|up into one packed matmul each
         self.graphs = device.type == "cuda"  # replay decode steps as CUDA graphs (tutor.engine.graphs)
+        # The native decode step (tutor.engine.native_step), once loaded on a CPU; ``use_native``
+        # False runs the Python loop instead (a benchmark's contrast).
+        self.native: Any = None
+        self.use_native = True
         self._packed_ok: dict[torch.dtype, bool] = {}
         self._rope: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
         self._heads: dict[torch.dtype, Slot] = {}
@@ -357,7 +361,17 @@ class FastDecoder:
         causal = steps > 1
         mask = None if pad is None else pad_mask(pad, start, end)
         gqa = heads != kv_heads
-        for index, lw in enumerate(weights.layers[first:], start=first):
+        if steps == 1 and cache is not None and first == 0 and recording is None and self.native_on:
+            # The loop below for one position, as one call (the same operations, bit for bit).
+            if weights.native is None:
+                from tutor.engine.native_step import layers_for
+
+                weights.native = layers_for(self.native, self, weights)
+            x = self.native.step(weights.native, x, cache.data, start, cos, sin, mask)
+            layers: list[LayerWeights] = []
+        else:
+            layers = weights.layers[first:]
+        for index, lw in enumerate(layers, start=first):
             if recording is not None:
                 recording.append(x)
             q, k, v = self._attention_inputs(lw, x, batch, steps, cos, sin)
@@ -388,6 +402,11 @@ class FastDecoder:
             x = x.view(batch, steps, self.hidden)[:, keep_from:].reshape(-1, self.hidden)
         logits = weights.head(self._rms(x, weights.norm, self.eps))
         return logits if last_only else logits.view(batch, steps - keep_from, -1)
+
+    @property
+    def native_on(self) -> bool:
+        """Whether one-position steps run as the native decode step."""
+        return self.native is not None and self.use_native and self.device.type == "cpu"
 
     def _attention_inputs(
         self, lw: LayerWeights, x: torch.Tensor, batch: int, steps: int, cos: torch.Tensor, sin: torch.Tensor

@@ -47,6 +47,9 @@ class DecoderWeights:
     # (``tutor.engine.graphs``), or why they cannot be.
     steps: dict[tuple[int, int], Any] = field(default_factory=dict)
     graph_problem: str | None = None
+    # The native decode step's view of these weights (``tutor.engine.native_step``), made at its
+    # first step; not carried into a copy (``replace``), whose slots may differ (taps).
+    native: Any = field(default=None, init=False, repr=False)
 
     @property
     def copy_bytes(self) -> int:

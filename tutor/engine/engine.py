@@ -109,6 +109,18 @@ class Engine:
             self._decoder.graphs = on and self.torch_device.type == "cuda"
 
     @property
+    def native_step(self) -> bool:
+        """Whether decode steps run as one native call each (``tutor.engine.native_step``): by
+        default on a CPU where it could be built; set False for the Python loop (a benchmark's
+        contrast)."""
+        return self._decoder is not None and self._decoder.native_on
+
+    @native_step.setter
+    def native_step(self, on: bool) -> None:
+        if self._decoder is not None:
+            self._decoder.use_native = on
+
+    @property
     def decoder_kind(self) -> str:
         return "fast" if self._decoder is not None else "generic"
 

@@ -145,7 +145,7 @@ class Bnb4bitCpuLinear:
     the same C function on the same bytes, so the output is bit for bit the module's.
     """
 
-    __slots__ = ("absmax", "args", "function", "out_features", "weight")
+    __slots__ = ("absmax", "args", "blocksize", "function", "in_features", "out_features", "weight")
 
     def __init__(self, module: Any, function: Any) -> None:
         import bitsandbytes as bnb
@@ -156,15 +156,16 @@ class Bnb4bitCpuLinear:
             absmax = bnb.functional.dequantize_blockwise(absmax, state.state2) + state.offset
         self.absmax = absmax.to(torch.bfloat16).contiguous()
         self.weight = module.weight.data.contiguous().view(torch.uint8)
-        self.out_features, in_features = (int(n) for n in state.shape)
+        self.out_features, self.in_features = (int(n) for n in state.shape)
+        self.blocksize = int(state.blocksize)
         self.function = function
         c = ctypes.c_int64
         self.args = (
             c(self.out_features),
-            c(in_features),
+            c(self.in_features),
             ctypes.c_void_p(self.weight.data_ptr()),
             ctypes.c_void_p(self.absmax.data_ptr()),
-            c(int(state.blocksize)),
+            c(self.blocksize),
         )
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

@@ -136,9 +136,11 @@ def precision_parts(
     fast: bool,
     workers: int | None,
     progress: ProgressCallback | None,
+    cache_dir: Path | None = None,
 ) -> tuple[FastDecoder | None, PrecisionManager]:
-    """The fast decoder (``fast`` and a model it runs) and the manager of ``hf_model``'s
-    precisions, bounded by ``prepared_limit_bytes`` (default: ``default_limit_bytes``)."""
+    """The fast decoder (``fast`` and a model it runs; on a CPU with the native decode step,
+    built into ``cache_dir`` on first use) and the manager of ``hf_model``'s precisions,
+    bounded by ``prepared_limit_bytes`` (default: ``default_limit_bytes``)."""
     from tutor.engine.decoder import FastDecoder, fast_path_problem
     from tutor.engine.memory import cpu_count
     from tutor.engine.precision_manager import PrecisionManager
@@ -146,6 +148,14 @@ def precision_parts(
     if progress is not None:
         progress(LoadProgress("load", 2, 3, "preparing the bf16 weights"))
     decoder = FastDecoder(hf_model, device) if fast and fast_path_problem(hf_model) is None else None
+    if decoder is not None and device.type == "cpu":
+        from tutor.engine import native_step
+
+        def say(text: str) -> None:
+            if progress is not None:
+                progress(LoadProgress("load", 2, 3, text))
+
+        decoder.native = native_step.load(cache_dir, say)
     master_bytes = sum(
         m.weight.numel() * m.weight.element_size()
         for m in hf_model.modules()
@@ -221,6 +231,7 @@ def build_engine(
         fast=fast,
         workers=workers,
         progress=progress,
+        cache_dir=cache_dir,
     )
     engine = cls(
         model=hf_model,

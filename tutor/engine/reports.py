@@ -135,7 +135,7 @@ class ReplyStats:
     cancelled: bool
     stop_reason: str  # "eos", "max_tokens" or "cancelled"
     sampling: str  # "greedy" or "sample(t=..., top_p=..., seed=...)"
-    decoder: str  # which decode loop ran: "fast" or "generic"
+    decoder: str  # which decode loop ran: "native", "fast", "graph" (each "+cad" too) or "generic"
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -41,11 +41,10 @@ class FastContrastSession:
     without them decode as one batch of two (one pass per token), each prefilled on its own
     into its row of one KV cache (``prefill_rows``)."""
 
-    kind = "fast+cad"
-
     def __init__(
         self, decoder: FastDecoder, weights: DecoderWeights, max_len: int, plain_ids: list[int], alpha: float
     ) -> None:
+        self.kind = "native+cad" if decoder.native_on else "fast+cad"
         self.decoder, self.weights, self.alpha = decoder, weights, alpha
         self.plain_ids = plain_ids
         self.max_len = max_len
@@ -86,9 +85,9 @@ class PairContrastSession:
 class FastSession:
     """One reply's worth of decoding with the fast decoder."""
 
-    kind = "fast"
-
     def __init__(self, decoder: FastDecoder, weights: DecoderWeights, max_len: int) -> None:
+        # "native": its steps run as one native call each (tutor.engine.native_step)
+        self.kind = "native" if decoder.native_on else "fast"
         self.decoder = decoder
         self.weights = weights
         self.cache = decoder.new_cache(max_len, weights.act_dtype)

@@ -1,0 +1,62 @@
+"""The native decode step (``tutor.engine.native_step``) against the Python loop it stands in
+for: the same operations in the same order, so the same logits bit for bit, one row or a
+batch of rows with padding, with the kernels it calls itself (bf16, nf4, int8-wo, int4) and
+slots it calls back in Python (int8)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tutor.engine.sessions import prefill_rows
+
+pytestmark = pytest.mark.model
+
+PROMPTS = ("What does quantization do to a neural network?", "Is int8 near-lossless?")
+
+
+@pytest.fixture
+def engine(shared_engine):  # type: ignore[no-untyped-def]
+    shared_engine.switch("bf16", wait=True)
+    yield shared_engine
+    shared_engine.native_step = True
+    shared_engine.switch("bf16", wait=True)
+
+
+def test_the_native_step_is_built_and_runs_here(engine) -> None:  # type: ignore[no-untyped-def]
+    from tutor.engine import native_step
+
+    # Built into the session's cache by the engine's load; a machine with a compiler builds it.
+    assert native_step.problem() is None and engine.native_step
+    reply = engine.generate(PROMPTS[0], max_new_tokens=4)
+    assert reply.stats.decoder == "native"
+    engine.native_step = False
+    python = engine.generate(PROMPTS[0], max_new_tokens=4)
+    assert python.stats.decoder == "fast" and python.tokens == reply.tokens
+
+
+def _steps(engine, rows: list[list[int]], native: bool, count: int) -> list[torch.Tensor]:  # type: ignore[no-untyped-def]
+    """Logits of ``count`` greedy steps after the prompts ``rows`` (one batch), native or not."""
+    decoder, weights = engine._decoder, engine._current_weights()
+    decoder.use_native = native
+    cache = decoder.new_cache(64, weights.act_dtype, batch=len(rows))
+    with torch.no_grad():
+        logits, pads = prefill_rows(decoder, weights, cache, rows)
+        pad = torch.tensor(pads) if len(rows) > 1 else None
+        out = []
+        for _ in range(count):
+            tokens = torch.stack([row.argmax(-1) for row in logits]).view(len(rows), 1)
+            logits = decoder.forward(weights, tokens, cache, pad=pad)
+            out.append(logits)
+    return out
+
+
+@pytest.mark.parametrize("precision", ["bf16", "nf4", "int8", "int8-wo", "int4"])
+def test_native_steps_give_the_python_loops_logits_bit_for_bit(engine, precision: str) -> None:  # type: ignore[no-untyped-def]
+    engine.switch(precision, wait=True)
+    one = [engine.encode(PROMPTS[0])]
+    two = [engine.encode(p) for p in PROMPTS]  # different lengths: the shorter row is padded
+    for rows in (one, two):
+        native, python = (_steps(engine, rows, on, 6) for on in (True, False))
+        for step, (a, b) in enumerate(zip(native, python, strict=True)):
+            assert torch.equal(a, b), (precision, len(rows), step, (a.float() - b.float()).abs().max())

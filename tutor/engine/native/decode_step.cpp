@@ -1,0 +1,204 @@
+// One decode step of a Llama decoder's layers, as one call: FastDecoder.forward's loop for one
+// new position per row (tutor/engine/decoder.py), with the same ATen operations in the same
+// order, so its output is the Python loop's bit for bit. On a CPU a step runs about 30 small
+// operations a layer, and calling each from Python cost as much as the arithmetic (README:
+// "A decode step in one native call"). Built once per machine by tutor/engine/native_step.py.
+#include <ATen/ATen.h>
+#include <torch/python.h>
+
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include <limits>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace {
+
+// bitsandbytes' AVX-512 BF16 4-bit matmul (tutor.engine.linears.Bnb4bitCpuLinear): rows, n, k,
+// input, packed codes, absmax, output, block size, input row stride, output row stride.
+using Kernel4bit = void (*)(int64_t, int64_t, int64_t, const void*, const void*, const void*, void*,
+                            int64_t, int64_t, int64_t);
+
+// int8-wo and int4 (tutor.engine.int8wo, tutor.engine.int4) call torch's weight-only kernels up
+// to ``max_rows`` rows, as their modules do; above it their modules multiply otherwise, so the
+// slot is called back.
+enum Kind : int64_t { kFourBit = 0, kPacked = 1, kPython = 2, kInt8Pack = 3, kInt4Pack = 4 };
+
+struct Slot {
+  int64_t kind = kPython;
+  at::Tensor weight;  // 4-bit: the packed codes; packed: oneDNN's weight; int8/int4: the codes
+  at::Tensor extra;   // 4-bit: the absmax (bf16); packed: the bias (undefined: none); int8/int4:
+                      // the scales (and zeros)
+  int64_t n = 0, k = 0, blocksize = 0, max_rows = 0;
+  Kernel4bit kernel = nullptr;
+  py::object call;  // any other slot (and int8/int4 over max_rows rows), called back in Python
+
+  at::Tensor operator()(const at::Tensor& input) const {
+    if (kind == kFourBit) {
+      at::Tensor x = input;
+      if (x.scalar_type() != at::kBFloat16 || !x.is_contiguous()) {
+        x = x.to(at::kBFloat16).contiguous();
+      }
+      auto out = at::empty({x.size(0), n}, x.options());
+      kernel(x.size(0), n, k, x.data_ptr(), weight.data_ptr(), extra.data_ptr(), out.data_ptr(),
+             blocksize, k, n);
+      return out;
+    }
+    if (kind == kPacked) {
+      static const auto op =
+          c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
+      std::vector<c10::IValue> stack{input, weight,
+                                     extra.defined() ? c10::IValue(extra) : c10::IValue(),
+                                     std::string("none"), c10::List<std::optional<at::Scalar>>(),
+                                     std::string("")};
+      op.callBoxed(&stack);
+      return stack[0].toTensor();
+    }
+    if ((kind == kInt8Pack || kind == kInt4Pack) && input.size(0) <= max_rows) {
+      auto x = input.reshape({-1, k}).to(at::kBFloat16);
+      auto out = kind == kInt8Pack ? at::_weight_int8pack_mm(x, weight, extra)
+                                   : at::_weight_int4pack_mm_for_cpu(x, weight, blocksize, extra);
+      return out.to(input.scalar_type()).view({input.size(0), n});
+    }
+    py::gil_scoped_acquire gil;
+    return call(input).cast<at::Tensor>();
+  }
+};
+
+struct Layer {
+  std::optional<Slot> qkv, q, k, v, gate_up, gate, up;
+  Slot o, down;
+  at::Tensor ln1, ln2;
+};
+
+struct Layers {
+  std::vector<Layer> layers;
+  int64_t heads, kv_heads, dim, intermediate;
+  double eps, scaling;
+};
+
+at::Tensor rms(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  auto h = at::rms_norm(x.to(at::kFloat), {x.size(-1)}, std::nullopt, eps);
+  return weight * h.to(x.scalar_type());
+}
+
+std::optional<Slot> slot_of(const py::object& spec) {
+  if (spec.is_none()) {
+    return std::nullopt;
+  }
+  auto t = spec.cast<py::tuple>();
+  Slot slot;
+  slot.kind = t[0].cast<int64_t>();
+  if (slot.kind == kFourBit) {
+    slot.weight = t[1].cast<at::Tensor>();
+    slot.extra = t[2].cast<at::Tensor>();
+    slot.n = t[3].cast<int64_t>();
+    slot.k = t[4].cast<int64_t>();
+    slot.blocksize = t[5].cast<int64_t>();
+    slot.kernel = reinterpret_cast<Kernel4bit>(t[6].cast<intptr_t>());
+  } else if (slot.kind == kPacked) {
+    slot.weight = t[1].cast<at::Tensor>();
+    if (!t[2].is_none()) {
+      slot.extra = t[2].cast<at::Tensor>();
+    }
+  } else if (slot.kind == kInt8Pack || slot.kind == kInt4Pack) {
+    slot.weight = t[1].cast<at::Tensor>();
+    slot.extra = t[2].cast<at::Tensor>();
+    slot.n = t[3].cast<int64_t>();
+    slot.k = t[4].cast<int64_t>();
+    slot.blocksize = t[5].cast<int64_t>();
+    slot.max_rows = t[6].cast<int64_t>();
+    slot.call = t[7];
+  } else {
+    slot.call = t[1];
+  }
+  return slot;
+}
+
+// layers: per layer (qkv, q, k, v, o, gate_up, gate, up, down, ln1, ln2), each slot None or a
+// tuple made by native_step._slot_spec.
+Layers make_layers(const py::list& specs, int64_t heads, int64_t kv_heads, int64_t dim,
+                   int64_t intermediate, double eps, double scaling) {
+  Layers out{{}, heads, kv_heads, dim, intermediate, eps, scaling};
+  for (const auto& item : specs) {
+    auto t = item.cast<py::tuple>();
+    Layer layer;
+    layer.qkv = slot_of(t[0]);
+    layer.q = slot_of(t[1]);
+    layer.k = slot_of(t[2]);
+    layer.v = slot_of(t[3]);
+    layer.o = *slot_of(t[4]);
+    layer.gate_up = slot_of(t[5]);
+    layer.gate = slot_of(t[6]);
+    layer.up = slot_of(t[7]);
+    layer.down = *slot_of(t[8]);
+    layer.ln1 = t[9].cast<at::Tensor>();
+    layer.ln2 = t[10].cast<at::Tensor>();
+    out.layers.push_back(std::move(layer));
+  }
+  return out;
+}
+
+// The stream ``x`` (rows, hidden) after every layer, for one new position per row at ``start``
+// (the cache's length), writing each layer's keys and values into ``cache`` (layers, 2, rows,
+// kv_heads, max_len, dim). ``cos``/``sin`` are (1, 1, 1, dim); ``mask`` (rows, 1, 1, start + 1)
+// hides each row's padding, or is None.
+at::Tensor step(const Layers& self, at::Tensor x, const at::Tensor& cache, int64_t start,
+                const at::Tensor& cos, const at::Tensor& sin, const std::optional<at::Tensor>& mask) {
+  py::gil_scoped_release nogil;
+  at::NoGradGuard no_grad;
+  const int64_t rows = x.size(0), heads = self.heads, kv = self.kv_heads, dim = self.dim;
+  const int64_t end = start + 1;
+  std::optional<at::Tensor> hidden;
+  if (mask) {
+    hidden = mask->logical_not();
+  }
+  for (size_t index = 0; index < self.layers.size(); ++index) {
+    const Layer& lw = self.layers[index];
+    auto h = rms(x, lw.ln1, self.eps);
+    at::Tensor qkv = lw.qkv ? (*lw.qkv)(h) : at::cat({(*lw.q)(h), (*lw.k)(h), (*lw.v)(h)}, -1);
+    qkv = qkv.view({rows, 1, heads + 2 * kv, dim});
+    auto qk = qkv.slice(2, 0, heads + kv);
+    qk = qk * cos + qk.roll({dim / 2}, {-1}) * sin;
+    auto q = qk.slice(2, 0, heads).transpose(1, 2);
+    auto k = qk.slice(2, heads).transpose(1, 2);
+    auto v = qkv.slice(2, heads + kv).transpose(1, 2);
+    auto layer_cache = cache.select(0, static_cast<int64_t>(index));
+    layer_cache.select(0, 0).slice(2, start, end).copy_(k);
+    layer_cache.select(0, 1).slice(2, start, end).copy_(v);
+    auto keys = layer_cache.select(0, 0).slice(2, 0, end);
+    auto values = layer_cache.select(0, 1).slice(2, 0, end);
+    // tutor.engine.attention.one_query_attention
+    auto grouped = q.reshape({rows, kv, heads / kv, dim}).to(at::kFloat);
+    auto scores = at::matmul(grouped, keys.to(at::kFloat).transpose(-1, -2)).mul_(self.scaling);
+    if (hidden) {
+      scores.masked_fill_(*hidden, -std::numeric_limits<double>::infinity());
+    }
+    auto attn = at::matmul(scores.softmax(-1), values.to(at::kFloat))
+                    .reshape({rows, heads, 1, dim})
+                    .to(q.scalar_type());
+    // FastDecoder._after_attention
+    x = x + lw.o(attn.transpose(1, 2).reshape({rows, heads * dim}));
+    h = rms(x, lw.ln2, self.eps);
+    at::Tensor gate, up;
+    if (lw.gate_up) {
+      auto both = (*lw.gate_up)(h);
+      gate = both.slice(1, 0, self.intermediate);
+      up = both.slice(1, self.intermediate);
+    } else {
+      gate = (*lw.gate)(h);
+      up = (*lw.up)(h);
+    }
+    x = x + lw.down(at::silu(gate) * up);
+  }
+  return x;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  py::class_<Layers>(m, "Layers");
+  m.def("make_layers", &make_layers);
+  m.def("step", &step);
+}

@@ -1,0 +1,147 @@
+"""A decode step in one native call: ``native/decode_step.cpp``, the fast decoder's loop over its
+layers for one new position per row, with the same ATen operations in the same order (its output
+is the Python loop's bit for bit; tested).
+
+On a CPU a decode step runs about 30 small operations a layer, and calling each one from Python
+cost about as much as the arithmetic: an nf4 step took 6.1 ms in the Python loop and 4.5 ms in
+one call (README: "A decode step in one native call"). The extension is built with torch's own
+builder once per machine (about 15 s, which ``quant-tutor warm`` pays at ``make install``) into
+the cache dir, and loaded from there after that. Where it cannot be built (no C++ compiler) the
+Python loop runs and ``problem()`` says why; ``QUANT_TUTOR_NATIVE_STEP=0`` asks for the Python
+loop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import sys
+import sysconfig
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+# Imported only once a model is being loaded, so torch at the top is fine here.
+import torch
+
+SOURCE = Path(__file__).with_name("native") / "decode_step.cpp"
+ENV = "QUANT_TUTOR_NATIVE_STEP"
+
+_lock = threading.Lock()
+_state: dict[str, Any] = {}  # "module" once built, or "problem": why not
+
+
+def build_key() -> str:
+    """Names one build: the source, torch and Python (a new one of any of them builds again)."""
+    digest = hashlib.sha256(SOURCE.read_bytes())
+    digest.update(f"{torch.__version__}|{sys.version}|{platform.machine()}".encode())
+    return digest.hexdigest()[:16]
+
+
+def load(cache_dir: Path | None = None, say: Callable[[str], None] | None = None) -> Any | None:
+    """The extension, built into ``cache_dir``/native on first use (``say`` hears that it is
+    being built); None when it cannot be, with :func:`problem` saying why. Once per process."""
+    with _lock:
+        if "module" in _state or "problem" in _state:
+            return _state.get("module")
+        if os.environ.get(ENV) == "0":
+            _state["problem"] = f"{ENV}=0"
+            return None
+        if cache_dir is None:
+            from tutor.paths import cache_dir as default_cache_dir
+
+            cache_dir = default_cache_dir()
+        key = build_key()
+        build = Path(cache_dir) / "native" / f"decode_step-{key}"
+        if say is not None and not any(build.glob("*.so")):
+            say("building the native decode step (once per machine, about 15 s)")
+        try:
+            _state["module"] = _build(build, f"quant_tutor_decode_step_{key}")
+        # Any failure to build (no compiler, no ninja, a header missing) leaves the Python loop,
+        # which computes the same: the tutor must not stop for want of a speed-up.
+        except Exception as exc:
+            lines = str(exc).strip().splitlines()
+            _state["problem"] = f"not built: {lines[0] if lines else type(exc).__name__}"
+            return None
+        return _state["module"]
+
+
+def problem() -> str | None:
+    """Why the native step is not in use (None when it is, or before :func:`load`)."""
+    return _state.get("problem")
+
+
+def _build(folder: Path, name: str) -> Any:
+    from torch.utils import cpp_extension
+
+    folder.mkdir(parents=True, exist_ok=True)
+    # The ninja that torch's builder runs comes with this environment's packages; a program
+    # started as .venv/bin/quant-tutor may not have that folder on its PATH.
+    scripts = sysconfig.get_path("scripts")
+    if scripts and scripts not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = os.pathsep.join([scripts, os.environ.get("PATH", "")])
+    return cpp_extension.load(
+        name=name,
+        sources=[str(SOURCE)],
+        build_directory=str(folder),
+        extra_cflags=["-O2"],
+        verbose=False,
+    )
+
+
+def layers_for(module: Any, decoder: Any, weights: Any) -> Any:
+    """The extension's view of ``weights`` (a ``DecoderWeights``): each slot as the kernel it
+    calls, or as itself to be called back in Python (int8, int4, taps)."""
+    specs = [
+        (
+            *(
+                _spec(getattr(lw, name))
+                for name in ("qkv", "q", "k", "v", "o", "gate_up", "gate", "up", "down")
+            ),
+            lw.ln1,
+            lw.ln2,
+        )
+        for lw in weights.layers
+    ]
+    return module.make_layers(
+        specs,
+        decoder.n_heads,
+        decoder.n_kv,
+        decoder.head_dim,
+        decoder.intermediate,
+        decoder.eps,
+        decoder.scaling,
+    )
+
+
+# How decode_step.cpp calls a slot: bitsandbytes' 4-bit kernel, oneDNN's packed linear, torch's
+# weight-only int8 or int4 kernel (up to the rows their modules use it for), or the slot itself
+# back in Python (LLM.int8, taps, a part of an int4 weight).
+FOUR_BIT, PACKED, PYTHON, INT8_PACK, INT4_PACK = 0, 1, 2, 3, 4
+
+
+def _spec(slot: Any) -> tuple[Any, ...] | None:
+    import ctypes
+
+    from tutor.engine import int4
+    from tutor.engine.int8wo import Int8WoLinear
+    from tutor.engine.linears import PREFILL_ROWS, Bnb4bitCpuLinear, ModuleLinear, PackedLinear
+
+    if slot is None:
+        return None
+    if type(slot) is Bnb4bitCpuLinear:
+        kernel = ctypes.cast(slot.function, ctypes.c_void_p).value
+        sizes = (slot.out_features, slot.in_features, slot.blocksize)
+        return (FOUR_BIT, slot.weight, slot.absmax, *sizes, kernel)
+    if type(slot) is PackedLinear:
+        return (PACKED, slot.weight, slot.bias)
+    module = slot.module if type(slot) is ModuleLinear else None
+    if type(module) is Int8WoLinear:
+        shape = (module.out_features, module.in_features, 0, PREFILL_ROWS)
+        return (INT8_PACK, module.codes, module.scales, *shape, slot)
+    if type(module) is int4.Int4Linear:
+        shape = (module.out_features, module.in_features, int4.GROUP, int4.DENSE_ROWS)
+        return (INT4_PACK, module.packed, module.scales_zeros, *shape, slot)
+    return (PYTHON, slot)
