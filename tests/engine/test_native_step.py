@@ -60,3 +60,17 @@ def test_native_steps_give_the_python_loops_logits_bit_for_bit(engine, precision
         native, python = (_steps(engine, rows, on, 6) for on in (True, False))
         for step, (a, b) in enumerate(zip(native, python, strict=True)):
             assert torch.equal(a, b), (precision, len(rows), step, (a.float() - b.float()).abs().max())
+
+
+def test_a_failed_build_names_the_compilers_error() -> None:
+    from tutor.engine.native_step import _first_error
+
+    output = (
+        "Error building extension 'x': [1/2] c++ -MMD -c decode_step.cpp -o decode_step.o\n"
+        "decode_step.cpp:216:7: error: 'parallel_for' is not a member of 'at'\n"
+        "ninja: build stopped: subcommand failed."
+    )
+    assert _first_error(output) == "decode_step.cpp:216:7: error: 'parallel_for' is not a member of 'at'"
+    assert (
+        _first_error("Ninja is required to load C++ extensions") == "Ninja is required to load C++ extensions"
+    )

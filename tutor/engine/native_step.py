@@ -62,10 +62,16 @@ def load(cache_dir: Path | None = None, say: Callable[[str], None] | None = None
         # Any failure to build (no compiler, no ninja, a header missing) leaves the Python loop,
         # which computes the same: the tutor must not stop for want of a speed-up.
         except Exception as exc:
-            lines = str(exc).strip().splitlines()
-            _state["problem"] = f"not built: {lines[0] if lines else type(exc).__name__}"
+            _state["problem"] = f"not built: {_first_error(str(exc)) or type(exc).__name__}"
             return None
         return _state["module"]
+
+
+def _first_error(output: str) -> str:
+    """The compiler's first error line in a failed build's output, else its first line (the
+    builder's own message begins with the whole compile command)."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    return next((line for line in lines if "error:" in line), lines[0] if lines else "")
 
 
 def problem() -> str | None:
