@@ -464,6 +464,24 @@ def test_a_value_given_for_another_condition_in_a_list_contradicts() -> None:
     assert number_clash("Hermes 3 70B at Q4_K_M needs about 24 GB.", both) == "24 gb / 42 gb"
 
 
+def test_a_negation_in_another_clause_is_not_the_opposite(retriever: Retriever) -> None:
+    # bf16's answer to "Why is int8 called near-lossless?" in the Tutor tab: its first clause is
+    # the lesson's sentence word for word, its "no measurable quality loss" another clause's.
+    outliers = retriever.section_hits(SEED, "LLM.int8(): keeping the outliers")
+    cases = [
+        (
+            "LLM.int8() uses mixed-precision decomposition; it uses bitsandbytes; the paper reported "
+            "no measurable quality loss up to 175B parameters.",
+            "not_found",
+        ),
+        ("LLM.int8() does not use mixed-precision decomposition; it uses bitsandbytes.", "contradicts"),
+        # a negated clause pointing back at the other one negates it
+        ("LLM.int8() uses mixed-precision decomposition; that is not true.", "contradicts"),
+    ]
+    for said, verdict in cases:
+        assert [c.verdict for c in check_support(said, outliers, retriever.embed)] == [verdict], said
+
+
 def test_a_block_size_is_one_quantity_however_it_is_written(retriever: Retriever) -> None:
     from tutor.assistant.contradiction import BLOCK_UNIT, quantities
 

@@ -23,7 +23,7 @@ from tutor.assistant.contradiction import (
 )
 from tutor.assistant.embedder import Embedder
 from tutor.assistant.hits import Hit
-from tutor.assistant.quote import overlap
+from tutor.assistant.quote import overlap, refers_back
 from tutor.text import clean, content_tokens, sentences, word_set
 
 # Support check, tuned on the `claims` in content/eval_questions.yaml: a generated sentence
@@ -56,7 +56,8 @@ SAME_SENTENCE_COSINE = 0.95
 # model size; two names swapped between clauses; "with no" negates no sentence; no amount read
 # from a name's digits or with a stop word for its unit; a lesson sentence's neighbour does not
 # contradict it; 7: a block size however written, a number the passages don't state held against
-# any of their sentences about the same name, a name called another kind of thing.
+# any of their sentences about the same name, a name called another kind of thing; no opposite
+# polarity when the clause nearest the lesson sentence has its polarity.
 CHECK_VERSION = 7
 
 
@@ -173,7 +174,8 @@ def check_support(generated_text: str, hits: Sequence[Hit], embed: Embedder) -> 
     its content words found in the passages; the score is their weighted sum. It is
     supported when the score reaches SUPPORT_THRESHOLD. It *contradicts* the lesson when
     - its closest passage sentence has the opposite polarity, is close, and clearly beats
-      every same-polarity one (CONTRADICTION_*): "4-bit is not usable for chat", or
+      every same-polarity one (CONTRADICTION_*): "4-bit is not usable for chat", unless the
+      sentence's clause nearest that passage sentence has its polarity (``_clause_agrees``), or
     - one of its closest passage sentences (CLASH_*) gives another number in the same unit,
       the opposite word, or two names the other way round (``tutor.assistant.contradiction``),
       or its clauses say of two names what the lesson says of each other (``crossed``), or
@@ -230,6 +232,12 @@ def check_support(generated_text: str, hits: Sequence[Hit], embed: Embedder) -> 
             polarity[closest] != negated(sentence)
             and float(cosines[closest]) >= CONTRADICTION_MIN_COSINE
             and float(cosines[closest]) - cosine >= CONTRADICTION_MARGIN
+            and not _clause_agrees(
+                parts[position],
+                clause_vectors[starts[position] : starts[position + 1]],
+                evidence_vectors[closest],
+                bool(polarity[closest]),
+            )
         ):
             reason, index, contradicts = "the lesson says the opposite", closest, True
         elif (
@@ -265,6 +273,23 @@ def clauses(sentence: str) -> list[str]:
     parts = [c.strip(" .") for c in _CLAUSE.split(sentence)]
     parts = [c for c in parts if len(c.split()) >= 3]
     return parts if len(parts) > 1 else []
+
+
+def _clause_agrees(
+    parts: Sequence[str], vectors: np.ndarray, unit_vector: np.ndarray, unit_negated: bool
+) -> bool:
+    """Whether the clause of a sentence closest to a passage unit has that unit's polarity: the
+    whole sentence's negation is then another clause's ("LLM.int8() uses mixed-precision
+    decomposition; … reported no measurable quality loss" against "LLM.int8() uses
+    mixed-precision decomposition."), not the opposite of what the unit says. Not when another,
+    negated clause points back at it ("BF16 has the same range as FP32; that is not true"), nor
+    for a sentence of one clause."""
+    if not len(parts):
+        return False
+    nearest = int(np.argmax(vectors @ unit_vector))
+    if any(negated(p) and refers_back(p) for i, p in enumerate(parts) if i != nearest):
+        return False
+    return negated(parts[nearest]) == unit_negated
 
 
 # A clause and the passage unit it clashes with share at least this many content words besides
