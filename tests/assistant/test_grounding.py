@@ -29,7 +29,7 @@ from tutor.assistant.intent import LessonPart, lesson_part, question_type
 from tutor.assistant.quote import best_quote, leans_back, spans
 from tutor.assistant.retrieval import Retriever
 from tutor.assistant.support import check_support, evidence_units, negated
-from tutor.assistant.tutor_chat import complete_sentences, loop_start, tidy
+from tutor.assistant.tutor_chat import answer_part, complete_sentences, loop_start, tidy
 
 STATS = AnswerStats(ttft_s=0.2, tokens=12, tokens_per_s=30.0, weights_mib=256.0, stop="eos")
 
@@ -172,6 +172,17 @@ def test_tidy_drops_echoed_passage_numbers() -> None:
     said = "[4] QLoRA trains adapters on a frozen NF4 model. NF4 keeps quality [1] better. A[0] stays. And"
     assert tidy(said) == "QLoRA trains adapters on a frozen NF4 model. NF4 keeps quality better. A[0] stays."
     assert tidy("[Passage 4] Key terms: KL compares.") == "Key terms: KL compares."
+
+
+def test_an_answer_ends_where_the_model_starts_a_turn_of_its_own() -> None:
+    # bf16's answer to "Why is int8 called near-lossless?" in the Tutor tab went on to ask itself
+    # "Question: What is bitsandbytes?", the prompt's own label.
+    said = (
+        "The paper reported no measurable quality loss up to 175B parameters. Question: What is bitsandbytes?"
+    )
+    assert tidy(said) == "The paper reported no measurable quality loss up to 175B parameters."
+    assert answer_part("A question: is int8 lossless?") == "A question: is int8 lossless?"  # not the label
+    assert answer_part("Question: none before it") == "Question: none before it"
 
 
 def test_limit_question() -> None:
