@@ -74,3 +74,25 @@ def test_a_failed_build_names_the_compilers_error() -> None:
     assert (
         _first_error("Ninja is required to load C++ extensions") == "Ninja is required to load C++ extensions"
     )
+
+
+def test_a_build_killed_midway_does_not_stall_the_next_load(engine, model_cache, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """torch's builder waits for ever on the lock file of a build whose process died; the
+    next load must go on (here: a finished build with such a file left in it)."""
+    import shutil
+    import threading
+
+    from tutor.engine import native_step
+
+    key = native_step.build_key()
+    folder = tmp_path / "native"
+    shutil.copytree(model_cache / "native" / f"decode_step-{key}", folder)
+    (folder / "lock").write_text("")
+    loaded: list[object] = []
+    thread = threading.Thread(
+        target=lambda: loaded.append(native_step._build(folder, f"quant_tutor_decode_step_{key}")),
+        daemon=True,
+    )
+    thread.start()
+    thread.join(120)
+    assert loaded and hasattr(loaded[0], "step"), "the load waited on a dead build's lock file"

@@ -80,6 +80,7 @@ def problem() -> str | None:
 
 
 def _build(folder: Path, name: str) -> Any:
+    from filelock import FileLock
     from torch.utils import cpp_extension
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -88,13 +89,19 @@ def _build(folder: Path, name: str) -> Any:
     scripts = sysconfig.get_path("scripts")
     if scripts and scripts not in os.environ.get("PATH", "").split(os.pathsep):
         os.environ["PATH"] = os.pathsep.join([scripts, os.environ.get("PATH", "")])
-    return cpp_extension.load(
-        name=name,
-        sources=[str(SOURCE)],
-        build_directory=str(folder),
-        extra_cflags=["-O2"],
-        verbose=False,
-    )
+    # torch's builder marks a build with a lock file that it waits on for ever, and a process
+    # killed while building (the app quit during its first load) leaves that file behind. An
+    # OS lock dies with its process: whoever holds this one is the only builder alive, and
+    # any lock file of torch's is a dead build's.
+    with FileLock(str(folder / "build.flock")):
+        (folder / "lock").unlink(missing_ok=True)
+        return cpp_extension.load(
+            name=name,
+            sources=[str(SOURCE)],
+            build_directory=str(folder),
+            extra_cflags=["-O2"],
+            verbose=False,
+        )
 
 
 def layers_for(module: Any, decoder: Any, weights: Any) -> Any:
