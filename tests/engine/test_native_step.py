@@ -96,3 +96,34 @@ def test_a_build_killed_midway_does_not_stall_the_next_load(engine, model_cache,
     thread.start()
     thread.join(120)
     assert loaded and hasattr(loaded[0], "step"), "the load waited on a dead build's lock file"
+
+
+def test_a_library_left_broken_is_built_again(engine, model_cache, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Each load in a process of its own, as the app's engine processes are (this one has the
+    library loaded already, under the same name)."""
+    import shutil
+    import subprocess
+    import sys
+
+    from tutor.engine import native_step
+
+    key = native_step.build_key()
+    folder = tmp_path / "native"
+    shutil.copytree(model_cache / "native" / f"decode_step-{key}", folder)
+    [library] = folder.glob("*.so")
+    library.write_bytes(library.read_bytes()[:100])  # as a link killed halfway leaves it
+    script = (
+        "import sys; from pathlib import Path; from tutor.engine import native_step\n"
+        "try: print(hasattr(native_step._build(Path(sys.argv[1]), sys.argv[2]), 'step'))\n"
+        "except ImportError: print('not loaded')"
+    )
+
+    def load() -> str:
+        name = f"quant_tutor_decode_step_{key}"
+        ran = subprocess.run(
+            [sys.executable, "-c", script, str(folder), name], capture_output=True, text=True
+        )
+        return ran.stdout.strip() or ran.stderr[-2000:]
+
+    assert load() == "not loaded" and not folder.exists()  # this process: the Python loop
+    assert load() == "True" and library.stat().st_size > 100  # the next: built afresh

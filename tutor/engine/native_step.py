@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import shutil
 import sys
 import sysconfig
 import threading
@@ -89,19 +90,26 @@ def _build(folder: Path, name: str) -> Any:
     scripts = sysconfig.get_path("scripts")
     if scripts and scripts not in os.environ.get("PATH", "").split(os.pathsep):
         os.environ["PATH"] = os.pathsep.join([scripts, os.environ.get("PATH", "")])
+
+    def built() -> Any:
+        return cpp_extension.load(
+            name=name, sources=[str(SOURCE)], build_directory=str(folder), extra_cflags=["-O2"], verbose=False
+        )
+
     # torch's builder marks a build with a lock file that it waits on for ever, and a process
     # killed while building (the app quit during its first load) leaves that file behind. An
     # OS lock dies with its process: whoever holds this one is the only builder alive, and
     # any lock file of torch's is a dead build's.
-    with FileLock(str(folder / "build.flock")):
+    with FileLock(str(folder.with_name(f"{folder.name}.flock"))):
         (folder / "lock").unlink(missing_ok=True)
-        return cpp_extension.load(
-            name=name,
-            sources=[str(SOURCE)],
-            build_directory=str(folder),
-            extra_cflags=["-O2"],
-            verbose=False,
-        )
+        try:
+            return built()
+        except (ImportError, OSError):
+            # A library that does not load (a process killed while linking it) is removed: this
+            # process runs the Python loop, and the next one builds it afresh (torch's builder
+            # does not build a name twice in one process).
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
 
 
 def layers_for(module: Any, decoder: Any, weights: Any) -> Any:
