@@ -6,13 +6,16 @@ these ways contradicts the lesson rather than merely being absent from it:
 
 - an antonym: "a higher number is better" against "lower is better";
 - a number: "about 28 GB" against "about 7 GB" (the same unit, a different value), unless
-  the two are about different formats ("in FP16 … 14 GB" against FP32's row);
+  the two are about different formats ("in FP16 … 14 GB" against FP32's row); a block size is
+  one unit however it is written ("blocks of 128" against "64 weights per block");
 - swapped roles: "FP4 usually preserves quality better than NF4" against the reverse;
 - the opposite degree: "Q8_0 loses a lot of quality" against "practically the same quality";
 - another name (``renamed``, asked of the closest lesson sentence only): the lesson's sentence
   about Q8_0 said of Q5_K_S;
 - crossed (``crossed``, asked of a sentence's clauses): "AWQ quantizes column by column, while
   GPTQ scales the salient channels up", each clause what the lesson says of the other name;
+- another kind of thing (``recategorized``, asked of every lesson sentence): "GGUF is a
+  quantization method" against "GGUF is a file format";
 - turned round (``turned``, asked of every lesson sentence, since it needs no closeness in
   meaning): the sentence with one word made its opposite, a negation taken out or put in, or
   two names exchanged, reads word for word as the lesson does where the sentence as written

@@ -221,6 +221,8 @@ def check_support(generated_text: str, hits: Sequence[Hit], embed: Embedder) -> 
         share = overlap(tokens, passage_tokens)
         score = max(0.0, min(1.0, SUPPORT_COSINE_WEIGHT * cosine + (1 - SUPPORT_COSINE_WEIGHT) * share))
         reason, contradicts = "", False
+        own_clauses = clause_vectors[starts[position] : starts[position + 1]]
+        new_numbers = _numbers(sentence) - passage_numbers  # stated, and not in the passages
         clash = _clash(sentence, evidence, sections, cosines)
         if clash is None and (found := turned(sentence, evidence)) is not None:
             # Asked of every passage unit: a word-for-word match needs no closeness in meaning,
@@ -233,31 +235,20 @@ def check_support(generated_text: str, hits: Sequence[Hit], embed: Embedder) -> 
             and float(cosines[closest]) >= CONTRADICTION_MIN_COSINE
             and float(cosines[closest]) - cosine >= CONTRADICTION_MARGIN
             and not _clause_agrees(
-                parts[position],
-                clause_vectors[starts[position] : starts[position + 1]],
-                evidence_vectors[closest],
-                bool(polarity[closest]),
+                parts[position], own_clauses, evidence_vectors[closest], bool(polarity[closest])
             )
         ):
             reason, index, contradicts = "the lesson says the opposite", closest, True
         elif (
             otherwise := clash
-            or _clause_clash(
-                parts[position],
-                clause_vectors[starts[position] : starts[position + 1]],
-                evidence,
-                sections,
-                evidence_vectors,
-            )
+            or _clause_clash(parts[position], own_clauses, evidence, sections, evidence_vectors)
             or crossed(parts[position], evidence)
+            or (_number_elsewhere(sentence, evidence, sections) if new_numbers else None)
         ) is not None:
             (index, how), contradicts = otherwise, True
             reason = f"the lesson says otherwise ({how})"
-        elif _numbers(sentence) - passage_numbers:
+        elif new_numbers:
             reason = "states a number the lesson doesn't"
-            if (found_number := _number_elsewhere(sentence, evidence, sections)) is not None:
-                (index, how), contradicts = found_number, True
-                reason = f"the lesson says otherwise ({how})"
         elif score < SUPPORT_THRESHOLD:
             reason = "not close to any passage sentence"
         checks.append(

@@ -405,8 +405,13 @@ class FastDecoder:
 
     @property
     def native_on(self) -> bool:
-        """Whether one-position steps run as the native decode step."""
-        return self.native is not None and self.use_native and self.device.type == "cpu"
+        """Whether one-position steps run as the native decode step (loaded on a CPU only)."""
+        return self.native is not None and self.use_native
+
+    @property
+    def step_kind(self) -> str:
+        """What a reply's stats call this decoder's steps: "native" (one native call each) or "fast"."""
+        return "native" if self.native_on else "fast"
 
     def _attention_inputs(
         self, lw: LayerWeights, x: torch.Tensor, batch: int, steps: int, cos: torch.Tensor, sin: torch.Tensor

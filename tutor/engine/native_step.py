@@ -114,7 +114,7 @@ def _build(folder: Path, name: str) -> Any:
 
 def layers_for(module: Any, decoder: Any, weights: Any) -> Any:
     """The extension's view of ``weights`` (a ``DecoderWeights``): each slot as the kernel it
-    calls, or as itself to be called back in Python (int8, int4, taps)."""
+    calls, or as itself to be called back in Python (LLM.int8, taps, a part of an int4 weight)."""
     specs = [
         (
             *(

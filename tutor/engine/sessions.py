@@ -44,7 +44,7 @@ class FastContrastSession:
     def __init__(
         self, decoder: FastDecoder, weights: DecoderWeights, max_len: int, plain_ids: list[int], alpha: float
     ) -> None:
-        self.kind = "native+cad" if decoder.native_on else "fast+cad"
+        self.kind = f"{decoder.step_kind}+cad"
         self.decoder, self.weights, self.alpha = decoder, weights, alpha
         self.plain_ids = plain_ids
         self.max_len = max_len
@@ -86,8 +86,7 @@ class FastSession:
     """One reply's worth of decoding with the fast decoder."""
 
     def __init__(self, decoder: FastDecoder, weights: DecoderWeights, max_len: int) -> None:
-        # "native": its steps run as one native call each (tutor.engine.native_step)
-        self.kind = "native" if decoder.native_on else "fast"
+        self.kind = decoder.step_kind
         self.decoder = decoder
         self.weights = weights
         self.cache = decoder.new_cache(max_len, weights.act_dtype)
