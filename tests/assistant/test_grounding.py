@@ -164,8 +164,13 @@ def test_a_number_ending_in_a_full_stop_ends_no_sentence_while_the_answer_stream
     # "… values above a threshold (6." — the stream was about to say "6.0".
     said = "int8 is near-lossless. It halves memory. Outliers above a threshold (6."
     assert len(complete_sentences(said, streaming=True)) == 2
-    assert len(complete_sentences(said + "0 by default) stay in 16-bit.", streaming=True)) == 3
+    assert len(complete_sentences(said + "0 by default) stay in 16-bit. The", streaming=True)) == 3
     assert len(complete_sentences("Q4_K works out to 4.5.")) == 1  # once the answer has ended
+    # bf16's answer to "What does KL divergence measure?" in the Tutor tab ended on "llama.",
+    # about to say "llama.cpp".
+    said = "KL divergence compares whole distributions. It needs a base file. Run it in llama."
+    assert len(complete_sentences(said, streaming=True)) == 2
+    assert len(complete_sentences(said + " Then", streaming=True)) == 3
 
 
 def test_tidy_drops_echoed_passage_numbers() -> None:

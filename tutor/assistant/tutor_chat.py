@@ -36,11 +36,15 @@ CAD_ALPHA = 1.0
 # --generate` on the held-out set (README, "How well the tutor answers").
 ANSWER_FIRST = False
 _ENDINGS = (".", "!", "?", "”", '"', ")")
-_NUMBER_AT_END = re.compile(r"\d\.\s*$")
+# A full stop that may not end anything yet, while the answer streams: after a number ("a
+# threshold (6." goes on as "6.0") or right after a word, before any space ("llama." goes on as
+# "llama.cpp"); a sentence's own end is followed by the next token's space.
+_OPEN_END = re.compile(r"\d\.\s*$|\w\.$")
 # Raised when the rule that ends an answer changes: the Lab's QA cache key names it.
 # 2: a number ending in a full stop no longer ends a streaming answer's sentence; 3: an answer
-# ends where the model writes one of the prompt's labels.
-STOP_VERSION = 3
+# ends where the model writes one of the prompt's labels; 4: nor does a full stop right after
+# a word until the next token shows it ends a sentence.
+STOP_VERSION = 4
 # The prompt's own labels: a model that writes one after its answer has begun another turn
 # ("… no measurable quality loss up to 175B parameters. Question: What is bitsandbytes?"; 20 of
 # 370 answers to the tuning questions at bf16 and fp4).
@@ -55,9 +59,10 @@ def answer_part(text: str) -> str:
 
 def complete_sentences(text: str, streaming: bool = False) -> list[str]:
     """The distinct finished sentences of ``text``, in order (a small model repeats itself).
-    ``streaming``: more may follow, so a number ending in a full stop ("a threshold (6.") is
-    not an end yet; it may go on as "6.0"."""
-    if streaming and _NUMBER_AT_END.search(text):
+    ``streaming``: more may follow, so a full stop that closes the text is not an end yet after
+    a number ("a threshold (6." may go on as "6.0") or right after a word ("llama." as
+    "llama.cpp")."""
+    if streaming and _OPEN_END.search(text):
         text = text.rstrip()[:-1]
     kept: list[str] = []
     for sentence in sentences(text):
