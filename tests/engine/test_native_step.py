@@ -1,7 +1,8 @@
 """The native decode step (``tutor.engine.native_step``) against the Python loop it stands in
 for: the same operations in the same order, so the same logits bit for bit, one row or a
 batch of rows with padding, with the kernels it calls itself (bf16, nf4, int8-wo, int4) and
-slots it calls back in Python (int8)."""
+slots it calls back in Python (int8). And the kernels that read a prompt (``prefill.cpp``):
+attention against SDPA and float32, int4's unpacked weight against the Python's."""
 
 from __future__ import annotations
 
@@ -38,10 +39,11 @@ def test_the_native_step_is_built_and_runs_here(engine) -> None:  # type: ignore
 def _steps(engine, rows: list[list[int]], native: bool, count: int) -> list[torch.Tensor]:  # type: ignore[no-untyped-def]
     """Logits of ``count`` greedy steps after the prompts ``rows`` (one batch), native or not."""
     decoder, weights = engine._decoder, engine._current_weights()
-    decoder.use_native = native
+    decoder.use_native = True  # the same prompt attention either way: the steps are compared
     cache = decoder.new_cache(64, weights.act_dtype, batch=len(rows))
     with torch.no_grad():
         logits, pads = prefill_rows(decoder, weights, cache, rows)
+        decoder.use_native = native
         pad = torch.tensor(pads) if len(rows) > 1 else None
         out = []
         for _ in range(count):
@@ -60,6 +62,63 @@ def test_native_steps_give_the_python_loops_logits_bit_for_bit(engine, precision
         native, python = (_steps(engine, rows, on, 6) for on in (True, False))
         for step, (a, b) in enumerate(zip(native, python, strict=True)):
             assert torch.equal(a, b), (precision, len(rows), step, (a.float() - b.float()).abs().max())
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+@pytest.mark.parametrize("steps", [1, 37, 128, 300])
+def test_a_prompts_native_attention_is_as_close_to_float32_as_sdpas(engine, steps: int) -> None:  # type: ignore[no-untyped-def]
+    """Causal, grouped (9 query heads on 3 key heads, as SmolLM2), over chunks of 128 queries
+    and a last one shorter; scores large enough that bf16 rounding of them would show."""
+    from tutor.engine.attention import PROMPT_CHUNK
+
+    native = engine._decoder.native
+    generator = torch.Generator().manual_seed(steps)
+    q, k, v = (
+        (torch.randn(1, heads, steps, 64, generator=generator) * scale).bfloat16()
+        for heads, scale in ((9, 3.0), (3, 3.0), (3, 1.0))
+    )
+    exact = torch.nn.functional.scaled_dot_product_attention(
+        q.float(), k.float(), v.float(), is_causal=True, scale=0.125, enable_gqa=True
+    )
+    sdpa = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, is_causal=True, scale=0.125, enable_gqa=True
+    )
+    ours = native.prefill_attention(q, k, v, 0.125, PROMPT_CHUNK)
+    assert ours.shape == q.shape and ours.dtype == torch.bfloat16
+    # bf16 output: its rounding alone is ~2e-3 relative; a score rounded to bf16 would be ~1e-2.
+    assert _relative(ours, exact) <= max(1.5 * _relative(sdpa, exact), 4e-3)
+
+
+def test_a_prompt_read_with_native_attention_gives_sdpas_logits(engine) -> None:  # type: ignore[no-untyped-def]
+    decoder, weights = engine._decoder, engine._current_weights()
+    ids = torch.tensor([engine.encode(" ".join(PROMPTS * 12))])
+    assert decoder.native_prompt(weights.act_dtype), "bf16 on this CPU: the prompt's attention is native"
+    runs = {}
+    for on in (True, False):
+        decoder.use_native = on
+        with torch.no_grad():
+            runs[on] = decoder.forward(weights, ids, None, last_only=False)[0].float()
+    decoder.use_native = True
+    assert _relative(runs[True], runs[False]) < 2e-2
+    agree = float((runs[True].argmax(-1) == runs[False].argmax(-1)).float().mean())
+    # Teacher-forced: a free-running reply may part ways at a near tie, as any two kernels may.
+    assert agree >= 0.97, f"greedy tokens agree at {agree:.1%} of {ids.shape[1]} positions"
+
+
+def test_int4s_unpacked_weight_is_the_pythons_bit_for_bit(engine) -> None:  # type: ignore[no-untyped-def]
+    from tutor.engine.int4 import GROUP, Int4Linear, packed_row_block, round_to_nearest, unpacks
+
+    if not unpacks(2 * packed_row_block()):
+        pytest.skip("this CPU packs int4 codes in a layout the prompt path does not read: the kernel serves")
+    torch.manual_seed(0)
+    codes = round_to_nearest(torch.randn(2 * packed_row_block(), 3 * GROUP) * 0.05)
+    module = Int4Linear.from_codes(codes)
+    native = module.dequantized(torch.bfloat16)
+    assert torch.equal(native, codes.dequantized().to(torch.bfloat16))
+    assert native.t().is_contiguous(), "the native kernel's own (K, N) layout"
 
 
 def test_a_failed_build_names_the_compilers_error() -> None:

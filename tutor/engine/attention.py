@@ -1,10 +1,15 @@
 """The fast decoder's attention helpers: the mask that hides each row's padding, and a decode
-step's attention computed without SDPA."""
+step's attention computed without SDPA (a prompt's, on a CPU, is ``native/prefill.cpp``)."""
 
 from __future__ import annotations
 
 # Imported only once a model is being loaded, so torch at the top is fine here.
 import torch
+
+# Queries per chunk of a prompt's native attention (``native/prefill.cpp``). A layer of SmolLM2 on
+# an AVX-512 EPYC, 600 tokens: 2.3 ms in chunks of 128 or 256, 2.8 in 64s, 2.7 in one chunk;
+# 1,000 tokens: 5.7, 5.7, 6.4 and 27 (SDPA: 4.4 and 10.2).
+PROMPT_CHUNK = 128
 
 
 def one_query_attention(

@@ -30,13 +30,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tutor.engine.attention import one_query_attention, pad_mask
+from tutor.engine.attention import PROMPT_CHUNK, one_query_attention, pad_mask
 from tutor.engine.decoder_weights import LINEAR_NAMES, DecoderWeights, LayerWeights, linear_names
 from tutor.engine.linears import (
     ModuleLinear,
     PackedLinear,
     PlainLinear,
     Slot,
+    bf16_matmul_is_emulated,
     mkldnn_linear_works,
     module_slot,
 )
@@ -107,8 +108,8 @@ class FastDecoder:
         self.tied = model.lm_head.weight.data_ptr() == self.embed.data_ptr()
         self.fuse = True  # fuse q|k|v and gate|up into one packed matmul each
         self.graphs = device.type == "cuda"  # replay decode steps as CUDA graphs (tutor.engine.graphs)
-        # The native decode step (tutor.engine.native_step), once loaded on a CPU; ``use_native``
-        # False runs the Python loop instead (a benchmark's contrast).
+        # The native decode step and prompt attention (tutor.engine.native_step), once loaded on
+        # a CPU; ``use_native`` False runs the Python loop and SDPA instead (a benchmark's contrast).
         self.native: Any = None
         self.use_native = True
         self._packed_ok: dict[torch.dtype, bool] = {}
@@ -383,6 +384,8 @@ class FastDecoder:
                 v = layer_cache[1, :, :, :end]
             if steps == 1 and q.device.type == "cpu":
                 attn = one_query_attention(q, k, v, mask, self.scaling)
+            elif mask is None and self.native_prompt(q.dtype):
+                attn = self.native.prefill_attention(q, k, v, self.scaling, PROMPT_CHUNK)
             else:
                 attn = F.scaled_dot_product_attention(
                     q,
@@ -407,6 +410,11 @@ class FastDecoder:
     def native_on(self) -> bool:
         """Whether one-position steps run as the native decode step (loaded on a CPU only)."""
         return self.native is not None and self.use_native
+
+    def native_prompt(self, dtype: torch.dtype) -> bool:
+        """Whether a prompt's attention runs natively (``prefill.cpp``): bf16 where the CPU
+        multiplies bf16 itself (elsewhere bf16 matmuls are emulated, and SDPA is faster)."""
+        return self.native_on and dtype == torch.bfloat16 and not bf16_matmul_is_emulated()
 
     @property
     def step_kind(self) -> str:

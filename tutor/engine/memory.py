@@ -186,8 +186,10 @@ def _glibc(name: str) -> Any:
 
 # oneDNN keeps every matmul it has set up, 1,024 by default, and each new prompt length sets up
 # new ones: by the end of the Lab's table they held 215 MB more (mallinfo's bytes in use).
-# A reply's decoding reuses a handful; 16 kept bf16, int8 and nf4 decoding at their pace here.
-KERNEL_CACHE = "16"
+# A reply's decoding reuses a handful, and a prompt's native attention (native/prefill.cpp)
+# three for each 128 of its tokens: with 16 kept, a 600-token prompt set up its 28 afresh at
+# every read (the first token in 0.37-0.44 s against 0.23 with 32 or 64 kept).
+KERNEL_CACHE = "64"
 
 
 def bound_kernel_cache() -> None:

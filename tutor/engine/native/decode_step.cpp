@@ -197,8 +197,16 @@ at::Tensor step(const Layers& self, at::Tensor x, const at::Tensor& cache, int64
 
 }  // namespace
 
+// native/prefill.cpp
+at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
+                             int64_t chunk);
+at::Tensor int4_weight_t(const at::Tensor& packed, const at::Tensor& scales_zeros, int64_t k_size, int64_t group,
+                         int64_t block);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<Layers>(m, "Layers");
   m.def("make_layers", &make_layers);
   m.def("step", &step);
+  m.def("prefill_attention", &prefill_attention, py::call_guard<py::gil_scoped_release>());
+  m.def("int4_weight_t", &int4_weight_t, py::call_guard<py::gil_scoped_release>());
 }
