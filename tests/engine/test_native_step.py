@@ -92,20 +92,31 @@ def test_a_prompts_native_attention_is_as_close_to_float32_as_sdpas(engine, step
     assert _relative(ours, exact) <= max(1.5 * _relative(sdpa, exact), 4e-3)
 
 
-def test_a_prompt_read_with_native_attention_gives_sdpas_logits(engine) -> None:  # type: ignore[no-untyped-def]
-    decoder, weights = engine._decoder, engine._current_weights()
+def test_a_prompt_read_with_native_attention_is_as_close_to_float32_as_with_sdpa(engine) -> None:  # type: ignore[no-untyped-def]
+    """A whole bf16 prompt read (246 tokens, every position's logits) against the same read at
+    float32: the native attention no further off than SDPA (here 0.0156 against 0.0162)."""
     ids = torch.tensor([engine.encode(" ".join(PROMPTS * 12))])
-    assert decoder.native_prompt(weights.act_dtype), "bf16 on this CPU: the prompt's attention is native"
+
+    def logits() -> torch.Tensor:
+        with torch.no_grad():
+            return engine._decoder.forward(engine._current_weights(), ids, None, last_only=False)[0].float()
+
+    decoder = engine._decoder
+    assert decoder.native_prompt(torch.bfloat16), "bf16 on this CPU: the prompt's attention is native"
     runs = {}
     for on in (True, False):
         decoder.use_native = on
-        with torch.no_grad():
-            runs[on] = decoder.forward(weights, ids, None, last_only=False)[0].float()
+        runs[on] = logits()
     decoder.use_native = True
-    assert _relative(runs[True], runs[False]) < 2e-2
-    agree = float((runs[True].argmax(-1) == runs[False].argmax(-1)).float().mean())
-    # Teacher-forced: a free-running reply may part ways at a near tie, as any two kernels may.
-    assert agree >= 0.97, f"greedy tokens agree at {agree:.1%} of {ids.shape[1]} positions"
+    engine.switch("fp32", wait=True)
+    exact = logits()
+    native, sdpa = (_relative(runs[on], exact) for on in (True, False))
+    assert native <= 1.1 * sdpa, (native, sdpa)
+
+    def agree(run: torch.Tensor) -> float:
+        return float((run.argmax(-1) == exact.argmax(-1)).float().mean())
+
+    assert agree(runs[True]) >= agree(runs[False]) - 2 / ids.shape[1]
 
 
 def test_int4s_unpacked_weight_is_the_pythons_bit_for_bit(engine) -> None:  # type: ignore[no-untyped-def]
