@@ -43,6 +43,9 @@ from tutor.engine.linears import (
 )
 
 FAST_ARCHITECTURES = ("LlamaForCausalLM",)
+# Raised when the fast decoder's arithmetic changes (``Engine.arithmetic``, in the Lab's cache
+# keys). 2: a prompt's attention in native/prefill.cpp.
+ARITHMETIC_VERSION = 2
 STATIC_ROPE = ("default", "linear", "llama3")
 
 

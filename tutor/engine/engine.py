@@ -125,6 +125,17 @@ class Engine:
         return "fast" if self._decoder is not None else "generic"
 
     @property
+    def arithmetic(self) -> str:
+        """Names the kernels a prompt is read with, for caches of what the model computed (the
+        Lab's): a measurement taken with other kernels is taken again."""
+        from tutor.engine.decoder import ARITHMETIC_VERSION
+
+        if self._decoder is None:
+            return "generic"
+        native = self._decoder.native_prompt(self._current_weights().act_dtype)
+        return f"{ARITHMETIC_VERSION}:{'native' if native else 'sdpa'}"
+
+    @property
     def busy(self) -> bool:
         return self._busy.locked()
 

@@ -19,11 +19,12 @@ if TYPE_CHECKING:
 
 
 def cache_key(engine: Engine, library: Library, **settings: Any) -> dict[str, Any]:
-    """What every cached lab measurement depends on: the model, the device, the lesson text,
-    and the measurement's own ``settings``."""
+    """What every cached lab measurement depends on: the model, the device, the kernels that
+    read a prompt, the lesson text, and the measurement's own ``settings``."""
     return {
         "model": str(engine.checkpoint.path),
         "device": engine.device,
+        "arithmetic": engine.arithmetic,
         "content": content_hash(library),
         **settings,
     }
