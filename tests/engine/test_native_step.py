@@ -68,8 +68,8 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
-@pytest.mark.parametrize("steps", [1, 37, 128, 300])
-def test_a_prompts_native_attention_is_as_close_to_float32_as_sdpas(engine, steps: int) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize(("batch", "steps"), [(1, 1), (1, 37), (1, 128), (1, 300), (2, 150)])
+def test_a_prompts_native_attention_is_as_close_to_float32_as_sdpas(engine, batch: int, steps: int) -> None:  # type: ignore[no-untyped-def]
     """Causal, grouped (9 query heads on 3 key heads, as SmolLM2), over chunks of 128 queries
     and a last one shorter; scores large enough that bf16 rounding of them would show."""
     from tutor.engine.attention import PROMPT_CHUNK
@@ -77,7 +77,7 @@ def test_a_prompts_native_attention_is_as_close_to_float32_as_sdpas(engine, step
     native = engine._decoder.native
     generator = torch.Generator().manual_seed(steps)
     q, k, v = (
-        (torch.randn(1, heads, steps, 64, generator=generator) * scale).bfloat16()
+        (torch.randn(batch, heads, steps, 64, generator=generator) * scale).bfloat16()
         for heads, scale in ((9, 3.0), (3, 3.0), (3, 1.0))
     )
     exact = torch.nn.functional.scaled_dot_product_attention(
