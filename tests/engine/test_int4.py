@@ -84,7 +84,7 @@ def test_build_int4_fuses_groups_and_names_what_is_missing() -> None:
 def test_a_prompts_many_rows_take_a_dense_matmul_on_the_unpacked_codes(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from tutor.engine.int4 import DENSE_ROWS, Int4Linear, unpacks
+    from tutor.engine.int4 import Int4Linear, dense_rows, unpacks
 
     if not unpacks(128):
         pytest.skip("this CPU packs int4 codes in a layout the prompt path does not read: the kernel serves")
@@ -92,13 +92,13 @@ def test_a_prompts_many_rows_take_a_dense_matmul_on_the_unpacked_codes(
     codes = round_to_nearest(torch.randn(128, 256) * 0.05)
     module = Int4Linear.from_codes(codes)
     assert torch.equal(module.dequantized(), codes.dequantized()), "read back from the kernel's packing"
-    prompt = torch.randn(DENSE_ROWS + 24, 256).bfloat16()
+    prompt = torch.randn(dense_rows() + 24, 256).bfloat16()
     exact = prompt.double() @ codes.dequantized().double().T
     linear, called = torch.nn.functional.linear, []
     monkeypatch.setattr(torch.nn.functional, "linear", lambda *a: called.append(1) or linear(*a))
     dense = module(prompt).double()
     assert called, "a prompt's rows: one dense matmul"
-    kernel = torch.cat([module(rows) for rows in prompt.split(DENSE_ROWS)]).double()  # few rows each
+    kernel = torch.cat([module(rows) for rows in prompt.split(dense_rows())]).double()  # few rows each
 
     def rms(t: torch.Tensor) -> float:
         return float(t.pow(2).mean().sqrt())

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from tutor.engine import native_step
-from tutor.engine.linears import dense_prefill
+from tutor.engine.linears import bf16_matmul_is_emulated, dense_prefill
 from tutor.engine.row_modules import assemble, built_per_job
 
 GROUP = 64  # weights per scale and zero along a row
@@ -34,6 +34,10 @@ STEP = 16  # GPTQ's columns updated one by one before the rest of their group ta
 # kernel wins below 128 rows (2.8 ms a layer against 3.0), the dense matmul above 192 (256
 # rows: 4.6 against 5.6; 600: 7.0 against 12.7). A grounded tutor prompt is 250-370 tokens.
 DENSE_ROWS = 160
+# Where the native kernels unpack the codes (``prefill.cpp``: 0.9 ms a layer against 1.6) the
+# dense matmul wins from about 96 rows (a layer, kernel against dense: 64 rows 1.3 against 1.6
+# ms, 96 rows 2.0 against 1.9, 128 rows 2.7 against 2.0).
+NATIVE_DENSE_ROWS = 80
 
 
 @dataclass
@@ -165,7 +169,7 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        if flat.shape[0] > DENSE_ROWS and unpacks(self.out_features):
+        if flat.shape[0] > dense_rows() and unpacks(self.out_features):
             out = dense_prefill(flat, self.dequantized)
         else:
             out = torch._weight_int4pack_mm_for_cpu(flat, self.packed, GROUP, self.scales_zeros)
@@ -208,6 +212,13 @@ class RowsOf(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.whole(x)[..., self.start : self.stop]
+
+
+def dense_rows() -> int:
+    """Above how many rows a weight's codes are unpacked for one dense matmul, in this process
+    (the native unpacking serves the bf16 matmul, where the CPU has one)."""
+    native = native_step.loaded() is not None and not bf16_matmul_is_emulated()
+    return NATIVE_DENSE_ROWS if native else DENSE_ROWS
 
 
 @functools.cache

@@ -61,7 +61,7 @@ class PlainLinear:
 
 
 # Above this many rows (a prompt being read), int8-wo's weight is dequantized for one dense
-# matmul (``dense_prefill``; int4 has its own threshold, ``int4.DENSE_ROWS``): torch's int8
+# matmul (``dense_prefill``; int4 has its own threshold, ``int4.dense_rows()``): torch's int8
 # kernel is built for decoding's one row, and read a 600-token prompt at half bf16's pace on an
 # AVX2 EPYC (the dense fp32 path: 6.6 ms against 13.3 for a 600x576x1536 matmul). Where the CPU
 # multiplies bf16 natively the dense matmul is bf16 on the weight rounded to bf16 once: 1.3 ms

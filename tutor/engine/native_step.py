@@ -175,6 +175,6 @@ def _spec(slot: Any) -> tuple[Any, ...] | None:
         shape = (module.out_features, module.in_features, 0, PREFILL_ROWS)
         return (INT8_PACK, module.codes, module.scales, *shape, slot)
     if type(module) is int4.Int4Linear:
-        shape = (module.out_features, module.in_features, int4.GROUP, int4.DENSE_ROWS)
+        shape = (module.out_features, module.in_features, int4.GROUP, int4.dense_rows())
         return (INT4_PACK, module.packed, module.scales_zeros, *shape, slot)
     return (PYTHON, slot)
