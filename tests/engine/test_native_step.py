@@ -92,6 +92,33 @@ def test_a_prompts_native_attention_is_as_close_to_float32_as_sdpas(engine, batc
     assert _relative(ours, exact) <= max(1.5 * _relative(sdpa, exact), 4e-3)
 
 
+@pytest.mark.parametrize("padded", [False, True])
+def test_a_decode_steps_native_attention_is_the_float32_ops_result(engine, padded: bool) -> None:  # type: ignore[no-untyped-def]
+    """One new position per row over the cache as the decoder holds it (a view of a longer
+    buffer), grouped heads, a padded row's first positions hidden: the float32 ATen ops'
+    result up to their order of summation, then bf16 rounding."""
+    from tutor.engine.attention import pad_mask
+
+    native = engine._decoder.native
+    generator = torch.Generator().manual_seed(7)
+    rows, end = (2, 29) if padded else (1, 300)
+    cache = (torch.randn(2, rows, 3, end + 11, 64, generator=generator) * 2).bfloat16()
+    k, v = cache[0, :, :, :end], cache[1, :, :, :end]
+    q = (torch.randn(rows, 1, 15, 64, generator=generator) * 2).bfloat16()[:, :, :9].transpose(1, 2)
+    mask = pad_mask(torch.tensor([0, 5]), end - 1, end) if padded else None
+    grouped = q.reshape(rows, 3, 3, 64).float()
+    scores = torch.matmul(grouped, k.float().transpose(-1, -2)) * 0.125
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    exact = torch.matmul(scores.softmax(-1), v.float()).reshape(rows, 9, 1, 64)
+    ours = native.decode_attention(q, k, v, mask, 0.125)
+    assert ours.shape == exact.shape and ours.dtype == torch.bfloat16
+    assert torch.allclose(ours.float(), exact, rtol=2**-8, atol=1e-3)
+    if padded:  # what a hidden position holds does not matter
+        cache[:, 1, :, :5] = 1e4
+        assert torch.equal(native.decode_attention(q, k, v, mask, 0.125), ours)
+
+
 def test_a_prompt_read_with_native_attention_is_as_close_to_float32_as_with_sdpa(engine) -> None:  # type: ignore[no-untyped-def]
     """A whole bf16 prompt read (246 tokens, every position's logits) against the same read at
     float32: the native attention no further off than SDPA (here 0.0156 against 0.0162)."""

@@ -6,6 +6,8 @@ from __future__ import annotations
 # Imported only once a model is being loaded, so torch at the top is fine here.
 import torch
 
+from tutor.engine import native_step
+
 # Queries per chunk of a prompt's native attention (``native/prefill.cpp``). A layer of SmolLM2 on
 # an AVX-512 EPYC, 600 tokens: 2.3 ms in chunks of 128 or 256, 2.8 in 64s, 2.7 in one chunk;
 # 1,000 tokens: 5.7, 5.7, 6.4 and 27 (SDPA: 4.4 and 10.2).
@@ -18,7 +20,12 @@ def one_query_attention(
     """A decode step's attention: one new position per row over the cache, in float32, each
     query head grouped with the others that share its KV head (as transformers' ``repeat_kv``
     pairs them). CPU SDPA's flash kernel is slow for one query: over 300 cached positions it took
-    122 µs a layer against 57 µs for these few ops (700: 295 against 92), 2-3 ms of a token."""
+    122 µs a layer against 57 µs for these few ops (700: 295 against 92), 2-3 ms of a token.
+    In bf16, where the native kernels are loaded, ``native/decode_attention.cpp`` computes it
+    (the native decode step calls the same)."""
+    native = native_step.loaded()
+    if native is not None and q.dtype == torch.bfloat16 and q.device.type == "cpu":
+        return native.decode_attention(q, k, v, mask, scale)
     batch, heads, _, dim = q.shape
     kv_heads = k.shape[1]
     grouped = q.reshape(batch, kv_heads, heads // kv_heads, dim).float()

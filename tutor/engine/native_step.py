@@ -1,8 +1,9 @@
 """A decode step in one native call: ``native/decode_step.cpp``, the fast decoder's loop over its
 layers for one new position per row, with the same ATen operations in the same order (its output
-is the Python loop's bit for bit; tested). Built with it, ``native/prefill.cpp``: a prompt's
-causal attention (``prefill_attention``, in place of SDPA's CPU kernel) and int4's weight
-unpacked for a prompt's dense matmul (``int4_weight_t``).
+is the Python loop's bit for bit; tested). Built with it: the attention of a decode step
+(``native/decode_attention.cpp``, which the Python loop calls too), and in ``native/prefill.cpp``
+a prompt's causal attention (``prefill_attention``, in place of SDPA's CPU kernel) and int4's
+weight unpacked for a prompt's dense matmul (``int4_weight_t``).
 
 On a CPU a decode step runs about 30 small operations a layer, and calling each one from Python
 cost about as much as the arithmetic: an nf4 step took 6.1 ms in the Python loop and 4.5 ms in
@@ -29,8 +30,11 @@ from typing import Any
 # Imported only once a model is being loaded, so torch at the top is fine here.
 import torch
 
-# The decode step, and the kernels that read a prompt (``prefill_attention``, ``int4_weight_t``).
-SOURCES = tuple(Path(__file__).with_name("native") / name for name in ("decode_step.cpp", "prefill.cpp"))
+# The decode step, its attention (``decode_attention``), the kernels that read a prompt
+# (``prefill_attention``, ``int4_weight_t``), and the float helpers they share.
+FOLDER = Path(__file__).with_name("native")
+SOURCES = tuple(FOLDER / name for name in ("decode_step.cpp", "decode_attention.cpp", "prefill.cpp"))
+HEADERS = (FOLDER / "vector_math.h",)
 ENV = "QUANT_TUTOR_NATIVE_STEP"
 
 _lock = threading.Lock()
@@ -39,7 +43,7 @@ _state: dict[str, Any] = {}  # "module" once built, or "problem": why not
 
 def build_key() -> str:
     """Names one build: the sources, torch and Python (a new one of any of them builds again)."""
-    digest = hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES))
+    digest = hashlib.sha256(b"".join(source.read_bytes() for source in (*SOURCES, *HEADERS)))
     digest.update(f"{torch.__version__}|{sys.version}|{platform.machine()}".encode())
     return digest.hexdigest()[:16]
 

@@ -13,6 +13,10 @@
 #include <string>
 #include <vector>
 
+// native/decode_attention.cpp
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const std::optional<at::Tensor>& mask, double scale);
+
 namespace {
 
 // bitsandbytes' AVX-512 BF16 4-bit matmul (tutor.engine.linears.Bnb4bitCpuLinear): rows, n, k,
@@ -170,14 +174,17 @@ at::Tensor step(const Layers& self, at::Tensor x, const at::Tensor& cache, int64
     auto keys = layer_cache.select(0, 0).slice(2, 0, end);
     auto values = layer_cache.select(0, 1).slice(2, 0, end);
     // tutor.engine.attention.one_query_attention
-    auto grouped = q.reshape({rows, kv, heads / kv, dim}).to(at::kFloat);
-    auto scores = at::matmul(grouped, keys.to(at::kFloat).transpose(-1, -2)).mul_(self.scaling);
-    if (hidden) {
-      scores.masked_fill_(*hidden, -std::numeric_limits<double>::infinity());
+    at::Tensor attn;
+    if (q.scalar_type() == at::kBFloat16) {
+      attn = decode_attention(q, keys, values, mask, self.scaling);
+    } else {
+      auto grouped = q.reshape({rows, kv, heads / kv, dim}).to(at::kFloat);
+      auto scores = at::matmul(grouped, keys.to(at::kFloat).transpose(-1, -2)).mul_(self.scaling);
+      if (hidden) {
+        scores.masked_fill_(*hidden, -std::numeric_limits<double>::infinity());
+      }
+      attn = at::matmul(scores.softmax(-1), values.to(at::kFloat)).reshape({rows, heads, 1, dim}).to(q.scalar_type());
     }
-    auto attn = at::matmul(scores.softmax(-1), values.to(at::kFloat))
-                    .reshape({rows, heads, 1, dim})
-                    .to(q.scalar_type());
     // FastDecoder._after_attention
     x = x + lw.o(attn.transpose(1, 2).reshape({rows, heads * dim}));
     h = rms(x, lw.ln2, self.eps);
@@ -208,5 +215,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("make_layers", &make_layers);
   m.def("step", &step);
   m.def("prefill_attention", &prefill_attention, py::call_guard<py::gil_scoped_release>());
+  m.def("decode_attention", &decode_attention, py::call_guard<py::gil_scoped_release>());
   m.def("int4_weight_t", &int4_weight_t, py::call_guard<py::gil_scoped_release>());
 }

@@ -3,71 +3,22 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
-#include <bit>
-#include <cmath>
 #include <cstdint>
+
+#include "vector_math.h"
 
 namespace {
 
-// The loops below are written so that the compiler vectorizes them; where it can, each gets a
-// copy for AVX-512 and one for AVX2 beside the plain one, chosen by the CPU at load.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define VECTOR_CLONES
-#endif
-
-inline float from_bf16(uint16_t bits) { return std::bit_cast<float>(static_cast<uint32_t>(bits) << 16); }
-
-// Rounded to nearest even, as torch rounds float to bf16 (no NaN reaches here).
-inline uint16_t to_bf16(float value) {
-  uint32_t bits = std::bit_cast<uint32_t>(value);
-  bits += 0x7FFF + ((bits >> 16) & 1);
-  return static_cast<uint16_t>(bits >> 16);
-}
-
-// exp(x) for x <= 0: Cephes' expf (Cody-Waite reduction, a degree-5 polynomial, about 1 ulp),
-// without a call or a branch, so that it vectorizes.
-inline float exp_nonpositive(float x) {
-  x = std::max(x, -87.0f);
-  // round(x / ln 2) by adding and taking away 1.5 * 2^23 (|x / ln 2| < 2^22)
-  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const float y = p * r * r + r + 1.0f;
-  return y * std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
-}
-
-constexpr int64_t LANES = 16;
+using vector_math::from_bf16;
+using vector_math::to_bf16;
 
 // One query's probabilities over its first `valid` keys (zeros after, to `length`), from its
-// scores given as two bf16 parts (high + low) and scaled by `scale`. The max and the sum are
-// kept in LANES partial results so that they vectorize without licence to reorder.
+// scores given as two bf16 parts (high + low) and scaled by `scale`.
 VECTOR_CLONES void softmax_row(const uint16_t* high, const uint16_t* low, uint16_t* out, int64_t valid,
                                int64_t length, float scale, float* scores) {
-  const int64_t whole = valid - valid % LANES;
   for (int64_t j = 0; j < valid; ++j) scores[j] = (from_bf16(high[j]) + from_bf16(low[j])) * scale;
-  float tops[LANES];
-  for (int64_t l = 0; l < LANES; ++l) tops[l] = -INFINITY;
-  for (int64_t j = 0; j < whole; j += LANES)
-    for (int64_t l = 0; l < LANES; ++l) tops[l] = scores[j + l] > tops[l] ? scores[j + l] : tops[l];
-  float top = -INFINITY;
-  for (int64_t l = 0; l < LANES; ++l) top = std::max(top, tops[l]);
-  for (int64_t j = whole; j < valid; ++j) top = std::max(top, scores[j]);
-  for (int64_t j = 0; j < valid; ++j) scores[j] = exp_nonpositive(scores[j] - top);
-  float sums[LANES] = {};
-  for (int64_t j = 0; j < whole; j += LANES)
-    for (int64_t l = 0; l < LANES; ++l) sums[l] += scores[j + l];
-  float sum = 0.0f;
-  for (int64_t l = 0; l < LANES; ++l) sum += sums[l];
-  for (int64_t j = whole; j < valid; ++j) sum += scores[j];
-  const float inverse = 1.0f / sum;
-  for (int64_t j = 0; j < valid; ++j) out[j] = to_bf16(scores[j] * inverse);
+  vector_math::softmax(scores, valid);
+  for (int64_t j = 0; j < valid; ++j) out[j] = to_bf16(scores[j]);
   for (int64_t j = valid; j < length; ++j) out[j] = 0;
 }
 

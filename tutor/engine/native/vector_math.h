@@ -1,0 +1,72 @@
+// Float helpers for the native kernels (prefill.cpp, decode_attention.cpp), written without calls
+// or branches so that the loops using them vectorize. A function marked VECTOR_CLONES gets a
+// copy for AVX-512 and one for AVX2 beside the plain one, chosen by the CPU at load; these
+// inline helpers are compiled into each copy.
+#pragma once
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstdint>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define VECTOR_CLONES
+#endif
+
+namespace vector_math {
+
+// Reductions are kept in this many partial results, so that they vectorize without licence to
+// reorder a sum.
+constexpr int64_t LANES = 16;
+
+inline float from_bf16(uint16_t bits) { return std::bit_cast<float>(static_cast<uint32_t>(bits) << 16); }
+
+// Rounded to nearest even, as torch rounds float to bf16 (no NaN reaches here).
+inline uint16_t to_bf16(float value) {
+  uint32_t bits = std::bit_cast<uint32_t>(value);
+  bits += 0x7FFF + ((bits >> 16) & 1);
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+// exp(x) for x <= 0 (-inf gives 0): Cephes' expf (Cody-Waite reduction, a degree-5 polynomial,
+// about 1 ulp).
+inline float exp_nonpositive(float x) {
+  const float clamped = std::max(x, -87.0f);
+  // round(x / ln 2) by adding and taking away 1.5 * 2^23 (|x / ln 2| < 2^22)
+  const float n = (clamped * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const float r = clamped - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = p * r * r + r + 1.0f;
+  const float value = y * std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
+  return x == -INFINITY ? 0.0f : value;
+}
+
+// scores[0..n) in place by their softmax (a score of -inf gets 0).
+inline void softmax(float* scores, int64_t n) {
+  const int64_t whole = n - n % LANES;
+  float tops[LANES];
+  for (int64_t l = 0; l < LANES; ++l) tops[l] = -INFINITY;
+  for (int64_t j = 0; j < whole; j += LANES)
+    for (int64_t l = 0; l < LANES; ++l) tops[l] = scores[j + l] > tops[l] ? scores[j + l] : tops[l];
+  float top = -INFINITY;
+  for (int64_t l = 0; l < LANES; ++l) top = std::max(top, tops[l]);
+  for (int64_t j = whole; j < n; ++j) top = std::max(top, scores[j]);
+  for (int64_t j = 0; j < n; ++j) scores[j] = exp_nonpositive(scores[j] - top);
+  float sums[LANES] = {};
+  for (int64_t j = 0; j < whole; j += LANES)
+    for (int64_t l = 0; l < LANES; ++l) sums[l] += scores[j + l];
+  float sum = 0.0f;
+  for (int64_t l = 0; l < LANES; ++l) sum += sums[l];
+  for (int64_t j = whole; j < n; ++j) sum += scores[j];
+  const float inverse = 1.0f / sum;
+  for (int64_t j = 0; j < n; ++j) scores[j] *= inverse;
+}
+
+}  // namespace vector_math
