@@ -44,8 +44,9 @@ from tutor.engine.linears import (
 
 FAST_ARCHITECTURES = ("LlamaForCausalLM",)
 # Raised when the fast decoder's arithmetic changes (``Engine.arithmetic``, in the Lab's cache
-# keys). 2: a prompt's attention in native/prefill.cpp.
-ARITHMETIC_VERSION = 2
+# keys). 2: a prompt's attention in native/prefill.cpp; 3: a decode step's in
+# native/decode_attention.cpp.
+ARITHMETIC_VERSION = 3
 STATIC_ROPE = ("default", "linear", "llama3")
 
 

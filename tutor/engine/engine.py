@@ -126,8 +126,8 @@ class Engine:
 
     @property
     def arithmetic(self) -> str:
-        """Names the kernels a prompt is read with, for caches of what the model computed (the
-        Lab's): a measurement taken with other kernels is taken again."""
+        """Names the kernels a prompt is read and a reply decoded with, for caches of what the
+        model computed (the Lab's): a measurement taken with other kernels is taken again."""
         from tutor.engine.decoder import ARITHMETIC_VERSION
 
         if self._decoder is None:
