@@ -22,9 +22,14 @@ def one_query_attention(
     pairs them). CPU SDPA's flash kernel is slow for one query: over 300 cached positions it took
     122 µs a layer against 57 µs for these few ops (700: 295 against 92), 2-3 ms of a token.
     In bf16, where the native kernels are loaded, ``native/decode_attention.cpp`` computes it
-    (the native decode step calls the same)."""
+    up to the positions it is faster for (the native decode step does the same)."""
     native = native_step.loaded()
-    if native is not None and q.dtype == torch.bfloat16 and q.device.type == "cpu":
+    if (
+        native is not None
+        and q.dtype == torch.bfloat16
+        and q.device.type == "cpu"
+        and k.shape[2] <= native.DECODE_ATTENTION_MOST
+    ):
         return native.decode_attention(q, k, v, mask, scale)
     batch, heads, _, dim = q.shape
     kv_heads = k.shape[1]

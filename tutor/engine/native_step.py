@@ -34,7 +34,7 @@ import torch
 # (``prefill_attention``, ``int4_weight_t``), and the float helpers they share.
 FOLDER = Path(__file__).with_name("native")
 SOURCES = tuple(FOLDER / name for name in ("decode_step.cpp", "decode_attention.cpp", "prefill.cpp"))
-HEADERS = (FOLDER / "vector_math.h",)
+HEADERS = (FOLDER / "decode_attention.h", FOLDER / "vector_math.h")
 ENV = "QUANT_TUTOR_NATIVE_STEP"
 
 _lock = threading.Lock()

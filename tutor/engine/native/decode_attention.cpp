@@ -1,15 +1,12 @@
 // A decode step's attention on a CPU: one new position per row over the KV cache, read in place
 // as bf16, in float32 arithmetic. The ATen version (tutor.engine.attention.one_query_attention's
 // own ops) converts every cached key and value to float32 at every step and layer: after a
-// 350-token prompt at nf4 that was about 2.5 of a token's 5.7 ms. A layer of SmolLM2 here (an
-// AVX-512 EPYC): 11 µs against 29 over 113 cached positions, 32 against 50 over 350, 62 against
-// 63 over 700. Built with decode_step.cpp into one extension by tutor/engine/native_step.py;
-// both the native step and the Python loop call it, so they stay the same bit for bit.
-#include <ATen/ATen.h>
+// 350-token prompt at nf4 that was about 2.5 of a token's 5.7 ms. Built with decode_step.cpp
+// into one extension by tutor/engine/native_step.py; both the native step and the Python loop
+// call it (up to DECODE_ATTENTION_MOST positions), so they stay the same bit for bit.
+#include "decode_attention.h"
 
 #include <cmath>
-#include <cstdint>
-#include <optional>
 #include <vector>
 
 #include "vector_math.h"
@@ -39,6 +36,9 @@ VECTOR_CLONES void attend(const uint16_t* query, const uint16_t* keys, int64_t k
     scores[j] = keep == nullptr || keep[j] ? dot * scale : -INFINITY;
   }
   vector_math::softmax(scores, end);
+  if (keep != nullptr) {  // exp(-87) is not quite 0: a hidden position gets none of the weight
+    for (int64_t j = 0; j < end; ++j) scores[j] = keep[j] ? scores[j] : 0.0f;
+  }
   for (int64_t d = 0; d < dim; ++d) mixed[d] = 0.0f;
   for (int64_t j = 0; j < end; ++j) {
     const uint16_t* value = values + j * value_stride;
@@ -50,9 +50,6 @@ VECTOR_CLONES void attend(const uint16_t* query, const uint16_t* keys, int64_t k
 
 }  // namespace
 
-// q (rows, heads, 1, dim), k and v (rows, kv_heads, end, dim), all bf16 with `dim` contiguous
-// (the cache's views as they are); `mask` (rows, 1, 1, end) true where a row may look, or none.
-// Each query head reads the KV head transformers' repeat_kv pairs it with. (rows, heads, 1, dim).
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const std::optional<at::Tensor>& mask, double scale) {
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 &&

@@ -8,14 +8,12 @@
 
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include "decode_attention.h"
+
 #include <limits>
 #include <optional>
 #include <string>
 #include <vector>
-
-// native/decode_attention.cpp
-at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                            const std::optional<at::Tensor>& mask, double scale);
 
 namespace {
 
@@ -175,7 +173,7 @@ at::Tensor step(const Layers& self, at::Tensor x, const at::Tensor& cache, int64
     auto values = layer_cache.select(0, 1).slice(2, 0, end);
     // tutor.engine.attention.one_query_attention
     at::Tensor attn;
-    if (q.scalar_type() == at::kBFloat16) {
+    if (q.scalar_type() == at::kBFloat16 && end <= DECODE_ATTENTION_MOST) {
       attn = decode_attention(q, keys, values, mask, self.scaling);
     } else {
       auto grouped = q.reshape({rows, kv, heads / kv, dim}).to(at::kFloat);
@@ -216,5 +214,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("step", &step);
   m.def("prefill_attention", &prefill_attention, py::call_guard<py::gil_scoped_release>());
   m.def("decode_attention", &decode_attention, py::call_guard<py::gil_scoped_release>());
+  m.attr("DECODE_ATTENTION_MOST") = DECODE_ATTENTION_MOST;
   m.def("int4_weight_t", &int4_weight_t, py::call_guard<py::gil_scoped_release>());
 }
