@@ -1,5 +1,6 @@
 """The fast decoder's attention helpers: the mask that hides each row's padding, and a decode
-step's attention computed without SDPA (a prompt's, on a CPU, is ``native/prefill.cpp``)."""
+step's attention computed without SDPA (in bf16 on a CPU by ``native/decode_attention.cpp``;
+a prompt's is ``native/prefill.cpp``)."""
 
 from __future__ import annotations
 

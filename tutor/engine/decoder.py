@@ -113,7 +113,8 @@ class FastDecoder:
         self.fuse = True  # fuse q|k|v and gate|up into one packed matmul each
         self.graphs = device.type == "cuda"  # replay decode steps as CUDA graphs (tutor.engine.graphs)
         # The native decode step and prompt attention (tutor.engine.native_step), once loaded on
-        # a CPU; ``use_native`` False runs the Python loop and SDPA instead (a benchmark's contrast).
+        # a CPU; ``use_native`` False runs the Python loop (which still calls the native decode
+        # attention) and SDPA for a prompt instead (a benchmark's contrast).
         self.native: Any = None
         self.use_native = True
         self._packed_ok: dict[torch.dtype, bool] = {}
