@@ -22,16 +22,12 @@ def one_query_attention(
     query head grouped with the others that share its KV head (as transformers' ``repeat_kv``
     pairs them). CPU SDPA's flash kernel is slow for one query: over 300 cached positions it took
     122 µs a layer against 57 µs for these few ops (700: 295 against 92), 2-3 ms of a token.
-    In bf16, where the native kernels are loaded, ``native/decode_attention.cpp`` computes it
-    up to the positions it is faster for (the native decode step does the same)."""
+    Where the native kernels are loaded, ``native/decode_attention.cpp`` computes it, as the
+    native decode step does (in bf16 over the cache in place, up to the positions that is faster
+    for; else these ops)."""
     native = native_step.loaded()
-    if (
-        native is not None
-        and q.dtype == torch.bfloat16
-        and q.device.type == "cpu"
-        and k.shape[2] <= native.DECODE_ATTENTION_MOST
-    ):
-        return native.decode_attention(q, k, v, mask, scale)
+    if native is not None and q.device.type == "cpu":
+        return native.one_query_attention(q, k, v, mask, scale)
     batch, heads, _, dim = q.shape
     kv_heads = k.shape[1]
     grouped = q.reshape(batch, kv_heads, heads // kv_heads, dim).float()

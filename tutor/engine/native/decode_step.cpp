@@ -10,7 +10,6 @@
 
 #include "decode_attention.h"
 
-#include <limits>
 #include <optional>
 #include <string>
 #include <vector>
@@ -152,10 +151,6 @@ at::Tensor step(const Layers& self, at::Tensor x, const at::Tensor& cache, int64
   at::NoGradGuard no_grad;
   const int64_t rows = x.size(0), heads = self.heads, kv = self.kv_heads, dim = self.dim;
   const int64_t end = start + 1;
-  std::optional<at::Tensor> hidden;
-  if (mask) {
-    hidden = mask->logical_not();
-  }
   for (size_t index = 0; index < self.layers.size(); ++index) {
     const Layer& lw = self.layers[index];
     auto h = rms(x, lw.ln1, self.eps);
@@ -172,17 +167,7 @@ at::Tensor step(const Layers& self, at::Tensor x, const at::Tensor& cache, int64
     auto keys = layer_cache.select(0, 0).slice(2, 0, end);
     auto values = layer_cache.select(0, 1).slice(2, 0, end);
     // tutor.engine.attention.one_query_attention
-    at::Tensor attn;
-    if (q.scalar_type() == at::kBFloat16 && end <= DECODE_ATTENTION_MOST) {
-      attn = decode_attention(q, keys, values, mask, self.scaling);
-    } else {
-      auto grouped = q.reshape({rows, kv, heads / kv, dim}).to(at::kFloat);
-      auto scores = at::matmul(grouped, keys.to(at::kFloat).transpose(-1, -2)).mul_(self.scaling);
-      if (hidden) {
-        scores.masked_fill_(*hidden, -std::numeric_limits<double>::infinity());
-      }
-      attn = at::matmul(scores.softmax(-1), values.to(at::kFloat)).reshape({rows, heads, 1, dim}).to(q.scalar_type());
-    }
+    auto attn = one_query_attention(q, keys, values, mask, self.scaling);
     // FastDecoder._after_attention
     x = x + lw.o(attn.transpose(1, 2).reshape({rows, heads * dim}));
     h = rms(x, lw.ln2, self.eps);
@@ -214,6 +199,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("step", &step);
   m.def("prefill_attention", &prefill_attention, py::call_guard<py::gil_scoped_release>());
   m.def("decode_attention", &decode_attention, py::call_guard<py::gil_scoped_release>());
-  m.attr("DECODE_ATTENTION_MOST") = DECODE_ATTENTION_MOST;
+  m.def("one_query_attention", &one_query_attention, py::call_guard<py::gil_scoped_release>());
   m.def("int4_weight_t", &int4_weight_t, py::call_guard<py::gil_scoped_release>());
 }
