@@ -2,7 +2,8 @@
 for: the same operations in the same order, so the same logits bit for bit, one row or a
 batch of rows with padding, with the kernels it calls itself (bf16, nf4, int8-wo, int4) and
 slots it calls back in Python (int8). And the kernels that read a prompt (``prefill.cpp``):
-attention against SDPA and float32, int4's unpacked weight against the Python's."""
+attention against SDPA and float32, int4's unpacked weight against the Python's. And the
+few-row products for CPUs without bf16 matmul (``matvec.cpp``) against float32 products."""
 
 from __future__ import annotations
 
@@ -128,7 +129,11 @@ def test_a_prompt_read_with_native_attention_is_as_close_to_float32_as_with_sdpa
         with torch.no_grad():
             return engine._decoder.forward(engine._current_weights(), ids, None, last_only=False)[0].float()
 
+    from tutor.engine.linears import bf16_matmul_is_emulated
+
     decoder = engine._decoder
+    if bf16_matmul_is_emulated():
+        pytest.skip("this CPU only emulates bf16 matmul: SDPA reads a prompt (decoder.native_prompt)")
     assert decoder.native_prompt(torch.bfloat16), "bf16 on this CPU: the prompt's attention is native"
     runs = {}
     for on in (True, False):
@@ -157,6 +162,84 @@ def test_int4s_unpacked_weight_is_the_pythons_bit_for_bit(engine) -> None:  # ty
     native = module.dequantized(torch.bfloat16)
     assert torch.equal(native, codes.dequantized().to(torch.bfloat16))
     assert native.t().is_contiguous(), "the native kernel's own (K, N) layout"
+
+
+def _within_bf16_rounding(got: torch.Tensor, exact: torch.Tensor) -> None:
+    """``got`` (bf16) is ``exact`` (float32) rounded to bf16, give or take the order of float32
+    sums: at most one bf16 step (2**-8 relative) from it."""
+    assert got.dtype == torch.bfloat16 and got.shape == exact.shape
+    worst = ((got.float() - exact).abs() / (exact.abs() * 2**-8 + 1e-6)).max()
+    assert worst <= 1.0, worst
+
+
+@pytest.mark.parametrize(("n", "k"), [(960, 576), (576, 1536), (70, 40)])
+@pytest.mark.parametrize("rows", [1, 2, 5])
+def test_the_bf16_matvec_is_the_float32_product_rounded_once(engine, n: int, k: int, rows: int) -> None:  # type: ignore[no-untyped-def]
+    """In runs of up to four rows, its outputs split between threads; k = 40 is not a whole
+    number of the AVX2 kernel's spans (plain code)."""
+    native = engine._decoder.native
+    generator = torch.Generator().manual_seed(n + rows)
+    weight = (torch.randn(n, k, generator=generator) * 0.05).bfloat16()
+    x = torch.randn(rows, k, generator=generator).bfloat16()
+    bias = torch.randn(n, generator=generator).bfloat16()
+    exact = x.float() @ weight.float().t()
+    _within_bf16_rounding(native.bf16_matvec(x, weight, None), exact)
+    _within_bf16_rounding(native.bf16_matvec(x, weight, bias), exact + bias.float())
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("rows", [1, 3, 6])
+def test_the_4bit_matvec_multiplies_bitsandbytes_float32_dequantization(
+    engine, quant_type: str, rows: int
+) -> None:  # type: ignore[no-untyped-def]
+    """Each weight is its code's value times its block's absmax in float32, bitsandbytes'
+    float32 dequantization of the codes: only the order of the float32 sums and the output's
+    rounding differ from that product."""
+    import bitsandbytes as bnb
+
+    from tutor.engine.linears import _absmax
+
+    native = engine._decoder.native
+    generator = torch.Generator().manual_seed(rows)
+    master = torch.randn(640, 576, generator=generator) * 0.05
+    codes, state = bnb.functional.quantize_4bit(master, blocksize=64, quant_type=quant_type)
+    dequantized = bnb.functional.dequantize_4bit(codes, state)
+    assert dequantized.dtype == torch.float32
+    x = torch.randn(rows, 576, generator=generator).bfloat16()
+    got = native.four_bit_matvec(
+        x, codes.view(torch.uint8).reshape(-1), _absmax(state).float(), state.code.float(), 640, 64, None
+    )
+    _within_bf16_rounding(got, x.float() @ dequantized.t())
+
+
+@pytest.mark.parametrize(("rows", "k"), [(1, 576), (6, 1536), (2, 40)])
+def test_the_int8_matvec_is_the_exact_integer_product(engine, rows: int, k: int) -> None:  # type: ignore[no-untyped-def]
+    native = engine._decoder.native
+    generator = torch.Generator().manual_seed(k)
+    x, weight = (
+        torch.randint(-127, 128, shape, generator=generator, dtype=torch.int8)
+        for shape in ((rows, k), (300, k))
+    )
+    assert torch.equal(native.int8_matvec(x, weight), x.int() @ weight.int().t())
+
+
+def test_without_bf16_matmul_decoding_multiplies_natively(engine) -> None:  # type: ignore[no-untyped-def]
+    """bf16 layers, the lm_head and nf4 layers run on the native matvec where oneDNN only
+    emulates bf16 (an AVX2 CPU), and so do LLM.int8's integer products; elsewhere oneDNN's and
+    bitsandbytes' kernels do."""
+    from tutor.engine.linears import RowsLinear, bf16_matmul_is_emulated
+
+    if not bf16_matmul_is_emulated():
+        pytest.skip("this CPU multiplies bf16 natively: oneDNN's and bitsandbytes' kernels serve")
+    for precision in ("bf16", "nf4"):
+        engine.switch(precision, wait=True)
+        weights = engine._current_weights()
+        layer = weights.layers[0]
+        assert type(weights.head) is RowsLinear
+        for slot in (layer.qkv or layer.q, layer.down):
+            assert type(slot) is RowsLinear, (precision, type(slot))
+    engine.switch("int8", wait=True)
+    assert engine._current_weights().layers[0].down.native is not None, "LLM.int8's codes multiplied natively"
 
 
 def test_a_failed_build_names_the_compilers_error() -> None:

@@ -72,7 +72,8 @@ def render_profile(rows: list[dict[str, Any]]) -> Any:
 
     table = Table(
         title="Where a decoded token's time goes (ms per token, under torch.profiler)",
-        caption="Operators' own CPU time by kind (bnb: bitsandbytes' quantized kernels); outside ops: "
+        caption="Operators' own CPU time by kind (bnb: bitsandbytes' quantized kernels, or the native "
+        "matvec on their codes where bitsandbytes has no kernel for this CPU); outside ops: "
         "the rest of the wall time (Python between operators, the decode loop). The profiler slows "
         "operators a little, so its total is above the bare decode time (1000 / decode tok/s).",
         box=box.SIMPLE_HEAD,

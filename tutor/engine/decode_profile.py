@@ -19,8 +19,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
 # (kind, name fragments), first match wins; matched against the lower-cased operator name.
 KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    # The native matvec's calls (quant_tutor::matvec_4bit, _int8, _bf16) by what they multiply.
     ("bnb kernels", ("bitsandbytes", "4bit", "int8", "igemm")),
-    ("dense matmul", ("linear", "matmul", "addmm", "mm", "mkldnn", "gemm", "gemv")),
+    ("dense matmul", ("linear", "matmul", "addmm", "mm", "mkldnn", "gemm", "gemv", "matvec")),
     ("attention", ("scaled_dot_product", "attention", "softmax")),
     ("norms", ("rms_norm", "rsqrt", "pow", "mean", "var")),
     ("sampling", ("argmax", "topk", "sort", "multinomial")),

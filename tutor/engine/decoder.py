@@ -33,7 +33,6 @@ from torch import nn
 from tutor.engine.attention import PROMPT_CHUNK, one_query_attention, pad_mask
 from tutor.engine.decoder_weights import LINEAR_NAMES, DecoderWeights, LayerWeights, linear_names
 from tutor.engine.linears import (
-    ModuleLinear,
     PackedLinear,
     PlainLinear,
     Slot,
@@ -45,8 +44,9 @@ from tutor.engine.linears import (
 FAST_ARCHITECTURES = ("LlamaForCausalLM",)
 # Raised when the fast decoder's arithmetic changes (``Engine.arithmetic``, in the Lab's cache
 # keys). 2: a prompt's attention in native/prefill.cpp; 3: a decode step's in
-# native/decode_attention.cpp.
-ARITHMETIC_VERSION = 3
+# native/decode_attention.cpp; 4: decoding's bf16 and 4-bit matmuls in native/matvec.cpp where
+# the CPU has no bf16 matmul.
+ARITHMETIC_VERSION = 4
 STATIC_ROPE = ("default", "linear", "llama3")
 
 
@@ -147,7 +147,7 @@ class FastDecoder:
             if self.can_pack(dtype):
                 head = PackedLinear(weight.to(dtype), None if bias is None else bias.to(dtype))
             elif weight.dtype == dtype:
-                head = ModuleLinear(self.model.lm_head)
+                head = module_slot(self.model.lm_head)
             else:
                 head = PlainLinear(weight.to(dtype), None if bias is None else bias.to(dtype))
         shared = dtype == weight.dtype

@@ -3,8 +3,9 @@
 A slot is a callable ``x -> x @ W.T (+ b)`` holding its weight in the layout its kernel wants:
 oneDNN's pre-packed blocks on CPU (``PackedLinear``), a cast copy (``PlainLinear``), the
 model's own module, bf16 master or bitsandbytes (``ModuleLinear``), bitsandbytes' 4-bit CPU
-kernel called straight (``Bnb4bitCpuLinear``), LLM.int8 in fewer ops (``LlmInt8Linear``), or
-any of them with its input shown to the weight lab and GPTQ (``Tap``).
+kernel called straight (``Bnb4bitCpuLinear``), a bf16 or 4-bit weight read by the native matvec
+where the CPU has no bf16 matmul (``RowsLinear``), LLM.int8 in fewer ops (``LlmInt8Linear``),
+or any of them with its input shown to the weight lab and GPTQ (``Tap``).
 """
 
 from __future__ import annotations
@@ -94,6 +95,13 @@ def bf16_matmul_is_emulated() -> bool:
         return True
 
 
+@functools.cache
+def int8_matmul_is_emulated() -> bool:
+    """True where bitsandbytes multiplies LLM.int8's codes as float32 (its CPU kernel, torch's
+    integer matmul, is registered for AVX-512 CPUs only)."""
+    return torch.backends.cpu.get_cpu_capability() != "AVX512"
+
+
 def dense_weight(module: nn.Module) -> torch.Tensor | None:
     """The bf16 weight ``module`` multiplies by: a master's own, or a 4-bit one dequantized as
     bitsandbytes' CPU path does (to the quant state's dtype); None for others (int8 multiplies
@@ -148,13 +156,9 @@ class Bnb4bitCpuLinear:
     __slots__ = ("absmax", "args", "blocksize", "function", "in_features", "out_features", "weight")
 
     def __init__(self, module: Any, function: Any) -> None:
-        import bitsandbytes as bnb
 
         state = module.weight.quant_state
-        absmax = state.absmax
-        if state.nested:  # double quantization: the absmax itself is quantized
-            absmax = bnb.functional.dequantize_blockwise(absmax, state.state2) + state.offset
-        self.absmax = absmax.to(torch.bfloat16).contiguous()
+        self.absmax = _absmax(state).to(torch.bfloat16).contiguous()
         self.weight = module.weight.data.contiguous().view(torch.uint8)
         self.out_features, self.in_features = (int(n) for n in state.shape)
         self.blocksize = int(state.blocksize)
@@ -194,6 +198,98 @@ class Bnb4bitCpuLinear:
         return []  # the module's own bytes (the absmax's bf16 copy is a few KiB)
 
 
+def _absmax(state: Any) -> torch.Tensor:
+    """A bitsandbytes 4-bit weight's scale per block, dequantized where double quantization
+    quantized it."""
+    import bitsandbytes as bnb
+
+    if state.nested:
+        return bnb.functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    return state.absmax
+
+
+class RowsLinear:
+    """A bf16 master or a bitsandbytes 4-bit module on a CPU without bf16 matmul.
+
+    Up to ``max_rows`` rows (decoding) go to the native matvec (``native/matvec.cpp``): the weight
+    read once, a 4-bit one as its float32 dequantization (its code's value times the block's
+    absmax), the sums in float32, the output rounded to bf16. Here bf16 matmul is emulated and
+    bitsandbytes' CPU fallback dequantizes the whole 4-bit weight at every call. More rows (a
+    prompt) are computed as ``ModuleLinear`` computes them (on the weight dequantized to bf16).
+    """
+
+    __slots__ = (
+        "absmax",
+        "bias",
+        "blocksize",
+        "many",
+        "max_rows",
+        "native",
+        "out_features",
+        "table",
+        "weight",
+    )
+
+    def __init__(self, module: Any, native: Any) -> None:
+        self.many = ModuleLinear(module)
+        self.native = native
+        self.max_rows = UPCAST_ROWS - 1
+        bias = getattr(module, "bias", None)
+        self.bias = None if bias is None else bias.detach()
+        state = getattr(module.weight, "quant_state", None)
+        self.absmax: torch.Tensor | None = None
+        self.table: torch.Tensor | None = None
+        self.blocksize = 0
+        if state is None:
+            self.weight = module.weight.detach()
+            self.out_features = int(self.weight.shape[0])
+            return
+        self.weight = module.weight.data.view(torch.uint8).reshape(-1)
+        self.absmax = _absmax(state).float().contiguous()
+        self.table = state.code.float().contiguous()
+        self.out_features = int(state.shape[0])
+        self.blocksize = int(state.blocksize)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        if rows.shape[0] > self.max_rows:
+            return self.many(x)
+        if self.table is None:
+            out = self.native.bf16_matvec(rows, self.weight, self.bias)
+        else:
+            out = self.native.four_bit_matvec(
+                rows, self.weight, self.absmax, self.table, self.out_features, self.blocksize, self.bias
+            )
+        return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return []  # the module's own bytes (a 4-bit absmax's float32 copy is a few KiB)
+
+
+def native_rows(module: Any) -> bool:
+    """Whether ``module`` is one ``RowsLinear`` computes here: a bf16 master or a bitsandbytes
+    NF4/FP4 module computing in bf16, on a CPU without bf16 matmul, the native kernels loaded."""
+    from tutor.engine import native_step
+
+    weight = getattr(module, "weight", None)
+    if native_step.loaded() is None or weight is None or weight.device.type != "cpu":
+        return False
+    if not bf16_matmul_is_emulated():
+        return False
+    if type(module) is nn.Linear:
+        return weight.dtype == torch.bfloat16
+    state = getattr(weight, "quant_state", None)
+    return (
+        state is not None
+        and not getattr(state, "packing_format_for_cpu", False)
+        and state.quant_type in ("nf4", "fp4")
+        and state.dtype == torch.bfloat16
+        and len(state.shape) == 2
+        and int(state.shape[1]) % int(state.blocksize) == 0
+        and int(state.blocksize) % 32 == 0
+    )
+
+
 class LlmInt8Linear:
     """A bitsandbytes LLM.int8 module (inference) with its math in fewer passes.
 
@@ -206,14 +302,20 @@ class LlmInt8Linear:
     output is bit for bit the module's; it holds nothing of its own.
     """
 
-    __slots__ = ("bias", "codes", "in_features", "out_features", "scales", "threshold")
+    __slots__ = ("bias", "codes", "in_features", "native", "out_features", "scales", "threshold")
 
     def __init__(self, module: Any) -> None:
+        from tutor.engine import native_step
+
         state = module.state
         self.codes, self.scales = state.CB, state.SCB  # (N, K) int8, (N,) float32
         self.out_features, self.in_features = (int(n) for n in self.codes.shape)
         self.threshold = float(state.threshold)
         self.bias = module.bias
+        # Without AVX-512 bitsandbytes multiplies int8 codes as float32 copies of them, made at
+        # every call: the native matvec sums the same products in int32 (exact, as the float32
+        # sums are below 2**24).
+        self.native = native_step.loaded() if int8_matmul_is_emulated() else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
@@ -233,7 +335,10 @@ class LlmInt8Linear:
         if columns is not None:  # held back: computed in 16-bit below
             scaled.index_fill_(1, columns, 0)
         codes = scaled.round_().to(torch.int8)
-        product = torch.ops.bitsandbytes.int8_linear_matmul.default(codes, self.codes)
+        if self.native is not None and codes.shape[0] < UPCAST_ROWS:
+            product = self.native.int8_matvec(codes, self.codes)
+        else:
+            product = torch.ops.bitsandbytes.int8_linear_matmul.default(codes, self.codes)
         out = (absmax * self.scales.unsqueeze(0)).mul_(product).mul_(6.200124e-05)
         if self.bias is not None:
             out += self.bias
@@ -249,13 +354,18 @@ class LlmInt8Linear:
 
 def module_slot(module: Any) -> Slot:
     """The slot for one of the model's modules: bitsandbytes' 4-bit kernel called straight where
-    the module runs on it (``Bnb4bitCpuLinear``), LLM.int8 on a CPU in fewer ops
-    (``LlmInt8Linear``), else the module as is."""
+    the module runs on it (``Bnb4bitCpuLinear``), the native matvec where the CPU has no bf16
+    matmul (``RowsLinear``), LLM.int8 on a CPU in fewer ops (``LlmInt8Linear``), else the module
+    as is."""
     state = getattr(getattr(module, "weight", None), "quant_state", None)
     if state is not None and getattr(state, "packing_format_for_cpu", False) and module.bias is None:
         function = _bnb_cpu_4bit_function(state.quant_type)
         if function is not None:
             return Bnb4bitCpuLinear(module, function)
+    if native_rows(module):
+        from tutor.engine import native_step
+
+        return RowsLinear(module, native_step.loaded())
     int8: Any = getattr(module, "state", None)  # LLM.int8's, once its codes are in place (a first call)
     if (
         getattr(int8, "CB", None) is not None
@@ -294,7 +404,7 @@ class Tap:
         return []
 
 
-Slot = PackedLinear | PlainLinear | ModuleLinear | Bnb4bitCpuLinear | LlmInt8Linear | Tap
+Slot = PackedLinear | PlainLinear | ModuleLinear | Bnb4bitCpuLinear | RowsLinear | LlmInt8Linear | Tap
 See = Callable[[tuple[str, ...], torch.Tensor], None]
 
 

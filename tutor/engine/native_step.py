@@ -33,8 +33,10 @@ import torch
 # The decode step, its attention (``decode_attention``), the kernels that read a prompt
 # (``prefill_attention``, ``int4_weight_t``), and the float helpers they share.
 FOLDER = Path(__file__).with_name("native")
-SOURCES = tuple(FOLDER / name for name in ("decode_step.cpp", "decode_attention.cpp", "prefill.cpp"))
-HEADERS = (FOLDER / "decode_attention.h", FOLDER / "vector_math.h")
+SOURCES = tuple(
+    FOLDER / name for name in ("decode_step.cpp", "decode_attention.cpp", "prefill.cpp", "matvec.cpp")
+)
+HEADERS = tuple(FOLDER / name for name in ("decode_attention.h", "matvec.h", "vector_math.h"))
 ENV = "QUANT_TUTOR_NATIVE_STEP"
 
 _lock = threading.Lock()
@@ -108,7 +110,10 @@ def _build(folder: Path, name: str) -> Any:
             name=name,
             sources=[str(source) for source in SOURCES],
             build_directory=str(folder),
-            extra_cflags=["-O3"],  # GCC 12 vectorizes 8 of prefill.cpp's loops at -O3, 4 at -O2
+            # GCC 12 vectorizes 8 of prefill.cpp's loops at -O3, 4 at -O2. OpenMP: ATen's
+            # parallel_for (matvec.cpp) is OpenMP pragmas in its header, one thread without it.
+            extra_cflags=["-O3", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
             verbose=False,
         )
 
@@ -154,9 +159,9 @@ def layers_for(module: Any, decoder: Any, weights: Any) -> Any:
 
 
 # How decode_step.cpp calls a slot: bitsandbytes' 4-bit kernel, oneDNN's packed linear, torch's
-# weight-only int8 or int4 kernel (up to the rows their modules use it for), or the slot itself
-# back in Python (LLM.int8, taps, a part of an int4 weight).
-FOUR_BIT, PACKED, PYTHON, INT8_PACK, INT4_PACK = 0, 1, 2, 3, 4
+# weight-only int8 or int4 kernel or native/matvec.cpp (up to the rows their slots use it for),
+# or the slot itself back in Python (LLM.int8, taps, a part of an int4 weight).
+FOUR_BIT, PACKED, PYTHON, INT8_PACK, INT4_PACK, ROWS = 0, 1, 2, 3, 4, 5
 
 
 def _spec(slot: Any) -> tuple[Any, ...] | None:
@@ -164,7 +169,7 @@ def _spec(slot: Any) -> tuple[Any, ...] | None:
 
     from tutor.engine import int4
     from tutor.engine.int8wo import Int8WoLinear
-    from tutor.engine.linears import PREFILL_ROWS, Bnb4bitCpuLinear, ModuleLinear, PackedLinear
+    from tutor.engine.linears import PREFILL_ROWS, Bnb4bitCpuLinear, ModuleLinear, PackedLinear, RowsLinear
 
     if slot is None:
         return None
@@ -174,6 +179,18 @@ def _spec(slot: Any) -> tuple[Any, ...] | None:
         return (FOUR_BIT, slot.weight, slot.absmax, *sizes, kernel)
     if type(slot) is PackedLinear:
         return (PACKED, slot.weight, slot.bias)
+    if type(slot) is RowsLinear:
+        return (
+            ROWS,
+            slot.weight,
+            slot.absmax,
+            slot.table,
+            slot.bias,
+            slot.out_features,
+            slot.blocksize,
+            slot.max_rows,
+            slot,
+        )
     module = slot.module if type(slot) is ModuleLinear else None
     if type(module) is Int8WoLinear:
         shape = (module.out_features, module.in_features, 0, PREFILL_ROWS)

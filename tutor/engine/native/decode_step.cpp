@@ -9,6 +9,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include "decode_attention.h"
+#include "matvec.h"
 
 #include <optional>
 #include <string>
@@ -22,15 +23,18 @@ using Kernel4bit = void (*)(int64_t, int64_t, int64_t, const void*, const void*,
                             int64_t, int64_t, int64_t);
 
 // int8-wo and int4 (tutor.engine.int8wo, tutor.engine.int4) call torch's weight-only kernels up
-// to ``max_rows`` rows, as their modules do; above it their modules multiply otherwise, so the
-// slot is called back.
-enum Kind : int64_t { kFourBit = 0, kPacked = 1, kPython = 2, kInt8Pack = 3, kInt4Pack = 4 };
+// to ``max_rows`` rows, as their modules do, and a bf16 or 4-bit weight on a CPU without bf16
+// matmul (tutor.engine.linears.RowsLinear) native/matvec.cpp; above it their modules multiply
+// otherwise, so the slot is called back.
+enum Kind : int64_t { kFourBit = 0, kPacked = 1, kPython = 2, kInt8Pack = 3, kInt4Pack = 4, kRows = 5 };
 
 struct Slot {
   int64_t kind = kPython;
   at::Tensor weight;  // 4-bit: the packed codes; packed: oneDNN's weight; int8/int4: the codes
   at::Tensor extra;   // 4-bit: the absmax (bf16); packed: the bias (undefined: none); int8/int4:
-                      // the scales (and zeros)
+                      // the scales (and zeros); rows: the absmax (float32) of a 4-bit weight
+  std::optional<at::Tensor> bias;  // rows: the bias, if any
+  at::Tensor table;   // rows: a 4-bit weight's code values (undefined: a bf16 weight)
   int64_t n = 0, k = 0, blocksize = 0, max_rows = 0;
   Kernel4bit kernel = nullptr;
   py::object call;  // any other slot (and int8/int4 over max_rows rows), called back in Python
@@ -61,6 +65,11 @@ struct Slot {
       auto out = kind == kInt8Pack ? at::_weight_int8pack_mm(x, weight, extra)
                                    : at::_weight_int4pack_mm_for_cpu(x, weight, blocksize, extra);
       return out.to(input.scalar_type()).view({input.size(0), n});
+    }
+    if (kind == kRows && input.size(0) <= max_rows) {
+      auto out = table.defined() ? four_bit_matvec(input, weight, extra, table, n, blocksize, bias)
+                                 : bf16_matvec(input, weight, bias);
+      return out.to(input.scalar_type());
     }
     py::gil_scoped_acquire gil;
     return call(input).cast<at::Tensor>();
@@ -111,6 +120,19 @@ std::optional<Slot> slot_of(const py::object& spec) {
     slot.blocksize = t[5].cast<int64_t>();
     slot.max_rows = t[6].cast<int64_t>();
     slot.call = t[7];
+  } else if (slot.kind == kRows) {
+    slot.weight = t[1].cast<at::Tensor>();
+    if (!t[2].is_none()) {
+      slot.extra = t[2].cast<at::Tensor>();
+      slot.table = t[3].cast<at::Tensor>();
+    }
+    if (!t[4].is_none()) {
+      slot.bias = t[4].cast<at::Tensor>();
+    }
+    slot.n = t[5].cast<int64_t>();
+    slot.blocksize = t[6].cast<int64_t>();
+    slot.max_rows = t[7].cast<int64_t>();
+    slot.call = t[8];
   } else {
     slot.call = t[1];
   }
@@ -201,4 +223,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &decode_attention, py::call_guard<py::gil_scoped_release>());
   m.def("one_query_attention", &one_query_attention, py::call_guard<py::gil_scoped_release>());
   m.def("int4_weight_t", &int4_weight_t, py::call_guard<py::gil_scoped_release>());
+  m.def("bf16_matvec", &bf16_matvec, py::call_guard<py::gil_scoped_release>());
+  m.def("four_bit_matvec", &four_bit_matvec, py::call_guard<py::gil_scoped_release>());
+  m.def("int8_matvec", &int8_matvec, py::call_guard<py::gil_scoped_release>());
 }

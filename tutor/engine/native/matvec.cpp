@@ -1,0 +1,363 @@
+// Few-row products (a decode step's rows) for CPUs without a bf16 matmul of their own, where
+// oneDNN emulates bf16 and bitsandbytes' CPU kernels are missing (its 4-bit one is AVX-512 BF16,
+// its int8 one AVX-512): a bf16 weight, a bitsandbytes NF4/FP4 one or LLM.int8's codes, read
+// once per call. On a 2-core AVX2 EPYC an nf4 decode step had spent 129 ms a token in
+// bitsandbytes' fallback, which dequantizes the whole weight at every call, and LLM.int8 its
+// time in float32 copies of its codes made at every call. Each call is named to the profiler
+// (quant_tutor::matvec_*), so that `quant-tutor bench --profile` counts it as a matmul.
+#include "matvec.h"
+
+#include "vector_math.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/record_function.h>
+
+#include <bit>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define MATVEC_AVX2 1
+#define TARGET_AVX2 __attribute__((target("avx2,fma")))
+#else
+#define MATVEC_AVX2 0
+#endif
+
+namespace {
+
+constexpr int64_t ROWS_AT_ONCE = 4;  // input rows sharing one read of the weight
+constexpr int64_t GRAIN = 32;        // outputs per thread at least
+constexpr int64_t SPAN = 16;         // the AVX2 kernels' step along k
+
+constexpr int64_t NIBBLE_SPAN = 32;  // the 4-bit kernel's: 16 bytes of codes
+
+// Where a span of the input goes in the AVX2 kernels' order. bf16: unpacking 16 weights into two
+// vectors of floats takes weights 0-3 and 8-11 into the first, 4-7 and 12-15 into the second.
+// 4-bit: each byte holds weights 2i (high nibble) and 2i+1 (low); the low nibbles are looked up
+// in the first half of a vector, the high ones in the second, and the bytes of their floats
+// interleaved within each half.
+constexpr int BF16_ORDER[SPAN] = {0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15};
+constexpr int NIBBLE_ORDER[NIBBLE_SPAN] = {1,  3,  5,  7,  0,  2,  4,  6,  9,  11, 13, 15, 8,  10, 12, 14,
+                                           17, 19, 21, 23, 16, 18, 20, 22, 25, 27, 29, 31, 24, 26, 28, 30};
+
+bool avx2(int64_t k) {
+#if MATVEC_AVX2
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has && k % SPAN == 0;
+#else
+  (void)k;
+  return false;
+#endif
+}
+
+// The input rows in float32, each ``span`` of them in ``order`` (none: as they are).
+std::vector<float> arranged(const at::Tensor& x, const int* order, int64_t span = SPAN) {
+  const int64_t size = x.numel();
+  std::vector<float> out(static_cast<size_t>(size));
+  auto place = [&](auto&& value_at) {
+    for (int64_t at = 0; at < size; at += span) {
+      for (int64_t i = 0; i < span && at + i < size; ++i) {
+        out[at + i] = value_at(order ? at + order[i] : at + i);
+      }
+    }
+  };
+  if (x.scalar_type() == at::kBFloat16 && x.is_contiguous()) {
+    const auto* bits = reinterpret_cast<const uint16_t*>(x.data_ptr());
+    place([&](int64_t at) { return vector_math::from_bf16(bits[at]); });
+  } else {
+    const auto flat = x.to(at::kFloat).contiguous();
+    const float* from = flat.data_ptr<float>();
+    place([&](int64_t at) { return from[at]; });
+  }
+  return out;
+}
+
+// Calls ``kernel(first, R)``, R a std::integral_constant, for each run of at most ROWS_AT_ONCE
+// rows from row ``first``.
+template <typename Kernel>
+void in_runs(int64_t rows, Kernel&& kernel) {
+  for (int64_t first = 0; first < rows; first += ROWS_AT_ONCE) {
+    switch (std::min(rows - first, ROWS_AT_ONCE)) {
+      case 1: kernel(first, std::integral_constant<int, 1>{}); break;
+      case 2: kernel(first, std::integral_constant<int, 2>{}); break;
+      case 3: kernel(first, std::integral_constant<int, 3>{}); break;
+      default: kernel(first, std::integral_constant<int, 4>{}); break;
+    }
+  }
+}
+
+// Rows this far ahead of the one being read are asked for from memory (the prefetchers alone
+// kept reads of a token's bf16 weights at 6.8 GB/s on a 2-core AVX2 EPYC that sums them at
+// 8.5 GB/s; fetched ahead: 8.0).
+constexpr int64_t AHEAD = 4;
+constexpr int64_t LINE = 64;  // bytes in a cache line
+
+#if MATVEC_AVX2
+TARGET_AVX2 inline float sum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// Outputs [begin, end) of R rows, ``xs`` in BF16_ORDER.
+template <int R>
+TARGET_AVX2 void bf16_avx2(const float* xs, int64_t k, const uint16_t* weight, int64_t n, int64_t begin,
+                           int64_t end, float* sums) {
+  const __m256i zero = _mm256_setzero_si256();
+  for (int64_t j = begin; j < end; ++j) {
+    const uint16_t* row = weight + j * k;
+    __m256 acc[R][2];
+    for (int r = 0; r < R; ++r) {
+      acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    }
+    for (int64_t i = 0; i < k; i += SPAN) {
+      if (i % (LINE / 2) == 0) {
+        _mm_prefetch(reinterpret_cast<const char*>(row + AHEAD * k + i), _MM_HINT_T0);
+      }
+      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + i));
+      const __m256 low = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, raw));
+      const __m256 high = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, raw));
+      for (int r = 0; r < R; ++r) {
+        acc[r][0] = _mm256_fmadd_ps(low, _mm256_loadu_ps(xs + r * k + i), acc[r][0]);
+        acc[r][1] = _mm256_fmadd_ps(high, _mm256_loadu_ps(xs + r * k + i + 8), acc[r][1]);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      sums[r * n + j] = sum8(_mm256_add_ps(acc[r][0], acc[r][1]));
+    }
+  }
+}
+
+// Outputs [begin, end) of R rows, ``xs`` in NIBBLE_ORDER, ``planes`` the code table's floats
+// as four 16-byte tables (byte 0 of each value, byte 1, ...), each in both halves. 32 codes are
+// looked up at once by byte shuffles, one table per byte of the float, and the float32 value
+// assembled from its bytes; a block's sums are scaled by its absmax once, at its end.
+template <int R>
+TARGET_AVX2 void four_bit_avx2(const float* xs, int64_t k, const uint8_t* codes, const float* absmax,
+                               const __m256i* planes, int64_t blocksize, int64_t n, int64_t begin, int64_t end,
+                               float* sums) {
+  const __m128i nibble = _mm_set1_epi8(15);
+  for (int64_t j = begin; j < end; ++j) {
+    const uint8_t* row = codes + j * (k / 2);
+    const float* scales = absmax + j * (k / blocksize);
+    __m256 acc[R];
+    for (int r = 0; r < R; ++r) {
+      acc[r] = _mm256_setzero_ps();
+    }
+    for (int64_t block = 0; block < k; block += blocksize) {
+      __m256 part[R][4];  // one sum per vector of w: no FMA waits on another's result
+      for (int r = 0; r < R; ++r) {
+        for (int v = 0; v < 4; ++v) {
+          part[r][v] = _mm256_setzero_ps();
+        }
+      }
+      for (int64_t i = block; i < block + blocksize; i += NIBBLE_SPAN) {
+        if (i % (2 * LINE) == 0) {
+          _mm_prefetch(reinterpret_cast<const char*>(row + AHEAD * (k / 2) + i / 2), _MM_HINT_T0);
+        }
+        const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + i / 2));
+        const __m256i code = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bytes, 4), nibble),
+                                              _mm_and_si128(bytes, nibble));
+        const __m256i b0 = _mm256_shuffle_epi8(planes[0], code), b1 = _mm256_shuffle_epi8(planes[1], code);
+        const __m256i b2 = _mm256_shuffle_epi8(planes[2], code), b3 = _mm256_shuffle_epi8(planes[3], code);
+        const __m256i low01 = _mm256_unpacklo_epi8(b0, b1), high01 = _mm256_unpackhi_epi8(b0, b1);
+        const __m256i low23 = _mm256_unpacklo_epi8(b2, b3), high23 = _mm256_unpackhi_epi8(b2, b3);
+        const __m256 w[4] = {_mm256_castsi256_ps(_mm256_unpacklo_epi16(low01, low23)),
+                             _mm256_castsi256_ps(_mm256_unpackhi_epi16(low01, low23)),
+                             _mm256_castsi256_ps(_mm256_unpacklo_epi16(high01, high23)),
+                             _mm256_castsi256_ps(_mm256_unpackhi_epi16(high01, high23))};
+        for (int r = 0; r < R; ++r) {
+          for (int v = 0; v < 4; ++v) {
+            part[r][v] = _mm256_fmadd_ps(w[v], _mm256_loadu_ps(xs + r * k + i + 8 * v), part[r][v]);
+          }
+        }
+      }
+      const __m256 scale = _mm256_set1_ps(scales[block / blocksize]);
+      for (int r = 0; r < R; ++r) {
+        const __m256 block_sum = _mm256_add_ps(_mm256_add_ps(part[r][0], part[r][1]), _mm256_add_ps(part[r][2], part[r][3]));
+        acc[r] = _mm256_fmadd_ps(scale, block_sum, acc[r]);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      sums[r * n + j] = sum8(acc[r]);
+    }
+  }
+}
+
+// Outputs [begin, end) of R rows of int8 codes times int8 codes, ``xs`` the rows' codes widened
+// to int16: exact int32 sums.
+template <int R>
+TARGET_AVX2 void int8_avx2(const int16_t* xs, int64_t k, const int8_t* weight, int64_t n, int64_t begin,
+                           int64_t end, int32_t* sums) {
+  for (int64_t j = begin; j < end; ++j) {
+    const int8_t* row = weight + j * k;
+    __m256i acc[R];
+    for (int r = 0; r < R; ++r) {
+      acc[r] = _mm256_setzero_si256();
+    }
+    for (int64_t i = 0; i < k; i += SPAN) {
+      if (i % LINE == 0) {
+        _mm_prefetch(reinterpret_cast<const char*>(row + AHEAD * k + i), _MM_HINT_T0);
+      }
+      const __m256i w = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + i)));
+      for (int r = 0; r < R; ++r) {
+        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xs + r * k + i));
+        acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(w, x));
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      __m128i s = _mm_add_epi32(_mm256_castsi256_si128(acc[r]), _mm256_extracti128_si256(acc[r], 1));
+      s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+      s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+      sums[r * n + j] = _mm_cvtsi128_si32(s);
+    }
+  }
+}
+#endif
+
+// The same sums in plain code (another CPU, or k not a multiple of SPAN); ``weight_at(j, i)``
+// is weight (j, i) as a float.
+template <typename Sum, typename Weight>
+void plain(const Sum* xs, int64_t rows, int64_t k, int64_t n, int64_t begin, int64_t end, Sum* sums,
+           Weight&& weight_at) {
+  for (int64_t j = begin; j < end; ++j) {
+    for (int64_t r = 0; r < rows; ++r) {
+      Sum sum = 0;
+      for (int64_t i = 0; i < k; ++i) {
+        sum += weight_at(j, i) * xs[r * k + i];
+      }
+      sums[r * n + j] = sum;
+    }
+  }
+}
+
+// (rows, n) bf16 from float32 sums, the bias (if any) added before rounding.
+at::Tensor finished(const std::vector<float>& sums, int64_t rows, int64_t n, const at::Tensor& like,
+                    const std::optional<at::Tensor>& bias) {
+  auto out = at::empty({rows, n}, like.options().dtype(at::kBFloat16));
+  auto* bits = reinterpret_cast<uint16_t*>(out.data_ptr());
+  std::optional<at::Tensor> b;
+  if (bias) {
+    b = bias->to(at::kFloat).contiguous();
+  }
+  const float* add = b ? b->data_ptr<float>() : nullptr;
+  for (int64_t at = 0; at < rows * n; ++at) {
+    bits[at] = vector_math::to_bf16(add ? sums[at] + add[at % n] : sums[at]);
+  }
+  return out;
+}
+
+void check_input(const at::Tensor& x, int64_t k) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == k, "a matvec's input is (rows, ", k, "), not ", x.sizes());
+}
+
+}  // namespace
+
+at::Tensor bf16_matvec(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  RECORD_FUNCTION("quant_tutor::matvec_bf16", std::vector<c10::IValue>());
+  TORCH_CHECK(weight.scalar_type() == at::kBFloat16 && weight.dim() == 2 && weight.is_contiguous(),
+              "bf16_matvec wants a contiguous (n, k) bf16 weight");
+  const int64_t rows = x.size(0), k = weight.size(1), n = weight.size(0);
+  check_input(x, k);
+  const auto* w = reinterpret_cast<const uint16_t*>(weight.data_ptr());
+  const bool fast = avx2(k);
+  const auto xs = arranged(x, fast ? BF16_ORDER : nullptr);
+  std::vector<float> sums(static_cast<size_t>(rows * n));
+  at::parallel_for(0, n, GRAIN, [&](int64_t begin, int64_t end) {
+#if MATVEC_AVX2
+    if (fast) {
+      in_runs(rows, [&](int64_t first, auto run) {
+        bf16_avx2<decltype(run)::value>(xs.data() + first * k, k, w, n, begin, end, sums.data() + first * n);
+      });
+      return;
+    }
+#endif
+    plain(xs.data(), rows, k, n, begin, end, sums.data(),
+          [&](int64_t j, int64_t i) { return vector_math::from_bf16(w[j * k + i]); });
+  });
+  return finished(sums, rows, n, x, bias);
+}
+
+at::Tensor int8_matvec(const at::Tensor& x, const at::Tensor& weight) {
+  RECORD_FUNCTION("quant_tutor::matvec_int8", std::vector<c10::IValue>());
+  TORCH_CHECK(x.scalar_type() == at::kChar && weight.scalar_type() == at::kChar && weight.dim() == 2 &&
+                  weight.is_contiguous(),
+              "int8_matvec wants (rows, k) and contiguous (n, k) int8 codes");
+  const int64_t rows = x.size(0), k = weight.size(1), n = weight.size(0);
+  check_input(x, k);
+  const auto wide = x.to(at::kShort).contiguous();
+  const int16_t* xs = wide.data_ptr<int16_t>();
+  const int8_t* w = weight.data_ptr<int8_t>();
+  auto out = at::empty({rows, n}, x.options().dtype(at::kInt));
+  int32_t* sums = out.data_ptr<int32_t>();
+  const bool fast = avx2(k);
+  at::parallel_for(0, n, GRAIN, [&](int64_t begin, int64_t end) {
+#if MATVEC_AVX2
+    if (fast) {
+      in_runs(rows, [&](int64_t first, auto run) {
+        int8_avx2<decltype(run)::value>(xs + first * k, k, w, n, begin, end, sums + first * n);
+      });
+      return;
+    }
+#endif
+    // int16 by int16 products in int32, as the AVX2 kernel's
+    std::vector<int32_t> widened(xs, xs + rows * k);
+    plain(widened.data(), rows, k, n, begin, end, sums,
+          [&](int64_t j, int64_t i) { return static_cast<int32_t>(w[j * k + i]); });
+  });
+  return out;
+}
+
+at::Tensor four_bit_matvec(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& absmax,
+                           const at::Tensor& table, int64_t n, int64_t blocksize,
+                           const std::optional<at::Tensor>& bias) {
+  RECORD_FUNCTION("quant_tutor::matvec_4bit", std::vector<c10::IValue>());
+  const int64_t rows = x.size(0), k = x.size(1);
+  TORCH_CHECK(x.dim() == 2 && k % blocksize == 0 && blocksize % NIBBLE_SPAN == 0, "4-bit rows of ", k,
+              " in blocks of ", blocksize);
+  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous() && codes.numel() * 2 == n * k,
+              "4-bit codes: ", codes.numel(), " bytes for ", n, "x", k);
+  TORCH_CHECK(absmax.scalar_type() == at::kFloat && absmax.is_contiguous() && absmax.numel() * blocksize == n * k,
+              "4-bit absmax: ", absmax.numel(), " scales for ", n, "x", k, " in blocks of ", blocksize);
+  TORCH_CHECK(table.scalar_type() == at::kFloat && table.is_contiguous() && table.numel() == 16,
+              "a 4-bit code table has 16 floats");
+  const uint8_t* c = codes.data_ptr<uint8_t>();
+  const float* scales = absmax.data_ptr<float>();
+  const float* values = table.data_ptr<float>();
+  const bool fast = avx2(k);
+  const auto xs = arranged(x, fast ? NIBBLE_ORDER : nullptr, NIBBLE_SPAN);
+  std::vector<float> sums(static_cast<size_t>(rows * n));
+#if MATVEC_AVX2
+  uint8_t plane_bytes[4][32];
+  for (int code = 0; code < 16; ++code) {
+    const auto bits = std::bit_cast<uint32_t>(values[code]);
+    for (int p = 0; p < 4; ++p) {
+      plane_bytes[p][code] = plane_bytes[p][code + 16] = static_cast<uint8_t>(bits >> (8 * p));
+    }
+  }
+  __m256i planes[4];
+  std::memcpy(planes, plane_bytes, sizeof(planes));
+#endif
+  at::parallel_for(0, n, GRAIN, [&](int64_t begin, int64_t end) {
+#if MATVEC_AVX2
+    if (fast) {
+      in_runs(rows, [&](int64_t first, auto run) {
+        four_bit_avx2<decltype(run)::value>(xs.data() + first * k, k, c, scales, planes, blocksize, n, begin, end,
+                                            sums.data() + first * n);
+      });
+      return;
+    }
+#endif
+    plain(xs.data(), rows, k, n, begin, end, sums.data(), [&](int64_t j, int64_t i) {
+      const int64_t at = j * k + i;
+      const uint8_t byte = c[at / 2];
+      return values[at % 2 ? byte & 15 : byte >> 4] * scales[at / blocksize];
+    });
+  });
+  return finished(sums, rows, n, x, bias);
+}
