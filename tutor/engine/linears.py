@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tutor.engine import native_step
+
 try:  # oneDNN's linear with a pre-packed weight (what torch.compile's CPU backend uses)
     _linear_pointwise: Any = torch.ops.mkldnn._linear_pointwise
 except (AttributeError, RuntimeError):  # pragma: no cover - builds without oneDNN
@@ -230,9 +232,9 @@ class RowsLinear:
         "weight",
     )
 
-    def __init__(self, module: Any, native: Any) -> None:
+    def __init__(self, module: Any) -> None:
         self.many = ModuleLinear(module)
-        self.native = native
+        self.native: Any = native_step.loaded()  # loaded: native_rows() said so
         self.max_rows = UPCAST_ROWS - 1
         bias = getattr(module, "bias", None)
         self.bias = None if bias is None else bias.detach()
@@ -269,8 +271,6 @@ class RowsLinear:
 def native_rows(module: Any) -> bool:
     """Whether ``module`` is one ``RowsLinear`` computes here: a bf16 master or a bitsandbytes
     NF4/FP4 module computing in bf16, on a CPU without bf16 matmul, the native kernels loaded."""
-    from tutor.engine import native_step
-
     weight = getattr(module, "weight", None)
     if native_step.loaded() is None or weight is None or weight.device.type != "cpu":
         return False
@@ -305,8 +305,6 @@ class LlmInt8Linear:
     __slots__ = ("bias", "codes", "in_features", "native", "out_features", "scales", "threshold")
 
     def __init__(self, module: Any) -> None:
-        from tutor.engine import native_step
-
         state = module.state
         self.codes, self.scales = state.CB, state.SCB  # (N, K) int8, (N,) float32
         self.out_features, self.in_features = (int(n) for n in self.codes.shape)
@@ -363,9 +361,7 @@ def module_slot(module: Any) -> Slot:
         if function is not None:
             return Bnb4bitCpuLinear(module, function)
     if native_rows(module):
-        from tutor.engine import native_step
-
-        return RowsLinear(module, native_step.loaded())
+        return RowsLinear(module)
     int8: Any = getattr(module, "state", None)  # LLM.int8's, once its codes are in place (a first call)
     if (
         getattr(int8, "CB", None) is not None

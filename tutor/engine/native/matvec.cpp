@@ -16,7 +16,6 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
-#include <utility>
 #include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -221,9 +220,9 @@ TARGET_AVX2 void int8_avx2(const int16_t* xs, int64_t k, const int8_t* weight, i
 #endif
 
 // The same sums in plain code (another CPU, or k not a multiple of SPAN); ``weight_at(j, i)``
-// is weight (j, i) as a float.
-template <typename Sum, typename Weight>
-void plain(const Sum* xs, int64_t rows, int64_t k, int64_t n, int64_t begin, int64_t end, Sum* sums,
+// is weight (j, i) as a Sum.
+template <typename In, typename Sum, typename Weight>
+void plain(const In* xs, int64_t rows, int64_t k, int64_t n, int64_t begin, int64_t end, Sum* sums,
            Weight&& weight_at) {
   for (int64_t j = begin; j < end; ++j) {
     for (int64_t r = 0; r < rows; ++r) {
@@ -305,9 +304,7 @@ at::Tensor int8_matvec(const at::Tensor& x, const at::Tensor& weight) {
       return;
     }
 #endif
-    // int16 by int16 products in int32, as the AVX2 kernel's
-    std::vector<int32_t> widened(xs, xs + rows * k);
-    plain(widened.data(), rows, k, n, begin, end, sums,
+    plain(xs, rows, k, n, begin, end, sums,
           [&](int64_t j, int64_t i) { return static_cast<int32_t>(w[j * k + i]); });
   });
   return out;
