@@ -91,8 +91,21 @@ async def palette(app: App[None]) -> dict[str, DiscoveryHit | Hit]:
 
 @pytest.fixture(scope="session")
 def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A cache dir holding the converted embedded checkpoint and the lesson index."""
-    return tmp_path_factory.mktemp("model-cache")
+    """A cache dir holding the converted embedded checkpoint and the lesson index.
+
+    Its native extension's build is one for the whole run: under pytest-xdist each worker has a
+    cache of its own, and each built the extension (60-115 s on a 2-core AVX2 EPYC, both
+    workers compiling at once). In a folder they share, the second waits on the first's build
+    lock and loads what it built, as a second app on one machine does.
+    """
+    cache = tmp_path_factory.mktemp("model-cache")
+    run = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        run = run.parent  # the run's folder, above each worker's own
+    native = run / "native-build"
+    native.mkdir(exist_ok=True)
+    (cache / "native").symlink_to(native, target_is_directory=True)
+    return cache
 
 
 @pytest.fixture(scope="session")

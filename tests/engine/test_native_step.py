@@ -295,9 +295,11 @@ def test_a_build_killed_midway_does_not_stall_the_next_load(engine, model_cache,
     assert load(timeout=120) == "True", "the load waited on a dead build's lock file"
 
 
-def test_a_library_left_broken_is_built_again(engine, model_cache, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_a_library_left_broken_is_removed_for_the_next_load(engine, model_cache, tmp_path) -> None:  # type: ignore[no-untyped-def]
     folder, load = _built_copy(model_cache, tmp_path)
     [library] = folder.glob("*.so")
     library.write_bytes(library.read_bytes()[:100])  # as a link killed halfway leaves it
-    assert load() == "not loaded" and not folder.exists()  # this process: the Python loop
-    assert load() == "True" and library.stat().st_size > 100  # the next: built afresh
+    # This process runs the Python loop, and the folder is gone: the next load builds from
+    # nothing, as the session's own first build did (building it again here took 104 s on a
+    # 2-core AVX2 EPYC and would test that build once more).
+    assert load() == "not loaded" and not folder.exists()
