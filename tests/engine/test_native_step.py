@@ -164,11 +164,12 @@ def test_int4s_unpacked_weight_is_the_pythons_bit_for_bit(engine) -> None:  # ty
     assert native.t().is_contiguous(), "the native kernel's own (K, N) layout"
 
 
-def _within_bf16_rounding(got: torch.Tensor, exact: torch.Tensor) -> None:
+def _within_bf16_rounding(got: torch.Tensor, exact: torch.Tensor, beside: torch.Tensor | float = 0.0) -> None:
     """``got`` (bf16) is ``exact`` (float32) rounded to bf16, give or take the order of float32
-    sums: at most one bf16 step (2**-8 relative) from it."""
+    sums: at most one bf16 step (2**-8 relative) from it, and ``beside`` (a bound on any other
+    error)."""
     assert got.dtype == torch.bfloat16 and got.shape == exact.shape
-    worst = ((got.float() - exact).abs() / (exact.abs() * 2**-8 + 1e-6)).max()
+    worst = ((got.float() - exact).abs() / (exact.abs() * 2**-8 + beside + 1e-6)).max()
     assert worst <= 1.0, worst
 
 
@@ -193,8 +194,9 @@ def test_the_4bit_matvec_multiplies_bitsandbytes_float32_dequantization(
     engine, quant_type: str, rows: int
 ) -> None:  # type: ignore[no-untyped-def]
     """Each weight is its code's value times its block's absmax in float32, bitsandbytes'
-    float32 dequantization of the codes: only the order of the float32 sums and the output's
-    rounding differ from that product."""
+    float32 dequantization of the codes. With AVX2 the code values and each 32 inputs are
+    14-bit fixed point: each product is then off by at most absmax * (the span's largest input)
+    / 16383, on top of the output's rounding to bf16."""
     import bitsandbytes as bnb
 
     from tutor.engine.linears import _absmax
@@ -206,10 +208,32 @@ def test_the_4bit_matvec_multiplies_bitsandbytes_float32_dequantization(
     dequantized = bnb.functional.dequantize_4bit(codes, state)
     assert dequantized.dtype == torch.float32
     x = torch.randn(rows, 576, generator=generator).bfloat16()
+    absmax = _absmax(state).float()
     got = native.four_bit_matvec(
-        x, codes.view(torch.uint8).reshape(-1), _absmax(state).float(), state.code.float(), 640, 64, None
+        x, codes.view(torch.uint8).reshape(-1), absmax, state.code.float(), 640, 64, None
     )
-    _within_bf16_rounding(got, x.float() @ dequantized.t())
+    span_largest = x.float().abs().view(rows, -1, 32).amax(-1)
+    fixed_point = 32 * span_largest @ absmax.view(640, -1).repeat_interleave(2, dim=1).t() / 16383
+    _within_bf16_rounding(got, x.float() @ dequantized.t(), fixed_point)
+
+
+@pytest.mark.parametrize("rows", [1, 7, 300])
+def test_the_native_norm_and_mlp_product_round_as_torchs_ops(engine, rows: int) -> None:  # type: ignore[no-untyped-def]
+    """``layer_math.cpp``'s RMSNorm and silu(gate) * up against the ATen ops they replace in bf16
+    (the Python loop's without the extension): the same roundings, the float32 sums in another
+    order, so at most one bf16 step apart; the gate and up here are slices of one tensor."""
+    import torch.nn.functional as F
+
+    native = engine._decoder.native
+    generator = torch.Generator().manual_seed(rows)
+    x = (torch.randn(rows, 576, generator=generator) * 3).bfloat16()
+    weight = torch.rand(576, generator=generator).bfloat16()
+    expected = weight * F.rms_norm(x.float(), (576,), eps=1e-5).bfloat16()
+    _within_bf16_rounding(native.rms_norm(x, weight, 1e-5), expected.float(), 2**-8 * expected.float().abs())
+    both = (torch.randn(rows, 2 * 1536, generator=generator) * 4).bfloat16()
+    gate, up = both[:, :1536], both[:, 1536:]
+    expected = F.silu(gate) * up
+    _within_bf16_rounding(native.silu_mul(gate, up), expected.float(), 2**-8 * expected.float().abs())
 
 
 @pytest.mark.parametrize(("rows", "k"), [(1, 576), (6, 1536), (2, 40)])

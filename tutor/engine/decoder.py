@@ -45,8 +45,9 @@ FAST_ARCHITECTURES = ("LlamaForCausalLM",)
 # Raised when the fast decoder's arithmetic changes (``Engine.arithmetic``, in the Lab's cache
 # keys). 2: a prompt's attention in native/prefill.cpp; 3: a decode step's in
 # native/decode_attention.cpp; 4: decoding's bf16 and 4-bit matmuls in native/matvec.cpp where
-# the CPU has no bf16 matmul.
-ARITHMETIC_VERSION = 4
+# the CPU has no bf16 matmul; 5: bf16's RMSNorm and silu(gate) * up in native/layer_math.cpp,
+# and 4-bit matvecs in fixed point.
+ARITHMETIC_VERSION = 5
 STATIC_ROPE = ("default", "linear", "llama3")
 
 
@@ -305,16 +306,29 @@ class FastDecoder:
             self._rope[dtype] = tables
         return tables
 
-    @staticmethod
-    def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    def _native_bf16(self, *tensors: torch.Tensor) -> bool:
+        """Whether the native step's elementwise loops (``native/layer_math.cpp``) compute this:
+        bf16 on a CPU with the extension loaded. The native decode step makes the same choice."""
+        return self.native is not None and all(t.dtype == torch.bfloat16 for t in tensors)
+
+    def _rms(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         """RMSNorm as transformers computes it: normalised in float32, rounded, then scaled.
 
         The float32 part is torch's own ``rms_norm``: one kernel for transformers' five. A decode
         step on CUDA is bound by its number of kernels; on CPU a one-row norm took 10.9 µs
-        instead of 12.0 here (decode speed did not move), its output the five ops' bit for bit."""
+        instead of 12.0 here (decode speed did not move), its output the five ops' bit for bit.
+        In bf16 on a CPU, one native loop (its float32 sum in another order)."""
+        if self._native_bf16(x, weight):
+            return self.native.rms_norm(x, weight, eps)
         dtype = x.dtype
         h = F.rms_norm(x.to(torch.float32), (x.shape[-1],), eps=eps)
         return weight * h.to(dtype)
+
+    def _silu_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """The MLP's silu(gate) * up: in bf16 on a CPU one native loop, rounding as the two ops do."""
+        if self._native_bf16(gate, up):
+            return self.native.silu_mul(gate, up)
+        return F.silu(gate) * up
 
     def forward(
         self,
@@ -458,7 +472,7 @@ class FastDecoder:
         else:
             assert lw.gate is not None and lw.up is not None
             gate, up = lw.gate(h), lw.up(h)
-        return x + lw.down(F.silu(gate) * up)
+        return x + lw.down(self._silu_mul(gate, up))
 
     def static_step(
         self,

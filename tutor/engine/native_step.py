@@ -1,7 +1,8 @@
 """A decode step in one native call: ``native/decode_step.cpp``, the fast decoder's loop over its
-layers for one new position per row, with the same ATen operations in the same order (its output
+layers for one new position per row, with the same operations in the same order (its output
 is the Python loop's bit for bit; tested). Built with it: the attention of a decode step
-(``native/decode_attention.cpp``, which the Python loop calls too), and in ``native/prefill.cpp``
+(``native/decode_attention.cpp``) and bf16's RMSNorm and silu(gate) * up
+(``native/layer_math.cpp``), which the Python loop calls too, and in ``native/prefill.cpp``
 a prompt's causal attention (``prefill_attention``, in place of SDPA's CPU kernel) and int4's
 weight unpacked for a prompt's dense matmul (``int4_weight_t``).
 
@@ -34,9 +35,10 @@ import torch
 # (``prefill_attention``, ``int4_weight_t``), and the float helpers they share.
 FOLDER = Path(__file__).with_name("native")
 SOURCES = tuple(
-    FOLDER / name for name in ("decode_step.cpp", "decode_attention.cpp", "prefill.cpp", "matvec.cpp")
+    FOLDER / name
+    for name in ("decode_step.cpp", "decode_attention.cpp", "prefill.cpp", "matvec.cpp", "layer_math.cpp")
 )
-HEADERS = tuple(FOLDER / name for name in ("decode_attention.h", "matvec.h", "vector_math.h"))
+HEADERS = tuple(FOLDER / name for name in ("decode_attention.h", "layer_math.h", "matvec.h", "vector_math.h"))
 ENV = "QUANT_TUTOR_NATIVE_STEP"
 
 _lock = threading.Lock()

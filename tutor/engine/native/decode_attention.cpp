@@ -6,6 +6,8 @@
 // call it (through one_query_attention), so they stay the same bit for bit.
 #include "decode_attention.h"
 
+#include <ATen/record_function.h>
+
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -89,6 +91,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
 
 at::Tensor one_query_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                const std::optional<at::Tensor>& mask, double scale) {
+  RECORD_FUNCTION("quant_tutor::one_query_attention", std::vector<c10::IValue>());  // for bench --profile
   if (q.scalar_type() == at::kBFloat16 && k.size(2) <= DECODE_ATTENTION_MOST) {
     return decode_attention(q, k, v, mask, scale);
   }

@@ -1,14 +1,17 @@
 // One decode step of a Llama decoder's layers, as one call: FastDecoder.forward's loop for one
-// new position per row (tutor/engine/decoder.py), with the same ATen operations in the same
-// order, so its output is the Python loop's bit for bit. On a CPU a step runs about 30 small
-// operations a layer, and calling each from Python cost as much as the arithmetic (README:
-// "A decode step in one native call"). Built once per machine by tutor/engine/native_step.py.
+// new position per row (tutor/engine/decoder.py), with the same operations in the same order,
+// so its output is the Python loop's bit for bit: ATen's, or in bf16 the loops of
+// native/layer_math.cpp, which the Python loop calls too (the norm, the MLP's product) or which
+// round as its ATen ops round (the rotation). On a CPU a step runs about 30 small operations a
+// layer, and calling each from Python cost as much as the arithmetic (README: "A decode step in
+// one native call"). Built once per machine by tutor/engine/native_step.py.
 #include <ATen/ATen.h>
 #include <torch/python.h>
 
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include "decode_attention.h"
+#include "layer_math.h"
 #include "matvec.h"
 
 #include <optional>
@@ -88,9 +91,19 @@ struct Layers {
   double eps, scaling;
 };
 
+bool bf16(const at::Tensor& t) { return t.scalar_type() == at::kBFloat16; }
+
+// tutor.engine.decoder.FastDecoder._rms and _silu_mul: native/layer_math.cpp's for bf16.
 at::Tensor rms(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  if (bf16(x) && bf16(weight)) {
+    return rms_norm_bf16(x, weight, eps);
+  }
   auto h = at::rms_norm(x.to(at::kFloat), {x.size(-1)}, std::nullopt, eps);
   return weight * h.to(x.scalar_type());
+}
+
+at::Tensor silu_mul(const at::Tensor& gate, const at::Tensor& up) {
+  return bf16(gate) && bf16(up) ? silu_mul_bf16(gate, up) : at::silu(gate) * up;
 }
 
 std::optional<Slot> slot_of(const py::object& spec) {
@@ -177,15 +190,18 @@ at::Tensor step(const Layers& self, at::Tensor x, const at::Tensor& cache, int64
     const Layer& lw = self.layers[index];
     auto h = rms(x, lw.ln1, self.eps);
     at::Tensor qkv = lw.qkv ? (*lw.qkv)(h) : at::cat({(*lw.q)(h), (*lw.k)(h), (*lw.v)(h)}, -1);
-    qkv = qkv.view({rows, 1, heads + 2 * kv, dim});
-    auto qk = qkv.slice(2, 0, heads + kv);
-    qk = qk * cos + qk.roll({dim / 2}, {-1}) * sin;
-    auto q = qk.slice(2, 0, heads).transpose(1, 2);
-    auto k = qk.slice(2, heads).transpose(1, 2);
-    auto v = qkv.slice(2, heads + kv).transpose(1, 2);
     auto layer_cache = cache.select(0, static_cast<int64_t>(index));
-    layer_cache.select(0, 0).slice(2, start, end).copy_(k);
-    layer_cache.select(0, 1).slice(2, start, end).copy_(v);
+    at::Tensor q;
+    if (bf16(qkv) && bf16(cos) && bf16(cache)) {
+      q = rotate_into_cache(qkv.contiguous(), cos, sin, layer_cache, start, heads, kv, dim);
+    } else {
+      qkv = qkv.view({rows, 1, heads + 2 * kv, dim});
+      auto qk = qkv.slice(2, 0, heads + kv);
+      qk = qk * cos + qk.roll({dim / 2}, {-1}) * sin;
+      q = qk.slice(2, 0, heads).transpose(1, 2);
+      layer_cache.select(0, 0).slice(2, start, end).copy_(qk.slice(2, heads).transpose(1, 2));
+      layer_cache.select(0, 1).slice(2, start, end).copy_(qkv.slice(2, heads + kv).transpose(1, 2));
+    }
     auto keys = layer_cache.select(0, 0).slice(2, 0, end);
     auto values = layer_cache.select(0, 1).slice(2, 0, end);
     // tutor.engine.attention.one_query_attention
@@ -202,7 +218,7 @@ at::Tensor step(const Layers& self, at::Tensor x, const at::Tensor& cache, int64
       gate = (*lw.gate)(h);
       up = (*lw.up)(h);
     }
-    x = x + lw.down(at::silu(gate) * up);
+    x = x + lw.down(silu_mul(gate, up));
   }
   return x;
 }
@@ -226,4 +242,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bf16_matvec", &bf16_matvec, py::call_guard<py::gil_scoped_release>());
   m.def("four_bit_matvec", &four_bit_matvec, py::call_guard<py::gil_scoped_release>());
   m.def("int8_matvec", &int8_matvec, py::call_guard<py::gil_scoped_release>());
+  m.def("rms_norm", &rms_norm_bf16, py::call_guard<py::gil_scoped_release>());
+  m.def("silu_mul", &silu_mul_bf16, py::call_guard<py::gil_scoped_release>());
 }

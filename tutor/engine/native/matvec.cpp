@@ -1,7 +1,9 @@
 // Few-row products (a decode step's rows) for CPUs without a bf16 matmul of their own, where
 // oneDNN emulates bf16 and bitsandbytes' CPU kernels are missing (its 4-bit one is AVX-512 BF16,
 // its int8 one AVX-512): a bf16 weight, a bitsandbytes NF4/FP4 one or LLM.int8's codes, read
-// once per call. On a 2-core AVX2 EPYC an nf4 decode step had spent 129 ms a token in
+// once per call. The 4-bit one multiplies in 14-bit fixed point (see FIXED_ONE): looking up 32
+// codes' float32 values took 13 vector shuffles, their 16-bit values take 4, and a token's
+// 4-bit weights went from 10.2-12.1 ms to 7.7-8.5 on a 2-core AVX2 EPYC. On a 2-core AVX2 EPYC an nf4 decode step had spent 129 ms a token in
 // bitsandbytes' fallback, which dequantizes the whole weight at every call, and LLM.int8 its
 // time in float32 copies of its codes made at every call. Each call is named to the profiler
 // (quant_tutor::matvec_*), so that `quant-tutor bench --profile` counts it as a matmul.
@@ -12,19 +14,14 @@
 #include <ATen/Parallel.h>
 #include <ATen/record_function.h>
 
+#include <algorithm>
 #include <bit>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
 #include <vector>
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
-#define MATVEC_AVX2 1
-#define TARGET_AVX2 __attribute__((target("avx2,fma")))
-#else
-#define MATVEC_AVX2 0
-#endif
 
 namespace {
 
@@ -37,21 +34,20 @@ constexpr int64_t NIBBLE_SPAN = 32;  // the 4-bit kernel's: 16 bytes of codes
 // Where a span of the input goes in the AVX2 kernels' order. bf16: unpacking 16 weights into two
 // vectors of floats takes weights 0-3 and 8-11 into the first, 4-7 and 12-15 into the second.
 // 4-bit: each byte holds weights 2i (high nibble) and 2i+1 (low); the low nibbles are looked up
-// in the first half of a vector, the high ones in the second, and the bytes of their floats
-// interleaved within each half.
+// in the first half of a vector, the high ones in the second, and interleaving the two bytes of
+// their 16-bit values takes the first eight of each half into one vector, the last eight into
+// the other.
 constexpr int BF16_ORDER[SPAN] = {0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15};
-constexpr int NIBBLE_ORDER[NIBBLE_SPAN] = {1,  3,  5,  7,  0,  2,  4,  6,  9,  11, 13, 15, 8,  10, 12, 14,
-                                           17, 19, 21, 23, 16, 18, 20, 22, 25, 27, 29, 31, 24, 26, 28, 30};
+constexpr int NIBBLE_ORDER[NIBBLE_SPAN] = {1,  3,  5,  7,  9,  11, 13, 15, 0,  2,  4,  6,  8,  10, 12, 14,
+                                           17, 19, 21, 23, 25, 27, 29, 31, 16, 18, 20, 22, 24, 26, 28, 30};
 
-bool avx2(int64_t k) {
-#if MATVEC_AVX2
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has && k % SPAN == 0;
-#else
-  (void)k;
-  return false;
-#endif
-}
+// The 4-bit kernel multiplies 14-bit fixed-point numbers: the code table's values (all within
+// [-1, 1]) times 2^14 - 1, and each span of an input row scaled so that its largest magnitude is
+// that too, each rounded to nearest (relative to the span's largest, 3e-5 at most, where bf16
+// rounds at 4e-3). Four products of two such numbers still fit an int32 lane.
+constexpr float FIXED_ONE = 16383.0f;
+
+bool avx2(int64_t k) { return vector_math::avx2_fma() && k % SPAN == 0; }
 
 // The input rows in float32, each ``span`` of them in ``order`` (none: as they are).
 std::vector<float> arranged(const at::Tensor& x, const int* order, int64_t span = SPAN) {
@@ -71,6 +67,35 @@ std::vector<float> arranged(const at::Tensor& x, const int* order, int64_t span 
     const auto flat = x.to(at::kFloat).contiguous();
     const float* from = flat.data_ptr<float>();
     place([&](int64_t at) { return from[at]; });
+  }
+  return out;
+}
+
+// The input rows as 14-bit integers in NIBBLE_ORDER, and per NIBBLE_SPAN of a row the float
+// that turns them back (the span's largest magnitude / FIXED_ONE); empty where a value is not
+// finite.
+struct FixedPoint {
+  std::vector<int16_t> values;
+  std::vector<float> scales;
+};
+
+FixedPoint fixed_point(const std::vector<float>& xs) {
+  const int64_t spans = static_cast<int64_t>(xs.size()) / NIBBLE_SPAN;
+  FixedPoint out{std::vector<int16_t>(xs.size()), std::vector<float>(static_cast<size_t>(spans))};
+  for (int64_t s = 0; s < spans; ++s) {
+    const float* from = xs.data() + s * NIBBLE_SPAN;
+    float largest = 0.0f;
+    for (int64_t i = 0; i < NIBBLE_SPAN; ++i) {
+      largest = std::max(largest, std::fabs(from[i]));
+    }
+    if (!std::isfinite(largest)) {
+      return {};
+    }
+    const float to_fixed = largest > 0.0f ? FIXED_ONE / largest : 0.0f;
+    for (int64_t i = 0; i < NIBBLE_SPAN; ++i) {
+      out.values[s * NIBBLE_SPAN + i] = static_cast<int16_t>(std::nearbyint(from[NIBBLE_ORDER[i]] * to_fixed));
+    }
+    out.scales[s] = largest / (FIXED_ONE * FIXED_ONE);  // the table's 2^14 - 1 with it
   }
   return out;
 }
@@ -95,7 +120,7 @@ void in_runs(int64_t rows, Kernel&& kernel) {
 constexpr int64_t AHEAD = 4;
 constexpr int64_t LINE = 64;  // bytes in a cache line
 
-#if MATVEC_AVX2
+#if AVX2_CODE
 TARGET_AVX2 inline float sum8(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -132,29 +157,25 @@ TARGET_AVX2 void bf16_avx2(const float* xs, int64_t k, const uint16_t* weight, i
   }
 }
 
-// Outputs [begin, end) of R rows, ``xs`` in NIBBLE_ORDER, ``planes`` the code table's floats
-// as four 16-byte tables (byte 0 of each value, byte 1, ...), each in both halves. 32 codes are
-// looked up at once by byte shuffles, one table per byte of the float, and the float32 value
-// assembled from its bytes; a block's sums are scaled by its absmax once, at its end.
+// Outputs [begin, end) of R rows, ``xs``/``xscales`` their fixed_point(), ``planes`` the code
+// table's 16-bit fixed-point values as two 16-byte tables (low bytes, high bytes), each in both
+// halves of a vector. 32 codes are looked up at once by two byte shuffles; each span's integer
+// sums are scaled by the block's absmax times the input span's scale.
 template <int R>
-TARGET_AVX2 void four_bit_avx2(const float* xs, int64_t k, const uint8_t* codes, const float* absmax,
-                               const __m256i* planes, int64_t blocksize, int64_t n, int64_t begin, int64_t end,
-                               float* sums) {
+TARGET_AVX2 void four_bit_avx2(const int16_t* xs, const float* xscales, int64_t k, const uint8_t* codes,
+                               const float* absmax, const __m256i* planes, int64_t blocksize, int64_t n,
+                               int64_t begin, int64_t end, float* sums) {
   const __m128i nibble = _mm_set1_epi8(15);
+  const int64_t spans = k / NIBBLE_SPAN;
   for (int64_t j = begin; j < end; ++j) {
     const uint8_t* row = codes + j * (k / 2);
-    const float* scales = absmax + j * (k / blocksize);
+    const float* scales = absmax + j * (k / blocksize);  // one per block, in turn
     __m256 acc[R];
     for (int r = 0; r < R; ++r) {
       acc[r] = _mm256_setzero_ps();
     }
     for (int64_t block = 0; block < k; block += blocksize) {
-      __m256 part[R][4];  // one sum per vector of w: no FMA waits on another's result
-      for (int r = 0; r < R; ++r) {
-        for (int v = 0; v < 4; ++v) {
-          part[r][v] = _mm256_setzero_ps();
-        }
-      }
+      const float scale = *scales++;
       for (int64_t i = block; i < block + blocksize; i += NIBBLE_SPAN) {
         if (i % (2 * LINE) == 0) {
           _mm_prefetch(reinterpret_cast<const char*>(row + AHEAD * (k / 2) + i / 2), _MM_HINT_T0);
@@ -162,24 +183,16 @@ TARGET_AVX2 void four_bit_avx2(const float* xs, int64_t k, const uint8_t* codes,
         const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + i / 2));
         const __m256i code = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bytes, 4), nibble),
                                               _mm_and_si128(bytes, nibble));
-        const __m256i b0 = _mm256_shuffle_epi8(planes[0], code), b1 = _mm256_shuffle_epi8(planes[1], code);
-        const __m256i b2 = _mm256_shuffle_epi8(planes[2], code), b3 = _mm256_shuffle_epi8(planes[3], code);
-        const __m256i low01 = _mm256_unpacklo_epi8(b0, b1), high01 = _mm256_unpackhi_epi8(b0, b1);
-        const __m256i low23 = _mm256_unpacklo_epi8(b2, b3), high23 = _mm256_unpackhi_epi8(b2, b3);
-        const __m256 w[4] = {_mm256_castsi256_ps(_mm256_unpacklo_epi16(low01, low23)),
-                             _mm256_castsi256_ps(_mm256_unpackhi_epi16(low01, low23)),
-                             _mm256_castsi256_ps(_mm256_unpacklo_epi16(high01, high23)),
-                             _mm256_castsi256_ps(_mm256_unpackhi_epi16(high01, high23))};
+        const __m256i low = _mm256_shuffle_epi8(planes[0], code), high = _mm256_shuffle_epi8(planes[1], code);
+        const __m256i w0 = _mm256_unpacklo_epi8(low, high), w1 = _mm256_unpackhi_epi8(low, high);
         for (int r = 0; r < R; ++r) {
-          for (int v = 0; v < 4; ++v) {
-            part[r][v] = _mm256_fmadd_ps(w[v], _mm256_loadu_ps(xs + r * k + i + 8 * v), part[r][v]);
-          }
+          const int16_t* x = xs + r * k + i;
+          const __m256i dot = _mm256_add_epi32(
+              _mm256_madd_epi16(w0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))),
+              _mm256_madd_epi16(w1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 16))));
+          acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(scale * xscales[r * spans + i / NIBBLE_SPAN]),
+                                   _mm256_cvtepi32_ps(dot), acc[r]);
         }
-      }
-      const __m256 scale = _mm256_set1_ps(scales[block / blocksize]);
-      for (int r = 0; r < R; ++r) {
-        const __m256 block_sum = _mm256_add_ps(_mm256_add_ps(part[r][0], part[r][1]), _mm256_add_ps(part[r][2], part[r][3]));
-        acc[r] = _mm256_fmadd_ps(scale, block_sum, acc[r]);
       }
     }
     for (int r = 0; r < R; ++r) {
@@ -268,7 +281,7 @@ at::Tensor bf16_matvec(const at::Tensor& x, const at::Tensor& weight, const std:
   const auto xs = arranged(x, fast ? BF16_ORDER : nullptr);
   std::vector<float> sums(static_cast<size_t>(rows * n));
   at::parallel_for(0, n, GRAIN, [&](int64_t begin, int64_t end) {
-#if MATVEC_AVX2
+#if AVX2_CODE
     if (fast) {
       in_runs(rows, [&](int64_t first, auto run) {
         bf16_avx2<decltype(run)::value>(xs.data() + first * k, k, w, n, begin, end, sums.data() + first * n);
@@ -296,7 +309,7 @@ at::Tensor int8_matvec(const at::Tensor& x, const at::Tensor& weight) {
   int32_t* sums = out.data_ptr<int32_t>();
   const bool fast = avx2(k);
   at::parallel_for(0, n, GRAIN, [&](int64_t begin, int64_t end) {
-#if MATVEC_AVX2
+#if AVX2_CODE
     if (fast) {
       in_runs(rows, [&](int64_t first, auto run) {
         int8_avx2<decltype(run)::value>(xs + first * k, k, w, n, begin, end, sums + first * n);
@@ -326,26 +339,32 @@ at::Tensor four_bit_matvec(const at::Tensor& x, const at::Tensor& codes, const a
   const uint8_t* c = codes.data_ptr<uint8_t>();
   const float* scales = absmax.data_ptr<float>();
   const float* values = table.data_ptr<float>();
-  const bool fast = avx2(k);
-  const auto xs = arranged(x, fast ? NIBBLE_ORDER : nullptr, NIBBLE_SPAN);
+  const auto xs = arranged(x, nullptr);
+  // In fixed point where the AVX2 kernel can be used (k is a multiple of the span, as the
+  // blocksize is) and its integer sums cannot overflow: the table within [-1, 1] (NF4's and
+  // FP4's are) and every input finite. Else in float32.
+  const bool table_fits = std::all_of(values, values + 16, [](float v) { return std::fabs(v) <= 1.0f; });
+  const FixedPoint fixed = avx2(k) && table_fits ? fixed_point(xs) : FixedPoint{};
+  const bool fast = !fixed.values.empty();
   std::vector<float> sums(static_cast<size_t>(rows * n));
-#if MATVEC_AVX2
-  uint8_t plane_bytes[4][32];
+#if AVX2_CODE
+  uint8_t plane_bytes[2][32];
   for (int code = 0; code < 16; ++code) {
-    const auto bits = std::bit_cast<uint32_t>(values[code]);
-    for (int p = 0; p < 4; ++p) {
-      plane_bytes[p][code] = plane_bytes[p][code + 16] = static_cast<uint8_t>(bits >> (8 * p));
+    const auto value = static_cast<int16_t>(std::nearbyint(values[code] * FIXED_ONE));
+    for (int p = 0; p < 2; ++p) {
+      plane_bytes[p][code] = plane_bytes[p][code + 16] = static_cast<uint8_t>(static_cast<uint16_t>(value) >> (8 * p));
     }
   }
-  __m256i planes[4];
+  __m256i planes[2];
   std::memcpy(planes, plane_bytes, sizeof(planes));
 #endif
   at::parallel_for(0, n, GRAIN, [&](int64_t begin, int64_t end) {
-#if MATVEC_AVX2
+#if AVX2_CODE
     if (fast) {
+      const int64_t spans = k / NIBBLE_SPAN;
       in_runs(rows, [&](int64_t first, auto run) {
-        four_bit_avx2<decltype(run)::value>(xs.data() + first * k, k, c, scales, planes, blocksize, n, begin, end,
-                                            sums.data() + first * n);
+        four_bit_avx2<decltype(run)::value>(fixed.values.data() + first * k, fixed.scales.data() + first * spans, k,
+                                            c, scales, planes, blocksize, n, begin, end, sums.data() + first * n);
       });
       return;
     }
