@@ -1,12 +1,13 @@
 // Few-row products (a decode step's rows) for CPUs without a bf16 matmul of their own, where
 // oneDNN emulates bf16 and bitsandbytes' CPU kernels are missing (its 4-bit one is AVX-512 BF16,
 // its int8 one AVX-512): a bf16 weight, a bitsandbytes NF4/FP4 one or LLM.int8's codes, read
-// once per call. The 4-bit one multiplies in 14-bit fixed point (see FIXED_ONE): looking up 32
-// codes' float32 values took 13 vector shuffles, their 16-bit values take 4, and a token's
-// 4-bit weights went from 10.2-12.1 ms to 7.7-8.5 on a 2-core AVX2 EPYC. On a 2-core AVX2 EPYC an nf4 decode step had spent 129 ms a token in
+// once per call. On a 2-core AVX2 EPYC an nf4 decode step had spent 129 ms a token in
 // bitsandbytes' fallback, which dequantizes the whole weight at every call, and LLM.int8 its
-// time in float32 copies of its codes made at every call. Each call is named to the profiler
-// (quant_tutor::matvec_*), so that `quant-tutor bench --profile` counts it as a matmul.
+// time in float32 copies of its codes made at every call. The 4-bit kernel multiplies in 14-bit
+// fixed point (FIXED_ONE): looking up 32 codes' float32 values took 13 vector shuffles, their
+// 16-bit values take 4, and a token's 4-bit weights went from 10.2-12.1 ms to 7.7-8.5 there.
+// Each call is named to the profiler (quant_tutor::matvec_*), so that `quant-tutor bench
+// --profile` counts it as a matmul.
 #include "matvec.h"
 
 #include "vector_math.h"
@@ -15,13 +16,11 @@
 #include <ATen/record_function.h>
 
 #include <algorithm>
-#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
 #include <vector>
-
 
 namespace {
 
@@ -49,13 +48,13 @@ constexpr float FIXED_ONE = 16383.0f;
 
 bool avx2(int64_t k) { return vector_math::avx2_fma() && k % SPAN == 0; }
 
-// The input rows in float32, each ``span`` of them in ``order`` (none: as they are).
-std::vector<float> arranged(const at::Tensor& x, const int* order, int64_t span = SPAN) {
+// The input rows in float32, each SPAN of them in ``order`` (none: as they are).
+std::vector<float> arranged(const at::Tensor& x, const int* order) {
   const int64_t size = x.numel();
   std::vector<float> out(static_cast<size_t>(size));
   auto place = [&](auto&& value_at) {
-    for (int64_t at = 0; at < size; at += span) {
-      for (int64_t i = 0; i < span && at + i < size; ++i) {
+    for (int64_t at = 0; at < size; at += SPAN) {
+      for (int64_t i = 0; i < SPAN && at + i < size; ++i) {
         out[at + i] = value_at(order ? at + order[i] : at + i);
       }
     }
