@@ -194,9 +194,9 @@ def test_the_4bit_matvec_multiplies_bitsandbytes_float32_dequantization(
     engine, quant_type: str, rows: int
 ) -> None:  # type: ignore[no-untyped-def]
     """Each weight is its code's value times its block's absmax in float32, bitsandbytes'
-    float32 dequantization of the codes. With AVX2 the code values and each 32 inputs are
-    14-bit fixed point: each product is then off by at most absmax * (the span's largest input)
-    / 16383, on top of the output's rounding to bf16."""
+    float32 dequantization of the codes. With AVX2 the code values and each 64 inputs (a block)
+    are 14-bit fixed point: each product is then off by at most absmax * (the block's largest
+    input) / 16383, on top of the output's rounding to bf16."""
     import bitsandbytes as bnb
 
     from tutor.engine.linears import _absmax
@@ -212,8 +212,8 @@ def test_the_4bit_matvec_multiplies_bitsandbytes_float32_dequantization(
     got = native.four_bit_matvec(
         x, codes.view(torch.uint8).reshape(-1), absmax, state.code.float(), 640, 64, None
     )
-    span_largest = x.float().abs().view(rows, -1, 32).amax(-1)
-    fixed_point = 32 * span_largest @ absmax.view(640, -1).repeat_interleave(2, dim=1).t() / 16383
+    block_largest = x.float().abs().view(rows, -1, 64).amax(-1)
+    fixed_point = 64 * block_largest @ absmax.view(640, -1).t() / 16383
     _within_bf16_rounding(got, x.float() @ dequantized.t(), fixed_point)
 
 

@@ -4,8 +4,9 @@
 // once per call. On a 2-core AVX2 EPYC an nf4 decode step had spent 129 ms a token in
 // bitsandbytes' fallback, which dequantizes the whole weight at every call, and LLM.int8 its
 // time in float32 copies of its codes made at every call. The 4-bit kernel multiplies in 14-bit
-// fixed point (FIXED_ONE): looking up 32 codes' float32 values took 13 vector shuffles, their
-// 16-bit values take 4, and a token's 4-bit weights went from 10.2-12.1 ms to 7.7-8.5 there.
+// fixed point (FIXED_ONE): looking up 32 codes' float32 values took 13 vector shuffles, 64
+// codes' 16-bit values take 4, and a token's 4-bit weights went from 10.2-12.1 ms to 6.6-8.6
+// there.
 // Each call is named to the profiler (quant_tutor::matvec_*), so that `quant-tutor bench
 // --profile` counts it as a matmul.
 #include "matvec.h"
@@ -28,22 +29,26 @@ constexpr int64_t ROWS_AT_ONCE = 4;  // input rows sharing one read of the weigh
 constexpr int64_t GRAIN = 32;        // outputs per thread at least
 constexpr int64_t SPAN = 16;         // the AVX2 kernels' step along k
 
-constexpr int64_t NIBBLE_SPAN = 32;  // the 4-bit kernel's: 16 bytes of codes
+constexpr int64_t NIBBLE_SPAN = 64;  // the 4-bit kernel's: 32 bytes of codes (a 64-block's)
 
 // Where a span of the input goes in the AVX2 kernels' order. bf16: unpacking 16 weights into two
 // vectors of floats takes weights 0-3 and 8-11 into the first, 4-7 and 12-15 into the second.
-// 4-bit: each byte holds weights 2i (high nibble) and 2i+1 (low); the low nibbles are looked up
-// in the first half of a vector, the high ones in the second, and interleaving the two bytes of
-// their 16-bit values takes the first eight of each half into one vector, the last eight into
-// the other.
+// 4-bit: byte i of 32 holds weights 2i (high nibble) and 2i+1 (low). The low nibbles are looked
+// up in one vector and the high ones in another, each with the first 16 bytes in its first half;
+// interleaving the two bytes of their 16-bit values takes the first eight of each half into one
+// vector, the last eight into the next.
 constexpr int BF16_ORDER[SPAN] = {0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15};
-constexpr int NIBBLE_ORDER[NIBBLE_SPAN] = {1,  3,  5,  7,  9,  11, 13, 15, 0,  2,  4,  6,  8,  10, 12, 14,
-                                           17, 19, 21, 23, 25, 27, 29, 31, 16, 18, 20, 22, 24, 26, 28, 30};
+constexpr int NIBBLE_ORDER[NIBBLE_SPAN] = {
+    1, 3, 5, 7, 9, 11, 13, 15, 33, 35, 37, 39, 41, 43, 45, 47,
+    17, 19, 21, 23, 25, 27, 29, 31, 49, 51, 53, 55, 57, 59, 61, 63,
+    0, 2, 4, 6, 8, 10, 12, 14, 32, 34, 36, 38, 40, 42, 44, 46,
+    16, 18, 20, 22, 24, 26, 28, 30, 48, 50, 52, 54, 56, 58, 60, 62};
 
 // The 4-bit kernel multiplies 14-bit fixed-point numbers: the code table's values (all within
 // [-1, 1]) times 2^14 - 1, and each span of an input row scaled so that its largest magnitude is
 // that too, each rounded to nearest (relative to the span's largest, 3e-5 at most, where bf16
-// rounds at 4e-3). Four products of two such numbers still fit an int32 lane.
+// rounds at 4e-3). The eight products that meet in an int32 lane still fit it (8 * 16383^2 <
+// 2^31).
 constexpr float FIXED_ONE = 16383.0f;
 
 bool avx2(int64_t k) { return vector_math::avx2_fma() && k % SPAN == 0; }
@@ -158,13 +163,13 @@ TARGET_AVX2 void bf16_avx2(const float* xs, int64_t k, const uint16_t* weight, i
 
 // Outputs [begin, end) of R rows, ``xs``/``xscales`` their fixed_point(), ``planes`` the code
 // table's 16-bit fixed-point values as two 16-byte tables (low bytes, high bytes), each in both
-// halves of a vector. 32 codes are looked up at once by two byte shuffles; each span's integer
+// halves of a vector. 64 codes are looked up at once by four byte shuffles; each span's integer
 // sums are scaled by the block's absmax times the input span's scale.
 template <int R>
 TARGET_AVX2 void four_bit_avx2(const int16_t* xs, const float* xscales, int64_t k, const uint8_t* codes,
                                const float* absmax, const __m256i* planes, int64_t blocksize, int64_t n,
                                int64_t begin, int64_t end, float* sums) {
-  const __m128i nibble = _mm_set1_epi8(15);
+  const __m256i nibble = _mm256_set1_epi8(15);
   const int64_t spans = k / NIBBLE_SPAN;
   for (int64_t j = begin; j < end; ++j) {
     const uint8_t* row = codes + j * (k / 2);
@@ -179,16 +184,17 @@ TARGET_AVX2 void four_bit_avx2(const int16_t* xs, const float* xscales, int64_t 
         if (i % (2 * LINE) == 0) {
           _mm_prefetch(reinterpret_cast<const char*>(row + AHEAD * (k / 2) + i / 2), _MM_HINT_T0);
         }
-        const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + i / 2));
-        const __m256i code = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bytes, 4), nibble),
-                                              _mm_and_si128(bytes, nibble));
-        const __m256i low = _mm256_shuffle_epi8(planes[0], code), high = _mm256_shuffle_epi8(planes[1], code);
-        const __m256i w0 = _mm256_unpacklo_epi8(low, high), w1 = _mm256_unpackhi_epi8(low, high);
+        const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + i / 2));
+        const __m256i odd = _mm256_and_si256(bytes, nibble), even = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), nibble);
+        const __m256i odd_low = _mm256_shuffle_epi8(planes[0], odd), odd_high = _mm256_shuffle_epi8(planes[1], odd);
+        const __m256i even_low = _mm256_shuffle_epi8(planes[0], even), even_high = _mm256_shuffle_epi8(planes[1], even);
+        const __m256i w0 = _mm256_unpacklo_epi8(odd_low, odd_high), w1 = _mm256_unpackhi_epi8(odd_low, odd_high);
+        const __m256i w2 = _mm256_unpacklo_epi8(even_low, even_high), w3 = _mm256_unpackhi_epi8(even_low, even_high);
         for (int r = 0; r < R; ++r) {
-          const int16_t* x = xs + r * k + i;
+          const __m256i* x = reinterpret_cast<const __m256i*>(xs + r * k + i);
           const __m256i dot = _mm256_add_epi32(
-              _mm256_madd_epi16(w0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))),
-              _mm256_madd_epi16(w1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 16))));
+              _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_loadu_si256(x)), _mm256_madd_epi16(w1, _mm256_loadu_si256(x + 1))),
+              _mm256_add_epi32(_mm256_madd_epi16(w2, _mm256_loadu_si256(x + 2)), _mm256_madd_epi16(w3, _mm256_loadu_si256(x + 3))));
           acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(scale * xscales[r * spans + i / NIBBLE_SPAN]),
                                    _mm256_cvtepi32_ps(dot), acc[r]);
         }
@@ -327,7 +333,7 @@ at::Tensor four_bit_matvec(const at::Tensor& x, const at::Tensor& codes, const a
                            const std::optional<at::Tensor>& bias) {
   RECORD_FUNCTION("quant_tutor::matvec_4bit", std::vector<c10::IValue>());
   const int64_t rows = x.size(0), k = x.size(1);
-  TORCH_CHECK(x.dim() == 2 && k % blocksize == 0 && blocksize % NIBBLE_SPAN == 0, "4-bit rows of ", k,
+  TORCH_CHECK(x.dim() == 2 && k % blocksize == 0 && blocksize % 32 == 0, "4-bit rows of ", k,
               " in blocks of ", blocksize);
   TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous() && codes.numel() * 2 == n * k,
               "4-bit codes: ", codes.numel(), " bytes for ", n, "x", k);
@@ -339,11 +345,12 @@ at::Tensor four_bit_matvec(const at::Tensor& x, const at::Tensor& codes, const a
   const float* scales = absmax.data_ptr<float>();
   const float* values = table.data_ptr<float>();
   const auto xs = arranged(x, nullptr);
-  // In fixed point where the AVX2 kernel can be used (k is a multiple of the span, as the
-  // blocksize is) and its integer sums cannot overflow: the table within [-1, 1] (NF4's and
-  // FP4's are) and every input finite. Else in float32.
+  // In fixed point where the AVX2 kernel can be used (blocks of whole spans, bitsandbytes'
+  // default of 64 among them) and its integer sums cannot overflow: the table within [-1, 1]
+  // (NF4's and FP4's are) and every input finite. Else in float32.
   const bool table_fits = std::all_of(values, values + 16, [](float v) { return std::fabs(v) <= 1.0f; });
-  const FixedPoint fixed = avx2(k) && table_fits ? fixed_point(xs) : FixedPoint{};
+  const bool whole_spans = blocksize % NIBBLE_SPAN == 0;
+  const FixedPoint fixed = avx2(k) && whole_spans && table_fits ? fixed_point(xs) : FixedPoint{};
   const bool fast = !fixed.values.empty();
   std::vector<float> sums(static_cast<size_t>(rows * n));
 #if AVX2_CODE
