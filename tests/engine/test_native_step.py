@@ -190,30 +190,33 @@ def test_the_bf16_matvec_is_the_float32_product_rounded_once(engine, n: int, k: 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("rows", [1, 3, 6])
+@pytest.mark.parametrize(("blocksize", "k"), [(64, 576), (256, 1536)])
 def test_the_4bit_matvec_multiplies_bitsandbytes_float32_dequantization(
-    engine, quant_type: str, rows: int
+    engine, quant_type: str, rows: int, blocksize: int, k: int
 ) -> None:  # type: ignore[no-untyped-def]
     """Each weight is its code's value times its block's absmax in float32, bitsandbytes'
-    float32 dequantization of the codes. With AVX2 the code values and each 64 inputs (a block)
-    are 14-bit fixed point: each product is then off by at most absmax * (the block's largest
-    input) / 16383, on top of the output's rounding to bf16."""
+    float32 dequantization of the codes. With AVX2 the code values and each 64 inputs (a span)
+    are 14-bit fixed point: each product is then off by at most absmax * (the span's largest
+    input) / 16383, on top of the output's rounding to bf16. Blocks of 256 share one absmax
+    among four spans (k = 1536: 24 spans, an even number; 576 has 9)."""
     import bitsandbytes as bnb
 
     from tutor.engine.linears import _absmax
 
     native = engine._decoder.native
     generator = torch.Generator().manual_seed(rows)
-    master = torch.randn(640, 576, generator=generator) * 0.05
-    codes, state = bnb.functional.quantize_4bit(master, blocksize=64, quant_type=quant_type)
+    master = torch.randn(640, k, generator=generator) * 0.05
+    codes, state = bnb.functional.quantize_4bit(master, blocksize=blocksize, quant_type=quant_type)
     dequantized = bnb.functional.dequantize_4bit(codes, state)
     assert dequantized.dtype == torch.float32
-    x = torch.randn(rows, 576, generator=generator).bfloat16()
+    x = torch.randn(rows, k, generator=generator).bfloat16()
     absmax = _absmax(state).float()
     got = native.four_bit_matvec(
-        x, codes.view(torch.uint8).reshape(-1), absmax, state.code.float(), 640, 64, None
+        x, codes.view(torch.uint8).reshape(-1), absmax, state.code.float(), 640, blocksize, None
     )
-    block_largest = x.float().abs().view(rows, -1, 64).amax(-1)
-    fixed_point = 64 * block_largest @ absmax.view(640, -1).t() / 16383
+    span_largest = x.float().abs().view(rows, -1, 64).amax(-1)
+    span_absmax = absmax.view(640, -1).repeat_interleave(blocksize // 64, dim=1)
+    fixed_point = 64 * span_largest @ span_absmax.t() / 16383
     _within_bf16_rounding(got, x.float() @ dequantized.t(), fixed_point)
 
 

@@ -6,7 +6,8 @@
 // time in float32 copies of its codes made at every call. The 4-bit kernel multiplies in 14-bit
 // fixed point (FIXED_ONE): looking up 32 codes' float32 values took 13 vector shuffles, 64
 // codes' 16-bit values take 4, and a token's 4-bit weights went from 10.2-12.1 ms to 6.6-8.6
-// there.
+// there; a cache line of codes a step, not a block, brought the median to 7.0 from 8.2 ms
+// (calls alternated in one process).
 // Each call is named to the profiler (quant_tutor::matvec_*), so that `quant-tutor bench
 // --profile` counts it as a matmul.
 #include "matvec.h"
@@ -161,44 +162,58 @@ TARGET_AVX2 void bf16_avx2(const float* xs, int64_t k, const uint16_t* weight, i
   }
 }
 
-// Outputs [begin, end) of R rows, ``xs``/``xscales`` their fixed_point(), ``planes`` the code
+// One span of 64 codes (32 bytes) against R rows' fixed-point inputs at ``xs`` (row r at
+// xs + r * k), each span's integer sums scaled by ``scale`` (the block's absmax) times the input
+// span's own (``xscales``, row r at xscales + r * spans) into ``acc``. ``planes``: the code
 // table's 16-bit fixed-point values as two 16-byte tables (low bytes, high bytes), each in both
-// halves of a vector. 64 codes are looked up at once by four byte shuffles; each span's integer
-// sums are scaled by the block's absmax times the input span's scale.
+// halves of a vector; four byte shuffles look up all 64 codes.
+template <int R>
+TARGET_AVX2 inline void nibble_span(const uint8_t* code_bytes, const int16_t* xs, int64_t k, const float* xscales,
+                                    int64_t spans, float scale, __m256i low_plane, __m256i high_plane,
+                                    __m256* acc) {
+  const __m256i nibble = _mm256_set1_epi8(15);
+  const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(code_bytes));
+  const __m256i odd = _mm256_and_si256(bytes, nibble), even = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), nibble);
+  const __m256i odd_low = _mm256_shuffle_epi8(low_plane, odd), odd_high = _mm256_shuffle_epi8(high_plane, odd);
+  const __m256i even_low = _mm256_shuffle_epi8(low_plane, even), even_high = _mm256_shuffle_epi8(high_plane, even);
+  const __m256i w0 = _mm256_unpacklo_epi8(odd_low, odd_high), w1 = _mm256_unpackhi_epi8(odd_low, odd_high);
+  const __m256i w2 = _mm256_unpacklo_epi8(even_low, even_high), w3 = _mm256_unpackhi_epi8(even_low, even_high);
+  for (int r = 0; r < R; ++r) {
+    const __m256i* x = reinterpret_cast<const __m256i*>(xs + r * k);
+    const __m256i dot = _mm256_add_epi32(
+        _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_loadu_si256(x)), _mm256_madd_epi16(w1, _mm256_loadu_si256(x + 1))),
+        _mm256_add_epi32(_mm256_madd_epi16(w2, _mm256_loadu_si256(x + 2)), _mm256_madd_epi16(w3, _mm256_loadu_si256(x + 3))));
+    acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(scale * xscales[r * spans]), _mm256_cvtepi32_ps(dot), acc[r]);
+  }
+}
+
+// Outputs [begin, end) of R rows, ``xs``/``xscales`` their fixed_point(), ``absmax`` one scale
+// per block of 2^``block_shift`` spans. Two spans (a cache line of codes) a step: with one span
+// of a 64-block a step, the loop's own bookkeeping was as many instructions as the arithmetic.
 template <int R>
 TARGET_AVX2 void four_bit_avx2(const int16_t* xs, const float* xscales, int64_t k, const uint8_t* codes,
-                               const float* absmax, const __m256i* planes, int64_t blocksize, int64_t n,
+                               const float* absmax, const __m256i* planes, int block_shift, int64_t n,
                                int64_t begin, int64_t end, float* sums) {
-  const __m256i nibble = _mm256_set1_epi8(15);
-  const int64_t spans = k / NIBBLE_SPAN;
+  const int64_t spans = k / NIBBLE_SPAN, row_bytes = k / 2;
+  const __m256i low_plane = planes[0], high_plane = planes[1];
   for (int64_t j = begin; j < end; ++j) {
-    const uint8_t* row = codes + j * (k / 2);
-    const float* scales = absmax + j * (k / blocksize);  // one per block, in turn
+    const uint8_t* row = codes + j * row_bytes;
+    const float* scales = absmax + ((j * spans) >> block_shift);
     __m256 acc[R];
     for (int r = 0; r < R; ++r) {
       acc[r] = _mm256_setzero_ps();
     }
-    for (int64_t block = 0; block < k; block += blocksize) {
-      const float scale = *scales++;
-      for (int64_t i = block; i < block + blocksize; i += NIBBLE_SPAN) {
-        if (i % (2 * LINE) == 0) {
-          _mm_prefetch(reinterpret_cast<const char*>(row + AHEAD * (k / 2) + i / 2), _MM_HINT_T0);
-        }
-        const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + i / 2));
-        const __m256i odd = _mm256_and_si256(bytes, nibble), even = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), nibble);
-        const __m256i odd_low = _mm256_shuffle_epi8(planes[0], odd), odd_high = _mm256_shuffle_epi8(planes[1], odd);
-        const __m256i even_low = _mm256_shuffle_epi8(planes[0], even), even_high = _mm256_shuffle_epi8(planes[1], even);
-        const __m256i w0 = _mm256_unpacklo_epi8(odd_low, odd_high), w1 = _mm256_unpackhi_epi8(odd_low, odd_high);
-        const __m256i w2 = _mm256_unpacklo_epi8(even_low, even_high), w3 = _mm256_unpackhi_epi8(even_low, even_high);
-        for (int r = 0; r < R; ++r) {
-          const __m256i* x = reinterpret_cast<const __m256i*>(xs + r * k + i);
-          const __m256i dot = _mm256_add_epi32(
-              _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_loadu_si256(x)), _mm256_madd_epi16(w1, _mm256_loadu_si256(x + 1))),
-              _mm256_add_epi32(_mm256_madd_epi16(w2, _mm256_loadu_si256(x + 2)), _mm256_madd_epi16(w3, _mm256_loadu_si256(x + 3))));
-          acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(scale * xscales[r * spans + i / NIBBLE_SPAN]),
-                                   _mm256_cvtepi32_ps(dot), acc[r]);
-        }
-      }
+    int64_t s = 0;
+    for (; s + 2 <= spans; s += 2) {
+      _mm_prefetch(reinterpret_cast<const char*>(row + AHEAD * row_bytes + s * (NIBBLE_SPAN / 2)), _MM_HINT_T0);
+      nibble_span<R>(row + s * (NIBBLE_SPAN / 2), xs + s * NIBBLE_SPAN, k, xscales + s, spans,
+                     scales[s >> block_shift], low_plane, high_plane, acc);
+      nibble_span<R>(row + (s + 1) * (NIBBLE_SPAN / 2), xs + (s + 1) * NIBBLE_SPAN, k, xscales + s + 1, spans,
+                     scales[(s + 1) >> block_shift], low_plane, high_plane, acc);
+    }
+    if (s < spans) {
+      nibble_span<R>(row + s * (NIBBLE_SPAN / 2), xs + s * NIBBLE_SPAN, k, xscales + s, spans,
+                     scales[s >> block_shift], low_plane, high_plane, acc);
     }
     for (int r = 0; r < R; ++r) {
       sums[r * n + j] = sum8(acc[r]);
@@ -345,11 +360,16 @@ at::Tensor four_bit_matvec(const at::Tensor& x, const at::Tensor& codes, const a
   const float* scales = absmax.data_ptr<float>();
   const float* values = table.data_ptr<float>();
   const auto xs = arranged(x, nullptr);
-  // In fixed point where the AVX2 kernel can be used (blocks of whole spans, bitsandbytes'
-  // default of 64 among them) and its integer sums cannot overflow: the table within [-1, 1]
+  // In fixed point where the AVX2 kernel can be used (blocks of a power of two of whole spans:
+  // bitsandbytes' 4-bit blocksizes, 64 to 4096) and its integer sums cannot overflow: the table within [-1, 1]
   // (NF4's and FP4's are) and every input finite. Else in float32.
   const bool table_fits = std::all_of(values, values + 16, [](float v) { return std::fabs(v) <= 1.0f; });
-  const bool whole_spans = blocksize % NIBBLE_SPAN == 0;
+  const int64_t spans_a_block = blocksize / NIBBLE_SPAN;
+  const bool whole_spans = blocksize % NIBBLE_SPAN == 0 && (spans_a_block & (spans_a_block - 1)) == 0;
+  int block_shift = 0;
+  while (whole_spans && (int64_t{1} << block_shift) < spans_a_block) {
+    ++block_shift;
+  }
   const FixedPoint fixed = avx2(k) && whole_spans && table_fits ? fixed_point(xs) : FixedPoint{};
   const bool fast = !fixed.values.empty();
   std::vector<float> sums(static_cast<size_t>(rows * n));
@@ -370,7 +390,7 @@ at::Tensor four_bit_matvec(const at::Tensor& x, const at::Tensor& codes, const a
       const int64_t spans = k / NIBBLE_SPAN;
       in_runs(rows, [&](int64_t first, auto run) {
         four_bit_avx2<decltype(run)::value>(fixed.values.data() + first * k, fixed.scales.data() + first * spans, k,
-                                            c, scales, planes, blocksize, n, begin, end, sums.data() + first * n);
+                                            c, scales, planes, block_shift, n, begin, end, sums.data() + first * n);
       });
       return;
     }
