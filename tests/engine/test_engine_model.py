@@ -14,6 +14,7 @@ explains its tolerances (``TOLERANCES``, per precision) and the measurements beh
 
 from __future__ import annotations
 
+import statistics
 import threading
 import time
 from pathlib import Path
@@ -635,11 +636,15 @@ def test_bench_rows_and_cli(shared_engine, engine_home: Path, monkeypatch: pytes
     assert graphed[0]["decoder"] == "graph" and graphed[0]["eager_decode_tok_s"] > 0
     monkeypatch.setenv("QUANT_TUTOR_HOME", str(engine_home))
     ran = CliRunner().invoke(
-        bench.command, ["--precisions", "int8", "--tokens", "2", "--long-prompt", "0", "--eager", "--json"]
+        bench.command,
+        ["--precisions", "int8", "--tokens", "2", "--long-prompt", "0", "--eager", "--rounds", "2", "--json"],
     )
     assert ran.exit_code == 0, ran.stderr
     out = json.loads(ran.stdout)
     assert out[0]["precision"] == "int8" and out[0]["reload_s"] > 0 and out[0]["ttft_long_s"] is None
+    assert len(out[0]["decode_runs"]) == 2 and out[0]["decode_tok_s"] == statistics.median(
+        out[0]["decode_runs"]
+    )
     # on a CPU the native step runs, and --eager is the Python loop beside it
     assert out[0]["decoder"] == "native" and out[0]["eager_decode_tok_s"] > 0
 
@@ -655,12 +660,20 @@ def test_the_peer_row_sits_beside_ours_with_the_ratio(shared_engine) -> None:  #
         with pytest.raises(EngineError, match="make bench-peer"):
             bench_rows.bench_rows(["bf16"], tokens=2, engine=shared_engine, reload=False, peer="llama.cpp")
         return
-    rows = bench_rows.bench_rows(["bf16"], tokens=8, engine=shared_engine, reload=False, peer="llama.cpp")
+    rows = bench_rows.bench_rows(
+        ["bf16"], tokens=8, engine=shared_engine, reload=False, peer="llama.cpp", rounds=3
+    )
     ours, theirs = rows
     assert (ours["engine"], theirs["engine"], theirs["precision"]) == ("quant-tutor", "llama.cpp", "Q4_1")
     assert theirs["tokens"] == 8 and theirs["prompt_tokens"] == ours["prompt_tokens"]
-    assert ours["decode_vs_peer"] == round(ours["decode_tok_s"] / theirs["decode_tok_s"], 2)
-    assert theirs["decode_vs_peer"] == 1.0 and theirs["ttft_s"] > 0
+    # each round's pair, ours then theirs: the ratio is the median of the pairs' ratios
+    pairs = zip(ours["decode_runs"], theirs["decode_runs"], strict=True)
+    assert ours["decode_vs_peer"] == round(statistics.median(a / b for a, b in pairs), 2)
+    assert theirs["decode_tok_s"] == round(statistics.median(theirs["decode_runs"]), 2)
+    assert theirs["decode_vs_peer"] == 1.0 and theirs["ttft_s"] > 0 and theirs["rounds"] == 3
+    # its first token of the same 600-token prompt as ours, a read of 20 times the tokens
+    assert theirs["long_prompt_tokens"] == ours["long_prompt_tokens"]
+    assert theirs["ttft_long_s"] > theirs["ttft_s"]
     assert theirs["peer_version"] == peer.VERSION
 
 

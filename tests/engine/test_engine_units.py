@@ -211,6 +211,8 @@ def test_bench_options_and_argument_errors() -> None:
     assert not args["as_json"] and args["threshold"] == 6.0
     few = CliRunner().invoke(bench.command, ["--tokens", "1"])
     assert few.exit_code == 2 and "'--tokens': must be at least 2" in few.stderr
+    none = CliRunner().invoke(bench.command, ["--rounds", "0"])
+    assert none.exit_code == 2 and "'--rounds'" in none.stderr and "0 is not in the range x>=1" in none.stderr
     unknown = CliRunner().invoke(bench.command, ["--precisions", "int3", "--tokens", "4"])
     assert unknown.exit_code == 1 and "Unknown precision" in unknown.stderr
 

@@ -41,6 +41,13 @@ from tutor.engine.precisions import MEASURED, parse_precisions
     default=LONG_PROMPT_TOKENS,
     help=f"tokens of the long prompt whose first token is timed (default: {LONG_PROMPT_TOKENS}; 0: skip)",
 )
+@click.option(
+    "--rounds",
+    type=click.IntRange(min=1),
+    default=1,
+    help="timed replies per precision, each followed by the peer's with --peer; decode tok/s is their "
+    "median and × peer the median of each pair's ratio (default: 1)",
+)
 @click.option("--profile", is_flag=True, help="also break each decoded token's time down by kind of work")
 @click.option(
     "--eager",
@@ -73,6 +80,7 @@ def command(
     profile: bool,
     eager: bool,
     peer: str | None,
+    rounds: int,
 ) -> None:
     """``quant-tutor bench`` (``tutor.cli`` imports this module only when it runs)."""
     from rich.console import Console
@@ -100,6 +108,7 @@ def command(
             eager=eager,
             peer=peer,
             long_prompt=long_prompt,
+            rounds=rounds,
             log=None if as_json else (lambda msg: err.print(f"[dim]{msg}[/dim]")),
         )
     except EngineError as exc:

@@ -3,8 +3,9 @@
 For each precision, in the order given: ``switch_s`` is the first in-place switch to it (from
 the previous precision, nothing prepared), ``reswitch_s`` a switch back to it once prepared,
 ``reload_s`` a fresh load from disk plus building that precision (what a switch would cost
-without in-place switching), then one greedy reply of ``--tokens`` tokens gives ``ttft_s``,
-``prefill_tok_s`` and ``decode_tok_s``. ``bound_tok_s`` is the measured memory read bandwidth
+without in-place switching), then greedy replies of ``--tokens`` tokens (``--rounds`` of them,
+one by default) give ``ttft_s``, ``prefill_tok_s`` and ``decode_tok_s``, their medians
+(``decode_runs``: each reply's). ``bound_tok_s`` is the measured memory read bandwidth
 divided by the bytes of weights read per token: the speed if decoding were purely
 bandwidth-bound. ``--plain`` adds ``plain_decode_tok_s``: transformers' own ``model.generate``
 on the same model, prompt and precision, for contrast, and ``first_token_unlike_plain``: where
@@ -17,16 +18,18 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from tutor.engine.decode_profile import profile_decode
 from tutor.engine.errors import EngineError
+from tutor.engine.peer import decode_tok_s as peer_decode_tok_s
 from tutor.engine.precisions import MEASURED
 from tutor.engine.reports import MIB
 
 if TYPE_CHECKING:
     from tutor.engine.engine import Engine
+    from tutor.engine.peer import LlamaCpp
     from tutor.engine.reports import Reply
 
 DEFAULT_PROMPT = "Explain in a few sentences what quantizing a neural network's weights to 4 bits does."
@@ -169,14 +172,16 @@ def bench_rows(
     eager: bool = False,
     peer: str | None = None,
     long_prompt: int = LONG_PROMPT_TOKENS,
+    rounds: int = 1,
     engine: Engine | None = None,
     log: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Measure each precision and return one dict per row (keys: ``COLUMNS`` and a few more).
 
     ``peer="llama.cpp"`` adds llama.cpp's row on the same GGUF file, prompt tokens, token count
-    and threads (``tutor.engine.peer``), and gives every row its decode speed as a multiple of
-    the peer's (``decode_vs_peer``). ``long_prompt`` tokens (0: none) give ``ttft_long_s``."""
+    and threads (``tutor.engine.peer``), one of its replies after each of ours, and gives every
+    row its decode speed as a multiple of the peer's (``decode_vs_peer``: the median of each
+    pair's ratio). ``long_prompt`` tokens (0: none) give ``ttft_long_s``, the peer's too."""
     from tutor.engine.engine import Engine
     from tutor.engine.loading import preload_bitsandbytes
 
@@ -205,6 +210,11 @@ def bench_rows(
     prompt_ids = engine.encode(prompt)
     long_ids = long_prompt_ids(engine, long_prompt) if long_prompt else []
     engine.generate(prompt_ids=prompt_ids, max_new_tokens=2)  # warm-up: first-call costs are not decode speed
+    # Opened before the first precision, so that a missing peer is said at once, not after minutes.
+    other = _open_peer(peer, model, max(len(prompt_ids), len(long_ids)) + tokens + 8, say) if peer else None
+    if other is not None:
+        other.arrivals(prompt_ids, 2)  # its warm-up
+    peer_replies: list[list[float]] = []
     rows: list[dict[str, Any]] = []
     for precision in precisions:
         say(f"{precision}: switching")
@@ -214,9 +224,12 @@ def bench_rows(
         first = engine.switch(precision, wait=True)
         engine.switch(first.previous, wait=True)
         again = engine.switch(precision, wait=True)
-        say(f"{precision}: generating {tokens} tokens")
-        reply = _set_up_reply(engine, prompt_ids, tokens)
+        say(f"{precision}: generating {tokens} tokens" + (f", {rounds} times" if rounds > 1 else ""))
+        replies, theirs = _replies(engine, prompt_ids, tokens, rounds, other)
+        peer_replies += theirs
+        reply = replies[0]  # greedy: every round's tokens are the same
         stats = reply.stats
+        decode_runs = [r.stats.decode_tok_s for r in replies]
         long_ttft = None
         if long_ids:
             say(f"{precision}: a {len(long_ids)}-token prompt")
@@ -234,11 +247,13 @@ def bench_rows(
             "switch_s": round(first.seconds, 3),
             "reswitch_s": round(again.seconds, 4),
             "reload_s": None,
-            "ttft_s": stats.ttft_s,
+            "ttft_s": _median(r.stats.ttft_s for r in replies),
             "ttft_long_s": long_ttft,
             "long_prompt_tokens": len(long_ids) or None,
-            "prefill_tok_s": stats.prefill_tok_s,
-            "decode_tok_s": stats.decode_tok_s,
+            "prefill_tok_s": _median(r.stats.prefill_tok_s for r in replies),
+            "decode_tok_s": _median(decode_runs),
+            "decode_runs": decode_runs,
+            "rounds": rounds,
             "bound_tok_s": round(bandwidth * 1e9 / per_token, 1),
             "checkpoint": str(engine.checkpoint.path),
             "tokens": stats.tokens,
@@ -254,6 +269,11 @@ def bench_rows(
             "threads": _threads(),
             "random_weights": random_weights,
         }
+        if other is not None:
+            row["engine"] = "quant-tutor"
+            pairs = zip(decode_runs, map(peer_decode_tok_s, theirs), strict=True)
+            ratios = [a / b for a, b in pairs if a and b]
+            row["decode_vs_peer"] = round(statistics.median(ratios), 2) if ratios else None
         if eager:
             row["eager_decode_tok_s"] = _eager_decode_tok_s(engine, prompt_ids, tokens)
         if plain:
@@ -282,8 +302,8 @@ def bench_rows(
             fresh.close()
             del fresh
         rows.append(row)
-    if peer is not None:
-        rows = _with_peer(rows, peer, model, prompt_ids, tokens, say)
+    if other is not None:
+        rows = [*rows, _peer_row(other, peer_replies, prompt_ids, long_ids, say)]
     return rows
 
 
@@ -295,39 +315,68 @@ def _eager_decode_tok_s(engine: Engine, prompt_ids: list[int], tokens: int) -> f
         return None
     setattr(engine, switch, False)
     try:
-        return _set_up_reply(engine, prompt_ids, tokens).stats.decode_tok_s
+        return _replies(engine, prompt_ids, tokens, 1, None)[0][0].stats.decode_tok_s
     finally:
         setattr(engine, switch, True)
 
 
-def _set_up_reply(engine: Engine, prompt_ids: list[int], tokens: int) -> Reply:
-    """A reply of ``tokens`` tokens timed after a short one that pays its first-call costs."""
+def _replies(
+    engine: Engine, prompt_ids: list[int], tokens: int, rounds: int, peer: LlamaCpp | None
+) -> tuple[list[Reply], list[list[float]]]:
+    """``rounds`` timed replies of ``tokens`` tokens after a short one that pays first-call costs,
+    each followed by the peer's (its arrival times) where there is one: each pair sees the
+    machine as it is in that moment (on a shared 2-core EPYC llama.cpp's speed moved from 64 to
+    78 tok/s between two runs of the same bench)."""
     engine.generate(prompt_ids=prompt_ids, max_new_tokens=2)
-    return engine.generate(prompt_ids=prompt_ids, max_new_tokens=tokens)
+    ours: list[Reply] = []
+    theirs: list[list[float]] = []
+    for _ in range(rounds):
+        ours.append(engine.generate(prompt_ids=prompt_ids, max_new_tokens=tokens))
+        if peer is not None:
+            theirs.append(peer.arrivals(prompt_ids, tokens))
+    return ours, theirs
 
 
-def _with_peer(
-    rows: list[dict[str, Any]],
-    peer: str,
-    model: str | None,
-    prompt_ids: list[int],
-    tokens: int,
-    say: Callable[[str], None],
-) -> list[dict[str, Any]]:
+def _median(values: Iterable[float | None]) -> float | None:
+    present = [value for value in values if value is not None]
+    return round(statistics.median(present), 4) if present else None
+
+
+def _open_peer(peer: str, model: str | None, context_tokens: int, say: Callable[[str], None]) -> LlamaCpp:
     from pathlib import Path
 
     from tutor.engine.checkpoint import embedded_gguf_path
-    from tutor.engine.peer import PEERS, llama_cpp_row
+    from tutor.engine.peer import PEERS, open_llama_cpp
 
     if peer not in PEERS:
         raise EngineError(f"Unknown peer {peer!r}; choose one of: {', '.join(PEERS)}.")
     if model is not None and not str(model).endswith(".gguf"):
         raise EngineError("--peer llama.cpp reads a GGUF file: the embedded model, or --model FILE.gguf.")
     gguf = embedded_gguf_path() if model is None else Path(model)
-    say(f"{peer}: generating {tokens} tokens from {gguf.name}")
-    theirs = llama_cpp_row(gguf, prompt_ids, tokens, _threads())
-    for row in (*rows, theirs):
-        row.setdefault("engine", "quant-tutor")
-        ours, base = row.get("decode_tok_s"), theirs["decode_tok_s"]
-        row["decode_vs_peer"] = round(ours / base, 2) if ours and base else None
-    return [*rows, theirs]
+    say(f"{peer}: loading {gguf.name}")
+    return open_llama_cpp(gguf, context_tokens, _threads())
+
+
+def _peer_row(
+    peer: LlamaCpp,
+    replies: list[list[float]],
+    prompt_ids: list[int],
+    long_ids: list[int],
+    say: Callable[[str], None],
+) -> dict[str, Any]:
+    """The peer's row: its replies' medians, and its first token of the long prompt timed as
+    the engine's is (the median of LONG_PROMPT_RUNS reads after one)."""
+    from tutor.engine.peer import llama_cpp_row
+
+    long_ttft = None
+    if long_ids:
+        say(f"{peer.gguf.name}: a {len(long_ids)}-token prompt")
+        peer.arrivals(long_ids, 1)
+        long_ttft = round(
+            statistics.median(peer.arrivals(long_ids, 1)[0] for _ in range(LONG_PROMPT_RUNS)), 4
+        )
+    row = llama_cpp_row(peer, replies, len(prompt_ids), long_ttft)
+    row["long_prompt_tokens"] = len(long_ids) or None
+    row["decode_vs_peer"] = 1.0
+    row["rounds"] = len(replies)
+    return row

@@ -124,6 +124,11 @@ def _caption(rows: list[dict[str, Any]]) -> str:
         + "".join(
             f"; × peer: decode tok/s over {r['engine']}'s ({r['peer_version']}, the {r['precision']} GGUF "
             f"as shipped, loaded in {r['load_s']} s)"
+            + (
+                f", the median of {first['rounds']} rounds' ratios (our reply, then its)"
+                if first.get("rounds", 1) > 1
+                else ""
+            )
             for r in rows
             if r.get("engine", "quant-tutor") != "quant-tutor"
         )

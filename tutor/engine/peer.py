@@ -7,15 +7,18 @@ instruction sets named one by one: ``GGML_NATIVE=ON`` (let the compiler probe th
 worked (issue 14), so ``cmake_args`` reads the flags from ``/proc/cpuinfo``.
 
 The peer reads the same prompt tokens (the engine's chat template applied once, for both) and
-decodes greedily for the same number of tokens on the same number of threads; TTFT and decode
-speed are measured the way the engine's reply stats are.
+decodes greedily for the same number of tokens on the same number of threads, each of its
+replies right after one of the engine's; TTFT and decode speed are measured the way the
+engine's reply stats are.
 """
 
 from __future__ import annotations
 
+import statistics
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -64,48 +67,68 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> list[str]:
     return []
 
 
-def llama_cpp_row(gguf: Path, prompt_ids: Sequence[int], tokens: int, threads: int) -> dict[str, Any]:
-    """One greedy reply of ``tokens`` tokens from llama.cpp on ``gguf``, as a bench row."""
+@dataclass
+class LlamaCpp:
+    """llama.cpp with the GGUF loaded, its replies timed between the engine's."""
+
+    llm: Any
+    gguf: Path
+    threads: int
+    load_s: float
+    version: str
+
+    def arrivals(self, prompt_ids: Sequence[int], count: int) -> list[float]:
+        """When each of ``count`` greedy tokens arrived, from the start (the prompt read afresh)."""
+        self.llm.reset()
+        begin = time.perf_counter()
+        arrived: list[float] = []
+        for _token in self.llm.generate(list(prompt_ids), temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
+            arrived.append(time.perf_counter() - begin)
+            if len(arrived) == count:
+                break
+        return arrived
+
+
+def open_llama_cpp(gguf: Path, context_tokens: int, threads: int) -> LlamaCpp:
+    """llama.cpp on ``gguf`` with room for ``context_tokens``."""
     try:
         import llama_cpp
     except ImportError as exc:
         raise EngineError(NOT_INSTALLED) from exc
     started = time.perf_counter()
     llm = llama_cpp.Llama(
-        model_path=str(gguf),
-        n_ctx=len(prompt_ids) + tokens + 8,
-        n_threads=threads,
-        n_threads_batch=threads,
-        verbose=False,
+        model_path=str(gguf), n_ctx=context_tokens, n_threads=threads, n_threads_batch=threads, verbose=False
     )
-    load_s = time.perf_counter() - started
+    return LlamaCpp(llm, gguf, threads, time.perf_counter() - started, getattr(llama_cpp, "__version__", "?"))
 
-    def reply(count: int) -> list[float]:
-        """When each of ``count`` greedy tokens arrived, from the start (the prompt read afresh)."""
-        llm.reset()
-        begin = time.perf_counter()
-        arrived = []
-        for _token in llm.generate(list(prompt_ids), temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
-            arrived.append(time.perf_counter() - begin)
-            if len(arrived) == count:
-                break
-        return arrived
 
-    reply(2)  # warm-up, as the engine's bench does: first-call costs are not decode speed
-    arrived = reply(tokens)
+def decode_tok_s(arrived: Sequence[float]) -> float | None:
+    """Tokens after the first over the time they took, as the engine's reply stats count them."""
     decode_s = arrived[-1] - arrived[0]
+    return round((len(arrived) - 1) / decode_s, 2) if decode_s > 0 else None
+
+
+def llama_cpp_row(
+    peer: LlamaCpp, replies: Sequence[Sequence[float]], prompt_tokens: int, long_ttft_s: float | None
+) -> dict[str, Any]:
+    """The peer's bench row from its timed ``replies`` (arrival times): the medians of their
+    decode speeds and first tokens."""
+    runs = [decode_tok_s(arrived) for arrived in replies]
+    rates = [rate for rate in runs if rate is not None]
     return {
         "engine": "llama.cpp",
-        "precision": gguf.stem.rsplit(".", 1)[-1],  # the GGUF's own type, e.g. Q4_1
+        "precision": peer.gguf.stem.rsplit(".", 1)[-1],  # the GGUF's own type, e.g. Q4_1
         "device": "cpu",
-        "weights_mib": round(gguf.stat().st_size / (1 << 20), 1),
-        "ttft_s": round(arrived[0], 4),
-        "decode_tok_s": round((len(arrived) - 1) / decode_s, 2) if decode_s > 0 else None,
-        "tokens": len(arrived),
-        "prompt_tokens": len(prompt_ids),
-        "threads": threads,
-        "load_s": round(load_s, 3),
-        "peer_version": getattr(llama_cpp, "__version__", "?"),
+        "weights_mib": round(peer.gguf.stat().st_size / (1 << 20), 1),
+        "ttft_s": round(statistics.median(arrived[0] for arrived in replies), 4),
+        "ttft_long_s": long_ttft_s,
+        "decode_tok_s": round(statistics.median(rates), 2) if rates else None,
+        "decode_runs": runs,
+        "tokens": len(replies[0]),
+        "prompt_tokens": prompt_tokens,
+        "threads": peer.threads,
+        "load_s": round(peer.load_s, 3),
+        "peer_version": peer.version,
     }
 
 
