@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from inspect import isclass
@@ -17,6 +18,7 @@ from textual.pilot import Pilot
 from tui.tutor_runtime import TutorRuntime
 from tutor.engine.memory import cpu_count
 from tutor.library.content import Library, load_library
+from tutor.paths import cache_dir
 from tutor.progress.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,6 +29,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cpu_count() // workers)))
 SEED = "quantization-8bit-4bit"
+# The user's cache, read before any test points QUANT_TUTOR_HOME elsewhere: `make install` (its
+# `quant-tutor warm`) built the native extension there.
+USER_CACHE = cache_dir()
 
 
 @pytest.fixture(autouse=True)
@@ -96,7 +101,8 @@ def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     Its native extension's build is one for the whole run: under pytest-xdist each worker has a
     cache of its own, and each built the extension (60-115 s on a 2-core AVX2 EPYC, both
     workers compiling at once). In a folder they share, the second waits on the first's build
-    lock and loads what it built, as a second app on one machine does.
+    lock and loads what it built, as a second app on one machine does; and where `make install`
+    has built it already, neither builds.
     """
     cache = tmp_path_factory.mktemp("model-cache")
     run = tmp_path_factory.getbasetemp()
@@ -104,8 +110,27 @@ def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
         run = run.parent  # the run's folder, above each worker's own
     native = run / "native-build"
     native.mkdir(exist_ok=True)
+    _copy_installed_build(native)
     (cache / "native").symlink_to(native, target_is_directory=True)
     return cache
+
+
+def _copy_installed_build(into: Path) -> None:
+    """The extension `make install` built for these very sources, torch and Python (its folder
+    is named by their digest), copied into the run's build folder; without one the run builds
+    its own. Copied whole, then renamed: the other worker may be looking for it at that moment."""
+    from tutor.engine.native_step import build_key
+
+    name = f"decode_step-{build_key()}"
+    installed, target = USER_CACHE / "native" / name, into / name
+    if target.exists() or not any(installed.glob("*.so")):
+        return
+    staging = into / f".{name}-{os.getpid()}"
+    shutil.copytree(installed, staging)
+    try:
+        staging.rename(target)
+    except OSError:  # the other worker's copy got there first
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
