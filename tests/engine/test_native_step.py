@@ -269,6 +269,47 @@ def test_without_bf16_matmul_decoding_multiplies_natively(engine) -> None:  # ty
     assert engine._current_weights().layers[0].down.native is not None, "LLM.int8's codes multiplied natively"
 
 
+def test_a_prompt_reads_natively_up_to_its_mark_then_by_gemm(engine) -> None:  # type: ignore[no-untyped-def]
+    """Where the CPU only emulates bf16 matmul, a prompt of up to ``NATIVE_ROWS_4BIT`` tokens
+    multiplies a 4-bit weight on the native matvec (faster than dequantizing it for an fp32
+    GEMM at every call: linears.py), and one token more takes the GEMM; bf16 weights likewise
+    up to ``NATIVE_ROWS_BF16``. The two ways differ (the 4-bit weight's float32 against its bf16
+    dequantization, the sums' order), so each output says which way it went."""
+    from tutor.engine import linears, quantize
+
+    if not linears.bf16_matmul_is_emulated():
+        pytest.skip("this CPU multiplies bf16 natively: oneDNN's and bitsandbytes' kernels serve")
+    native = engine._decoder.native
+    generator = torch.Generator().manual_seed(11)
+    master = torch.nn.Linear(576, 192, bias=False, dtype=torch.bfloat16)
+    with torch.no_grad():
+        master.weight.copy_(torch.randn(192, 576, generator=generator) * 0.05)
+    nf4 = quantize.build_all("nf4", {"o": master}).modules["o"]
+    slots = {
+        "nf4": (
+            linears.RowsLinear(nf4),
+            linears.NATIVE_ROWS_4BIT,
+            lambda slot, x: native.four_bit_matvec(
+                x, slot.weight, slot.absmax, slot.table, 192, slot.blocksize, None
+            ),
+            linears.ModuleLinear(nf4),
+        ),
+        "bf16": (
+            linears.RowsLinear(master),
+            linears.NATIVE_ROWS_BF16,
+            lambda slot, x: native.bf16_matvec(x, slot.weight, None),
+            linears.ModuleLinear(master),
+        ),
+    }
+    with torch.inference_mode():
+        for name, (slot, mark, natively, by_gemm) in slots.items():
+            for rows in (mark, mark + 1):
+                x = torch.randn(rows, 576, generator=generator).bfloat16()
+                ours, theirs = natively(slot, x), by_gemm(x)
+                assert not torch.equal(ours, theirs), name
+                assert torch.equal(slot(x), ours if rows <= mark else theirs), (name, rows)
+
+
 def test_a_failed_build_names_the_compilers_error() -> None:
     from tutor.engine.native_step import _first_error
 

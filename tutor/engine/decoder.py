@@ -46,8 +46,9 @@ FAST_ARCHITECTURES = ("LlamaForCausalLM",)
 # keys). 2: a prompt's attention in native/prefill.cpp; 3: a decode step's in
 # native/decode_attention.cpp; 4: decoding's bf16 and 4-bit matmuls in native/matvec.cpp where
 # the CPU has no bf16 matmul; 5: bf16's RMSNorm and silu(gate) * up in native/layer_math.cpp,
-# and 4-bit matvecs in fixed point.
-ARITHMETIC_VERSION = 5
+# and 4-bit matvecs in fixed point; 6: prompts of up to 384 tokens (bf16: 48) on the native
+# matvec too where the CPU has no bf16 matmul.
+ARITHMETIC_VERSION = 6
 STATIC_ROPE = ("default", "linear", "llama3")
 
 
