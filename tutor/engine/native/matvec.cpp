@@ -6,8 +6,8 @@
 // time in float32 copies of its codes made at every call. The 4-bit kernel multiplies in 14-bit
 // fixed point (FIXED_ONE): looking up 32 codes' float32 values took 13 vector shuffles, 64
 // codes' 16-bit values take 4, and a token's 4-bit weights went from 10.2-12.1 ms to 6.6-8.6
-// there; a cache line of codes a step, not a block, brought the median to 7.0 from 8.2 ms
-// (calls alternated in one process).
+// there; finding each span's absmax by a shift, not a loop over blocks, brought the median to
+// 7.0 from 8.2 ms (calls alternated in one process).
 // Each call is named to the profiler (quant_tutor::matvec_*), so that `quant-tutor bench
 // --profile` counts it as a matmul.
 #include "matvec.h"
@@ -188,8 +188,8 @@ TARGET_AVX2 inline void nibble_span(const uint8_t* code_bytes, const int16_t* xs
 }
 
 // Outputs [begin, end) of R rows, ``xs``/``xscales`` their fixed_point(), ``absmax`` one scale
-// per block of 2^``block_shift`` spans. Two spans (a cache line of codes) a step: with one span
-// of a 64-block a step, the loop's own bookkeeping was as many instructions as the arithmetic.
+// per block of 2^``block_shift`` spans, found by a shift: a loop over blocks, each holding one
+// span, had cost as many instructions as the arithmetic.
 template <int R>
 TARGET_AVX2 void four_bit_avx2(const int16_t* xs, const float* xscales, int64_t k, const uint8_t* codes,
                                const float* absmax, const __m256i* planes, int block_shift, int64_t n,
@@ -203,17 +203,13 @@ TARGET_AVX2 void four_bit_avx2(const int16_t* xs, const float* xscales, int64_t 
     for (int r = 0; r < R; ++r) {
       acc[r] = _mm256_setzero_ps();
     }
-    int64_t s = 0;
-    for (; s + 2 <= spans; s += 2) {
-      _mm_prefetch(reinterpret_cast<const char*>(row + AHEAD * row_bytes + s * (NIBBLE_SPAN / 2)), _MM_HINT_T0);
-      nibble_span<R>(row + s * (NIBBLE_SPAN / 2), xs + s * NIBBLE_SPAN, k, xscales + s, spans,
-                     scales[s >> block_shift], low_plane, high_plane, acc);
-      nibble_span<R>(row + (s + 1) * (NIBBLE_SPAN / 2), xs + (s + 1) * NIBBLE_SPAN, k, xscales + s + 1, spans,
-                     scales[(s + 1) >> block_shift], low_plane, high_plane, acc);
-    }
-    if (s < spans) {
-      nibble_span<R>(row + s * (NIBBLE_SPAN / 2), xs + s * NIBBLE_SPAN, k, xscales + s, spans,
-                     scales[s >> block_shift], low_plane, high_plane, acc);
+    for (int64_t s = 0; s < spans; ++s) {
+      const uint8_t* span_codes = row + s * (NIBBLE_SPAN / 2);
+      if (s % 2 == 0) {  // a cache line holds two spans' codes
+        _mm_prefetch(reinterpret_cast<const char*>(span_codes + AHEAD * row_bytes), _MM_HINT_T0);
+      }
+      nibble_span<R>(span_codes, xs + s * NIBBLE_SPAN, k, xscales + s, spans, scales[s >> block_shift], low_plane,
+                     high_plane, acc);
     }
     for (int r = 0; r < R; ++r) {
       sums[r * n + j] = sum8(acc[r]);
@@ -361,15 +357,12 @@ at::Tensor four_bit_matvec(const at::Tensor& x, const at::Tensor& codes, const a
   const float* values = table.data_ptr<float>();
   const auto xs = arranged(x, nullptr);
   // In fixed point where the AVX2 kernel can be used (blocks of a power of two of whole spans:
-  // bitsandbytes' 4-bit blocksizes, 64 to 4096) and its integer sums cannot overflow: the table within [-1, 1]
-  // (NF4's and FP4's are) and every input finite. Else in float32.
+  // bitsandbytes' 4-bit blocksizes, 64 to 4096) and its integer sums cannot overflow: the table
+  // within [-1, 1] (NF4's and FP4's are) and every input finite. Else in float32.
   const bool table_fits = std::all_of(values, values + 16, [](float v) { return std::fabs(v) <= 1.0f; });
   const int64_t spans_a_block = blocksize / NIBBLE_SPAN;
   const bool whole_spans = blocksize % NIBBLE_SPAN == 0 && (spans_a_block & (spans_a_block - 1)) == 0;
-  int block_shift = 0;
-  while (whole_spans && (int64_t{1} << block_shift) < spans_a_block) {
-    ++block_shift;
-  }
+  const int block_shift = whole_spans ? __builtin_ctzll(static_cast<unsigned long long>(spans_a_block)) : 0;
   const FixedPoint fixed = avx2(k) && whole_spans && table_fits ? fixed_point(xs) : FixedPoint{};
   const bool fast = !fixed.values.empty();
   std::vector<float> sums(static_cast<size_t>(rows * n));

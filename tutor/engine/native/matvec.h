@@ -13,7 +13,7 @@ at::Tensor bf16_matvec(const at::Tensor& x, const at::Tensor& weight, const std:
 // n) bf16. ``codes`` are its bytes (two codes each, the first in the high nibble), ``absmax``
 // its float32 scale per ``blocksize`` weights (a multiple of 32), ``table`` the 16 float32
 // values a code stands for (NF4 or FP4). Each weight is table[code] * absmax, bitsandbytes'
-// float32 dequantization. With AVX2 and blocks of a multiple of 64, the table and each 64
+// float32 dequantization. With AVX2 and blocks of 64 times a power of two, the table and each 64
 // inputs are rounded to 14-bit fixed point (relative to their largest magnitude, within 3e-5 of
 // it) and summed exactly in int32, each span's sum scaled in float32; else the sums are float32.
 at::Tensor four_bit_matvec(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& absmax,
