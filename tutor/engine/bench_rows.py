@@ -375,8 +375,4 @@ def _peer_row(
         long_ttft = round(
             statistics.median(peer.arrivals(long_ids, 1)[0] for _ in range(LONG_PROMPT_RUNS)), 4
         )
-    row = llama_cpp_row(peer, replies, len(prompt_ids), long_ttft)
-    row["long_prompt_tokens"] = len(long_ids) or None
-    row["decode_vs_peer"] = 1.0
-    row["rounds"] = len(replies)
-    return row
+    return llama_cpp_row(peer, replies, len(prompt_ids), long_ttft, len(long_ids) or None)

@@ -109,10 +109,14 @@ def decode_tok_s(arrived: Sequence[float]) -> float | None:
 
 
 def llama_cpp_row(
-    peer: LlamaCpp, replies: Sequence[Sequence[float]], prompt_tokens: int, long_ttft_s: float | None
+    peer: LlamaCpp,
+    replies: Sequence[Sequence[float]],
+    prompt_tokens: int,
+    long_ttft_s: float | None,
+    long_tokens: int | None,
 ) -> dict[str, Any]:
     """The peer's bench row from its timed ``replies`` (arrival times): the medians of their
-    decode speeds and first tokens."""
+    decode speeds and first tokens; its speed is the one every row is a multiple of."""
     runs = [decode_tok_s(arrived) for arrived in replies]
     rates = [rate for rate in runs if rate is not None]
     return {
@@ -122,8 +126,11 @@ def llama_cpp_row(
         "weights_mib": round(peer.gguf.stat().st_size / (1 << 20), 1),
         "ttft_s": round(statistics.median(arrived[0] for arrived in replies), 4),
         "ttft_long_s": long_ttft_s,
+        "long_prompt_tokens": long_tokens,
         "decode_tok_s": round(statistics.median(rates), 2) if rates else None,
         "decode_runs": runs,
+        "decode_vs_peer": 1.0,
+        "rounds": len(replies),
         "tokens": len(replies[0]),
         "prompt_tokens": prompt_tokens,
         "threads": peer.threads,
