@@ -46,9 +46,12 @@ _state: dict[str, Any] = {}  # "module" once built, or "problem": why not
 
 
 def build_key() -> str:
-    """Names one build: the sources, torch and Python (a new one of any of them builds again)."""
+    """Names one build: the sources, torch and Python (a new one of any of them builds again),
+    and where the sources and torch's headers lie. The builder's ninja file names them by path,
+    so two checkouts sharing one folder rebuilt it in turn, a minute or two at every start."""
     digest = hashlib.sha256(b"".join(source.read_bytes() for source in (*SOURCES, *HEADERS)))
-    digest.update(f"{torch.__version__}|{sys.version}|{platform.machine()}".encode())
+    where = f"{FOLDER.resolve()}|{Path(torch.__file__).resolve().parent}"
+    digest.update(f"{torch.__version__}|{sys.version}|{platform.machine()}|{where}".encode())
     return digest.hexdigest()[:16]
 
 
