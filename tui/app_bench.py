@@ -7,6 +7,11 @@ question yields the same tokens on both sides; the table shows decode tok/s (dec
 decode time, as the reply's stats line) and TTFT from each, their ratio, and how long a key
 press took to switch tabs while one more reply streamed (its own, so redrawing the lesson tab
 does not slow the timed replies).
+
+With ``--rounds N`` the two sides take turns at each precision, the CLI's questions then the
+app's, N times: this machine's speed drifted by 10-20 % within minutes, so a ratio is only
+as good as the two figures are close in time. A figure is the median of its N replies and a
+ratio the median of each round's ratio.
 """
 
 from __future__ import annotations
@@ -48,7 +53,10 @@ QUESTIONS = [
 ]
 
 
-def cli_stats(questions: list[str], precision: str, lesson_id: str) -> list[dict[str, Any]]:
+Stats = dict[str, Any]  # a reply's stats line (tutor.assistant.answer_stats), as JSON
+
+
+def cli_stats(questions: list[str], precision: str, lesson_id: str) -> list[Stats]:
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as handle:
         handle.write("\n".join(questions) + "\n")
     done = subprocess.run(
@@ -84,17 +92,33 @@ async def _until(condition: Any, seconds: float = 600, step: float = 0.05) -> No
 
 
 async def app_stats(
-    questions: list[str], precisions: list[str], threads: int | None, lesson_id: str
-) -> tuple[dict[str, list[dict[str, Any]]], float, list[float]]:
-    """Per precision the reply stats of each question, the seconds until the tutor was ready,
-    and the key-press latencies measured while replies streamed."""
+    questions: list[str], precisions: list[str], threads: int | None, lesson_id: str, rounds: int = 1
+) -> tuple[dict[str, list[list[Stats]]], dict[str, list[list[Stats]]], float, list[float]]:
+    """Per precision and round the app's reply stats of each question and the CLI's (asked just
+    before them, while the app waits), the seconds until the tutor was ready, and the key-press
+    latencies measured while replies streamed."""
     library = load_library()
     scratch = Path(tempfile.mkdtemp(prefix="quant-tutor-bench-"))
     store = Store(scratch / "progress.sqlite3")  # a scratch store: the learner's progress is not touched
     runtime = TutorRuntime(library, threads=threads)
     app = QuantTutorApp(library, store, lesson_id=lesson_id, tutor=runtime)
-    results: dict[str, list[dict[str, Any]]] = {}
+    mine: dict[str, list[list[Stats]]] = {}
+    theirs: dict[str, list[list[Stats]]] = {}
     keys: list[float] = []
+
+    async def ask(question: str) -> ChatEntry:
+        await pilot.press("t")
+        chat.query_one("#chat-input").focus()
+        chat.query_one("#chat-input").value = question  # type: ignore[attr-defined]
+        await pilot.press("enter")
+        await pilot.pause(0.05)
+        return chat.query(ChatEntry).last()
+
+    async def answered(entry: ChatEntry) -> Stats:
+        await _until(lambda: entry.answer is not None)
+        assert entry.answer is not None
+        return entry.answer.stats.as_dict()
+
     try:
         async with app.run_test(size=(110, 40)) as pilot:
             started = time.monotonic()
@@ -108,25 +132,21 @@ async def app_stats(
                 if runtime.precision != precision:
                     chat.action_switch(precision)
                     await _until(lambda: runtime.switching is None)
-                results[precision] = []
-                for question in [*questions, KEYS_QUESTION]:
-                    await pilot.press("t")
-                    chat.query_one("#chat-input").focus()
-                    chat.query_one("#chat-input").value = question  # type: ignore[attr-defined]
-                    await pilot.press("enter")
-                    await pilot.pause(0.05)
-                    entry = chat.query(ChatEntry).last()
-                    if question is KEYS_QUESTION:
-                        keys += await _press_keys_mid_reply(app, chat, entry)
-                    await _until(lambda e=entry: e.answer is not None)
-                    assert entry.answer is not None
-                    if question is not KEYS_QUESTION:
-                        results[precision].append(entry.answer.stats.as_dict())
+                mine[precision], theirs[precision] = [], []
+                for round_ in range(rounds):
+                    sys.stderr.write(f"{precision}, round {round_ + 1} of {rounds}: `ask`, then the app…\n")
+                    theirs[precision].append(
+                        await asyncio.to_thread(cli_stats, questions, precision, lesson_id)
+                    )
+                    mine[precision].append([await answered(await ask(question)) for question in questions])
+                entry = await ask(KEYS_QUESTION)
+                keys += await _press_keys_mid_reply(app, chat, entry)
+                await answered(entry)
     finally:
         runtime.stop()
         store.close()
         shutil.rmtree(scratch, ignore_errors=True)
-    return results, ready_s, keys
+    return mine, theirs, ready_s, keys
 
 
 async def _press_keys_mid_reply(app: QuantTutorApp, chat: ChatView, entry: ChatEntry) -> list[float]:
@@ -152,6 +172,20 @@ def _mean(values: list[float | None]) -> float | None:
     return statistics.fmean(present) if present else None
 
 
+def _median(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def _ratios(mine: list[float | None], theirs: list[float | None]) -> list[float | None]:
+    """Each round's app ÷ CLI, where both decoded."""
+    return [a / b if a and b else None for a, b in zip(mine, theirs, strict=True)]
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
+
+
 def _cell(value: float | None, digits: int = 1) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
@@ -166,40 +200,50 @@ def _cell(value: float | None, digits: int = 1) -> str:
     help="this bench (without it: the engine's `quant-tutor bench`)",
 )
 @click.option("--precisions", default="bf16,nf4", help="comma-separated (default: bf16,nf4)")
+@click.option(
+    "--rounds",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="turns of `ask` then the app at each precision; figures are medians, ratios paired by round",
+)
 @click.option("--threads", type=int, help="the app engine's torch threads (default: one per core)")
 @click.option("--json", "as_json", is_flag=True, help="print the measurements as JSON")
-def command(precisions: str, threads: int | None, as_json: bool) -> None:
+def command(precisions: str, rounds: int, threads: int | None, as_json: bool) -> None:
     """``quant-tutor bench --app`` (``tui.entry`` hands it to ``tutor.cli`` for that flag)."""
-    compare(precisions, threads, as_json)
+    compare(precisions, threads, as_json, rounds)
 
 
-def compare(precisions_text: str, threads: int | None, as_json: bool) -> None:
-    """Ask the same questions through `quant-tutor ask` and the app; print both side by side."""
+def compare(precisions_text: str, threads: int | None, as_json: bool, rounds: int = 1) -> None:
+    """Ask the same questions through `quant-tutor ask` and the app, in turns; print both side by side."""
     precisions = [p.strip() for p in precisions_text.split(",") if p.strip()]
-    err = sys.stderr
-    cli: dict[str, list[dict[str, Any]]] = {}
     lesson_id = next(iter(load_library().lessons))  # both sides prefer this lesson's passages
+    sys.stderr.write("Driving the Tutor tab headless, `quant-tutor ask` beside it…\n")
+    app, cli, ready_s, keys = asyncio.run(app_stats(QUESTIONS, precisions, threads, lesson_id, rounds))
+    rows: list[dict[str, Any]] = []
     for precision in precisions:
-        err.write(f"CLI: quant-tutor ask at {precision}…\n")
-        cli[precision] = cli_stats(QUESTIONS, precision, lesson_id)
-    err.write("App: driving the Tutor tab headless…\n")
-    app, ready_s, keys = asyncio.run(app_stats(QUESTIONS, precisions, threads, lesson_id))
-    rows = []
-    for precision in precisions:
-        for question, mine, theirs in zip(QUESTIONS, app[precision], cli[precision], strict=True):
+        for at, question in enumerate(QUESTIONS):
+            mine = [round_[at] for round_ in app[precision]]
+            theirs = [round_[at] for round_ in cli[precision]]
+            app_runs = [m["tokens_per_s"] for m in mine]
+            cli_runs = [t["tokens_per_s"] for t in theirs]
             rows.append(
                 {
                     "precision": precision,
                     "question": question,
-                    "tokens": (mine["tokens"], theirs["tokens"]),
-                    "app_tok_s": mine["tokens_per_s"],
-                    "cli_tok_s": theirs["tokens_per_s"],
-                    "app_ttft_s": mine["ttft_s"],
-                    "cli_ttft_s": theirs["ttft_s"],
+                    "tokens": (mine[0]["tokens"], theirs[0]["tokens"]),
+                    "app_tok_s": _median(app_runs),
+                    "cli_tok_s": _median(cli_runs),
+                    "app_vs_cli": _rounded(_median(_ratios(app_runs, cli_runs))),
+                    "app_runs": app_runs,
+                    "cli_runs": cli_runs,
+                    "app_ttft_s": _median([m["ttft_s"] for m in mine]),
+                    "cli_ttft_s": _median([t["ttft_s"] for t in theirs]),
                 }
             )
     summary = {
         "machine": describe("cpu"),
+        "rounds": rounds,
         "app_ready_s": round(ready_s, 2),
         "key_ms_median": None if not keys else round(1000 * statistics.median(keys), 1),
         "key_ms_p90": None if not keys else round(1000 * sorted(keys)[int(0.9 * len(keys))], 1),
@@ -209,7 +253,8 @@ def compare(precisions_text: str, threads: int | None, as_json: bool) -> None:
     if as_json:
         print(json.dumps(summary, indent=2))
         return
-    table = Table(title="Tutor tab vs `quant-tutor ask` (same questions, greedy)")
+    medians = "" if rounds == 1 else f", medians of {rounds} rounds in turns"
+    table = Table(title=f"Tutor tab vs `quant-tutor ask` (same questions, greedy{medians})")
     for column in [
         "precision",
         "question",
@@ -222,27 +267,26 @@ def compare(precisions_text: str, threads: int | None, as_json: bool) -> None:
     ]:
         table.add_column(column, justify="left" if column in ("precision", "question") else "right")
     for row in rows:
-        ratio = None if not (row["app_tok_s"] and row["cli_tok_s"]) else row["app_tok_s"] / row["cli_tok_s"]
         table.add_row(
             row["precision"],
             row["question"],
             "{}/{}".format(*row["tokens"]),
             _cell(row["app_tok_s"]),
             _cell(row["cli_tok_s"]),
-            _cell(ratio, 2),
+            _cell(row["app_vs_cli"], 2),
             _cell(row["app_ttft_s"], 3),
             _cell(row["cli_ttft_s"], 3),
         )
     for precision in precisions:
         mine = [r for r in rows if r["precision"] == precision]
-        app_mean, cli_mean = _mean([r["app_tok_s"] for r in mine]), _mean([r["cli_tok_s"] for r in mine])
+        paired = [ratio for r in mine for ratio in _ratios(r["app_runs"], r["cli_runs"])]
         table.add_row(
             precision,
-            "mean",
+            "mean (ratio: median of every pair)",
             "",
-            _cell(app_mean),
-            _cell(cli_mean),
-            _cell(None if not (app_mean and cli_mean) else app_mean / cli_mean, 2),
+            _cell(_mean([r["app_tok_s"] for r in mine])),
+            _cell(_mean([r["cli_tok_s"] for r in mine])),
+            _cell(_median(paired), 2),
             _cell(_mean([r["app_ttft_s"] for r in mine]), 3),
             _cell(_mean([r["cli_ttft_s"] for r in mine]), 3),
         )

@@ -136,6 +136,9 @@ def test_bench_options_reach_the_bench() -> None:
     assert (
         app.returncode == 0 and "The Tutor tab's decode speed" in app.stdout and "--tokens" not in app.stdout
     )
+    assert "--rounds" in app.stdout
+    none = qt("bench", "--app", "--rounds", "0")
+    assert none.returncode == 2 and "--rounds" in none.stderr and "Traceback" not in none.stderr
 
 
 def _modules_after(*argv: str) -> list[str]:
