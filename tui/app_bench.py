@@ -254,7 +254,10 @@ def compare(precisions_text: str, threads: int | None, as_json: bool, rounds: in
         print(json.dumps(summary, indent=2))
         return
     medians = "" if rounds == 1 else f", medians of {rounds} rounds in turns"
-    table = Table(title=f"Tutor tab vs `quant-tutor ask` (same questions, greedy{medians})")
+    table = Table(
+        title=f"Tutor tab vs `quant-tutor ask` (same questions, greedy{medians})",
+        caption="mean: the questions' mean tok/s and TTFT; its ratio is the median of every pair's",
+    )
     for column in [
         "precision",
         "question",
@@ -282,7 +285,7 @@ def compare(precisions_text: str, threads: int | None, as_json: bool, rounds: in
         paired = [ratio for r in mine for ratio in _ratios(r["app_runs"], r["cli_runs"])]
         table.add_row(
             precision,
-            "mean (ratio: median of every pair)",
+            "mean",
             "",
             _cell(_mean([r["app_tok_s"] for r in mine])),
             _cell(_mean([r["cli_tok_s"] for r in mine])),
