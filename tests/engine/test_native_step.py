@@ -250,10 +250,36 @@ def test_the_int8_matvec_is_the_exact_integer_product(engine, rows: int, k: int)
     assert torch.equal(native.int8_matvec(x, weight), x.int() @ weight.int().t())
 
 
+@pytest.mark.parametrize("threshold", [6.0, 0.0], ids=["outliers held back", "no threshold"])
+@pytest.mark.parametrize("bias", [False, True], ids=["no bias", "bias"])
+def test_llm_int8_in_cpp_gives_the_modules_own_output(engine, threshold: float, bias: bool) -> None:  # type: ignore[no-untyped-def]
+    """LLM.int8's linear in C++ (what the decode step calls, and the slot in Python up to
+    NATIVE_ROWS_INT8 rows) is bitsandbytes' Linear8bitLt bit for bit, on every CPU: for one row
+    (a decode step) and many (a prompt), with outlier columns in the input and without."""
+    from tutor.engine import quantize
+
+    native = engine._decoder.native
+    generator = torch.Generator().manual_seed(8)
+    master = torch.nn.Linear(192, 96, bias=bias, dtype=torch.bfloat16)
+    with torch.no_grad():
+        master.weight.copy_(torch.randn(96, 192, generator=generator) * 0.05)
+    module = quantize.build_all("int8", {"o": master}, int8_threshold=threshold).modules["o"]
+    with torch.inference_mode():
+        module(torch.zeros(1, 192, dtype=torch.bfloat16))  # the codes are made at the first call
+        state = module.state
+        for rows, outliers in ((1, 0), (1, 2), (2, 3), (37, 0), (37, 5)):
+            x = torch.randn(rows, 192, generator=generator)
+            x[:, torch.randperm(192, generator=generator)[:outliers]] *= 12  # past the threshold
+            x = x.to(torch.bfloat16)
+            found = native.llm_int8_linear(x, state.CB, state.SCB, module.bias, state.threshold)
+            assert torch.equal(found, module(x)), (rows, outliers)
+
+
 def test_without_bf16_matmul_decoding_multiplies_natively(engine) -> None:  # type: ignore[no-untyped-def]
     """bf16 layers, the lm_head and nf4 layers run on the native matvec where oneDNN only
     emulates bf16 (an AVX2 CPU), and so do LLM.int8's integer products; elsewhere oneDNN's and
     bitsandbytes' kernels do."""
+    from tutor.engine import native_step
     from tutor.engine.linears import RowsLinear, bf16_matmul_is_emulated
 
     if not bf16_matmul_is_emulated():
@@ -266,7 +292,9 @@ def test_without_bf16_matmul_decoding_multiplies_natively(engine) -> None:  # ty
         for slot in (layer.qkv or layer.q, layer.down):
             assert type(slot) is RowsLinear, (precision, type(slot))
     engine.switch("int8", wait=True)
-    assert engine._current_weights().layers[0].down.native is not None, "LLM.int8's codes multiplied natively"
+    down = engine._current_weights().layers[0].down
+    assert down.native is not None, "LLM.int8's codes multiplied natively"
+    assert native_step._spec(down)[0] == native_step.LLM_INT8, "and the decode step calls it natively"
 
 
 def test_a_prompt_reads_natively_up_to_its_mark_then_by_gemm(engine) -> None:  # type: ignore[no-untyped-def]

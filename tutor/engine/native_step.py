@@ -164,9 +164,10 @@ def layers_for(module: Any, decoder: Any, weights: Any) -> Any:
 
 
 # How decode_step.cpp calls a slot: bitsandbytes' 4-bit kernel, oneDNN's packed linear, torch's
-# weight-only int8 or int4 kernel or native/matvec.cpp (up to the rows their slots use it for),
-# or the slot itself back in Python (LLM.int8, taps, a part of an int4 weight).
-FOUR_BIT, PACKED, PYTHON, INT8_PACK, INT4_PACK, ROWS = 0, 1, 2, 3, 4, 5
+# weight-only int8 or int4 kernel or native/matvec.cpp (bf16, 4-bit and LLM.int8 weights; up to
+# the rows their slots use it for), or the slot itself back in Python (taps, a part of an int4
+# weight, LLM.int8 where bitsandbytes multiplies its codes natively).
+FOUR_BIT, PACKED, PYTHON, INT8_PACK, INT4_PACK, ROWS, LLM_INT8 = 0, 1, 2, 3, 4, 5, 6
 
 
 def _spec(slot: Any) -> tuple[Any, ...] | None:
@@ -174,7 +175,15 @@ def _spec(slot: Any) -> tuple[Any, ...] | None:
 
     from tutor.engine import int4
     from tutor.engine.int8wo import Int8WoLinear
-    from tutor.engine.linears import PREFILL_ROWS, Bnb4bitCpuLinear, ModuleLinear, PackedLinear, RowsLinear
+    from tutor.engine.linears import (
+        NATIVE_ROWS_INT8,
+        PREFILL_ROWS,
+        Bnb4bitCpuLinear,
+        LlmInt8Linear,
+        ModuleLinear,
+        PackedLinear,
+        RowsLinear,
+    )
 
     if slot is None:
         return None
@@ -196,6 +205,8 @@ def _spec(slot: Any) -> tuple[Any, ...] | None:
             slot.max_rows,
             slot,
         )
+    if type(slot) is LlmInt8Linear and slot.native is not None:
+        return (LLM_INT8, slot.codes, slot.scales, slot.bias, slot.threshold, NATIVE_ROWS_INT8, slot)
     module = slot.module if type(slot) is ModuleLinear else None
     if type(module) is Int8WoLinear:
         shape = (module.out_features, module.in_features, 0, PREFILL_ROWS)

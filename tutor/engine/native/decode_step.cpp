@@ -26,19 +26,30 @@ using Kernel4bit = void (*)(int64_t, int64_t, int64_t, const void*, const void*,
                             int64_t, int64_t, int64_t);
 
 // int8-wo and int4 (tutor.engine.int8wo, tutor.engine.int4) call torch's weight-only kernels up
-// to ``max_rows`` rows, as their modules do, and a bf16 or 4-bit weight on a CPU without bf16
-// matmul (tutor.engine.linears.RowsLinear) native/matvec.cpp; above it their modules multiply
+// to ``max_rows`` rows, as their modules do, a bf16 or 4-bit weight on a CPU without bf16
+// matmul (tutor.engine.linears.RowsLinear) and LLM.int8 where its int8 matmul is emulated
+// (tutor.engine.linears.LlmInt8Linear) native/matvec.cpp; above it their modules multiply
 // otherwise, so the slot is called back.
-enum Kind : int64_t { kFourBit = 0, kPacked = 1, kPython = 2, kInt8Pack = 3, kInt4Pack = 4, kRows = 5 };
+enum Kind : int64_t {
+  kFourBit = 0,
+  kPacked = 1,
+  kPython = 2,
+  kInt8Pack = 3,
+  kInt4Pack = 4,
+  kRows = 5,
+  kLlmInt8 = 6
+};
 
 struct Slot {
   int64_t kind = kPython;
   at::Tensor weight;  // 4-bit: the packed codes; packed: oneDNN's weight; int8/int4: the codes
   at::Tensor extra;   // 4-bit: the absmax (bf16); packed: the bias (undefined: none); int8/int4:
-                      // the scales (and zeros); rows: the absmax (float32) of a 4-bit weight
-  std::optional<at::Tensor> bias;  // rows: the bias, if any
+                      // the scales (and zeros); rows: the absmax (float32) of a 4-bit weight;
+                      // LLM.int8: the scale of each row of codes
+  std::optional<at::Tensor> bias;  // rows, LLM.int8: the bias, if any
   at::Tensor table;   // rows: a 4-bit weight's code values (undefined: a bf16 weight)
   int64_t n = 0, k = 0, blocksize = 0, max_rows = 0;
+  double threshold = 0;  // LLM.int8: an input this large or larger is an outlier
   Kernel4bit kernel = nullptr;
   py::object call;  // any other slot (and int8/int4 over max_rows rows), called back in Python
 
@@ -73,6 +84,9 @@ struct Slot {
       auto out = table.defined() ? four_bit_matvec(input, weight, extra, table, n, blocksize, bias)
                                  : bf16_matvec(input, weight, bias);
       return out.to(input.scalar_type());
+    }
+    if (kind == kLlmInt8 && input.size(0) <= max_rows) {
+      return llm_int8_linear(input, weight, extra, bias, threshold);
     }
     py::gil_scoped_acquire gil;
     return call(input).cast<at::Tensor>();
@@ -146,6 +160,15 @@ std::optional<Slot> slot_of(const py::object& spec) {
     slot.blocksize = t[6].cast<int64_t>();
     slot.max_rows = t[7].cast<int64_t>();
     slot.call = t[8];
+  } else if (slot.kind == kLlmInt8) {
+    slot.weight = t[1].cast<at::Tensor>();
+    slot.extra = t[2].cast<at::Tensor>();
+    if (!t[3].is_none()) {
+      slot.bias = t[3].cast<at::Tensor>();
+    }
+    slot.threshold = t[4].cast<double>();
+    slot.max_rows = t[5].cast<int64_t>();
+    slot.call = t[6];
   } else {
     slot.call = t[1];
   }
@@ -242,6 +265,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bf16_matvec", &bf16_matvec, py::call_guard<py::gil_scoped_release>());
   m.def("four_bit_matvec", &four_bit_matvec, py::call_guard<py::gil_scoped_release>());
   m.def("int8_matvec", &int8_matvec, py::call_guard<py::gil_scoped_release>());
+  m.def("llm_int8_linear", &llm_int8_linear, py::call_guard<py::gil_scoped_release>());
   m.def("rms_norm", &rms_norm_bf16, py::call_guard<py::gil_scoped_release>());
   m.def("silu_mul", &silu_mul_bf16, py::call_guard<py::gil_scoped_release>());
 }

@@ -396,3 +396,41 @@ at::Tensor four_bit_matvec(const at::Tensor& x, const at::Tensor& codes, const a
   });
   return finished(sums, rows, n, x, bias);
 }
+
+at::Tensor llm_int8_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
+                           const std::optional<at::Tensor>& bias, double threshold) {
+  RECORD_FUNCTION("quant_tutor::llm_int8", std::vector<c10::IValue>());
+  using at::indexing::Slice;
+  const int64_t n = codes.size(0), k = codes.size(1);
+  const auto rows = x.reshape({-1, k});
+  const auto half = rows.to(at::kHalf);  // bitsandbytes quantizes an fp16 copy
+  auto magnitude = half.abs();
+  std::optional<at::Tensor> columns;  // the outlier columns, if any
+  if (threshold > 0) {
+    const auto found = (magnitude.amax(0) >= threshold).nonzero().view(-1);
+    if (found.numel()) {
+      auto held = magnitude.index({Slice(), found});
+      magnitude.index_put_({Slice(), found}, held.masked_fill_(held >= threshold, 0));
+      columns = found;
+    }
+  }
+  const auto absmax = magnitude.amax(1).to(at::kFloat).unsqueeze(-1);
+  // Python's ``127.0 / absmax`` is the reciprocal times 127 (Tensor.__rdiv__), not a division.
+  auto scaled = half * (absmax.reciprocal() * 127.0);
+  if (columns) {
+    scaled.index_fill_(1, *columns, 0);
+  }
+  const auto product = int8_matvec(scaled.round_().to(at::kChar), codes);
+  auto out = (absmax * scales.unsqueeze(0)).mul_(product).mul_(6.200124e-05);
+  if (bias) {
+    out.add_(*bias);
+  }
+  out = out.to(rows.scalar_type());
+  if (columns) {
+    const auto weight = codes.index({Slice(), *columns}) * scales.view({-1, 1}) * 7.874015718698502e-3;
+    out = out.addmm(rows.index({Slice(), *columns}), weight.to(rows.scalar_type()).t());
+  }
+  auto shape = x.sizes().vec();
+  shape.back() = n;
+  return out.view(shape);
+}
