@@ -267,7 +267,8 @@ def test_llm_int8_in_cpp_gives_the_modules_own_output(engine, threshold: float, 
     with torch.inference_mode():
         module(torch.zeros(1, 192, dtype=torch.bfloat16))  # the codes are made at the first call
         state = module.state
-        for rows, outliers in ((1, 0), (1, 2), (2, 3), (37, 0), (37, 5)):
+        cases = [(1, 0), (1, 2), (2, 3), (37, 0), (37, 5)] + [(1, draw % 4) for draw in range(20)]
+        for rows, outliers in cases:
             x = torch.randn(rows, 192, generator=generator)
             x[:, torch.randperm(192, generator=generator)[:outliers]] *= 12  # past the threshold
             x = x.to(torch.bfloat16)

@@ -397,38 +397,84 @@ at::Tensor four_bit_matvec(const at::Tensor& x, const at::Tensor& codes, const a
   return finished(sums, rows, n, x, bias);
 }
 
+namespace {
+
+// NaN-propagating maximum, as ATen's amax.
+float max_of(float a, float b) { return std::isnan(a) || a >= b ? a : b; }
+
+}  // namespace
+
 at::Tensor llm_int8_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
                            const std::optional<at::Tensor>& bias, double threshold) {
   RECORD_FUNCTION("quant_tutor::llm_int8", std::vector<c10::IValue>());
   using at::indexing::Slice;
   const int64_t n = codes.size(0), k = codes.size(1);
   const auto rows = x.reshape({-1, k});
-  const auto half = rows.to(at::kHalf);  // bitsandbytes quantizes an fp16 copy
-  auto magnitude = half.abs();
-  std::optional<at::Tensor> columns;  // the outlier columns, if any
+  const int64_t m = rows.size(0);
+  // LlmInt8Linear's elementwise steps in one pass each, rounding as its ATen operations do:
+  // the input's fp16 copy (bitsandbytes quantizes that), compared with the threshold as fp16;
+  // a column with any value past it is held back, and those values left out of their row's
+  // absmax; codes = round(x * (1 / absmax * 127)) in float32, 0 in the held-back columns.
+  const auto input = rows.to(at::kFloat).contiguous();
+  const float* xs = input.data_ptr<float>();
+  std::vector<float> half(static_cast<size_t>(m * k));
+  for (int64_t i = 0; i < m * k; ++i) {
+    half[i] = static_cast<float>(c10::Half(xs[i]));
+  }
+  const float limit = static_cast<float>(c10::Half(static_cast<float>(threshold)));
+  std::vector<int64_t> held;
+  std::vector<char> is_held(static_cast<size_t>(k), 0);
   if (threshold > 0) {
-    const auto found = (magnitude.amax(0) >= threshold).nonzero().view(-1);
-    if (found.numel()) {
-      auto held = magnitude.index({Slice(), found});
-      magnitude.index_put_({Slice(), found}, held.masked_fill_(held >= threshold, 0));
-      columns = found;
+    for (int64_t j = 0; j < k; ++j) {
+      for (int64_t r = 0; r < m; ++r) {
+        if (std::fabs(half[r * k + j]) >= limit) {
+          is_held[j] = 1;
+          held.push_back(j);
+          break;
+        }
+      }
     }
   }
-  const auto absmax = magnitude.amax(1).to(at::kFloat).unsqueeze(-1);
-  // Python's ``127.0 / absmax`` is the reciprocal times 127 (Tensor.__rdiv__), not a division.
-  auto scaled = half * (absmax.reciprocal() * 127.0);
-  if (columns) {
-    scaled.index_fill_(1, *columns, 0);
+  auto ints = at::empty({m, k}, rows.options().dtype(at::kChar));
+  int8_t* code = ints.data_ptr<int8_t>();
+  std::vector<float> absmax(static_cast<size_t>(m));
+  for (int64_t r = 0; r < m; ++r) {
+    const float* row = half.data() + r * k;
+    float top = 0.0f;
+    for (int64_t j = 0; j < k; ++j) {
+      const float magnitude = std::fabs(row[j]);
+      top = max_of(top, is_held[j] && magnitude >= limit ? 0.0f : magnitude);
+    }
+    absmax[r] = top;
+    const float scale = (1.0f / top) * 127.0f;
+    for (int64_t j = 0; j < k; ++j) {
+      code[r * k + j] = is_held[j] ? 0 : static_cast<int8_t>(std::nearbyint(row[j] * scale));
+    }
   }
-  const auto product = int8_matvec(scaled.round_().to(at::kChar), codes);
-  auto out = (absmax * scales.unsqueeze(0)).mul_(product).mul_(6.200124e-05);
+  const auto product = int8_matvec(ints, codes);
+  const int32_t* sums = product.data_ptr<int32_t>();
+  const auto scale_of = scales.contiguous();
+  const float* row_scale = scale_of.data_ptr<float>();
+  std::optional<at::Tensor> added;
   if (bias) {
-    out.add_(*bias);
+    added = bias->to(at::kFloat).contiguous();
+  }
+  auto out = at::empty({m, n}, rows.options().dtype(at::kFloat));
+  float* o = out.data_ptr<float>();
+  for (int64_t r = 0; r < m; ++r) {
+    for (int64_t j = 0; j < n; ++j) {
+      float value = absmax[r] * row_scale[j] * static_cast<float>(sums[r * n + j]) * 6.200124e-05f;
+      if (added) {
+        value += added->data_ptr<float>()[j];
+      }
+      o[r * n + j] = value;
+    }
   }
   out = out.to(rows.scalar_type());
-  if (columns) {
-    const auto weight = codes.index({Slice(), *columns}) * scales.view({-1, 1}) * 7.874015718698502e-3;
-    out = out.addmm(rows.index({Slice(), *columns}), weight.to(rows.scalar_type()).t());
+  if (!held.empty()) {  // the held-back columns in 16-bit, added as LlmInt8Linear adds them
+    const auto columns = at::tensor(held, rows.options().dtype(at::kLong));
+    const auto weight = codes.index({Slice(), columns}) * scales.view({-1, 1}) * 7.874015718698502e-3;
+    out = out.addmm(rows.index({Slice(), columns}), weight.to(rows.scalar_type()).t());
   }
   auto shape = x.sizes().vec();
   shape.back() = n;

@@ -24,8 +24,10 @@ at::Tensor four_bit_matvec(const at::Tensor& x, const at::Tensor& codes, const a
 at::Tensor int8_matvec(const at::Tensor& x, const at::Tensor& weight);
 
 // LLM.int8's linear (tutor.engine.linears.LlmInt8Linear) for rows int8_matvec reads: the same
-// ATen operations in the same order as that slot's Python, so its output is bitsandbytes'
-// Linear8bitLt's bit for bit, without a call back into Python for each of a token's 120 slots.
+// arithmetic as that slot's Python, rounded as its ATen operations round (the elementwise steps
+// as loops of their own, the outlier columns by the same ATen operations), so its output is
+// bitsandbytes' Linear8bitLt's bit for bit, without a call back into Python for each of a
+// token's 120 slots.
 // ``codes`` (n, k) int8 and ``scales`` (n) float32 are the module's CB and SCB.
 at::Tensor llm_int8_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
                            const std::optional<at::Tensor>& bias, double threshold);
