@@ -254,7 +254,7 @@ def test_the_int8_matvec_is_the_exact_integer_product(engine, rows: int, k: int)
 @pytest.mark.parametrize("bias", [False, True], ids=["no bias", "bias"])
 def test_llm_int8_in_cpp_gives_the_modules_own_output(engine, threshold: float, bias: bool) -> None:  # type: ignore[no-untyped-def]
     """LLM.int8's linear in C++ (what the decode step calls, and the slot in Python up to
-    NATIVE_ROWS_INT8 rows) is bitsandbytes' Linear8bitLt bit for bit, on every CPU: for one row
+    NATIVE_STEP_ROWS_INT8 rows) is bitsandbytes' Linear8bitLt bit for bit, on every CPU: for one row
     (a decode step) and many (a prompt), with outlier columns in the input and without."""
     from tutor.engine import quantize
 

@@ -101,6 +101,11 @@ NATIVE_ROWS_BF16 = 48
 # machine, medians of five alternated calls, 3072x576 over 49 rows 2.0 vs 4.5 ms, 300 rows 10.8
 # vs 13.9, 600 rows 22.6 vs 27.4; 576x1536 over 300 rows 5.2 vs 5.4, 600 rows 11.1 vs 9.3.
 NATIVE_ROWS_INT8 = 384
+# LLM.int8's whole linear in C++ (``llm_int8_linear``) for a decode step's rows (one, two with
+# context-aware decoding); its elementwise loops are scalar, and a prompt's rows go the Python
+# way, whose ATen operations are vectorized: through C++ a 49-token prompt's first token took
+# 0.24-0.27 s against 0.16.
+NATIVE_STEP_ROWS_INT8 = 8
 
 
 @functools.cache
@@ -318,8 +323,9 @@ class LlmInt8Linear:
     the same float32 product with the outlier columns zeroed, the int8 matmul through
     bitsandbytes' own op, its dequantization, the outlier columns in 16-bit added back), so the
     output is bit for bit the module's; it holds nothing of its own. Where bitsandbytes only
-    emulates its int8 matmul (no AVX-512), up to ``NATIVE_ROWS_INT8`` rows the same arithmetic
-    runs in C++ (``llm_int8_linear``), the integer product summed there natively.
+    emulates its int8 matmul (no AVX-512), the integer product is summed natively up to
+    ``NATIVE_ROWS_INT8`` rows, and for a decode step's rows the same arithmetic runs in C++
+    (``llm_int8_linear``).
     """
 
     __slots__ = ("bias", "codes", "in_features", "native", "out_features", "scales", "threshold")
@@ -337,7 +343,7 @@ class LlmInt8Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        if self.native is not None and rows.shape[0] <= NATIVE_ROWS_INT8:
+        if self.native is not None and rows.shape[0] <= NATIVE_STEP_ROWS_INT8:
             # The same arithmetic in C++ (native/matvec.cpp), which the decode step calls without
             # coming back to Python for each of a token's 120 slots: int8 decoding went from
             # 23.8-26.2 to 46.1-50.7 tok/s on a 2-core AVX2 EPYC (three alternated runs).
@@ -358,7 +364,10 @@ class LlmInt8Linear:
         if columns is not None:  # held back: computed in 16-bit below
             scaled.index_fill_(1, columns, 0)
         codes = scaled.round_().to(torch.int8)
-        product = torch.ops.bitsandbytes.int8_linear_matmul.default(codes, self.codes)
+        if self.native is not None and codes.shape[0] <= NATIVE_ROWS_INT8:
+            product = self.native.int8_matvec(codes, self.codes)
+        else:
+            product = torch.ops.bitsandbytes.int8_linear_matmul.default(codes, self.codes)
         out = (absmax * self.scales.unsqueeze(0)).mul_(product).mul_(6.200124e-05)
         if self.bias is not None:
             out += self.bias

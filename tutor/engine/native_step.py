@@ -176,7 +176,7 @@ def _spec(slot: Any) -> tuple[Any, ...] | None:
     from tutor.engine import int4
     from tutor.engine.int8wo import Int8WoLinear
     from tutor.engine.linears import (
-        NATIVE_ROWS_INT8,
+        NATIVE_STEP_ROWS_INT8,
         PREFILL_ROWS,
         Bnb4bitCpuLinear,
         LlmInt8Linear,
@@ -206,7 +206,7 @@ def _spec(slot: Any) -> tuple[Any, ...] | None:
             slot,
         )
     if type(slot) is LlmInt8Linear and slot.native is not None:
-        return (LLM_INT8, slot.codes, slot.scales, slot.bias, slot.threshold, NATIVE_ROWS_INT8, slot)
+        return (LLM_INT8, slot.codes, slot.scales, slot.bias, slot.threshold, NATIVE_STEP_ROWS_INT8, slot)
     module = slot.module if type(slot) is ModuleLinear else None
     if type(module) is Int8WoLinear:
         shape = (module.out_features, module.in_features, 0, PREFILL_ROWS)

@@ -415,23 +415,18 @@ at::Tensor llm_int8_linear(const at::Tensor& x, const at::Tensor& codes, const a
   // the input's fp16 copy (bitsandbytes quantizes that), compared with the threshold as fp16;
   // a column with any value past it is held back, and those values left out of their row's
   // absmax; codes = round(x * (1 / absmax * 127)) in float32, 0 in the held-back columns.
-  const auto input = rows.to(at::kFloat).contiguous();
-  const float* xs = input.data_ptr<float>();
-  std::vector<float> half(static_cast<size_t>(m * k));
-  for (int64_t i = 0; i < m * k; ++i) {
-    half[i] = static_cast<float>(c10::Half(xs[i]));
-  }
+  const auto copy = rows.to(at::kHalf).to(at::kFloat).contiguous();  // ATen's conversions are vectorized
+  const float* half = copy.data_ptr<float>();
   const float limit = static_cast<float>(c10::Half(static_cast<float>(threshold)));
   std::vector<int64_t> held;
   std::vector<char> is_held(static_cast<size_t>(k), 0);
   if (threshold > 0) {
+    for (int64_t i = 0; i < m * k; ++i) {
+      is_held[i % k] |= static_cast<char>(std::fabs(half[i]) >= limit);
+    }
     for (int64_t j = 0; j < k; ++j) {
-      for (int64_t r = 0; r < m; ++r) {
-        if (std::fabs(half[r * k + j]) >= limit) {
-          is_held[j] = 1;
-          held.push_back(j);
-          break;
-        }
+      if (is_held[j]) {
+        held.push_back(j);
       }
     }
   }
@@ -439,7 +434,7 @@ at::Tensor llm_int8_linear(const at::Tensor& x, const at::Tensor& codes, const a
   int8_t* code = ints.data_ptr<int8_t>();
   std::vector<float> absmax(static_cast<size_t>(m));
   for (int64_t r = 0; r < m; ++r) {
-    const float* row = half.data() + r * k;
+    const float* row = half + r * k;
     float top = 0.0f;
     for (int64_t j = 0; j < k; ++j) {
       const float magnitude = std::fabs(row[j]);
