@@ -140,7 +140,8 @@ def _build(folder: Path, name: str) -> Any:
 
 def layers_for(module: Any, decoder: Any, weights: Any) -> Any:
     """The extension's view of ``weights`` (a ``DecoderWeights``): each slot as the kernel it
-    calls, or as itself to be called back in Python (LLM.int8, taps, a part of an int4 weight)."""
+    calls, or as itself to be called back in Python (taps, a part of an int4 weight, LLM.int8
+    where bitsandbytes multiplies its codes natively)."""
     specs = [
         (
             *(
