@@ -421,8 +421,10 @@ at::Tensor llm_int8_linear(const at::Tensor& x, const at::Tensor& codes, const a
   std::vector<int64_t> held;
   std::vector<char> is_held(static_cast<size_t>(k), 0);
   if (threshold > 0) {
-    for (int64_t i = 0; i < m * k; ++i) {
-      is_held[i % k] |= static_cast<char>(std::fabs(half[i]) >= limit);
+    for (int64_t r = 0; r < m; ++r) {
+      for (int64_t j = 0; j < k; ++j) {
+        is_held[j] |= static_cast<char>(std::fabs(half[r * k + j]) >= limit);
+      }
     }
     for (int64_t j = 0; j < k; ++j) {
       if (is_held[j]) {
@@ -450,17 +452,15 @@ at::Tensor llm_int8_linear(const at::Tensor& x, const at::Tensor& codes, const a
   const int32_t* sums = product.data_ptr<int32_t>();
   const auto scale_of = scales.contiguous();
   const float* row_scale = scale_of.data_ptr<float>();
-  std::optional<at::Tensor> added;
-  if (bias) {
-    added = bias->to(at::kFloat).contiguous();
-  }
+  const auto bias_of = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  const float* added = bias ? bias_of.data_ptr<float>() : nullptr;
   auto out = at::empty({m, n}, rows.options().dtype(at::kFloat));
   float* o = out.data_ptr<float>();
   for (int64_t r = 0; r < m; ++r) {
     for (int64_t j = 0; j < n; ++j) {
       float value = absmax[r] * row_scale[j] * static_cast<float>(sums[r * n + j]) * 6.200124e-05f;
-      if (added) {
-        value += added->data_ptr<float>()[j];
+      if (added != nullptr) {
+        value += added[j];
       }
       o[r * n + j] = value;
     }
