@@ -367,7 +367,9 @@ def test_the_4bit_kernel_called_straight_gives_the_modules_own_output(
 @pytest.mark.parametrize("bias", [False, True], ids=["no bias", "bias"])
 def test_llm_int8_in_fewer_ops_gives_the_modules_own_output(threshold: float, bias: bool) -> None:
     """Bit for bit, for one row (a decode step) and many (a prompt), with outlier columns in
-    the input and without."""
+    the input and without: the slot's Python way (bitsandbytes' own ops, fewer of them), and
+    where C++ computes it (no AVX-512: ``llm_int8_linear``), that way too, a prompt's rows
+    with outlier columns at most one bf16 step apart (tests/engine/test_native_step.py)."""
     import torch
 
     from tutor.engine import quantize
@@ -380,12 +382,18 @@ def test_llm_int8_in_fewer_ops_gives_the_modules_own_output(threshold: float, bi
     module = quantize.build_all("int8", {"o": master}, int8_threshold=threshold).modules["o"]
     slot = module_slot(module)
     assert type(slot) is LlmInt8Linear
+    native_rows = slot.native_rows
     with torch.inference_mode():
         for rows, outliers in ((1, 0), (1, 2), (37, 0), (37, 5)):
             x = torch.randn(rows, 192, generator=gen)
             x[:, torch.randperm(192, generator=gen)[:outliers]] *= 12  # some columns past the threshold
             x = x.to(torch.bfloat16)
-            assert torch.equal(slot(x), module(x)), (rows, outliers)
+            expected = module(x)
+            slot.native_rows = 0  # the Python way
+            assert torch.equal(slot(x), expected), (rows, outliers)
+            slot.native_rows = native_rows
+            steps = (slot(x).view(torch.int16).int() - expected.view(torch.int16).int()).abs()
+            assert int(steps.max()) <= (1 if rows > 8 and outliers else 0), (rows, outliers)
 
 
 MAPPED_PROBE = """

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -96,15 +97,10 @@ UPCAST_ROWS = 8
 # weights natively.
 NATIVE_ROWS_4BIT = 384
 NATIVE_ROWS_BF16 = 48
-# LLM.int8's codes times the activation's codes up to this many rows natively (exact int32 sums,
-# the float32 ones' result) rather than as bitsandbytes' float32 matmul of copies of them: same
-# machine, medians of five alternated calls, 3072x576 over 49 rows 2.0 vs 4.5 ms, 300 rows 10.8
-# vs 13.9, 600 rows 22.6 vs 27.4; 576x1536 over 300 rows 5.2 vs 5.4, 600 rows 11.1 vs 9.3.
-NATIVE_ROWS_INT8 = 384
-# LLM.int8's whole linear in C++ (``llm_int8_linear``) for a decode step's rows (one, two with
-# context-aware decoding); its elementwise loops are scalar, and a prompt's rows go the Python
-# way, whose ATen operations are vectorized: through C++ a 49-token prompt's first token took
-# 0.24-0.27 s against 0.16.
+# LLM.int8's whole linear in C++ (``llm_int8_linear``) reads the weight once for up to this many
+# rows (a decode step's: one, two with context-aware decoding; LLM_INT8_FEW_ROWS in
+# native/llm_int8.h), bitsandbytes' output bit for bit. More rows (a prompt's) go through its
+# integer GEMM where the CPU has AVX2, else the Python way (bitsandbytes' float32 matmul).
 NATIVE_STEP_ROWS_INT8 = 8
 
 
@@ -323,12 +319,22 @@ class LlmInt8Linear:
     the same float32 product with the outlier columns zeroed, the int8 matmul through
     bitsandbytes' own op, its dequantization, the outlier columns in 16-bit added back), so the
     output is bit for bit the module's; it holds nothing of its own. Where bitsandbytes only
-    emulates its int8 matmul (no AVX-512), the integer product is summed natively up to
-    ``NATIVE_ROWS_INT8`` rows, and for a decode step's rows the same arithmetic runs in C++
-    (``llm_int8_linear``).
+    emulates its int8 matmul (no AVX-512) the same arithmetic runs in C++ (``llm_int8_linear``)
+    with the codes multiplied as integers: a decode step's rows (bit for bit), and with AVX2 a
+    prompt's bf16 rows too, whose outlier columns' float32 sums come in another order than
+    ATen's addmm (an output may be one bf16 step from the module's).
     """
 
-    __slots__ = ("bias", "codes", "in_features", "native", "out_features", "scales", "threshold")
+    __slots__ = (
+        "bias",
+        "codes",
+        "in_features",
+        "native",
+        "native_rows",
+        "out_features",
+        "scales",
+        "threshold",
+    )
 
     def __init__(self, module: Any) -> None:
         state = module.state
@@ -337,16 +343,24 @@ class LlmInt8Linear:
         self.threshold = float(state.threshold)
         self.bias = module.bias
         # Without AVX-512 bitsandbytes multiplies int8 codes as float32 copies of them, made at
-        # every call: the native matvec sums the same products in int32 (exact, as the float32
-        # sums are below 2**24).
-        self.native = native_step.loaded() if int8_matmul_is_emulated() else None
+        # every call: C++ sums the same products in int32 (exact, as the float32 sums are below
+        # 2**24).
+        self.native: Any = native_step.loaded() if int8_matmul_is_emulated() else None
+        self.native_rows = 0  # none: the Python way
+        if self.native is not None:
+            gemm = self.native.avx2_int8_gemm(self.in_features, self.out_features)
+            self.native_rows = sys.maxsize if gemm else NATIVE_STEP_ROWS_INT8
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        if self.native is not None and rows.shape[0] <= NATIVE_STEP_ROWS_INT8:
-            # The same arithmetic in C++ (native/matvec.cpp), which the decode step calls without
-            # coming back to Python for each of a token's 120 slots: int8 decoding went from
-            # 23.8-26.2 to 46.1-50.7 tok/s on a 2-core AVX2 EPYC (three alternated runs).
+        if rows.shape[0] <= self.native_rows and (
+            rows.shape[0] <= NATIVE_STEP_ROWS_INT8 or x.dtype is torch.bfloat16
+        ):
+            # Decoding: the decode step calls it without coming back to Python for each of a
+            # token's 120 slots (int8 went from 23.8-26.2 to 46.1-50.7 tok/s on a 2-core AVX2
+            # EPYC, three alternated runs). A prompt: its integer GEMM and vectorized steps, where
+            # the ATen operations below and bitsandbytes' float32 matmul had a 600-token prompt's
+            # first token in 2.62 and 3.11 s, the GEMM in 1.69 and 1.78 (runs alternated).
             return self.native.llm_int8_linear(x, self.codes, self.scales, self.bias, self.threshold)
         half = rows.to(torch.float16)  # bitsandbytes quantizes an fp16 copy
         magnitude = half.abs()
@@ -364,10 +378,7 @@ class LlmInt8Linear:
         if columns is not None:  # held back: computed in 16-bit below
             scaled.index_fill_(1, columns, 0)
         codes = scaled.round_().to(torch.int8)
-        if self.native is not None and codes.shape[0] <= NATIVE_ROWS_INT8:
-            product = self.native.int8_matvec(codes, self.codes)
-        else:
-            product = torch.ops.bitsandbytes.int8_linear_matmul.default(codes, self.codes)
+        product = torch.ops.bitsandbytes.int8_linear_matmul.default(codes, self.codes)
         out = (absmax * self.scales.unsqueeze(0)).mul_(product).mul_(6.200124e-05)
         if self.bias is not None:
             out += self.bias

@@ -36,9 +36,19 @@ import torch
 FOLDER = Path(__file__).with_name("native")
 SOURCES = tuple(
     FOLDER / name
-    for name in ("decode_step.cpp", "decode_attention.cpp", "prefill.cpp", "matvec.cpp", "layer_math.cpp")
+    for name in (
+        "decode_step.cpp",
+        "decode_attention.cpp",
+        "prefill.cpp",
+        "matvec.cpp",
+        "llm_int8.cpp",
+        "layer_math.cpp",
+    )
 )
-HEADERS = tuple(FOLDER / name for name in ("decode_attention.h", "layer_math.h", "matvec.h", "vector_math.h"))
+HEADERS = tuple(
+    FOLDER / name
+    for name in ("decode_attention.h", "layer_math.h", "llm_int8.h", "matvec.h", "vector_math.h")
+)
 ENV = "QUANT_TUTOR_NATIVE_STEP"
 
 _lock = threading.Lock()

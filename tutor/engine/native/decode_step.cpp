@@ -12,6 +12,7 @@
 
 #include "decode_attention.h"
 #include "layer_math.h"
+#include "llm_int8.h"
 #include "matvec.h"
 
 #include <optional>
@@ -264,7 +265,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_weight_t", &int4_weight_t, py::call_guard<py::gil_scoped_release>());
   m.def("bf16_matvec", &bf16_matvec, py::call_guard<py::gil_scoped_release>());
   m.def("four_bit_matvec", &four_bit_matvec, py::call_guard<py::gil_scoped_release>());
-  m.def("int8_matvec", &int8_matvec, py::call_guard<py::gil_scoped_release>());
+  m.def("avx2_int8_gemm", &avx2_int8_gemm);
   m.def("llm_int8_linear", &llm_int8_linear, py::call_guard<py::gil_scoped_release>());
   m.def("rms_norm", &rms_norm_bf16, py::call_guard<py::gil_scoped_release>());
   m.def("silu_mul", &silu_mul_bf16, py::call_guard<py::gil_scoped_release>());

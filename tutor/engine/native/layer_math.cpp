@@ -20,6 +20,10 @@
 namespace {
 
 using vector_math::from_bf16;
+#if AVX2_CODE
+using vector_math::from_bf16x8;
+using vector_math::round_bf16x8;
+#endif
 using vector_math::to_bf16;
 
 constexpr int64_t ROW_GRAIN = 8;  // rows per thread at least
@@ -59,19 +63,6 @@ INTO_CALLER float silu_times(float g, float up) {
 // The same for 8 values in AVX2. The plain loop as per-CPU clones (VECTOR_CLONES; GCC reported
 // its AVX2 clone vectorized) took 13-24 µs for a row of 1536 on a 2-core AVX2 EPYC, where
 // ATen's two ops took 6-9; this takes 5.
-TARGET_AVX2 __m256 from_bf16x8(const uint16_t* bits) {
-  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bits)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
-}
-
-// Rounded to bf16 (to nearest even, as to_bf16), kept as the float it stands for.
-TARGET_AVX2 __m256 round_bf16x8(__m256 v) {
-  const __m256i bits = _mm256_castps_si256(v);
-  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-  const __m256i up = _mm256_add_epi32(bits, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), odd));
-  return _mm256_castsi256_ps(_mm256_and_si256(up, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
-}
-
 TARGET_AVX2 __m256 exp_nonpositive_x8(__m256 x) {  // vector_math::exp_nonpositive's steps
   x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
   const __m256 shift = _mm256_set1_ps(12582912.0f);

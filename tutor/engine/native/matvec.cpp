@@ -311,18 +311,8 @@ at::Tensor bf16_matvec(const at::Tensor& x, const at::Tensor& weight, const std:
   return finished(sums, rows, n, x, bias);
 }
 
-at::Tensor int8_matvec(const at::Tensor& x, const at::Tensor& weight) {
+void int8_sums(const int16_t* xs, int64_t rows, int64_t k, const int8_t* w, int64_t n, int32_t* sums) {
   RECORD_FUNCTION("quant_tutor::matvec_int8", std::vector<c10::IValue>());
-  TORCH_CHECK(x.scalar_type() == at::kChar && weight.scalar_type() == at::kChar && weight.dim() == 2 &&
-                  weight.is_contiguous(),
-              "int8_matvec wants (rows, k) and contiguous (n, k) int8 codes");
-  const int64_t rows = x.size(0), k = weight.size(1), n = weight.size(0);
-  check_input(x, k);
-  const auto wide = x.to(at::kShort).contiguous();
-  const int16_t* xs = wide.data_ptr<int16_t>();
-  const int8_t* w = weight.data_ptr<int8_t>();
-  auto out = at::empty({rows, n}, x.options().dtype(at::kInt));
-  int32_t* sums = out.data_ptr<int32_t>();
   const bool fast = avx2(k);
   at::parallel_for(0, n, GRAIN, [&](int64_t begin, int64_t end) {
 #if AVX2_CODE
@@ -336,7 +326,6 @@ at::Tensor int8_matvec(const at::Tensor& x, const at::Tensor& weight) {
     plain(xs, rows, k, n, begin, end, sums,
           [&](int64_t j, int64_t i) { return static_cast<int32_t>(w[j * k + i]); });
   });
-  return out;
 }
 
 at::Tensor four_bit_matvec(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& absmax,
@@ -395,83 +384,4 @@ at::Tensor four_bit_matvec(const at::Tensor& x, const at::Tensor& codes, const a
     });
   });
   return finished(sums, rows, n, x, bias);
-}
-
-namespace {
-
-// NaN-propagating maximum, as ATen's amax.
-float max_of(float a, float b) { return std::isnan(a) || a >= b ? a : b; }
-
-}  // namespace
-
-at::Tensor llm_int8_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
-                           const std::optional<at::Tensor>& bias, double threshold) {
-  RECORD_FUNCTION("quant_tutor::llm_int8", std::vector<c10::IValue>());
-  using at::indexing::Slice;
-  const int64_t n = codes.size(0), k = codes.size(1);
-  const auto rows = x.reshape({-1, k});
-  const int64_t m = rows.size(0);
-  // LlmInt8Linear's elementwise steps in one pass each, rounding as its ATen operations do:
-  // the input's fp16 copy (bitsandbytes quantizes that), compared with the threshold as fp16;
-  // a column with any value past it is held back, and those values left out of their row's
-  // absmax; codes = round(x * (1 / absmax * 127)) in float32, 0 in the held-back columns.
-  const auto copy = rows.to(at::kHalf).to(at::kFloat).contiguous();  // ATen's conversions are vectorized
-  const float* half = copy.data_ptr<float>();
-  const float limit = static_cast<float>(c10::Half(static_cast<float>(threshold)));
-  std::vector<int64_t> held;
-  std::vector<char> is_held(static_cast<size_t>(k), 0);
-  if (threshold > 0) {
-    for (int64_t r = 0; r < m; ++r) {
-      for (int64_t j = 0; j < k; ++j) {
-        is_held[j] |= static_cast<char>(std::fabs(half[r * k + j]) >= limit);
-      }
-    }
-    for (int64_t j = 0; j < k; ++j) {
-      if (is_held[j]) {
-        held.push_back(j);
-      }
-    }
-  }
-  auto ints = at::empty({m, k}, rows.options().dtype(at::kChar));
-  int8_t* code = ints.data_ptr<int8_t>();
-  std::vector<float> absmax(static_cast<size_t>(m));
-  for (int64_t r = 0; r < m; ++r) {
-    const float* row = half + r * k;
-    float top = 0.0f;
-    for (int64_t j = 0; j < k; ++j) {
-      const float magnitude = std::fabs(row[j]);
-      top = max_of(top, is_held[j] && magnitude >= limit ? 0.0f : magnitude);
-    }
-    absmax[r] = top;
-    const float scale = (1.0f / top) * 127.0f;
-    for (int64_t j = 0; j < k; ++j) {
-      code[r * k + j] = is_held[j] ? 0 : static_cast<int8_t>(std::nearbyint(row[j] * scale));
-    }
-  }
-  const auto product = int8_matvec(ints, codes);
-  const int32_t* sums = product.data_ptr<int32_t>();
-  const auto scale_of = scales.contiguous();
-  const float* row_scale = scale_of.data_ptr<float>();
-  const auto bias_of = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
-  const float* added = bias ? bias_of.data_ptr<float>() : nullptr;
-  auto out = at::empty({m, n}, rows.options().dtype(at::kFloat));
-  float* o = out.data_ptr<float>();
-  for (int64_t r = 0; r < m; ++r) {
-    for (int64_t j = 0; j < n; ++j) {
-      float value = absmax[r] * row_scale[j] * static_cast<float>(sums[r * n + j]) * 6.200124e-05f;
-      if (added != nullptr) {
-        value += added[j];
-      }
-      o[r * n + j] = value;
-    }
-  }
-  out = out.to(rows.scalar_type());
-  if (!held.empty()) {  // the held-back columns in 16-bit, added as LlmInt8Linear adds them
-    const auto columns = at::tensor(held, rows.options().dtype(at::kLong));
-    const auto weight = codes.index({Slice(), columns}) * scales.view({-1, 1}) * 7.874015718698502e-3;
-    out = out.addmm(rows.index({Slice(), columns}), weight.to(rows.scalar_type()).t());
-  }
-  auto shape = x.sizes().vec();
-  shape.back() = n;
-  return out.view(shape);
 }

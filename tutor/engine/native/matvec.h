@@ -20,14 +20,6 @@ at::Tensor four_bit_matvec(const at::Tensor& x, const at::Tensor& codes, const a
                            const at::Tensor& table, int64_t n, int64_t blocksize,
                            const std::optional<at::Tensor>& bias);
 
-// x (rows, k) int8 codes times int8 codes (n, k) transposed: (rows, n) int32, exact.
-at::Tensor int8_matvec(const at::Tensor& x, const at::Tensor& weight);
-
-// LLM.int8's linear (tutor.engine.linears.LlmInt8Linear) for rows int8_matvec reads: the same
-// arithmetic as that slot's Python, rounded as its ATen operations round (the elementwise steps
-// as loops of their own, the outlier columns by the same ATen operations), so its output is
-// bitsandbytes' Linear8bitLt's bit for bit, without a call back into Python for each of a
-// token's 120 slots.
-// ``codes`` (n, k) int8 and ``scales`` (n) float32 are the module's CB and SCB.
-at::Tensor llm_int8_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
-                           const std::optional<at::Tensor>& bias, double threshold);
+// ``rows`` rows of int8 codes widened to int16 (rows, k) times int8 codes (n, k) transposed, into
+// ``sums`` (rows, n): exact int32 sums.
+void int8_sums(const int16_t* xs, int64_t rows, int64_t k, const int8_t* weight, int64_t n, int32_t* sums);

@@ -55,6 +55,22 @@ INTO_CALLER uint16_t to_bf16(float value) {
   return static_cast<uint16_t>(bits >> 16);
 }
 
+#if AVX2_CODE
+// 8 bf16 values as floats.
+TARGET_AVX2 inline __m256 from_bf16x8(const uint16_t* bits) {
+  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bits)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+
+// Rounded to bf16 (to nearest even, as to_bf16), kept as the float it stands for.
+TARGET_AVX2 inline __m256 round_bf16x8(__m256 v) {
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  const __m256i up = _mm256_add_epi32(bits, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), odd));
+  return _mm256_castsi256_ps(_mm256_and_si256(up, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
+#endif
+
 // exp(x) for x <= 0 (below -87, exp(-87)): Cephes' expf (Cody-Waite reduction, a degree-5 polynomial,
 // about 1 ulp).
 INTO_CALLER float exp_nonpositive(float x) {
