@@ -47,8 +47,10 @@ FAST_ARCHITECTURES = ("LlamaForCausalLM",)
 # native/decode_attention.cpp; 4: decoding's bf16 and 4-bit matmuls in native/matvec.cpp where
 # the CPU has no bf16 matmul; 5: bf16's RMSNorm and silu(gate) * up in native/layer_math.cpp,
 # and 4-bit matvecs in fixed point; 6: prompts of up to 384 tokens (bf16: 48) on the native
-# matvec too where the CPU has no bf16 matmul.
-ARITHMETIC_VERSION = 6
+# matvec too where the CPU has no bf16 matmul; 7: LLM.int8's prompts through the integer GEMM of
+# native/llm_int8.cpp where bitsandbytes emulates its int8 matmul (outlier columns summed in
+# another order).
+ARITHMETIC_VERSION = 7
 STATIC_ROPE = ("default", "linear", "llama3")
 
 
