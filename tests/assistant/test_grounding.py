@@ -173,6 +173,19 @@ def test_a_number_ending_in_a_full_stop_ends_no_sentence_while_the_answer_stream
     assert len(complete_sentences(said + " Then", streaming=True)) == 3
 
 
+def test_a_closing_bracket_ends_a_sentence_only_after_a_full_stop() -> None:
+    # int8's answer to "Why is int8 called near-lossless?" in the Tutor tab stopped on "…
+    # precision. LLM.int8()", its third "sentence".
+    said = "LLM.int8() made 8-bit inference work. Outliers wreck the precision. LLM.int8()"
+    assert len(complete_sentences(said, streaming=True)) == 2
+    assert tidy(said) == "LLM.int8() made 8-bit inference work. Outliers wreck the precision."
+    closed = 'It keeps outliers (in 16-bit.) The lesson says "near-lossless." NF4 (4-bit) "fits"'
+    assert complete_sentences(closed) == [
+        "It keeps outliers (in 16-bit.)",
+        'The lesson says "near-lossless."',
+    ]
+
+
 def test_tidy_drops_echoed_passage_numbers() -> None:
     said = "[4] QLoRA trains adapters on a frozen NF4 model. NF4 keeps quality [1] better. A[0] stays. And"
     assert tidy(said) == "QLoRA trains adapters on a frozen NF4 model. NF4 keeps quality better. A[0] stays."

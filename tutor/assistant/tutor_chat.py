@@ -35,7 +35,10 @@ CAD_ALPHA = 1.0
 # after it, instead of starting from nothing (issue 10). Decided by `quant-tutor eval
 # --generate` on the held-out set (README, "How well the tutor answers").
 ANSWER_FIRST = False
-_ENDINGS = (".", "!", "?", "”", '"', ")")
+# A finished sentence ends in a full stop, "!" or "?", then any closing quotes or brackets ('…
+# 16-bit."', "(… in int8.)"); a closing bracket alone ends nothing: int8's answer in the Tutor
+# tab stopped on "… precision. LLM.int8()", counted as its third sentence.
+_FINISHED = re.compile(r"""[.!?]["”’')\]]*$""")
 # A full stop that may not end anything yet, while the answer streams: after a number ("a
 # threshold (6." goes on as "6.0") or right after a word, before any space ("llama." goes on as
 # "llama.cpp"); a sentence's own end is followed by the next token's space.
@@ -43,8 +46,9 @@ _OPEN_END = re.compile(r"\d\.\s*$|\w\.$")
 # Raised when the rule that ends an answer changes: the Lab's QA cache key names it.
 # 2: a number ending in a full stop no longer ends a streaming answer's sentence; 3: an answer
 # ends where the model writes one of the prompt's labels; 4: nor does a full stop right after
-# a word until the next token shows it ends a sentence.
-STOP_VERSION = 4
+# a word until the next token shows it ends a sentence; 5: nor a closing bracket without a full
+# stop, "!" or "?" before it.
+STOP_VERSION = 5
 # The prompt's own labels: a model that writes one after its answer has begun another turn
 # ("… no measurable quality loss up to 175B parameters. Question: What is bitsandbytes?"; 20 of
 # 370 answers to the tuning questions at bf16 and fp4).
@@ -66,7 +70,7 @@ def complete_sentences(text: str, streaming: bool = False) -> list[str]:
         text = text.rstrip()[:-1]
     kept: list[str] = []
     for sentence in sentences(text):
-        if sentence.rstrip().endswith(_ENDINGS) and sentence not in kept:
+        if _FINISHED.search(sentence.rstrip()) and sentence not in kept:
             kept.append(sentence)
     return kept
 
@@ -107,7 +111,7 @@ def tidy(text: str, max_sentences: int = MAX_SENTENCES) -> str:
     cut = loop_start(text)
     if cut is not None:
         text = text[:cut].rstrip(" ,;:")
-        text += "" if text.endswith(_ENDINGS) else "…"
+        text += "" if _FINISHED.search(text) else "…"
     done = complete_sentences(text)
     return " ".join(done[:max_sentences]) if done else text.strip()
 
