@@ -4,7 +4,9 @@ is the Python loop's bit for bit; tested). Built with it: the attention of a dec
 (``native/decode_attention.cpp``) and bf16's RMSNorm and silu(gate) * up
 (``native/layer_math.cpp``), which the Python loop calls too, and in ``native/prefill.cpp``
 a prompt's causal attention (``prefill_attention``, in place of SDPA's CPU kernel) and int4's
-weight unpacked for a prompt's dense matmul (``int4_weight_t``).
+weight unpacked for a prompt's dense matmul (``int4_weight_t``); few-row products where the CPU
+has no bf16 matmul (``native/matvec.cpp``) and LLM.int8's linear where bitsandbytes emulates its
+int8 matmul (``native/llm_int8.cpp``).
 
 On a CPU a decode step runs about 30 small operations a layer, and calling each one from Python
 cost about as much as the arithmetic: an nf4 step took 6.1 ms in the Python loop and 4.5 ms in
@@ -175,9 +177,10 @@ def layers_for(module: Any, decoder: Any, weights: Any) -> Any:
 
 
 # How decode_step.cpp calls a slot: bitsandbytes' 4-bit kernel, oneDNN's packed linear, torch's
-# weight-only int8 or int4 kernel or native/matvec.cpp (bf16, 4-bit and LLM.int8 weights; up to
-# the rows their slots use it for), or the slot itself back in Python (taps, a part of an int4
-# weight, LLM.int8 where bitsandbytes multiplies its codes natively).
+# weight-only int8 or int4 kernel, native/matvec.cpp (bf16 and 4-bit weights) or
+# native/llm_int8.cpp (LLM.int8), up to the rows their slots use them for, or the slot itself
+# back in Python (taps, a part of an int4 weight, LLM.int8 where bitsandbytes multiplies its
+# codes natively).
 FOUR_BIT, PACKED, PYTHON, INT8_PACK, INT4_PACK, ROWS, LLM_INT8 = 0, 1, 2, 3, 4, 5, 6
 
 

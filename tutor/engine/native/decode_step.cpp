@@ -28,9 +28,9 @@ using Kernel4bit = void (*)(int64_t, int64_t, int64_t, const void*, const void*,
 
 // int8-wo and int4 (tutor.engine.int8wo, tutor.engine.int4) call torch's weight-only kernels up
 // to ``max_rows`` rows, as their modules do, a bf16 or 4-bit weight on a CPU without bf16
-// matmul (tutor.engine.linears.RowsLinear) and LLM.int8 where its int8 matmul is emulated
-// (tutor.engine.linears.LlmInt8Linear) native/matvec.cpp; above it their modules multiply
-// otherwise, so the slot is called back.
+// matmul (tutor.engine.linears.RowsLinear) native/matvec.cpp, and LLM.int8 where its int8
+// matmul is emulated (tutor.engine.linears.LlmInt8Linear) native/llm_int8.cpp; above it their
+// modules multiply otherwise, so the slot is called back.
 enum Kind : int64_t {
   kFourBit = 0,
   kPacked = 1,
