@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from textual.widgets import DataTable
+from textual.widgets import DataTable, ProgressBar
 from textual_plotext import PlotextPlot
 
 from tests.conftest import until
@@ -26,6 +26,9 @@ async def test_m_measures_live_and_escape_stops(  # type: ignore[no-untyped-def]
     async with app.run_test(size=(100, 40)) as pilot:
         await pilot.press("b")
         lab = app.screen.query_one(LabView)
+        bar = lab.query_one("#lab-progress", ProgressBar)
+        # Hidden and not indeterminate: such a bar redraws itself 15 times a second.
+        assert not bar.display and bar.percentage is not None
         lab.focus()
         await pilot.press("m")
         status = lab.query_one("#lab-status", Plain)
@@ -38,7 +41,7 @@ async def test_m_measures_live_and_escape_stops(  # type: ignore[no-untyped-def]
         await pilot.press("escape")
         await until(pilot, lambda: not lab.measuring, 60)
         assert "stopped" in str(status.visual)
-        assert not lab.query_one("#lab-progress").display
+        assert not bar.display and bar.percentage is not None
         await pilot.press("e")  # the claims: the same table first, then each claim
         await until(pilot, lambda: "Measuring (claims)" in str(status.visual))
         await pilot.press("escape")
