@@ -268,18 +268,33 @@ at::Tensor few_rows(const Quantized& q, const at::Tensor& rows, const at::Tensor
   const float* row_scale = scale_of.data_ptr<float>();
   const auto bias_of = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
   const float* added = bias ? bias_of.data_ptr<float>() : nullptr;
-  auto out = at::empty({m, n}, rows.options().dtype(at::kFloat));
-  float* o = out.data_ptr<float>();
-  for (int64_t r = 0; r < m; ++r) {
-    for (int64_t j = 0; j < n; ++j) {
-      float value = q.absmax[r] * row_scale[j] * static_cast<float>(sums[r * n + j]) * DEQUANTIZE;
-      if (added != nullptr) {
-        value += added[j];
-      }
-      o[r * n + j] = value;
+  at::Tensor out;
+#if AVX2_CODE
+  if (rows.scalar_type() == at::kBFloat16 && n % 8 == 0 && vector_math::avx2_fma()) {
+    // Straight to bf16, rounded as the float32 loop below and ATen's conversion round them: one
+    // row through SmolLM2's 210 linears' shapes took 11.3-15.2 ms against 12.4-16.3 that way
+    // (four runs of 15 alternated calls, one process, 2-core AVX2 EPYC).
+    out = at::empty({m, n}, rows.options());
+    const Finish f{q.absmax.data(), row_scale, added, nullptr, nullptr, 0, n};
+    for (int64_t r = 0; r < m; ++r) {
+      finish_row(f, r, sums + r * n, 0, n, reinterpret_cast<uint16_t*>(out.data_ptr()));
     }
   }
-  out = out.to(rows.scalar_type());
+#endif
+  if (!out.defined()) {
+    out = at::empty({m, n}, rows.options().dtype(at::kFloat));
+    float* o = out.data_ptr<float>();
+    for (int64_t r = 0; r < m; ++r) {
+      for (int64_t j = 0; j < n; ++j) {
+        float value = q.absmax[r] * row_scale[j] * static_cast<float>(sums[r * n + j]) * DEQUANTIZE;
+        if (added != nullptr) {
+          value += added[j];
+        }
+        o[r * n + j] = value;
+      }
+    }
+    out = out.to(rows.scalar_type());
+  }
   if (q.held.empty()) {
     return out;
   }
