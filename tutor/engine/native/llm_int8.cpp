@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #if AVX2_CODE
@@ -48,6 +49,16 @@ struct Quantized {
   std::vector<int16_t> codes;  // (m, k): round(x * (1 / absmax * 127)), 0 in the held-back columns
   std::vector<float> absmax;   // (m): of the fp16 copy, without the values past the threshold
   std::vector<int64_t> held;   // the columns with a value past the threshold
+};
+
+// What turns a row's integer sums into its outputs (the held-back columns: a prompt's GEMM only).
+struct Finish {
+  const float* absmax;  // (m)
+  const float* scales;  // (n)
+  const float* bias;    // (n), or null
+  const float* held_x;  // (m, c): the input in the held-back columns
+  const float* held_w;  // (c, n): their weights, dequantized and rounded to the input's dtype
+  int64_t c, n;
 };
 
 // ATen rounds a float to int8 through an int32 in which NaN (0 * inf: a row of zeros) is 0.
@@ -179,16 +190,6 @@ TARGET_AVX2 void tile(const int16_t* xs, int64_t k, const int8_t* w, int32_t* la
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(lanes), lane_sums(acc));
 }
 
-// What turns a row's integer sums into its bf16 outputs.
-struct Finish {
-  const float* absmax;  // (m)
-  const float* scales;  // (n)
-  const float* bias;    // (n), or null
-  const float* held_x;  // (m, c): the input in the held-back columns
-  const float* held_w;  // (c, n): their weights, dequantized and rounded to the input's dtype
-  int64_t c, n;
-};
-
 // Outputs [begin, end) of row r (a multiple of 8 of them) from their sums: as LlmInt8Linear's ATen
 // operations compute them, ((absmax * scale) * sum) * DEQUANTIZE (+ bias) rounded to bf16; then the
 // held-back columns' products, summed in float32 in column order, added and rounded again.
@@ -256,18 +257,23 @@ void gemm(const Quantized& q, int64_t m, int64_t k, const int8_t* w, int64_t n, 
 }
 #endif
 
+// The held-back columns: the input's values in them (m, c) and their weights (n, c), dequantized
+// as bitsandbytes dequantizes them and rounded to the input's dtype.
+std::pair<at::Tensor, at::Tensor> held_columns(const Quantized& q, const at::Tensor& rows, const at::Tensor& codes,
+                                               const at::Tensor& scales) {
+  const auto columns = at::tensor(q.held, rows.options().dtype(at::kLong));
+  const auto weight = codes.index({Slice(), columns}) * scales.view({-1, 1}) * 7.874015718698502e-3;
+  return {rows.index({Slice(), columns}), weight.to(rows.scalar_type())};
+}
+
 // A decode step's rows: the integer product by native/matvec.cpp, the dequantization in float32
 // and the held-back columns by ATen's addmm, as LlmInt8Linear's ATen operations compute them.
 at::Tensor few_rows(const Quantized& q, const at::Tensor& rows, const at::Tensor& codes, const at::Tensor& scales,
-                    const std::optional<at::Tensor>& bias) {
-  const int64_t m = rows.size(0), k = rows.size(1), n = codes.size(0);
+                    const Finish& f) {
+  const int64_t m = rows.size(0), k = rows.size(1), n = f.n;
   auto product = at::empty({m, n}, rows.options().dtype(at::kInt));
   int32_t* sums = product.data_ptr<int32_t>();
   int8_sums(q.codes.data(), m, k, codes.data_ptr<int8_t>(), n, sums);
-  const auto scale_of = scales.contiguous();
-  const float* row_scale = scale_of.data_ptr<float>();
-  const auto bias_of = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
-  const float* added = bias ? bias_of.data_ptr<float>() : nullptr;
   at::Tensor out;
 #if AVX2_CODE
   if (rows.scalar_type() == at::kBFloat16 && n % 8 == 0 && vector_math::avx2_fma()) {
@@ -275,7 +281,6 @@ at::Tensor few_rows(const Quantized& q, const at::Tensor& rows, const at::Tensor
     // row through SmolLM2's 210 linears' shapes took 11.3-15.2 ms against 12.4-16.3 that way
     // (four runs of 15 alternated calls, one process, 2-core AVX2 EPYC).
     out = at::empty({m, n}, rows.options());
-    const Finish f{q.absmax.data(), row_scale, added, nullptr, nullptr, 0, n};
     for (int64_t r = 0; r < m; ++r) {
       finish_row(f, r, sums + r * n, 0, n, reinterpret_cast<uint16_t*>(out.data_ptr()));
     }
@@ -286,9 +291,9 @@ at::Tensor few_rows(const Quantized& q, const at::Tensor& rows, const at::Tensor
     float* o = out.data_ptr<float>();
     for (int64_t r = 0; r < m; ++r) {
       for (int64_t j = 0; j < n; ++j) {
-        float value = q.absmax[r] * row_scale[j] * static_cast<float>(sums[r * n + j]) * DEQUANTIZE;
-        if (added != nullptr) {
-          value += added[j];
+        float value = f.absmax[r] * f.scales[j] * static_cast<float>(sums[r * n + j]) * DEQUANTIZE;
+        if (f.bias != nullptr) {
+          value += f.bias[j];
         }
         o[r * n + j] = value;
       }
@@ -298,32 +303,24 @@ at::Tensor few_rows(const Quantized& q, const at::Tensor& rows, const at::Tensor
   if (q.held.empty()) {
     return out;
   }
-  const auto columns = at::tensor(q.held, rows.options().dtype(at::kLong));
-  const auto weight = codes.index({Slice(), columns}) * scales.view({-1, 1}) * 7.874015718698502e-3;
-  return out.addmm(rows.index({Slice(), columns}), weight.to(rows.scalar_type()).t());
+  const auto [held_x, held_w] = held_columns(q, rows, codes, scales);
+  return out.addmm(held_x, held_w.t());
 }
 
 at::Tensor many_rows(const Quantized& q, const at::Tensor& rows, const at::Tensor& codes, const at::Tensor& scales,
-                     const std::optional<at::Tensor>& bias) {
-  const int64_t m = rows.size(0), k = rows.size(1), n = codes.size(0);
+                     Finish f) {
+  const int64_t m = rows.size(0), k = rows.size(1), n = f.n;
   TORCH_CHECK(avx2_int8_gemm(k, n) && rows.scalar_type() == at::kBFloat16, "LLM.int8 over ", m,
               " rows wants AVX2, bf16 rows, k a multiple of 16 and n of 8 (k ", k, ", n ", n, ")");
-  const auto scale_of = scales.to(at::kFloat).contiguous();
-  const auto bias_of = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
   at::Tensor held_x, held_w;
   if (!q.held.empty()) {
-    const auto columns = at::tensor(q.held, rows.options().dtype(at::kLong));
-    held_x = rows.index({Slice(), columns}).to(at::kFloat).contiguous();
-    const auto weight = codes.index({Slice(), columns}) * scales.view({-1, 1}) * 7.874015718698502e-3;
-    held_w = weight.to(rows.scalar_type()).to(at::kFloat).t().contiguous();
+    const auto [x_held, w_held] = held_columns(q, rows, codes, scales);
+    held_x = x_held.to(at::kFloat).contiguous();
+    held_w = w_held.to(at::kFloat).t().contiguous();
+    f.held_x = held_x.data_ptr<float>();
+    f.held_w = held_w.data_ptr<float>();
+    f.c = static_cast<int64_t>(q.held.size());
   }
-  const Finish f{q.absmax.data(),
-                 scale_of.data_ptr<float>(),
-                 bias ? bias_of.data_ptr<float>() : nullptr,
-                 q.held.empty() ? nullptr : held_x.data_ptr<float>(),
-                 q.held.empty() ? nullptr : held_w.data_ptr<float>(),
-                 static_cast<int64_t>(q.held.size()),
-                 n};
   auto out = at::empty({m, n}, rows.options());
 #if AVX2_CODE
   gemm(q, m, k, codes.data_ptr<int8_t>(), n, f, reinterpret_cast<uint16_t*>(out.data_ptr()));
@@ -353,7 +350,11 @@ at::Tensor llm_int8_linear(const at::Tensor& x, const at::Tensor& codes, const a
 #else
   const Quantized q = quantize_plain(rows, limit, outliers);
 #endif
-  auto out = m <= LLM_INT8_FEW_ROWS ? few_rows(q, rows, codes, scales, bias) : many_rows(q, rows, codes, scales, bias);
+  const auto scale_of = scales.to(at::kFloat).contiguous();
+  const auto bias_of = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  const float* added = bias ? bias_of.data_ptr<float>() : nullptr;
+  const Finish f{q.absmax.data(), scale_of.data_ptr<float>(), added, nullptr, nullptr, 0, n};
+  auto out = m <= LLM_INT8_FEW_ROWS ? few_rows(q, rows, codes, scales, f) : many_rows(q, rows, codes, scales, f);
   auto shape = x.sizes().vec();
   shape.back() = n;
   return out.view(shape);
