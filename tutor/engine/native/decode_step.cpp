@@ -154,9 +154,7 @@ std::optional<Slot> slot_of(const py::object& spec) {
       slot.extra = t[2].cast<at::Tensor>();
       slot.table = t[3].cast<at::Tensor>();
     }
-    if (!t[4].is_none()) {
-      slot.bias = t[4].cast<at::Tensor>();
-    }
+    slot.bias = t[4].cast<std::optional<at::Tensor>>();  // None: no bias
     slot.n = t[5].cast<int64_t>();
     slot.blocksize = t[6].cast<int64_t>();
     slot.max_rows = t[7].cast<int64_t>();
@@ -164,9 +162,7 @@ std::optional<Slot> slot_of(const py::object& spec) {
   } else if (slot.kind == kLlmInt8) {
     slot.weight = t[1].cast<at::Tensor>();
     slot.extra = t[2].cast<at::Tensor>();
-    if (!t[3].is_none()) {
-      slot.bias = t[3].cast<at::Tensor>();
-    }
+    slot.bias = t[3].cast<std::optional<at::Tensor>>();
     slot.threshold = t[4].cast<double>();
     slot.max_rows = t[5].cast<int64_t>();
     slot.call = t[6];
