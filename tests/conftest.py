@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from inspect import isclass
@@ -18,7 +20,7 @@ from textual.pilot import Pilot
 from tui.tutor_runtime import TutorRuntime
 from tutor.engine.memory import cpu_count
 from tutor.library.content import Library, load_library
-from tutor.paths import cache_dir
+from tutor.paths import HOME_ENV, cache_dir
 from tutor.progress.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,9 +31,19 @@ ROOT = Path(__file__).resolve().parent.parent
 if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cpu_count() // workers)))
 SEED = "quantization-8bit-4bit"
-# The user's cache, read before any test points QUANT_TUTOR_HOME elsewhere: `make install` (its
-# `quant-tutor warm`) built the native extension there.
-USER_CACHE = cache_dir()
+# The user's cache, read before this run points QUANT_TUTOR_HOME elsewhere (pytest-xdist's workers
+# inherit that, so it reaches them by a variable of its own): `make install` (its `quant-tutor
+# warm`) built the native extension, converted the model and indexed the lessons there.
+_USER_CACHE_ENV = "QUANT_TUTOR_TEST_USER_CACHE"
+if _USER_CACHE_ENV not in os.environ:
+    os.environ[_USER_CACHE_ENV] = str(cache_dir())
+USER_CACHE = Path(os.environ[_USER_CACHE_ENV])
+# Whatever runs outside a test's own home (a session fixture, such as the engine process, starts
+# before the ``home`` fixture applies) gets this throwaway one: the engine process measured the
+# Lab into the user's cache and read the user's settings until it did.
+_RUN_HOME = tempfile.mkdtemp(prefix="qt-run-home-")
+atexit.register(shutil.rmtree, _RUN_HOME, ignore_errors=True)
+os.environ[HOME_ENV] = _RUN_HOME
 
 
 @pytest.fixture(autouse=True)
@@ -102,30 +114,37 @@ def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cache of its own, and each built the extension (60-115 s on a 2-core AVX2 EPYC, both
     workers compiling at once). In a folder they share, the second waits on the first's build
     lock and loads what it built, as a second app on one machine does; and where `make install`
-    has built it already, neither builds.
+    has built it already, neither builds. The conversion and the index `make install` made are
+    copied in too (each worker converted, 11 s, and indexed, 20 s, on its own before); tests of
+    converting and indexing make their own.
     """
+    from tutor.engine.checkpoint import converted_dir_for, embedded_gguf_path, is_complete
+    from tutor.engine.native_step import build_key
+
     cache = tmp_path_factory.mktemp("model-cache")
     run = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
         run = run.parent  # the run's folder, above each worker's own
     native = run / "native-build"
     native.mkdir(exist_ok=True)
-    _copy_installed_build(native)
     (cache / "native").symlink_to(native, target_is_directory=True)
+    build = Path("native") / f"decode_step-{build_key()}"
+    _copy_installed(build, cache, lambda made: any(made.glob("*.so")))
+    converted = converted_dir_for(embedded_gguf_path(), USER_CACHE).relative_to(USER_CACHE)
+    _copy_installed(converted, cache, is_complete)
+    _copy_installed(Path("index"), cache, Path.is_dir)
     return cache
 
 
-def _copy_installed_build(into: Path) -> None:
-    """The extension `make install` built for these very sources, torch and Python (its folder
-    is named by their digest), copied into the run's build folder; without one the run builds
-    its own. Copied whole, then renamed: the other worker may be looking for it at that moment."""
-    from tutor.engine.native_step import build_key
-
-    name = f"decode_step-{build_key()}"
-    installed, target = USER_CACHE / "native" / name, into / name
-    if target.exists() or not any(installed.glob("*.so")):
+def _copy_installed(made: Path, cache: Path, usable: Callable[[Path], bool]) -> None:
+    """What `make install` made in the user's cache at ``made`` (a folder named by the digest of
+    what it depends on, or the index, whose files are), copied to the same place in ``cache``
+    when it is ``usable``; without it the tests make their own. Copied whole, then renamed: the
+    other worker may be looking for the native build at that moment."""
+    installed, target = USER_CACHE / made, cache / made
+    if target.exists() or not installed.is_dir() or not usable(installed):
         return
-    staging = into / f".{name}-{os.getpid()}"
+    staging = target.parent / f".{target.name}-{os.getpid()}"
     shutil.copytree(installed, staging)
     try:
         staging.rename(target)
