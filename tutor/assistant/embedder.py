@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from tutor.assistant.text_vectors import TextVectors
+
 if TYPE_CHECKING:  # pragma: no cover
     from sentence_transformers import SentenceTransformer
 
@@ -80,6 +82,7 @@ class MemoEmbedder:
     answer), loaded on the first text or by :meth:`warm`, remembering the texts it embedded."""
 
     model_path: Path | None = None
+    store: TextVectors | None = None  # what it remembers across runs (remembered texts only)
     model: Any = None  # SentenceTransformer; None until the first text is embedded (or warm())
     embedded: int = 0  # texts run through the model (passages plus queries)
     _memo: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
@@ -111,6 +114,9 @@ class MemoEmbedder:
     def _embed(self, texts: Sequence[str], remember: bool, width: int) -> np.ndarray:
         missing = list(dict.fromkeys(t for t in texts if t not in self._memo))
         fresh: dict[str, np.ndarray] = {}
+        if missing and remember and self.store is not None:
+            fresh = self.store.get(missing)
+            missing = [t for t in missing if t not in fresh]
         if missing:
             self.embedded += len(missing)
             if self.model is None:
@@ -122,7 +128,10 @@ class MemoEmbedder:
                 convert_to_numpy=True,
                 show_progress_bar=False,
             )
-            fresh = dict(zip(missing, np.asarray(encoded, dtype=np.float32), strict=True))
+            computed = dict(zip(missing, np.asarray(encoded, dtype=np.float32), strict=True))
+            if remember and self.store is not None:
+                self.store.put(computed)
+            fresh.update(computed)
         if not texts:
             return np.zeros((0, width), np.float32)
         # Read before remembering: starting the memo over must not lose this call's own texts.

@@ -21,9 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from tutor.assistant.grounding import prepare
-from tutor.assistant.quote import spans
-from tutor.assistant.support import MARKS, Verdict, check_support, evidence_units
+from tutor.assistant.grounding import prepare, quotable_texts
+from tutor.assistant.support import MARKS, Verdict, check_support
 from tutor.library.content import default_content_dir
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -289,13 +288,11 @@ def _embed_up_front(retriever: Retriever, eval_set: EvalSet) -> None:
     The tutor embeds a handful of texts per question; in large length-sorted batches the same
     texts take about a third of the time on a CPU, and the retriever remembers them.
     """
-    lessons = {item.lesson for item in eval_set.on_lesson} | {claim.lesson for claim in eval_set.claims}
-    sections = dict.fromkeys((c.lesson_id, c.section) for c in retriever.chunks if c.lesson_id in lessons)
+    lessons = [item.lesson for item in eval_set.on_lesson] + [claim.lesson for claim in eval_set.claims]
     texts = [item.question for item in eval_set.on_lesson] + list(eval_set.off_topic)
-    texts += [claim.text for claim in eval_set.claims]
-    for lesson_id, section in sections:
-        hits = retriever.section_hits(lesson_id, section)
-        texts += [span.text for span in spans(hits)] + evidence_units(hits)
+    texts += [claim.text for claim in eval_set.claims] + quotable_texts(
+        retriever, list(dict.fromkeys(lessons))
+    )
     retriever.embed(sorted(set(texts), key=len))
 
 

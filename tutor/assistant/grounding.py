@@ -31,8 +31,8 @@ from tutor.assistant.chunks import PRACTICE, PREMISE, SUMMARY
 from tutor.assistant.embedder import Embedder
 from tutor.assistant.hits import Hit, SearchResult
 from tutor.assistant.intent import LessonPart, lesson_part
-from tutor.assistant.quote import Quote, best_quote
-from tutor.assistant.support import SentenceCheck, check_support
+from tutor.assistant.quote import Quote, best_quote, spans
+from tutor.assistant.support import SentenceCheck, check_support, evidence_units
 from tutor.text import clean, content_tokens, sentences
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -311,6 +311,20 @@ def prepare(
     )
     prepared.messages = build_messages(question, result.hits, max_sentences, style)
     return prepared
+
+
+def quotable_texts(retriever: Retriever, lesson_ids: Sequence[str]) -> list[str]:
+    """Every text of these lessons that a quote or a support check embeds: each section's
+    quotable spans and evidence units, once each, shortest first (length-sorted batches pad
+    least)."""
+    wanted = set(lesson_ids)
+    sections = dict.fromkeys((c.lesson_id, c.section) for c in retriever.chunks if c.lesson_id in wanted)
+    texts: set[str] = set()
+    for lesson_id, section in sections:
+        hits = retriever.section_hits(lesson_id, section)
+        texts.update(span.text for span in spans(hits))
+        texts.update(evidence_units(hits))
+    return sorted(texts, key=len)
 
 
 def part_hit(retriever: Retriever, lesson_id: str, part: LessonPart, question: str = "") -> Hit:

@@ -35,6 +35,7 @@ from tutor.assistant.hits import Hit, SearchResult
 from tutor.assistant.lesson_vectors import lesson_key, read_vectors, write_vectors
 from tutor.assistant.ranking import rank
 from tutor.assistant.search_index import IndexedLesson, IndexView
+from tutor.assistant.text_vectors import TextVectors, store_path
 from tutor.library.content import Library, load_lesson
 from tutor.library.models import ContentFileError
 from tutor.text import clean
@@ -87,7 +88,9 @@ class Retriever:
         # With every lesson cached the model is needed only for questions: it loads on the first
         # one or on warm() (the engine calls it right after it says ready), which takes
         # sentence-transformers' imports (about 2 s here) off the learner's wait.
-        retriever = cls(library, cache_dir / "index", model_id(), MemoEmbedder(model_path))
+        index_dir, name = cache_dir / "index", model_id()
+        store = TextVectors(store_path(index_dir, name), EMBED_DIM)
+        retriever = cls(library, index_dir, name, MemoEmbedder(model_path, store))
         retriever.include(list(library.lessons) if lessons is None else lessons, progress)
         if not retriever._indexed and not retriever.pending():
             raise ValueError("no lesson text to index")

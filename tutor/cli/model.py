@@ -128,6 +128,21 @@ def _estimate_remotely(
     console.print(method)
 
 
+def _embed_quotables(retriever: Retriever, err: TextIO, step: int = 256) -> None:
+    """Every lesson's quotable sentences embedded and kept (``text_vectors``): no question
+    embeds them at its first token. Those kept already are read back, not embedded again."""
+    from tutor.assistant.grounding import quotable_texts
+    from tutor.assistant.text_vectors import STORE_LIMIT
+
+    # A big library's beyond what the store keeps would be embedded only to be dropped.
+    texts = quotable_texts(retriever, list(retriever.library.lessons))[:STORE_LIMIT]
+    count = _counter(err)
+    for start in range(0, len(texts), step):
+        count("embedding the lessons' sentences", start, len(texts))
+        retriever.embed(texts[start : start + step])
+    count("embedding the lessons' sentences", len(texts), len(texts))
+
+
 def load_retriever(library: Library, err: TextIO) -> Retriever:
     from tutor.assistant.retrieval import Retriever
 
@@ -365,7 +380,9 @@ def warm(session: Session, model: str | None, device: str) -> None:
     err = sys.stderr
     started = time.perf_counter()
     lessons = library(session)
-    load_retriever(lessons, err).warm()  # every lesson indexed and cached, the fields elsewhere too
+    retriever = load_retriever(lessons, err)
+    retriever.warm()  # every lesson indexed and cached, the fields elsewhere too
+    _embed_quotables(retriever, err)
     loaded = load_model(model, device, err)
     # gptq4 runs on the int4 kernel, which is CPU-only
     if loaded.device == "cpu" and loaded.gptq.report() is None:

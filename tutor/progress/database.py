@@ -44,6 +44,7 @@ from typing import Self
 
 from filelock import FileLock, Timeout
 
+from tutor.files import sqlite_corruption
 from tutor.progress import schema
 from tutor.progress.errors import StoreError
 from tutor.progress.migrations import migrate
@@ -52,11 +53,6 @@ DB_NAME = "progress.sqlite3"
 BUSY_TIMEOUT_MS = 15_000
 OPEN_LOCK_TIMEOUT_S = 60.0
 _SIDE_FILES = ("-wal", "-shm", "-journal")
-
-# SQLite primary result codes that mean "the bytes are bad", as opposed to "cannot get at
-# them" (busy, locked, permissions, I/O): only these justify moving the file aside.
-_SQLITE_CORRUPT = 11
-_SQLITE_NOTADB = 26
 _SQLITE_HEADER = b"SQLite format 3\x00"
 _ACCESS_HINT = (
     "Check that you can read and write it and its folder, or set QUANT_TUTOR_HOME to use another folder."
@@ -78,14 +74,6 @@ def _file_id(path: Path) -> tuple[int, int, int] | None:
     except FileNotFoundError:
         return None
     return (st.st_ino, st.st_size, st.st_mtime_ns)
-
-
-def _is_corruption(exc: sqlite3.Error) -> bool:
-    code = getattr(exc, "sqlite_errorcode", None)
-    if isinstance(code, int):
-        return (code & 0xFF) in (_SQLITE_CORRUPT, _SQLITE_NOTADB)
-    text = str(exc).lower()
-    return "not a database" in text or "malformed" in text
 
 
 class Database:
@@ -260,7 +248,7 @@ class Database:
                 if tables:
                     return "it is an SQLite database, but not a quant-tutor progress database"
         except sqlite3.Error as exc:
-            if _is_corruption(exc):
+            if sqlite_corruption(exc):
                 return f"it is not a readable SQLite database ({exc})"
             if not self.path.exists():
                 return _GONE
