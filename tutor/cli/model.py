@@ -391,4 +391,5 @@ def warm(session: Session, model: str | None, device: str) -> None:
         report = loaded.gptq.calibrate(lambda done, total: count("calibrating gptq4", done, total))
         err.write(f"  gptq4: calibrated in {report.seconds:.0f} s\n")
     took = time.perf_counter() - started
-    err.write(f"Ready: the model, the lesson index and gptq4's codes are cached ({took:.0f} s).\n")
+    cached = "the model, the lesson index, the lessons' sentences and gptq4's codes"
+    err.write(f"Ready: {cached} are cached ({took:.0f} s).\n")
