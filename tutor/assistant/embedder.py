@@ -114,8 +114,9 @@ class MemoEmbedder:
     def _embed(self, texts: Sequence[str], remember: bool, width: int) -> np.ndarray:
         missing = list(dict.fromkeys(t for t in texts if t not in self._memo))
         fresh: dict[str, np.ndarray] = {}
-        if missing and remember and self.store is not None:
-            fresh = self.store.get(missing)
+        store = self.store if remember else None
+        if missing and store is not None:
+            fresh = store.get(missing)
             missing = [t for t in missing if t not in fresh]
         if missing:
             self.embedded += len(missing)
@@ -129,8 +130,8 @@ class MemoEmbedder:
                 show_progress_bar=False,
             )
             computed = dict(zip(missing, np.asarray(encoded, dtype=np.float32), strict=True))
-            if remember and self.store is not None:
-                self.store.put(computed)
+            if store is not None:
+                store.put(computed)
             fresh.update(computed)
         if not texts:
             return np.zeros((0, width), np.float32)

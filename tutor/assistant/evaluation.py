@@ -290,9 +290,7 @@ def _embed_up_front(retriever: Retriever, eval_set: EvalSet) -> None:
     """
     lessons = [item.lesson for item in eval_set.on_lesson] + [claim.lesson for claim in eval_set.claims]
     texts = [item.question for item in eval_set.on_lesson] + list(eval_set.off_topic)
-    texts += [claim.text for claim in eval_set.claims] + quotable_texts(
-        retriever, list(dict.fromkeys(lessons))
-    )
+    texts += [claim.text for claim in eval_set.claims] + quotable_texts(retriever, lessons)
     retriever.embed(sorted(set(texts), key=len))
 
 
